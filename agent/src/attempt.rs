@@ -1,0 +1,73 @@
+//! One attempt a kernel hook reported, decoded into plain data.
+//!
+//! The event reader turns raw ring-buffer records into [`Attempt`]s; everything after
+//! it (pod identity, audit records, metrics) works on this type and knows nothing of
+//! BPF.
+
+use std::{net::IpAddr, time::SystemTime};
+
+pub use metadata_guard_common::{Hook, Verdict};
+
+/// Transport protocol of an attempt, as reported in audit records and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+    Other(u8),
+}
+
+impl Protocol {
+    pub fn from_ip_protocol(n: u8) -> Protocol {
+        match n {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            1 => Protocol::Icmp,
+            58 => Protocol::Icmpv6,
+            other => Protocol::Other(other),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Protocol::Tcp => "tcp".into(),
+            Protocol::Udp => "udp".into(),
+            Protocol::Icmp => "icmp".into(),
+            Protocol::Icmpv6 => "icmpv6".into(),
+            Protocol::Other(n) => format!("ip-proto-{n}"),
+        }
+    }
+}
+
+/// An attempt to reach a blocked destination that was refused or audited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    /// Wall-clock time of the attempt (converted from the kernel's monotonic clock).
+    pub time: SystemTime,
+    /// Cgroup v2 id of the task (or, on egress, of the socket).
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    /// Process id in the initial pid namespace; 0 when the kernel knew no task.
+    pub pid: u32,
+    /// Thread id in the initial pid namespace; 0 when unknown.
+    pub tid: u32,
+    pub comm: String,
+    /// The destination as judged: an IPv4-mapped IPv6 address appears as IPv4.
+    pub destination: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub hook: Hook,
+    pub verdict: Verdict,
+    /// A v6 socket used the IPv4-mapped form of the destination.
+    pub mapped: bool,
+}
+
+impl Attempt {
+    pub fn family(&self) -> &'static str {
+        match self.destination {
+            IpAddr::V4(_) => "ipv4",
+            IpAddr::V6(_) => "ipv6",
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The only place (with the event reader) that touches BPF: loads the kernel object,
+//! fills its maps, attaches its programs to the cgroup, and keeps all of it pinned so
+//! enforcement outlives the agent.
+//!
+//! Start-up never leaves a gap: maps are reused from their pins and refreshed in
+//! place, a pinned link keeps running its program until `BPF_LINK_UPDATE` swaps in
+//! ours in one step, and links of another layout version are removed only after ours
+//! are attached.
+
+mod bpf_sys;
+pub mod netns_cookie;
+pub mod pins;
+mod policy_maps;
+pub mod status;
+
+use std::{
+    fs::{self, File},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{links::CgroupAttachMode, CgroupSockAddr, FdLink},
+    Ebpf, EbpfLoader,
+};
+use metadata_guard_common::{counters, map_names, program_names, Hook};
+pub use netns_cookie::Mechanism;
+use pins::PinLayout;
+
+use crate::policy::CompiledPolicy;
+
+/// The kernel object, built by `cargo xtask build-ebpf` and embedded by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
+
+/// Maps that are pinned: all but the start-up probe's scratch map.
+pub const PINNED_MAPS: [&str; 8] = [
+    map_names::SETTINGS,
+    map_names::COUNTERS,
+    map_names::POLICY4_A,
+    map_names::POLICY4_B,
+    map_names::POLICY6_A,
+    map_names::POLICY6_B,
+    map_names::EVENTS,
+    map_names::ALLOWED_CGROUPS,
+];
+
+/// The socket hooks and the programs that serve them.
+pub const SOCKET_HOOKS: [(Hook, &str); 4] = [
+    (Hook::Connect4, program_names::CONNECT4),
+    (Hook::Connect6, program_names::CONNECT6),
+    (Hook::Sendmsg4, program_names::SENDMSG4),
+    (Hook::Sendmsg6, program_names::SENDMSG6),
+];
+
+pub struct InstallOptions<'a> {
+    pub cgroup: &'a Path,
+    pub host_netns: Option<&'a Path>,
+    pub pins: &'a PinLayout,
+}
+
+/// What happened to each hook's link at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkAction {
+    /// No link was pinned: attached a new one.
+    Attached,
+    /// A pinned link already ran identical code: kept as is.
+    Kept,
+    /// A pinned link ran other code: swapped atomically to ours.
+    Replaced,
+    /// A pinned link was on another cgroup: attached ours, then dropped it.
+    Moved,
+}
+
+pub struct InstallReport {
+    pub cgroup_id: u64,
+    pub host_netns_cookie: u64,
+    pub cookie_mechanism: Mechanism,
+    pub links: Vec<(Hook, LinkAction)>,
+    pub removed_versions: Vec<PathBuf>,
+}
+
+/// The guard as loaded in the kernel.
+pub struct Guard {
+    ebpf: Ebpf,
+    pins: PinLayout,
+    host_netns_cookie: u64,
+}
+
+impl Guard {
+    /// Loads, fills and attaches (or adopts) the guard. `policy` and `mode` are in
+    /// force before any program is attached.
+    pub fn install(opts: &InstallOptions<'_>, policy: &CompiledPolicy, mode: u32) -> Result<(Guard, InstallReport)> {
+        let pins = opts.pins;
+        for dir in [pins.maps_dir(), pins.links_dir()] {
+            fs::create_dir_all(&dir).with_context(|| format!("could not create pin directory {}", dir.display()))?;
+        }
+        let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|&name| (name, pins.map(name))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).context(
+            "could not load the kernel object (maps); is this a 5.10+ kernel with BPF enabled, and do we have \
+             CAP_BPF/CAP_SYS_ADMIN? `metadata-guard check` tells",
+        )?;
+        let cgroup_id = crate::cgroup::id(opts.cgroup)?;
+
+        let (host_netns_cookie, cookie_mechanism) = match netns_cookie::via_sockopt(opts.host_netns)? {
+            Some(cookie) => (cookie, Mechanism::SoNetnsCookie),
+            None => (netns_cookie::via_probe(&mut ebpf, opts.cgroup, opts.host_netns)?, Mechanism::ProbeProgram),
+        };
+        let mut guard = Guard { ebpf, pins: pins.clone(), host_netns_cookie };
+        guard.apply(policy, mode).context("could not write the policy into the kernel maps")?;
+
+        let cgroup_dir = File::open(opts.cgroup).with_context(|| format!("could not open cgroup {}", opts.cgroup.display()))?;
+        let mut links = Vec::new();
+        for (hook, program) in SOCKET_HOOKS {
+            let action = guard.link_program(hook, program, &cgroup_dir, cgroup_id)?;
+            links.push((hook, action));
+        }
+        let mut removed_versions = Vec::new();
+        for old in pins.other_versions() {
+            remove_pins(&old).with_context(|| format!("could not remove the old version's pins in {}", old.display()))?;
+            removed_versions.push(old);
+        }
+        let report = InstallReport { cgroup_id, host_netns_cookie, cookie_mechanism, links, removed_versions };
+        Ok((guard, report))
+    }
+
+    /// Loads `program` and makes the pinned link of `hook` on `cgroup` run it.
+    fn link_program(&mut self, hook: Hook, program: &str, cgroup: &File, cgroup_id: u64) -> Result<LinkAction> {
+        let prog: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(program)
+            .with_context(|| format!("the kernel object has no program {program}"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("the kernel's verifier refused program {program}"))?;
+        let new_fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+        let pin = self.pins.link(hook.name());
+
+        if let Ok(link_fd) = bpf_sys::obj_get(&pin) {
+            let info = bpf_sys::link_info(link_fd.as_fd()).with_context(|| format!("could not inspect link {}", pin.display()))?;
+            if info.cgroup_id == cgroup_id {
+                let old_fd = bpf_sys::prog_fd_by_id(info.prog_id)
+                    .with_context(|| format!("could not open the program of link {}", pin.display()))?;
+                let old = bpf_sys::prog_info(old_fd.as_fd())?;
+                let new = bpf_sys::prog_info(new_fd.as_fd())?;
+                if old.tag == new.tag {
+                    return Ok(LinkAction::Kept);
+                }
+                bpf_sys::link_update(link_fd.as_fd(), new_fd.as_fd(), old_fd.as_fd())
+                    .with_context(|| format!("could not swap the program of link {}", pin.display()))?;
+                return Ok(LinkAction::Replaced);
+            }
+            // Attached elsewhere (the --cgroup changed): ours first, then theirs goes.
+            let fresh = self.attach_new(program, cgroup)?;
+            let tmp = pin.with_extension("new");
+            let _ = fs::remove_file(&tmp);
+            fresh.pin(&tmp).with_context(|| format!("could not pin link at {}", tmp.display()))?;
+            fs::rename(&tmp, &pin).with_context(|| format!("could not replace link pin {}", pin.display()))?;
+            return Ok(LinkAction::Moved);
+        }
+        let fresh = self.attach_new(program, cgroup)?;
+        fresh.pin(&pin).with_context(|| format!("could not pin link at {}", pin.display()))?;
+        Ok(LinkAction::Attached)
+    }
+
+    fn attach_new(&mut self, program: &str, cgroup: &File) -> Result<FdLink> {
+        let prog: &mut CgroupSockAddr = self.ebpf.program_mut(program).unwrap().try_into()?;
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("could not attach program {program} to the cgroup"))?;
+        let link = prog.take_link(id)?;
+        FdLink::try_from(link).with_context(|| {
+            format!("program {program} was attached without a bpf_link; the guard needs kernel 5.7+ cgroup links")
+        })
+    }
+
+    /// Puts a new policy and mode in force, all at once (see `policy_maps`).
+    pub fn apply(&mut self, policy: &CompiledPolicy, mode: u32) -> Result<()> {
+        policy_maps::apply(&mut self.ebpf, policy, mode, self.host_netns_cookie)
+    }
+
+    /// The kernel's verdict counters, summed over CPUs, indexed by counter slot.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        read_counters(self.ebpf.map(map_names::COUNTERS).context("no counters map")?)
+    }
+
+    /// The event ring buffer, for the event reader (can be taken once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map(map_names::EVENTS).context("the event ring buffer was already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Removes every pin of this layout: the links detach once no fd holds them.
+    pub fn detach(self) -> Result<()> {
+        let dir = self.pins.dir.clone();
+        drop(self.ebpf);
+        remove_pins(&dir)
+    }
+}
+
+pub fn read_counters(map: &aya::maps::Map) -> Result<Vec<u64>> {
+    let array: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+    (0..counters::SLOTS)
+        .map(|slot| Ok(array.get(&slot, 0).with_context(|| format!("could not read counter {slot}"))?.iter().sum()))
+        .collect()
+}
+
+/// Removes one version directory's link pins (detaching them), then its map pins.
+pub fn remove_pins(dir: &Path) -> Result<()> {
+    for sub in ["links", "maps"] {
+        let sub = dir.join(sub);
+        let Ok(entries) = fs::read_dir(&sub) else { continue };
+        for entry in entries {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("could not remove pin {}", path.display()))?;
+        }
+        fs::remove_dir(&sub).with_context(|| format!("could not remove {}", sub.display()))?;
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("could not remove {}", dir.display())),
+    }
+}
+
+/// `metadata-guard uninstall`: every version's pins under `root`. Idempotent.
+pub fn uninstall(root: &Path) -> Result<Vec<PathBuf>> {
+    if pins::AgentLock::is_held(root) {
+        bail!(
+            "an agent is running on {} and would keep enforcing with nothing pinned; stop it first \
+             (delete the DaemonSet, or SIGTERM it) and run uninstall again",
+            root.display()
+        );
+    }
+    let layout = PinLayout::new(root);
+    let mut removed = Vec::new();
+    for dir in layout.other_versions().into_iter().chain([layout.dir.clone()]) {
+        if dir.exists() {
+            remove_pins(&dir)?;
+            removed.push(dir);
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,137 @@
+//! Where the guard's kernel state lives on bpffs, and who may touch it.
+//!
+//! `<bpffs dir>/v<ABI_VERSION>/maps/<map>` and `.../links/<hook>`: the version in the
+//! path means an agent of another map layout never reuses these maps; it attaches its
+//! own links first and only then removes the old version's pins (see `install`).
+
+use std::{
+    fs::{self, File},
+    io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use metadata_guard_common::ABI_VERSION;
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    /// The `--bpffs` directory (e.g. /sys/fs/bpf/metadata-guard).
+    pub root: PathBuf,
+    /// `root/v<ABI_VERSION>`.
+    pub dir: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: &Path) -> PinLayout {
+        PinLayout { root: root.to_path_buf(), dir: root.join(format!("v{ABI_VERSION}")) }
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.dir.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+
+    pub fn link(&self, hook: &str) -> PathBuf {
+        self.links_dir().join(hook)
+    }
+
+    /// Version directories other than ours, left by agents of another layout.
+    pub fn other_versions(&self) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(&self.root) else { return Vec::new() };
+        entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p != &self.dir && p.file_name().and_then(|n| n.to_str()).is_some_and(is_version_dir))
+            .collect()
+    }
+}
+
+fn is_version_dir(name: &str) -> bool {
+    name.strip_prefix('v').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+pub fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+}
+
+/// Makes sure `root` exists on a bpffs, mounting bpffs on its parent when the parent
+/// is an empty, unmounted `/sys/fs/bpf`-like directory (as on hosts without systemd).
+pub fn ensure_on_bpffs(root: &Path, may_mount: bool) -> Result<()> {
+    let parent = root.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) && !is_bpffs(root) {
+        if !may_mount {
+            bail!(
+                "{} is not on a BPF filesystem, so the guard cannot pin its programs there; \
+                 mount one (`mount -t bpf bpf {}`) or pass --bpffs with a directory on bpffs",
+                root.display(),
+                parent.display()
+            );
+        }
+        fs::create_dir_all(parent).with_context(|| format!("could not create {}", parent.display()))?;
+        nix::mount::mount(Some("bpf"), parent, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| {
+                format!(
+                    "{} is not on a BPF filesystem and mounting one there failed; \
+                     mount it yourself (`mount -t bpf bpf {}`) or pass --bpffs",
+                    parent.display(),
+                    parent.display()
+                )
+            })?;
+        tracing::info!(path = %parent.display(), "mounted bpffs");
+    }
+    fs::create_dir_all(root).with_context(|| format!("could not create {}", root.display()))?;
+    Ok(())
+}
+
+/// The one-agent-per-node lock: an exclusive flock on the pin root directory. Held
+/// for the agent's life; the kernel drops it when the process dies, however it dies.
+pub struct AgentLock {
+    _dir: File,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another metadata-guard agent already manages {0} (it holds the lock on that directory); \
+     stop it first, or give this one another --bpffs directory"
+)]
+pub struct AlreadyRunning(pub PathBuf);
+
+impl AgentLock {
+    pub fn acquire(root: &Path) -> Result<AgentLock> {
+        let dir = File::open(root).with_context(|| format!("could not open {}", root.display()))?;
+        match flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => Ok(AgentLock { _dir: dir }),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Err(AlreadyRunning(root.to_path_buf()).into()),
+            Err(e) => Err(e).with_context(|| format!("could not lock {}", root.display())),
+        }
+    }
+
+    /// Whether some agent holds the lock right now (for `status`).
+    pub fn is_held(root: &Path) -> bool {
+        let Ok(dir) = File::open(root) else { return false };
+        match flock(&dir, libc::LOCK_SH | libc::LOCK_NB) {
+            Ok(()) => false,
+            Err(e) => e.raw_os_error() == Some(libc::EWOULDBLOCK),
+        }
+    }
+}
+
+fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid fd and a plain flag argument.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,60 @@
+//! Writing a policy into the kernel all at once.
+//!
+//! The kernel reads one of two trie pairs, chosen by `Settings::active_policy`. A new
+//! policy is written into the idle pair, then one write of `MG_SETTINGS` flips to it:
+//! a hook sees the whole old policy or the whole new one, never a mix or an empty one.
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{lpm_trie::Key, Array, LpmTrie, MapData},
+    Ebpf,
+};
+use metadata_guard_common::{map_names, DestRules, Ipv4Key, Ipv6Key, Settings};
+
+use crate::policy::CompiledPolicy;
+
+pub fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_netns_cookie: u64) -> Result<()> {
+    let current: Settings = settings(ebpf)?.get(&0, 0).context("could not read the guard's settings")?;
+    let idle = 1 - (current.active_policy & 1);
+    let (v4_name, v6_name) = pair(idle);
+
+    let mut v4: LpmTrie<&mut MapData, Ipv4Key, DestRules> =
+        LpmTrie::try_from(ebpf.map_mut(v4_name).context("no v4 policy map")?)?;
+    clear(&mut v4).with_context(|| format!("could not clear {v4_name}"))?;
+    for (net, rules) in &policy.v4 {
+        v4.insert(&Key::new(u32::from(net.prefix_len()), net.network().octets()), rules, 0)
+            .with_context(|| format!("could not write {net} into {v4_name}"))?;
+    }
+    let mut v6: LpmTrie<&mut MapData, Ipv6Key, DestRules> =
+        LpmTrie::try_from(ebpf.map_mut(v6_name).context("no v6 policy map")?)?;
+    clear(&mut v6).with_context(|| format!("could not clear {v6_name}"))?;
+    for (net, rules) in &policy.v6 {
+        v6.insert(&Key::new(u32::from(net.prefix_len()), net.network().octets()), rules, 0)
+            .with_context(|| format!("could not write {net} into {v6_name}"))?;
+    }
+
+    let new = Settings { host_netns_cookie, mode, active_policy: idle };
+    settings(ebpf)?.set(0, new, 0).context("could not switch the kernel to the new policy")?;
+    Ok(())
+}
+
+fn settings(ebpf: &mut Ebpf) -> Result<Array<&mut MapData, Settings>> {
+    Ok(Array::try_from(ebpf.map_mut(map_names::SETTINGS).context("no settings map")?)?)
+}
+
+/// The (v4, v6) map names of policy pair `index`.
+pub fn pair(index: u32) -> (&'static str, &'static str) {
+    if index == 0 {
+        (map_names::POLICY4_A, map_names::POLICY6_A)
+    } else {
+        (map_names::POLICY4_B, map_names::POLICY6_B)
+    }
+}
+
+fn clear<K: aya::Pod>(trie: &mut LpmTrie<&mut MapData, K, DestRules>) -> Result<()> {
+    let keys: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>()?;
+    for key in keys {
+        trie.remove(&key)?;
+    }
+    Ok(())
+}

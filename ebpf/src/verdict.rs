@@ -1,0 +1,151 @@
+//! The one decision every hook shares, and the maps it reads and writes.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_ktime_get_ns},
+    },
+    macros::map,
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    EbpfContext,
+};
+use metadata_guard_common::{
+    counters, protocol_bit, DestRules, Event, Hook, Ipv4Key, Ipv6Key, Settings, Verdict,
+    ALLOWED_CGROUPS_MAX_ENTRIES, AF_INET, EVENTS_RING_BYTES, MODE_AUDIT, POLICY_MAX_ENTRIES,
+};
+
+/// `bpf_sock_addr` return values: 1 lets the call proceed, 0 fails it with EPERM.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+const IPV4_BITS: u32 = 32;
+const IPV6_BITS: u32 = 128;
+
+#[map]
+static MG_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map]
+static MG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::SLOTS, 0);
+
+#[map]
+static MG_POLICY4_A: LpmTrie<Ipv4Key, DestRules> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
+#[map]
+static MG_POLICY4_B: LpmTrie<Ipv4Key, DestRules> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
+#[map]
+static MG_POLICY6_A: LpmTrie<Ipv6Key, DestRules> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
+#[map]
+static MG_POLICY6_B: LpmTrie<Ipv6Key, DestRules> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
+
+/// Cgroup ids of allowlisted pods' containers (value unused).
+#[map]
+static MG_ALLOW_CG: HashMap<u64, u8> = HashMap::with_max_entries(ALLOWED_CGROUPS_MAX_ENTRIES, 0);
+
+#[map]
+static MG_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// What a hook is asked to let through.
+pub struct Destination {
+    pub family: u8,
+    /// Network byte order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    /// An IPv4 destination reached through its IPv4-mapped IPv6 form.
+    pub mapped: bool,
+}
+
+/// Refuse if the destination is blocked and the socket lives outside the host's
+/// network namespace (and is not an allowlisted pod's); count every verdict.
+#[inline(always)]
+pub fn judge<C: EbpfContext>(ctx: &C, hook: Hook, dest: &Destination) -> i32 {
+    let Some(settings) = MG_SETTINGS.get(0) else {
+        return ALLOW; // unreachable: an array map always has its element
+    };
+    // Cheapest test first: almost every connect on a node is to an unblocked place.
+    if !is_blocked(settings, dest) {
+        count(hook, Verdict::Allowed);
+        return ALLOW;
+    }
+    // SAFETY: the context pointer is the program's own context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns_cookie == settings.host_netns_cookie {
+        count(hook, Verdict::Allowed);
+        return ALLOW;
+    }
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let verdict = if MG_ALLOW_CG.get_ptr(cgroup_id).is_some() {
+        Verdict::Exempt
+    } else if settings.mode == MODE_AUDIT {
+        Verdict::Audited
+    } else {
+        Verdict::Blocked
+    };
+    count(hook, verdict);
+    if verdict != Verdict::Exempt {
+        report(hook, verdict, dest, netns_cookie, cgroup_id);
+    }
+    if verdict == Verdict::Blocked { REFUSE } else { ALLOW }
+}
+
+#[inline(always)]
+fn is_blocked(settings: &Settings, dest: &Destination) -> bool {
+    let rules = if dest.family == AF_INET {
+        let key = Key::new(IPV4_BITS, [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]]);
+        if settings.active_policy == 0 { MG_POLICY4_A.get(&key) } else { MG_POLICY4_B.get(&key) }
+    } else {
+        let key = Key::new(IPV6_BITS, dest.addr);
+        if settings.active_policy == 0 { MG_POLICY6_A.get(&key) } else { MG_POLICY6_B.get(&key) }
+    };
+    match rules {
+        Some(rules) => rules.blocks(protocol_bit(dest.protocol), dest.port),
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn count(hook: Hook, verdict: Verdict) {
+    bump(counters::slot(hook, verdict));
+}
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(c) = MG_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot only this CPU writes while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Send one event to the agent; a full ring buffer is counted, never silent.
+#[inline(always)]
+fn report(hook: Hook, verdict: Verdict, dest: &Destination, netns_cookie: u64, cgroup_id: u64) {
+    let Some(mut entry) = MG_EVENTS.reserve::<Event>(0) else {
+        bump(counters::EVENTS_LOST);
+        return;
+    };
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    entry.write(Event {
+        // SAFETY: helper without arguments.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id,
+        netns_cookie,
+        pid_tgid: bpf_get_current_pid_tgid(),
+        addr: dest.addr,
+        port: dest.port,
+        family: dest.family,
+        protocol: dest.protocol,
+        hook: hook as u8,
+        verdict: verdict as u8,
+        mapped: dest.mapped as u8,
+        _pad: BUILD_VARIANT,
+        comm,
+    });
+    entry.submit(0);
+}
+
+/// Lets a test build differ from the default one (see the `test-variant` feature).
+#[cfg(feature = "test-variant")]
+const BUILD_VARIANT: u8 = 1;
+#[cfg(not(feature = "test-variant"))]
+const BUILD_VARIANT: u8 = 0;

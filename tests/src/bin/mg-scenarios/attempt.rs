@@ -1,0 +1,201 @@
+//! A pod (or host) process trying to reach an address: the child side.
+//!
+//! The runner re-executes itself as `mg-scenarios attempt ...`; the child joins the
+//! given network namespace and cgroup *before* it opens any socket (a socket belongs
+//! to the namespace and cgroup of its creator), makes its attempts, and prints one
+//! JSON line with the outcomes.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// TCP connect, then an HTTP GET; `ok` only with a 200 answer.
+    Http,
+    /// UDP `sendto` without connecting.
+    UdpSendto,
+    /// UDP `connect`, then `send`.
+    UdpConnect,
+}
+
+/// What one child process is asked to do.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub kind: Kind,
+    pub dest: IpAddr,
+    pub port: u16,
+    /// Reach an IPv4 destination from an IPv6 socket, through `::ffff:a.b.c.d`.
+    #[serde(default)]
+    pub mapped: bool,
+    /// Attempts to make (each on a fresh socket).
+    #[serde(default = "one")]
+    pub count: u64,
+    /// Pause between attempts.
+    #[serde(default)]
+    pub interval_us: u64,
+    /// Keep going until this long has passed, whatever `count` says (0: use count).
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Keep going until this file exists, whatever `count` says.
+    #[serde(default)]
+    pub stop_file: Option<PathBuf>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Outcome {
+    pub pid: u32,
+    pub ok: u64,
+    /// Attempts refused with EPERM (the guard's answer).
+    pub eperm: u64,
+    /// Other failures, by error text.
+    pub other: BTreeMap<String, u64>,
+    /// The slowest attempt, in microseconds.
+    pub max_us: u64,
+}
+
+impl Outcome {
+    pub fn total(&self) -> u64 {
+        self.ok + self.eperm + self.other.values().sum::<u64>()
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The child's main: join, attempt, report on stdout.
+pub fn child_main(request_json: &str) -> Result<()> {
+    let req: Request = serde_json::from_str(request_json).context("bad attempt request")?;
+    join(&req)?;
+    let mut out = Outcome { pid: std::process::id(), ..Default::default() };
+    let start = Instant::now();
+    let mut n = 0u64;
+    loop {
+        let keep_going = if let Some(stop) = &req.stop_file {
+            !stop.exists()
+        } else if req.duration_ms > 0 {
+            start.elapsed() < Duration::from_millis(req.duration_ms)
+        } else {
+            n < req.count
+        };
+        if !keep_going {
+            break;
+        }
+        let t = Instant::now();
+        match once(&req) {
+            Ok(()) => out.ok += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => out.eperm += 1,
+            Err(e) => *out.other.entry(e.to_string()).or_default() += 1,
+        }
+        out.max_us = out.max_us.max(t.elapsed().as_micros() as u64);
+        n += 1;
+        if req.interval_us > 0 {
+            std::thread::sleep(Duration::from_micros(req.interval_us));
+        }
+    }
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+fn join(req: &Request) -> Result<()> {
+    std::fs::write(req.cgroup.join("cgroup.procs"), "0")
+        .with_context(|| format!("could not join cgroup {}", req.cgroup.display()))?;
+    let ns = std::fs::File::open(&req.netns).with_context(|| format!("could not open {}", req.netns.display()))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("could not join network namespace {}", req.netns.display()))?;
+    Ok(())
+}
+
+fn target(req: &Request) -> SocketAddr {
+    match (req.dest, req.mapped) {
+        (IpAddr::V4(v4), true) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), req.port),
+        (ip, _) => SocketAddr::new(ip, req.port),
+    }
+}
+
+fn once(req: &Request) -> std::io::Result<()> {
+    let to = target(req);
+    match req.kind {
+        Kind::Http => http_get(to),
+        Kind::UdpSendto => {
+            let sock = udp_socket(&to)?;
+            sendto(&sock, b"metadata?", &to)
+        }
+        Kind::UdpConnect => {
+            let sock = udp_socket(&to)?;
+            let s = std::net::UdpSocket::from(sock);
+            s.connect(to)?;
+            s.send(b"metadata?").map(drop)
+        }
+    }
+}
+
+fn udp_socket(to: &SocketAddr) -> std::io::Result<OwnedFd> {
+    let family = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn sendto(sock: &OwnedFd, data: &[u8], to: &SocketAddr) -> std::io::Result<()> {
+    let addr = nix::sys::socket::SockaddrStorage::from(*to);
+    nix::sys::socket::sendto(sock.as_raw_fd(), data, &addr, nix::sys::socket::MsgFlags::empty())
+        .map(drop)
+        .map_err(std::io::Error::from)
+}
+
+/// Connect (dual-stack when the target is IPv6) and expect `HTTP/1.x 200`.
+fn http_get(to: SocketAddr) -> std::io::Result<()> {
+    let mut stream = std::net::TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    stream.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: metadata\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    if head.starts_with(b"HTTP/1.") && &head[9..12] == b"200" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("unexpected answer {:?}", String::from_utf8_lossy(&head))))
+    }
+}
+
+/// Runs one request as a child process of this very program.
+pub fn spawn(req: &Request) -> Result<std::process::Child> {
+    let json = serde_json::to_string(req)?;
+    std::process::Command::new("/proc/self/exe")
+        .args(["attempt", &json])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("could not start an attempt process")
+}
+
+pub fn wait(child: std::process::Child) -> Result<Outcome> {
+    let out = child.wait_with_output().context("attempt process failed")?;
+    if !out.status.success() {
+        bail!("attempt process exited with {}", out.status);
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim()).with_context(|| format!("attempt process printed {line:?}"))
+}
+
+pub fn run(req: &Request) -> Result<Outcome> {
+    wait(spawn(req)?)
+}
+

@@ -1,0 +1,220 @@
+//! What every scenario shares: the node, the agent under test, and the ways to try
+//! a destination from a pod or from the host and to judge the outcome.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::{
+    agent::{self, Agent, AgentSpec},
+    attempt::{self, Kind, Outcome, Request},
+    node::Node,
+};
+
+pub const METADATA_V4: &str = "169.254.169.254";
+pub const METADATA_V6: &str = "fd00:ec2::254";
+
+/// A refusal must be immediate: EPERM from the hook, not a timeout.
+pub const REFUSAL_BUDGET: Duration = Duration::from_millis(50);
+
+pub struct Ctx {
+    pub node: Node,
+    pub agent_bin: PathBuf,
+    pub variant_bin: Option<PathBuf>,
+    pub agent: Option<Agent>,
+    pub running_args: Vec<String>,
+}
+
+/// Who makes an attempt.
+#[derive(Clone, Copy, Debug)]
+pub enum Who {
+    /// Pod number `n`: its network namespace and its container cgroup.
+    Pod(usize),
+    /// A host-network process in pod `n`'s very cgroup: only the namespace differs.
+    HostInPodCgroup(usize),
+    /// A host unit with a network namespace of its own (not a pod).
+    SandboxedUnit,
+}
+
+impl Ctx {
+    pub fn new(agent_bin: PathBuf, variant_bin: Option<PathBuf>) -> Result<Ctx> {
+        Ok(Ctx { node: Node::build()?, agent_bin, variant_bin, agent: None, running_args: Vec::new() })
+    }
+
+    pub fn spec(&self, binary: &std::path::Path, extra: &[&str]) -> AgentSpec {
+        let mut args: Vec<String> = vec![
+            "--pod-logs-dir".into(),
+            self.node.pod_logs_dir().display().to_string(),
+            "--container-logs-dir".into(),
+            self.node.container_logs_dir().display().to_string(),
+            "--node-name".into(),
+            "test-node".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        AgentSpec {
+            binary: binary.to_path_buf(),
+            attach_cgroup: self.node.root.path().to_path_buf(),
+            own_cgroup: self.node.agent_cgroup.path().to_path_buf(),
+            host_netns: self.node.node_netns(),
+            bpffs: self.node.bpffs.clone(),
+            extra: args,
+        }
+    }
+
+    /// Makes sure an agent with exactly these extra arguments runs (restarting one
+    /// started with others; the pins keep the block in force meanwhile).
+    pub fn ensure_agent(&mut self, extra: &[&str]) -> Result<&Agent> {
+        let wanted: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if self.agent.is_none() || self.running_args != wanted {
+            if let Some(old) = self.agent.take() {
+                old.stop()?;
+            }
+            let spec = self.spec(&self.agent_bin.clone(), extra);
+            self.agent = Some(Agent::start(&spec)?);
+            self.running_args = wanted;
+        }
+        Ok(self.agent.as_ref().unwrap())
+    }
+
+    pub fn default_agent(&mut self) -> Result<&Agent> {
+        self.ensure_agent(&[])
+    }
+
+    pub fn agent(&self) -> Result<&Agent> {
+        self.agent.as_ref().context("no agent is running")
+    }
+
+    /// Stops the agent (SIGTERM, pins stay) and forgets it.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        if let Some(a) = self.agent.take() {
+            a.stop()?;
+        }
+        self.running_args.clear();
+        Ok(())
+    }
+
+    /// `metadata-guard <args> --bpffs <ours>`.
+    pub fn oneshot(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let bpffs = self.node.bpffs.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--bpffs", &bpffs]);
+        agent::oneshot(&self.agent_bin, &all)
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let (ok, out, err) = self.oneshot(&["status", "--json"])?;
+        ensure!(ok, "metadata-guard status failed: {err}");
+        serde_json::from_str(&out).with_context(|| format!("status printed {out:?}"))
+    }
+
+    /// Sum of a kernel verdict counter over all hooks.
+    pub fn kernel_count(&self, verdict: &str) -> Result<u64> {
+        let status = self.status()?;
+        let counters = status["counters"].as_array().context("status has no counters")?;
+        Ok(counters.iter().filter(|c| c["verdict"] == verdict).map(|c| c["count"].as_u64().unwrap_or(0)).sum())
+    }
+
+    pub fn request(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Request> {
+        let (netns, cgroup) = match from {
+            Who::Pod(n) => {
+                let pod = self.node.pods.get(n).context("no such pod")?;
+                (pod.net.ns.path(), pod.cgroup.path().to_path_buf())
+            }
+            Who::HostInPodCgroup(n) => {
+                let pod = self.node.pods.get(n).context("no such pod")?;
+                (self.node.node_netns(), pod.cgroup.path().to_path_buf())
+            }
+            Who::SandboxedUnit => (self.node.sandboxed_net.path(), self.node.sandboxed_unit.path().to_path_buf()),
+        };
+        Ok(Request {
+            netns,
+            cgroup,
+            kind,
+            dest: dest.parse::<IpAddr>().with_context(|| format!("bad address {dest}"))?,
+            port,
+            mapped,
+            count: 1,
+            interval_us: 0,
+            duration_ms: 0,
+            stop_file: None,
+        })
+    }
+
+    pub fn try_once(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Outcome> {
+        attempt::run(&self.request(from, kind, dest, port, mapped)?)
+    }
+
+    /// The attempt fails with EPERM, at once, and nothing reaches the stand-in.
+    pub fn expect_refused(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<()> {
+        let before = self.node.standin.arrivals();
+        let out = self.try_once(from, kind, dest, port, mapped)?;
+        let what = describe(from, kind, dest, port, mapped);
+        ensure!(out.eperm == 1, "{what}: expected EPERM, got {out:?}");
+        ensure!(out.max_us < REFUSAL_BUDGET.as_micros() as u64, "{what}: refusal took {} µs", out.max_us);
+        // Give a packet that slipped through time to arrive before judging.
+        std::thread::sleep(Duration::from_millis(20));
+        let after = self.node.standin.arrivals();
+        ensure!(after == before, "{what}: refused, yet the stand-in saw traffic: {before:?} → {after:?}");
+        Ok(())
+    }
+
+    /// The attempt succeeds (HTTP 200 for TCP; for UDP, the datagram arrives).
+    pub fn expect_served(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<()> {
+        let before = self.node.standin.arrivals();
+        let out = self.try_once(from, kind, dest, port, mapped)?;
+        let what = describe(from, kind, dest, port, mapped);
+        ensure!(out.ok == 1, "{what}: expected to be served, got {out:?}");
+        if kind != Kind::Http {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.node.standin.arrivals() == before {
+                if Instant::now() > deadline {
+                    bail!("{what}: sent, but nothing arrived at the stand-in");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    }
+
+    /// Called after each passing scenario: nothing to undo by design, scenarios set up
+    /// the agent they need.
+    pub fn after_scenario(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// After a failure: a clean slate (no agent, nothing pinned) for the next scenario.
+    pub fn recover(&mut self) {
+        if let Some(a) = self.agent.take() {
+            let _ = a.kill();
+        }
+        self.running_args.clear();
+        let _ = self.oneshot(&["uninstall"]);
+    }
+
+    /// Stops any agent and removes the guard from the kernel.
+    pub fn uninstall(&mut self) -> Result<()> {
+        self.stop_agent()?;
+        let (ok, out, err) = self.oneshot(&["uninstall"])?;
+        ensure!(ok, "uninstall failed: {out}{err}");
+        Ok(())
+    }
+
+    pub fn variant_bin(&self) -> Result<PathBuf> {
+        self.variant_bin.clone().context("this scenario needs --variant-agent (a build with the test-variant programs)")
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        self.recover();
+    }
+}
+
+pub fn describe(from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> String {
+    let shown = if mapped { format!("::ffff:{dest}") } else { dest.to_string() };
+    format!("{from:?} {kind:?} to [{shown}]:{port}")
+}

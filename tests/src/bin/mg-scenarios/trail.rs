@@ -1,0 +1,210 @@
+//! The audit trail: who tried, when, how often, and was it stopped — from the audit
+//! records and from /metrics.
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::{
+    agent::{Agent, AgentSpec},
+    attempt::{self, Kind},
+    harness::{Ctx, Who, METADATA_V4, METADATA_V6},
+};
+
+pub const SCENARIOS: [crate::Scenario; 5] = [
+    ("trail: a blocked attempt yields one record naming pod and container within 1 s", one_record_per_attempt),
+    ("trail: every kubelet layout is named (containerd, CRI-O, cgroupfs)", every_layout_named),
+    ("trail: a host unit outside any pod is named by its cgroup path", host_unit_named_by_cgroup),
+    ("trail: a storm of 100000 attempts is accounted for exactly, with bounded records and memory", storm_accounted),
+    ("trail: /metrics passes promtool and counts attempts; /readyz is 200 only once attached", metrics_and_readiness),
+];
+
+/// Records whose pid is `pid`, waiting up to `within` for at least `at_least` of them.
+fn records_of_pid(agent: &Agent, pid: u32, at_least: usize, within: Duration) -> Result<Vec<Value>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let found: Vec<Value> = agent.audit_records().into_iter().filter(|r| r["pid"] == pid).collect();
+        if found.len() >= at_least || Instant::now() > deadline {
+            return Ok(found);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn one_record_per_attempt(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    let out = ctx.try_once(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
+    ensure!(out.eperm == 1, "the attempt was not refused: {out:?}");
+    let records = records_of_pid(ctx.agent()?, out.pid, 1, Duration::from_secs(1))?;
+    ensure!(records.len() == 1, "expected exactly one record for pid {} within 1 s, got {records:?}", out.pid);
+    // Any later record for the same attempt would be a duplicate.
+    std::thread::sleep(Duration::from_millis(300));
+    let records = records_of_pid(ctx.agent()?, out.pid, 2, Duration::ZERO)?;
+    ensure!(records.len() == 1, "one attempt produced {} records: {records:?}", records.len());
+    let r = &records[0];
+    let pod = &ctx.node.pods[0];
+    for (field, want) in [
+        ("namespace", pod.namespace.as_str()),
+        ("pod", pod.name.as_str()),
+        ("pod_uid", pod.uid.as_str()),
+        ("container", pod.container.as_str()),
+        ("container_id", pod.container_id.as_str()),
+        ("destination", METADATA_V4),
+        ("verdict", "blocked"),
+        ("protocol", "tcp"),
+        ("node", "test-node"),
+    ] {
+        ensure!(r[field] == want, "record field {field}: want {want:?}, got {} in {r}", r[field]);
+    }
+    ensure!(r["port"] == 80 && r["count"] == 1, "port/count wrong in {r}");
+    Ok(())
+}
+
+fn every_layout_named(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    for n in 0..ctx.node.pods.len() {
+        let out = ctx.try_once(Who::Pod(n), Kind::UdpSendto, METADATA_V6, 8080, false)?;
+        ensure!(out.eperm == 1, "pod {n} was not refused: {out:?}");
+        let records = records_of_pid(ctx.agent()?, out.pid, 1, Duration::from_secs(1))?;
+        let pod = &ctx.node.pods[n];
+        let r = records.first().with_context(|| format!("no record for pod {}", pod.name))?;
+        ensure!(
+            r["namespace"] == pod.namespace.as_str() && r["pod"] == pod.name.as_str() && r["container"] == pod.container.as_str(),
+            "pod {} misnamed: {r}",
+            pod.name
+        );
+        ensure!(r["destination"] == METADATA_V6 && r["family"] == "ipv6", "wrong destination in {r}");
+    }
+    Ok(())
+}
+
+fn host_unit_named_by_cgroup(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    let out = ctx.try_once(Who::SandboxedUnit, Kind::Http, METADATA_V4, 80, false)?;
+    ensure!(out.eperm == 1, "a unit in its own netns must be refused too: {out:?}");
+    let records = records_of_pid(ctx.agent()?, out.pid, 1, Duration::from_secs(1))?;
+    let r = records.first().context("no record for the sandboxed unit")?;
+    let cgroup = r["cgroup"].as_str().unwrap_or_default();
+    ensure!(
+        r["workload"] == "host" && cgroup.ends_with("/system.slice/sandboxed.service"),
+        "the unit is not named by its cgroup path: {r}"
+    );
+    Ok(())
+}
+
+const STORM: u64 = 100_000;
+/// Generous: the agent idles near 10 MiB; a storm must not make it grow with the attempts.
+const STORM_RSS_LIMIT_KIB: u64 = 128 * 1024;
+
+fn storm_accounted(ctx: &mut Ctx) -> Result<()> {
+    ctx.ensure_agent(&["--audit-dedup-window", "1s"])?;
+    let blocked_before = ctx.kernel_count("blocked")?;
+    let seen_before = ctx.agent()?.audit_records().len();
+    let mut req = ctx.request(Who::Pod(1), Kind::UdpSendto, METADATA_V4, 80, false)?;
+    req.count = STORM;
+    let out = attempt::run(&req)?;
+    ensure!(out.eperm == STORM, "every storm attempt must be refused: {out:?}");
+    let blocked = ctx.kernel_count("blocked")? - blocked_before;
+    ensure!(blocked == STORM, "the kernel counted {blocked} refusals for {STORM} attempts");
+
+    // Wait for the dedup window to close and the records to settle.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut counted, mut records);
+    loop {
+        let all = ctx.agent()?.audit_records();
+        records = all[seen_before..].to_vec();
+        counted = records
+            .iter()
+            .map(|r| {
+                let own = if r["pid"] == out.pid { r["count"].as_u64().unwrap_or(0) } else { 0 };
+                own + r["suppressed_since_last"].as_u64().unwrap_or(0) + r["lost_since_last"].as_u64().unwrap_or(0)
+            })
+            .sum::<u64>();
+        if counted >= STORM || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(counted == STORM, "records account for {counted} of {STORM} attempts ({} records)", records.len());
+    ensure!(records.len() <= 100, "a storm from one pod produced {} records", records.len());
+    let rss = ctx.agent()?.peak_rss_kib().context("could not read the agent's memory")?;
+    ensure!(rss < STORM_RSS_LIMIT_KIB, "the agent's peak RSS reached {rss} KiB during the storm");
+    Ok(())
+}
+
+fn metrics_and_readiness(ctx: &mut Ctx) -> Result<()> {
+    ctx.stop_agent()?;
+    // A fresh agent: /readyz must not be 200 before the programs are attached.
+    let spec: AgentSpec = ctx.spec(&ctx.agent_bin.clone(), &[]);
+    let agent = Agent::spawn(&spec)?;
+    let mut saw_unready_or_down = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match agent.http_get("/readyz") {
+            Ok((200, _)) => break,
+            Ok((503, _)) | Err(_) => saw_unready_or_down = true,
+            Ok((code, body)) => bail!("/readyz answered {code}: {body}"),
+        }
+        ensure!(Instant::now() < deadline, "/readyz never became 200; log:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ensure!(saw_unready_or_down || agent.log_text().contains("attached"), "readiness was never observed before attach");
+    let status = ctx.status()?;
+    ensure!(status["installed"] == true, "/readyz is 200 but nothing is attached: {status}");
+    ctx.agent = Some(agent);
+
+    let before = metric_sum(&ctx.agent()?.http_get("/metrics")?.1, "metadata_guard_attempts_total", "payments")?;
+    const ATTEMPTS: u64 = 5;
+    for port in 0..ATTEMPTS {
+        ctx.expect_refused(Who::Pod(1), Kind::UdpSendto, METADATA_V6, 9000 + port as u16, false)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (mut after, mut text);
+    loop {
+        text = ctx.agent()?.http_get("/metrics")?.1;
+        after = metric_sum(&text, "metadata_guard_attempts_total", "payments")?;
+        if after - before >= ATTEMPTS as f64 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(after - before == ATTEMPTS as f64, "metrics counted {} attempts, made {ATTEMPTS}", after - before);
+    promtool_check(&text)?;
+    let (code, _) = ctx.agent()?.http_get("/healthz")?;
+    ensure!(code == 200, "/healthz answered {code}");
+    Ok(())
+}
+
+/// Sum of a metric's samples whose labels mention `label_value`.
+fn metric_sum(text: &str, name: &str, label_value: &str) -> Result<f64> {
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| l.starts_with(name) && l.contains(&format!("\"{label_value}\""))) {
+        let value = line.rsplit(' ').next().unwrap_or("0");
+        sum += value.parse::<f64>().with_context(|| format!("bad sample line {line:?}"))?;
+    }
+    Ok(sum)
+}
+
+fn promtool_check(text: &str) -> Result<()> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("could not run promtool (Debian package `prometheus`; `cargo xtask test` installs it)")?;
+    child.stdin.take().unwrap().write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool rejected /metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Simulated node for real-kernel tests (being written).

@@ -1,0 +1,107 @@
+//! Building the kernel object and the binaries that embed or exercise it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result};
+
+use crate::{cmd, toolchain, workspace_root};
+
+pub const BPF_TARGET: &str = "bpfel-unknown-none";
+
+/// Which build of the kernel programs: the real one, or the harmless test variant
+/// used to prove that an upgrade swaps programs without opening the block.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Default,
+    Test,
+}
+
+impl Variant {
+    fn target_dir(self) -> PathBuf {
+        let root = workspace_root();
+        match self {
+            Variant::Default => root.join("target/ebpf"),
+            Variant::Test => root.join("target/ebpf-variant"),
+        }
+    }
+}
+
+pub fn ebpf_object(variant: Variant) -> PathBuf {
+    variant.target_dir().join(BPF_TARGET).join("release/metadata-guard-ebpf")
+}
+
+/// `cargo xtask build-ebpf`: bootstrap the toolchain pieces, then build the object.
+pub fn build_ebpf(variant: Variant) -> Result<PathBuf> {
+    let rustc = toolchain::Rustc::detect()?;
+    toolchain::ensure_rust_src(&rustc)?;
+    let linker_dir = toolchain::ensure_bpf_linker(&rustc)?;
+    let path = std::env::join_paths(
+        std::iter::once(linker_dir).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )?;
+    let mut build = Command::new("cargo");
+    build
+        .current_dir(workspace_root().join("ebpf"))
+        .args(["build", "--release", "--target", BPF_TARGET, "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(variant.target_dir())
+        // The stable toolchain builds `core` for BPF only with unstable flags allowed.
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("PATH", path)
+        // BTF lets the kernel and bpftool show the maps' and programs' types.
+        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"));
+    if variant == Variant::Test {
+        build.args(["--features", "test-variant"]);
+    }
+    cmd::run(&mut build).context("building the eBPF programs failed (see the compiler output above)")?;
+    Ok(ebpf_object(variant))
+}
+
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+/// Builds the agent embedding the given object; returns the binary's path.
+pub fn build_agent(profile: Profile, variant: Variant) -> Result<PathBuf> {
+    let root = workspace_root();
+    let object = ebpf_object(variant);
+    let target_dir = match variant {
+        Variant::Default => root.join("target"),
+        Variant::Test => root.join("target/variant"),
+    };
+    let mut build = Command::new("cargo");
+    build
+        .current_dir(&root)
+        .args(["build", "--package", "metadata-guard"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("METADATA_GUARD_EBPF_OBJECT", &object);
+    let dir = match profile {
+        Profile::Debug => "debug",
+        Profile::Release => {
+            build.arg("--release");
+            "release"
+        }
+    };
+    cmd::run(&mut build).context("building the agent failed")?;
+    Ok(target_dir.join(dir).join("metadata-guard"))
+}
+
+/// Builds the scenario runner of the `tests` crate; returns its path.
+pub fn build_scenarios() -> Result<PathBuf> {
+    let root = workspace_root();
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--package", "metadata-guard-tests", "--bin", "mg-scenarios"]),
+    )
+    .context("building the scenario runner failed")?;
+    Ok(root.join("target/debug/mg-scenarios"))
+}
+
+pub fn relative(p: &Path) -> String {
+    p.strip_prefix(workspace_root()).unwrap_or(p).display().to_string()
+}

@@ -1,0 +1,89 @@
+//! `cargo xtask <command>`: the developer commands of metadata-guard.
+
+mod artifacts;
+mod cmd;
+mod packages;
+mod test;
+mod toolchain;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::Result;
+use artifacts::{Profile, Variant};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Developer commands for metadata-guard")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF object (installs rust-src and bpf-linker when missing).
+    BuildEbpf {
+        /// Build the harmless test variant of the programs instead.
+        #[arg(long)]
+        variant: bool,
+    },
+    /// Build the kernel object and the agent.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build everything and run the agent on this machine (as root).
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `metadata-guard run`, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the real-kernel scenarios (needs root).
+    Test,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::BuildEbpf { variant } => {
+            let object = artifacts::build_ebpf(if variant { Variant::Test } else { Variant::Default })?;
+            eprintln!("xtask: eBPF object at {}", artifacts::relative(&object));
+        }
+        Cmd::Build { release } => {
+            artifacts::build_ebpf(Variant::Default)?;
+            let agent = artifacts::build_agent(profile(release), Variant::Default)?;
+            eprintln!("xtask: agent at {}", artifacts::relative(&agent));
+        }
+        Cmd::Run { release, args } => {
+            artifacts::build_ebpf(Variant::Default)?;
+            let agent = artifacts::build_agent(profile(release), Variant::Default)?;
+            let mut run = Command::new(&agent);
+            run.arg("run").args(&args);
+            eprintln!("xtask: {}", cmd::describe(&run));
+            cmd::run(&mut run)?;
+        }
+        Cmd::Test => test::run()?,
+    }
+    Ok(())
+}
+
+fn profile(release: bool) -> Profile {
+    if release {
+        Profile::Release
+    } else {
+        Profile::Debug
+    }
+}
+
+/// The workspace root: xtask's manifest lives one level below it.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}

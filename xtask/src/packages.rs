@@ -1,0 +1,54 @@
+//! Debian packages the developer commands need, installed on demand: a fresh machine
+//! has none of what a developer once installed by hand.
+
+use std::{path::Path, process::Command, sync::Once};
+
+use anyhow::{Context, Result};
+
+use crate::cmd;
+
+/// A program and the Debian package that provides it.
+pub struct Tool {
+    pub program: &'static str,
+    pub package: &'static str,
+}
+
+pub const BPFTOOL: Tool = Tool { program: "bpftool", package: "bpftool" };
+pub const PROMTOOL: Tool = Tool { program: "promtool", package: "prometheus" };
+pub const NFT: Tool = Tool { program: "nft", package: "nftables" };
+
+pub fn find(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(Into::into))
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// Installs the packages of the tools not found on this machine.
+pub fn ensure(tools: &[Tool]) -> Result<()> {
+    let missing: Vec<&str> = tools.iter().filter(|t| find(t.program).is_none()).map(|t| t.package).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    static UPDATE: Once = Once::new();
+    let mut update_result = Ok(());
+    UPDATE.call_once(|| {
+        eprintln!("xtask: apt-get update (to install {})", missing.join(", "));
+        update_result = cmd::run(Command::new("apt-get").args(["update", "-qq"]));
+    });
+    update_result.context("apt-get update failed; the Debian package lists are needed to install test tools")?;
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("could not install {}; install them with apt-get and retry", missing.join(" ")))
+}

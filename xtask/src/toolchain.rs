@@ -1,0 +1,148 @@
+//! Brings a machine with only rustup's stable toolchain to where it can build eBPF:
+//! the `rust-src` component (for `-Z build-std=core`) and bpf-linker built against
+//! rustc's own libLLVM, in a project-local tools directory.
+//!
+//! Every check here is cheap when things are present, so `build-ebpf` stays fast.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::{cmd, workspace_root};
+
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Facts about the active rustc that decide what bpf-linker must be built against.
+pub struct Rustc {
+    pub sysroot: PathBuf,
+    pub release: String,
+    pub llvm_major: u32,
+}
+
+impl Rustc {
+    pub fn detect() -> Result<Rustc> {
+        let verbose = cmd::output(Command::new("rustc").arg("-vV"))
+            .context("could not run `rustc -vV`; is rustup's stable toolchain installed and on PATH?")?;
+        let field = |name: &str| {
+            verbose
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .with_context(|| format!("`rustc -vV` printed no `{name}` line:\n{verbose}"))
+        };
+        let release = field("release:")?;
+        let llvm = field("LLVM version:")?;
+        let llvm_major = llvm
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .with_context(|| format!("could not read the LLVM major version from `{llvm}`"))?;
+        let sysroot = PathBuf::from(cmd::output(Command::new("rustc").args(["--print", "sysroot"]))?.trim());
+        Ok(Rustc { sysroot, release, llvm_major })
+    }
+}
+
+/// `rust-src`, needed to build `core` for bpfel-unknown-none.
+pub fn ensure_rust_src(rustc: &Rustc) -> Result<()> {
+    let core_src = rustc.sysroot.join("lib/rustlib/src/rust/library/core");
+    if core_src.is_dir() {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the rust-src component (needed to build `core` for BPF)");
+    cmd::run(Command::new("rustup").args(["component", "add", "rust-src"])).context(
+        "could not add rust-src; run `rustup component add rust-src` yourself and check rustup's network access",
+    )?;
+    ensure!(core_src.is_dir(), "rustup added rust-src but {} is still missing", core_src.display());
+    Ok(())
+}
+
+/// The directory holding bpf-linker's `bin/`; keyed by versions so a rustc upgrade
+/// (a new libLLVM) gets a fresh build instead of a linker that cannot load.
+pub fn tools_dir(rustc: &Rustc) -> PathBuf {
+    let base = std::env::var_os("METADATA_GUARD_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/tools"));
+    base.join(format!("bpf-linker-{BPF_LINKER_VERSION}-rustc-{}", rustc.release))
+}
+
+/// Returns the directory to put first on PATH so rustc finds `bpf-linker`.
+pub fn ensure_bpf_linker(rustc: &Rustc) -> Result<PathBuf> {
+    let root = tools_dir(rustc);
+    let bin_dir = root.join("bin");
+    let linker = bin_dir.join("bpf-linker");
+    if linker_works(&linker) {
+        return Ok(bin_dir);
+    }
+    let llvm_prefix = root.join("llvm-prefix");
+    link_rustc_llvm(rustc, &llvm_prefix)?;
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against rustc's LLVM {} into {} (once; takes a minute or two)",
+        rustc.llvm_major,
+        root.display()
+    );
+    let mut install = Command::new("cargo");
+    install
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+        .args(["--features", &format!("llvm-{}", rustc.llvm_major)])
+        .arg("--root")
+        .arg(&root)
+        .env("LLVM_PREFIX", &llvm_prefix);
+    cmd::run(&mut install).with_context(|| {
+        format!(
+            "building bpf-linker {BPF_LINKER_VERSION} with feature llvm-{} failed; check that crates.io is reachable \
+             and that {} holds rustc's libLLVM",
+            rustc.llvm_major,
+            llvm_prefix.display()
+        )
+    })?;
+    ensure!(linker_works(&linker), "bpf-linker was installed to {} but does not run", linker.display());
+    Ok(bin_dir)
+}
+
+fn linker_works(linker: &Path) -> bool {
+    Command::new(linker).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// bpf-linker's build finds LLVM through `LLVM_PREFIX/lib`; rustc ships its libLLVM as
+/// a versioned file plus a linker script, so point both names (and the plain
+/// `libLLVM.so`) at the sysroot's copies.
+fn link_rustc_llvm(rustc: &Rustc, prefix: &Path) -> Result<()> {
+    let sysroot_lib = rustc.sysroot.join("lib");
+    let libs: Vec<PathBuf> = fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("could not list {}", sysroot_lib.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM")))
+        .collect();
+    if libs.is_empty() {
+        bail!(
+            "rustc's sysroot {} has no libLLVM*; bpf-linker must be built against rustc's own LLVM. \
+             Reinstall the toolchain with `rustup toolchain install stable --force`",
+            sysroot_lib.display()
+        );
+    }
+    let lib_dir = prefix.join("lib");
+    if lib_dir.exists() {
+        fs::remove_dir_all(&lib_dir).with_context(|| format!("could not clear {}", lib_dir.display()))?;
+    }
+    fs::create_dir_all(&lib_dir).with_context(|| format!("could not create {}", lib_dir.display()))?;
+    for lib in &libs {
+        symlink(lib, lib_dir.join(lib.file_name().unwrap()))
+            .with_context(|| format!("could not link {} into {}", lib.display(), lib_dir.display()))?;
+    }
+    // The versioned shared object (not the linker script) is what `libLLVM.so` must be.
+    let shared_object = libs
+        .iter()
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(".so.")))
+        .unwrap_or(&libs[0]);
+    let plain = lib_dir.join("libLLVM.so");
+    if !plain.exists() {
+        symlink(shared_object, &plain)
+            .with_context(|| format!("could not create {}", plain.display()))?;
+    }
+    Ok(())
+}
