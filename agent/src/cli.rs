@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// e.g. /proc/1/ns/net or /run/netns/node.
     #[arg(long, env = "METADATA_GUARD_HOST_NETNS")]
     pub host_netns: Option<PathBuf>,
+    /// How to learn the host namespace's cookie: `auto` uses SO_NETNS_COOKIE when the
+    /// kernel has it (5.14+) and the probe program otherwise.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub netns_cookie_from: CookieSource,
     /// Remove enforcement when the agent exits (development only: in production the
     /// block must outlive the agent).
     #[arg(long)]
@@ -86,4 +90,11 @@ pub struct RunArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CookieSource {
+    Auto,
+    Sockopt,
+    Probe,
 }

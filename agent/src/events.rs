@@ -18,7 +18,11 @@ pub struct EventReader {
 
 impl EventReader {
     pub fn new(ring: RingBuf<MapData>) -> Result<EventReader> {
-        Ok(EventReader { ring: AsyncFd::new(ring).context("could not watch the event ring buffer")? })
+        // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long
+        // as the AsyncFd owns the RingBuf.
+        let ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("could not watch the event ring buffer: {e}"))?;
+        Ok(EventReader { ring })
     }
 
     /// Waits until events are ready, then appends all of them (at most `max`) to `out`.

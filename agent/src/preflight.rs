@@ -56,7 +56,7 @@ const CAP_SYS_RESOURCE: u32 = 24;
 const CAP_BPF: u32 = 39;
 
 pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
-    let mut checks = vec![kernel_version()];
+    let mut checks = vec![kernel_version_check()];
     checks.push(match cgroup::resolve(inputs.cgroup) {
         Ok(path) => Check::pass("cgroup v2", format!("attaching to {}", path.display())),
         Err(e) => Check::fail("cgroup v2", format!("{e:#}"), "mount cgroup2 or pass --cgroup with the host's cgroup2 root"),
@@ -97,10 +97,20 @@ pub fn has_failure(checks: &[Check]) -> bool {
     checks.iter().any(|c| c.outcome == Outcome::Fail)
 }
 
-fn kernel_version() -> Check {
-    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+fn kernel_release() -> String {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// (major, minor) of the running kernel; (0, 0) when unreadable.
+pub fn kernel_version() -> (u32, u32) {
+    let release = kernel_release();
     let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+fn kernel_version_check() -> Check {
+    let release = kernel_release();
+    let version = kernel_version();
     if version >= (5, 10) {
         Check::pass("kernel version", release)
     } else if version >= (5, 8) {

@@ -23,10 +23,10 @@ use tracing::{error, info, warn};
 use crate::{
     audit::Auditor,
     cgroup,
-    cli::RunArgs,
+    cli::{CookieSource, RunArgs},
     config::{self, Config},
     events::EventReader,
-    loader::{self, pins, Guard, InstallOptions},
+    loader::{pins, Guard, InstallOptions, Mechanism},
     metrics::Metrics,
     pod_identity::PodResolver,
     preflight, probes,
@@ -56,7 +56,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let _lock = pins::AgentLock::acquire(&args.pins.bpffs)?;
     let layout = pins::PinLayout::new(&args.pins.bpffs);
 
-    let opts = InstallOptions { cgroup: &cgroup, host_netns: args.host_netns.as_deref(), pins: &layout };
+    let cookie_mechanism = match args.netns_cookie_from {
+        CookieSource::Auto => None,
+        CookieSource::Sockopt => Some(Mechanism::SoNetnsCookie),
+        CookieSource::Probe => Some(Mechanism::ProbeProgram),
+    };
+    let opts = InstallOptions { cgroup: &cgroup, host_netns: args.host_netns.as_deref(), pins: &layout, cookie_mechanism };
     let (mut guard, report) = Guard::install(&opts, &policy, config.mode.as_kernel())?;
     info!(
         cgroup = %cgroup.display(),
@@ -199,7 +204,9 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
 fn raise_memlock_limit() {
     use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
     if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
-        warn!("could not raise RLIMIT_MEMLOCK ({e}); on kernels before 5.11 loading may fail without CAP_SYS_RESOURCE");
+        if preflight::kernel_version() < (5, 11) {
+            warn!("could not raise RLIMIT_MEMLOCK ({e}); this kernel charges BPF maps to it, so loading may fail");
+        }
     }
 }
 

@@ -24,6 +24,8 @@ pub mod map_names {
     pub const EVENTS: &str = "MG_EVENTS";
     pub const ALLOWED_CGROUPS: &str = "MG_ALLOW_CG";
     pub const NETNS_PROBE: &str = "MG_NETNS_PROBE";
+    /// Socket-local storage: each socket's netns cookie, recorded at creation.
+    pub const SOCK_MARK: &str = "MG_SOCK_MARK";
 }
 
 /// Names of the programs in the kernel object, one per hook.
@@ -32,6 +34,10 @@ pub mod program_names {
     pub const CONNECT6: &str = "mg_connect6";
     pub const SENDMSG4: &str = "mg_sendmsg4";
     pub const SENDMSG6: &str = "mg_sendmsg6";
+    /// Records each new socket's netns cookie for the packet backstop.
+    pub const SOCK_CREATE: &str = "mg_sock_create";
+    /// The packet backstop on cgroup egress.
+    pub const EGRESS: &str = "mg_egress";
     /// Only loaded for a moment, on kernels without `SO_NETNS_COOKIE`, to learn the
     /// host network namespace's cookie.
     pub const NETNS_PROBE: &str = "mg_netns_probe";

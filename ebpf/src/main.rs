@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod backstop;
 mod verdict;
 
 use aya_ebpf::{

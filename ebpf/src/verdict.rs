@@ -75,7 +75,24 @@ pub fn judge<C: EbpfContext>(ctx: &C, hook: Hook, dest: &Destination) -> i32 {
     }
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let verdict = if MG_ALLOW_CG.get_ptr(cgroup_id).is_some() {
+    let origin = Origin { netns_cookie, cgroup_id, task: true };
+    if settle(settings, hook, dest, &origin) { ALLOW } else { REFUSE }
+}
+
+/// Where an attempt to reach a blocked destination came from.
+pub struct Origin {
+    pub netns_cookie: u64,
+    pub cgroup_id: u64,
+    /// The current task made the attempt (false in the packet backstop, which may run
+    /// in another task's or in softirq context).
+    pub task: bool,
+}
+
+/// A blocked destination from outside the host's namespace: exempt, audited or
+/// refused; counted and reported. Returns whether to let it through.
+#[inline(always)]
+pub fn settle(settings: &Settings, hook: Hook, dest: &Destination, origin: &Origin) -> bool {
+    let verdict = if MG_ALLOW_CG.get_ptr(origin.cgroup_id).is_some() {
         Verdict::Exempt
     } else if settings.mode == MODE_AUDIT {
         Verdict::Audited
@@ -84,13 +101,18 @@ pub fn judge<C: EbpfContext>(ctx: &C, hook: Hook, dest: &Destination) -> i32 {
     };
     count(hook, verdict);
     if verdict != Verdict::Exempt {
-        report(hook, verdict, dest, netns_cookie, cgroup_id);
+        report(hook, verdict, dest, origin);
     }
-    if verdict == Verdict::Blocked { REFUSE } else { ALLOW }
+    verdict != Verdict::Blocked
 }
 
 #[inline(always)]
-fn is_blocked(settings: &Settings, dest: &Destination) -> bool {
+pub fn settings() -> Option<&'static Settings> {
+    MG_SETTINGS.get(0)
+}
+
+#[inline(always)]
+pub fn is_blocked(settings: &Settings, dest: &Destination) -> bool {
     let rules = if dest.family == AF_INET {
         let key = Key::new(IPV4_BITS, [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]]);
         if settings.active_policy == 0 { MG_POLICY4_A.get(&key) } else { MG_POLICY4_B.get(&key) }
@@ -105,7 +127,7 @@ fn is_blocked(settings: &Settings, dest: &Destination) -> bool {
 }
 
 #[inline(always)]
-fn count(hook: Hook, verdict: Verdict) {
+pub fn count(hook: Hook, verdict: Verdict) {
     bump(counters::slot(hook, verdict));
 }
 
@@ -119,18 +141,22 @@ fn bump(slot: u32) {
 
 /// Send one event to the agent; a full ring buffer is counted, never silent.
 #[inline(always)]
-fn report(hook: Hook, verdict: Verdict, dest: &Destination, netns_cookie: u64, cgroup_id: u64) {
+fn report(hook: Hook, verdict: Verdict, dest: &Destination, origin: &Origin) {
     let Some(mut entry) = MG_EVENTS.reserve::<Event>(0) else {
         bump(counters::EVENTS_LOST);
         return;
     };
-    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    let (pid_tgid, comm) = if origin.task {
+        (bpf_get_current_pid_tgid(), bpf_get_current_comm().unwrap_or([0u8; 16]))
+    } else {
+        (0, [0u8; 16])
+    };
     entry.write(Event {
         // SAFETY: helper without arguments.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id,
-        netns_cookie,
-        pid_tgid: bpf_get_current_pid_tgid(),
+        cgroup_id: origin.cgroup_id,
+        netns_cookie: origin.netns_cookie,
+        pid_tgid,
         addr: dest.addr,
         port: dest.port,
         family: dest.family,

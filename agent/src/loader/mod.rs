@@ -11,6 +11,7 @@ mod bpf_sys;
 pub mod netns_cookie;
 pub mod pins;
 mod policy_maps;
+mod programs;
 pub mod status;
 
 use std::{
@@ -22,10 +23,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{links::CgroupAttachMode, CgroupSockAddr, FdLink},
     Ebpf, EbpfLoader,
 };
-use metadata_guard_common::{counters, map_names, program_names, Hook};
+use metadata_guard_common::{counters, map_names};
 pub use netns_cookie::Mechanism;
 use pins::PinLayout;
 
@@ -35,7 +35,7 @@ use crate::policy::CompiledPolicy;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
 
 /// Maps that are pinned: all but the start-up probe's scratch map.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
     map_names::SETTINGS,
     map_names::COUNTERS,
     map_names::POLICY4_A,
@@ -44,20 +44,18 @@ pub const PINNED_MAPS: [&str; 8] = [
     map_names::POLICY6_B,
     map_names::EVENTS,
     map_names::ALLOWED_CGROUPS,
+    // Losing it would unmark every live socket: pinned like the rest.
+    map_names::SOCK_MARK,
 ];
 
-/// The socket hooks and the programs that serve them.
-pub const SOCKET_HOOKS: [(Hook, &str); 4] = [
-    (Hook::Connect4, program_names::CONNECT4),
-    (Hook::Connect6, program_names::CONNECT6),
-    (Hook::Sendmsg4, program_names::SENDMSG4),
-    (Hook::Sendmsg6, program_names::SENDMSG6),
-];
+pub use programs::ATTACHMENTS;
 
 pub struct InstallOptions<'a> {
     pub cgroup: &'a Path,
     pub host_netns: Option<&'a Path>,
     pub pins: &'a PinLayout,
+    /// Force a mechanism for the host netns cookie (None: the best this kernel has).
+    pub cookie_mechanism: Option<Mechanism>,
 }
 
 /// What happened to each hook's link at start-up.
@@ -77,7 +75,7 @@ pub struct InstallReport {
     pub cgroup_id: u64,
     pub host_netns_cookie: u64,
     pub cookie_mechanism: Mechanism,
-    pub links: Vec<(Hook, LinkAction)>,
+    pub links: Vec<(&'static str, LinkAction)>,
     pub removed_versions: Vec<PathBuf>,
 }
 
@@ -107,18 +105,25 @@ impl Guard {
         )?;
         let cgroup_id = crate::cgroup::id(opts.cgroup)?;
 
-        let (host_netns_cookie, cookie_mechanism) = match netns_cookie::via_sockopt(opts.host_netns)? {
-            Some(cookie) => (cookie, Mechanism::SoNetnsCookie),
-            None => (netns_cookie::via_probe(&mut ebpf, opts.cgroup, opts.host_netns)?, Mechanism::ProbeProgram),
+        let sockopt = match opts.cookie_mechanism {
+            Some(Mechanism::ProbeProgram) => None,
+            _ => netns_cookie::via_sockopt(opts.host_netns)?,
+        };
+        let (host_netns_cookie, cookie_mechanism) = match (sockopt, opts.cookie_mechanism) {
+            (Some(cookie), _) => (cookie, Mechanism::SoNetnsCookie),
+            (None, Some(Mechanism::SoNetnsCookie)) => {
+                bail!("--netns-cookie-from sockopt: this kernel has no SO_NETNS_COOKIE (it arrived in 5.14); use auto")
+            }
+            (None, _) => (netns_cookie::via_probe(&mut ebpf, opts.cgroup, opts.host_netns)?, Mechanism::ProbeProgram),
         };
         let mut guard = Guard { ebpf, pins: pins.clone(), host_netns_cookie };
         guard.apply(policy, mode).context("could not write the policy into the kernel maps")?;
 
         let cgroup_dir = File::open(opts.cgroup).with_context(|| format!("could not open cgroup {}", opts.cgroup.display()))?;
         let mut links = Vec::new();
-        for (hook, program) in SOCKET_HOOKS {
-            let action = guard.link_program(hook, program, &cgroup_dir, cgroup_id)?;
-            links.push((hook, action));
+        for attachment in &ATTACHMENTS {
+            let action = guard.link_program(attachment, &cgroup_dir, cgroup_id)?;
+            links.push((attachment.pin, action));
         }
         let mut removed_versions = Vec::new();
         for old in pins.other_versions() {
@@ -129,16 +134,10 @@ impl Guard {
         Ok((guard, report))
     }
 
-    /// Loads `program` and makes the pinned link of `hook` on `cgroup` run it.
-    fn link_program(&mut self, hook: Hook, program: &str, cgroup: &File, cgroup_id: u64) -> Result<LinkAction> {
-        let prog: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(program)
-            .with_context(|| format!("the kernel object has no program {program}"))?
-            .try_into()?;
-        prog.load().with_context(|| format!("the kernel's verifier refused program {program}"))?;
-        let new_fd = prog.fd()?.as_fd().try_clone_to_owned()?;
-        let pin = self.pins.link(hook.name());
+    /// Loads the program and makes the pinned link of its attachment on `cgroup` run it.
+    fn link_program(&mut self, a: &programs::Attachment, cgroup: &File, cgroup_id: u64) -> Result<LinkAction> {
+        let new_fd = programs::load(&mut self.ebpf, a)?;
+        let pin = self.pins.link(a.pin);
 
         if let Ok(link_fd) = bpf_sys::obj_get(&pin) {
             let info = bpf_sys::link_info(link_fd.as_fd()).with_context(|| format!("could not inspect link {}", pin.display()))?;
@@ -155,27 +154,16 @@ impl Guard {
                 return Ok(LinkAction::Replaced);
             }
             // Attached elsewhere (the --cgroup changed): ours first, then theirs goes.
-            let fresh = self.attach_new(program, cgroup)?;
+            let fresh = programs::attach(&mut self.ebpf, a, cgroup)?;
             let tmp = pin.with_extension("new");
             let _ = fs::remove_file(&tmp);
             fresh.pin(&tmp).with_context(|| format!("could not pin link at {}", tmp.display()))?;
             fs::rename(&tmp, &pin).with_context(|| format!("could not replace link pin {}", pin.display()))?;
             return Ok(LinkAction::Moved);
         }
-        let fresh = self.attach_new(program, cgroup)?;
+        let fresh = programs::attach(&mut self.ebpf, a, cgroup)?;
         fresh.pin(&pin).with_context(|| format!("could not pin link at {}", pin.display()))?;
         Ok(LinkAction::Attached)
-    }
-
-    fn attach_new(&mut self, program: &str, cgroup: &File) -> Result<FdLink> {
-        let prog: &mut CgroupSockAddr = self.ebpf.program_mut(program).unwrap().try_into()?;
-        let id = prog
-            .attach(cgroup, CgroupAttachMode::Single)
-            .with_context(|| format!("could not attach program {program} to the cgroup"))?;
-        let link = prog.take_link(id)?;
-        FdLink::try_from(link).with_context(|| {
-            format!("program {program} was attached without a bpf_link; the guard needs kernel 5.7+ cgroup links")
-        })
     }
 
     /// Puts a new policy and mode in force, all at once (see `policy_maps`).

@@ -11,7 +11,7 @@ use metadata_guard_common::{
 };
 use serde::Serialize;
 
-use super::{bpf_sys, pins::AgentLock, pins::PinLayout, policy_maps, read_counters, SOCKET_HOOKS};
+use super::{bpf_sys, pins::AgentLock, pins::PinLayout, policy_maps, read_counters, ATTACHMENTS};
 
 #[derive(Serialize)]
 pub struct Status {
@@ -62,15 +62,15 @@ pub fn read(root: &Path) -> Result<Status> {
         events_lost: 0,
         other_versions: layout.other_versions().iter().map(|p| p.display().to_string()).collect(),
     };
-    for (hook, _) in SOCKET_HOOKS {
-        let pin = layout.link(hook.name());
+    for attachment in &ATTACHMENTS {
+        let pin = layout.link(attachment.pin);
         let Ok(link) = bpf_sys::obj_get(&pin) else { continue };
         use std::os::fd::AsFd;
         let info = bpf_sys::link_info(link.as_fd()).with_context(|| format!("could not inspect {}", pin.display()))?;
         let prog = bpf_sys::prog_fd_by_id(info.prog_id).and_then(|fd| bpf_sys::prog_info(fd.as_fd()));
         let prog = prog.with_context(|| format!("could not inspect the program of {}", pin.display()))?;
         status.programs.push(ProgramStatus {
-            hook: hook.name(),
+            hook: attachment.pin,
             link_id: info.id,
             program_id: info.prog_id,
             program_name: prog.name,

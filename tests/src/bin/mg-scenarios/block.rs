@@ -8,7 +8,7 @@ use crate::{
     harness::{Ctx, Who, METADATA_V4, METADATA_V6},
 };
 
-pub const SCENARIOS: [crate::Scenario; 9] = [
+pub const SCENARIOS: [crate::Scenario; 10] = [
     ("block: pod is served before the guard starts (the world works)", world_works_without_guard),
     ("block: pod is refused TCP to 169.254.169.254 at once, nothing arrives", pod_tcp_v4_refused),
     ("block: pod is refused TCP to [fd00:ec2::254] and to ::ffff:169.254.169.254", pod_tcp_v6_and_mapped_refused),
@@ -17,6 +17,7 @@ pub const SCENARIOS: [crate::Scenario; 9] = [
     ("block: pod reaches other node addresses and the metadata address's port 53", pod_other_destinations_served),
     ("block: audit mode serves the pod and counts it as audited", audit_mode_counts),
     ("block: every pod layout is refused (containerd, CRI-O, cgroupfs)", every_pod_refused),
+    ("block: the probe-program netns cookie (kernels before 5.14) judges the same", probe_cookie_mechanism),
     ("block: after the agent exits with --detach-on-exit the pod is served again", detach_opens_again),
 ];
 
@@ -95,4 +96,13 @@ fn detach_opens_again(ctx: &mut Ctx) -> Result<()> {
     let status = ctx.status()?;
     ensure!(status["installed"] == false, "programs are still pinned after detach: {status}");
     Ok(())
+}
+
+/// Kernels before 5.14 have no SO_NETNS_COOKIE; the agent then learns the host's cookie
+/// with a probe program. Forcing it here proves that path on any kernel.
+fn probe_cookie_mechanism(ctx: &mut Ctx) -> Result<()> {
+    ctx.ensure_agent(&["--netns-cookie-from", "probe"])?;
+    ensure!(ctx.agent()?.log_text().contains("probe program"), "the agent did not use the probe:\n{}", ctx.agent()?.log_text());
+    ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
+    ctx.expect_served(Who::HostInPodCgroup(0), Kind::Http, METADATA_V4, 80, false)
 }

@@ -1,0 +1,92 @@
+//! The guard's programs and how each kind attaches to a cgroup.
+
+use std::{fs::File, os::fd::{AsFd, OwnedFd}};
+
+use anyhow::{Context, Result};
+use aya::{
+    programs::{
+        cgroup_skb::CgroupSkbAttachType,
+        links::{CgroupAttachMode, FdLink},
+        CgroupSkb, CgroupSock, CgroupSockAddr,
+    },
+    Ebpf,
+};
+use metadata_guard_common::program_names;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// connect4/6, sendmsg4/6: refuse at the socket call.
+    SockAddr,
+    /// sock_create: mark each socket's namespace for the backstop.
+    SockCreate,
+    /// cgroup_skb egress: the packet backstop.
+    Egress,
+}
+
+/// One attachment: its pin name (also how status names it), program and kind.
+pub struct Attachment {
+    pub pin: &'static str,
+    pub program: &'static str,
+    pub kind: Kind,
+}
+
+/// In attach order: sockets are marked before the backstop reads marks, and the
+/// socket hooks come before the backstop so normal clients get EPERM, not a drop.
+pub const ATTACHMENTS: [Attachment; 6] = [
+    Attachment { pin: "sock_create", program: program_names::SOCK_CREATE, kind: Kind::SockCreate },
+    Attachment { pin: "connect4", program: program_names::CONNECT4, kind: Kind::SockAddr },
+    Attachment { pin: "connect6", program: program_names::CONNECT6, kind: Kind::SockAddr },
+    Attachment { pin: "sendmsg4", program: program_names::SENDMSG4, kind: Kind::SockAddr },
+    Attachment { pin: "sendmsg6", program: program_names::SENDMSG6, kind: Kind::SockAddr },
+    Attachment { pin: "egress", program: program_names::EGRESS, kind: Kind::Egress },
+];
+
+/// Loads (verifies) the program and returns an fd to it.
+pub fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
+    let program = ebpf.program_mut(a.program).with_context(|| format!("the kernel object has no program {}", a.program))?;
+    let refused = || format!("the kernel's verifier refused program {}", a.program);
+    let fd = match a.kind {
+        Kind::SockAddr => {
+            let p: &mut CgroupSockAddr = program.try_into()?;
+            p.load().with_context(refused)?;
+            p.fd()?.as_fd().try_clone_to_owned()?
+        }
+        Kind::SockCreate => {
+            let p: &mut CgroupSock = program.try_into()?;
+            p.load().with_context(refused)?;
+            p.fd()?.as_fd().try_clone_to_owned()?
+        }
+        Kind::Egress => {
+            let p: &mut CgroupSkb = program.try_into()?;
+            p.load().with_context(refused)?;
+            p.fd()?.as_fd().try_clone_to_owned()?
+        }
+    };
+    Ok(fd)
+}
+
+/// Attaches the (loaded) program to `cgroup` with a new bpf_link.
+pub fn attach(ebpf: &mut Ebpf, a: &Attachment, cgroup: &File) -> Result<FdLink> {
+    let program = ebpf.program_mut(a.program).with_context(|| format!("no program {}", a.program))?;
+    let failed = || format!("could not attach program {} to the cgroup", a.program);
+    let no_link =
+        || format!("program {} was attached without a bpf_link; the guard needs kernel 5.7+ cgroup links", a.program);
+    let mode = CgroupAttachMode::Single;
+    match a.kind {
+        Kind::SockAddr => {
+            let p: &mut CgroupSockAddr = program.try_into()?;
+            let id = p.attach(cgroup, mode).with_context(failed)?;
+            FdLink::try_from(p.take_link(id)?).with_context(no_link)
+        }
+        Kind::SockCreate => {
+            let p: &mut CgroupSock = program.try_into()?;
+            let id = p.attach(cgroup, mode).with_context(failed)?;
+            FdLink::try_from(p.take_link(id)?).with_context(no_link)
+        }
+        Kind::Egress => {
+            let p: &mut CgroupSkb = program.try_into()?;
+            let id = p.attach(cgroup, CgroupSkbAttachType::Egress, mode).with_context(failed)?;
+            FdLink::try_from(p.take_link(id)?).with_context(no_link)
+        }
+    }
+}
