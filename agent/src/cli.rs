@@ -40,6 +40,8 @@ pub enum Command {
         #[command(flatten)]
         pins: PinArgs,
     },
+    /// List the destination presets: what each blocks and what it leaves open.
+    Presets,
     /// Check that this kernel and these privileges can enforce; exit 1 when not.
     Check {
         #[command(flatten)]

@@ -3,12 +3,14 @@
 //! Data flow, one module per step: config → policy → loader (maps, links, pins) →
 //! kernel verdict (ebpf/) → events → pod identity → audit / metrics and probes.
 
+mod allowlist;
 mod attempt;
 mod audit;
 mod cgroup;
 mod cli;
 mod config;
 mod events;
+mod kubepods_watch;
 mod loader;
 mod metrics;
 mod pod_identity;
@@ -62,6 +64,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             for dir in removed {
                 println!("removed {} (links detached, maps unpinned)", dir.display());
+            }
+        }
+        Command::Presets => {
+            for preset in policy::Preset::ALL {
+                println!("{}\n  {}", preset.name(), preset.describe());
+                for rule in preset.rules() {
+                    println!("    block {rule}");
+                }
             }
         }
         Command::Check { pins, cgroup, json } => {

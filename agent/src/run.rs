@@ -21,11 +21,13 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    allowlist,
     audit::Auditor,
     cgroup,
     cli::{CookieSource, RunArgs},
     config::{self, Config},
     events::EventReader,
+    kubepods_watch::KubepodsWatch,
     loader::{pins, Guard, InstallOptions, Mechanism},
     metrics::Metrics,
     pod_identity::PodResolver,
@@ -38,6 +40,9 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 const AUDIT_TICK: Duration = Duration::from_millis(200);
 /// How often vanished cgroups are dropped from the identity cache.
 const IDENTITY_SWEEP: Duration = Duration::from_secs(30);
+/// How often the pod allowlist is recomputed even without a cgroup event (names that
+/// the kubelet wrote after the cgroup appeared, missed events).
+const ALLOWLIST_RESYNC: Duration = Duration::from_secs(2);
 /// Events handled per wake-up, so a storm cannot starve the audit ticks.
 const EVENT_BATCH: usize = 4096;
 
@@ -102,11 +107,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let events = tokio::spawn(pipeline.run(mode_rx, shutdown_rx.clone()));
 
+    let mut allowlist = Allowlist::new(&cgroup, &config);
+    allowlist.sync(&config, &mut guard);
+
     let mut config = config;
     let mut sighup = signal(SignalKind::hangup()).context("could not watch SIGHUP")?;
     let mut sigterm = signal(SignalKind::terminate()).context("could not watch SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("could not watch SIGINT")?;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
+    let mut resync = tokio::time::interval(ALLOWLIST_RESYNC);
     let mut seen_file = config_fingerprint(&args.config);
     let signal_name = loop {
         tokio::select! {
@@ -116,7 +125,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 info!("SIGHUP: reloading the configuration");
                 reload(&args, &mut config, &mut guard, &metrics, &mode_tx);
                 seen_file = config_fingerprint(&args.config);
+                allowlist.sync(&config, &mut guard);
             }
+            changed = allowlist.changed() => {
+                if let Err(e) = changed {
+                    warn!("watching the kubepods cgroups failed, the allowlist now follows every {ALLOWLIST_RESYNC:?}: {e:#}");
+                    allowlist.watch = None;
+                }
+                allowlist.sync(&config, &mut guard);
+            }
+            _ = resync.tick(), if !config.allow_pods.is_empty() => allowlist.sync(&config, &mut guard),
             _ = poll.tick() => {
                 publish_counters(&guard, &metrics, &lost_total);
                 let now = config_fingerprint(&args.config);
@@ -124,6 +142,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     info!("the configuration file changed: reloading");
                     seen_file = now;
                     reload(&args, &mut config, &mut guard, &metrics, &mode_tx);
+                    allowlist.sync(&config, &mut guard);
                 }
             }
         }
@@ -193,6 +212,44 @@ fn publish_counters(guard: &Guard, metrics: &Metrics, lost_total: &AtomicU64) {
             lost_total.store(lost, Ordering::Relaxed);
         }
         Err(e) => warn!("could not read the kernel counters: {e:#}"),
+    }
+}
+
+/// Keeps the kernel's pod allowlist equal to the allow rules applied to the pods on
+/// this node: at start, on every kubepods cgroup change, and every few seconds.
+struct Allowlist {
+    resolver: PodResolver,
+    watch: Option<KubepodsWatch>,
+}
+
+impl Allowlist {
+    fn new(cgroup: &std::path::Path, config: &Config) -> Allowlist {
+        let resolver = PodResolver::new(cgroup.to_path_buf(), config.pod_logs_dir.clone(), config.container_logs_dir.clone());
+        let watch = KubepodsWatch::new(cgroup)
+            .map_err(|e| warn!("cannot watch the kubepods cgroups, the allowlist follows every {ALLOWLIST_RESYNC:?}: {e:#}"))
+            .ok();
+        Allowlist { resolver, watch }
+    }
+
+    async fn changed(&mut self) -> Result<()> {
+        match &mut self.watch {
+            Some(w) => w.changed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn sync(&mut self, config: &Config, guard: &mut Guard) {
+        let wanted = if config.allow_pods.is_empty() {
+            Default::default()
+        } else {
+            allowlist::allowed_cgroups(&config.allow_pods, &self.resolver.rescan_pods())
+        };
+        self.resolver.forget_vanished();
+        match guard.sync_allowed(&wanted) {
+            Ok((0, 0)) => {}
+            Ok((added, removed)) => info!(added, removed, allowed = wanted.len(), "pod allowlist updated"),
+            Err(e) => error!("could not update the pod allowlist in the kernel: {e:#}"),
+        }
     }
 }
 

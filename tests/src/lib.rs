@@ -1,1 +1,14 @@
-//! Simulated node for real-kernel tests (being written).
+//! A simulated Kubernetes node for real-kernel tests of metadata-guard.
+//!
+//! Network namespaces stand in for the node and its pods, a stand-in server
+//! answers on the metadata addresses inside the node namespace, and throwaway
+//! cgroup v2 trees play kubelet's. Everything is made through syscalls and raw
+//! rtnetlink (no `ip`, no `nsenter`), so the same binary runs in a bare VM, and
+//! everything is held by file descriptors or removed on drop, so nothing outlives
+//! the test process.
+
+pub mod cgroups;
+pub mod netlink;
+pub mod netns;
+pub mod standin;
+pub mod world;

@@ -15,6 +15,7 @@ mod programs;
 pub mod status;
 
 use std::{
+    collections::BTreeSet,
     fs::{self, File},
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -22,10 +23,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
-use metadata_guard_common::{counters, map_names};
+use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES};
 pub use netns_cookie::Mechanism;
 use pins::PinLayout;
 
@@ -169,6 +170,26 @@ impl Guard {
     /// Puts a new policy and mode in force, all at once (see `policy_maps`).
     pub fn apply(&mut self, policy: &CompiledPolicy, mode: u32) -> Result<()> {
         policy_maps::apply(&mut self.ebpf, policy, mode, self.host_netns_cookie)
+    }
+
+    /// Makes the kernel's allowlist exactly `wanted`; returns (added, removed).
+    pub fn sync_allowed(&mut self, wanted: &BTreeSet<u64>) -> Result<(usize, usize)> {
+        let map = self.ebpf.map_mut(map_names::ALLOWED_CGROUPS).context("no allowlist map")?;
+        let mut allowed: HashMap<&mut MapData, u64, u8> = HashMap::try_from(map)?;
+        let present: BTreeSet<u64> = allowed.keys().collect::<Result<_, _>>()?;
+        let mut removed = 0;
+        for stale in present.difference(wanted) {
+            allowed.remove(stale).with_context(|| format!("could not remove cgroup {stale} from the allowlist"))?;
+            removed += 1;
+        }
+        let mut added = 0;
+        for new in wanted.difference(&present) {
+            allowed.insert(new, 1, 0).with_context(|| {
+                format!("could not allow cgroup {new}; the allowlist holds at most {ALLOWED_CGROUPS_MAX_ENTRIES} cgroups")
+            })?;
+            added += 1;
+        }
+        Ok((added, removed))
     }
 
     /// The kernel's verdict counters, summed over CPUs, indexed by counter slot.

@@ -26,6 +26,14 @@ pub enum Kind {
     UdpSendto,
     /// UDP `connect`, then `send`.
     UdpConnect,
+    /// TCP Fast Open: `sendto(MSG_FASTOPEN)` on an unconnected socket.
+    TcpFastOpen,
+    /// A raw socket sending an ICMP (or ICMPv6) echo request.
+    RawIcmp,
+    /// A raw socket sending a hand-made TCP SYN.
+    RawTcpSyn,
+    /// A raw socket sending a hand-made UDP datagram.
+    RawUdp,
 }
 
 /// What one child process is asked to do.
@@ -141,10 +149,14 @@ fn once(req: &Request) -> std::io::Result<()> {
             s.connect(to)?;
             s.send(b"metadata?").map(drop)
         }
+        Kind::TcpFastOpen => crate::raw::fast_open(&to),
+        Kind::RawIcmp => crate::raw::icmp_echo(&to),
+        Kind::RawTcpSyn => crate::raw::tcp_syn(&to),
+        Kind::RawUdp => crate::raw::udp(&to),
     }
 }
 
-fn udp_socket(to: &SocketAddr) -> std::io::Result<OwnedFd> {
+pub fn udp_socket(to: &SocketAddr) -> std::io::Result<OwnedFd> {
     let family = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket(2) call; the fd is owned right away.
     let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -155,7 +167,7 @@ fn udp_socket(to: &SocketAddr) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn sendto(sock: &OwnedFd, data: &[u8], to: &SocketAddr) -> std::io::Result<()> {
+pub fn sendto(sock: &OwnedFd, data: &[u8], to: &SocketAddr) -> std::io::Result<()> {
     let addr = nix::sys::socket::SockaddrStorage::from(*to);
     nix::sys::socket::sendto(sock.as_raw_fd(), data, &addr, nix::sys::socket::MsgFlags::empty())
         .map(drop)

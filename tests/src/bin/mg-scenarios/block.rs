@@ -5,10 +5,11 @@ use anyhow::{ensure, Result};
 
 use crate::{
     attempt::Kind,
+    neighbour::Neighbour,
     harness::{Ctx, Who, METADATA_V4, METADATA_V6},
 };
 
-pub const SCENARIOS: [crate::Scenario; 10] = [
+pub const SCENARIOS: [crate::Scenario; 11] = [
     ("block: pod is served before the guard starts (the world works)", world_works_without_guard),
     ("block: pod is refused TCP to 169.254.169.254 at once, nothing arrives", pod_tcp_v4_refused),
     ("block: pod is refused TCP to [fd00:ec2::254] and to ::ffff:169.254.169.254", pod_tcp_v6_and_mapped_refused),
@@ -17,6 +18,7 @@ pub const SCENARIOS: [crate::Scenario; 10] = [
     ("block: pod reaches other node addresses and the metadata address's port 53", pod_other_destinations_served),
     ("block: audit mode serves the pod and counts it as audited", audit_mode_counts),
     ("block: every pod layout is refused (containerd, CRI-O, cgroupfs)", every_pod_refused),
+    ("block: another program on the same cgroup (like Cilium's) still runs, the block holds", coexists_with_neighbour),
     ("block: the probe-program netns cookie (kernels before 5.14) judges the same", probe_cookie_mechanism),
     ("block: after the agent exits with --detach-on-exit the pod is served again", detach_opens_again),
 ];
@@ -105,4 +107,16 @@ fn probe_cookie_mechanism(ctx: &mut Ctx) -> Result<()> {
     ensure!(ctx.agent()?.log_text().contains("probe program"), "the agent did not use the probe:\n{}", ctx.agent()?.log_text());
     ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
     ctx.expect_served(Who::HostInPodCgroup(0), Kind::Http, METADATA_V4, 80, false)
+}
+
+fn coexists_with_neighbour(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    let neighbour = Neighbour::attach(ctx.node.root.path())?;
+    let before = neighbour.run_count()?;
+    ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
+    let node_v4 = ctx.node.pods[0].net.node_side_ipv4.to_string();
+    ctx.expect_served(Who::Pod(0), Kind::Http, &node_v4, 80, false)?;
+    let runs = neighbour.run_count()? - before;
+    ensure!(runs >= 1, "the neighbour program stopped running beside the guard ({runs} runs)");
+    Ok(())
 }

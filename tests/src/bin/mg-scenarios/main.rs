@@ -10,7 +10,9 @@ mod attempt;
 mod block;
 mod harness;
 mod lifecycle;
+mod neighbour;
 mod node;
+mod raw;
 mod trail;
 
 use std::{

@@ -4,10 +4,7 @@
 //! Pods live in kubelet-named cgroups so the audit trail can name them; host
 //! processes live in `system.slice` units. Everything is removed on drop.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::PathBuf};
 
 use anyhow::{Context, Result};
 use metadata_guard_tests::{
@@ -68,7 +65,7 @@ impl Node {
         let sandboxed_unit = system.child("sandboxed.service")?;
         let kubepods = root.child("kubepods.slice")?;
 
-        let mut sim = SimNode::new("mg-node")?;
+        let sim = SimNode::new("mg-node")?;
         let standin = Standin::start(sim.node())?;
         let sandboxed_net = NetNs::new("mg-sandboxed")?;
         let mut node = Node {

@@ -1,0 +1,404 @@
+//! The audit record: one JSON object per line, in a schema that only grows.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Serialize, Serializer};
+
+use crate::{attempt::Attempt, pod_identity::Workload};
+
+/// Names the layout below. Fields may be added within `v1`; renaming, removing or
+/// changing the meaning of one needs `v2`.
+pub const SCHEMA: &str = "metadata-guard.audit/v1";
+
+/// One line of the audit trail: attempts by one workload to reach one blocked
+/// destination, counted.
+///
+/// The first attempt of a workload at a destination is written at once with
+/// `count: 1`; further identical attempts within the dedup window are written as one
+/// follow-up record when the window ends. The `count`s of a workload's records add
+/// up to its attempts, except for attempts the node could not afford to write as
+/// records, which the next record names in `suppressed_since_last`.
+///
+/// Every field is always present; an unknown value is `null`, never `""`.
+///
+/// | field | type | meaning |
+/// |---|---|---|
+/// | `schema` | string | `"metadata-guard.audit/v1"` |
+/// | `kind` | string | `"attempts"`; see [`GapRecord`] for `"gap"` |
+/// | `time` | string | when the record was written, RFC 3339 UTC with milliseconds |
+/// | `node` | string | the node the agent runs on |
+/// | `verdict` | string | `"blocked"` (refused) or `"audited"` (would have been refused) |
+/// | `mode` | string | the agent's mode when the record was written: `"enforce"` or `"audit"` |
+/// | `workload` | string | `"pod"`, `"host"` (a host process outside the host network namespace) or `"unknown"` (cgroup not recognised) |
+/// | `namespace` | string or null | the pod's namespace |
+/// | `pod` | string or null | the pod's name |
+/// | `pod_uid` | string or null | the pod's UID |
+/// | `container` | string or null | the container's name |
+/// | `container_id` | string or null | the container's runtime id |
+/// | `runtime` | string or null | `"containerd"`, `"cri-o"` or `"docker"` |
+/// | `qos` | string or null | the pod's QoS class: `"guaranteed"`, `"burstable"`, `"besteffort"` |
+/// | `cgroup` | string or null | cgroup v2 path of a host process; null for pods |
+/// | `cgroup_id` | number | cgroup v2 id the kernel reported |
+/// | `pid` | number or null | process id (initial pid namespace) of the latest attempt |
+/// | `comm` | string or null | command name of the latest attempt's task |
+/// | `protocol` | string | `"tcp"`, `"udp"`, `"icmp"`, `"icmpv6"` or `"ip-proto-<n>"` |
+/// | `family` | string | `"ipv4"` or `"ipv6"` |
+/// | `destination` | string | the blocked address; an IPv4-mapped IPv6 address appears as IPv4 |
+/// | `port` | number | destination port (0 when the protocol has none) |
+/// | `hook` | string | where the latest attempt was judged: `"connect4"`, `"connect6"`, `"sendmsg4"`, `"sendmsg6"`, `"egress"` |
+/// | `mapped` | bool | the latest attempt used the IPv4-mapped IPv6 form |
+/// | `count` | number | attempts this record stands for (at least 1) |
+/// | `first_seen` | string | time of the first of them, RFC 3339 |
+/// | `last_seen` | string | time of the last of them, RFC 3339 |
+/// | `suppressed_since_last` | number | attempts, by any workload, that no record counts because the rate cap, the limit on tracked workloads or a failed write kept them out, since the previous record |
+/// | `lost_since_last` | number | events the kernel could not deliver (its ring buffer was full) since the previous record |
+///
+/// A sample, pretty-printed (the log has one compact object per line):
+///
+/// ```json
+/// {
+///   "schema": "metadata-guard.audit/v1",
+///   "kind": "attempts",
+///   "time": "2024-05-01T12:00:10.250Z",
+///   "node": "node-a",
+///   "verdict": "blocked",
+///   "mode": "enforce",
+///   "workload": "pod",
+///   "namespace": "shop",
+///   "pod": "cart-7d9f",
+///   "pod_uid": "0b3c9a4e-5f7d-4c1e-9d2a-1f6e8b7c5a40",
+///   "container": "app",
+///   "container_id": "3f1c2d",
+///   "runtime": "containerd",
+///   "qos": "burstable",
+///   "cgroup": null,
+///   "cgroup_id": 12345,
+///   "pid": 4242,
+///   "comm": "curl",
+///   "protocol": "tcp",
+///   "family": "ipv4",
+///   "destination": "169.254.169.254",
+///   "port": 80,
+///   "hook": "connect4",
+///   "mapped": false,
+///   "count": 3,
+///   "first_seen": "2024-05-01T12:00:00.100Z",
+///   "last_seen": "2024-05-01T12:00:04.900Z",
+///   "suppressed_since_last": 0,
+///   "lost_since_last": 0
+/// }
+/// ```
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditRecord<'a> {
+    pub schema: &'static str,
+    pub kind: &'static str,
+    #[serde(serialize_with = "rfc3339_millis")]
+    pub time: SystemTime,
+    pub node: &'a str,
+    pub verdict: &'static str,
+    pub mode: &'a str,
+    pub workload: &'static str,
+    pub namespace: Option<&'a str>,
+    pub pod: Option<&'a str>,
+    pub pod_uid: Option<&'a str>,
+    pub container: Option<&'a str>,
+    pub container_id: Option<&'a str>,
+    pub runtime: Option<&'static str>,
+    pub qos: Option<&'static str>,
+    pub cgroup: Option<&'a str>,
+    pub cgroup_id: u64,
+    pub pid: Option<u32>,
+    pub comm: Option<&'a str>,
+    pub protocol: String,
+    pub family: &'static str,
+    pub destination: IpAddr,
+    pub port: u16,
+    pub hook: &'static str,
+    pub mapped: bool,
+    pub count: u64,
+    #[serde(serialize_with = "rfc3339_millis")]
+    pub first_seen: SystemTime,
+    #[serde(serialize_with = "rfc3339_millis")]
+    pub last_seen: SystemTime,
+    pub suppressed_since_last: u64,
+    pub lost_since_last: u64,
+}
+
+/// Suppressed attempts or lost events that no [`AuditRecord`] came along to report
+/// within a dedup window (typically: the storm that caused them is over), on a line
+/// of their own so that the trail accounts for them promptly.
+///
+/// It has only these fields, with the meanings given for [`AuditRecord`]:
+///
+/// ```json
+/// {
+///   "schema": "metadata-guard.audit/v1",
+///   "kind": "gap",
+///   "time": "2024-05-01T12:00:20.250Z",
+///   "node": "node-a",
+///   "mode": "enforce",
+///   "suppressed_since_last": 0,
+///   "lost_since_last": 1024
+/// }
+/// ```
+#[derive(Clone, Debug, Serialize)]
+pub struct GapRecord<'a> {
+    pub schema: &'static str,
+    pub kind: &'static str,
+    #[serde(serialize_with = "rfc3339_millis")]
+    pub time: SystemTime,
+    pub node: &'a str,
+    pub mode: &'a str,
+    pub suppressed_since_last: u64,
+    pub lost_since_last: u64,
+}
+
+impl<'a> GapRecord<'a> {
+    pub fn new(
+        time: SystemTime,
+        node: &'a str,
+        mode: &'a str,
+        suppressed: u64,
+        lost: u64,
+    ) -> GapRecord<'a> {
+        GapRecord {
+            schema: SCHEMA,
+            kind: "gap",
+            time,
+            node,
+            mode,
+            suppressed_since_last: suppressed,
+            lost_since_last: lost,
+        }
+    }
+}
+
+/// What a record says besides the attempt and its workload.
+#[derive(Clone, Copy, Debug)]
+pub struct Tally {
+    pub count: u64,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    pub suppressed_since_last: u64,
+    pub lost_since_last: u64,
+}
+
+impl<'a> AuditRecord<'a> {
+    /// A record of `latest` and the attempts like it that `tally` counts.
+    pub fn new(
+        time: SystemTime,
+        node: &'a str,
+        mode: &'a str,
+        workload: &'a Workload,
+        latest: &'a Attempt,
+        tally: Tally,
+    ) -> AuditRecord<'a> {
+        let (workload_kind, pod, cgroup) = match workload {
+            Workload::Pod(pod) => ("pod", Some(pod), None),
+            Workload::Host { cgroup_path } => ("host", None, Some(cgroup_path.as_str())),
+            Workload::Unknown => ("unknown", None, None),
+        };
+        AuditRecord {
+            schema: SCHEMA,
+            kind: "attempts",
+            time,
+            node,
+            verdict: latest.verdict.name(),
+            mode,
+            workload: workload_kind,
+            namespace: pod.and_then(|p| p.namespace.as_deref()),
+            pod: pod.and_then(|p| p.pod.as_deref()),
+            pod_uid: pod.map(|p| p.pod_uid.as_str()),
+            container: pod.and_then(|p| p.container.as_deref()),
+            container_id: pod.and_then(|p| p.container_id.as_deref()),
+            runtime: pod.and_then(|p| p.runtime).map(|r| r.name()),
+            qos: pod.map(|p| p.qos.name()),
+            cgroup,
+            cgroup_id: latest.cgroup_id,
+            pid: (latest.pid != 0).then_some(latest.pid),
+            comm: (!latest.comm.is_empty()).then_some(latest.comm.as_str()),
+            protocol: latest.protocol.name(),
+            family: latest.family(),
+            destination: latest.destination,
+            port: latest.port,
+            hook: latest.hook.name(),
+            mapped: latest.mapped,
+            count: tally.count,
+            first_seen: tally.first_seen,
+            last_seen: tally.last_seen,
+            suppressed_since_last: tally.suppressed_since_last,
+            lost_since_last: tally.lost_since_last,
+        }
+    }
+}
+
+/// The latest time RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+const LAST_WRITABLE: Duration = Duration::from_millis(253_402_300_799_999);
+
+/// Clamps to the range RFC 3339 can express, so that a bogus kernel timestamp
+/// yields an odd date rather than a panic or a lost record.
+fn rfc3339_millis<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let clamped = UNIX_EPOCH + since_epoch.min(LAST_WRITABLE);
+    serializer.collect_str(&humantime::format_rfc3339_millis(clamped))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{
+        attempt::{Hook, Protocol, Verdict},
+        pod_identity::{PodIdentity, Qos, Runtime},
+    };
+
+    fn at(rfc3339: &str) -> SystemTime {
+        humantime::parse_rfc3339(rfc3339).unwrap()
+    }
+
+    fn sample_workload() -> Workload {
+        Workload::Pod(PodIdentity {
+            namespace: Some("shop".into()),
+            pod: Some("cart-7d9f".into()),
+            pod_uid: "0b3c9a4e-5f7d-4c1e-9d2a-1f6e8b7c5a40".into(),
+            container: Some("app".into()),
+            container_id: Some("3f1c2d".into()),
+            runtime: Some(Runtime::Containerd),
+            qos: Qos::Burstable,
+        })
+    }
+
+    fn sample_attempt() -> Attempt {
+        Attempt {
+            time: at("2024-05-01T12:00:04.900Z"),
+            cgroup_id: 12345,
+            netns_cookie: 7,
+            pid: 4242,
+            tid: 4243,
+            comm: "curl".into(),
+            destination: IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+            port: 80,
+            protocol: Protocol::Tcp,
+            hook: Hook::Connect4,
+            verdict: Verdict::Blocked,
+            mapped: false,
+        }
+    }
+
+    /// The JSON blocks of this file's documentation, in order.
+    fn documented_samples() -> Vec<String> {
+        let mut samples = Vec::new();
+        let mut lines = include_str!("record.rs")
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("///"))
+            .map(|l| l.strip_prefix(' ').unwrap_or(l));
+        while lines.any(|l| l == "```json") {
+            samples.push(
+                lines
+                    .by_ref()
+                    .take_while(|l| *l != "```")
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+        }
+        samples
+    }
+
+    #[test]
+    fn the_documented_samples_are_what_the_serializer_writes() {
+        let workload = sample_workload();
+        let attempt = sample_attempt();
+        let tally = Tally {
+            count: 3,
+            first_seen: at("2024-05-01T12:00:00.100Z"),
+            last_seen: attempt.time,
+            suppressed_since_last: 0,
+            lost_since_last: 0,
+        };
+        let record = AuditRecord::new(
+            at("2024-05-01T12:00:10.250Z"),
+            "node-a",
+            "enforce",
+            &workload,
+            &attempt,
+            tally,
+        );
+        let gap = GapRecord::new(at("2024-05-01T12:00:20.250Z"), "node-a", "enforce", 0, 1024);
+        assert_eq!(
+            documented_samples(),
+            [
+                serde_json::to_string_pretty(&record).unwrap(),
+                serde_json::to_string_pretty(&gap).unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_names_are_null_and_a_record_is_one_line() {
+        let mut attempt = sample_attempt();
+        attempt.pid = 0;
+        attempt.comm.clear();
+        let tally = Tally {
+            count: 1,
+            first_seen: attempt.time,
+            last_seen: attempt.time,
+            suppressed_since_last: 0,
+            lost_since_last: 0,
+        };
+        let record = AuditRecord::new(
+            attempt.time,
+            "node-a",
+            "audit",
+            &Workload::Unknown,
+            &attempt,
+            tally,
+        );
+        let line = serde_json::to_string(&record).unwrap();
+        assert!(!line.contains('\n'));
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        for field in [
+            "namespace",
+            "pod",
+            "pod_uid",
+            "container",
+            "container_id",
+            "runtime",
+            "qos",
+            "cgroup",
+            "pid",
+            "comm",
+        ] {
+            assert!(value[field].is_null(), "{field} should be null in {line}");
+        }
+        assert_eq!(value["workload"], "unknown");
+    }
+
+    #[test]
+    fn timestamps_out_of_range_are_clamped_not_fatal() {
+        let mut attempt = sample_attempt();
+        attempt.time = UNIX_EPOCH - Duration::from_secs(1);
+        let far_future = UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        let tally = Tally {
+            count: 1,
+            first_seen: attempt.time,
+            last_seen: far_future,
+            suppressed_since_last: 0,
+            lost_since_last: 0,
+        };
+        let record = AuditRecord::new(
+            far_future,
+            "node-a",
+            "enforce",
+            &Workload::Unknown,
+            &attempt,
+            tally,
+        );
+        let value = serde_json::to_value(&record).unwrap();
+        assert_eq!(value["first_seen"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(value["last_seen"], "9999-12-31T23:59:59.999Z");
+    }
+}

@@ -1,0 +1,226 @@
+//! The YAML config file: its schema, and its translation into checked plain values.
+//!
+//! Every field is optional so that flags and built-in defaults can fill the gaps;
+//! unknown fields are refused so that a typo cannot silently leave a default in force.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use metadata_guard_common::{PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP};
+use serde::Deserialize;
+
+use super::{
+    values::{ByteSize, Cidr, ListenAddr, Parsed, Port},
+    ConfigError, Mode, Origin,
+};
+use crate::policy::{AllowRule, BlockRule, PortMatch, Preset};
+
+/// What a config file sets, checked; `None` where the file is silent.
+#[derive(Debug, Default)]
+pub(super) struct FileValues {
+    pub mode: Option<Mode>,
+    pub destinations: Option<Destinations>,
+    pub allow_pods: Vec<AllowRule>,
+    pub log_file: Option<PathBuf>,
+    pub max_size: Option<u64>,
+    pub max_files: Option<u32>,
+    pub dedup_window: Option<Duration>,
+    pub rate_limit: Option<u32>,
+    pub node_name: Option<String>,
+    pub pod_logs_dir: Option<PathBuf>,
+    pub container_logs_dir: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug)]
+pub(super) struct Destinations {
+    pub presets: Vec<Preset>,
+    pub block: Vec<BlockRule>,
+}
+
+pub(super) fn read(path: &Path) -> Result<FileValues, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    parse(&text, path)
+}
+
+/// `path` only names the file in errors.
+pub(super) fn parse(text: &str, path: &Path) -> Result<FileValues, ConfigError> {
+    // An empty file (or one of comments only) is YAML null: it sets nothing.
+    let file: Option<FileConfig> =
+        serde_yaml::from_str(text).map_err(|reason| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+    file.unwrap_or_default()
+        .check()
+        .map_err(|(field, reason)| ConfigError::Invalid {
+            origin: Origin::File(path.to_path_buf()),
+            field,
+            reason,
+        })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    mode: Option<Mode>,
+    destinations: Option<DestinationsFile>,
+    allow_pods: Option<Vec<AllowRule>>,
+    audit: Option<AuditFile>,
+    node_name: Option<String>,
+    pod_logs_dir: Option<PathBuf>,
+    container_logs_dir: Option<PathBuf>,
+    metrics: Option<MetricsFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestinationsFile {
+    presets: Option<Vec<Parsed<Preset>>>,
+    block: Option<Vec<BlockFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockFile {
+    cidr: Parsed<Cidr>,
+    protocols: Option<Vec<ProtocolName>>,
+    ports: Option<Vec<Parsed<Port>>>,
+    except_ports: Option<Vec<Parsed<Port>>>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum ProtocolName {
+    Tcp,
+    Udp,
+    Other,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AuditFile {
+    log_file: Option<PathBuf>,
+    max_size: Option<Parsed<ByteSize>>,
+    max_files: Option<u32>,
+    dedup_window: Option<Parsed<humantime::Duration>>,
+    rate_limit: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    addr: Option<Parsed<ListenAddr>>,
+}
+
+/// A field's path as the file spells it, and what is wrong with its value.
+type FieldError = (String, String);
+
+impl FileConfig {
+    fn check(self) -> Result<FileValues, FieldError> {
+        let audit = self.audit.unwrap_or_default();
+        Ok(FileValues {
+            mode: self.mode,
+            destinations: self.destinations.map(DestinationsFile::check).transpose()?,
+            allow_pods: self.allow_pods.unwrap_or_default(),
+            log_file: non_empty("audit.log_file", audit.log_file)?,
+            max_size: audit.max_size.map(|s| s.0 .0),
+            max_files: audit.max_files,
+            dedup_window: audit.dedup_window.map(|d| d.0.into()),
+            rate_limit: audit.rate_limit,
+            // `node_name: ""` is the documented way of deferring to NODE_NAME or the hostname.
+            node_name: self.node_name.filter(|name| !name.is_empty()),
+            pod_logs_dir: non_empty("pod_logs_dir", self.pod_logs_dir)?,
+            container_logs_dir: non_empty("container_logs_dir", self.container_logs_dir)?,
+            metrics_addr: self.metrics.and_then(|m| m.addr).map(|a| a.0 .0),
+        })
+    }
+}
+
+impl DestinationsFile {
+    fn check(self) -> Result<Destinations, FieldError> {
+        if self.presets.is_none() && self.block.is_none() {
+            return Ok(Destinations {
+                presets: vec![Preset::Default],
+                block: Vec::new(),
+            });
+        }
+        let presets: Vec<Preset> = self
+            .presets
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        let block = self.block.unwrap_or_default();
+        if presets.is_empty() && block.is_empty() {
+            return Err(field(
+                "destinations",
+                "blocks nothing; list presets or block rules, or leave destinations out for the default preset",
+            ));
+        }
+        let block = block
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                rule.check()
+                    .map_err(|reason| field(&format!("destinations.block[{i}]"), &reason))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Destinations { presets, block })
+    }
+}
+
+impl BlockFile {
+    fn check(self) -> Result<BlockRule, String> {
+        let ports = |list: Vec<Parsed<Port>>| list.into_iter().map(|p| p.0 .0).collect();
+        let ports = match (self.ports, self.except_ports) {
+            (Some(_), Some(_)) => {
+                return Err("ports and except_ports exclude each other; keep one".to_owned())
+            }
+            (Some(only), None) => PortMatch::Only(ports(only)),
+            (None, Some(except)) => PortMatch::Except(ports(except)),
+            (None, None) => PortMatch::Any,
+        };
+        let protocols = match self.protocols {
+            None => PROTO_ALL,
+            Some(names) => names.into_iter().fold(0, |mask, name| mask | name.bit()),
+        };
+        let rule = BlockRule {
+            cidr: self.cidr.0 .0,
+            protocols,
+            ports,
+        };
+        rule.validate().map_err(|e| e.to_string())?;
+        Ok(rule)
+    }
+}
+
+impl ProtocolName {
+    fn bit(self) -> u8 {
+        match self {
+            ProtocolName::Tcp => PROTO_TCP,
+            ProtocolName::Udp => PROTO_UDP,
+            ProtocolName::Other => PROTO_OTHER,
+        }
+    }
+}
+
+fn field(name: &str, reason: &str) -> FieldError {
+    (name.to_owned(), reason.to_owned())
+}
+
+fn non_empty(name: &str, path: Option<PathBuf>) -> Result<Option<PathBuf>, FieldError> {
+    match path {
+        Some(p) if p.as_os_str().is_empty() => Err(field(
+            name,
+            "an empty path names nothing; give a path, or leave the field out for the default",
+        )),
+        other => Ok(other),
+    }
+}

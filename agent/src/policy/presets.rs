@@ -1,0 +1,370 @@
+//! Named sets of block rules, one per cloud, and `default` for all of them at once.
+//!
+//! Port 53 stays open wherever a metadata address also serves DNS (GCE, OCI, some
+//! OpenStack deployments), and is kept open on the other metadata addresses too, so
+//! that no preset can break name resolution.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
+
+use ipnet::IpNet;
+
+use super::BlockRule;
+
+const IMDS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+const AWS_IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+const AWS_ECS_TASK_METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 2);
+const AZURE_WIRESERVER: Ipv4Addr = Ipv4Addr::new(168, 63, 129, 16);
+/// The WireServer's guest-agent and host-plugin ports; its port 53 is Azure DNS.
+const AZURE_WIRESERVER_PORTS: [u16; 2] = [80, 32526];
+const ALIBABA_METADATA: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
+const ORACLE_METADATA_ALT: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 192);
+const OPENSTACK_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xa9fe, 0xa9fe);
+const DNS: [u16; 1] = [53];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Preset {
+    Default,
+    Aws,
+    AwsEcs,
+    Gcp,
+    Azure,
+    Alibaba,
+    Oracle,
+    Openstack,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 8] = [
+        Preset::Default,
+        Preset::Aws,
+        Preset::AwsEcs,
+        Preset::Gcp,
+        Preset::Azure,
+        Preset::Alibaba,
+        Preset::Oracle,
+        Preset::Openstack,
+    ];
+
+    /// The clouds whose metadata addresses `default` blocks.
+    const CLOUDS: [Preset; 6] = [
+        Preset::Aws,
+        Preset::Gcp,
+        Preset::Azure,
+        Preset::Alibaba,
+        Preset::Oracle,
+        Preset::Openstack,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Default => "default",
+            Preset::Aws => "aws",
+            Preset::AwsEcs => "aws-ecs",
+            Preset::Gcp => "gcp",
+            Preset::Azure => "azure",
+            Preset::Alibaba => "alibaba",
+            Preset::Oracle => "oracle",
+            Preset::Openstack => "openstack",
+        }
+    }
+
+    /// What the preset blocks, what it leaves open and why, for operators.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Preset::Default => {
+                "The metadata addresses of every supported cloud at once, for clusters that run \
+                 anywhere: 169.254.169.254 and fd00:ec2::254 (all ports but 53), 100.100.100.200 and \
+                 192.0.0.192 (all ports), fe80::a9fe:a9fe (all ports but 53) and Azure's WireServer \
+                 168.63.129.16 (ports 80 and 32526 only). DNS on port 53 stays open everywhere. Not \
+                 included: the ECS task metadata endpoint (use aws-ecs) and the EKS Pod Identity \
+                 Agent, which pods are meant to reach."
+            }
+            Preset::Aws => {
+                "AWS instance metadata (IMDS) at 169.254.169.254 and, on Nitro instances, \
+                 fd00:ec2::254: every protocol and port except 53, so no resolver setup that points \
+                 there can break. The EKS Pod Identity Agent (169.254.170.23, fd00:ec2::23) stays \
+                 open: it is how pods are meant to get AWS credentials."
+            }
+            Preset::AwsEcs => {
+                "Everything aws blocks, plus the ECS task metadata and credentials endpoint \
+                 169.254.170.2 on every port, for nodes that also run the ECS agent."
+            }
+            Preset::Gcp => {
+                "The GCE metadata server (metadata.google.internal) at 169.254.169.254: every \
+                 protocol and port except 53, because the same address is the VPC's DNS resolver \
+                 that GKE pods use."
+            }
+            Preset::Azure => {
+                "Azure instance metadata (IMDS) at 169.254.169.254, every port but 53, and the \
+                 WireServer 168.63.129.16 on ports 80 and 32526 only, where the VM agent fetches \
+                 its goal state and extension settings. The WireServer's port 53 is Azure DNS and \
+                 stays open, as do its other services."
+            }
+            Preset::Alibaba => {
+                "Alibaba Cloud ECS instance metadata at 100.100.100.200, every protocol and port: \
+                 nothing else is served there."
+            }
+            Preset::Oracle => {
+                "OCI instance metadata at 169.254.169.254, every port but 53 (OCI's resolver \
+                 answers there), and its other metadata address 192.0.0.192 on every port."
+            }
+            Preset::Openstack => {
+                "OpenStack Nova metadata at 169.254.169.254 and its IPv6 address fe80::a9fe:a9fe, \
+                 every port but 53, which some deployments use for DNS."
+            }
+        }
+    }
+
+    pub fn rules(self) -> Vec<BlockRule> {
+        match self {
+            Preset::Default => {
+                let mut union: Vec<BlockRule> = Vec::new();
+                for rule in Preset::CLOUDS.iter().flat_map(|cloud| cloud.rules()) {
+                    if !union.contains(&rule) {
+                        union.push(rule);
+                    }
+                }
+                union
+            }
+            Preset::Aws => vec![
+                BlockRule::except(host(IMDS), &DNS),
+                BlockRule::except(host(AWS_IMDS_V6), &DNS),
+            ],
+            Preset::AwsEcs => {
+                let mut rules = Preset::Aws.rules();
+                rules.push(BlockRule::all(host(AWS_ECS_TASK_METADATA)));
+                rules
+            }
+            Preset::Gcp => vec![BlockRule::except(host(IMDS), &DNS)],
+            Preset::Azure => vec![
+                BlockRule::except(host(IMDS), &DNS),
+                BlockRule::only(host(AZURE_WIRESERVER), &AZURE_WIRESERVER_PORTS),
+            ],
+            Preset::Alibaba => vec![BlockRule::all(host(ALIBABA_METADATA))],
+            Preset::Oracle => vec![
+                BlockRule::except(host(IMDS), &DNS),
+                BlockRule::all(host(ORACLE_METADATA_ALT)),
+            ],
+            Preset::Openstack => {
+                vec![
+                    BlockRule::except(host(IMDS), &DNS),
+                    BlockRule::except(host(OPENSTACK_METADATA_V6), &DNS),
+                ]
+            }
+        }
+    }
+}
+
+fn host(addr: impl Into<IpAddr>) -> IpNet {
+    IpNet::from(addr.into())
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown preset `{0}`; choose one of default, aws, aws-ecs, gcp, azure, alibaba, oracle, openstack")]
+pub struct UnknownPreset(pub String);
+
+impl FromStr for Preset {
+    type Err = UnknownPreset;
+
+    fn from_str(name: &str) -> Result<Preset, UnknownPreset> {
+        let name = name.trim();
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| UnknownPreset(name.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use metadata_guard_common::{PROTO_OTHER, PROTO_TCP, PROTO_UDP};
+
+    use super::*;
+    use crate::policy::{compile, CompiledPolicy, PortMatch};
+
+    fn listed(preset: Preset) -> Vec<String> {
+        preset.rules().iter().map(BlockRule::to_string).collect()
+    }
+
+    fn compiled(preset: Preset) -> CompiledPolicy {
+        compile(&preset.rules()).unwrap_or_else(|e| panic!("preset {preset} does not compile: {e}"))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn each_preset_lists_its_clouds_metadata_addresses() {
+        let imds = "169.254.169.254/32 except ports 53";
+        assert_eq!(
+            listed(Preset::Aws),
+            [imds, "fd00:ec2::254/128 except ports 53"]
+        );
+        assert_eq!(
+            listed(Preset::AwsEcs),
+            [
+                imds,
+                "fd00:ec2::254/128 except ports 53",
+                "169.254.170.2/32"
+            ]
+        );
+        assert_eq!(listed(Preset::Gcp), [imds]);
+        assert_eq!(
+            listed(Preset::Azure),
+            [imds, "168.63.129.16/32 ports 80,32526"]
+        );
+        assert_eq!(listed(Preset::Alibaba), ["100.100.100.200/32"]);
+        assert_eq!(listed(Preset::Oracle), [imds, "192.0.0.192/32"]);
+        assert_eq!(
+            listed(Preset::Openstack),
+            [imds, "fe80::a9fe:a9fe/128 except ports 53"]
+        );
+    }
+
+    #[test]
+    fn default_is_every_cloud_once_without_ecs() {
+        let mut default = listed(Preset::Default);
+        default.sort();
+        assert_eq!(
+            default,
+            [
+                "100.100.100.200/32",
+                "168.63.129.16/32 ports 80,32526",
+                "169.254.169.254/32 except ports 53",
+                "192.0.0.192/32",
+                "fd00:ec2::254/128 except ports 53",
+                "fe80::a9fe:a9fe/128 except ports 53",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_shared_imds_address_of_two_presets_is_stored_once() {
+        let mut rules = Preset::Aws.rules();
+        rules.extend(Preset::Gcp.rules());
+        let policy = compile(&rules).unwrap();
+        assert_eq!(policy, compiled(Preset::Aws));
+        assert_eq!(policy.v4[0].1.rule_count, 1);
+    }
+
+    #[test]
+    fn every_preset_blocks_what_it_lists() {
+        for preset in Preset::ALL {
+            let policy = compiled(preset);
+            for rule in preset.rules() {
+                let addr = rule.cidr.addr();
+                let (blocked_port, open_port) = match &rule.ports {
+                    PortMatch::Only(ports) => (ports[0], Some(443)),
+                    PortMatch::Except(ports) => (80, Some(ports[0])),
+                    PortMatch::Any => (53, None),
+                };
+                for proto in [PROTO_TCP, PROTO_UDP] {
+                    assert!(
+                        policy.blocks(addr, proto, blocked_port),
+                        "{preset}: {rule} must block {addr} port {blocked_port}"
+                    );
+                    if let Some(port) = open_port {
+                        assert!(
+                            !policy.blocks(addr, proto, port),
+                            "{preset}: {rule} must leave {addr} port {port} open"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_preset_blocks_dns_or_neighbouring_addresses() {
+        let dns_servers = [
+            "169.254.169.254",
+            "fd00:ec2::254",
+            "168.63.129.16",
+            "fe80::a9fe:a9fe",
+            "169.254.169.253",
+        ];
+        let never_blocked = [
+            "169.254.169.253",
+            "169.254.169.255",
+            "169.254.170.23",
+            "fd00:ec2::23",
+            "fd00:ec2::253",
+            "100.100.100.201",
+            "192.0.0.193",
+            "168.63.129.17",
+            "fe80::a9fe:a9ff",
+            "8.8.8.8",
+        ];
+        for preset in Preset::ALL {
+            let policy = compiled(preset);
+            for addr in dns_servers {
+                for proto in [PROTO_TCP, PROTO_UDP] {
+                    assert!(
+                        !policy.blocks(ip(addr), proto, 53),
+                        "{preset} blocks DNS at {addr}"
+                    );
+                }
+            }
+            for addr in never_blocked {
+                for (proto, port) in [
+                    (PROTO_TCP, 80),
+                    (PROTO_UDP, 80),
+                    (PROTO_TCP, 443),
+                    (PROTO_OTHER, 0),
+                ] {
+                    assert!(
+                        !policy.blocks(ip(addr), proto, port),
+                        "{preset} blocks {addr} port {port}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn imds_is_blocked_for_every_protocol_and_through_ipv4_mapped_addresses() {
+        let policy = compiled(Preset::Default);
+        assert!(
+            policy.blocks(ip("169.254.169.254"), PROTO_OTHER, 0),
+            "ping and raw IP"
+        );
+        assert!(policy.blocks(ip("::ffff:169.254.169.254"), PROTO_TCP, 80));
+        assert!(policy.blocks(ip("::ffff:100.100.100.200"), PROTO_UDP, 53));
+    }
+
+    #[test]
+    fn ecs_task_metadata_is_only_blocked_by_aws_ecs() {
+        let ecs = ip("169.254.170.2");
+        assert!(compiled(Preset::AwsEcs).blocks(ecs, PROTO_TCP, 80));
+        assert!(!compiled(Preset::Aws).blocks(ecs, PROTO_TCP, 80));
+        assert!(!compiled(Preset::Default).blocks(ecs, PROTO_TCP, 80));
+    }
+
+    #[test]
+    fn presets_are_named_in_kebab_case() {
+        for preset in Preset::ALL {
+            assert_eq!(preset.name().parse::<Preset>(), Ok(preset));
+            assert!(!preset.describe().is_empty());
+        }
+        assert_eq!(
+            "aws_ecs".parse::<Preset>(),
+            Err(UnknownPreset("aws_ecs".into()))
+        );
+        let help = UnknownPreset("x".into()).to_string();
+        assert!(
+            Preset::ALL.iter().all(|p| help.contains(p.name())),
+            "{help}"
+        );
+    }
+}

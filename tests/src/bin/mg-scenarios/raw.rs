@@ -1,0 +1,97 @@
+//! Ways around the socket hooks that a hostile pod would try: raw packets and TCP Fast
+//! Open. Each returns the send's own result; arrival is judged at the stand-in.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{FromRawFd, OwnedFd},
+};
+
+use crate::attempt::sendto;
+
+fn socket(family: i32, ty: i32, protocol: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn family(to: &SocketAddr) -> i32 {
+    if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    }
+}
+
+/// Raw sockets of other protocols take the port field as zero.
+fn without_port(to: &SocketAddr) -> SocketAddr {
+    SocketAddr::new(to.ip(), 0)
+}
+
+/// Internet checksum; the kernel fills it for ICMPv6 but not for ICMP.
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+pub fn icmp_echo(to: &SocketAddr) -> io::Result<()> {
+    let (proto, ty) = if to.is_ipv4() { (libc::IPPROTO_ICMP, 8u8) } else { (libc::IPPROTO_ICMPV6, 128u8) };
+    let sock = socket(family(to), libc::SOCK_RAW, proto)?;
+    let mut packet = vec![ty, 0, 0, 0, 0x12, 0x34, 0, 1];
+    packet.extend_from_slice(b"metadata?");
+    let sum = checksum(&packet);
+    packet[2..4].copy_from_slice(&sum.to_be_bytes());
+    sendto(&sock, &packet, &without_port(to))
+}
+
+pub fn tcp_syn(to: &SocketAddr) -> io::Result<()> {
+    let sock = socket(family(to), libc::SOCK_RAW, libc::IPPROTO_TCP)?;
+    let mut header = [0u8; 20];
+    header[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    header[2..4].copy_from_slice(&to.port().to_be_bytes());
+    header[4..8].copy_from_slice(&1u32.to_be_bytes());
+    header[12] = 5 << 4; // data offset: 5 words
+    header[13] = 0x02; // SYN
+    header[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    sendto(&sock, &header, &without_port(to))
+}
+
+pub fn udp(to: &SocketAddr) -> io::Result<()> {
+    let sock = socket(family(to), libc::SOCK_RAW, libc::IPPROTO_UDP)?;
+    let payload = b"metadata?";
+    let mut datagram = Vec::with_capacity(8 + payload.len());
+    datagram.extend_from_slice(&40001u16.to_be_bytes());
+    datagram.extend_from_slice(&to.port().to_be_bytes());
+    datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]); // no checksum (allowed for UDP over IPv4)
+    datagram.extend_from_slice(payload);
+    sendto(&sock, &datagram, &without_port(to))
+}
+
+pub fn fast_open(to: &SocketAddr) -> io::Result<()> {
+    let sock = socket(family(to), libc::SOCK_STREAM, 0)?;
+    let addr = nix::sys::socket::SockaddrStorage::from(*to);
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    // SAFETY: valid fd, buffer and address of the stated lengths.
+    let sent = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            request.as_ptr().cast(),
+            request.len(),
+            libc::MSG_FASTOPEN,
+            nix::sys::socket::SockaddrLike::as_ptr(&addr),
+            nix::sys::socket::SockaddrLike::len(&addr),
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
