@@ -33,7 +33,7 @@ pub const STANDIN_PORTS: [u16; 2] = [80, 53];
 const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 17\r\nConnection: close\r\n\r\nmetadata-standin\n";
 /// A client that connects and then says nothing is dropped after this long.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REQUEST: usize = 8192;
 /// How long `arrivals()` waits for the serving thread before answering with what
 /// it has (only if that thread is wedged).

@@ -34,6 +34,9 @@ pub enum Kind {
     RawTcpSyn,
     /// A raw socket sending a hand-made UDP datagram.
     RawUdp,
+    /// TCP connect at once, then wait for `go_file` before sending the HTTP request
+    /// on that same connection.
+    HeldHttp,
 }
 
 /// What one child process is asked to do.
@@ -59,6 +62,9 @@ pub struct Request {
     /// Keep going until this file exists, whatever `count` says.
     #[serde(default)]
     pub stop_file: Option<PathBuf>,
+    /// For [`Kind::HeldHttp`]: the file whose appearance lets the request go.
+    #[serde(default)]
+    pub go_file: Option<PathBuf>,
 }
 
 fn one() -> u64 {
@@ -149,6 +155,7 @@ fn once(req: &Request) -> std::io::Result<()> {
             s.connect(to)?;
             s.send(b"metadata?").map(drop)
         }
+        Kind::HeldHttp => held_http(to, req.go_file.as_deref()),
         Kind::TcpFastOpen => crate::raw::fast_open(&to),
         Kind::RawIcmp => crate::raw::icmp_echo(&to),
         Kind::RawTcpSyn => crate::raw::tcp_syn(&to),
@@ -176,7 +183,19 @@ pub fn sendto(sock: &OwnedFd, data: &[u8], to: &SocketAddr) -> std::io::Result<(
 
 /// Connect (dual-stack when the target is IPv6) and expect `HTTP/1.x 200`.
 fn http_get(to: SocketAddr) -> std::io::Result<()> {
-    let mut stream = std::net::TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
+    let stream = std::net::TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
+    request_on(stream)
+}
+
+fn held_http(to: SocketAddr, go: Option<&std::path::Path>) -> std::io::Result<()> {
+    let stream = std::net::TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
+    while go.is_some_and(|g| !g.exists()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    request_on(stream)
+}
+
+fn request_on(mut stream: std::net::TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
     stream.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: metadata\r\nConnection: close\r\n\r\n")?;
     let mut head = [0u8; 12];

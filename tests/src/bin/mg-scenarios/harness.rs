@@ -141,6 +141,7 @@ impl Ctx {
             interval_us: 0,
             duration_ms: 0,
             stop_file: None,
+            go_file: None,
         })
     }
 

@@ -7,11 +7,13 @@
 
 mod agent;
 mod attempt;
+mod backstop;
 mod block;
 mod harness;
 mod lifecycle;
 mod neighbour;
 mod node;
+mod packets;
 mod raw;
 mod trail;
 
@@ -28,6 +30,7 @@ type Scenario = (&'static str, fn(&mut Ctx) -> Result<()>);
 fn scenarios() -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(block::SCENARIOS);
+    all.extend(backstop::SCENARIOS);
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);
     all

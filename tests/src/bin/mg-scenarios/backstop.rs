@@ -1,0 +1,113 @@
+//! No way around it: every path a pod might take to the metadata address, including
+//! those the socket hooks never see, is stopped before anything reaches the node.
+
+use std::{
+    net::Ipv4Addr,
+    time::Duration,
+};
+
+use anyhow::{ensure, Result};
+
+use crate::{
+    attempt::{self, Kind},
+    harness::{Ctx, Who, METADATA_V4, METADATA_V6},
+    packets::PacketTap,
+};
+
+pub const SCENARIOS: [crate::Scenario; 5] = [
+    ("backstop: raw ICMP, raw TCP SYN and raw UDP from a pod never reach the node", pod_raw_packets_dropped),
+    ("backstop: the same raw packets from a host-network process arrive", host_raw_packets_arrive),
+    ("backstop: TCP Fast Open from a pod is refused", pod_fast_open_refused),
+    ("backstop: a pod's connection opened before the guard carries nothing once it attaches", old_connection_stopped),
+    ("backstop: refusals at the packet level are audited with hook egress", egress_audited),
+];
+
+const METADATA_V4_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Sends from `who` and returns how many packets of `protocol` reached the node.
+fn arrivals_of(ctx: &Ctx, who: Who, kind: Kind, protocol: i32, dest: &str) -> Result<(attempt::Outcome, u64)> {
+    let mut tap = PacketTap::open(ctx.node.sim.node(), protocol, METADATA_V4_ADDR)?;
+    let before = tap.count();
+    let out = ctx.try_once(who, kind, dest, 80, false)?;
+    std::thread::sleep(SETTLE);
+    Ok((out, tap.count() - before))
+}
+
+fn pod_raw_packets_dropped(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    for (kind, protocol) in [(Kind::RawIcmp, libc::IPPROTO_ICMP), (Kind::RawTcpSyn, libc::IPPROTO_TCP), (Kind::RawUdp, libc::IPPROTO_UDP)] {
+        let before = ctx.node.standin.arrivals();
+        let (out, arrived) = arrivals_of(ctx, Who::Pod(0), kind, protocol, METADATA_V4)?;
+        ensure!(arrived == 0, "{kind:?} from a pod: {arrived} packets reached the node ({out:?})");
+        ensure!(out.ok == 0, "{kind:?} from a pod: the send succeeded ({out:?})");
+        ensure!(ctx.node.standin.arrivals() == before, "{kind:?}: the stand-in saw traffic");
+    }
+    // ICMPv6 echo to the IPv6 address, counted by the stand-in's ICMPv6 socket.
+    let before = ctx.node.standin.arrivals();
+    let out = ctx.try_once(Who::Pod(0), Kind::RawIcmp, METADATA_V6, 0, false)?;
+    std::thread::sleep(SETTLE);
+    ensure!(out.ok == 0 && ctx.node.standin.arrivals() == before, "ICMPv6 echo from a pod got through: {out:?}");
+    Ok(())
+}
+
+fn host_raw_packets_arrive(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    for (kind, protocol) in [(Kind::RawIcmp, libc::IPPROTO_ICMP), (Kind::RawTcpSyn, libc::IPPROTO_TCP), (Kind::RawUdp, libc::IPPROTO_UDP)] {
+        let (out, arrived) = arrivals_of(ctx, Who::HostInPodCgroup(0), kind, protocol, METADATA_V4)?;
+        ensure!(out.ok == 1 && arrived >= 1, "{kind:?} from the host: sent {out:?}, {arrived} arrived");
+    }
+    Ok(())
+}
+
+fn pod_fast_open_refused(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    let (out, arrived) = arrivals_of(ctx, Who::Pod(0), Kind::TcpFastOpen, libc::IPPROTO_TCP, METADATA_V4)?;
+    ensure!(out.eperm == 1 && arrived == 0, "TCP Fast Open from a pod: {out:?}, {arrived} packets arrived");
+    let (out, arrived) = arrivals_of(ctx, Who::HostInPodCgroup(0), Kind::TcpFastOpen, libc::IPPROTO_TCP, METADATA_V4)?;
+    ensure!(out.ok == 1 && arrived >= 1, "TCP Fast Open from the host: {out:?}, {arrived} packets arrived");
+    Ok(())
+}
+
+fn old_connection_stopped(ctx: &mut Ctx) -> Result<()> {
+    // Control: without a guard, a connection held open is served when it asks.
+    ctx.uninstall()?;
+    let out = held_request(ctx, false)?;
+    ensure!(out.ok == 1, "without the guard the held connection was not served: {out:?}");
+    // With the guard attached while the connection is open, its request goes nowhere.
+    let out = held_request(ctx, true)?;
+    ensure!(out.ok == 0, "a connection opened before the guard still reached the metadata service: {out:?}");
+    Ok(())
+}
+
+/// A pod connects, then (optionally) the guard starts, then the pod sends its request.
+fn held_request(ctx: &mut Ctx, start_guard: bool) -> Result<attempt::Outcome> {
+    let go = ctx.node.work.join("go-held");
+    let _ = std::fs::remove_file(&go);
+    let mut req = ctx.request(Who::Pod(0), Kind::HeldHttp, METADATA_V4, 80, false)?;
+    req.go_file = Some(go.clone());
+    let child = attempt::spawn(&req)?;
+    std::thread::sleep(Duration::from_millis(200));
+    if start_guard {
+        ctx.default_agent()?;
+    }
+    std::fs::write(&go, "")?;
+    attempt::wait(child)
+}
+
+fn egress_audited(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    let out = ctx.try_once(Who::Pod(2), Kind::RawIcmp, METADATA_V4, 0, false)?;
+    ensure!(out.ok == 0, "raw ICMP was not refused: {out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let found = ctx.agent()?.audit_records().into_iter().any(|r| {
+            r["hook"] == "egress" && r["protocol"] == "icmp" && r["pod"] == ctx.node.pods[2].name.as_str()
+        });
+        if found {
+            return Ok(());
+        }
+        ensure!(std::time::Instant::now() < deadline, "no audit record with hook egress for the raw ICMP attempt");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
