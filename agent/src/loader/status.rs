@@ -4,7 +4,7 @@
 use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData};
 use metadata_guard_common::{
     counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, PORTS_EXCEPT, PORTS_ONLY,
     PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
@@ -26,6 +26,8 @@ pub struct Status {
     pub destinations: Vec<String>,
     pub counters: Vec<CounterStatus>,
     pub events_lost: u64,
+    /// Cgroup ids of allowlisted pods' containers, as the kernel has them.
+    pub allowlisted_cgroups: Vec<u64>,
     /// Pin directories of other layout versions (normally none).
     pub other_versions: Vec<String>,
 }
@@ -60,6 +62,7 @@ pub fn read(root: &Path) -> Result<Status> {
         destinations: Vec::new(),
         counters: Vec::new(),
         events_lost: 0,
+        allowlisted_cgroups: Vec::new(),
         other_versions: layout.other_versions().iter().map(|p| p.display().to_string()).collect(),
     };
     for attachment in &ATTACHMENTS {
@@ -109,6 +112,10 @@ pub fn read(root: &Path) -> Result<Status> {
         }
     }
     status.events_lost = values[counters::EVENTS_LOST as usize];
+    let allow_map = open(map_names::ALLOWED_CGROUPS)?;
+    let allowed: HashMap<_, u64, u8> = HashMap::try_from(&allow_map)?;
+    status.allowlisted_cgroups = allowed.keys().collect::<Result<_, _>>()?;
+    status.allowlisted_cgroups.sort_unstable();
     Ok(status)
 }
 
@@ -158,6 +165,9 @@ pub fn print_human(s: &Status) {
         println!("count:          {:<9} {:<8} {}", c.hook, c.verdict, c.count);
     }
     println!("events lost:    {}", s.events_lost);
+    if !s.allowlisted_cgroups.is_empty() {
+        println!("allowlisted:    {} cgroups", s.allowlisted_cgroups.len());
+    }
     for v in &s.other_versions {
         println!("other layout:   {v} (removed when an agent of this version starts)");
     }

@@ -27,6 +27,8 @@ pub struct Ctx {
     pub variant_bin: Option<PathBuf>,
     pub agent: Option<Agent>,
     pub running_args: Vec<String>,
+    /// Check /metrics in-process instead of with promtool.
+    pub without_promtool: bool,
 }
 
 /// Who makes an attempt.
@@ -42,7 +44,7 @@ pub enum Who {
 
 impl Ctx {
     pub fn new(agent_bin: PathBuf, variant_bin: Option<PathBuf>) -> Result<Ctx> {
-        Ok(Ctx { node: Node::build()?, agent_bin, variant_bin, agent: None, running_args: Vec::new() })
+        Ok(Ctx { node: Node::build()?, agent_bin, variant_bin, agent: None, running_args: Vec::new(), without_promtool: false })
     }
 
     pub fn spec(&self, binary: &std::path::Path, extra: &[&str]) -> AgentSpec {

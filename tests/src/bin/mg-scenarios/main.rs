@@ -14,6 +14,7 @@ mod lifecycle;
 mod neighbour;
 mod node;
 mod packets;
+mod policy;
 mod raw;
 mod trail;
 
@@ -31,6 +32,7 @@ fn scenarios() -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(block::SCENARIOS);
     all.extend(backstop::SCENARIOS);
+    all.extend(policy::SCENARIOS);
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);
     all
@@ -41,18 +43,22 @@ struct Args {
     variant_agent: Option<PathBuf>,
     filter: Option<String>,
     list: bool,
+    /// Check /metrics in-process instead of with promtool (for a VM without it).
+    without_promtool: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
-    let mut args = Args { agent: PathBuf::new(), variant_agent: None, filter: None, list: false };
+    let mut args =
+        Args { agent: PathBuf::new(), variant_agent: None, filter: None, list: false, without_promtool: false };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--agent" => args.agent = it.next().context("--agent needs a path")?.into(),
             "--variant-agent" => args.variant_agent = Some(it.next().context("--variant-agent needs a path")?.into()),
             "--filter" => args.filter = Some(it.next().context("--filter needs text")?),
             "--list" => args.list = true,
-            other => bail!("unknown argument {other}; usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list]"),
+            "--without-promtool" => args.without_promtool = true,
+            other => bail!("unknown argument {other}; usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list] [--without-promtool]"),
         }
     }
     if args.agent.as_os_str().is_empty() && !args.list {
@@ -108,6 +114,7 @@ fn real_main() -> Result<bool> {
     }
     let started = Instant::now();
     let mut ctx = Ctx::new(args.agent.clone(), args.variant_agent.clone())?;
+    ctx.without_promtool = args.without_promtool;
     eprintln!("mg-scenarios: simulated node ready in {:?}", started.elapsed());
     let (mut passed, mut failed) = (0, 0);
     for (name, scenario) in &selected {

@@ -45,7 +45,10 @@ pub struct Node {
     pub sandboxed_net: NetNs,
     pub work: PathBuf,
     pub bpffs: PathBuf,
+    /// The kubelet's QoS-level cgroups, shared by the pods below them.
     kubepods: TestCgroup,
+    burstable: TestCgroup,
+    cgroupfs_besteffort: TestCgroup,
 }
 
 impl Node {
@@ -64,6 +67,9 @@ impl Node {
         let agent_cgroup = system.child("metadata-guard.service")?;
         let sandboxed_unit = system.child("sandboxed.service")?;
         let kubepods = root.child("kubepods.slice")?;
+        let burstable = kubepods.child("kubepods-burstable.slice")?;
+        // The cgroupfs driver's tree sits beside the systemd one; real nodes use one.
+        let cgroupfs_besteffort = root.child("kubepods")?.child("besteffort")?;
 
         let sim = SimNode::new("mg-node")?;
         let standin = Standin::start(sim.node())?;
@@ -79,10 +85,13 @@ impl Node {
             work,
             bpffs: bpffs.join("metadata-guard"),
             kubepods,
+            burstable,
+            cgroupfs_besteffort,
         };
         node.add_pod("default", "web-7d4b9", "app", Layout::SystemdContainerd)?;
         node.add_pod("payments", "api-5f6c8", "server", Layout::SystemdCrio)?;
         node.add_pod("batch", "job-x2k9p", "worker", Layout::CgroupfsContainerd)?;
+        node.add_pod("payments", "ledger-9k2x1", "ledger", Layout::SystemdContainerd)?;
         Ok(node)
     }
 
@@ -91,46 +100,57 @@ impl Node {
     }
 
     fn add_pod(&mut self, namespace: &str, name: &str, container: &str, layout: Layout) -> Result<()> {
-        let n = self.pods.len() + 1;
-        let uid = format!("{n:08x}-1111-2222-3333-{n:012x}");
-        let container_id = format!("{:064x}", 0xc0ffee_u64 + n as u64);
-        let uid_ = uid.replace('-', "_");
-        let cgroup = match layout {
-            Layout::SystemdContainerd => self
-                .kubepods
-                .child("kubepods-burstable.slice")?
-                .child(&format!("kubepods-burstable-pod{uid_}.slice"))?
-                .child(&format!("cri-containerd-{container_id}.scope"))?,
-            Layout::SystemdCrio => self
-                .kubepods
-                .child(&format!("kubepods-pod{uid_}.slice"))?
-                .child(&format!("crio-{container_id}.scope"))?,
-            // The cgroupfs driver's tree sits beside the systemd one; real nodes use one.
-            Layout::CgroupfsContainerd => self
-                .root
-                .child("kubepods")?
-                .child("besteffort")?
-                .child(&format!("pod{uid}"))?
-                .child(&container_id)?,
-        };
-        let log_dir = self.work.join("pods").join(format!("{namespace}_{name}_{uid}")).join(container);
-        fs::create_dir_all(&log_dir)?;
-        fs::write(log_dir.join("0.log"), "")?;
-        std::os::unix::fs::symlink(
-            log_dir.join("0.log"),
-            self.work.join("containers").join(format!("{name}_{namespace}_{container}-{container_id}.log")),
-        )?;
+        let n = self.pods.len() as u32 + 1;
+        let kubelet = self.kubelet_pod_with(namespace, name, container, layout, n)?;
         let net = self.sim.add_pod(name)?;
         self.pods.push(Pod {
             namespace: namespace.into(),
             name: name.into(),
-            uid,
+            uid: kubelet.uid.clone(),
             container: container.into(),
-            container_id,
+            container_id: kubelet.container_id.clone(),
             net,
-            cgroup,
+            cgroup: kubelet.cgroup.clone(),
         });
+        // The pod lives as long as the node: its directories go with `work`.
+        std::mem::forget(kubelet.logs);
         Ok(())
+    }
+
+    /// A pod as the kubelet lays it out (cgroup and log directories), without a
+    /// network of its own: for allowlist and churn scenarios. Gone when dropped.
+    pub fn kubelet_pod(&self, namespace: &str, name: &str, layout: Layout, n: u32) -> Result<KubeletPod> {
+        self.kubelet_pod_with(namespace, name, "main", layout, n)
+    }
+
+    fn kubelet_pod_with(&self, namespace: &str, name: &str, container: &str, layout: Layout, n: u32) -> Result<KubeletPod> {
+        let uid = format!("{n:08x}-1111-2222-3333-{n:012x}");
+        let container_id = format!("{:064x}", 0xc0ffee_u64 + u64::from(n));
+        // Names first, as the kubelet does, so the cgroup is resolvable when it appears.
+        let pod_dir = self.work.join("pods").join(format!("{namespace}_{name}_{uid}"));
+        fs::create_dir_all(pod_dir.join(container))?;
+        fs::write(pod_dir.join(container).join("0.log"), "")?;
+        let link = self.work.join("containers").join(format!("{name}_{namespace}_{container}-{container_id}.log"));
+        std::os::unix::fs::symlink(pod_dir.join(container).join("0.log"), &link)?;
+        let logs = LogDirs { pod_dir, link };
+        let uid_ = uid.replace('-', "_");
+        let cgroup = match layout {
+            Layout::SystemdContainerd => self
+                .burstable
+                .child(&format!("kubepods-burstable-pod{uid_}.slice"))?
+                .child(&format!("cri-containerd-{container_id}.scope"))?,
+            Layout::SystemdCrio => {
+                self.kubepods.child(&format!("kubepods-pod{uid_}.slice"))?.child(&format!("crio-{container_id}.scope"))?
+            }
+            Layout::CgroupfsContainerd => {
+                self.cgroupfs_besteffort.child(&format!("pod{uid}"))?.child(&container_id)?
+            }
+        };
+        Ok(KubeletPod { uid, container_id, cgroup, logs })
+    }
+
+    pub fn pod_index(&self, namespace: &str, name: &str) -> Result<usize> {
+        self.pods.iter().position(|p| p.namespace == namespace && p.name == name).with_context(|| format!("no pod {namespace}/{name}"))
     }
 
     pub fn pod_logs_dir(&self) -> PathBuf {
@@ -154,3 +174,29 @@ impl Drop for Node {
     }
 }
 
+
+/// A pod's cgroup and log directories; dropping it removes both, as a pod's end does.
+pub struct KubeletPod {
+    pub uid: String,
+    pub container_id: String,
+    pub cgroup: TestCgroup,
+    logs: LogDirs,
+}
+
+impl KubeletPod {
+    pub fn id(&self) -> u64 {
+        self.cgroup.id()
+    }
+}
+
+struct LogDirs {
+    pod_dir: PathBuf,
+    link: PathBuf,
+}
+
+impl Drop for LogDirs {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.link);
+        let _ = fs::remove_dir_all(&self.pod_dir);
+    }
+}
