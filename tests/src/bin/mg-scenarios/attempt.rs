@@ -37,6 +37,11 @@ pub enum Kind {
     /// TCP connect at once, then wait for `go_file` before sending the HTTP request
     /// on that same connection.
     HeldHttp,
+    /// TCP connect submitted through io_uring instead of connect(2).
+    IoUringConnect,
+    /// A TCP socket created in `socket_netns` (the host's), passed over a unix socket
+    /// with SCM_RIGHTS, then connected from the pod.
+    HandedHostSocket,
 }
 
 /// What one child process is asked to do.
@@ -65,6 +70,9 @@ pub struct Request {
     /// For [`Kind::HeldHttp`]: the file whose appearance lets the request go.
     #[serde(default)]
     pub go_file: Option<PathBuf>,
+    /// For [`Kind::HandedHostSocket`]: where the socket is created.
+    #[serde(default)]
+    pub socket_netns: Option<PathBuf>,
 }
 
 fn one() -> u64 {
@@ -94,7 +102,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The child's main: join, attempt, report on stdout.
 pub fn child_main(request_json: &str) -> Result<()> {
     let req: Request = serde_json::from_str(request_json).context("bad attempt request")?;
+    let handed = match (&req.kind, &req.socket_netns) {
+        (Kind::HandedHostSocket, Some(ns)) => Some(crate::raw::handed_socket(ns, &target(&req))?),
+        (Kind::HandedHostSocket, None) => bail!("a handed socket needs socket_netns"),
+        _ => None,
+    };
     join(&req)?;
+    if let Some(sock) = handed {
+        let mut out = Outcome { pid: std::process::id(), ..Default::default() };
+        let t = Instant::now();
+        match crate::raw::connect_and_get(sock, &target(&req)) {
+            Ok(()) => out.ok += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => out.eperm += 1,
+            Err(e) => *out.other.entry(e.to_string()).or_default() += 1,
+        }
+        out.max_us = t.elapsed().as_micros() as u64;
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
     let mut out = Outcome { pid: std::process::id(), ..Default::default() };
     let start = Instant::now();
     let mut n = 0u64;
@@ -156,6 +181,8 @@ fn once(req: &Request) -> std::io::Result<()> {
             s.send(b"metadata?").map(drop)
         }
         Kind::HeldHttp => held_http(to, req.go_file.as_deref()),
+        Kind::IoUringConnect => crate::raw::io_uring_connect(&to),
+        Kind::HandedHostSocket => unreachable!("handled before joining the pod"),
         Kind::TcpFastOpen => crate::raw::fast_open(&to),
         Kind::RawIcmp => crate::raw::icmp_echo(&to),
         Kind::RawTcpSyn => crate::raw::tcp_syn(&to),
@@ -195,7 +222,7 @@ fn held_http(to: SocketAddr, go: Option<&std::path::Path>) -> std::io::Result<()
     request_on(stream)
 }
 
-fn request_on(mut stream: std::net::TcpStream) -> std::io::Result<()> {
+pub fn request_on(mut stream: std::net::TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
     stream.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: metadata\r\nConnection: close\r\n\r\n")?;
     let mut head = [0u8; 12];

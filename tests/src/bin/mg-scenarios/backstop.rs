@@ -14,12 +14,14 @@ use crate::{
     packets::PacketTap,
 };
 
-pub const SCENARIOS: [crate::Scenario; 5] = [
+pub const SCENARIOS: [crate::Scenario; 7] = [
     ("backstop: raw ICMP, raw TCP SYN and raw UDP from a pod never reach the node", pod_raw_packets_dropped),
     ("backstop: the same raw packets from a host-network process arrive", host_raw_packets_arrive),
     ("backstop: TCP Fast Open from a pod is refused", pod_fast_open_refused),
     ("backstop: a pod's connection opened before the guard carries nothing once it attaches", old_connection_stopped),
     ("backstop: refusals at the packet level are audited with hook egress", egress_audited),
+    ("backstop: a connect submitted through io_uring from a pod is refused", io_uring_refused),
+    ("backstop: a host socket handed to a pod over a unix socket keeps the host's access", handed_socket_keeps_host_access),
 ];
 
 const METADATA_V4_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
@@ -110,4 +112,32 @@ fn egress_audited(ctx: &mut Ctx) -> Result<()> {
         ensure!(std::time::Instant::now() < deadline, "no audit record with hook egress for the raw ICMP attempt");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn io_uring_refused(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    let out = ctx.try_once(Who::Pod(0), Kind::IoUringConnect, METADATA_V4, 80, false)?;
+    let unsupported = out.other.keys().any(|e| e.contains("Function not implemented") || e.contains("Operation not permitted"));
+    if unsupported && out.eperm == 0 {
+        // io_uring disabled here (kernel.io_uring_disabled): the connect cannot happen at all.
+        println!("     note: io_uring is not available on this kernel: {:?}", out.other);
+        return Ok(());
+    }
+    ensure!(out.eperm == 1, "io_uring connect from a pod: {out:?}");
+    let out = ctx.try_once(Who::HostInPodCgroup(0), Kind::IoUringConnect, METADATA_V4, 80, false)?;
+    ensure!(out.ok == 1, "io_uring connect from the host: {out:?}");
+    Ok(())
+}
+
+/// The guard judges a socket by the namespace it was created in. A host process that
+/// hands its socket to a pod lends the pod its own access — it could as well proxy
+/// the requests — so the socket keeps working; a pod cannot obtain one on its own.
+fn handed_socket_keeps_host_access(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    let mut req = ctx.request(Who::Pod(0), Kind::HandedHostSocket, METADATA_V4, 80, false)?;
+    req.socket_netns = Some(ctx.node.node_netns());
+    let out = attempt::run(&req)?;
+    ensure!(out.ok == 1, "a host socket handed to the pod did not reach the metadata service: {out:?}");
+    // A socket the pod makes itself, in the same process and cgroup, is refused.
+    ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)
 }

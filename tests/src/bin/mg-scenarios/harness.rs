@@ -144,6 +144,7 @@ impl Ctx {
             duration_ms: 0,
             stop_file: None,
             go_file: None,
+            socket_netns: None,
         })
     }
 

@@ -95,3 +95,61 @@ pub fn fast_open(to: &SocketAddr) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `Err(ENOSYS)`-like errors mean this kernel (or its sysctl) refuses io_uring.
+pub fn io_uring_connect(to: &SocketAddr) -> io::Result<()> {
+    use io_uring::{opcode, types, IoUring};
+    let sock = socket(family(to), libc::SOCK_STREAM, 0)?;
+    let addr = nix::sys::socket::SockaddrStorage::from(*to);
+    let mut ring = IoUring::new(4)?;
+    let connect = opcode::Connect::new(
+        types::Fd(std::os::fd::AsRawFd::as_raw_fd(&sock)),
+        nix::sys::socket::SockaddrLike::as_ptr(&addr),
+        nix::sys::socket::SockaddrLike::len(&addr),
+    )
+    .build();
+    // SAFETY: the socket and address outlive the submission, which we wait for.
+    unsafe { ring.submission().push(&connect).map_err(io::Error::other)? };
+    ring.submit_and_wait(1)?;
+    let result = ring.completion().next().map(|c| c.result()).ok_or_else(|| io::Error::other("no completion"))?;
+    if result < 0 {
+        return Err(io::Error::from_raw_os_error(-result));
+    }
+    crate::attempt::request_on(std::net::TcpStream::from(sock))
+}
+
+/// Creates a TCP socket in `netns` and hands it over a unix socket pair with
+/// SCM_RIGHTS, as a host process would pass one to a pod; returns the received fd.
+pub fn handed_socket(netns: &std::path::Path, to: &SocketAddr) -> anyhow::Result<OwnedFd> {
+    use anyhow::Context;
+    use nix::sys::socket::{recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr};
+    let own = std::fs::File::open("/proc/thread-self/ns/net")?;
+    let ns = std::fs::File::open(netns).with_context(|| format!("could not open {}", netns.display()))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    let created = socket(family(to), libc::SOCK_STREAM, 0);
+    nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    let created = created.context("could not create the host socket")?;
+    let (a, b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?;
+    let fds = [std::os::fd::AsRawFd::as_raw_fd(&created)];
+    sendmsg::<UnixAddr>(std::os::fd::AsRawFd::as_raw_fd(&a), &[io::IoSlice::new(b"fd")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)?;
+    drop(created);
+    let mut buf = [0u8; 2];
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<UnixAddr>(std::os::fd::AsRawFd::as_raw_fd(&b), &mut iov, Some(&mut space), MsgFlags::empty())?;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            if let Some(&fd) = received.first() {
+                // SAFETY: the kernel just installed this fd for us.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    anyhow::bail!("no fd arrived over the unix socket")
+}
+
+pub fn connect_and_get(sock: OwnedFd, to: &SocketAddr) -> io::Result<()> {
+    let addr = nix::sys::socket::SockaddrStorage::from(*to);
+    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).map_err(io::Error::from)?;
+    crate::attempt::request_on(std::net::TcpStream::from(sock))
+}
