@@ -152,6 +152,7 @@ impl PodResolver {
     /// Every cgroup that belongs to a pod, by id: pod-level cgroups, containers and
     /// the cgroups containers make below themselves. As of the last walk of the
     /// tree, which is at most a second old.
+    #[cfg(test)]
     pub fn scan_pods(&mut self) -> Vec<(u64, PodIdentity)> {
         self.scan_pods_at(Instant::now())
     }
@@ -201,8 +202,8 @@ impl PodResolver {
         workload
     }
 
-    /// Like [`Self::scan_pods`], but walks the tree first, whatever the age of the last
-    /// walk: for a caller that was just told a cgroup appeared.
+    /// Every cgroup that belongs to a pod, by id, walking the tree first whatever the
+    /// age of the last walk: for a caller that was just told a cgroup appeared.
     pub fn rescan_pods(&mut self) -> Vec<(u64, PodIdentity)> {
         let now = Instant::now();
         self.walk(now);

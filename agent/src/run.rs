@@ -304,6 +304,7 @@ impl EventPipeline {
                         self.resolver.forget_vanished();
                         last_sweep = Instant::now();
                     }
+                    self.metrics.set_identity_cache(self.resolver.cache_len());
                 }
                 Ok(()) = mode.changed() => {
                     let m = *mode.borrow_and_update();

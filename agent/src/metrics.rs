@@ -1,0 +1,294 @@
+//! Prometheus metrics: what the guard did (from the kernel's own counters), which
+//! pods tried (from the events), and how the trail and the configuration fare.
+//!
+//! Kernel and audit counts arrive as running totals; they are turned into counter
+//! increments here so the exposition stays a proper monotonic counter.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+};
+
+use metadata_guard_common::{Hook, Verdict};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::{attempt::Attempt, audit::AuditStats, config::Mode, policy::CompiledPolicy, pod_identity::Workload};
+
+/// Distinct (namespace, pod) label pairs kept; beyond it the oldest series goes, so
+/// pod churn cannot grow the agent's memory.
+const MAX_POD_SERIES: usize = 5000;
+
+pub struct Metrics {
+    registry: Registry,
+    attempts: IntCounterVec,
+    kernel_verdicts: IntCounterVec,
+    events_lost: IntCounter,
+    audit_records: IntCounter,
+    audit_suppressed: IntCounterVec,
+    audit_write_errors: IntCounter,
+    programs_attached: IntGauge,
+    identity_cache: IntGauge,
+    policy_destinations: IntGauge,
+    enforcing: IntGauge,
+    config_reloads: IntCounterVec,
+    config_last_reload_success: IntGauge,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Last running totals seen, to turn them into increments.
+    totals: HashMap<String, u64>,
+    /// Pod label pairs in the order they appeared, and their series' label values.
+    pods: VecDeque<(String, String)>,
+    series: HashMap<(String, String), Vec<[String; 6]>>,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric definition");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let build = IntGaugeVec::new(Opts::new("metadata_guard_build_info", "The agent's version (value 1)"), &["version"])
+            .expect("valid metric definition");
+        r.register(Box::new(build.clone())).expect("metric registered once");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Metrics {
+            attempts: counter_vec(
+                &r,
+                "metadata_guard_attempts_total",
+                "Refused or audited attempts to reach a blocked destination, as reported by events",
+                &["verdict", "workload", "namespace", "pod", "protocol", "family"],
+            ),
+            kernel_verdicts: counter_vec(
+                &r,
+                "metadata_guard_kernel_verdicts_total",
+                "Every verdict the kernel programs reached, by hook (allowed includes everything not blocked)",
+                &["hook", "verdict"],
+            ),
+            events_lost: counter(
+                &r,
+                "metadata_guard_events_lost_total",
+                "Events the kernel could not queue for the agent (ring buffer full); still counted in kernel verdicts",
+            ),
+            audit_records: counter(&r, "metadata_guard_audit_records_total", "Audit records written"),
+            audit_suppressed: counter_vec(
+                &r,
+                "metadata_guard_audit_suppressed_total",
+                "Attempts not written as records of their own, by reason; reported in later records",
+                &["reason"],
+            ),
+            audit_write_errors: counter(&r, "metadata_guard_audit_write_errors_total", "Failed audit record writes"),
+            programs_attached: gauge(&r, "metadata_guard_programs_attached", "Kernel programs attached and pinned"),
+            identity_cache: gauge(&r, "metadata_guard_identity_cache_entries", "Cgroups whose workload the agent remembers"),
+            policy_destinations: gauge(&r, "metadata_guard_policy_destinations", "Blocked destination prefixes in force"),
+            enforcing: gauge(&r, "metadata_guard_enforcing", "1 in enforce mode, 0 in audit mode"),
+            config_reloads: counter_vec(
+                &r,
+                "metadata_guard_config_reloads_total",
+                "Configuration reloads, by result",
+                &["result"],
+            ),
+            config_last_reload_success: gauge(
+                &r,
+                "metadata_guard_config_last_reload_success",
+                "1 when the last configuration (re)load was applied, 0 when it was rejected",
+            ),
+            registry: r,
+            state: Mutex::new(State::default()),
+        }
+        .initialised()
+    }
+
+    /// Series that should exist from the start, at zero.
+    fn initialised(self) -> Metrics {
+        for result in ["success", "failure"] {
+            self.config_reloads.with_label_values(&[result]);
+        }
+        for reason in ["rate_limit", "key_limit", "write_failed"] {
+            self.audit_suppressed.with_label_values(&[reason]);
+        }
+        self.config_last_reload_success.set(1);
+        self
+    }
+
+    pub fn attempt(&self, attempt: &Attempt, workload: &Workload) {
+        let (kind, namespace, pod) = match workload {
+            Workload::Pod(p) => ("pod", p.namespace.clone().unwrap_or_default(), p.pod.clone().unwrap_or_default()),
+            Workload::Host { .. } => ("host", String::new(), String::new()),
+            Workload::Unknown => ("unknown", String::new(), String::new()),
+        };
+        let labels = [
+            attempt.verdict.name().to_string(),
+            kind.to_string(),
+            namespace.clone(),
+            pod.clone(),
+            attempt.protocol.name(),
+            attempt.family().to_string(),
+        ];
+        let mut state = self.state.lock().unwrap();
+        let key = (namespace, pod);
+        if !state.series.contains_key(&key) {
+            if state.pods.len() >= MAX_POD_SERIES {
+                if let Some(oldest) = state.pods.pop_front() {
+                    for old in state.series.remove(&oldest).unwrap_or_default() {
+                        let refs: Vec<&str> = old.iter().map(String::as_str).collect();
+                        let _ = self.attempts.remove_label_values(&refs);
+                    }
+                }
+            }
+            state.pods.push_back(key.clone());
+        }
+        let series = state.series.entry(key).or_default();
+        if !series.contains(&labels) {
+            series.push(labels.clone());
+        }
+        drop(state);
+        let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+        self.attempts.with_label_values(&refs).inc();
+    }
+
+    /// Adds what a running total grew by since last time.
+    fn advance(&self, key: String, total: u64, counter: &IntCounter) {
+        let mut state = self.state.lock().unwrap();
+        let last = state.totals.insert(key, total).unwrap_or(0);
+        // A total that shrank was reset (new maps after a layout change): start over.
+        counter.inc_by(total.saturating_sub(last));
+    }
+
+    pub fn set_kernel_verdicts(&self, hook: Hook, verdict: Verdict, total: u64) {
+        let c = self.kernel_verdicts.with_label_values(&[hook.name(), verdict.name()]);
+        self.advance(format!("kernel/{}/{}", hook.name(), verdict.name()), total, &c);
+    }
+
+    pub fn set_events_lost(&self, total: u64) {
+        self.advance("events_lost".into(), total, &self.events_lost);
+    }
+
+    pub fn set_audit_stats(&self, stats: &AuditStats) {
+        self.advance("audit/records".into(), stats.records_written, &self.audit_records);
+        self.advance("audit/write_errors".into(), stats.write_errors, &self.audit_write_errors);
+        for (reason, total) in [
+            ("rate_limit", stats.attempts_rate_limited),
+            ("key_limit", stats.attempts_over_key_limit),
+            ("write_failed", stats.attempts_write_failed),
+        ] {
+            let c = self.audit_suppressed.with_label_values(&[reason]);
+            self.advance(format!("audit/suppressed/{reason}"), total, &c);
+        }
+    }
+
+    pub fn set_identity_cache(&self, entries: usize) {
+        self.identity_cache.set(entries as i64);
+    }
+
+    pub fn set_programs_attached(&self, n: i64) {
+        self.programs_attached.set(n);
+    }
+
+    pub fn set_policy(&self, policy: &CompiledPolicy, mode: Mode) {
+        self.policy_destinations.set((policy.v4.len() + policy.v6.len()) as i64);
+        self.enforcing.set(i64::from(mode == Mode::Enforce));
+    }
+
+    pub fn config_reloaded(&self, ok: bool) {
+        self.config_reloads.with_label_values(&[if ok { "success" } else { "failure" }]).inc();
+        self.config_last_reload_success.set(i64::from(ok));
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn encode(&self) -> String {
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, time::SystemTime};
+
+    use super::*;
+    use crate::{attempt::Protocol, pod_identity::{PodIdentity, Qos}};
+
+    fn attempt() -> Attempt {
+        Attempt {
+            time: SystemTime::now(),
+            cgroup_id: 1,
+            netns_cookie: 2,
+            pid: 3,
+            tid: 3,
+            comm: "curl".into(),
+            destination: "169.254.169.254".parse::<IpAddr>().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            hook: Hook::Connect4,
+            verdict: Verdict::Blocked,
+            mapped: false,
+        }
+    }
+
+    fn pod(name: &str) -> Workload {
+        Workload::Pod(PodIdentity {
+            namespace: Some("shop".into()),
+            pod: Some(name.into()),
+            pod_uid: "u".into(),
+            container: None,
+            container_id: None,
+            runtime: None,
+            qos: Qos::Burstable,
+        })
+    }
+
+    #[test]
+    fn attempts_are_counted_by_pod() {
+        let m = Metrics::new();
+        m.attempt(&attempt(), &pod("cart"));
+        m.attempt(&attempt(), &pod("cart"));
+        let text = m.encode();
+        assert!(text.contains(
+            r#"metadata_guard_attempts_total{family="ipv4",namespace="shop",pod="cart",protocol="tcp",verdict="blocked",workload="pod"} 2"#
+        ), "{text}");
+    }
+
+    #[test]
+    fn running_totals_become_increments() {
+        let m = Metrics::new();
+        m.set_kernel_verdicts(Hook::Egress, Verdict::Blocked, 5);
+        m.set_kernel_verdicts(Hook::Egress, Verdict::Blocked, 7);
+        m.set_events_lost(4);
+        assert!(m.encode().contains(r#"metadata_guard_kernel_verdicts_total{hook="egress",verdict="blocked"} 7"#));
+        assert!(m.encode().contains("metadata_guard_events_lost_total 4"));
+    }
+
+    #[test]
+    fn pod_churn_keeps_a_bounded_number_of_series() {
+        let m = Metrics::new();
+        for n in 0..MAX_POD_SERIES + 50 {
+            m.attempt(&attempt(), &pod(&format!("p{n}")));
+        }
+        let series = m.encode().lines().filter(|l| l.starts_with("metadata_guard_attempts_total{")).count();
+        assert_eq!(series, MAX_POD_SERIES);
+    }
+
+    #[test]
+    fn a_rejected_reload_shows() {
+        let m = Metrics::new();
+        m.config_reloaded(false);
+        assert!(m.encode().contains("metadata_guard_config_last_reload_success 0"));
+    }
+}
