@@ -75,7 +75,9 @@ impl Default for AuditSettings {
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuditSettingsError {
-    #[error("audit rate_limit is 0, so no audit record could ever be written: set it to at least 1 (records per second)")]
+    #[error(
+        "audit rate_limit is 0, so no audit record could ever be written: set it to at least 1 (records per second)"
+    )]
     ZeroRateLimit,
     #[error("audit max_size is {0} bytes, too small to be sure a record fits: set it to at least {MIN_MAX_SIZE}")]
     MaxSizeTooSmall(u64),
@@ -129,12 +131,7 @@ impl Auditor {
     /// or "audit").
     pub fn new(settings: &AuditSettings, node: String, mode: impl Into<String>) -> Result<Auditor> {
         settings.validate()?;
-        Ok(Auditor::with_sink(
-            settings,
-            node,
-            mode.into(),
-            Sink::open(settings)?,
-        ))
+        Ok(Auditor::with_sink(settings, node, mode.into(), Sink::open(settings)?))
     }
 
     fn with_sink(settings: &AuditSettings, node: String, mode: String, sink: Sink) -> Auditor {
@@ -207,9 +204,6 @@ impl Auditor {
     }
 
     pub fn stats(&self) -> AuditStats {
-        AuditStats {
-            open_windows: self.windows.len() as u64,
-            ..self.out.stats
-        }
+        AuditStats { open_windows: self.windows.len() as u64, ..self.out.stats }
     }
 }

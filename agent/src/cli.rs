@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Load, attach and keep enforcing; write audit records and serve metrics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what is in the kernel, read from the pins (works without an agent).
     Status {
         #[command(flatten)]

@@ -22,14 +22,11 @@ use metadata_guard_common::{MODE_AUDIT, MODE_ENFORCE};
 use serde::Deserialize;
 
 use crate::audit::{AuditSettings, AuditSettingsError};
-use crate::policy::{
-    compile, parse_cidr, AllowRule, BlockRule, CompiledPolicy, PolicyError, Preset,
-};
+use crate::policy::{compile, parse_cidr, AllowRule, BlockRule, CompiledPolicy, PolicyError, Preset};
 
 const DEFAULT_POD_LOGS_DIR: &str = "/var/log/pods";
 const DEFAULT_CONTAINER_LOGS_DIR: &str = "/var/log/containers";
-const DEFAULT_METRICS_ADDR: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9965));
+const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9965));
 
 /// What the kernel does when a pod tries a blocked destination.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
@@ -83,13 +80,7 @@ pub struct ConfigArgs {
     /// Block a preset's metadata destinations (repeatable, or comma-separated).
     /// --preset and --block replace the config file's destinations entirely
     /// [default: default].
-    #[arg(
-        long = "preset",
-        env = "METADATA_GUARD_PRESETS",
-        value_name = "NAME",
-        value_enum,
-        value_delimiter = ','
-    )]
+    #[arg(long = "preset", env = "METADATA_GUARD_PRESETS", value_name = "NAME", value_enum, value_delimiter = ',')]
     pub presets: Vec<Preset>,
     /// Block every protocol and port of an address or CIDR (repeatable). --preset and
     /// --block replace the config file's destinations entirely.
@@ -177,21 +168,11 @@ impl fmt::Display for Origin {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("could not read config {}: {reason}; check --config or METADATA_GUARD_CONFIG", path.display())]
-    Read {
-        path: PathBuf,
-        reason: std::io::Error,
-    },
+    Read { path: PathBuf, reason: std::io::Error },
     #[error("config {}: {reason}", path.display())]
-    Syntax {
-        path: PathBuf,
-        reason: serde_yaml::Error,
-    },
+    Syntax { path: PathBuf, reason: serde_yaml::Error },
     #[error("{origin}: {field}: {reason}")]
-    Invalid {
-        origin: Origin,
-        field: String,
-        reason: String,
-    },
+    Invalid { origin: Origin, field: String, reason: String },
     #[error("{origin}: destinations: {reason}")]
     Policy { origin: Origin, reason: PolicyError },
     #[error("{reason}")]
@@ -211,17 +192,9 @@ pub fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
 
 fn resolve(args: &ConfigArgs, file: file::FileValues) -> Result<Config, ConfigError> {
     let (origin, presets, extra) = if !args.presets.is_empty() || !args.block.is_empty() {
-        (
-            Origin::Flags,
-            args.presets.clone(),
-            args.block.iter().copied().map(BlockRule::all).collect(),
-        )
+        (Origin::Flags, args.presets.clone(), args.block.iter().copied().map(BlockRule::all).collect())
     } else if let (Some(path), Some(destinations)) = (&args.config, file.destinations) {
-        (
-            Origin::File(path.clone()),
-            destinations.presets,
-            destinations.block,
-        )
+        (Origin::File(path.clone()), destinations.presets, destinations.block)
     } else {
         (Origin::Defaults, vec![Preset::Default], Vec::new())
     };
@@ -242,64 +215,31 @@ fn resolve(args: &ConfigArgs, file: file::FileValues) -> Result<Config, ConfigEr
         allow_pods: file.allow_pods,
         audit: AuditSettings {
             log_file: args.audit_log.clone().or(file.log_file),
-            max_size: args
-                .audit_log_max_size
-                .or(file.max_size)
-                .unwrap_or(defaults.max_size),
-            max_files: args
-                .audit_log_max_files
-                .or(file.max_files)
-                .unwrap_or(defaults.max_files),
-            dedup_window: args
-                .audit_dedup_window
-                .or(file.dedup_window)
-                .unwrap_or(defaults.dedup_window),
-            rate_limit: args
-                .audit_rate_limit
-                .or(file.rate_limit)
-                .unwrap_or(defaults.rate_limit),
+            max_size: args.audit_log_max_size.or(file.max_size).unwrap_or(defaults.max_size),
+            max_files: args.audit_log_max_files.or(file.max_files).unwrap_or(defaults.max_files),
+            dedup_window: args.audit_dedup_window.or(file.dedup_window).unwrap_or(defaults.dedup_window),
+            rate_limit: args.audit_rate_limit.or(file.rate_limit).unwrap_or(defaults.rate_limit),
         },
-        node_name: match args
-            .node_name
-            .clone()
-            .filter(|n| !n.is_empty())
-            .or(file.node_name)
-        {
+        node_name: match args.node_name.clone().filter(|n| !n.is_empty()).or(file.node_name) {
             Some(name) => name,
             None => hostname()?,
         },
-        pod_logs_dir: args
-            .pod_logs_dir
-            .clone()
-            .or(file.pod_logs_dir)
-            .unwrap_or_else(|| DEFAULT_POD_LOGS_DIR.into()),
+        pod_logs_dir: args.pod_logs_dir.clone().or(file.pod_logs_dir).unwrap_or_else(|| DEFAULT_POD_LOGS_DIR.into()),
         container_logs_dir: args
             .container_logs_dir
             .clone()
             .or(file.container_logs_dir)
             .unwrap_or_else(|| DEFAULT_CONTAINER_LOGS_DIR.into()),
-        metrics_addr: args
-            .metrics_addr
-            .or(file.metrics_addr)
-            .unwrap_or(DEFAULT_METRICS_ADDR),
+        metrics_addr: args.metrics_addr.or(file.metrics_addr).unwrap_or(DEFAULT_METRICS_ADDR),
     };
-    config
-        .audit
-        .validate()
-        .map_err(|reason| ConfigError::Audit { reason })?;
-    config
-        .compile_policy()
-        .map_err(|reason| ConfigError::Policy { origin, reason })?;
+    config.audit.validate().map_err(|reason| ConfigError::Audit { reason })?;
+    config.compile_policy().map_err(|reason| ConfigError::Policy { origin, reason })?;
     Ok(config)
 }
 
 fn hostname() -> Result<String, ConfigError> {
-    let name = nix::unistd::gethostname().map_err(|e| ConfigError::NodeName {
-        reason: e.to_string(),
-    })?;
-    name.into_string().map_err(|raw| ConfigError::NodeName {
-        reason: format!("{raw:?} is not UTF-8"),
-    })
+    let name = nix::unistd::gethostname().map_err(|e| ConfigError::NodeName { reason: e.to_string() })?;
+    name.into_string().map_err(|raw| ConfigError::NodeName { reason: format!("{raw:?} is not UTF-8") })
 }
 
 #[cfg(test)]

@@ -51,7 +51,8 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Clock {
-        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(Duration::from).unwrap_or_default();
+        let mono =
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(Duration::from).unwrap_or_default();
         Clock { wall: SystemTime::now(), monotonic_ns: mono.as_nanos() as u64 }
     }
 

@@ -12,7 +12,7 @@ use std::{
 use metadata_guard_common::{Hook, Verdict};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::{attempt::Attempt, audit::AuditStats, config::Mode, policy::CompiledPolicy, pod_identity::Workload};
+use crate::{attempt::Attempt, audit::AuditStats, config::Mode, pod_identity::Workload, policy::CompiledPolicy};
 
 /// Distinct (namespace, pod) label pairs kept; beyond it the oldest series goes, so
 /// pod churn cannot grow the agent's memory.
@@ -65,8 +65,9 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
-        let build = IntGaugeVec::new(Opts::new("metadata_guard_build_info", "The agent's version (value 1)"), &["version"])
-            .expect("valid metric definition");
+        let build =
+            IntGaugeVec::new(Opts::new("metadata_guard_build_info", "The agent's version (value 1)"), &["version"])
+                .expect("valid metric definition");
         r.register(Box::new(build.clone())).expect("metric registered once");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Metrics {
@@ -96,8 +97,16 @@ impl Metrics {
             ),
             audit_write_errors: counter(&r, "metadata_guard_audit_write_errors_total", "Failed audit record writes"),
             programs_attached: gauge(&r, "metadata_guard_programs_attached", "Kernel programs attached and pinned"),
-            identity_cache: gauge(&r, "metadata_guard_identity_cache_entries", "Cgroups whose workload the agent remembers"),
-            policy_destinations: gauge(&r, "metadata_guard_policy_destinations", "Blocked destination prefixes in force"),
+            identity_cache: gauge(
+                &r,
+                "metadata_guard_identity_cache_entries",
+                "Cgroups whose workload the agent remembers",
+            ),
+            policy_destinations: gauge(
+                &r,
+                "metadata_guard_policy_destinations",
+                "Blocked destination prefixes in force",
+            ),
             enforcing: gauge(&r, "metadata_guard_enforcing", "1 in enforce mode, 0 in audit mode"),
             config_reloads: counter_vec(
                 &r,
@@ -223,7 +232,10 @@ mod tests {
     use std::{net::IpAddr, time::SystemTime};
 
     use super::*;
-    use crate::{attempt::Protocol, pod_identity::{PodIdentity, Qos}};
+    use crate::{
+        attempt::Protocol,
+        pod_identity::{PodIdentity, Qos},
+    };
 
     fn attempt() -> Attempt {
         Attempt {

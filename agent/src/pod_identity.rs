@@ -141,8 +141,7 @@ impl PodResolver {
 
     /// Drops the answers for cgroups that no longer exist; returns how many.
     pub fn forget_vanished(&mut self) -> usize {
-        self.cache
-            .retain(|id, resolved| cgroup_tree::has_id(&resolved.dir, id))
+        self.cache.retain(|id, resolved| cgroup_tree::has_id(&resolved.dir, id))
     }
 
     pub fn cache_len(&self) -> usize {
@@ -159,9 +158,7 @@ impl PodResolver {
 
     fn resolve_at(&mut self, id: u64, now: Instant) -> Workload {
         if let Some(resolved) = self.cache.get_mut(id) {
-            if let (Workload::Pod(pod), Some(checked_at)) =
-                (&mut resolved.workload, resolved.names_checked_at)
-            {
+            if let (Workload::Pod(pod), Some(checked_at)) = (&mut resolved.workload, resolved.names_checked_at) {
                 if now.duration_since(checked_at) >= NAMES_RECHECK_INTERVAL {
                     self.logs.name(pod);
                     resolved.names_checked_at = (!names_complete(pod)).then_some(now);
@@ -191,14 +188,7 @@ impl PodResolver {
             }
             None => (Workload::Host { cgroup_path }, None),
         };
-        self.cache.insert(
-            id,
-            Resolved {
-                workload: workload.clone(),
-                dir,
-                names_checked_at,
-            },
-        );
+        self.cache.insert(id, Resolved { workload: workload.clone(), dir, names_checked_at });
         workload
     }
 
@@ -217,9 +207,7 @@ impl PodResolver {
         let mut ids: Vec<u64> = self
             .index
             .iter()
-            .filter(|(_, dir)| {
-                parse_kubelet_path(&cgroup_tree::relative(&self.cgroup_root, dir)).is_some()
-            })
+            .filter(|(_, dir)| parse_kubelet_path(&cgroup_tree::relative(&self.cgroup_root, dir)).is_some())
             .map(|(&id, _)| id)
             .collect();
         ids.sort_unstable();
@@ -234,12 +222,7 @@ impl PodResolver {
     /// The directory of cgroup `id`, walking the tree again when the last walk did
     /// not see it and is old enough.
     fn find_dir(&mut self, id: u64, now: Instant) -> Option<PathBuf> {
-        let live = |index: &HashMap<u64, PathBuf>| {
-            index
-                .get(&id)
-                .filter(|dir| cgroup_tree::has_id(dir, id))
-                .cloned()
-        };
+        let live = |index: &HashMap<u64, PathBuf>| index.get(&id).filter(|dir| cgroup_tree::has_id(dir, id)).cloned();
         if let Some(dir) = live(&self.index) {
             return Some(dir);
         }
@@ -251,8 +234,7 @@ impl PodResolver {
     }
 
     fn walked_within(&self, now: Instant) -> bool {
-        self.walked_at
-            .is_some_and(|at| now.duration_since(at) < REWALK_INTERVAL)
+        self.walked_at.is_some_and(|at| now.duration_since(at) < REWALK_INTERVAL)
     }
 
     fn walk(&mut self, now: Instant) {

@@ -13,9 +13,7 @@ mod presets;
 use std::{fmt, net::IpAddr};
 
 use ipnet::IpNet;
-use metadata_guard_common::{
-    MAX_PORTS, MAX_RULES, POLICY_MAX_ENTRIES, PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
-};
+use metadata_guard_common::{MAX_PORTS, MAX_RULES, POLICY_MAX_ENTRIES, PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP};
 
 pub use allow::AllowRule;
 pub use compile::{compile, CompiledPolicy};
@@ -41,29 +39,17 @@ pub enum PortMatch {
 impl BlockRule {
     /// Blocks every protocol and port of `cidr`.
     pub fn all(cidr: IpNet) -> BlockRule {
-        BlockRule {
-            cidr,
-            protocols: PROTO_ALL,
-            ports: PortMatch::Any,
-        }
+        BlockRule { cidr, protocols: PROTO_ALL, ports: PortMatch::Any }
     }
 
     /// Blocks every protocol on every port of `cidr` but `ports`.
     pub fn except(cidr: IpNet, ports: &[u16]) -> BlockRule {
-        BlockRule {
-            cidr,
-            protocols: PROTO_ALL,
-            ports: PortMatch::Except(ports.to_vec()),
-        }
+        BlockRule { cidr, protocols: PROTO_ALL, ports: PortMatch::Except(ports.to_vec()) }
     }
 
     /// Blocks every protocol on `ports` of `cidr` only.
     pub fn only(cidr: IpNet, ports: &[u16]) -> BlockRule {
-        BlockRule {
-            cidr,
-            protocols: PROTO_ALL,
-            ports: PortMatch::Only(ports.to_vec()),
-        }
+        BlockRule { cidr, protocols: PROTO_ALL, ports: PortMatch::Only(ports.to_vec()) }
     }
 
     /// Checks what the kernel layout can hold and what would silently match nothing.
@@ -76,10 +62,7 @@ impl BlockRule {
             return Err(PolicyError::NoProtocol { cidr });
         }
         if self.protocols & !PROTO_ALL != 0 {
-            return Err(PolicyError::UnknownProtocols {
-                cidr,
-                bits: self.protocols & !PROTO_ALL,
-            });
+            return Err(PolicyError::UnknownProtocols { cidr, bits: self.protocols & !PROTO_ALL });
         }
         if let PortMatch::Only(ports) | PortMatch::Except(ports) = &self.ports {
             if ports.is_empty() {
@@ -87,10 +70,7 @@ impl BlockRule {
             }
             let distinct = distinct_ports(ports).len();
             if distinct > MAX_PORTS {
-                return Err(PolicyError::TooManyPorts {
-                    cidr,
-                    count: distinct,
-                });
+                return Err(PolicyError::TooManyPorts { cidr, count: distinct });
             }
         }
         Ok(())
@@ -112,25 +92,13 @@ impl fmt::Display for BlockRule {
 }
 
 fn protocol_names(mask: u8) -> String {
-    let names = [
-        (PROTO_TCP, "tcp"),
-        (PROTO_UDP, "udp"),
-        (PROTO_OTHER, "other"),
-    ];
-    let listed: Vec<&str> = names
-        .iter()
-        .filter(|(bit, _)| mask & bit != 0)
-        .map(|(_, name)| *name)
-        .collect();
+    let names = [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp"), (PROTO_OTHER, "other")];
+    let listed: Vec<&str> = names.iter().filter(|(bit, _)| mask & bit != 0).map(|(_, name)| *name).collect();
     listed.join("+")
 }
 
 fn join(ports: &[u16]) -> String {
-    ports
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// Sorted and deduplicated, so that rules listing the same ports compare equal.
@@ -146,12 +114,9 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, PolicyError> {
     let text = text.trim();
     let cidr = match text.parse::<IpNet>() {
         Ok(cidr) => cidr,
-        Err(_) => text
-            .parse::<IpAddr>()
-            .map(IpNet::from)
-            .map_err(|_| PolicyError::NotACidr {
-                text: text.to_owned(),
-            })?,
+        Err(_) => {
+            text.parse::<IpAddr>().map(IpNet::from).map_err(|_| PolicyError::NotACidr { text: text.to_owned() })?
+        }
     };
     if cidr != cidr.trunc() {
         return Err(PolicyError::HostBits { cidr });
@@ -169,9 +134,7 @@ pub enum PolicyError {
     HostBits { cidr: IpNet },
     #[error("the rule for {cidr} blocks no protocol; list at least one of tcp, udp, other, or leave protocols out to block all")]
     NoProtocol { cidr: IpNet },
-    #[error(
-        "the rule for {cidr} has unknown protocol bits {bits:#04x}; only tcp, udp and other exist"
-    )]
+    #[error("the rule for {cidr} has unknown protocol bits {bits:#04x}; only tcp, udp and other exist")]
     UnknownProtocols { cidr: IpNet, bits: u8 },
     #[error("the rule for {cidr} has an empty port list, which would match nothing; list ports, or leave the list out to cover every port")]
     EmptyPorts { cidr: IpNet },
@@ -193,73 +156,37 @@ mod tests {
 
     #[test]
     fn a_bare_address_is_a_single_host() {
-        assert_eq!(
-            parse_cidr("169.254.170.2").unwrap(),
-            net("169.254.170.2/32")
-        );
-        assert_eq!(
-            parse_cidr("fd00:ec2::254").unwrap(),
-            net("fd00:ec2::254/128")
-        );
+        assert_eq!(parse_cidr("169.254.170.2").unwrap(), net("169.254.170.2/32"));
+        assert_eq!(parse_cidr("fd00:ec2::254").unwrap(), net("fd00:ec2::254/128"));
         assert_eq!(parse_cidr(" 10.0.0.0/8 ").unwrap(), net("10.0.0.0/8"));
     }
 
     #[test]
     fn host_bits_are_refused_with_the_intended_prefix() {
         let err = parse_cidr("169.254.169.254/16").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "169.254.169.254/16 has host bits set; write 169.254.0.0/16"
-        );
+        assert_eq!(err.to_string(), "169.254.169.254/16 has host bits set; write 169.254.0.0/16");
         let rule = BlockRule::all(net("fd00:ec2::254/64"));
-        assert_eq!(
-            rule.validate().unwrap_err().to_string(),
-            "fd00:ec2::254/64 has host bits set; write fd00:ec2::/64"
-        );
+        assert_eq!(rule.validate().unwrap_err().to_string(), "fd00:ec2::254/64 has host bits set; write fd00:ec2::/64");
     }
 
     #[test]
     fn garbage_is_not_a_cidr() {
         for text in ["", "metadata.google.internal", "10.0.0.0/33", "1.2.3"] {
-            assert!(
-                matches!(parse_cidr(text), Err(PolicyError::NotACidr { .. })),
-                "{text:?}"
-            );
+            assert!(matches!(parse_cidr(text), Err(PolicyError::NotACidr { .. })), "{text:?}");
         }
     }
 
     #[test]
     fn rules_that_would_match_nothing_or_not_fit_are_refused() {
         let cidr = net("10.0.0.0/8");
-        let no_protocol = BlockRule {
-            protocols: 0,
-            ..BlockRule::all(cidr)
-        };
-        assert_eq!(
-            no_protocol.validate(),
-            Err(PolicyError::NoProtocol { cidr })
-        );
-        let stray_bit = BlockRule {
-            protocols: PROTO_TCP | 0x80,
-            ..BlockRule::all(cidr)
-        };
-        assert_eq!(
-            stray_bit.validate(),
-            Err(PolicyError::UnknownProtocols { cidr, bits: 0x80 })
-        );
-        assert_eq!(
-            BlockRule::only(cidr, &[]).validate(),
-            Err(PolicyError::EmptyPorts { cidr })
-        );
-        assert_eq!(
-            BlockRule::except(cidr, &[]).validate(),
-            Err(PolicyError::EmptyPorts { cidr })
-        );
+        let no_protocol = BlockRule { protocols: 0, ..BlockRule::all(cidr) };
+        assert_eq!(no_protocol.validate(), Err(PolicyError::NoProtocol { cidr }));
+        let stray_bit = BlockRule { protocols: PROTO_TCP | 0x80, ..BlockRule::all(cidr) };
+        assert_eq!(stray_bit.validate(), Err(PolicyError::UnknownProtocols { cidr, bits: 0x80 }));
+        assert_eq!(BlockRule::only(cidr, &[]).validate(), Err(PolicyError::EmptyPorts { cidr }));
+        assert_eq!(BlockRule::except(cidr, &[]).validate(), Err(PolicyError::EmptyPorts { cidr }));
         let nine: Vec<u16> = (1..=9).collect();
-        assert_eq!(
-            BlockRule::only(cidr, &nine).validate(),
-            Err(PolicyError::TooManyPorts { cidr, count: 9 })
-        );
+        assert_eq!(BlockRule::only(cidr, &nine).validate(), Err(PolicyError::TooManyPorts { cidr, count: 9 }));
     }
 
     #[test]
@@ -270,21 +197,13 @@ mod tests {
 
     #[test]
     fn rules_print_as_an_operator_would_write_them() {
-        assert_eq!(
-            BlockRule::all(net("100.100.100.200/32")).to_string(),
-            "100.100.100.200/32"
-        );
+        assert_eq!(BlockRule::all(net("100.100.100.200/32")).to_string(), "100.100.100.200/32");
         assert_eq!(
             BlockRule::except(net("169.254.169.254/32"), &[53]).to_string(),
             "169.254.169.254/32 except ports 53"
         );
-        let tcp_udp = BlockRule {
-            protocols: PROTO_TCP | PROTO_UDP,
-            ..BlockRule::only(net("168.63.129.16/32"), &[80, 32526])
-        };
-        assert_eq!(
-            tcp_udp.to_string(),
-            "168.63.129.16/32 tcp+udp ports 80,32526"
-        );
+        let tcp_udp =
+            BlockRule { protocols: PROTO_TCP | PROTO_UDP, ..BlockRule::only(net("168.63.129.16/32"), &[80, 32526]) };
+        assert_eq!(tcp_udp.to_string(), "168.63.129.16/32 tcp+udp ports 80,32526");
     }
 }

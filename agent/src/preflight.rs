@@ -59,13 +59,19 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
     let mut checks = vec![kernel_version_check()];
     checks.push(match cgroup::resolve(inputs.cgroup) {
         Ok(path) => Check::pass("cgroup v2", format!("attaching to {}", path.display())),
-        Err(e) => Check::fail("cgroup v2", format!("{e:#}"), "mount cgroup2 or pass --cgroup with the host's cgroup2 root"),
+        Err(e) => {
+            Check::fail("cgroup v2", format!("{e:#}"), "mount cgroup2 or pass --cgroup with the host's cgroup2 root")
+        }
     });
     checks.push(bpffs(inputs.bpffs));
     checks.push(if Path::new("/sys/kernel/btf/vmlinux").exists() {
         Check::pass("kernel BTF", "/sys/kernel/btf/vmlinux present")
     } else {
-        Check::warn("kernel BTF", "no /sys/kernel/btf/vmlinux", "not needed by the guard; bpftool shows less without it")
+        Check::warn(
+            "kernel BTF",
+            "no /sys/kernel/btf/vmlinux",
+            "not needed by the guard; bpftool shows less without it",
+        )
     });
     checks.extend(capabilities());
     checks.push(program_support());
@@ -116,7 +122,11 @@ fn kernel_version_check() -> Check {
     } else if version >= (5, 8) {
         Check::warn("kernel version", release, "5.10 is the oldest kernel the guard is tested on")
     } else {
-        Check::fail("kernel version", release, "the guard needs cgroup bpf links, netns cookies and ring buffers: kernel 5.8+ (5.10+ tested)")
+        Check::fail(
+            "kernel version",
+            release,
+            "the guard needs cgroup bpf links, netns cookies and ring buffers: kernel 5.8+ (5.10+ tested)",
+        )
     }
 }
 
@@ -164,7 +174,11 @@ fn capabilities() -> Vec<Check> {
     checks.push(if has(CAP_SYS_RESOURCE) {
         Check::pass("CAP_SYS_RESOURCE", "held (raises RLIMIT_MEMLOCK on kernels before 5.11)")
     } else {
-        Check::warn("CAP_SYS_RESOURCE", "not held", "kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: grant it there")
+        Check::warn(
+            "CAP_SYS_RESOURCE",
+            "not held",
+            "kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: grant it there",
+        )
     });
     checks
 }
@@ -172,7 +186,9 @@ fn capabilities() -> Vec<Check> {
 fn program_support() -> Check {
     match is_program_supported(ProgramType::CgroupSockAddr) {
         Ok(true) => Check::pass("cgroup sock_addr programs", "supported"),
-        Ok(false) => Check::fail("cgroup sock_addr programs", "not supported", "use a kernel with CONFIG_CGROUP_BPF (5.10+)"),
+        Ok(false) => {
+            Check::fail("cgroup sock_addr programs", "not supported", "use a kernel with CONFIG_CGROUP_BPF (5.10+)")
+        }
         Err(e) => Check::fail("cgroup sock_addr programs", format!("probe failed: {e}"), "run as root or with CAP_BPF"),
     }
 }

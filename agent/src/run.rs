@@ -66,7 +66,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         CookieSource::Sockopt => Some(Mechanism::SoNetnsCookie),
         CookieSource::Probe => Some(Mechanism::ProbeProgram),
     };
-    let opts = InstallOptions { cgroup: &cgroup, host_netns: args.host_netns.as_deref(), pins: &layout, cookie_mechanism };
+    let opts =
+        InstallOptions { cgroup: &cgroup, host_netns: args.host_netns.as_deref(), pins: &layout, cookie_mechanism };
     let (mut guard, report) = Guard::install(&opts, &policy, config.mode.as_kernel())?;
     info!(
         cgroup = %cgroup.display(),
@@ -93,7 +94,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let listener = probes::bind(config.metrics_addr).await?;
     info!(addr = %config.metrics_addr, "serving /metrics, /healthz and /readyz");
-    let server = tokio::spawn(probes::serve(listener, metrics.clone(), readiness.clone(), wait_for(shutdown_rx.clone())));
+    let server =
+        tokio::spawn(probes::serve(listener, metrics.clone(), readiness.clone(), wait_for(shutdown_rx.clone())));
 
     let lost_total = Arc::new(AtomicU64::new(0));
     let (mode_tx, mode_rx) = watch::channel(config.mode);
@@ -164,7 +166,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// Applies a new configuration, or keeps the old one in force when it is invalid.
-fn reload(args: &RunArgs, current: &mut Config, guard: &mut Guard, metrics: &Metrics, mode_tx: &watch::Sender<config::Mode>) {
+fn reload(
+    args: &RunArgs,
+    current: &mut Config,
+    guard: &mut Guard,
+    metrics: &Metrics,
+    mode_tx: &watch::Sender<config::Mode>,
+) {
     let attempt = config::load(&args.config)
         .map_err(anyhow::Error::from)
         .and_then(|c| Ok((c.compile_policy().map_err(anyhow::Error::from)?, c)))
@@ -174,7 +182,10 @@ fn reload(args: &RunArgs, current: &mut Config, guard: &mut Guard, metrics: &Met
         });
     match attempt {
         Ok((policy, new)) => {
-            if new.metrics_addr != current.metrics_addr || new.audit != current.audit || new.node_name != current.node_name {
+            if new.metrics_addr != current.metrics_addr
+                || new.audit != current.audit
+                || new.node_name != current.node_name
+            {
                 warn!("changes to metrics_addr, audit or node_name take effect when the agent restarts");
             }
             metrics.set_policy(&policy, new.mode);
@@ -224,9 +235,12 @@ struct Allowlist {
 
 impl Allowlist {
     fn new(cgroup: &std::path::Path, config: &Config) -> Allowlist {
-        let resolver = PodResolver::new(cgroup.to_path_buf(), config.pod_logs_dir.clone(), config.container_logs_dir.clone());
+        let resolver =
+            PodResolver::new(cgroup.to_path_buf(), config.pod_logs_dir.clone(), config.container_logs_dir.clone());
         let watch = KubepodsWatch::new(cgroup)
-            .map_err(|e| warn!("cannot watch the kubepods cgroups, the allowlist follows every {ALLOWLIST_RESYNC:?}: {e:#}"))
+            .map_err(|e| {
+                warn!("cannot watch the kubepods cgroups, the allowlist follows every {ALLOWLIST_RESYNC:?}: {e:#}")
+            })
             .ok();
         Allowlist { resolver, watch }
     }

@@ -51,8 +51,9 @@ pub fn mg_sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the context is the new socket; the storage pointer is null-checked.
     unsafe {
         let cookie = bpf_get_netns_cookie(ctx.sock.cast());
-        let slot = bpf_sk_storage_get(sock_mark_map(), ctx.sock.cast(), ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE.into())
-            .cast::<u64>();
+        let slot =
+            bpf_sk_storage_get(sock_mark_map(), ctx.sock.cast(), ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE.into())
+                .cast::<u64>();
         if !slot.is_null() {
             *slot = cookie;
         }
@@ -89,7 +90,11 @@ pub fn mg_egress(ctx: SkBuffContext) -> i32 {
     // SAFETY: the program's own context.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let origin = Origin { netns_cookie, cgroup_id, task: false };
-    if settle(settings, Hook::Egress, &dest, &origin) { PASS } else { DROP }
+    if settle(settings, Hook::Egress, &dest, &origin) {
+        PASS
+    } else {
+        DROP
+    }
 }
 
 /// The packet's destination (and TCP/UDP port), from its IP header.

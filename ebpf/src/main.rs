@@ -67,14 +67,7 @@ fn judge_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // SAFETY: as in judge_v4; user_ip6 is read word by word with constant indexes
     // because copying the array can produce a context access the verifier rejects.
     let (w0, w1, w2, w3, port, protocol) = unsafe {
-        (
-            (*sa).user_ip6[0],
-            (*sa).user_ip6[1],
-            (*sa).user_ip6[2],
-            (*sa).user_ip6[3],
-            (*sa).user_port,
-            (*sa).protocol,
-        )
+        ((*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3], (*sa).user_port, (*sa).protocol)
     };
     let port = port_from_ctx(port);
     let protocol = protocol as u8;

@@ -10,8 +10,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use metadata_guard_common::{
-    counters, protocol_bit, DestRules, Event, Hook, Ipv4Key, Ipv6Key, Settings, Verdict,
-    ALLOWED_CGROUPS_MAX_ENTRIES, AF_INET, EVENTS_RING_BYTES, MODE_AUDIT, POLICY_MAX_ENTRIES,
+    counters, protocol_bit, DestRules, Event, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, AF_INET,
+    ALLOWED_CGROUPS_MAX_ENTRIES, EVENTS_RING_BYTES, MODE_AUDIT, POLICY_MAX_ENTRIES,
 };
 
 /// `bpf_sock_addr` return values: 1 lets the call proceed, 0 fails it with EPERM.
@@ -76,7 +76,11 @@ pub fn judge<C: EbpfContext>(ctx: &C, hook: Hook, dest: &Destination) -> i32 {
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let origin = Origin { netns_cookie, cgroup_id, task: true };
-    if settle(settings, hook, dest, &origin) { ALLOW } else { REFUSE }
+    if settle(settings, hook, dest, &origin) {
+        ALLOW
+    } else {
+        REFUSE
+    }
 }
 
 /// Where an attempt to reach a blocked destination came from.
@@ -115,10 +119,18 @@ pub fn settings() -> Option<&'static Settings> {
 pub fn is_blocked(settings: &Settings, dest: &Destination) -> bool {
     let rules = if dest.family == AF_INET {
         let key = Key::new(IPV4_BITS, [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]]);
-        if settings.active_policy == 0 { MG_POLICY4_A.get(&key) } else { MG_POLICY4_B.get(&key) }
+        if settings.active_policy == 0 {
+            MG_POLICY4_A.get(&key)
+        } else {
+            MG_POLICY4_B.get(&key)
+        }
     } else {
         let key = Key::new(IPV6_BITS, dest.addr);
-        if settings.active_policy == 0 { MG_POLICY6_A.get(&key) } else { MG_POLICY6_B.get(&key) }
+        if settings.active_policy == 0 {
+            MG_POLICY6_A.get(&key)
+        } else {
+            MG_POLICY6_B.get(&key)
+        }
     };
     match rules {
         Some(rules) => rules.blocks(protocol_bit(dest.protocol), dest.port),

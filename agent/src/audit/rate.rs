@@ -16,11 +16,7 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(per_second: u32) -> TokenBucket {
         let per_second = f64::from(per_second);
-        TokenBucket {
-            per_second,
-            tokens: per_second,
-            refilled: None,
-        }
+        TokenBucket { per_second, tokens: per_second, refilled: None }
     }
 
     /// Takes a token if one is left at `now`.
@@ -55,14 +51,8 @@ mod tests {
         let start = Instant::now();
         let mut bucket = TokenBucket::new(10);
         assert_eq!(taken(&mut bucket, start, 100), 10);
-        assert_eq!(
-            taken(&mut bucket, start + Duration::from_millis(500), 100),
-            5
-        );
-        assert_eq!(
-            taken(&mut bucket, start + Duration::from_millis(600), 100),
-            1
-        );
+        assert_eq!(taken(&mut bucket, start + Duration::from_millis(500), 100), 5);
+        assert_eq!(taken(&mut bucket, start + Duration::from_millis(600), 100), 1);
     }
 
     #[test]
@@ -70,10 +60,7 @@ mod tests {
         let start = Instant::now();
         let mut bucket = TokenBucket::new(10);
         assert_eq!(taken(&mut bucket, start, 10), 10);
-        assert_eq!(
-            taken(&mut bucket, start + Duration::from_secs(3600), 100),
-            10
-        );
+        assert_eq!(taken(&mut bucket, start + Duration::from_secs(3600), 100), 10);
     }
 
     #[test]
@@ -82,9 +69,6 @@ mod tests {
         let mut bucket = TokenBucket::new(2);
         assert_eq!(taken(&mut bucket, start + Duration::from_secs(1), 5), 2);
         assert_eq!(taken(&mut bucket, start, 5), 0);
-        assert_eq!(
-            taken(&mut bucket, start + Duration::from_millis(1500), 5),
-            1
-        );
+        assert_eq!(taken(&mut bucket, start + Duration::from_millis(1500), 5), 1);
     }
 }

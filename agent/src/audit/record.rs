@@ -157,13 +157,7 @@ pub struct GapRecord<'a> {
 }
 
 impl<'a> GapRecord<'a> {
-    pub fn new(
-        time: SystemTime,
-        node: &'a str,
-        mode: &'a str,
-        suppressed: u64,
-        lost: u64,
-    ) -> GapRecord<'a> {
+    pub fn new(time: SystemTime, node: &'a str, mode: &'a str, suppressed: u64, lost: u64) -> GapRecord<'a> {
         GapRecord {
             schema: SCHEMA,
             kind: "gap",
@@ -297,13 +291,7 @@ mod tests {
             .filter_map(|l| l.trim_start().strip_prefix("///"))
             .map(|l| l.strip_prefix(' ').unwrap_or(l));
         while lines.any(|l| l == "```json") {
-            samples.push(
-                lines
-                    .by_ref()
-                    .take_while(|l| *l != "```")
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            );
+            samples.push(lines.by_ref().take_while(|l| *l != "```").collect::<Vec<_>>().join("\n"));
         }
         samples
     }
@@ -319,21 +307,11 @@ mod tests {
             suppressed_since_last: 0,
             lost_since_last: 0,
         };
-        let record = AuditRecord::new(
-            at("2024-05-01T12:00:10.250Z"),
-            "node-a",
-            "enforce",
-            &workload,
-            &attempt,
-            tally,
-        );
+        let record = AuditRecord::new(at("2024-05-01T12:00:10.250Z"), "node-a", "enforce", &workload, &attempt, tally);
         let gap = GapRecord::new(at("2024-05-01T12:00:20.250Z"), "node-a", "enforce", 0, 1024);
         assert_eq!(
             documented_samples(),
-            [
-                serde_json::to_string_pretty(&record).unwrap(),
-                serde_json::to_string_pretty(&gap).unwrap()
-            ]
+            [serde_json::to_string_pretty(&record).unwrap(), serde_json::to_string_pretty(&gap).unwrap()]
         );
     }
 
@@ -349,29 +327,13 @@ mod tests {
             suppressed_since_last: 0,
             lost_since_last: 0,
         };
-        let record = AuditRecord::new(
-            attempt.time,
-            "node-a",
-            "audit",
-            &Workload::Unknown,
-            &attempt,
-            tally,
-        );
+        let record = AuditRecord::new(attempt.time, "node-a", "audit", &Workload::Unknown, &attempt, tally);
         let line = serde_json::to_string(&record).unwrap();
         assert!(!line.contains('\n'));
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-        for field in [
-            "namespace",
-            "pod",
-            "pod_uid",
-            "container",
-            "container_id",
-            "runtime",
-            "qos",
-            "cgroup",
-            "pid",
-            "comm",
-        ] {
+        for field in
+            ["namespace", "pod", "pod_uid", "container", "container_id", "runtime", "qos", "cgroup", "pid", "comm"]
+        {
             assert!(value[field].is_null(), "{field} should be null in {line}");
         }
         assert_eq!(value["workload"], "unknown");
@@ -389,14 +351,7 @@ mod tests {
             suppressed_since_last: 0,
             lost_since_last: 0,
         };
-        let record = AuditRecord::new(
-            far_future,
-            "node-a",
-            "enforce",
-            &Workload::Unknown,
-            &attempt,
-            tally,
-        );
+        let record = AuditRecord::new(far_future, "node-a", "enforce", &Workload::Unknown, &attempt, tally);
         let value = serde_json::to_value(&record).unwrap();
         assert_eq!(value["first_seen"], "1970-01-01T00:00:00.000Z");
         assert_eq!(value["last_seen"], "9999-12-31T23:59:59.999Z");

@@ -29,13 +29,7 @@ impl RotatingFile {
         }
         let file = open_append(path)?;
         let size = file.metadata()?.len();
-        Ok(RotatingFile {
-            path: path.to_owned(),
-            max_size,
-            max_files,
-            file,
-            size,
-        })
+        Ok(RotatingFile { path: path.to_owned(), max_size, max_files, file, size })
     }
 
     pub fn path(&self) -> &Path {
@@ -49,10 +43,7 @@ impl RotatingFile {
         if len > self.max_size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!(
-                    "a {len}-byte record does not fit in an audit log of max_size {} bytes",
-                    self.max_size
-                ),
+                format!("a {len}-byte record does not fit in an audit log of max_size {} bytes", self.max_size),
             ));
         }
         if self.size + len > self.max_size {
@@ -77,10 +68,7 @@ impl RotatingFile {
         } else {
             // Renaming onto `.N` replaces the oldest file, so nothing needs deleting.
             for n in (1..self.max_files).rev() {
-                ignore_missing(fs::rename(
-                    rotated(&self.path, n),
-                    rotated(&self.path, n + 1),
-                ))?;
+                ignore_missing(fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1)))?;
             }
             ignore_missing(fs::rename(&self.path, rotated(&self.path, 1)))?;
         }
@@ -98,20 +86,13 @@ fn rotated(path: &Path, n: u32) -> PathBuf {
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
-    match OpenOptions::new()
-        .append(true)
-        .create_new(true)
-        .mode(MODE)
-        .open(path)
-    {
+    match OpenOptions::new().append(true).create_new(true).mode(MODE).open(path) {
         Ok(file) => {
             // The umask must not take the log away from its readers.
             file.set_permissions(Permissions::from_mode(MODE))?;
             Ok(file)
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            OpenOptions::new().append(true).open(path)
-        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new().append(true).open(path),
         Err(e) => Err(e),
     }
 }
@@ -133,11 +114,7 @@ mod tests {
     }
 
     fn numbers_in(path: &Path) -> Vec<usize> {
-        fs::read_to_string(path)
-            .unwrap()
-            .lines()
-            .map(|l| l.parse().unwrap())
-            .collect()
+        fs::read_to_string(path).unwrap().lines().map(|l| l.parse().unwrap()).collect()
     }
 
     #[test]
@@ -154,15 +131,9 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(
-            names,
-            ["audit.log", "audit.log.1", "audit.log.2", "audit.log.3"]
-        );
+        assert_eq!(names, ["audit.log", "audit.log.1", "audit.log.2", "audit.log.3"]);
         for name in &names {
-            assert!(
-                fs::metadata(path.with_file_name(name)).unwrap().len() <= 350,
-                "{name} is too big"
-            );
+            assert!(fs::metadata(path.with_file_name(name)).unwrap().len() <= 350, "{name} is too big");
         }
         // Three lines fit in a file: the newest 12 lines survive, oldest in `.3`.
         assert_eq!(numbers_in(&rotated(&path, 3)), [27, 28, 29]);
@@ -175,14 +146,8 @@ mod tests {
     fn a_new_log_is_mode_0640_and_an_existing_one_is_appended_to() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        RotatingFile::open(&path, 1000, 1)
-            .unwrap()
-            .write_line(&line(1))
-            .unwrap();
-        assert_eq!(
-            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o640
-        );
+        RotatingFile::open(&path, 1000, 1).unwrap().write_line(&line(1)).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
 
         let mut reopened = RotatingFile::open(&path, 1000, 1).unwrap();
         reopened.write_line(&line(2)).unwrap();

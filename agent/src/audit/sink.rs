@@ -44,13 +44,8 @@ impl Sink {
             Sink::File(file) => file.write_line(line),
             #[cfg(test)]
             Sink::Memory(lines) => {
-                let text = std::str::from_utf8(line)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                lines.push(
-                    text.strip_suffix('\n')
-                        .expect("a record line ends in a newline")
-                        .to_owned(),
-                );
+                let text = std::str::from_utf8(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                lines.push(text.strip_suffix('\n').expect("a record line ends in a newline").to_owned());
                 Ok(())
             }
         }

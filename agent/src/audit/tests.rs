@@ -27,12 +27,7 @@ struct Node {
 impl Node {
     fn new(settings: AuditSettings) -> Node {
         Node {
-            auditor: Auditor::with_sink(
-                &settings,
-                "node-a".into(),
-                "enforce".into(),
-                Sink::Memory(Vec::new()),
-            ),
+            auditor: Auditor::with_sink(&settings, "node-a".into(), "enforce".into(), Sink::Memory(Vec::new())),
             start: Instant::now(),
             wall: humantime::parse_rfc3339("2024-05-01T12:00:00Z").unwrap(),
         }
@@ -49,13 +44,8 @@ impl Node {
     }
 
     fn records(&self) -> Vec<Value> {
-        let Sink::Memory(lines) = &self.auditor.out.sink else {
-            unreachable!("scenarios write to memory")
-        };
-        lines
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        let Sink::Memory(lines) = &self.auditor.out.sink else { unreachable!("scenarios write to memory") };
+        lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     fn wall(&self, at: Duration) -> String {
@@ -97,10 +87,7 @@ fn connect(destination: IpAddr, port: u16) -> Attempt {
 }
 
 fn counts(records: &[Value]) -> Vec<u64> {
-    records
-        .iter()
-        .map(|r| r["count"].as_u64().unwrap())
-        .collect()
+    records.iter().map(|r| r["count"].as_u64().unwrap()).collect()
 }
 
 fn sum(records: &[Value], field: &str) -> u64 {
@@ -141,10 +128,7 @@ fn first_attempt_is_written_at_once_with_every_identity_field() {
         assert_eq!(r[field], expected, "field {field}");
     }
     assert_eq!(r["cgroup"], Value::Null);
-    assert_eq!(
-        (r["pid"].as_u64(), r["port"].as_u64(), r["count"].as_u64()),
-        (Some(4242), Some(80), Some(1))
-    );
+    assert_eq!((r["pid"].as_u64(), r["port"].as_u64(), r["count"].as_u64()), (Some(4242), Some(80), Some(1)));
     assert_eq!(r["mapped"], false);
     assert!(humantime::parse_rfc3339(r["time"].as_str().unwrap()).is_ok());
 }
@@ -205,23 +189,13 @@ fn different_destinations_ports_protocols_and_containers_are_separate_records() 
 #[test]
 fn host_process_record_names_its_cgroup() {
     let mut node = Node::new(AuditSettings::default());
-    let host = Workload::Host {
-        cgroup_path: "/system.slice/cloud-init.service".into(),
-    };
+    let host = Workload::Host { cgroup_path: "/system.slice/cloud-init.service".into() };
     node.attempt(secs(0.0), &host, connect(METADATA, 80));
 
     let r = &node.records()[0];
     assert_eq!(r["workload"], "host");
     assert_eq!(r["cgroup"], "/system.slice/cloud-init.service");
-    for field in [
-        "namespace",
-        "pod",
-        "pod_uid",
-        "container",
-        "container_id",
-        "runtime",
-        "qos",
-    ] {
+    for field in ["namespace", "pod", "pod_uid", "container", "container_id", "runtime", "qos"] {
         assert_eq!(r[field], Value::Null, "field {field}");
     }
 }
@@ -248,38 +222,22 @@ fn lost_events_and_mode_changes_show_in_the_next_record() {
 fn an_audit_log_file_holds_one_record_per_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit/audit.log");
-    let settings = AuditSettings {
-        log_file: Some(path.clone()),
-        ..AuditSettings::default()
-    };
+    let settings = AuditSettings { log_file: Some(path.clone()), ..AuditSettings::default() };
     let mut auditor = Auditor::new(&settings, "node-a".into(), "enforce").unwrap();
     let start = Instant::now();
     auditor.record(&connect(METADATA, 80), &pod("uid-1", "app"), start);
     auditor.record(&connect(METADATA, 443), &pod("uid-1", "app"), start);
 
     let text = std::fs::read_to_string(&path).unwrap();
-    let ports: Vec<u64> = text
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["port"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let ports: Vec<u64> =
+        text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["port"].as_u64().unwrap()).collect();
     assert_eq!(ports, [80, 443]);
 }
 
 #[test]
 fn settings_that_could_never_write_a_record_are_refused() {
-    let settings = AuditSettings {
-        rate_limit: 0,
-        ..AuditSettings::default()
-    };
+    let settings = AuditSettings { rate_limit: 0, ..AuditSettings::default() };
     assert!(Auditor::new(&settings, "node-a".into(), "enforce").is_err());
-    let settings = AuditSettings {
-        log_file: Some("/tmp/x".into()),
-        max_size: 100,
-        ..AuditSettings::default()
-    };
+    let settings = AuditSettings { log_file: Some("/tmp/x".into()), max_size: 100, ..AuditSettings::default() };
     assert!(settings.validate().is_err());
 }

@@ -27,18 +27,10 @@ pub struct Key {
 enum Source {
     // The container name rides along for runtimes whose id is not known yet, so
     // two containers of one pod never share a record.
-    Pod {
-        pod_uid: String,
-        container_id: Option<String>,
-        container: Option<String>,
-    },
-    Host {
-        cgroup_path: String,
-    },
+    Pod { pod_uid: String, container_id: Option<String>, container: Option<String> },
+    Host { cgroup_path: String },
     // Without a name, the cgroup is the only identity there is.
-    Unknown {
-        cgroup_id: u64,
-    },
+    Unknown { cgroup_id: u64 },
 }
 
 impl Key {
@@ -49,12 +41,8 @@ impl Key {
                 container_id: pod.container_id.clone(),
                 container: pod.container.clone(),
             },
-            Workload::Host { cgroup_path } => Source::Host {
-                cgroup_path: cgroup_path.clone(),
-            },
-            Workload::Unknown => Source::Unknown {
-                cgroup_id: attempt.cgroup_id,
-            },
+            Workload::Host { cgroup_path } => Source::Host { cgroup_path: cgroup_path.clone() },
+            Workload::Unknown => Source::Unknown { cgroup_id: attempt.cgroup_id },
         };
         Key {
             source,
@@ -123,12 +111,7 @@ pub struct Windows {
 
 impl Windows {
     pub fn new(length: Duration, capacity: usize) -> Windows {
-        Windows {
-            open: HashMap::new(),
-            order: VecDeque::new(),
-            length,
-            capacity,
-        }
+        Windows { open: HashMap::new(), order: VecDeque::new(), length, capacity }
     }
 
     pub fn get_mut(&mut self, key: &Key) -> Option<&mut Window> {
@@ -141,19 +124,10 @@ impl Windows {
 
     /// Opens `key`'s window with `attempt` in it. The caller checks that `key` has
     /// no window and that there is room.
-    pub fn open(
-        &mut self,
-        key: Key,
-        now: Instant,
-        workload: &Workload,
-        attempt: &Attempt,
-    ) -> &mut Window {
+    pub fn open(&mut self, key: Key, now: Instant, workload: &Workload, attempt: &Attempt) -> &mut Window {
         debug_assert!(!self.is_full() && !self.open.contains_key(&key));
         self.order.push_back(key.clone());
-        self.open
-            .entry(key)
-            .insert_entry(Window::new(now, workload, attempt))
-            .into_mut()
+        self.open.entry(key).insert_entry(Window::new(now, workload, attempt)).into_mut()
     }
 
     /// Removes the oldest window if it has ended by `now`.

@@ -96,14 +96,8 @@ impl Writer {
             suppressed_since_last: self.suppressed_since_last,
             lost_since_last: self.lost_since_last,
         };
-        let record = AuditRecord::new(
-            SystemTime::now(),
-            &self.node,
-            &self.mode,
-            &window.workload,
-            &window.latest,
-            tally,
-        );
+        let record =
+            AuditRecord::new(SystemTime::now(), &self.node, &self.mode, &window.workload, &window.latest, tally);
         let serialized = line_of(&mut self.line, &record);
         if self.emit(serialized).is_err() {
             self.stats.attempts_write_failed += window.unreported;
@@ -128,13 +122,8 @@ impl Writer {
         if self.suppressed_since_last == 0 && self.lost_since_last == 0 {
             return;
         }
-        let record = GapRecord::new(
-            SystemTime::now(),
-            &self.node,
-            &self.mode,
-            self.suppressed_since_last,
-            self.lost_since_last,
-        );
+        let record =
+            GapRecord::new(SystemTime::now(), &self.node, &self.mode, self.suppressed_since_last, self.lost_since_last);
         let serialized = line_of(&mut self.line, &record);
         // On failure the counts stay pending for the next record: nothing to add.
         let _ = self.emit(serialized);

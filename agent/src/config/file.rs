@@ -42,10 +42,8 @@ pub(super) struct Destinations {
 }
 
 pub(super) fn read(path: &Path) -> Result<FileValues, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
-        path: path.to_path_buf(),
-        reason,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|reason| ConfigError::Read { path: path.to_path_buf(), reason })?;
     parse(&text, path)
 }
 
@@ -53,17 +51,12 @@ pub(super) fn read(path: &Path) -> Result<FileValues, ConfigError> {
 pub(super) fn parse(text: &str, path: &Path) -> Result<FileValues, ConfigError> {
     // An empty file (or one of comments only) is YAML null: it sets nothing.
     let file: Option<FileConfig> =
-        serde_yaml::from_str(text).map_err(|reason| ConfigError::Syntax {
-            path: path.to_path_buf(),
-            reason,
-        })?;
-    file.unwrap_or_default()
-        .check()
-        .map_err(|(field, reason)| ConfigError::Invalid {
-            origin: Origin::File(path.to_path_buf()),
-            field,
-            reason,
-        })
+        serde_yaml::from_str(text).map_err(|reason| ConfigError::Syntax { path: path.to_path_buf(), reason })?;
+    file.unwrap_or_default().check().map_err(|(field, reason)| ConfigError::Invalid {
+        origin: Origin::File(path.to_path_buf()),
+        field,
+        reason,
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -146,17 +139,9 @@ impl FileConfig {
 impl DestinationsFile {
     fn check(self) -> Result<Destinations, FieldError> {
         if self.presets.is_none() && self.block.is_none() {
-            return Ok(Destinations {
-                presets: vec![Preset::Default],
-                block: Vec::new(),
-            });
+            return Ok(Destinations { presets: vec![Preset::Default], block: Vec::new() });
         }
-        let presets: Vec<Preset> = self
-            .presets
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| p.0)
-            .collect();
+        let presets: Vec<Preset> = self.presets.unwrap_or_default().into_iter().map(|p| p.0).collect();
         let block = self.block.unwrap_or_default();
         if presets.is_empty() && block.is_empty() {
             return Err(field(
@@ -167,10 +152,7 @@ impl DestinationsFile {
         let block = block
             .into_iter()
             .enumerate()
-            .map(|(i, rule)| {
-                rule.check()
-                    .map_err(|reason| field(&format!("destinations.block[{i}]"), &reason))
-            })
+            .map(|(i, rule)| rule.check().map_err(|reason| field(&format!("destinations.block[{i}]"), &reason)))
             .collect::<Result<_, _>>()?;
         Ok(Destinations { presets, block })
     }
@@ -180,9 +162,7 @@ impl BlockFile {
     fn check(self) -> Result<BlockRule, String> {
         let ports = |list: Vec<Parsed<Port>>| list.into_iter().map(|p| p.0 .0).collect();
         let ports = match (self.ports, self.except_ports) {
-            (Some(_), Some(_)) => {
-                return Err("ports and except_ports exclude each other; keep one".to_owned())
-            }
+            (Some(_), Some(_)) => return Err("ports and except_ports exclude each other; keep one".to_owned()),
             (Some(only), None) => PortMatch::Only(ports(only)),
             (None, Some(except)) => PortMatch::Except(ports(except)),
             (None, None) => PortMatch::Any,
@@ -191,11 +171,7 @@ impl BlockFile {
             None => PROTO_ALL,
             Some(names) => names.into_iter().fold(0, |mask, name| mask | name.bit()),
         };
-        let rule = BlockRule {
-            cidr: self.cidr.0 .0,
-            protocols,
-            ports,
-        };
+        let rule = BlockRule { cidr: self.cidr.0 .0, protocols, ports };
         rule.validate().map_err(|e| e.to_string())?;
         Ok(rule)
     }
@@ -217,10 +193,9 @@ fn field(name: &str, reason: &str) -> FieldError {
 
 fn non_empty(name: &str, path: Option<PathBuf>) -> Result<Option<PathBuf>, FieldError> {
     match path {
-        Some(p) if p.as_os_str().is_empty() => Err(field(
-            name,
-            "an empty path names nothing; give a path, or leave the field out for the default",
-        )),
+        Some(p) if p.as_os_str().is_empty() => {
+            Err(field(name, "an empty path names nothing; give a path, or leave the field out for the default"))
+        }
         other => Ok(other),
     }
 }

@@ -13,52 +13,32 @@ struct Cli {
 }
 
 fn flags(argv: &[&str]) -> Result<ConfigArgs, clap::Error> {
-    Cli::try_parse_from(std::iter::once("metadata-guard").chain(argv.iter().copied()))
-        .map(|cli| cli.args)
+    Cli::try_parse_from(std::iter::once("metadata-guard").chain(argv.iter().copied())).map(|cli| cli.args)
 }
 
 /// Loads `yaml` as the config file, with `args` for everything else.
 fn load_yaml(yaml: &str, args: ConfigArgs) -> Result<Config, ConfigError> {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), yaml).unwrap();
-    load(&ConfigArgs {
-        config: Some(file.path().to_path_buf()),
-        ..args
-    })
-    .map_err(|e| rename(e, file.path()))
+    load(&ConfigArgs { config: Some(file.path().to_path_buf()), ..args }).map_err(|e| rename(e, file.path()))
 }
 
 fn rename(err: ConfigError, temp: &Path) -> ConfigError {
     let fixed = || PathBuf::from("config.yaml");
     match err {
-        ConfigError::Syntax { path, reason } if path == temp => ConfigError::Syntax {
-            path: fixed(),
-            reason,
-        },
-        ConfigError::Invalid {
-            origin: Origin::File(path),
-            field,
-            reason,
-        } if path == temp => ConfigError::Invalid {
-            origin: Origin::File(fixed()),
-            field,
-            reason,
-        },
-        ConfigError::Policy {
-            origin: Origin::File(path),
-            reason,
-        } if path == temp => ConfigError::Policy {
-            origin: Origin::File(fixed()),
-            reason,
-        },
+        ConfigError::Syntax { path, reason } if path == temp => ConfigError::Syntax { path: fixed(), reason },
+        ConfigError::Invalid { origin: Origin::File(path), field, reason } if path == temp => {
+            ConfigError::Invalid { origin: Origin::File(fixed()), field, reason }
+        }
+        ConfigError::Policy { origin: Origin::File(path), reason } if path == temp => {
+            ConfigError::Policy { origin: Origin::File(fixed()), reason }
+        }
         other => other,
     }
 }
 
 fn load_error(yaml: &str) -> String {
-    load_yaml(yaml, ConfigArgs::default())
-        .expect_err("the config must be refused")
-        .to_string()
+    load_yaml(yaml, ConfigArgs::default()).expect_err("the config must be refused").to_string()
 }
 
 fn net(s: &str) -> IpNet {
@@ -74,10 +54,7 @@ fn without_a_file_every_default_applies() {
     assert!(config.allow_pods.is_empty());
     assert_eq!(config.audit, AuditSettings::default());
     assert_eq!(config.audit.max_size, 100 * 1024 * 1024);
-    assert_eq!(
-        config.node_name,
-        nix::unistd::gethostname().unwrap().into_string().unwrap()
-    );
+    assert_eq!(config.node_name, nix::unistd::gethostname().unwrap().into_string().unwrap());
     assert_eq!(config.pod_logs_dir, Path::new("/var/log/pods"));
     assert_eq!(config.container_logs_dir, Path::new("/var/log/containers"));
     assert_eq!(config.metrics_addr, "0.0.0.0:9965".parse().unwrap());
@@ -121,18 +98,10 @@ fn the_file_sets_every_value() {
     assert_eq!(config.mode, Mode::Audit);
     assert_eq!(config.presets, [Preset::Aws, Preset::Gcp]);
     let extra = [
-        BlockRule {
-            protocols: PROTO_TCP | PROTO_UDP,
-            ..BlockRule::only(net("169.254.170.2/32"), &[80])
-        },
+        BlockRule { protocols: PROTO_TCP | PROTO_UDP, ..BlockRule::only(net("169.254.170.2/32"), &[80]) },
         BlockRule::except(net("10.0.0.0/8"), &[53, 443]),
     ];
-    let expected: Vec<BlockRule> = Preset::Aws
-        .rules()
-        .into_iter()
-        .chain(Preset::Gcp.rules())
-        .chain(extra)
-        .collect();
+    let expected: Vec<BlockRule> = Preset::Aws.rules().into_iter().chain(Preset::Gcp.rules()).chain(extra).collect();
     assert_eq!(config.block, expected);
     assert!(config.allow_pods[0].matches("kube-system", "metadata-proxy-abc12"));
     assert!(!config.allow_pods[0].matches("default", "metadata-proxy-abc12"));
@@ -148,10 +117,7 @@ fn the_file_sets_every_value() {
     );
     assert_eq!(config.node_name, "node-a");
     assert_eq!(config.pod_logs_dir, Path::new("/host/var/log/pods"));
-    assert_eq!(
-        config.container_logs_dir,
-        Path::new("/host/var/log/containers")
-    );
+    assert_eq!(config.container_logs_dir, Path::new("/host/var/log/containers"));
     assert_eq!(config.metrics_addr, "[::]:9100".parse().unwrap());
 
     let policy = config.compile_policy().unwrap();
@@ -190,11 +156,7 @@ fn flags_override_the_file() {
         }
     );
     assert_eq!(config.metrics_addr, "127.0.0.1:1".parse().unwrap());
-    assert_eq!(
-        config.presets,
-        [Preset::Aws, Preset::Gcp],
-        "no --preset or --block: the file's destinations hold"
-    );
+    assert_eq!(config.presets, [Preset::Aws, Preset::Gcp], "no --preset or --block: the file's destinations hold");
 }
 
 #[test]
@@ -224,19 +186,13 @@ fn a_block_flag_alone_blocks_only_that() {
 fn presets_may_be_repeated_or_comma_separated_and_count_once() {
     let config = load(&flags(&["--preset=aws,gcp", "--preset", "aws"]).unwrap()).unwrap();
     assert_eq!(config.presets, [Preset::Aws, Preset::Gcp]);
-    assert_eq!(
-        config.block.len(),
-        Preset::Aws.rules().len() + Preset::Gcp.rules().len()
-    );
+    assert_eq!(config.block.len(), Preset::Aws.rules().len() + Preset::Gcp.rules().len());
 }
 
 #[test]
 fn flag_values_are_checked_when_parsed() {
     let refused = |argv: &[&str]| flags(argv).expect_err("must be refused").to_string();
-    assert!(
-        refused(&["--preset=aws_ecs"]).contains("aws-ecs"),
-        "lists the valid names"
-    );
+    assert!(refused(&["--preset=aws_ecs"]).contains("aws-ecs"), "lists the valid names");
     assert!(refused(&["--block=169.254.169.254/16"]).contains("write 169.254.0.0/16"));
     assert!(refused(&["--audit-log-max-size=100MB"]).contains("KiB, MiB or GiB"));
     assert!(refused(&["--audit-log-max-files=-1"]).contains("--audit-log-max-files"));
@@ -278,14 +234,11 @@ fn bad_values_name_their_field() {
         .starts_with("config config.yaml: audit.dedup_window: unknown time unit \"sex\""));
     assert!(load_error("audit:\n  max_size: 100MB\n")
         .starts_with("config config.yaml: audit.max_size: `100MB` is not a size"));
-    assert!(load_error("metrics:\n  addr: 9965\n")
-        .starts_with("config config.yaml: metrics.addr: `9965` is not"));
+    assert!(load_error("metrics:\n  addr: 9965\n").starts_with("config config.yaml: metrics.addr: `9965` is not"));
     assert!(load_error("destinations:\n  presets: [aws, azur]\n")
         .starts_with("config config.yaml: destinations.presets[1]: unknown preset `azur`"));
-    assert!(
-        load_error("allow_pods:\n  - namespace: kube-system\n    pod: ''\n")
-            .starts_with("config config.yaml: allow_pods[0].pod: an empty pattern")
-    );
+    assert!(load_error("allow_pods:\n  - namespace: kube-system\n    pod: ''\n")
+        .starts_with("config config.yaml: allow_pods[0].pod: an empty pattern"));
 }
 
 #[test]
@@ -297,40 +250,20 @@ fn rules_that_cannot_work_are_refused_with_their_index() {
     );
     assert!(block("    - cidr: 10.0.0.0/8\n    - cidr: 10.0.0.0/8\n      ports: []\n")
         .starts_with("config config.yaml: destinations.block[1]: the rule for 10.0.0.0/8 has an empty port list"));
-    assert!(
-        block("    - cidr: 10.0.0.0/8\n      protocols: []\n").starts_with(
-            "config config.yaml: destinations.block[0]: the rule for 10.0.0.0/8 blocks no protocol"
-        )
-    );
-    assert!(
-        block("    - cidr: 10.0.0.0/8\n      ports: [1, 2, 3, 4, 5, 6, 7, 8, 9]\n")
-            .contains("lists 9 ports but the kernel holds at most 8")
-    );
+    assert!(block("    - cidr: 10.0.0.0/8\n      protocols: []\n")
+        .starts_with("config config.yaml: destinations.block[0]: the rule for 10.0.0.0/8 blocks no protocol"));
+    assert!(block("    - cidr: 10.0.0.0/8\n      ports: [1, 2, 3, 4, 5, 6, 7, 8, 9]\n")
+        .contains("lists 9 ports but the kernel holds at most 8"));
 }
 
 #[test]
 fn a_policy_the_kernel_cannot_hold_is_refused_at_load() {
-    let rules: String = (1..=5)
-        .map(|port| format!("    - cidr: 10.0.0.0/8\n      ports: [{port}]\n"))
-        .collect();
-    let err = load_yaml(
-        &format!("destinations:\n  block:\n{rules}"),
-        ConfigArgs::default(),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            ConfigError::Policy {
-                reason: PolicyError::TooManyRules { .. },
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(err.to_string().starts_with(
-        "config config.yaml: destinations: 10.0.0.0/8 is covered by 5 different rules"
-    ));
+    let rules: String = (1..=5).map(|port| format!("    - cidr: 10.0.0.0/8\n      ports: [{port}]\n")).collect();
+    let err = load_yaml(&format!("destinations:\n  block:\n{rules}"), ConfigArgs::default()).unwrap_err();
+    assert!(matches!(&err, ConfigError::Policy { reason: PolicyError::TooManyRules { .. }, .. }), "{err:?}");
+    assert!(err
+        .to_string()
+        .starts_with("config config.yaml: destinations: 10.0.0.0/8 is covered by 5 different rules"));
 }
 
 #[test]
@@ -351,64 +284,32 @@ fn audit_settings_that_could_never_write_are_refused_at_load() {
     assert!(load_error(tiny).starts_with("audit max_size is 100 bytes, too small"));
     let err = load(&flags(&["--audit-rate-limit=0"]).unwrap()).unwrap_err();
     assert!(matches!(err, ConfigError::Audit { .. }), "{err:?}");
-    assert!(load_error("audit:\n  log_file: ''\n")
-        .starts_with("config config.yaml: audit.log_file: an empty path"));
+    assert!(load_error("audit:\n  log_file: ''\n").starts_with("config config.yaml: audit.log_file: an empty path"));
 }
 
 #[test]
 fn zero_rotated_files_is_a_choice() {
     let config = load(&flags(&["--audit-log-max-files=0"]).unwrap()).unwrap();
     assert_eq!(config.audit.max_files, 0);
-    assert_eq!(
-        load_yaml("audit:\n  max_files: 0\n", ConfigArgs::default())
-            .unwrap()
-            .audit
-            .max_files,
-        0
-    );
+    assert_eq!(load_yaml("audit:\n  max_files: 0\n", ConfigArgs::default()).unwrap().audit.max_files, 0);
 }
 
 #[test]
 fn an_empty_node_name_defers_to_the_flag_then_the_hostname() {
     let args = flags(&["--node-name=node-c"]).unwrap();
-    assert_eq!(
-        load_yaml("node_name: ''\n", args).unwrap().node_name,
-        "node-c"
-    );
+    assert_eq!(load_yaml("node_name: ''\n", args).unwrap().node_name, "node-c");
     let hostname = load(&ConfigArgs::default()).unwrap().node_name;
-    assert_eq!(
-        load_yaml("node_name: ''\n", ConfigArgs::default())
-            .unwrap()
-            .node_name,
-        hostname
-    );
-    let empty_flag = ConfigArgs {
-        node_name: Some(String::new()),
-        ..ConfigArgs::default()
-    };
-    assert_eq!(
-        load_yaml("node_name: node-d\n", empty_flag)
-            .unwrap()
-            .node_name,
-        "node-d"
-    );
+    assert_eq!(load_yaml("node_name: ''\n", ConfigArgs::default()).unwrap().node_name, hostname);
+    let empty_flag = ConfigArgs { node_name: Some(String::new()), ..ConfigArgs::default() };
+    assert_eq!(load_yaml("node_name: node-d\n", empty_flag).unwrap().node_name, "node-d");
 }
 
 #[test]
 fn a_missing_file_is_named() {
-    let args = ConfigArgs {
-        config: Some("/nonexistent/metadata-guard.yaml".into()),
-        ..ConfigArgs::default()
-    };
+    let args = ConfigArgs { config: Some("/nonexistent/metadata-guard.yaml".into()), ..ConfigArgs::default() };
     let err = load(&args).unwrap_err().to_string();
-    assert!(
-        err.starts_with("could not read config /nonexistent/metadata-guard.yaml: "),
-        "{err}"
-    );
-    assert!(
-        err.ends_with("check --config or METADATA_GUARD_CONFIG"),
-        "{err}"
-    );
+    assert!(err.starts_with("could not read config /nonexistent/metadata-guard.yaml: "), "{err}");
+    assert!(err.ends_with("check --config or METADATA_GUARD_CONFIG"), "{err}");
 }
 
 #[test]
@@ -416,9 +317,6 @@ fn the_example_deployment_config_loads_as_the_defaults() {
     let example = include_str!("../../../deploy/base/config.yaml");
     let config = load_yaml(example, ConfigArgs::default()).unwrap();
     let defaults = load(&ConfigArgs::default()).unwrap();
-    assert_eq!(
-        config, defaults,
-        "the example documents the built-in defaults"
-    );
+    assert_eq!(config, defaults, "the example documents the built-in defaults");
     assert!(matches!(config.block[0].ports, PortMatch::Except(_)));
 }

@@ -79,9 +79,7 @@ impl FromStr for ByteSize {
 /// Bytes, written as a plain number or with a binary unit: `1048576`, `512KiB`, `100MiB`.
 pub(super) fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
-    let digits = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
+    let digits = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(digits);
     let multiplier = match unit.trim() {
         "" | "B" => Some(1u64),
@@ -90,13 +88,10 @@ pub(super) fn parse_size(text: &str) -> Result<u64, String> {
         "GiB" => Some(1 << 30),
         _ => None,
     };
-    let not_a_size = || {
-        format!("`{text}` is not a size; write a number of bytes, optionally with KiB, MiB or GiB (e.g. 100MiB)")
-    };
+    let not_a_size =
+        || format!("`{text}` is not a size; write a number of bytes, optionally with KiB, MiB or GiB (e.g. 100MiB)");
     let bytes = number.parse::<u64>().ok().zip(multiplier);
-    bytes
-        .and_then(|(n, unit)| n.checked_mul(unit))
-        .ok_or_else(not_a_size)
+    bytes.and_then(|(n, unit)| n.checked_mul(unit)).ok_or_else(not_a_size)
 }
 
 pub(super) struct ListenAddr(pub SocketAddr);
@@ -110,9 +105,9 @@ impl FromStr for ListenAddr {
 }
 
 pub(super) fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
-    text.trim().parse().map_err(|_| {
-        format!("`{text}` is not an IP address and port; write e.g. 0.0.0.0:9965 or [::]:9965")
-    })
+    text.trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not an IP address and port; write e.g. 0.0.0.0:9965 or [::]:9965"))
 }
 
 #[cfg(test)]
@@ -130,15 +125,7 @@ mod tests {
 
     #[test]
     fn ambiguous_or_empty_sizes_are_refused() {
-        for text in [
-            "100MB",
-            "100 mb",
-            "MiB",
-            "",
-            "-1",
-            "1.5GiB",
-            "99999999999999999999GiB",
-        ] {
+        for text in ["100MB", "100 mb", "MiB", "", "-1", "1.5GiB", "99999999999999999999GiB"] {
             let err = parse_size(text).unwrap_err();
             assert!(err.contains("is not a size"), "{text:?}: {err}");
         }
@@ -147,21 +134,13 @@ mod tests {
     #[test]
     fn ports_are_1_to_65535() {
         assert_eq!("65535".parse::<Port>().map(|p| p.0), Ok(65535));
-        assert_eq!(
-            "0".parse::<Port>().err().unwrap(),
-            "port 0 is not a port (1-65535)"
-        );
-        assert_eq!(
-            "65536".parse::<Port>().err().unwrap(),
-            "`65536` is not a port (1-65535)"
-        );
+        assert_eq!("0".parse::<Port>().err().unwrap(), "port 0 is not a port (1-65535)");
+        assert_eq!("65536".parse::<Port>().err().unwrap(), "`65536` is not a port (1-65535)");
     }
 
     #[test]
     fn a_listen_address_needs_a_port() {
         assert_eq!(parse_listen_addr("[::]:9965").unwrap().port(), 9965);
-        assert!(parse_listen_addr("0.0.0.0")
-            .unwrap_err()
-            .contains("e.g. 0.0.0.0:9965"));
+        assert!(parse_listen_addr("0.0.0.0").unwrap_err().contains("e.g. 0.0.0.0:9965"));
     }
 }

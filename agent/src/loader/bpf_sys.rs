@@ -52,11 +52,8 @@ struct InfoAttr {
 
 fn get_info<T: Default>(fd: BorrowedFd<'_>) -> io::Result<T> {
     let mut info = T::default();
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of::<T>() as u32,
-        info: &mut info as *mut T as u64,
-    };
+    let mut attr =
+        InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<T>() as u32, info: &mut info as *mut T as u64 };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info)
 }

@@ -120,7 +120,8 @@ impl Guard {
         let mut guard = Guard { ebpf, pins: pins.clone(), host_netns_cookie };
         guard.apply(policy, mode).context("could not write the policy into the kernel maps")?;
 
-        let cgroup_dir = File::open(opts.cgroup).with_context(|| format!("could not open cgroup {}", opts.cgroup.display()))?;
+        let cgroup_dir =
+            File::open(opts.cgroup).with_context(|| format!("could not open cgroup {}", opts.cgroup.display()))?;
         let mut links = Vec::new();
         for attachment in &ATTACHMENTS {
             let action = guard.link_program(attachment, &cgroup_dir, cgroup_id)?;
@@ -128,7 +129,8 @@ impl Guard {
         }
         let mut removed_versions = Vec::new();
         for old in pins.other_versions() {
-            remove_pins(&old).with_context(|| format!("could not remove the old version's pins in {}", old.display()))?;
+            remove_pins(&old)
+                .with_context(|| format!("could not remove the old version's pins in {}", old.display()))?;
             removed_versions.push(old);
         }
         let report = InstallReport { cgroup_id, host_netns_cookie, cookie_mechanism, links, removed_versions };
@@ -141,7 +143,8 @@ impl Guard {
         let pin = self.pins.link(a.pin);
 
         if let Ok(link_fd) = bpf_sys::obj_get(&pin) {
-            let info = bpf_sys::link_info(link_fd.as_fd()).with_context(|| format!("could not inspect link {}", pin.display()))?;
+            let info = bpf_sys::link_info(link_fd.as_fd())
+                .with_context(|| format!("could not inspect link {}", pin.display()))?;
             if info.cgroup_id == cgroup_id {
                 let old_fd = bpf_sys::prog_fd_by_id(info.prog_id)
                     .with_context(|| format!("could not open the program of link {}", pin.display()))?;
@@ -185,7 +188,9 @@ impl Guard {
         let mut added = 0;
         for new in wanted.difference(&present) {
             allowed.insert(new, 1, 0).with_context(|| {
-                format!("could not allow cgroup {new}; the allowlist holds at most {ALLOWED_CGROUPS_MAX_ENTRIES} cgroups")
+                format!(
+                    "could not allow cgroup {new}; the allowlist holds at most {ALLOWED_CGROUPS_MAX_ENTRIES} cgroups"
+                )
             })?;
             added += 1;
         }

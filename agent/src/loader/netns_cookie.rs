@@ -45,7 +45,8 @@ fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send)
     thread::scope(|s| {
         s.spawn(|| {
             if let Some(path) = netns {
-                let ns = File::open(path).with_context(|| format!("could not open network namespace {}", path.display()))?;
+                let ns =
+                    File::open(path).with_context(|| format!("could not open network namespace {}", path.display()))?;
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                     .with_context(|| format!("could not join network namespace {}", path.display()))?;
             }
@@ -65,7 +66,13 @@ pub fn via_sockopt(netns: Option<&Path>) -> Result<Option<u64>> {
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
         // SAFETY: valid fd, output buffer of the advertised length.
         let rc = unsafe {
-            libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
         };
         if rc == 0 {
             return Ok(Some(cookie));
@@ -84,11 +91,18 @@ pub fn via_sockopt(netns: Option<&Path>) -> Result<Option<u64>> {
 pub fn via_probe(ebpf: &mut Ebpf, cgroup: &Path, netns: Option<&Path>) -> Result<u64> {
     let token = random_token();
     {
-        let mut slot: Array<_, NetnsProbe> = Array::try_from(
-            ebpf.map_mut(map_names::NETNS_PROBE).context("the kernel object has no netns probe map")?,
-        )?;
-        slot.set(0, NetnsProbe { token_ip4: u32::from(*token.ip()).to_be(), token_port: token.port().to_be() as u32, cookie: 0 }, 0)
-            .context("could not arm the netns probe")?;
+        let mut slot: Array<_, NetnsProbe> =
+            Array::try_from(ebpf.map_mut(map_names::NETNS_PROBE).context("the kernel object has no netns probe map")?)?;
+        slot.set(
+            0,
+            NetnsProbe {
+                token_ip4: u32::from(*token.ip()).to_be(),
+                token_port: token.port().to_be() as u32,
+                cookie: 0,
+            },
+            0,
+        )
+        .context("could not arm the netns probe")?;
     }
     let program: &mut CgroupSockAddr = ebpf
         .program_mut(program_names::NETNS_PROBE)

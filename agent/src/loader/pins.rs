@@ -62,7 +62,7 @@ fn is_version_dir(name: &str) -> bool {
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC).unwrap_or(false)
 }
 
 /// Makes sure `root` exists on a bpffs, mounting bpffs on its parent when the parent
@@ -79,15 +79,16 @@ pub fn ensure_on_bpffs(root: &Path, may_mount: bool) -> Result<()> {
             );
         }
         fs::create_dir_all(parent).with_context(|| format!("could not create {}", parent.display()))?;
-        nix::mount::mount(Some("bpf"), parent, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .with_context(|| {
+        nix::mount::mount(Some("bpf"), parent, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).with_context(
+            || {
                 format!(
                     "{} is not on a BPF filesystem and mounting one there failed; \
                      mount it yourself (`mount -t bpf bpf {}`) or pass --bpffs",
                     parent.display(),
                     parent.display()
                 )
-            })?;
+            },
+        )?;
         tracing::info!(path = %parent.display(), "mounted bpffs");
     }
     fs::create_dir_all(root).with_context(|| format!("could not create {}", root.display()))?;

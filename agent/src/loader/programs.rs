@@ -1,6 +1,9 @@
 //! The guard's programs and how each kind attaches to a cgroup.
 
-use std::{fs::File, os::fd::{AsFd, OwnedFd}};
+use std::{
+    fs::File,
+    os::fd::{AsFd, OwnedFd},
+};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -43,7 +46,8 @@ pub const ATTACHMENTS: [Attachment; 6] = [
 
 /// Loads (verifies) the program and returns an fd to it.
 pub fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
-    let program = ebpf.program_mut(a.program).with_context(|| format!("the kernel object has no program {}", a.program))?;
+    let program =
+        ebpf.program_mut(a.program).with_context(|| format!("the kernel object has no program {}", a.program))?;
     let refused = || format!("the kernel's verifier refused program {}", a.program);
     let fd = match a.kind {
         Kind::SockAddr => {

@@ -13,16 +13,8 @@ pub(super) struct BoundedCache<V> {
 
 impl<V> BoundedCache<V> {
     pub(super) fn new(capacity: usize) -> Self {
-        assert!(
-            capacity > 0,
-            "a cache that holds nothing would evict what it just inserted"
-        );
-        BoundedCache {
-            capacity,
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
-            next_seq: 0,
-        }
+        assert!(capacity > 0, "a cache that holds nothing would evict what it just inserted");
+        BoundedCache { capacity, entries: HashMap::new(), order: BTreeMap::new(), next_seq: 0 }
     }
 
     pub(super) fn get_mut(&mut self, key: u64) -> Option<&mut V> {
@@ -92,10 +84,7 @@ mod tests {
         cache.insert(10, "a2");
         assert_eq!(cache.len(), 2);
         cache.insert(30, "c");
-        assert!(
-            !cache.contains(20),
-            "20 was the oldest once 10 was replaced"
-        );
+        assert!(!cache.contains(20), "20 was the oldest once 10 was replaced");
         assert_eq!(cache.get_mut(10), Some(&mut "a2"));
     }
 

@@ -16,11 +16,8 @@ pub struct KubeletCgroup {
 
 /// Prefixes the runtimes give a container's cgroup; with no prefix (cgroupfs driver
 /// with containerd or Docker) the runtime is not known.
-const RUNTIME_PREFIXES: [(&str, Runtime); 3] = [
-    ("cri-containerd-", Runtime::Containerd),
-    ("crio-", Runtime::CriO),
-    ("docker-", Runtime::Docker),
-];
+const RUNTIME_PREFIXES: [(&str, Runtime); 3] =
+    [("cri-containerd-", Runtime::Containerd), ("crio-", Runtime::CriO), ("docker-", Runtime::Docker)];
 
 /// The pod, and container if any, of the cgroup at `rel_path`; None when the path is
 /// not in a pod. `kubepods` may sit anywhere in the path, as it does when the
@@ -100,12 +97,7 @@ fn in_pod(uid: &str, qos: Qos, below: &[&str]) -> Option<KubeletCgroup> {
         Some((id, runtime)) => (Some(id.to_owned()), runtime),
         None => (None, None),
     };
-    Some(KubeletCgroup {
-        pod_uid: uid.to_owned(),
-        qos,
-        container_id,
-        runtime,
-    })
+    Some(KubeletCgroup { pod_uid: uid.to_owned(), qos, container_id, runtime })
 }
 
 /// The id and runtime in a container's cgroup name: `cri-containerd-<id>.scope`,
@@ -134,27 +126,16 @@ mod tests {
     const ID: &str = "3f1c2d9e";
 
     fn container_of(qos: Qos, runtime: Option<Runtime>) -> Option<KubeletCgroup> {
-        Some(KubeletCgroup {
-            pod_uid: UID.into(),
-            qos,
-            container_id: Some(ID.into()),
-            runtime,
-        })
+        Some(KubeletCgroup { pod_uid: UID.into(), qos, container_id: Some(ID.into()), runtime })
     }
 
     fn pod_level(qos: Qos) -> Option<KubeletCgroup> {
-        Some(KubeletCgroup {
-            pod_uid: UID.into(),
-            qos,
-            container_id: None,
-            runtime: None,
-        })
+        Some(KubeletCgroup { pod_uid: UID.into(), qos, container_id: None, runtime: None })
     }
 
     #[test]
     fn systemd_driver_names_the_runtime_in_the_container_scope() {
-        let pod =
-            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
+        let pod = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
         assert_eq!(
             parse_kubelet_path(&format!("{pod}/cri-containerd-{ID}.scope")),
             container_of(Qos::Burstable, Some(Runtime::Containerd))
@@ -174,15 +155,9 @@ mod tests {
         let besteffort = format!(
             "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/cri-containerd-{ID}.scope"
         );
-        assert_eq!(
-            parse_kubelet_path(&besteffort),
-            container_of(Qos::BestEffort, Some(Runtime::Containerd))
-        );
+        assert_eq!(parse_kubelet_path(&besteffort), container_of(Qos::BestEffort, Some(Runtime::Containerd)));
         let guaranteed = format!("/kubepods.slice/kubepods-pod{UID_}.slice/crio-{ID}.scope");
-        assert_eq!(
-            parse_kubelet_path(&guaranteed),
-            container_of(Qos::Guaranteed, Some(Runtime::CriO))
-        );
+        assert_eq!(parse_kubelet_path(&guaranteed), container_of(Qos::Guaranteed, Some(Runtime::CriO)));
     }
 
     #[test]
@@ -195,10 +170,7 @@ mod tests {
             parse_kubelet_path(&format!("/kubepods/besteffort/pod{UID}/{ID}")),
             container_of(Qos::BestEffort, None)
         );
-        assert_eq!(
-            parse_kubelet_path(&format!("/kubepods/pod{UID}/{ID}")),
-            container_of(Qos::Guaranteed, None)
-        );
+        assert_eq!(parse_kubelet_path(&format!("/kubepods/pod{UID}/{ID}")), container_of(Qos::Guaranteed, None));
         assert_eq!(
             parse_kubelet_path(&format!("/kubepods/pod{UID}/crio-{ID}")),
             container_of(Qos::Guaranteed, Some(Runtime::CriO))
@@ -209,23 +181,14 @@ mod tests {
     fn the_pod_level_cgroup_and_conmon_are_the_pod_without_a_container() {
         let pod = format!("/kubepods.slice/kubepods-pod{UID_}.slice");
         assert_eq!(parse_kubelet_path(&pod), pod_level(Qos::Guaranteed));
-        assert_eq!(
-            parse_kubelet_path(&format!("{pod}/crio-conmon-{ID}.scope")),
-            pod_level(Qos::Guaranteed)
-        );
-        assert_eq!(
-            parse_kubelet_path(&format!("/kubepods/burstable/pod{UID}")),
-            pod_level(Qos::Burstable)
-        );
+        assert_eq!(parse_kubelet_path(&format!("{pod}/crio-conmon-{ID}.scope")), pod_level(Qos::Guaranteed));
+        assert_eq!(parse_kubelet_path(&format!("/kubepods/burstable/pod{UID}")), pod_level(Qos::Burstable));
     }
 
     #[test]
     fn cgroups_a_container_nests_below_itself_are_that_container() {
         let nested = format!("/kubepods/burstable/pod{UID}/{ID}/init.scope/worker");
-        assert_eq!(
-            parse_kubelet_path(&nested),
-            container_of(Qos::Burstable, None)
-        );
+        assert_eq!(parse_kubelet_path(&nested), container_of(Qos::Burstable, None));
     }
 
     #[test]
@@ -234,21 +197,14 @@ mod tests {
             "/metadata-guard-test-123/kubepods.slice/kubepods-pod{UID_}.slice/\
              cri-containerd-{ID}.scope"
         );
-        assert_eq!(
-            parse_kubelet_path(&path),
-            container_of(Qos::Guaranteed, Some(Runtime::Containerd))
-        );
+        assert_eq!(parse_kubelet_path(&path), container_of(Qos::Guaranteed, Some(Runtime::Containerd)));
     }
 
     #[test]
     fn a_kubelet_inside_a_container_does_not_hide_the_outer_pod() {
-        let inner =
-            "kubelet.slice/kubepods.slice/kubepods-pod11111111_2222_3333_4444_555555555555.slice";
+        let inner = "kubelet.slice/kubepods.slice/kubepods-pod11111111_2222_3333_4444_555555555555.slice";
         let path = format!("/kubepods/burstable/pod{UID}/{ID}/{inner}/crio-abc.scope");
-        assert_eq!(
-            parse_kubelet_path(&path),
-            container_of(Qos::Burstable, None)
-        );
+        assert_eq!(parse_kubelet_path(&path), container_of(Qos::Burstable, None));
     }
 
     #[test]
@@ -261,9 +217,7 @@ mod tests {
             "/kubepods",
             "/kubepods/besteffort",
             // The pod slice of another QoS class than its parent's.
-            &format!(
-                "/kubepods.slice/kubepods-burstable.slice/kubepods-besteffort-pod{UID_}.slice"
-            ),
+            &format!("/kubepods.slice/kubepods-burstable.slice/kubepods-besteffort-pod{UID_}.slice"),
             "/kubepods/burstable/podnot-a-uid/abc",
             "/kubepods/pod/abc",
             "/user.slice/kubepods-pod1.slice",
@@ -275,18 +229,8 @@ mod tests {
     #[test]
     fn names_that_are_not_container_ids_leave_the_container_unknown() {
         let pod = format!("/kubepods/pod{UID}");
-        for child in [
-            "crio-",
-            "cri-containerd-XYZ.scope",
-            "ABCDEF",
-            "sandbox",
-            "docker-12g4.scope",
-        ] {
-            assert_eq!(
-                parse_kubelet_path(&format!("{pod}/{child}")),
-                pod_level(Qos::Guaranteed),
-                "{child}"
-            );
+        for child in ["crio-", "cri-containerd-XYZ.scope", "ABCDEF", "sandbox", "docker-12g4.scope"] {
+            assert_eq!(parse_kubelet_path(&format!("{pod}/{child}")), pod_level(Qos::Guaranteed), "{child}");
         }
     }
 }

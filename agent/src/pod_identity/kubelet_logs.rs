@@ -26,10 +26,7 @@ struct PodLogDir {
 
 impl KubeletLogs {
     pub(super) fn new(pods_dir: PathBuf, containers_dir: PathBuf) -> Self {
-        KubeletLogs {
-            pods_dir,
-            containers_dir,
-        }
+        KubeletLogs { pods_dir, containers_dir }
     }
 
     /// Fills in the names of `pod` as far as the kubelet has written them.
@@ -38,9 +35,7 @@ impl KubeletLogs {
             return;
         };
         if let Some(container_id) = &pod.container_id {
-            pod.container = self
-                .container_from_symlink(&dir, container_id)
-                .or_else(|| only_container(&dir.path));
+            pod.container = self.container_from_symlink(&dir, container_id).or_else(|| only_container(&dir.path));
         }
         pod.namespace = Some(dir.namespace);
         pod.pod = Some(dir.pod);
@@ -48,20 +43,12 @@ impl KubeletLogs {
 
     fn pod_dir(&self, uid: &str) -> Option<PodLogDir> {
         let suffix = format!("_{uid}");
-        fs::read_dir(&self.pods_dir)
-            .ok()?
-            .flatten()
-            .find_map(|entry| {
-                let file_name = entry.file_name();
-                let (namespace, pod) =
-                    file_name.to_str()?.strip_suffix(&suffix)?.split_once('_')?;
-                let valid = !namespace.is_empty() && !pod.is_empty() && !pod.contains('_');
-                valid.then(|| PodLogDir {
-                    path: entry.path(),
-                    namespace: namespace.to_owned(),
-                    pod: pod.to_owned(),
-                })
-            })
+        fs::read_dir(&self.pods_dir).ok()?.flatten().find_map(|entry| {
+            let file_name = entry.file_name();
+            let (namespace, pod) = file_name.to_str()?.strip_suffix(&suffix)?.split_once('_')?;
+            let valid = !namespace.is_empty() && !pod.is_empty() && !pod.contains('_');
+            valid.then(|| PodLogDir { path: entry.path(), namespace: namespace.to_owned(), pod: pod.to_owned() })
+        })
     }
 
     /// The kubelet links each container's log under a name that pairs the container's
@@ -69,17 +56,11 @@ impl KubeletLogs {
     fn container_from_symlink(&self, dir: &PodLogDir, container_id: &str) -> Option<String> {
         let prefix = format!("{}_{}_", dir.pod, dir.namespace);
         let suffix = format!("-{container_id}.log");
-        fs::read_dir(&self.containers_dir)
-            .ok()?
-            .flatten()
-            .find_map(|entry| {
-                let file_name = entry.file_name();
-                let container = file_name
-                    .to_str()?
-                    .strip_prefix(&prefix)?
-                    .strip_suffix(&suffix)?;
-                (!container.is_empty() && !container.contains('_')).then(|| container.to_owned())
-            })
+        fs::read_dir(&self.containers_dir).ok()?.flatten().find_map(|entry| {
+            let file_name = entry.file_name();
+            let container = file_name.to_str()?.strip_prefix(&prefix)?.strip_suffix(&suffix)?;
+            (!container.is_empty() && !container.contains('_')).then(|| container.to_owned())
+        })
     }
 }
 

@@ -40,11 +40,7 @@ impl Node {
     }
 
     fn resolver(&self) -> PodResolver {
-        PodResolver::new(
-            self.cgroup_root.clone(),
-            self.pods_dir.clone(),
-            self.containers_dir.clone(),
-        )
+        PodResolver::new(self.cgroup_root.clone(), self.pods_dir.clone(), self.containers_dir.clone())
     }
 
     /// Creates the cgroup at `path` (relative to the root) and returns its id.
@@ -63,34 +59,19 @@ impl Node {
     /// The kubelet's log directory of a pod, with one directory per container.
     fn pod_logs(&self, namespace: &str, pod: &str, containers: &[&str]) {
         for container in containers {
-            let dir = self
-                .pods_dir
-                .join(format!("{namespace}_{pod}_{UID}"))
-                .join(container);
+            let dir = self.pods_dir.join(format!("{namespace}_{pod}_{UID}")).join(container);
             fs::create_dir_all(&dir).unwrap();
             fs::write(dir.join("0.log"), "").unwrap();
         }
     }
 
     fn container_log_link(&self, namespace: &str, pod: &str, container: &str, id: &str) {
-        let target = self
-            .pods_dir
-            .join(format!("{namespace}_{pod}_{UID}/{container}/0.log"));
-        symlink(
-            target,
-            self.containers_dir
-                .join(format!("{pod}_{namespace}_{container}-{id}.log")),
-        )
-        .unwrap();
+        let target = self.pods_dir.join(format!("{namespace}_{pod}_{UID}/{container}/0.log"));
+        symlink(target, self.containers_dir.join(format!("{pod}_{namespace}_{container}-{id}.log"))).unwrap();
     }
 }
 
-fn pod(
-    container: Option<&str>,
-    container_id: Option<&str>,
-    runtime: Option<Runtime>,
-    qos: Qos,
-) -> Workload {
+fn pod(container: Option<&str>, container_id: Option<&str>, runtime: Option<Runtime>, qos: Qos) -> Workload {
     Workload::Pod(PodIdentity {
         namespace: Some("shop".into()),
         pod: Some("cart-7d9f".into()),
@@ -113,16 +94,13 @@ fn unnamed(mut workload: Workload) -> Workload {
 }
 
 fn host(path: &str) -> Workload {
-    Workload::Host {
-        cgroup_path: path.into(),
-    }
+    Workload::Host { cgroup_path: path.into() }
 }
 
 #[test]
 fn containerd_container_is_named_by_its_log_symlink() {
     let node = Node::new();
-    let pod_slice =
-        format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
+    let pod_slice = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
     let app = node.cgroup(&format!("{pod_slice}/cri-containerd-{APP_ID}.scope"));
     let sidecar = node.cgroup(&format!("{pod_slice}/cri-containerd-{SIDECAR_ID}.scope"));
     node.pod_logs("shop", "cart-7d9f", &["app", "proxy"]);
@@ -130,23 +108,10 @@ fn containerd_container_is_named_by_its_log_symlink() {
     node.container_log_link("shop", "cart-7d9f", "proxy", SIDECAR_ID);
 
     let mut resolver = node.resolver();
-    assert_eq!(
-        resolver.resolve(app),
-        pod(
-            Some("app"),
-            Some(APP_ID),
-            Some(Runtime::Containerd),
-            Qos::Burstable
-        )
-    );
+    assert_eq!(resolver.resolve(app), pod(Some("app"), Some(APP_ID), Some(Runtime::Containerd), Qos::Burstable));
     assert_eq!(
         resolver.resolve(sidecar),
-        pod(
-            Some("proxy"),
-            Some(SIDECAR_ID),
-            Some(Runtime::Containerd),
-            Qos::Burstable
-        )
+        pod(Some("proxy"), Some(SIDECAR_ID), Some(Runtime::Containerd), Qos::Burstable)
     );
 }
 
@@ -159,19 +124,8 @@ fn crio_guaranteed_pod_and_its_conmon_which_is_no_container() {
     node.pod_logs("shop", "cart-7d9f", &["app"]);
 
     let mut resolver = node.resolver();
-    assert_eq!(
-        resolver.resolve(app),
-        pod(
-            Some("app"),
-            Some(APP_ID),
-            Some(Runtime::CriO),
-            Qos::Guaranteed
-        )
-    );
-    assert_eq!(
-        resolver.resolve(conmon),
-        pod(None, None, None, Qos::Guaranteed)
-    );
+    assert_eq!(resolver.resolve(app), pod(Some("app"), Some(APP_ID), Some(Runtime::CriO), Qos::Guaranteed));
+    assert_eq!(resolver.resolve(conmon), pod(None, None, None, Qos::Guaranteed));
 }
 
 #[test]
@@ -183,15 +137,7 @@ fn docker_besteffort_container_in_a_test_tree_below_the_real_root() {
     ));
     node.pod_logs("shop", "cart-7d9f", &["app"]);
 
-    assert_eq!(
-        node.resolver().resolve(app),
-        pod(
-            Some("app"),
-            Some(APP_ID),
-            Some(Runtime::Docker),
-            Qos::BestEffort
-        )
-    );
+    assert_eq!(node.resolver().resolve(app), pod(Some("app"), Some(APP_ID), Some(Runtime::Docker), Qos::BestEffort));
 }
 
 #[test]
@@ -202,14 +148,8 @@ fn cgroupfs_driver_burstable_and_guaranteed_pods() {
     node.pod_logs("shop", "cart-7d9f", &["app"]);
 
     let mut resolver = node.resolver();
-    assert_eq!(
-        resolver.resolve(burstable),
-        pod(Some("app"), Some(APP_ID), None, Qos::Burstable)
-    );
-    assert_eq!(
-        resolver.resolve(guaranteed),
-        pod(Some("app"), Some(SIDECAR_ID), None, Qos::Guaranteed)
-    );
+    assert_eq!(resolver.resolve(burstable), pod(Some("app"), Some(APP_ID), None, Qos::Burstable));
+    assert_eq!(resolver.resolve(guaranteed), pod(Some("app"), Some(SIDECAR_ID), None, Qos::Guaranteed));
 }
 
 #[test]
@@ -218,10 +158,7 @@ fn a_multi_container_pod_without_symlinks_leaves_the_container_unnamed() {
     let app = node.cgroup(&format!("kubepods/pod{UID}/{APP_ID}"));
     node.pod_logs("shop", "cart-7d9f", &["app", "proxy"]);
 
-    assert_eq!(
-        node.resolver().resolve(app),
-        pod(None, Some(APP_ID), None, Qos::Guaranteed)
-    );
+    assert_eq!(node.resolver().resolve(app), pod(None, Some(APP_ID), None, Qos::Guaranteed));
 }
 
 #[test]
@@ -232,14 +169,8 @@ fn the_pod_level_cgroup_and_cgroups_nested_in_a_container() {
     node.pod_logs("shop", "cart-7d9f", &["app"]);
 
     let mut resolver = node.resolver();
-    assert_eq!(
-        resolver.resolve(pod_level),
-        pod(None, None, None, Qos::BestEffort)
-    );
-    assert_eq!(
-        resolver.resolve(nested),
-        pod(Some("app"), Some(APP_ID), None, Qos::BestEffort)
-    );
+    assert_eq!(resolver.resolve(pod_level), pod(None, None, None, Qos::BestEffort));
+    assert_eq!(resolver.resolve(nested), pod(Some("app"), Some(APP_ID), None, Qos::BestEffort));
 }
 
 #[test]
@@ -248,28 +179,14 @@ fn host_processes_are_named_by_cgroup_path_and_symlinks_are_not_followed() {
     let kubelet = node.cgroup("system.slice/kubelet.service");
     let app = node.cgroup(&format!("kubepods/pod{UID}/{APP_ID}"));
     // A link into the pods and a loop: neither may be walked into.
-    symlink(
-        node.cgroup_root.join("kubepods"),
-        node.cgroup_root.join("system.slice/pods-link"),
-    )
-    .unwrap();
-    symlink(
-        &node.cgroup_root,
-        node.cgroup_root.join("system.slice/loop"),
-    )
-    .unwrap();
+    symlink(node.cgroup_root.join("kubepods"), node.cgroup_root.join("system.slice/pods-link")).unwrap();
+    symlink(&node.cgroup_root, node.cgroup_root.join("system.slice/loop")).unwrap();
     let root = fs::metadata(&node.cgroup_root).unwrap().ino();
 
     let mut resolver = node.resolver();
-    assert_eq!(
-        resolver.resolve(kubelet),
-        host("/system.slice/kubelet.service")
-    );
+    assert_eq!(resolver.resolve(kubelet), host("/system.slice/kubelet.service"));
     assert_eq!(resolver.resolve(root), host("/"));
-    assert_eq!(
-        resolver.resolve(app),
-        unnamed(pod(None, Some(APP_ID), None, Qos::Guaranteed))
-    );
+    assert_eq!(resolver.resolve(app), unnamed(pod(None, Some(APP_ID), None, Qos::Guaranteed)));
 }
 
 #[test]
@@ -288,16 +205,10 @@ fn names_written_after_the_cgroup_are_picked_up_at_most_once_a_second() {
         "looked again within a second"
     );
     let one_second = t0 + Duration::from_secs(1);
-    assert_eq!(
-        resolver.resolve_at(app, one_second),
-        pod(None, Some(APP_ID), None, Qos::Guaranteed)
-    );
+    assert_eq!(resolver.resolve_at(app, one_second), pod(None, Some(APP_ID), None, Qos::Guaranteed));
 
     node.container_log_link("shop", "cart-7d9f", "app", APP_ID);
-    assert_eq!(
-        resolver.resolve_at(app, one_second + Duration::from_secs(1)),
-        named
-    );
+    assert_eq!(resolver.resolve_at(app, one_second + Duration::from_secs(1)), named);
     assert_eq!(resolver.cache_len(), 1);
 }
 
@@ -315,14 +226,8 @@ fn vanished_cgroups_are_forgotten() {
     node.remove_cgroup("kubepods");
     assert_eq!(resolver.forget_vanished(), 1);
     assert_eq!(resolver.cache_len(), 1);
-    assert_eq!(
-        resolver.resolve_at(gone, t0 + Duration::from_secs(1)),
-        Workload::Unknown
-    );
-    assert_eq!(
-        resolver.resolve_at(kept, t0 + Duration::from_secs(1)),
-        host("/system.slice/kubelet.service")
-    );
+    assert_eq!(resolver.resolve_at(gone, t0 + Duration::from_secs(1)), Workload::Unknown);
+    assert_eq!(resolver.resolve_at(kept, t0 + Duration::from_secs(1)), host("/system.slice/kubelet.service"));
 }
 
 #[test]
@@ -339,16 +244,10 @@ fn a_storm_of_misses_walks_the_tree_at_most_once_a_second() {
         let now = t0 + Duration::from_micros(999_000 * i as u64 / 1000);
         assert_eq!(resolver.resolve_at(id, now), Workload::Unknown);
     }
-    assert_eq!(
-        resolver.resolve_at(late, t0 + Duration::from_millis(999)),
-        Workload::Unknown
-    );
+    assert_eq!(resolver.resolve_at(late, t0 + Duration::from_millis(999)), Workload::Unknown);
     assert_eq!(resolver.cache_len(), 0, "unknown ids are not cached");
 
-    assert_eq!(
-        resolver.resolve_at(late, t0 + Duration::from_secs(1)),
-        host("/system.slice/late.service")
-    );
+    assert_eq!(resolver.resolve_at(late, t0 + Duration::from_secs(1)), host("/system.slice/late.service"));
 }
 
 #[test]
@@ -356,20 +255,14 @@ fn the_cache_is_bounded_and_forgets_the_oldest_first() {
     let node = Node::new();
     let mut resolver = node.resolver();
     resolver.cache = BoundedCache::new(3);
-    let ids: Vec<u64> = (0..5)
-        .map(|i| node.cgroup(&format!("system.slice/unit-{i}.service")))
-        .collect();
+    let ids: Vec<u64> = (0..5).map(|i| node.cgroup(&format!("system.slice/unit-{i}.service"))).collect();
     for &id in &ids {
         resolver.resolve(id);
     }
     assert_eq!(resolver.cache_len(), 3);
     assert!(!resolver.cache.contains(ids[0]) && !resolver.cache.contains(ids[1]));
     assert!(ids[2..].iter().all(|&id| resolver.cache.contains(id)));
-    assert_eq!(
-        resolver.resolve(ids[0]),
-        host("/system.slice/unit-0.service"),
-        "an evicted id resolves again"
-    );
+    assert_eq!(resolver.resolve(ids[0]), host("/system.slice/unit-0.service"), "an evicted id resolves again");
 }
 
 #[test]
@@ -386,11 +279,7 @@ fn scan_lists_every_pod_cgroup_and_no_host_one() {
         (app, pod(Some("app"), Some(APP_ID), None, Qos::Burstable)),
     ];
     expected.sort_by_key(|(id, _)| *id);
-    let scanned: Vec<(u64, Workload)> = node
-        .resolver()
-        .scan_pods()
-        .into_iter()
-        .map(|(id, identity)| (id, Workload::Pod(identity)))
-        .collect();
+    let scanned: Vec<(u64, Workload)> =
+        node.resolver().scan_pods().into_iter().map(|(id, identity)| (id, Workload::Pod(identity))).collect();
     assert_eq!(scanned, expected);
 }

@@ -135,10 +135,7 @@ mod tests {
         assert!(glob("node-?").matches("node-a"));
         assert!(!glob("node-?").matches("node-"));
         assert!(!glob("node-?").matches("node-ab"));
-        assert!(
-            glob("n?de-*").matches("nöde-1"),
-            "one character, not one byte"
-        );
+        assert!(glob("n?de-*").matches("nöde-1"), "one character, not one byte");
     }
 
     #[test]
@@ -150,10 +147,7 @@ mod tests {
 
     #[test]
     fn both_namespace_and_pod_must_match() {
-        let rule = AllowRule {
-            namespace: glob("kube-system"),
-            pod: glob("metadata-proxy-*"),
-        };
+        let rule = AllowRule { namespace: glob("kube-system"), pod: glob("metadata-proxy-*") };
         assert!(rule.matches("kube-system", "metadata-proxy-x1"));
         assert!(!rule.matches("default", "metadata-proxy-x1"));
         assert!(!rule.matches("kube-system", "coredns-x1"));
@@ -161,15 +155,10 @@ mod tests {
 
     #[test]
     fn rules_read_from_yaml_name_a_bad_field() {
-        let rule: AllowRule =
-            serde_yaml::from_str("{namespace: kube-system, pod: 'proxy-*'}").unwrap();
+        let rule: AllowRule = serde_yaml::from_str("{namespace: kube-system, pod: 'proxy-*'}").unwrap();
         assert!(rule.matches("kube-system", "proxy-1"));
-        let err =
-            serde_yaml::from_str::<AllowRule>("{namespace: kube-system, pod: ''}").unwrap_err();
-        assert!(
-            err.to_string().starts_with("pod: an empty pattern"),
-            "{err}"
-        );
+        let err = serde_yaml::from_str::<AllowRule>("{namespace: kube-system, pod: ''}").unwrap_err();
+        assert!(err.to_string().starts_with("pod: an empty pattern"), "{err}");
         let err = serde_yaml::from_str::<AllowRule>("{namespace: a, pod: b, node: c}").unwrap_err();
         assert!(err.to_string().contains("unknown field `node`"), "{err}");
     }

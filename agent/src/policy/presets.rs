@@ -50,14 +50,8 @@ impl Preset {
     ];
 
     /// The clouds whose metadata addresses `default` blocks.
-    const CLOUDS: [Preset; 6] = [
-        Preset::Aws,
-        Preset::Gcp,
-        Preset::Azure,
-        Preset::Alibaba,
-        Preset::Oracle,
-        Preset::Openstack,
-    ];
+    const CLOUDS: [Preset; 6] =
+        [Preset::Aws, Preset::Gcp, Preset::Azure, Preset::Alibaba, Preset::Oracle, Preset::Openstack];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -130,10 +124,7 @@ impl Preset {
                 }
                 union
             }
-            Preset::Aws => vec![
-                BlockRule::except(host(IMDS), &DNS),
-                BlockRule::except(host(AWS_IMDS_V6), &DNS),
-            ],
+            Preset::Aws => vec![BlockRule::except(host(IMDS), &DNS), BlockRule::except(host(AWS_IMDS_V6), &DNS)],
             Preset::AwsEcs => {
                 let mut rules = Preset::Aws.rules();
                 rules.push(BlockRule::all(host(AWS_ECS_TASK_METADATA)));
@@ -145,15 +136,9 @@ impl Preset {
                 BlockRule::only(host(AZURE_WIRESERVER), &AZURE_WIRESERVER_PORTS),
             ],
             Preset::Alibaba => vec![BlockRule::all(host(ALIBABA_METADATA))],
-            Preset::Oracle => vec![
-                BlockRule::except(host(IMDS), &DNS),
-                BlockRule::all(host(ORACLE_METADATA_ALT)),
-            ],
+            Preset::Oracle => vec![BlockRule::except(host(IMDS), &DNS), BlockRule::all(host(ORACLE_METADATA_ALT))],
             Preset::Openstack => {
-                vec![
-                    BlockRule::except(host(IMDS), &DNS),
-                    BlockRule::except(host(OPENSTACK_METADATA_V6), &DNS),
-                ]
+                vec![BlockRule::except(host(IMDS), &DNS), BlockRule::except(host(OPENSTACK_METADATA_V6), &DNS)]
             }
         }
     }
@@ -178,10 +163,7 @@ impl FromStr for Preset {
 
     fn from_str(name: &str) -> Result<Preset, UnknownPreset> {
         let name = name.trim();
-        Preset::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| UnknownPreset(name.to_owned()))
+        Preset::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| UnknownPreset(name.to_owned()))
     }
 }
 
@@ -207,29 +189,13 @@ mod tests {
     #[test]
     fn each_preset_lists_its_clouds_metadata_addresses() {
         let imds = "169.254.169.254/32 except ports 53";
-        assert_eq!(
-            listed(Preset::Aws),
-            [imds, "fd00:ec2::254/128 except ports 53"]
-        );
-        assert_eq!(
-            listed(Preset::AwsEcs),
-            [
-                imds,
-                "fd00:ec2::254/128 except ports 53",
-                "169.254.170.2/32"
-            ]
-        );
+        assert_eq!(listed(Preset::Aws), [imds, "fd00:ec2::254/128 except ports 53"]);
+        assert_eq!(listed(Preset::AwsEcs), [imds, "fd00:ec2::254/128 except ports 53", "169.254.170.2/32"]);
         assert_eq!(listed(Preset::Gcp), [imds]);
-        assert_eq!(
-            listed(Preset::Azure),
-            [imds, "168.63.129.16/32 ports 80,32526"]
-        );
+        assert_eq!(listed(Preset::Azure), [imds, "168.63.129.16/32 ports 80,32526"]);
         assert_eq!(listed(Preset::Alibaba), ["100.100.100.200/32"]);
         assert_eq!(listed(Preset::Oracle), [imds, "192.0.0.192/32"]);
-        assert_eq!(
-            listed(Preset::Openstack),
-            [imds, "fe80::a9fe:a9fe/128 except ports 53"]
-        );
+        assert_eq!(listed(Preset::Openstack), [imds, "fe80::a9fe:a9fe/128 except ports 53"]);
     }
 
     #[test]
@@ -287,13 +253,7 @@ mod tests {
 
     #[test]
     fn no_preset_blocks_dns_or_neighbouring_addresses() {
-        let dns_servers = [
-            "169.254.169.254",
-            "fd00:ec2::254",
-            "168.63.129.16",
-            "fe80::a9fe:a9fe",
-            "169.254.169.253",
-        ];
+        let dns_servers = ["169.254.169.254", "fd00:ec2::254", "168.63.129.16", "fe80::a9fe:a9fe", "169.254.169.253"];
         let never_blocked = [
             "169.254.169.253",
             "169.254.169.255",
@@ -310,23 +270,12 @@ mod tests {
             let policy = compiled(preset);
             for addr in dns_servers {
                 for proto in [PROTO_TCP, PROTO_UDP] {
-                    assert!(
-                        !policy.blocks(ip(addr), proto, 53),
-                        "{preset} blocks DNS at {addr}"
-                    );
+                    assert!(!policy.blocks(ip(addr), proto, 53), "{preset} blocks DNS at {addr}");
                 }
             }
             for addr in never_blocked {
-                for (proto, port) in [
-                    (PROTO_TCP, 80),
-                    (PROTO_UDP, 80),
-                    (PROTO_TCP, 443),
-                    (PROTO_OTHER, 0),
-                ] {
-                    assert!(
-                        !policy.blocks(ip(addr), proto, port),
-                        "{preset} blocks {addr} port {port}"
-                    );
+                for (proto, port) in [(PROTO_TCP, 80), (PROTO_UDP, 80), (PROTO_TCP, 443), (PROTO_OTHER, 0)] {
+                    assert!(!policy.blocks(ip(addr), proto, port), "{preset} blocks {addr} port {port}");
                 }
             }
         }
@@ -335,10 +284,7 @@ mod tests {
     #[test]
     fn imds_is_blocked_for_every_protocol_and_through_ipv4_mapped_addresses() {
         let policy = compiled(Preset::Default);
-        assert!(
-            policy.blocks(ip("169.254.169.254"), PROTO_OTHER, 0),
-            "ping and raw IP"
-        );
+        assert!(policy.blocks(ip("169.254.169.254"), PROTO_OTHER, 0), "ping and raw IP");
         assert!(policy.blocks(ip("::ffff:169.254.169.254"), PROTO_TCP, 80));
         assert!(policy.blocks(ip("::ffff:100.100.100.200"), PROTO_UDP, 53));
     }
@@ -357,14 +303,8 @@ mod tests {
             assert_eq!(preset.name().parse::<Preset>(), Ok(preset));
             assert!(!preset.describe().is_empty());
         }
-        assert_eq!(
-            "aws_ecs".parse::<Preset>(),
-            Err(UnknownPreset("aws_ecs".into()))
-        );
+        assert_eq!("aws_ecs".parse::<Preset>(), Err(UnknownPreset("aws_ecs".into())));
         let help = UnknownPreset("x".into()).to_string();
-        assert!(
-            Preset::ALL.iter().all(|p| help.contains(p.name())),
-            "{help}"
-        );
+        assert!(Preset::ALL.iter().all(|p| help.contains(p.name())), "{help}");
     }
 }

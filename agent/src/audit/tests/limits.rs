@@ -3,10 +3,7 @@
 
 use std::time::Duration;
 
-use super::{
-    connect, counts, pod, secs, sum, AuditSettings, Node, RotatingFile, Sink, MAX_OPEN_WINDOWS,
-    METADATA,
-};
+use super::{connect, counts, pod, secs, sum, AuditSettings, Node, RotatingFile, Sink, MAX_OPEN_WINDOWS, METADATA};
 
 #[test]
 fn a_storm_from_one_pod_is_a_handful_of_records_that_count_every_attempt() {
@@ -28,10 +25,7 @@ fn a_storm_from_one_pod_is_a_handful_of_records_that_count_every_attempt() {
 
 #[test]
 fn a_storm_over_many_destinations_stays_bounded_and_balances_the_books() {
-    let mut node = Node::new(AuditSettings {
-        rate_limit: 50,
-        ..AuditSettings::default()
-    });
+    let mut node = Node::new(AuditSettings { rate_limit: 50, ..AuditSettings::default() });
     let app = pod("uid-1", "app");
     let attempts = 100_000u32;
     // 10 000 distinct ports, each tried 10 times, over 4 s.
@@ -51,38 +45,22 @@ fn a_storm_over_many_destinations_stays_bounded_and_balances_the_books() {
     // A burst of 50, then 50 a second at most.
     assert!(records.len() <= 50 + 50 * 31, "{} records", records.len());
     let stats = node.auditor.stats();
-    let suppressed =
-        stats.attempts_rate_limited + stats.attempts_over_key_limit + stats.attempts_write_failed;
-    assert!(
-        stats.attempts_over_key_limit > 0 && stats.attempts_rate_limited > 0,
-        "{stats:?}"
-    );
+    let suppressed = stats.attempts_rate_limited + stats.attempts_over_key_limit + stats.attempts_write_failed;
+    assert!(stats.attempts_over_key_limit > 0 && stats.attempts_rate_limited > 0, "{stats:?}");
     assert_eq!(sum(&records, "count") + suppressed, u64::from(attempts) + 1);
-    assert_eq!(
-        sum(&records, "suppressed_since_last"),
-        suppressed,
-        "every suppression is reported in a record"
-    );
+    assert_eq!(sum(&records, "suppressed_since_last"), suppressed, "every suppression is reported in a record");
     assert_eq!(stats.records_written, records.len() as u64);
     assert_eq!(stats.open_windows, 0);
 }
 
 #[test]
 fn rate_capped_records_are_merged_into_their_follow_up_or_reported_as_suppressed() {
-    let mut node = Node::new(AuditSettings {
-        rate_limit: 2,
-        ..AuditSettings::default()
-    });
+    let mut node = Node::new(AuditSettings { rate_limit: 2, ..AuditSettings::default() });
     let app = pod("uid-1", "app");
     for port in 1..=5 {
         node.attempt(secs(0.0), &app, connect(METADATA, port));
     }
-    let ports = |node: &Node| {
-        node.records()
-            .iter()
-            .map(|r| r["port"].as_u64().unwrap())
-            .collect::<Vec<_>>()
-    };
+    let ports = |node: &Node| node.records().iter().map(|r| r["port"].as_u64().unwrap()).collect::<Vec<_>>();
     assert_eq!(ports(&node), [1, 2], "the cap allows a burst of two");
 
     // The windows end with two tokens back: ports 3 and 4 get their record
@@ -101,17 +79,10 @@ fn rate_capped_records_are_merged_into_their_follow_up_or_reported_as_suppressed
 
 #[test]
 fn open_windows_are_bounded_and_the_overflow_is_suppressed_not_dropped() {
-    let mut node = Node::new(AuditSettings {
-        rate_limit: 1_000_000,
-        ..AuditSettings::default()
-    });
+    let mut node = Node::new(AuditSettings { rate_limit: 1_000_000, ..AuditSettings::default() });
     let extra = 10;
     for n in 0..MAX_OPEN_WINDOWS + extra {
-        node.attempt(
-            secs(0.0),
-            &pod(&format!("uid-{n}"), "app"),
-            connect(METADATA, 80),
-        );
+        node.attempt(secs(0.0), &pod(&format!("uid-{n}"), "app"), connect(METADATA, 80));
     }
     let stats = node.auditor.stats();
     assert_eq!(stats.open_windows, MAX_OPEN_WINDOWS as u64);
@@ -132,10 +103,7 @@ fn losses_no_record_comes_to_carry_get_a_gap_record_after_a_window() {
     node.auditor.report_lost(3);
     node.tick(secs(0.0));
     node.tick(secs(9.9));
-    assert!(
-        node.records().is_empty(),
-        "a record may still come along to carry them"
-    );
+    assert!(node.records().is_empty(), "a record may still come along to carry them");
 
     node.tick(secs(10.0));
     node.tick(secs(30.0));
@@ -148,10 +116,7 @@ fn losses_no_record_comes_to_carry_get_a_gap_record_after_a_window() {
 
 #[test]
 fn shutdown_writes_open_windows_despite_the_cap() {
-    let mut node = Node::new(AuditSettings {
-        rate_limit: 1,
-        ..AuditSettings::default()
-    });
+    let mut node = Node::new(AuditSettings { rate_limit: 1, ..AuditSettings::default() });
     let app = pod("uid-1", "app");
     node.attempt(secs(0.0), &app, connect(METADATA, 1));
     node.attempt(secs(0.0), &app, connect(METADATA, 2));
@@ -160,10 +125,7 @@ fn shutdown_writes_open_windows_despite_the_cap() {
 
     node.auditor.flush_all();
     let records = node.records();
-    let ports: Vec<u64> = records
-        .iter()
-        .map(|r| r["port"].as_u64().unwrap())
-        .collect();
+    let ports: Vec<u64> = records.iter().map(|r| r["port"].as_u64().unwrap()).collect();
     assert_eq!(ports, [1, 1, 2]);
     assert_eq!(counts(&records), [1, 1, 1]);
     assert_eq!(node.auditor.stats().open_windows, 0);
@@ -171,10 +133,7 @@ fn shutdown_writes_open_windows_despite_the_cap() {
 
 #[test]
 fn shutdown_reports_suppressed_counts_that_no_record_carried() {
-    let mut node = Node::new(AuditSettings {
-        rate_limit: 1,
-        ..AuditSettings::default()
-    });
+    let mut node = Node::new(AuditSettings { rate_limit: 1, ..AuditSettings::default() });
     let app = pod("uid-1", "app");
     for port in 1..=3 {
         node.attempt(secs(0.0), &app, connect(METADATA, port));
@@ -184,10 +143,7 @@ fn shutdown_reports_suppressed_counts_that_no_record_carried() {
     node.auditor.flush_all();
 
     let records = node.records();
-    let kinds: Vec<&str> = records
-        .iter()
-        .map(|r| r["kind"].as_str().unwrap())
-        .collect();
+    let kinds: Vec<&str> = records.iter().map(|r| r["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["attempts", "attempts", "gap"]);
     assert_eq!(records[2]["suppressed_since_last"], 1);
     assert_eq!(sum(&records[..2], "count") + 1, 3);
@@ -198,18 +154,10 @@ fn a_failed_write_is_counted_and_its_attempts_reported_by_the_next_record() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = Node::new(AuditSettings::default());
     // A file too small for any record: every write fails.
-    node.auditor.out.sink =
-        Sink::File(RotatingFile::open(&dir.path().join("audit.log"), 10, 1).unwrap());
+    node.auditor.out.sink = Sink::File(RotatingFile::open(&dir.path().join("audit.log"), 10, 1).unwrap());
     node.attempt(secs(0.0), &pod("uid-1", "app"), connect(METADATA, 80));
     let stats = node.auditor.stats();
-    assert_eq!(
-        (
-            stats.write_errors,
-            stats.attempts_write_failed,
-            stats.records_written
-        ),
-        (1, 1, 0)
-    );
+    assert_eq!((stats.write_errors, stats.attempts_write_failed, stats.records_written), (1, 1, 0));
 
     node.auditor.out.sink = Sink::Memory(Vec::new());
     node.attempt(secs(1.0), &pod("uid-2", "app"), connect(METADATA, 80));
