@@ -5,7 +5,7 @@
 //! increments here so the exposition stays a proper monotonic counter.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap},
     sync::Mutex,
 };
 
@@ -14,13 +14,16 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 
 use crate::{attempt::Attempt, audit::AuditStats, config::Mode, pod_identity::Workload, policy::CompiledPolicy};
 
-/// Distinct (namespace, pod) label pairs kept; beyond it the oldest series goes, so
-/// pod churn cannot grow the agent's memory.
+/// Distinct (namespace, pod) label pairs kept; beyond it the series of the pair seen
+/// least recently go, so pod churn cannot grow the agent's memory. Evicting rather
+/// than folding new pods into one catch-all keeps the newest offenders attributed,
+/// which is what matters on a node that has run thousands of short-lived pods.
 const MAX_POD_SERIES: usize = 5000;
 
 pub struct Metrics {
     registry: Registry,
     attempts: IntCounterVec,
+    attempt_pods_evicted: IntCounter,
     kernel_verdicts: IntCounterVec,
     events_lost: IntCounter,
     audit_records: IntCounter,
@@ -35,13 +38,22 @@ pub struct Metrics {
     state: Mutex<State>,
 }
 
+type PodKey = (String, String);
+
 #[derive(Default)]
 struct State {
     /// Last running totals seen, to turn them into increments.
     totals: HashMap<String, u64>,
-    /// Pod label pairs in the order they appeared, and their series' label values.
-    pods: VecDeque<(String, String)>,
-    series: HashMap<(String, String), Vec<[String; 6]>>,
+    /// Ticks once per attempt; orders pods by when they were last seen.
+    clock: u64,
+    pods: HashMap<PodKey, PodSeries>,
+    by_last_seen: BTreeMap<u64, PodKey>,
+}
+
+struct PodSeries {
+    last_seen: u64,
+    /// Label values of every series of this pod, to remove them on eviction.
+    label_sets: Vec<[String; 6]>,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -77,10 +89,15 @@ impl Metrics {
                 "Refused or audited attempts to reach a blocked destination, as reported by events",
                 &["verdict", "workload", "namespace", "pod", "protocol", "family"],
             ),
+            attempt_pods_evicted: counter(
+                &r,
+                "metadata_guard_attempt_pods_evicted_total",
+                "Pods whose metadata_guard_attempts_total series were dropped to stay within the label cap",
+            ),
             kernel_verdicts: counter_vec(
                 &r,
                 "metadata_guard_kernel_verdicts_total",
-                "Every verdict the kernel programs reached, by hook (allowed includes everything not blocked)",
+                "Every verdict the kernel programs reached, by hook; complete even when events are lost",
                 &["hook", "verdict"],
             ),
             events_lost: counter(
@@ -137,6 +154,9 @@ impl Metrics {
         self
     }
 
+    /// Counts one reported attempt. Host processes and vanished cgroups have no pod:
+    /// they are told apart by `workload="host"|"unknown"` and share the empty
+    /// namespace and pod, so they take one slot of the label cap between them.
     pub fn attempt(&self, attempt: &Attempt, workload: &Workload) {
         let (kind, namespace, pod) = match workload {
             Workload::Pod(p) => ("pod", p.namespace.clone().unwrap_or_default(), p.pod.clone().unwrap_or_default()),
@@ -152,25 +172,41 @@ impl Metrics {
             attempt.family().to_string(),
         ];
         let mut state = self.state.lock().unwrap();
+        state.clock += 1;
+        let now = state.clock;
+        let State { pods, by_last_seen, .. } = &mut *state;
         let key = (namespace, pod);
-        if !state.series.contains_key(&key) {
-            if state.pods.len() >= MAX_POD_SERIES {
-                if let Some(oldest) = state.pods.pop_front() {
-                    for old in state.series.remove(&oldest).unwrap_or_default() {
-                        let refs: Vec<&str> = old.iter().map(String::as_str).collect();
-                        let _ = self.attempts.remove_label_values(&refs);
-                    }
-                }
+        match pods.get_mut(&key) {
+            Some(series) => {
+                by_last_seen.remove(&series.last_seen);
+                series.last_seen = now;
             }
-            state.pods.push_back(key.clone());
+            None => {
+                if pods.len() >= MAX_POD_SERIES {
+                    self.evict_least_recent(pods, by_last_seen);
+                }
+                pods.insert(key.clone(), PodSeries { last_seen: now, label_sets: Vec::new() });
+            }
         }
-        let series = state.series.entry(key).or_default();
-        if !series.contains(&labels) {
-            series.push(labels.clone());
+        by_last_seen.insert(now, key.clone());
+        let series = pods.get_mut(&key).expect("inserted above");
+        if !series.label_sets.contains(&labels) {
+            series.label_sets.push(labels.clone());
         }
-        drop(state);
+        // Still under the lock: an eviction between here and a later increment would
+        // leave a series nothing tracks, and so never removes.
         let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
         self.attempts.with_label_values(&refs).inc();
+    }
+
+    fn evict_least_recent(&self, pods: &mut HashMap<PodKey, PodSeries>, by_last_seen: &mut BTreeMap<u64, PodKey>) {
+        let Some((_, key)) = by_last_seen.pop_first() else { return };
+        for labels in pods.remove(&key).map(|s| s.label_sets).unwrap_or_default() {
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            // Cannot fail: every tracked label set was created with this arity.
+            let _ = self.attempts.remove_label_values(&refs);
+        }
+        self.attempt_pods_evicted.inc();
     }
 
     /// Adds what a running total grew by since last time.
@@ -221,86 +257,16 @@ impl Metrics {
         self.config_last_reload_success.set(i64::from(ok));
     }
 
-    /// The Prometheus text exposition (format 0.0.4).
+    /// The Prometheus text exposition (format 0.0.4): `promtool check metrics` and
+    /// every Prometheus version read it, unlike the OpenMetrics text of other crates.
     pub fn encode(&self) -> String {
-        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_else(|e| {
+            // Only malformed metric definitions fail, and those are fixed in this file.
+            tracing::error!("could not encode the metrics for /metrics: {e}");
+            String::new()
+        })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::{net::IpAddr, time::SystemTime};
-
-    use super::*;
-    use crate::{
-        attempt::Protocol,
-        pod_identity::{PodIdentity, Qos},
-    };
-
-    fn attempt() -> Attempt {
-        Attempt {
-            time: SystemTime::now(),
-            cgroup_id: 1,
-            netns_cookie: 2,
-            pid: 3,
-            tid: 3,
-            comm: "curl".into(),
-            destination: "169.254.169.254".parse::<IpAddr>().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            hook: Hook::Connect4,
-            verdict: Verdict::Blocked,
-            mapped: false,
-        }
-    }
-
-    fn pod(name: &str) -> Workload {
-        Workload::Pod(PodIdentity {
-            namespace: Some("shop".into()),
-            pod: Some(name.into()),
-            pod_uid: "u".into(),
-            container: None,
-            container_id: None,
-            runtime: None,
-            qos: Qos::Burstable,
-        })
-    }
-
-    #[test]
-    fn attempts_are_counted_by_pod() {
-        let m = Metrics::new();
-        m.attempt(&attempt(), &pod("cart"));
-        m.attempt(&attempt(), &pod("cart"));
-        let text = m.encode();
-        assert!(text.contains(
-            r#"metadata_guard_attempts_total{family="ipv4",namespace="shop",pod="cart",protocol="tcp",verdict="blocked",workload="pod"} 2"#
-        ), "{text}");
-    }
-
-    #[test]
-    fn running_totals_become_increments() {
-        let m = Metrics::new();
-        m.set_kernel_verdicts(Hook::Egress, Verdict::Blocked, 5);
-        m.set_kernel_verdicts(Hook::Egress, Verdict::Blocked, 7);
-        m.set_events_lost(4);
-        assert!(m.encode().contains(r#"metadata_guard_kernel_verdicts_total{hook="egress",verdict="blocked"} 7"#));
-        assert!(m.encode().contains("metadata_guard_events_lost_total 4"));
-    }
-
-    #[test]
-    fn pod_churn_keeps_a_bounded_number_of_series() {
-        let m = Metrics::new();
-        for n in 0..MAX_POD_SERIES + 50 {
-            m.attempt(&attempt(), &pod(&format!("p{n}")));
-        }
-        let series = m.encode().lines().filter(|l| l.starts_with("metadata_guard_attempts_total{")).count();
-        assert_eq!(series, MAX_POD_SERIES);
-    }
-
-    #[test]
-    fn a_rejected_reload_shows() {
-        let m = Metrics::new();
-        m.config_reloaded(false);
-        assert!(m.encode().contains("metadata_guard_config_last_reload_success 0"));
-    }
-}
+mod tests;

@@ -26,8 +26,12 @@ use crate::metrics::Metrics;
 
 /// Largest request head read; anything longer is refused.
 const MAX_HEAD: usize = 8 * 1024;
-/// A client that has not sent its request by then is dropped.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection is dropped after this long, whatever it is doing, so slow clients
+/// can hold a slot for no longer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept: failures such as EMFILE repeat at once, and retrying
+/// them in a tight loop would spin a core.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 16;
 
@@ -81,7 +85,8 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
-                    tracing::debug!("accept failed: {e}");
+                    tracing::debug!("accept failed on the metrics listener: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
@@ -89,7 +94,7 @@ pub async fn serve(
         let (metrics, readiness) = (metrics.clone(), readiness.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = tokio::time::timeout(READ_TIMEOUT, answer(stream, &metrics, &readiness)).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer(stream, &metrics, &readiness)).await;
         });
     }
 }
@@ -104,77 +109,212 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics, readiness: &Readiness)
         }
         head.extend_from_slice(&buf[..n]);
         if head.len() > MAX_HEAD {
-            return respond(&mut stream, 431, "text/plain", "request header too large\n").await;
+            return Reply::text(Status::HeaderTooLarge, "request header too large\n").send(&mut stream).await;
         }
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or(path);
+    route(&String::from_utf8_lossy(line), metrics, readiness).send(&mut stream).await
+}
+
+/// The response to a request line such as `GET /metrics HTTP/1.1`.
+fn route(request_line: &str, metrics: &Metrics, readiness: &Readiness) -> Reply {
+    let mut parts = request_line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "GET" && method != "HEAD" {
-        return respond(&mut stream, 405, "text/plain", "only GET\n").await;
+        return Reply::text(Status::MethodNotAllowed, "only GET and HEAD\n");
     }
-    match path {
-        "/metrics" => respond(&mut stream, 200, "text/plain; version=0.0.4; charset=utf-8", &metrics.encode()).await,
-        "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
-        "/readyz" => match readiness.missing() {
-            None => respond(&mut stream, 200, "text/plain", "ready\n").await,
-            Some(what) => respond(&mut stream, 503, "text/plain", &format!("not ready: {what}\n")).await,
+    let path = target.split('?').next().unwrap_or(target);
+    let reply = match path {
+        "/metrics" => Reply {
+            status: Status::Ok,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: metrics.encode(),
+            head_only: false,
         },
-        _ => respond(&mut stream, 404, "text/plain", "not found; try /metrics, /healthz or /readyz\n").await,
+        "/healthz" => Reply::text(Status::Ok, "ok\n"),
+        "/readyz" => match readiness.missing() {
+            None => Reply::text(Status::Ok, "ready\n"),
+            Some(what) => Reply::text(Status::Unavailable, format!("not ready: {what}\n")),
+        },
+        _ => Reply::text(Status::NotFound, "not found; try /metrics, /healthz or /readyz\n"),
+    };
+    // HEAD announces the body's length but must not carry it.
+    Reply { head_only: method == "HEAD", ..reply }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Ok,
+    NotFound,
+    MethodNotAllowed,
+    HeaderTooLarge,
+    Unavailable,
+}
+
+impl Status {
+    fn line(self) -> &'static str {
+        match self {
+            Status::Ok => "200 OK",
+            Status::NotFound => "404 Not Found",
+            Status::MethodNotAllowed => "405 Method Not Allowed",
+            Status::HeaderTooLarge => "431 Request Header Fields Too Large",
+            Status::Unavailable => "503 Service Unavailable",
+        }
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+struct Reply {
+    status: Status,
+    content_type: &'static str,
+    body: String,
+    head_only: bool,
+}
+
+impl Reply {
+    fn text(status: Status, body: impl Into<String>) -> Reply {
+        Reply { status, content_type: "text/plain; charset=utf-8", body: body.into(), head_only: false }
+    }
+
+    async fn send(self, stream: &mut TcpStream) -> std::io::Result<()> {
+        // RFC 9110 requires a 405 to say which methods would work.
+        let allow = if self.status == Status::MethodNotAllowed { "Allow: GET, HEAD\r\n" } else { "" };
+        let head = format!(
+            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
+            self.status.line(),
+            self.content_type,
+            self.body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        if !self.head_only {
+            stream.write_all(self.body.as_bytes()).await?;
+        }
+        stream.shutdown().await
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::oneshot;
+
     use super::*;
 
-    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        (out[9..12].parse().unwrap(), out.split_once("\r\n\r\n").unwrap().1.to_string())
+    struct Server {
+        addr: SocketAddr,
+        readiness: Arc<Readiness>,
+        stop: oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Server {
+        async fn start() -> Server {
+            let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let readiness = Arc::new(Readiness::default());
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(serve(listener, Arc::new(Metrics::new()), readiness.clone(), async {
+                let _ = stopped.await;
+            }));
+            Server { addr, readiness, stop, task }
+        }
+
+        async fn stop(self) {
+            self.stop.send(()).unwrap();
+            self.task.await.unwrap();
+        }
+
+        /// Sends `request` as is and returns the whole response.
+        async fn exchange(&self, request: &str) -> String {
+            let mut s = TcpStream::connect(self.addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+
+        async fn get(&self, path: &str) -> (u16, String) {
+            let out = self.exchange(&format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
+            (out[9..12].parse().unwrap(), out.split_once("\r\n\r\n").unwrap().1.to_string())
+        }
     }
 
     #[tokio::test]
     async fn ready_only_once_attached_with_a_policy() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let readiness = Arc::new(Readiness::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, Arc::new(Metrics::new()), readiness.clone(), async {
-            let _ = stopped.await;
-        }));
-        assert_eq!(get(addr, "/healthz").await.0, 200);
-        let (code, body) = get(addr, "/readyz").await;
-        assert_eq!((code, body.as_str()), (503, "not ready: programs not attached, policy not loaded\n"));
-        readiness.set_policy_loaded(true);
-        assert_eq!(get(addr, "/readyz").await.0, 503);
-        readiness.set_attached(true);
-        assert_eq!(get(addr, "/readyz").await.0, 200);
-        let (code, body) = get(addr, "/metrics").await;
-        assert!(code == 200 && body.contains("metadata_guard_build_info"), "{body}");
-        assert_eq!(get(addr, "/nope").await.0, 404);
-        stop.send(()).unwrap();
-        server.await.unwrap();
+        let server = Server::start().await;
+        assert_eq!(server.get("/healthz").await, (200, "ok\n".into()));
+        assert_eq!(server.get("/readyz").await, (503, "not ready: programs not attached, policy not loaded\n".into()));
+        server.readiness.set_policy_loaded(true);
+        assert_eq!(server.get("/readyz").await, (503, "not ready: programs not attached\n".into()));
+        server.readiness.set_attached(true);
+        assert_eq!(server.get("/readyz").await, (200, "ready\n".into()));
+        server.readiness.set_attached(false);
+        assert_eq!(server.get("/readyz").await.0, 503, "detaching on shutdown makes it unready again");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_as_prometheus_text_and_other_paths_are_not_found() {
+        let server = Server::start().await;
+        let out = server.exchange("GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())), "{head}");
+        assert!(head.contains("\r\nConnection: close"), "{head}");
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(body.contains(&format!("metadata_guard_build_info{{version=\"{version}\"}} 1\n")), "{body}");
+        assert_eq!(server.get("/metricsz").await.0, 404);
+        assert_eq!(server.get("/").await.0, 404);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn head_gets_the_length_without_the_body_and_other_methods_are_refused() {
+        let server = Server::start().await;
+        let out = server.exchange("HEAD /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with("Content-Length: 3\r\nConnection: close\r\n\r\n"),
+            "{out:?}"
+        );
+        let out = server.exchange("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(
+            out.starts_with("HTTP/1.1 405 Method Not Allowed\r\n") && out.contains("\r\nAllow: GET, HEAD\r\n"),
+            "{out}"
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_head_is_refused() {
+        let server = Server::start().await;
+        let padding = "a".repeat(MAX_HEAD);
+        let out = server.exchange(&format!("GET /healthz HTTP/1.1\r\nX-Padding: {padding}\r\n\r\n")).await;
+        assert!(out.starts_with("HTTP/1.1 431 "), "{out}");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn clients_beyond_the_connection_limit_wait_for_a_free_slot() {
+        let server = Server::start().await;
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(server.addr).await.unwrap());
+        }
+        let waiting = tokio::spawn({
+            let addr = server.addr;
+            async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.unwrap();
+                out
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "a 17th connection was served while 16 were open");
+        drop(idle.pop());
+        let out = tokio::time::timeout(Duration::from_secs(2), waiting).await.unwrap().unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        drop(idle);
+        server.stop().await;
     }
 }
