@@ -4,9 +4,10 @@
 //! `bpf_get_netns_cookie` is not available to cgroup_skb programs before 2025
 //! kernels, so the namespace is learned where it is: at socket creation
 //! (`sock_create`), stored in socket-local storage, and read back on egress.
-//! A socket without a mark was created before the guard was first installed; it is
-//! treated as not the host's (fail-closed): such a host client reconnects once and
-//! its new socket is marked.
+//! Only host sockets are marked: a socket without a mark is a pod's, or was created
+//! before the guard was first installed — both treated as not the host's
+//! (fail-closed; such a host client reconnects once and its new socket is marked).
+//! Marking only the host's keeps pod sockets, the many, free of the storage cost.
 
 use core::{ffi::c_void, ptr};
 
@@ -30,6 +31,8 @@ const IPV6_VERSION: u8 = 6;
 const IPV4_PROTOCOL_OFFSET: usize = 9;
 const IPV4_DADDR_OFFSET: usize = 16;
 const IPV4_FRAG_OFFSET: usize = 6;
+/// The fixed part of the IPv4 header (options follow; `ihl` says how many).
+const IPV4_HEADER_LEN: usize = 20;
 /// Fragment offset bits of the IPv4 flags/fragment field (host order).
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IPV6_NEXTHDR_OFFSET: usize = 6;
@@ -48,12 +51,15 @@ fn sock_mark_map() -> *mut c_void {
 
 #[cgroup_sock(sock_create)]
 pub fn mg_sock_create(ctx: SockContext) -> i32 {
+    let Some(settings) = settings() else { return PASS };
     // SAFETY: the context is the new socket; the storage pointer is null-checked.
     unsafe {
         let cookie = bpf_get_netns_cookie(ctx.sock.cast());
-        let slot =
-            bpf_sk_storage_get(sock_mark_map(), ctx.sock.cast(), ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE.into())
-                .cast::<u64>();
+        if cookie != settings.host_netns_cookie {
+            return PASS;
+        }
+        let slot = bpf_sk_storage_get(sock_mark_map(), ctx.sock.cast(), ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE.into())
+            .cast::<u64>();
         if !slot.is_null() {
             *slot = cookie;
         }
@@ -97,23 +103,25 @@ pub fn mg_egress(ctx: SkBuffContext) -> i32 {
     }
 }
 
-/// The packet's destination (and TCP/UDP port), from its IP header.
+/// The packet's destination (and TCP/UDP port), from its IP header: one load for the
+/// header, one for the port, as helper calls dominate this program's cost.
 #[inline(always)]
 fn destination(ctx: &SkBuffContext) -> Option<Destination> {
-    let version = ctx.load::<u8>(0).ok()? >> 4;
+    let first = ctx.load::<u8>(0).ok()?;
     let mut addr = [0u8; 16];
-    if version == IPV4_VERSION {
-        let ihl = ((ctx.load::<u8>(0).ok()? & 0x0f) as usize) * 4;
-        let protocol = ctx.load::<u8>(IPV4_PROTOCOL_OFFSET).ok()?;
-        let daddr = ctx.load::<[u8; 4]>(IPV4_DADDR_OFFSET).ok()?;
-        addr[..4].copy_from_slice(&daddr);
-        let frag = u16::from_be(ctx.load::<u16>(IPV4_FRAG_OFFSET).ok()?) & IPV4_FRAG_OFFSET_MASK;
+    if first >> 4 == IPV4_VERSION {
+        let header = ctx.load::<[u8; IPV4_HEADER_LEN]>(0).ok()?;
+        let ihl = ((first & 0x0f) as usize) * 4;
+        let protocol = header[IPV4_PROTOCOL_OFFSET];
+        addr[..4].copy_from_slice(&header[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4]);
+        let frag = u16::from_be_bytes([header[IPV4_FRAG_OFFSET], header[IPV4_FRAG_OFFSET + 1]]) & IPV4_FRAG_OFFSET_MASK;
         // Later fragments carry no L4 header: judged as port 0.
         let port = if frag == 0 { l4_port(ctx, protocol, ihl) } else { 0 };
         Some(Destination { family: AF_INET, addr, port, protocol, mapped: false })
-    } else if version == IPV6_VERSION {
-        let protocol = ctx.load::<u8>(IPV6_NEXTHDR_OFFSET).ok()?;
-        addr = ctx.load::<[u8; 16]>(IPV6_DADDR_OFFSET).ok()?;
+    } else if first >> 4 == IPV6_VERSION {
+        let header = ctx.load::<[u8; IPV6_HEADER_LEN]>(0).ok()?;
+        let protocol = header[IPV6_NEXTHDR_OFFSET];
+        addr.copy_from_slice(&header[IPV6_DADDR_OFFSET..IPV6_DADDR_OFFSET + 16]);
         let port = l4_port(ctx, protocol, IPV6_HEADER_LEN);
         Some(Destination { family: AF_INET6, addr, port, protocol, mapped: false })
     } else {

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the developer commands of metadata-guard.
 
 mod artifacts;
+mod bench;
 mod cmd;
 mod packages;
 mod test;
@@ -42,6 +43,13 @@ enum Cmd {
     },
     /// Run every test: unit tests, then the real-kernel scenarios (needs root).
     Test,
+    /// Measure the guard's cost beside no guard and iptables/nftables (needs root);
+    /// writes docs/benchmarks/.
+    Bench {
+        /// Every figure briefly, failing only on broken measurements (for CI).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() {
@@ -71,6 +79,7 @@ fn real_main() -> Result<()> {
             cmd::run(&mut run)?;
         }
         Cmd::Test => test::run()?,
+        Cmd::Bench { quick } => bench::run(quick)?,
     }
     Ok(())
 }

@@ -28,5 +28,6 @@ pub fn run() -> Result<()> {
             .arg(&variant_agent),
     )
     .context("real-kernel scenarios failed")?;
+    crate::bench::run(true).context("the quick benchmark (cargo xtask bench --quick) failed")?;
     Ok(())
 }

@@ -1,0 +1,324 @@
+//! The bench's world: the simulated node of the scenarios (its first pod is the one
+//! that measures), a second cgroup of the same depth outside the guard's attach
+//! point (the "no guard" case), sink servers in the node namespace, the agent, and
+//! firewall rules confined to the node namespace.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use metadata_guard_tests::cgroups::{find_cgroup2_mount, TestCgroup};
+
+use crate::{
+    agent::{self, Agent, AgentSpec},
+    node::Node,
+    worker::{Op, Reply, Worker},
+};
+
+pub const TCP_PORT: u16 = 9100;
+pub const UDP_PORT: u16 = 9101;
+pub const BULK_PORT: u16 = 9102;
+pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// The three ways a node can be set up for one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// No guard, no firewall rule.
+    None,
+    /// The guard's programs run for the pod (its cgroup is under the attach point).
+    Guard,
+    /// No guard; a firewall rule set is in force in the node namespace.
+    Firewall,
+}
+
+pub struct Bench {
+    pub agent: Option<Agent>,
+    pub worker: Worker,
+    servers: Servers,
+    /// Outside the guard's attach point, as deep as the pod's cgroup.
+    pub plain: TestCgroup,
+    pub node: Node,
+    pub agent_bin: PathBuf,
+    pub quick: bool,
+}
+
+impl Bench {
+    pub fn new(agent_bin: PathBuf, quick: bool) -> Result<Bench> {
+        let node = Node::build().context("could not build the simulated node")?;
+        let pod = &node.pods[0];
+        // Same nesting depth as the pod's cgroup, so only the guard tells them apart.
+        let depth = pod.cgroup.path().components().count() - find_cgroup2_mount()?.components().count();
+        let mut plain = TestCgroup::create(&find_cgroup2_mount()?, &format!("mg-bench-plain-{}", std::process::id()))?;
+        for level in 1..depth {
+            plain = plain.child(&format!("level{level}"))?;
+        }
+        let servers = Servers::start(&node)?;
+        let worker = Worker::start(&pod.net.ns.path())?;
+        Ok(Bench { agent: None, worker, servers, plain, node, agent_bin, quick })
+    }
+
+    /// Where the pod sends allowed traffic: its gateway, the node end of its veth.
+    pub fn node_addr(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.node.pods[0].net.node_side_ipv4, port)
+    }
+
+    pub fn cgroup(&self, v: Variant) -> &Path {
+        match v {
+            Variant::Guard => self.node.pods[0].cgroup.path(),
+            Variant::None | Variant::Firewall => self.plain.path(),
+        }
+    }
+
+    pub fn run(&mut self, v: Variant, op: Op) -> Result<Reply> {
+        let cgroup = self.cgroup(v).to_path_buf();
+        self.worker.run(&cgroup, op)
+    }
+
+    pub fn firewall(&self) -> Result<Firewall> {
+        Firewall::new(self.node.node_netns())
+    }
+
+    pub fn spec(&self, extra: &[&str]) -> AgentSpec {
+        let mut args: Vec<String> = vec![
+            "--pod-logs-dir".into(),
+            self.node.pod_logs_dir().display().to_string(),
+            "--container-logs-dir".into(),
+            self.node.container_logs_dir().display().to_string(),
+            "--node-name".into(),
+            "bench-node".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        AgentSpec {
+            binary: self.agent_bin.clone(),
+            attach_cgroup: self.node.root.path().to_path_buf(),
+            own_cgroup: self.node.agent_cgroup.path().to_path_buf(),
+            host_netns: self.node.node_netns(),
+            bpffs: self.node.bpffs.clone(),
+            extra: args,
+        }
+    }
+
+    /// (Re)starts the agent; returns the time from spawn to `/readyz` 200.
+    pub fn start_agent(&mut self, extra: &[&str]) -> Result<Duration> {
+        self.stop_agent()?;
+        let t = Instant::now();
+        let agent = Agent::spawn(&self.spec(extra))?;
+        // Polled every 5 ms (the scenarios' 50 ms would blur the figure).
+        let deadline = t + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = agent.http_get("/readyz") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the agent was not ready within 30 s; its log:\n{}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ready = t.elapsed();
+        self.agent = Some(agent);
+        Ok(ready)
+    }
+
+    /// SIGTERM (pins stay, enforcement goes on).
+    pub fn stop_agent(&mut self) -> Result<()> {
+        if let Some(a) = self.agent.take() {
+            a.stop()?;
+        }
+        Ok(())
+    }
+
+    pub fn agent(&self) -> Result<&Agent> {
+        self.agent.as_ref().context("no agent is running")
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let bpffs = self.node.bpffs.display().to_string();
+        let (ok, out, err) = agent::oneshot(&self.agent_bin, &["status", "--json", "--bpffs", &bpffs])?;
+        ensure!(ok, "metadata-guard status failed: {err}");
+        serde_json::from_str(&out).with_context(|| format!("status printed {out:?}"))
+    }
+
+    /// A kernel verdict counter of one hook (`None`: all hooks).
+    pub fn kernel_count(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
+        let status = self.status()?;
+        let counters = status["counters"].as_array().context("status has no counters")?;
+        Ok(counters
+            .iter()
+            .filter(|c| c["verdict"] == verdict && hook.is_none_or(|h| c["hook"] == h))
+            .map(|c| c["count"].as_u64().unwrap_or(0))
+            .sum())
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if let Some(a) = self.agent.take() {
+            let _ = a.kill();
+        }
+        let bpffs = self.node.bpffs.display().to_string();
+        let _ = agent::oneshot(&self.agent_bin, &["uninstall", "--bpffs", &bpffs]);
+        if let Ok(fw) = self.firewall() {
+            let _ = fw.clear();
+        }
+        self.servers.stop();
+    }
+}
+
+/// Firewall rules in the node namespace only, applied with `nsenter --net=`.
+pub struct Firewall {
+    netns: PathBuf,
+}
+
+impl Firewall {
+    /// Refuses a path that is this process's own (the machine's) network namespace.
+    pub fn new(netns: PathBuf) -> Result<Firewall> {
+        let target = std::fs::metadata(&netns).with_context(|| format!("could not stat {}", netns.display()))?;
+        // Our own namespace must be readable; init's is checked when we may see it.
+        let own_meta = std::fs::metadata("/proc/self/ns/net").context("could not stat /proc/self/ns/net")?;
+        for (own, own_meta) in
+            [("/proc/self/ns/net", Some(own_meta)), ("/proc/1/ns/net", std::fs::metadata("/proc/1/ns/net").ok())]
+        {
+            let Some(own_meta) = own_meta else { continue };
+            ensure!(
+                (target.dev(), target.ino()) != (own_meta.dev(), own_meta.ino()),
+                "refusing to touch firewall rules: {} is the machine's own network namespace ({own})",
+                netns.display()
+            );
+        }
+        Ok(Firewall { netns })
+    }
+
+    fn exec(&self, program: &str, args: &[&str], stdin: &str) -> Result<()> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns.display())).arg(program).args(args);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("could not run nsenter {program}; is util-linux installed?"))?;
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), stdin.as_bytes())?;
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "`nsenter --net={} {program} {}` failed ({}): {}",
+            self.netns.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// Loads an nft script (`nft -f -`).
+    pub fn nft(&self, script: &str) -> Result<()> {
+        self.exec("nft", &["-f", "-"], script)
+    }
+
+    /// Loads iptables rules for the filter table (iptables-nft backend).
+    pub fn iptables_restore(&self, rules: &str) -> Result<()> {
+        self.exec("iptables-nft-restore", &[], rules)
+    }
+
+    /// Removes every table in the node namespace: iptables-nft's too, hooks and all.
+    pub fn clear(&self) -> Result<()> {
+        self.exec("nft", &["flush", "ruleset"], "")
+    }
+}
+
+/// iptables rules dropping pod traffic to the metadata address, then `extra` more
+/// destinations: what a node would add instead of the guard.
+pub fn iptables_rules(extra: &[String]) -> String {
+    let mut s = String::from("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -s 10.200.0.0/16 -d 169.254.169.254/32 -j DROP\n");
+    for cidr in extra {
+        s.push_str(&format!("-A INPUT -s 10.200.0.0/16 -d {cidr} -j DROP\n"));
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// Sinks in the node namespace: TCP accept-and-close, bulk TCP read-and-discard, and
+/// a UDP socket nobody reads (datagrams are dropped once its small queue is full,
+/// which keeps the receive side's cost constant).
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    _udp: UdpSocket,
+}
+
+impl Servers {
+    fn start(node: &Node) -> Result<Servers> {
+        let (tcp, bulk, udp) = node
+            .sim
+            .node()
+            .run(|| -> Result<_> {
+                let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
+                Ok((
+                    TcpListener::bind(any(TCP_PORT))?,
+                    TcpListener::bind(any(BULK_PORT))?,
+                    UdpSocket::bind(any(UDP_PORT))?,
+                ))
+            })
+            .context("could not open the sink servers in the node namespace")?;
+        // A deep accept queue: when this thread waits for a busy CPU, a full queue
+        // would drop handshakes and cost a connect a whole second of SYN retry.
+        for l in [&tcp, &bulk] {
+            // SAFETY: listen(2) again on a listening socket only resizes its queue.
+            unsafe { libc::listen(l.as_raw_fd(), 4096) };
+        }
+        tcp.set_nonblocking(true)?;
+        bulk.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (listener, drain) in [(tcp, false), (bulk, true)] {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || serve(listener, drain, &stop)));
+        }
+        Ok(Servers { stop, threads, _udp: udp })
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Accepts until told to stop (polling, so it notices within 100 ms); with `drain`,
+/// reads each connection to its end.
+fn serve(listener: TcpListener, drain: bool, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        while let Ok((mut conn, _)) = listener.accept() {
+            if drain {
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+                loop {
+                    match std::io::Read::read(&mut conn, &mut buf) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !stop.load(Ordering::Relaxed) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! `cargo xtask bench [--quick]`: release builds of the agent and of mg-bench, the
+//! tools it drives (nft, iptables-nft, bpftool), then the bench itself (root).
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::{
+    artifacts::{self, Profile, Variant},
+    cmd, packages, workspace_root,
+};
+
+/// `iptables-nft-restore` comes with Debian's iptables package.
+const IPTABLES: packages::Tool = packages::Tool { program: "iptables-nft-restore", package: "iptables" };
+
+pub fn run(quick: bool) -> Result<()> {
+    artifacts::build_ebpf(Variant::Default)?;
+    let agent = artifacts::build_agent(Profile::Release, Variant::Default)?;
+    packages::ensure(&[packages::BPFTOOL, packages::NFT, IPTABLES])?;
+    let root = workspace_root();
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "metadata-guard-tests",
+        "--bin",
+        "mg-bench",
+    ]))
+    .context("building the bench (mg-bench) failed")?;
+    // A quick run (CI) checks that every measurement works; only a full run
+    // rewrites the published results.
+    let out = if quick { root.join("target/bench-quick") } else { root.join("docs/benchmarks") };
+    let mut bench = Command::new(root.join("target/release/mg-bench"));
+    bench.arg("--agent").arg(&agent).arg("--out").arg(&out).current_dir(&root);
+    if quick {
+        bench.arg("--quick");
+    }
+    cmd::run(&mut bench).context("the bench failed (a broken measurement, not a slow one; see above)")
+}
