@@ -143,17 +143,18 @@ fn explain(f1: &mut Figure, f2: &mut Figure, f3: &mut Figure, f5: &mut Figure, p
     let d2 = diff_ns(f2);
     f1.targets[0].explain = format!(
         "The guard adds {d1:.0} ns to each connect; the kernel's BPF statistics put its programs at {} (upper \
-         bounds: the statistics add clock reads). The bulk of it is not the policy lookup: `sock_create` allocates \
-         socket-local storage on every new socket, and `egress` parses each packet through several \
-         `bpf_skb_load_bytes` helper calls before its lookup. Plan: (1) mark only host-namespace sockets in \
-         `sock_create` — an unmarked socket is already judged a pod's (fail-closed), so verdicts stay the same and \
-         pod sockets skip the allocation; (2) read the IP and L4 headers in `egress` with direct packet access \
-         (one bounds check) instead of one helper call per field. Then rerun this figure.",
+         bounds: the statistics add clock reads). Already done from an earlier profile: `sock_create` marks only \
+         host-namespace sockets (it used to allocate socket-local storage for every socket, ~0.8 µs), and `egress` \
+         reads the IP header in one load instead of one helper call per field. What remains is `egress` running \
+         on each of the connection's packets. Plan: read headers with direct packet access, and let `egress` \
+         return at once for TCP/UDP packets of sockets a socket hook already judged (a per-socket flag set by \
+         `connect4`/`sendmsg4`), so only raw sockets and pre-guard connections pay for the backstop; the round \
+         ratios' spread shows part of the gap is this busy machine's noise.",
         bpf(0)
     );
     f2.targets[0].explain = format!(
         "The guard adds {d2:.0} ns to each datagram; its programs take {}. Both `sendmsg4` and the backstop's \
-         `egress` judge every datagram. Plan: the direct packet access of figure 1's plan for `egress`, and let \
+         `egress` judge every datagram. Plan: direct packet access in `egress`, and let \
          `egress` return at once for UDP and TCP packets of sockets whose socket hook already judged the destination \
          (a flag in the socket's storage, set by `connect4`/`sendmsg4`), so only raw sockets and pre-guard \
          connections pay for the backstop.",
