@@ -21,6 +21,19 @@ pub const METADATA_V6: &str = "fd00:ec2::254";
 /// A refusal must be immediate: EPERM from the hook, not a timeout.
 pub const REFUSAL_BUDGET: Duration = Duration::from_millis(50);
 
+/// Factor for every timing budget: 1 on real hardware; larger under software
+/// emulation (a VM without KVM), where everything is uniformly slower.
+static TIME_SCALE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+pub fn set_time_scale(factor: u32) {
+    TIME_SCALE.store(factor, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A timing budget, scaled for the machine the scenarios run on.
+pub fn budget(d: Duration) -> Duration {
+    d * TIME_SCALE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub struct Ctx {
     pub node: Node,
     pub agent_bin: PathBuf,
@@ -158,7 +171,7 @@ impl Ctx {
         let out = self.try_once(from, kind, dest, port, mapped)?;
         let what = describe(from, kind, dest, port, mapped);
         ensure!(out.eperm == 1, "{what}: expected EPERM, got {out:?}");
-        ensure!(out.max_us < REFUSAL_BUDGET.as_micros() as u64, "{what}: refusal took {} µs", out.max_us);
+        ensure!(out.max_us < budget(REFUSAL_BUDGET).as_micros() as u64, "{what}: refusal took {} µs", out.max_us);
         // Give a packet that slipped through time to arrive before judging.
         std::thread::sleep(Duration::from_millis(20));
         let after = self.node.standin.arrivals();

@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use crate::{
     agent::Agent,
     attempt::{self, Kind},
-    harness::{Ctx, Who, METADATA_V4},
+    harness::{budget, Ctx, Who, METADATA_V4},
 };
 
 pub const SCENARIOS: [crate::Scenario; 6] = [
@@ -68,7 +68,7 @@ fn never_opens(ctx: &mut Ctx) -> Result<()> {
     ensure!(tags_before != tags_after, "the variant build's programs did not replace the pinned ones: {tags_after:?}");
 
     write_config(ctx, Some("169.254.170.2/32"))?;
-    wait_refused(ctx, ECS_ENDPOINT, Duration::from_secs(2)).context("the changed config did not apply")?;
+    wait_refused(ctx, ECS_ENDPOINT, budget(Duration::from_secs(2))).context("the changed config did not apply")?;
     block_in_force(ctx, "config change")?;
     agent.stop()?;
     block_in_force(ctx, "SIGTERM")?;
@@ -158,7 +158,7 @@ fn config_reload(ctx: &mut Ctx) -> Result<()> {
     );
 
     write_config(ctx, Some("169.254.170.2/32"))?;
-    wait_refused(ctx, ECS_ENDPOINT, Duration::from_secs(2))?;
+    wait_refused(ctx, ECS_ENDPOINT, budget(Duration::from_secs(2)))?;
     block_in_force(ctx, "a valid config")?;
 
     // SIGHUP reloads too: back to the plain policy.

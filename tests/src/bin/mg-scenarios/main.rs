@@ -45,12 +45,21 @@ struct Args {
     list: bool,
     /// Check /metrics in-process instead of with promtool (for a VM without it).
     without_promtool: bool,
+    /// Multiply every timing budget (e.g. 10 under software emulation).
+    time_scale: u32,
 }
 
 fn parse_args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
     let mut args =
-        Args { agent: PathBuf::new(), variant_agent: None, filter: None, list: false, without_promtool: false };
+        Args {
+        agent: PathBuf::new(),
+        variant_agent: None,
+        filter: None,
+        list: false,
+        without_promtool: false,
+        time_scale: 1,
+    };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--agent" => args.agent = it.next().context("--agent needs a path")?.into(),
@@ -58,7 +67,10 @@ fn parse_args() -> Result<Args> {
             "--filter" => args.filter = Some(it.next().context("--filter needs text")?),
             "--list" => args.list = true,
             "--without-promtool" => args.without_promtool = true,
-            other => bail!("unknown argument {other}; usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list] [--without-promtool]"),
+            "--time-scale" => {
+                args.time_scale = it.next().and_then(|v| v.parse().ok()).filter(|&v| v > 0).context("--time-scale needs a factor")?
+            }
+            other => bail!("unknown argument {other}; usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list] [--without-promtool] [--time-scale N]"),
         }
     }
     if args.agent.as_os_str().is_empty() && !args.list {
@@ -115,6 +127,7 @@ fn real_main() -> Result<bool> {
     let started = Instant::now();
     let mut ctx = Ctx::new(args.agent.clone(), args.variant_agent.clone())?;
     ctx.without_promtool = args.without_promtool;
+    harness::set_time_scale(args.time_scale);
     eprintln!("mg-scenarios: simulated node ready in {:?}", started.elapsed());
     let (mut passed, mut failed) = (0, 0);
     for (name, scenario) in &selected {

@@ -63,6 +63,10 @@ pub struct Neighbour {
 
 impl Neighbour {
     pub fn attach(cgroup: &Path) -> anyhow::Result<Neighbour> {
+        // Kernels before 5.11 charge BPF programs to RLIMIT_MEMLOCK, whose default is tiny.
+        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: plain setrlimit with a valid struct; failure just leaves the limit.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
         // r0 = 1 (allow); exit
         let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
         let license = c"GPL";

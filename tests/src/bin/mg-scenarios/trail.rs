@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::{
     agent::{Agent, AgentSpec},
     attempt::{self, Kind},
-    harness::{Ctx, Who, METADATA_V4, METADATA_V6},
+    harness::{budget, Ctx, Who, METADATA_V4, METADATA_V6},
 };
 
 pub const SCENARIOS: [crate::Scenario; 5] = [
@@ -40,7 +40,7 @@ fn one_record_per_attempt(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
     let out = ctx.try_once(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
     ensure!(out.eperm == 1, "the attempt was not refused: {out:?}");
-    let records = records_of_pid(ctx.agent()?, out.pid, 1, Duration::from_secs(1))?;
+    let records = records_of_pid(ctx.agent()?, out.pid, 1, budget(Duration::from_secs(1)))?;
     ensure!(records.len() == 1, "expected exactly one record for pid {} within 1 s, got {records:?}", out.pid);
     // Any later record for the same attempt would be a duplicate.
     std::thread::sleep(Duration::from_millis(300));
