@@ -12,11 +12,10 @@ use anyhow::{bail, Context, Result};
 /// hybrid one (v1 controllers with cgroup2 at `unified`).
 pub const CANDIDATES: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
 
-/// `statfs` magic of cgroup2.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
 pub fn is_cgroup2(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
 }
 
 /// The cgroup to attach to: `--cgroup` when given (it must be a cgroup2 directory),

@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// kernel has it (5.14+) and the probe program otherwise.
     #[arg(long, value_enum, default_value = "auto")]
     pub netns_cookie_from: CookieSource,
+    /// Mount bpffs on the parent of --bpffs when it is missing. Set to false in a
+    /// container: a mount made there dies with the container, and the pins with it.
+    #[arg(long, env = "METADATA_GUARD_MOUNT_BPFFS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub mount_bpffs: bool,
     /// Remove enforcement when the agent exits (development only: in production the
     /// block must outlive the agent).
     #[arg(long)]

@@ -57,7 +57,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     raise_memlock_limit();
     let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
-    pins::ensure_on_bpffs(&args.pins.bpffs, true)?;
+    pins::ensure_on_bpffs(&args.pins.bpffs, args.mount_bpffs)?;
     let _lock = pins::AgentLock::acquire(&args.pins.bpffs)?;
     let layout = pins::PinLayout::new(&args.pins.bpffs);
 

@@ -3,9 +3,11 @@
 mod artifacts;
 mod bench;
 mod cmd;
+mod image;
 mod packages;
 mod test;
 mod toolchain;
+mod vm;
 
 use std::{path::PathBuf, process::Command};
 
@@ -43,12 +45,24 @@ enum Cmd {
     },
     /// Run every test: unit tests, then the real-kernel scenarios (needs root).
     Test,
+    /// Build the static agent and its FROM-scratch image (podman), tagged
+    /// localhost/metadata-guard:dev and :<version>.
+    Image,
+    /// Build the image and run it on a simulated node as the DaemonSet does (root).
+    Smoke,
     /// Measure the guard's cost beside no guard and iptables/nftables (needs root);
     /// writes docs/benchmarks/.
     Bench {
         /// Every figure briefly, failing only on broken measurements (for CI).
         #[arg(long)]
         quick: bool,
+    },
+    /// Run the real-kernel scenarios on Debian's 5.10 and 6.1 cloud kernels under
+    /// QEMU; writes docs/kernels.md when every kernel ran.
+    VmTest {
+        /// 5.10, 6.1 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
     },
 }
 
@@ -79,7 +93,10 @@ fn real_main() -> Result<()> {
             cmd::run(&mut run)?;
         }
         Cmd::Test => test::run()?,
+        Cmd::Image => drop(image::build()?),
+        Cmd::Smoke => image::smoke()?,
         Cmd::Bench { quick } => bench::run(quick)?,
+        Cmd::VmTest { kernel } => vm::run(&vm::select(&kernel)?)?,
     }
     Ok(())
 }

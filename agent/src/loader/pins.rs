@@ -14,9 +14,6 @@ use std::{
 use anyhow::{bail, Context, Result};
 use metadata_guard_common::ABI_VERSION;
 
-/// `statfs` magic of bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     /// The `--bpffs` directory (e.g. /sys/fs/bpf/metadata-guard).
@@ -62,7 +59,7 @@ fn is_version_dir(name: &str) -> bool {
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC).unwrap_or(false)
 }
 
 /// Makes sure `root` exists on a bpffs, mounting bpffs on its parent when the parent
