@@ -58,8 +58,9 @@ pub fn mg_sock_create(ctx: SockContext) -> i32 {
         if cookie != settings.host_netns_cookie {
             return PASS;
         }
-        let slot = bpf_sk_storage_get(sock_mark_map(), ctx.sock.cast(), ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE.into())
-            .cast::<u64>();
+        let slot =
+            bpf_sk_storage_get(sock_mark_map(), ctx.sock.cast(), ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE.into())
+                .cast::<u64>();
         if !slot.is_null() {
             *slot = cookie;
         }

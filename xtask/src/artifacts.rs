@@ -119,11 +119,13 @@ pub fn build_agent_static() -> Result<PathBuf> {
 /// Builds the scenario runner of the `tests` crate; returns its path.
 pub fn build_scenarios() -> Result<PathBuf> {
     let root = workspace_root();
-    cmd::run(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["build", "--package", "metadata-guard-tests", "--bin", "mg-scenarios"]),
-    )
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--package",
+        "metadata-guard-tests",
+        "--bin",
+        "mg-scenarios",
+    ]))
     .context("building the scenario runner failed")?;
     Ok(root.join("target/debug/mg-scenarios"))
 }

@@ -24,10 +24,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs and returns stdout; stderr is passed through.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !out.status.success() {
         bail!("`{}` failed ({})", describe(cmd), out.status);
     }

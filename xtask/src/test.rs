@@ -20,14 +20,8 @@ pub fn run() -> Result<()> {
         .context("unit tests failed")?;
 
     let scenarios = artifacts::build_scenarios()?;
-    cmd::run(
-        Command::new(&scenarios)
-            .arg("--agent")
-            .arg(&agent)
-            .arg("--variant-agent")
-            .arg(&variant_agent),
-    )
-    .context("real-kernel scenarios failed")?;
+    cmd::run(Command::new(&scenarios).arg("--agent").arg(&agent).arg("--variant-agent").arg(&variant_agent))
+        .context("real-kernel scenarios failed")?;
     crate::image::smoke().context("the image smoke test (cargo xtask smoke) failed")?;
     crate::bench::run(true).context("the quick benchmark (cargo xtask bench --quick) failed")?;
     crate::vm::run(&crate::vm::select("all")?).context("the kernel matrix (cargo xtask vm-test) failed")?;

@@ -141,8 +141,7 @@ fn link_rustc_llvm(rustc: &Rustc, prefix: &Path) -> Result<()> {
         .unwrap_or(&libs[0]);
     let plain = lib_dir.join("libLLVM.so");
     if !plain.exists() {
-        symlink(shared_object, &plain)
-            .with_context(|| format!("could not create {}", plain.display()))?;
+        symlink(shared_object, &plain).with_context(|| format!("could not create {}", plain.display()))?;
     }
     Ok(())
 }

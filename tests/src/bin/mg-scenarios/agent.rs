@@ -70,7 +70,11 @@ impl Agent {
                 }
                 let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
                 libc::close(fd);
-                if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
             });
         }
         let mut child = cmd.spawn().with_context(|| format!("could not start {}", spec.binary.display()))?;
@@ -159,7 +163,10 @@ impl Agent {
     /// Peak resident memory (VmHWM) in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 }
 
@@ -194,6 +201,11 @@ fn free_local_port() -> Result<SocketAddr> {
 /// Runs a one-shot agent subcommand (`status`, `uninstall`, `check`) and returns
 /// (success, stdout, stderr).
 pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = Command::new(binary).args(args).output().with_context(|| format!("could not run {}", binary.display()))?;
-    Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    let out =
+        Command::new(binary).args(args).output().with_context(|| format!("could not run {}", binary.display()))?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }

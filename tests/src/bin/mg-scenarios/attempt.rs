@@ -256,4 +256,3 @@ pub fn wait(child: std::process::Child) -> Result<Outcome> {
 pub fn run(req: &Request) -> Result<Outcome> {
     wait(spawn(req)?)
 }
-

@@ -1,10 +1,7 @@
 //! No way around it: every path a pod might take to the metadata address, including
 //! those the socket hooks never see, is stopped before anything reaches the node.
 
-use std::{
-    net::Ipv4Addr,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{ensure, Result};
 
@@ -21,7 +18,10 @@ pub const SCENARIOS: [crate::Scenario; 7] = [
     ("backstop: a pod's connection opened before the guard carries nothing once it attaches", old_connection_stopped),
     ("backstop: refusals at the packet level are audited with hook egress", egress_audited),
     ("backstop: a connect submitted through io_uring from a pod is refused", io_uring_refused),
-    ("backstop: a host socket handed to a pod over a unix socket keeps the host's access", handed_socket_keeps_host_access),
+    (
+        "backstop: a host socket handed to a pod over a unix socket keeps the host's access",
+        handed_socket_keeps_host_access,
+    ),
 ];
 
 const METADATA_V4_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
@@ -38,7 +38,9 @@ fn arrivals_of(ctx: &Ctx, who: Who, kind: Kind, protocol: i32, dest: &str) -> Re
 
 fn pod_raw_packets_dropped(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
-    for (kind, protocol) in [(Kind::RawIcmp, libc::IPPROTO_ICMP), (Kind::RawTcpSyn, libc::IPPROTO_TCP), (Kind::RawUdp, libc::IPPROTO_UDP)] {
+    for (kind, protocol) in
+        [(Kind::RawIcmp, libc::IPPROTO_ICMP), (Kind::RawTcpSyn, libc::IPPROTO_TCP), (Kind::RawUdp, libc::IPPROTO_UDP)]
+    {
         let before = ctx.node.standin.arrivals();
         let (out, arrived) = arrivals_of(ctx, Who::Pod(0), kind, protocol, METADATA_V4)?;
         ensure!(arrived == 0, "{kind:?} from a pod: {arrived} packets reached the node ({out:?})");
@@ -55,7 +57,9 @@ fn pod_raw_packets_dropped(ctx: &mut Ctx) -> Result<()> {
 
 fn host_raw_packets_arrive(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
-    for (kind, protocol) in [(Kind::RawIcmp, libc::IPPROTO_ICMP), (Kind::RawTcpSyn, libc::IPPROTO_TCP), (Kind::RawUdp, libc::IPPROTO_UDP)] {
+    for (kind, protocol) in
+        [(Kind::RawIcmp, libc::IPPROTO_ICMP), (Kind::RawTcpSyn, libc::IPPROTO_TCP), (Kind::RawUdp, libc::IPPROTO_UDP)]
+    {
         let (out, arrived) = arrivals_of(ctx, Who::HostInPodCgroup(0), kind, protocol, METADATA_V4)?;
         ensure!(out.ok == 1 && arrived >= 1, "{kind:?} from the host: sent {out:?}, {arrived} arrived");
     }
@@ -103,9 +107,10 @@ fn egress_audited(ctx: &mut Ctx) -> Result<()> {
     ensure!(out.ok == 0, "raw ICMP was not refused: {out:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     loop {
-        let found = ctx.agent()?.audit_records().into_iter().any(|r| {
-            r["hook"] == "egress" && r["protocol"] == "icmp" && r["pod"] == ctx.node.pods[2].name.as_str()
-        });
+        let found =
+            ctx.agent()?.audit_records().into_iter().any(|r| {
+                r["hook"] == "egress" && r["protocol"] == "icmp" && r["pod"] == ctx.node.pods[2].name.as_str()
+            });
         if found {
             return Ok(());
         }
@@ -117,7 +122,8 @@ fn egress_audited(ctx: &mut Ctx) -> Result<()> {
 fn io_uring_refused(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
     let out = ctx.try_once(Who::Pod(0), Kind::IoUringConnect, METADATA_V4, 80, false)?;
-    let unsupported = out.other.keys().any(|e| e.contains("Function not implemented") || e.contains("Operation not permitted"));
+    let unsupported =
+        out.other.keys().any(|e| e.contains("Function not implemented") || e.contains("Operation not permitted"));
     if unsupported && out.eperm == 0 {
         // io_uring disabled here (kernel.io_uring_disabled): the connect cannot happen at all.
         println!("     note: io_uring is not available on this kernel: {:?}", out.other);

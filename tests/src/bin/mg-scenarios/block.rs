@@ -5,8 +5,8 @@ use anyhow::{ensure, Result};
 
 use crate::{
     attempt::Kind,
-    neighbour::Neighbour,
     harness::{Ctx, Who, METADATA_V4, METADATA_V6},
+    neighbour::Neighbour,
 };
 
 pub const SCENARIOS: [crate::Scenario; 11] = [
@@ -104,7 +104,11 @@ fn detach_opens_again(ctx: &mut Ctx) -> Result<()> {
 /// with a probe program. Forcing it here proves that path on any kernel.
 fn probe_cookie_mechanism(ctx: &mut Ctx) -> Result<()> {
     ctx.ensure_agent(&["--netns-cookie-from", "probe"])?;
-    ensure!(ctx.agent()?.log_text().contains("probe program"), "the agent did not use the probe:\n{}", ctx.agent()?.log_text());
+    ensure!(
+        ctx.agent()?.log_text().contains("probe program"),
+        "the agent did not use the probe:\n{}",
+        ctx.agent()?.log_text()
+    );
     ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
     ctx.expect_served(Who::HostInPodCgroup(0), Kind::Http, METADATA_V4, 80, false)
 }

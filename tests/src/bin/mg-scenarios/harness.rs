@@ -57,7 +57,14 @@ pub enum Who {
 
 impl Ctx {
     pub fn new(agent_bin: PathBuf, variant_bin: Option<PathBuf>) -> Result<Ctx> {
-        Ok(Ctx { node: Node::build()?, agent_bin, variant_bin, agent: None, running_args: Vec::new(), without_promtool: false })
+        Ok(Ctx {
+            node: Node::build()?,
+            agent_bin,
+            variant_bin,
+            agent: None,
+            running_args: Vec::new(),
+            without_promtool: false,
+        })
     }
 
     pub fn spec(&self, binary: &std::path::Path, extra: &[&str]) -> AgentSpec {
@@ -128,9 +135,18 @@ impl Ctx {
 
     /// Sum of a kernel verdict counter over all hooks.
     pub fn kernel_count(&self, verdict: &str) -> Result<u64> {
+        self.kernel_count_at(None, verdict)
+    }
+
+    /// A kernel verdict counter of one hook (or of all, with None).
+    pub fn kernel_count_at(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
         let status = self.status()?;
         let counters = status["counters"].as_array().context("status has no counters")?;
-        Ok(counters.iter().filter(|c| c["verdict"] == verdict).map(|c| c["count"].as_u64().unwrap_or(0)).sum())
+        Ok(counters
+            .iter()
+            .filter(|c| c["verdict"] == verdict && hook.is_none_or(|h| c["hook"] == h))
+            .map(|c| c["count"].as_u64().unwrap_or(0))
+            .sum())
     }
 
     pub fn request(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Request> {

@@ -51,8 +51,7 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
-    let mut args =
-        Args {
+    let mut args = Args {
         agent: PathBuf::new(),
         variant_agent: None,
         filter: None,
@@ -101,10 +100,8 @@ fn main() {
 
 fn real_main() -> Result<bool> {
     let args = parse_args()?;
-    let selected: Vec<Scenario> = scenarios()
-        .into_iter()
-        .filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f)))
-        .collect();
+    let selected: Vec<Scenario> =
+        scenarios().into_iter().filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f))).collect();
     if args.list {
         for (name, _) in &selected {
             println!("{name}");

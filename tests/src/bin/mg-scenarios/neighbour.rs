@@ -112,7 +112,12 @@ impl Neighbour {
         };
         // SAFETY: a valid attr pointing at a buffer of the stated length.
         let ret = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut InfoAttr, size_of::<InfoAttr>() as u32)
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                &mut attr as *mut InfoAttr,
+                size_of::<InfoAttr>() as u32,
+            )
         };
         if ret < 0 {
             return Err(io::Error::last_os_error());

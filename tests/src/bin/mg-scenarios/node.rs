@@ -123,7 +123,14 @@ impl Node {
         self.kubelet_pod_with(namespace, name, "main", layout, n)
     }
 
-    fn kubelet_pod_with(&self, namespace: &str, name: &str, container: &str, layout: Layout, n: u32) -> Result<KubeletPod> {
+    fn kubelet_pod_with(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: &str,
+        layout: Layout,
+        n: u32,
+    ) -> Result<KubeletPod> {
         let uid = format!("{n:08x}-1111-2222-3333-{n:012x}");
         let container_id = format!("{:064x}", 0xc0ffee_u64 + u64::from(n));
         // Names first, as the kubelet does, so the cgroup is resolvable when it appears.
@@ -139,18 +146,20 @@ impl Node {
                 .burstable
                 .child(&format!("kubepods-burstable-pod{uid_}.slice"))?
                 .child(&format!("cri-containerd-{container_id}.scope"))?,
-            Layout::SystemdCrio => {
-                self.kubepods.child(&format!("kubepods-pod{uid_}.slice"))?.child(&format!("crio-{container_id}.scope"))?
-            }
-            Layout::CgroupfsContainerd => {
-                self.cgroupfs_besteffort.child(&format!("pod{uid}"))?.child(&container_id)?
-            }
+            Layout::SystemdCrio => self
+                .kubepods
+                .child(&format!("kubepods-pod{uid_}.slice"))?
+                .child(&format!("crio-{container_id}.scope"))?,
+            Layout::CgroupfsContainerd => self.cgroupfs_besteffort.child(&format!("pod{uid}"))?.child(&container_id)?,
         };
         Ok(KubeletPod { uid, container_id, cgroup, logs })
     }
 
     pub fn pod_index(&self, namespace: &str, name: &str) -> Result<usize> {
-        self.pods.iter().position(|p| p.namespace == namespace && p.name == name).with_context(|| format!("no pod {namespace}/{name}"))
+        self.pods
+            .iter()
+            .position(|p| p.namespace == namespace && p.name == name)
+            .with_context(|| format!("no pod {namespace}/{name}"))
     }
 
     pub fn pod_logs_dir(&self) -> PathBuf {
@@ -173,7 +182,6 @@ impl Drop for Node {
         let _ = fs::remove_dir_all(&self.work);
     }
 }
-
 
 /// A pod's cgroup and log directories; dropping it removes both, as a pod's end does.
 pub struct KubeletPod {

@@ -24,7 +24,9 @@ impl PacketTap {
     pub fn open(ns: &NetNs, protocol: i32, dest: Ipv4Addr) -> Result<PacketTap> {
         let fd = ns.run(|| {
             // SAFETY: plain socket(2); owned right away.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol) };
+            let fd = unsafe {
+                libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol)
+            };
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -17,7 +17,10 @@ use crate::{
 pub const SCENARIOS: [crate::Scenario; 4] = [
     ("policy: each preset blocks what it lists and leaves its neighbours and DNS open", presets_block_what_they_list),
     ("policy: an allowlisted pod is served while its neighbour in the namespace is refused", allowlisted_pod_served),
-    ("policy: a new allowlisted container is let through within 100 ms of its cgroup appearing", allowlist_follows_new_pods),
+    (
+        "policy: a new allowlisted container is let through within 100 ms of its cgroup appearing",
+        allowlist_follows_new_pods,
+    ),
     ("policy: churn of 200 pods leaves the allowlist and the agent's memory where they started", churn_leaves_no_trace),
 ];
 
@@ -28,10 +31,18 @@ const PRESETS: [(&str, &[&str], &[&str]); 8] = [
         &["169.254.169.254:80", "[fd00:ec2::254]:80", "100.100.100.200:80", "192.0.0.192:80", "168.63.129.16:80"],
         &["169.254.169.254:53", "168.63.129.16:53", "169.254.170.2:80", "169.254.170.23:80", "169.254.169.253:80"],
     ),
-    ("aws", &["169.254.169.254:80", "[fd00:ec2::254]:80"], &["169.254.170.23:80", "169.254.170.2:80", "169.254.169.254:53", "100.100.100.200:80"]),
+    (
+        "aws",
+        &["169.254.169.254:80", "[fd00:ec2::254]:80"],
+        &["169.254.170.23:80", "169.254.170.2:80", "169.254.169.254:53", "100.100.100.200:80"],
+    ),
     ("aws-ecs", &["169.254.169.254:80", "169.254.170.2:80"], &["169.254.170.23:80", "169.254.169.253:80"]),
     ("gcp", &["169.254.169.254:80"], &["169.254.169.254:53", "[fd00:ec2::254]:80", "100.100.100.200:80"]),
-    ("azure", &["169.254.169.254:80", "168.63.129.16:80"], &["168.63.129.16:53", "169.254.169.254:53", "[fd00:ec2::254]:80"]),
+    (
+        "azure",
+        &["169.254.169.254:80", "168.63.129.16:80"],
+        &["168.63.129.16:53", "169.254.169.254:53", "[fd00:ec2::254]:80"],
+    ),
     ("alibaba", &["100.100.100.200:80", "100.100.100.200:53"], &["169.254.169.254:80"]),
     ("oracle", &["169.254.169.254:80", "192.0.0.192:80"], &["169.254.169.254:53", "100.100.100.200:80"]),
     ("openstack", &["169.254.169.254:80"], &["169.254.169.254:53", "192.0.0.192:80", "169.254.169.253:80"]),
@@ -47,11 +58,13 @@ fn presets_block_what_they_list(ctx: &mut Ctx) -> Result<()> {
         ctx.ensure_agent(&["--preset", preset])?;
         for target in blocked {
             let (ip, port) = split(target)?;
-            ctx.expect_refused(Who::Pod(0), Kind::UdpSendto, &ip, port, false).with_context(|| format!("preset {preset}"))?;
+            ctx.expect_refused(Who::Pod(0), Kind::UdpSendto, &ip, port, false)
+                .with_context(|| format!("preset {preset}"))?;
         }
         for target in open {
             let (ip, port) = split(target)?;
-            ctx.expect_served(Who::Pod(0), Kind::UdpSendto, &ip, port, false).with_context(|| format!("preset {preset}"))?;
+            ctx.expect_served(Who::Pod(0), Kind::UdpSendto, &ip, port, false)
+                .with_context(|| format!("preset {preset}"))?;
         }
     }
     Ok(())
@@ -59,7 +72,10 @@ fn presets_block_what_they_list(ctx: &mut Ctx) -> Result<()> {
 
 fn allow_config(ctx: &Ctx) -> Result<String> {
     let path = ctx.node.work.join("allow.yaml");
-    fs::write(&path, "destinations:\n  presets: [default]\nallow_pods:\n  - namespace: payments\n    pod: \"api-*\"\n")?;
+    fs::write(
+        &path,
+        "destinations:\n  presets: [default]\nallow_pods:\n  - namespace: payments\n    pod: \"api-*\"\n",
+    )?;
     Ok(path.display().to_string())
 }
 
@@ -68,8 +84,10 @@ fn allowlisted_pod_served(ctx: &mut Ctx) -> Result<()> {
     ctx.ensure_agent(&["--config", &config])?;
     let api = ctx.node.pod_index("payments", "api-5f6c8")?;
     let ledger = ctx.node.pod_index("payments", "ledger-9k2x1")?;
-    wait_until(Duration::from_secs(3), || Ok(ctx.try_once(Who::Pod(api), Kind::UdpSendto, "169.254.169.254", 80, false)?.ok == 1))
-        .context("the allowlisted pod was never let through")?;
+    wait_until(Duration::from_secs(3), || {
+        Ok(ctx.try_once(Who::Pod(api), Kind::UdpSendto, "169.254.169.254", 80, false)?.ok == 1)
+    })
+    .context("the allowlisted pod was never let through")?;
     ctx.expect_served(Who::Pod(api), Kind::Http, "169.254.169.254", 80, false)?;
     ctx.expect_refused(Who::Pod(ledger), Kind::Http, "169.254.169.254", 80, false)?;
     ctx.expect_refused(Who::Pod(0), Kind::Http, "169.254.169.254", 80, false)
@@ -77,7 +95,12 @@ fn allowlisted_pod_served(ctx: &mut Ctx) -> Result<()> {
 
 fn allowlisted_ids(ctx: &Ctx) -> Result<Vec<u64>> {
     let status = ctx.status()?;
-    Ok(status["allowlisted_cgroups"].as_array().context("no allowlist in status")?.iter().filter_map(|v| v.as_u64()).collect())
+    Ok(status["allowlisted_cgroups"]
+        .as_array()
+        .context("no allowlist in status")?
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect())
 }
 
 fn wait_until(within: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<Duration> {
@@ -121,12 +144,19 @@ fn churn_leaves_no_trace(ctx: &mut Ctx) -> Result<()> {
         .collect::<Result<_>>()?;
     // Each pod brings two cgroups: the pod's own and its container's.
     let full = baseline + 2 * CHURN as usize;
-    wait_until(Duration::from_secs(5), || Ok(allowlisted_ids(ctx)?.len() == full))
-        .with_context(|| format!("not every churned pod was allowlisted: {} of {full}", allowlisted_ids(ctx).map(|v| v.len()).unwrap_or(0)))?;
+    wait_until(Duration::from_secs(5), || Ok(allowlisted_ids(ctx)?.len() == full)).with_context(|| {
+        format!(
+            "not every churned pod was allowlisted: {} of {full}",
+            allowlisted_ids(ctx).map(|v| v.len()).unwrap_or(0)
+        )
+    })?;
     drop(pods);
     wait_until(Duration::from_secs(5), || Ok(allowlisted_ids(ctx)?.len() == baseline))
         .context("the allowlist did not shrink back after the pods went")?;
     let rss_after = ctx.agent()?.peak_rss_kib().context("no RSS")?;
-    ensure!(rss_after < rss_before + 16 * 1024, "the agent grew from {rss_before} KiB to {rss_after} KiB over the churn");
+    ensure!(
+        rss_after < rss_before + 16 * 1024,
+        "the agent grew from {rss_before} KiB to {rss_after} KiB over the churn"
+    );
     Ok(())
 }

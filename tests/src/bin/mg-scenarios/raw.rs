@@ -122,7 +122,10 @@ pub fn io_uring_connect(to: &SocketAddr) -> io::Result<()> {
 /// SCM_RIGHTS, as a host process would pass one to a pod; returns the received fd.
 pub fn handed_socket(netns: &std::path::Path, to: &SocketAddr) -> anyhow::Result<OwnedFd> {
     use anyhow::Context;
-    use nix::sys::socket::{recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr};
+    use nix::sys::socket::{
+        recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+        UnixAddr,
+    };
     let own = std::fs::File::open("/proc/thread-self/ns/net")?;
     let ns = std::fs::File::open(netns).with_context(|| format!("could not open {}", netns.display()))?;
     nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
@@ -131,7 +134,13 @@ pub fn handed_socket(netns: &std::path::Path, to: &SocketAddr) -> anyhow::Result
     let created = created.context("could not create the host socket")?;
     let (a, b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?;
     let fds = [std::os::fd::AsRawFd::as_raw_fd(&created)];
-    sendmsg::<UnixAddr>(std::os::fd::AsRawFd::as_raw_fd(&a), &[io::IoSlice::new(b"fd")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)?;
+    sendmsg::<UnixAddr>(
+        std::os::fd::AsRawFd::as_raw_fd(&a),
+        &[io::IoSlice::new(b"fd")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )?;
     drop(created);
     let mut buf = [0u8; 2];
     let mut iov = [io::IoSliceMut::new(&mut buf)];
