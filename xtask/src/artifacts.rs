@@ -90,19 +90,12 @@ pub fn build_agent(profile: Profile, variant: Variant) -> Result<PathBuf> {
     Ok(target_dir.join(dir).join("metadata-guard"))
 }
 
-pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+pub use toolchain::STATIC_TARGET;
 
 /// Builds the release agent as one static musl binary, for the FROM-scratch image;
 /// returns its path. Adds the musl target to the toolchain when it is missing.
 pub fn build_agent_static() -> Result<PathBuf> {
-    let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]))
-        .context("could not ask rustup for the installed targets; the static build needs rustup")?;
-    if !installed.lines().any(|t| t.trim() == STATIC_TARGET) {
-        eprintln!("xtask: adding the {STATIC_TARGET} target (static binaries)");
-        cmd::run(Command::new("rustup").args(["target", "add", STATIC_TARGET])).with_context(|| {
-            format!("could not add the {STATIC_TARGET} target; run `rustup target add {STATIC_TARGET}`")
-        })?;
-    }
+    toolchain::ensure_static_target()?;
     let root = workspace_root();
     cmd::run(
         Command::new("cargo")

@@ -145,3 +145,18 @@ fn link_rustc_llvm(rustc: &Rustc, prefix: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The target of the static (musl) builds: the container image and the test VMs.
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Adds the musl standard library to the toolchain when it is missing.
+pub fn ensure_static_target() -> Result<()> {
+    let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]))
+        .context("could not ask rustup for the installed targets; static builds need rustup")?;
+    if installed.lines().any(|t| t.trim() == STATIC_TARGET) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {STATIC_TARGET} target (static binaries)");
+    cmd::run(Command::new("rustup").args(["target", "add", STATIC_TARGET]))
+        .with_context(|| format!("could not add the {STATIC_TARGET} target; run `rustup target add {STATIC_TARGET}`"))
+}

@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// musl: its binaries are static by default, and the guest has no libc of its own.
-const TARGET: &str = "x86_64-unknown-linux-musl";
+const TARGET: &str = crate::toolchain::STATIC_TARGET;
 
 pub struct Binaries {
     pub agent: PathBuf,
@@ -26,7 +26,7 @@ pub struct Binaries {
 /// on two cores that compiles about as fast as anything, and the scenarios' time
 /// inside the VM goes to the emulated kernel, not to the agent's own code.
 pub fn build() -> Result<Binaries> {
-    ensure_target()?;
+    crate::toolchain::ensure_static_target()?;
     artifacts::build_ebpf(Variant::Default)?;
     artifacts::build_ebpf(Variant::Test)?;
     // Two target directories, like the host builds: the agent's build script embeds
@@ -59,17 +59,4 @@ fn cargo(target_dir: &Path, variant: Variant, bins: &[(&str, &str)]) -> Result<(
             .env("CARGO_PROFILE_DEV_DEBUG", "0")
             .env("CARGO_PROFILE_DEV_STRIP", "debuginfo"),
     )
-}
-
-/// Adds the musl standard library to the toolchain when it is missing.
-fn ensure_target() -> Result<()> {
-    let installed =
-        cmd::output(Command::new("rustup").args(["target", "list", "--installed"]).current_dir(workspace_root()))
-            .context("could not ask rustup for the installed targets; is rustup on PATH?")?;
-    if installed.lines().any(|t| t.trim() == TARGET) {
-        return Ok(());
-    }
-    eprintln!("xtask: rustup target add {TARGET} (static binaries for the VM)");
-    cmd::run(Command::new("rustup").args(["target", "add", TARGET]).current_dir(workspace_root()))
-        .with_context(|| format!("could not add the {TARGET} target; run `rustup target add {TARGET}`"))
 }
