@@ -109,18 +109,19 @@ pub fn build_agent_static() -> Result<PathBuf> {
     Ok(root.join("target").join(STATIC_TARGET).join("release/metadata-guard"))
 }
 
-/// Builds the scenario runner of the `tests` crate; returns its path.
-pub fn build_scenarios() -> Result<PathBuf> {
+/// Builds one program of the `tests` crate (mg-scenarios, mg-smoke, ...) in debug;
+/// returns its path.
+pub fn build_test_program(name: &str) -> Result<PathBuf> {
     let root = workspace_root();
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "build",
         "--package",
         "metadata-guard-tests",
         "--bin",
-        "mg-scenarios",
+        name,
     ]))
-    .context("building the scenario runner failed")?;
-    Ok(root.join("target/debug/mg-scenarios"))
+    .with_context(|| format!("building {name} failed"))?;
+    Ok(root.join("target/debug").join(name))
 }
 
 pub fn relative(p: &Path) -> String {

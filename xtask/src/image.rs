@@ -83,16 +83,9 @@ pub fn smoke() -> Result<()> {
         return Ok(());
     }
     let root = workspace_root();
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--package",
-        "metadata-guard-tests",
-        "--bin",
-        "mg-smoke",
-    ]))
-    .context("building the smoke test (mg-smoke) failed")?;
+    let smoke = artifacts::build_test_program("mg-smoke")?;
     cmd::run(
-        Command::new(root.join("target/debug/mg-smoke"))
+        Command::new(&smoke)
             .arg("--image")
             .arg(DEV_TAG)
             .arg("--manifests")

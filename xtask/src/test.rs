@@ -19,7 +19,7 @@ pub fn run() -> Result<()> {
     cmd::run(Command::new("cargo").current_dir(workspace_root()).args(["test", "--workspace"]))
         .context("unit tests failed")?;
 
-    let scenarios = artifacts::build_scenarios()?;
+    let scenarios = artifacts::build_test_program("mg-scenarios")?;
     cmd::run(Command::new(&scenarios).arg("--agent").arg(&agent).arg("--variant-agent").arg(&variant_agent))
         .context("real-kernel scenarios failed")?;
     crate::image::smoke().context("the image smoke test (cargo xtask smoke) failed")?;

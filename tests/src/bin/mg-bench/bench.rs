@@ -89,23 +89,7 @@ impl Bench {
     }
 
     pub fn spec(&self, extra: &[&str]) -> AgentSpec {
-        let mut args: Vec<String> = vec![
-            "--pod-logs-dir".into(),
-            self.node.pod_logs_dir().display().to_string(),
-            "--container-logs-dir".into(),
-            self.node.container_logs_dir().display().to_string(),
-            "--node-name".into(),
-            "bench-node".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        AgentSpec {
-            binary: self.agent_bin.clone(),
-            attach_cgroup: self.node.root.path().to_path_buf(),
-            own_cgroup: self.node.agent_cgroup.path().to_path_buf(),
-            host_netns: self.node.node_netns(),
-            bpffs: self.node.bpffs.clone(),
-            extra: args,
-        }
+        self.node.agent_spec(&self.agent_bin, "bench-node", extra)
     }
 
     /// (Re)starts the agent; returns the time from spawn to `/readyz` 200.

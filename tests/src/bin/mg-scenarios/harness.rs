@@ -68,23 +68,7 @@ impl Ctx {
     }
 
     pub fn spec(&self, binary: &std::path::Path, extra: &[&str]) -> AgentSpec {
-        let mut args: Vec<String> = vec![
-            "--pod-logs-dir".into(),
-            self.node.pod_logs_dir().display().to_string(),
-            "--container-logs-dir".into(),
-            self.node.container_logs_dir().display().to_string(),
-            "--node-name".into(),
-            "test-node".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        AgentSpec {
-            binary: binary.to_path_buf(),
-            attach_cgroup: self.node.root.path().to_path_buf(),
-            own_cgroup: self.node.agent_cgroup.path().to_path_buf(),
-            host_netns: self.node.node_netns(),
-            bpffs: self.node.bpffs.clone(),
-            extra: args,
-        }
+        self.node.agent_spec(binary, "test-node", extra)
     }
 
     /// Makes sure an agent with exactly these extra arguments runs (restarting one

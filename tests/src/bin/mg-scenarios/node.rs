@@ -7,6 +7,8 @@
 use std::{fs, path::PathBuf};
 
 use anyhow::{Context, Result};
+
+use crate::agent::AgentSpec;
 use metadata_guard_tests::{
     cgroups::{find_cgroup2_mount, TestCgroup},
     netns::NetNs,
@@ -160,6 +162,28 @@ impl Node {
             .iter()
             .position(|p| p.namespace == namespace && p.name == name)
             .with_context(|| format!("no pod {namespace}/{name}"))
+    }
+
+    /// How to start the agent on this node, as a DaemonSet would: attached to the
+    /// node's cgroup root, living in its own unit, the node's netns as the host's.
+    pub fn agent_spec(&self, binary: &std::path::Path, node_name: &str, extra: &[&str]) -> AgentSpec {
+        let mut args: Vec<String> = vec![
+            "--pod-logs-dir".into(),
+            self.pod_logs_dir().display().to_string(),
+            "--container-logs-dir".into(),
+            self.container_logs_dir().display().to_string(),
+            "--node-name".into(),
+            node_name.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        AgentSpec {
+            binary: binary.to_path_buf(),
+            attach_cgroup: self.root.path().to_path_buf(),
+            own_cgroup: self.agent_cgroup.path().to_path_buf(),
+            host_netns: self.node_netns(),
+            bpffs: self.bpffs.clone(),
+            extra: args,
+        }
     }
 
     pub fn pod_logs_dir(&self) -> PathBuf {
