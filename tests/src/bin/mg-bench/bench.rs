@@ -126,21 +126,12 @@ impl Bench {
     }
 
     pub fn status(&self) -> Result<serde_json::Value> {
-        let bpffs = self.node.bpffs.display().to_string();
-        let (ok, out, err) = agent::oneshot(&self.agent_bin, &["status", "--json", "--bpffs", &bpffs])?;
-        ensure!(ok, "metadata-guard status failed: {err}");
-        serde_json::from_str(&out).with_context(|| format!("status printed {out:?}"))
+        agent::status(&self.agent_bin, &self.node.bpffs)
     }
 
     /// A kernel verdict counter of one hook (`None`: all hooks).
     pub fn kernel_count(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
-        let status = self.status()?;
-        let counters = status["counters"].as_array().context("status has no counters")?;
-        Ok(counters
-            .iter()
-            .filter(|c| c["verdict"] == verdict && hook.is_none_or(|h| c["hook"] == h))
-            .map(|c| c["count"].as_u64().unwrap_or(0))
-            .sum())
+        agent::verdict_count(&self.status()?, hook, verdict)
     }
 }
 

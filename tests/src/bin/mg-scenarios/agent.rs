@@ -209,3 +209,21 @@ pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
 }
+
+/// `metadata-guard status --json` for the pins under `bpffs`.
+pub fn status(binary: &Path, bpffs: &Path) -> Result<serde_json::Value> {
+    let bpffs = bpffs.display().to_string();
+    let (ok, out, err) = oneshot(binary, &["status", "--json", "--bpffs", &bpffs])?;
+    anyhow::ensure!(ok, "metadata-guard status failed: {err}");
+    serde_json::from_str(&out).with_context(|| format!("status printed {out:?}"))
+}
+
+/// A kernel verdict counter from a status, of one hook (`None`: all hooks).
+pub fn verdict_count(status: &serde_json::Value, hook: Option<&str>, verdict: &str) -> Result<u64> {
+    let counters = status["counters"].as_array().context("status has no counters")?;
+    Ok(counters
+        .iter()
+        .filter(|c| c["verdict"] == verdict && hook.is_none_or(|h| c["hook"] == h))
+        .map(|c| c["count"].as_u64().unwrap_or(0))
+        .sum())
+}

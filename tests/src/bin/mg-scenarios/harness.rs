@@ -112,9 +112,7 @@ impl Ctx {
     }
 
     pub fn status(&self) -> Result<serde_json::Value> {
-        let (ok, out, err) = self.oneshot(&["status", "--json"])?;
-        ensure!(ok, "metadata-guard status failed: {err}");
-        serde_json::from_str(&out).with_context(|| format!("status printed {out:?}"))
+        agent::status(&self.agent_bin, &self.node.bpffs)
     }
 
     /// Sum of a kernel verdict counter over all hooks.
@@ -124,13 +122,7 @@ impl Ctx {
 
     /// A kernel verdict counter of one hook (or of all, with None).
     pub fn kernel_count_at(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
-        let status = self.status()?;
-        let counters = status["counters"].as_array().context("status has no counters")?;
-        Ok(counters
-            .iter()
-            .filter(|c| c["verdict"] == verdict && hook.is_none_or(|h| c["hook"] == h))
-            .map(|c| c["count"].as_u64().unwrap_or(0))
-            .sum())
+        agent::verdict_count(&self.status()?, hook, verdict)
     }
 
     pub fn request(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Request> {
