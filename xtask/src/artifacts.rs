@@ -90,23 +90,25 @@ pub fn build_agent(profile: Profile, variant: Variant) -> Result<PathBuf> {
     Ok(target_dir.join(dir).join("metadata-guard"))
 }
 
-pub use toolchain::STATIC_TARGET;
+pub use toolchain::Arch;
 
-/// Builds the release agent as one static musl binary, for the FROM-scratch image;
-/// returns its path. Adds the musl target to the toolchain when it is missing.
-pub fn build_agent_static() -> Result<PathBuf> {
-    toolchain::ensure_static_target()?;
+/// Builds the release agent of `arch` as one static musl binary, the file the image
+/// ships and the VM matrix tests; returns its path. Adds the musl target to the
+/// toolchain when it is missing.
+pub fn build_agent_static(arch: Arch) -> Result<PathBuf> {
+    toolchain::ensure_static_target(arch)?;
     let root = workspace_root();
-    cmd::run(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["build", "--release", "--package", "metadata-guard", "--target", STATIC_TARGET])
-            .arg("--target-dir")
-            .arg(root.join("target"))
-            .env("METADATA_GUARD_EBPF_OBJECT", ebpf_object(Variant::Default)),
-    )
-    .context("building the static agent failed")?;
-    Ok(root.join("target").join(STATIC_TARGET).join("release/metadata-guard"))
+    let target = arch.static_target();
+    let mut build = Command::new("cargo");
+    build
+        .current_dir(&root)
+        .args(["build", "--release", "--package", "metadata-guard", "--target", target])
+        .arg("--target-dir")
+        .arg(root.join("target"))
+        .env("METADATA_GUARD_EBPF_OBJECT", ebpf_object(Variant::Default));
+    arch.configure_linker(&mut build);
+    cmd::run(&mut build).with_context(|| format!("building the static {} agent failed", arch.name()))?;
+    Ok(root.join("target").join(target).join("release/metadata-guard"))
 }
 
 /// Builds one program of the `tests` crate (mg-scenarios, mg-smoke, ...) in debug;

@@ -1,72 +1,145 @@
 //! `cargo xtask image`: the agent's container image, and `cargo xtask smoke`: that
 //! image run on a simulated node exactly as the DaemonSet runs it.
 
-use std::{fs, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
 
 use crate::{
     artifacts::{self, Variant},
-    cmd, packages, workspace_root,
+    cmd, packages,
+    toolchain::Arch,
+    workspace_root,
 };
 
 pub const REPOSITORY: &str = "localhost/metadata-guard";
+/// A manifest list: one image per architecture of [`Arch::ALL`].
 pub const DEV_TAG: &str = "localhost/metadata-guard:dev";
 
 const PODMAN: packages::Tool = packages::Tool { program: "podman", package: "podman" };
 /// Debian's podman defaults to crun; the smoke test (and this machine) use runc.
 const RUNC: packages::Tool = packages::Tool { program: "runc", package: "runc" };
 
-/// Builds the static agent and the FROM-scratch image; returns the image id.
-pub fn build() -> Result<String> {
+/// Where each architecture's agent is staged for `podman build`: the build context is
+/// `target/image/`, and the Containerfile copies `<TARGETARCH>/metadata-guard`.
+pub fn staged_agent(arch: Arch) -> PathBuf {
+    workspace_root().join("target/image").join(arch.name()).join("metadata-guard")
+}
+
+/// Builds the static agent of every architecture and the multi-architecture image:
+/// a manifest list tagged localhost/metadata-guard:dev and :<version>, holding one
+/// FROM-scratch image per architecture. podman builds them without emulation (the
+/// Containerfile only copies a file).
+pub fn build() -> Result<()> {
     artifacts::build_ebpf(Variant::Default)?;
-    let agent = artifacts::build_agent_static()?;
+    for arch in Arch::ALL {
+        let agent = artifacts::build_agent_static(arch)?;
+        let staged = staged_agent(arch);
+        fs::create_dir_all(staged.parent().unwrap())?;
+        fs::copy(&agent, &staged)
+            .with_context(|| format!("could not copy {} to {}", agent.display(), staged.display()))?;
+    }
     packages::ensure(&[PODMAN, RUNC])?;
 
-    // The build context holds the binary and nothing else: the repository (with its
-    // gigabytes of target/) would be copied to the builder on every build.
-    let root = workspace_root();
-    let context = root.join("target/image");
-    fs::create_dir_all(&context).with_context(|| format!("could not create {}", context.display()))?;
-    let staged = context.join("metadata-guard");
-    fs::copy(&agent, &staged).with_context(|| format!("could not copy {} to {}", agent.display(), staged.display()))?;
-
     let version = env!("CARGO_PKG_VERSION");
-    let previous = image_id(DEV_TAG);
+    let version_tag = format!("{REPOSITORY}:{version}");
+    // `podman build --manifest` adds to an existing list: start from none. The images a
+    // rebuild replaces keep no tag: remove them rather than pile them up (failure is
+    // fine: a container may still use one).
+    let previous: Vec<String> = Arch::ALL.iter().filter_map(|a| instance(*a).ok()).map(|i| i.id).collect();
+    for tag in [DEV_TAG, version_tag.as_str()] {
+        let _ = Command::new("podman").args(["manifest", "rm", tag]).output();
+        // A single-architecture image of that name, from before the list.
+        let _ = Command::new("podman").args(["image", "rm", tag]).output();
+    }
+    let platforms: Vec<String> = Arch::ALL.iter().map(|a| format!("linux/{}", a.name())).collect();
     let mut build = Command::new("podman");
     build
         // No intermediate images to pile up; a fixed timestamp makes the same
         // binary give the same image id.
         .args(["build", "--pull=never", "--layers=false", "--timestamp", "0", "--build-arg"])
         .arg(format!("VERSION={version}"))
-        .args(["--tag", DEV_TAG, "--tag"])
-        .arg(format!("{REPOSITORY}:{version}"))
-        .arg("--file")
-        .arg(root.join("Containerfile"))
-        .arg(&context);
+        .arg("--platform")
+        .arg(platforms.join(","))
+        .args(["--manifest", DEV_TAG, "--file"])
+        .arg(workspace_root().join("Containerfile"))
+        .arg(workspace_root().join("target/image"));
     cmd::run(&mut build).context("podman could not build the image (see its output above)")?;
+    cmd::run(Command::new("podman").args(["tag", DEV_TAG, &version_tag]))?;
 
-    let id = image_id(DEV_TAG).context("podman built the image but cannot find it by its tag")?;
-    // The image a rebuild replaces keeps no tag: remove it rather than pile them up.
-    // Failure is fine (a container may still use it).
-    if let Some(old) = previous.filter(|old| *old != id) {
-        let _ = Command::new("podman").args(["image", "rm", &old]).output();
+    println!("image {DEV_TAG} ({version_tag}), a manifest list:");
+    let mut current = Vec::new();
+    for arch in Arch::ALL {
+        let image = instance(arch)?;
+        let size: u64 =
+            cmd::output(Command::new("podman").args(["image", "inspect", "--format", "{{.Size}}", &image.id]))?
+                .trim()
+                .parse()
+                .context("podman printed an image size that is not a number")?;
+        println!("  {:<6} {}  {:.1} MiB", arch.name(), image.digest, size as f64 / (1024.0 * 1024.0));
+        current.push(image.id);
     }
-    let size: u64 = cmd::output(Command::new("podman").args(["image", "inspect", "--format", "{{.Size}}", &id]))?
-        .trim()
-        .parse()
-        .context("podman printed an image size that is not a number")?;
-    println!("image {DEV_TAG} ({REPOSITORY}:{version})");
-    println!("id    {id}");
-    println!("size  {:.1} MiB", size as f64 / (1024.0 * 1024.0));
-    Ok(id)
+    for old in previous.iter().filter(|old| !current.contains(old)) {
+        let _ = Command::new("podman").args(["image", "rm", old]).output();
+    }
+    Ok(())
 }
 
-/// The full id of a local image, if there is one by that name.
-fn image_id(name: &str) -> Option<String> {
-    let out = Command::new("podman").args(["image", "inspect", "--format", "{{.Id}}", name]).output().ok()?;
-    let id = String::from_utf8(out.stdout).ok()?.trim().to_string();
-    (out.status.success() && !id.is_empty()).then_some(id)
+/// One architecture's image of the [`DEV_TAG`] list.
+struct Instance {
+    /// The manifest digest, as a registry shows it: `sha256:…`.
+    digest: String,
+    /// The local image id.
+    id: String,
+}
+
+impl Instance {
+    fn reference(&self) -> String {
+        format!("{REPOSITORY}@{}", self.digest)
+    }
+}
+
+fn instance(arch: Arch) -> Result<Instance> {
+    let text = cmd::output(Command::new("podman").args(["manifest", "inspect", DEV_TAG]))?;
+    let list: serde_json::Value =
+        serde_json::from_str(&text).context("`podman manifest inspect` printed something that is not JSON")?;
+    let digest = list["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["platform"]["architecture"] == arch.name() && m["platform"]["os"] == "linux")
+        .and_then(|m| m["digest"].as_str())
+        .with_context(|| format!("{DEV_TAG} has no linux/{} image; run `cargo xtask image`", arch.name()))?
+        .to_string();
+    let reference = format!("{REPOSITORY}@{digest}");
+    let id = cmd::output(Command::new("podman").args(["image", "inspect", "--format", "{{.Id}}", &reference]))?
+        .trim()
+        .to_string();
+    Ok(Instance { digest, id })
+}
+
+/// Copies the agent out of the `arch` image of the list to `to`, as a node's
+/// bootstrap does (`podman create` + `podman cp`); returns `to`.
+pub fn extract_agent(arch: Arch, to: &Path) -> Result<PathBuf> {
+    let image = instance(arch)?;
+    fs::create_dir_all(to.parent().unwrap())?;
+    let container = cmd::output(
+        Command::new("podman")
+            .args(["create", "--pull=never", "--platform"])
+            .arg(format!("linux/{}", arch.name()))
+            .arg(image.reference()),
+    )?
+    .trim()
+    .to_string();
+    let copied = cmd::run(Command::new("podman").arg("cp").arg(format!("{container}:/metadata-guard")).arg(to));
+    let removed = cmd::output(Command::new("podman").args(["rm", &container]));
+    copied.with_context(|| format!("could not copy the agent out of {}", image.reference()))?;
+    removed?;
+    Ok(to.to_path_buf())
 }
 
 /// `cargo xtask smoke`: builds the image, then `mg-smoke` runs it on a simulated

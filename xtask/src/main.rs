@@ -34,6 +34,10 @@ enum Cmd {
     Build {
         #[arg(long)]
         release: bool,
+        /// Build the static (musl) release agent for this architecture instead, as the
+        /// image ships it: amd64 (x86_64) or arm64 (aarch64).
+        #[arg(long, value_name = "ARCH")]
+        target: Option<String>,
     },
     /// Build everything and run the agent on this machine (as root).
     Run {
@@ -57,12 +61,15 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
-    /// Run the real-kernel scenarios on Debian's 5.10 and 6.1 cloud kernels under
-    /// QEMU; writes docs/kernels.md when every kernel ran.
+    /// Run the real-kernel scenarios on Debian's 5.10 and 6.1 cloud kernels, amd64 and
+    /// arm64, under QEMU; writes docs/kernels.md when every kernel ran.
     VmTest {
         /// 5.10, 6.1 or all.
         #[arg(long, default_value = "all")]
         kernel: String,
+        /// amd64, arm64 or all.
+        #[arg(long, default_value = "all")]
+        arch: String,
     },
 }
 
@@ -79,7 +86,12 @@ fn real_main() -> Result<()> {
             let object = artifacts::build_ebpf(if variant { Variant::Test } else { Variant::Default })?;
             eprintln!("xtask: eBPF object at {}", artifacts::relative(&object));
         }
-        Cmd::Build { release } => {
+        Cmd::Build { release: _, target: Some(arch) } => {
+            artifacts::build_ebpf(Variant::Default)?;
+            let agent = artifacts::build_agent_static(artifacts::Arch::parse(&arch)?)?;
+            eprintln!("xtask: static agent at {}", artifacts::relative(&agent));
+        }
+        Cmd::Build { release, target: None } => {
             artifacts::build_ebpf(Variant::Default)?;
             let agent = artifacts::build_agent(profile(release), Variant::Default)?;
             eprintln!("xtask: agent at {}", artifacts::relative(&agent));
@@ -93,10 +105,10 @@ fn real_main() -> Result<()> {
             cmd::run(&mut run)?;
         }
         Cmd::Test => test::run()?,
-        Cmd::Image => drop(image::build()?),
+        Cmd::Image => image::build()?,
         Cmd::Smoke => image::smoke()?,
         Cmd::Bench { quick } => bench::run(quick)?,
-        Cmd::VmTest { kernel } => vm::run(&vm::select(&kernel)?)?,
+        Cmd::VmTest { kernel, arch } => vm::run(&vm::select(&kernel, &arch)?)?,
     }
     Ok(())
 }

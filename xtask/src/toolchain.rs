@@ -146,17 +146,65 @@ fn link_rustc_llvm(rustc: &Rustc, prefix: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The target of the static (musl) builds: the container image and the test VMs.
-pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+/// A CPU architecture of the nodes: what the static agent, the image and the VM
+/// matrix are built for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
 
-/// Adds the musl standard library to the toolchain when it is missing.
-pub fn ensure_static_target() -> Result<()> {
+impl Arch {
+    pub const ALL: [Arch; 2] = [Arch::Amd64, Arch::Arm64];
+
+    /// The name Debian, OCI and Kubernetes use (`kubernetes.io/arch`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// Accepts the Debian/OCI name or the Rust one (`arm64`, `aarch64`).
+    pub fn parse(s: &str) -> Result<Arch> {
+        match s {
+            "amd64" | "x86_64" => Ok(Arch::Amd64),
+            "arm64" | "aarch64" => Ok(Arch::Arm64),
+            _ => bail!("unknown architecture {s}; use amd64 (x86_64) or arm64 (aarch64)"),
+        }
+    }
+
+    /// The musl target of the static builds: musl binaries are static by default, so
+    /// one file runs on any node (and in a FROM-scratch image or an initramfs).
+    pub fn static_target(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "x86_64-unknown-linux-musl",
+            Arch::Arm64 => "aarch64-unknown-linux-musl",
+        }
+    }
+
+    /// Sets how cargo links for this architecture. amd64 links with the host's `cc`.
+    /// arm64 links with rustup's own `rust-lld` (which rustc finds in its sysroot) and
+    /// the musl C runtime objects the target ships (`self-contained`): no cross gcc,
+    /// no downloaded toolchain. The dependency tree has no C code to cross-compile.
+    pub fn configure_linker(self, cargo: &mut Command) {
+        if self == Arch::Arm64 {
+            cargo
+                .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER", "rust-lld")
+                .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS", "-Clink-self-contained=yes");
+        }
+    }
+}
+
+/// Adds the musl standard library of `arch` to the toolchain when it is missing.
+pub fn ensure_static_target(arch: Arch) -> Result<()> {
+    let target = arch.static_target();
     let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]))
         .context("could not ask rustup for the installed targets; static builds need rustup")?;
-    if installed.lines().any(|t| t.trim() == STATIC_TARGET) {
+    if installed.lines().any(|t| t.trim() == target) {
         return Ok(());
     }
-    eprintln!("xtask: adding the {STATIC_TARGET} target (static binaries)");
-    cmd::run(Command::new("rustup").args(["target", "add", STATIC_TARGET]))
-        .with_context(|| format!("could not add the {STATIC_TARGET} target; run `rustup target add {STATIC_TARGET}`"))
+    eprintln!("xtask: adding the {target} target (static binaries)");
+    cmd::run(Command::new("rustup").args(["target", "add", target]))
+        .with_context(|| format!("could not add the {target} target; run `rustup target add {target}`"))
 }

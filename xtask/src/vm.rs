@@ -15,53 +15,94 @@ use std::{fs, path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{artifacts, cmd, packages, workspace_root};
+use crate::{artifacts, cmd, image, packages, toolchain::Arch, workspace_root};
 
-/// A kernel of the matrix: the current cloud kernel of a Debian release.
+/// A kernel of the matrix: the current cloud kernel of a Debian release, on one
+/// architecture.
 pub struct Kernel {
     /// What `--kernel` takes.
-    pub name: &'static str,
+    pub version: &'static str,
     suite: &'static str,
+    pub arch: Arch,
+    /// The scenarios this guest runs (`mg-scenarios --filter`); None: every one.
+    filter: Option<&'static str>,
 }
 
-pub const KERNELS: &[Kernel] = &[Kernel { name: "5.10", suite: "bullseye" }, Kernel { name: "6.1", suite: "bookworm" }];
+impl Kernel {
+    /// `5.10 amd64`: the kernel's name in reports and on the terminal.
+    pub fn name(&self) -> String {
+        format!("{} {}", self.version, self.arch.name())
+    }
+
+    /// `amd64-5.10`: its directory under target/vm/ and in the package cache.
+    fn dir(&self) -> String {
+        format!("{}-{}", self.arch.name(), self.version)
+    }
+}
+
+pub const KERNELS: &[Kernel] = &[
+    Kernel { version: "5.10", suite: "bullseye", arch: Arch::Amd64, filter: None },
+    Kernel { version: "6.1", suite: "bookworm", arch: Arch::Amd64, filter: None },
+    Kernel { version: "5.10", suite: "bullseye", arch: Arch::Arm64, filter: ARM64_FILTER },
+    Kernel { version: "6.1", suite: "bookworm", arch: Arch::Arm64, filter: ARM64_FILTER },
+];
+
+/// The arm64 guests run every scenario as well: see [`VM_TIMEOUT`] for the time.
+const ARM64_FILTER: Option<&str> = None;
 
 /// The busybox-static package comes from this suite, whatever the kernel.
 const BUSYBOX_SUITE: &str = "bookworm";
 
 /// How long one kernel's VM may run: boot plus the whole scenario suite under TCG
-/// takes about 70 s on two cores; a VM still running long past that is hung.
+/// takes about 70 s on two cores for amd64; a VM still running long past that is hung.
 const VM_TIMEOUT: Duration = Duration::from_secs(8 * 60);
 
-const QEMU: packages::Tool = packages::Tool { program: "qemu-system-x86_64", package: "qemu-system-x86" };
-
-/// The kernels named by `--kernel` (`all` or a name of [`KERNELS`]).
-pub fn select(name: &str) -> Result<Vec<&'static Kernel>> {
-    if name == "all" {
-        return Ok(KERNELS.iter().collect());
+/// The kernels named by `--kernel` (`all` or a version of [`KERNELS`]) and `--arch`
+/// (`all`, `amd64` or `arm64`).
+pub fn select(version: &str, arch: &str) -> Result<Vec<&'static Kernel>> {
+    let arch = if arch == "all" { None } else { Some(Arch::parse(arch)?) };
+    if version != "all" && !KERNELS.iter().any(|k| k.version == version) {
+        let mut names: Vec<&str> = KERNELS.iter().map(|k| k.version).collect();
+        names.dedup();
+        bail!("no kernel {version} in the matrix; use one of {} or all", names.join(", "));
     }
-    match KERNELS.iter().find(|k| k.name == name) {
-        Some(k) => Ok(vec![k]),
-        None => {
-            let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
-            bail!("no kernel {name} in the matrix; use one of {} or all", names.join(", "))
-        }
-    }
+    Ok(KERNELS
+        .iter()
+        .filter(|k| version == "all" || k.version == version)
+        .filter(|k| arch.is_none_or(|a| k.arch == a))
+        .collect())
 }
 
 pub fn run(kernels: &[&Kernel]) -> Result<()> {
-    packages::ensure(&[QEMU])?;
+    let mut arches: Vec<Arch> = kernels.iter().map(|k| k.arch).collect();
+    arches.dedup();
+    packages::ensure(&arches.iter().map(|a| qemu::tool(*a)).collect::<Vec<_>>())?;
     let root = workspace_root();
     let cache = root.join("target/vm/cache");
-    let busybox =
-        debian::unpacked(&cache, "busybox-static", BUSYBOX_SUITE, "busybox-static", false)?.root.join("bin/busybox");
-    let bins = binaries::build()?;
+    // The agent every guest runs is the one the image ships, copied out of the image
+    // (its per-architecture instance): what is tested is what nodes pull.
+    image::build()?;
+    let mut bins = Vec::new();
+    for arch in &arches {
+        let busybox = debian::unpacked(
+            &cache,
+            &format!("busybox-static-{}", arch.name()),
+            BUSYBOX_SUITE,
+            *arch,
+            "busybox-static",
+            false,
+        )?
+        .root
+        .join("bin/busybox");
+        bins.push((*arch, busybox, binaries::build(*arch)?));
+    }
     let scenarios: Vec<String> =
-        cmd::output(Command::new(&bins.scenarios).arg("--list"))?.lines().map(str::to_string).collect();
+        cmd::output(Command::new(&binaries::host_scenarios()?).arg("--list"))?.lines().map(str::to_string).collect();
 
     let mut runs = Vec::new();
     for kernel in kernels {
-        runs.push(run_kernel(kernel, &cache, &busybox, &bins)?);
+        let (_, busybox, bins) = bins.iter().find(|(a, _, _)| *a == kernel.arch).unwrap();
+        runs.push(run_kernel(kernel, &cache, busybox, bins)?);
     }
 
     eprintln!("\n{}", report::markdown(&runs, &scenarios));
@@ -85,12 +126,18 @@ pub fn run(kernels: &[&Kernel]) -> Result<()> {
 }
 
 fn run_kernel(kernel: &Kernel, cache: &Path, busybox: &Path, bins: &binaries::Binaries) -> Result<report::KernelRun> {
-    let package =
-        debian::unpacked(cache, &format!("linux-{}", kernel.name), kernel.suite, "linux-image-cloud-amd64", true)?;
+    let package = debian::unpacked(
+        cache,
+        &format!("linux-{}", kernel.dir()),
+        kernel.suite,
+        kernel.arch,
+        &format!("linux-image-cloud-{}", kernel.arch.name()),
+        true,
+    )?;
     let vmlinuz = only_entry(&package.root.join("boot"), "vmlinuz-")?;
     let modules_dir = only_entry(&package.root.join("lib/modules"), "")?;
 
-    let dir = workspace_root().join("target/vm").join(kernel.name);
+    let dir = workspace_root().join("target/vm").join(kernel.dir());
     fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
     let initrd = initramfs::pack(
         &dir,
@@ -100,15 +147,19 @@ fn run_kernel(kernel: &Kernel, cache: &Path, busybox: &Path, bins: &binaries::Bi
             variant_agent: &bins.variant_agent,
             scenarios: &bins.scenarios,
             modules_dir: &modules_dir,
+            filter: kernel.filter,
         },
     )?;
     let console_log = dir.join("console.log");
-    eprintln!("xtask: booting {} ({} {}) under QEMU", kernel.name, package.name, package.version);
-    let boot = qemu::boot(&vmlinuz, &initrd, &console_log, VM_TIMEOUT, kernel.name)?;
+    let name = kernel.name();
+    eprintln!("xtask: booting {name} ({} {}) under QEMU", package.name, package.version);
+    let boot = qemu::boot(kernel.arch, &vmlinuz, &initrd, &console_log, VM_TIMEOUT, &name)?;
     let text = fs::read(&console_log).with_context(|| format!("could not read {}", console_log.display()))?;
     Ok(report::KernelRun {
-        name: kernel.name,
+        name,
         package: format!("{} {}", package.name, package.version),
+        agent_sha256: bins.agent_sha256.clone(),
+        filter: kernel.filter,
         console: console::Console::parse(&String::from_utf8_lossy(&text)),
         console_log: artifacts::relative(&console_log),
         elapsed: boot.elapsed,
@@ -116,7 +167,6 @@ fn run_kernel(kernel: &Kernel, cache: &Path, busybox: &Path, bins: &binaries::Bi
         qemu_failed: boot.qemu_failed,
     })
 }
-
 /// The one entry of `dir` whose name starts with `prefix` (a package holds one kernel).
 fn only_entry(dir: &Path, prefix: &str) -> Result<std::path::PathBuf> {
     let found: Vec<_> = fs::read_dir(dir)

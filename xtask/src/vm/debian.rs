@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::cmd;
+use crate::{cmd, toolchain::Arch};
 
 /// Where Debian's packages come from when the machine's sources name no Debian mirror.
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -24,16 +24,24 @@ pub struct Unpacked {
     pub version: String,
 }
 
-/// Returns `package` of Debian `suite` unpacked at `cache/<dir>/root`, fetching it
-/// only when that tree is missing. `package` may be a metapackage of one dependency
-/// (e.g. `linux-image-cloud-amd64`); then that dependency is what gets fetched.
-pub fn unpacked(cache: &Path, dir: &str, suite: &str, package: &str, follow_meta: bool) -> Result<Unpacked> {
+/// Returns `package` of Debian `suite` for `arch` unpacked at `cache/<dir>/root`,
+/// fetching it only when that tree is missing. `package` may be a metapackage of one
+/// dependency (e.g. `linux-image-cloud-amd64`); then that dependency is what gets
+/// fetched.
+pub fn unpacked(
+    cache: &Path,
+    dir: &str,
+    suite: &str,
+    arch: Arch,
+    package: &str,
+    follow_meta: bool,
+) -> Result<Unpacked> {
     let home = cache.join(dir);
     let deb = home.join("package.deb");
     let root = home.join("root");
     if !root.is_dir() {
         if !deb.is_file() {
-            download(cache, suite, package, follow_meta, &deb)?;
+            download(cache, suite, arch, package, follow_meta, &deb)?;
         }
         // Unpack beside the final place and rename, so an interrupted run never leaves
         // a half tree that a later run would take for complete.
@@ -51,15 +59,15 @@ pub fn unpacked(cache: &Path, dir: &str, suite: &str, package: &str, follow_meta
     Ok(Unpacked { root, name: field("Package")?, version: field("Version")? })
 }
 
-fn download(cache: &Path, suite: &str, package: &str, follow_meta: bool, to: &Path) -> Result<()> {
-    let apt = PrivateApt::update(cache, suite)?;
+fn download(cache: &Path, suite: &str, arch: Arch, package: &str, follow_meta: bool, to: &Path) -> Result<()> {
+    let apt = PrivateApt::update(cache, suite, arch)?;
     let name = if follow_meta { apt.sole_dependency(package)? } else { package.to_string() };
-    let incoming = cache.join("apt").join(suite).join("incoming");
+    let incoming = apt.dir.join("incoming");
     if incoming.exists() {
         fs::remove_dir_all(&incoming)?;
     }
     fs::create_dir_all(&incoming)?;
-    eprintln!("xtask: downloading {name} ({suite})");
+    eprintln!("xtask: downloading {name} ({suite}, {})", arch.name());
     cmd::run(apt.command("apt-get").arg("download").arg(&name).current_dir(&incoming))
         .with_context(|| format!("could not download {name} from Debian {suite}"))?;
     let got = fs::read_dir(&incoming)?
@@ -71,14 +79,16 @@ fn download(cache: &Path, suite: &str, package: &str, follow_meta: bool, to: &Pa
     Ok(())
 }
 
-/// apt-get and apt-cache pointed at one suite, with sources, lists and cache of their own.
+/// apt-get and apt-cache pointed at one suite and architecture, with sources, lists
+/// and cache of their own.
 struct PrivateApt {
+    dir: PathBuf,
     options: Vec<String>,
 }
 
 impl PrivateApt {
-    fn update(cache: &Path, suite: &str) -> Result<PrivateApt> {
-        let dir = cache.join("apt").join(suite);
+    fn update(cache: &Path, suite: &str, arch: Arch) -> Result<PrivateApt> {
+        let dir = cache.join("apt").join(format!("{suite}-{}", arch.name()));
         let sources = dir.join("sources");
         for d in [sources.clone(), dir.join("lists/partial"), dir.join("cache/archives/partial")] {
             fs::create_dir_all(&d).with_context(|| format!("could not create {}", d.display()))?;
@@ -96,6 +106,10 @@ impl PrivateApt {
             format!("Dir::Etc::SourceParts={}", sources.display()),
             format!("Dir::State::Lists={}", dir.join("lists").display()),
             format!("Dir::Cache={}", dir.join("cache").display()),
+            // The guest's architecture, whatever this machine's: arm64 kernels and
+            // busybox for the arm64 guests. (Downloading needs no dpkg foreign arch.)
+            format!("APT::Architecture={}", arch.name()),
+            format!("APT::Architectures={}", arch.name()),
             // Only the package index is needed: no translations, no AppStream data.
             "Acquire::Languages=none".to_string(),
             "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".to_string(),
@@ -105,10 +119,10 @@ impl PrivateApt {
         .iter()
         .flat_map(|o| ["-o".to_string(), o.clone()])
         .collect();
-        let apt = PrivateApt { options };
-        eprintln!("xtask: apt-get update for Debian {suite} (private lists under {})", dir.display());
+        eprintln!("xtask: apt-get update for Debian {suite} {} (private lists under {})", arch.name(), dir.display());
+        let apt = PrivateApt { dir, options };
         cmd::run(apt.command("apt-get").arg("-qq").arg("update"))
-            .with_context(|| format!("apt-get update for Debian {suite} from {mirror} failed"))?;
+            .with_context(|| format!("apt-get update for Debian {suite} {} from {mirror} failed", arch.name()))?;
         Ok(apt)
     }
 

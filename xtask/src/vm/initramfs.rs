@@ -51,7 +51,7 @@ if [ -n "$setup_failed" ]; then
     echo "mg-vm: end rc=setup-failed"
 else
     mg-scenarios --agent /bin/metadata-guard --variant-agent /bin/metadata-guard-variant --without-promtool \
-        --time-scale @TIME_SCALE@
+        --time-scale @TIME_SCALE@ @FILTER@
     echo "mg-vm: end rc=$?"
 fi
 poweroff -f
@@ -64,6 +64,8 @@ pub struct Inputs<'a> {
     pub scenarios: &'a Path,
     /// The kernel package's `lib/modules/<release>` directory.
     pub modules_dir: &'a Path,
+    /// `mg-scenarios --filter`: None runs every scenario.
+    pub filter: Option<&'a str>,
 }
 
 /// Builds `<dir>/initramfs.cpio` (uncompressed: the kernel unpacks it without a
@@ -92,7 +94,8 @@ pub fn pack(dir: &Path, inputs: &Inputs<'_>) -> Result<PathBuf> {
     let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
     fs::write(stage.join("lib/modules/order"), names.join("\n") + "\n")?;
     let init = stage.join("init");
-    fs::write(&init, INIT.replace("@TIME_SCALE@", &TIME_SCALE.to_string()))?;
+    let filter = inputs.filter.map(|f| format!("--filter '{f}'")).unwrap_or_default();
+    fs::write(&init, INIT.replace("@TIME_SCALE@", &TIME_SCALE.to_string()).replace("@FILTER@", &filter))?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
 
     let out = dir.join("initramfs.cpio");

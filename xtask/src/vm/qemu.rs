@@ -13,7 +13,23 @@ use std::{
 use anyhow::{Context, Result};
 
 use super::initramfs::MARK;
-use crate::cmd;
+use crate::{cmd, packages::Tool, toolchain::Arch};
+
+/// The emulator of each architecture's guests, and its Debian package.
+pub fn tool(arch: Arch) -> Tool {
+    match arch {
+        Arch::Amd64 => Tool { program: "qemu-system-x86_64", package: "qemu-system-x86" },
+        Arch::Arm64 => Tool { program: "qemu-system-aarch64", package: "qemu-system-arm" },
+    }
+}
+
+/// The guest's serial console device.
+fn console(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Amd64 => "ttyS0",
+        Arch::Arm64 => "ttyAMA0",
+    }
+}
 
 pub struct Boot {
     pub elapsed: Duration,
@@ -26,8 +42,24 @@ pub struct Boot {
 /// Runs the VM to its end (the init script powers it off) or to `timeout`. Console
 /// lines go to `console_log`; progress lines (scenario results and markers) are also
 /// shown on the terminal, prefixed with `label`.
-pub fn boot(kernel: &Path, initrd: &Path, console_log: &Path, timeout: Duration, label: &str) -> Result<Boot> {
-    let mut qemu = Command::new("qemu-system-x86_64");
+pub fn boot(
+    arch: Arch,
+    kernel: &Path,
+    initrd: &Path,
+    console_log: &Path,
+    timeout: Duration,
+    label: &str,
+) -> Result<Boot> {
+    let mut qemu = Command::new(tool(arch).program);
+    match arch {
+        Arch::Amd64 => &mut qemu,
+        // The generic `virt` board boots a kernel directly (no firmware) from a device
+        // tree; its serial port is a PL011, ttyAMA0. Neoverse N1 is the core of AWS
+        // Graviton2 and Ampere Altra (Azure, GCP T2A, Oracle A1): ARMv8.2 with LSE
+        // atomics, which the BPF JIT uses, and without pointer authentication, whose
+        // emulation (in `-cpu max`) makes TCG several times slower.
+        Arch::Arm64 => qemu.args(["-machine", "virt", "-cpu", "neoverse-n1"]),
+    };
     // TCG, the emulator, on purpose: a /dev/kvm that opens can still fail at the first
     // instruction (nested virtualisation), and KVM would only change the speed.
     qemu.args(["-accel", "tcg", "-m", "2048", "-smp", "2"])
@@ -38,7 +70,8 @@ pub fn boot(kernel: &Path, initrd: &Path, console_log: &Path, timeout: Duration,
         .arg("-initrd")
         .arg(initrd)
         // panic=-1 with -no-reboot: a guest panic ends QEMU at once instead of hanging.
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+        .arg("-append")
+        .arg(format!("console={} panic=-1 loglevel=4", console(arch)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

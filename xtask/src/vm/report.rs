@@ -8,10 +8,14 @@ use super::console::Console;
 
 /// One kernel's run, as the host saw it.
 pub struct KernelRun {
-    /// `5.10`, `6.1`: the name `--kernel` takes.
-    pub name: &'static str,
+    /// `5.10 amd64`, `6.1 arm64`: the kernel version and the architecture.
+    pub name: String,
     /// Debian package and version, e.g. `linux-image-6.1.0-50-cloud-amd64 6.1.176-1`.
     pub package: String,
+    /// The sha256 of the agent the guest ran: the image's file for its architecture.
+    pub agent_sha256: String,
+    /// `mg-scenarios --filter` in the guest; None: every scenario.
+    pub filter: Option<&'static str>,
     pub console: Console,
     pub console_log: String,
     pub elapsed: Duration,
@@ -22,6 +26,11 @@ pub struct KernelRun {
 impl KernelRun {
     fn result(&self, scenario: &str) -> Option<&super::console::ScenarioResult> {
         self.console.results.iter().find(|r| r.name == scenario)
+    }
+
+    /// Whether this kernel's guest was to run `scenario`.
+    fn expects(&self, scenario: &str) -> bool {
+        self.filter.is_none_or(|f| scenario.contains(f))
     }
 
     /// Why this kernel's run failed, if it did.
@@ -38,7 +47,7 @@ impl KernelRun {
         if failed > 0 {
             p.push(format!("{failed} scenario(s) failed"));
         }
-        let missing = scenarios.iter().filter(|s| self.result(s).is_none()).count();
+        let missing = scenarios.iter().filter(|s| self.expects(s) && self.result(s).is_none()).count();
         if missing > 0 {
             p.push(format!("{missing} scenario(s) reported no result"));
         }
@@ -114,7 +123,8 @@ pub fn markdown(runs: &[KernelRun], scenarios: &[String]) -> String {
             let _ = write!(md, " {} |", capability_cell(run, c.proven_by));
         }
         let passed = run.console.results.iter().filter(|r| r.passed).count();
-        let _ = writeln!(md, " {} | {passed}/{} |", cookie_cell(run), scenarios.len());
+        let expected = scenarios.iter().filter(|s| run.expects(s)).count();
+        let _ = writeln!(md, " {} | {passed}/{expected} |", cookie_cell(run));
     }
 
     md.push_str("\n| scenario |");
@@ -130,7 +140,8 @@ pub fn markdown(runs: &[KernelRun], scenarios: &[String]) -> String {
             let cell = match run.result(s) {
                 Some(r) if r.passed => format!("ok ({:.1} s)", r.millis as f64 / 1000.0),
                 Some(_) => "**FAIL**".to_string(),
-                None => "not run".to_string(),
+                None if run.expects(s) => "**no result**".to_string(),
+                None => "not in subset".to_string(),
             };
             let _ = write!(md, " {cell} |");
         }
@@ -145,13 +156,13 @@ pub fn summary(runs: &[KernelRun], scenarios: &[String]) -> String {
     let mut s = String::new();
     for run in runs {
         let passed = run.console.results.iter().filter(|r| r.passed).count();
+        let expected = scenarios.iter().filter(|s| run.expects(s)).count();
         let _ = writeln!(
             s,
-            "{:>5}: {} ({}), {passed}/{} scenarios passed, VM ran {:.0?}; console: {}",
+            "{:>10}: {} ({}), {passed}/{expected} scenarios passed, VM ran {:.0?}; console: {}",
             run.name,
             run.console.release.as_deref().unwrap_or("did not boot"),
             run.package,
-            scenarios.len(),
             run.elapsed,
             run.console_log
         );
@@ -167,13 +178,17 @@ pub fn summary(runs: &[KernelRun], scenarios: &[String]) -> String {
 
 /// docs/kernels.md: the tables, and how they were made.
 pub fn document(runs: &[KernelRun], scenarios: &[String], date: &str) -> String {
-    let kernels: Vec<&str> = runs.iter().map(|r| r.name).collect();
+    let kernels: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
     format!(
         "# Supported kernels\n\n\
          Written by `cargo xtask vm-test` ({date}) from its own run; do not edit by hand.\n\n\
          Each kernel is a Debian cloud kernel package ({kernels}) booted under QEMU with an \
          initramfs holding busybox, the agent (and its test variant) and `mg-scenarios`; \
-         the guest runs `metadata-guard check` and then every real-kernel scenario. A \
+         the guest runs `metadata-guard check` and then the real-kernel scenarios. amd64 \
+         guests are `qemu-system-x86_64`, arm64 guests `qemu-system-aarch64 -machine virt \
+         -cpu neoverse-n1` (the core of Graviton2 and Ampere Altra). The agent in each guest \
+         is the release binary copied out of that architecture's image in the \
+         `localhost/metadata-guard:dev` manifest list (its sha256 below). A \
          capability is *yes* when every scenario that exercises it passed on that kernel: \
          socket hooks — the `block: pod is refused …` scenarios; packet backstop — every \
          `backstop:` scenario; ring buffer events — the `trail:` scenarios about records; \
@@ -181,12 +196,26 @@ pub fn document(runs: &[KernelRun], scenarios: &[String], date: &str) -> String 
          upgrade the agent. The host netns cookie mechanism is what `check` reported, \
          proven by the host-network and probe-cookie scenarios. QEMU emulates the guest \
          (TCG), so the scenarios' timing budgets are multiplied by {scale} \
-         (`mg-scenarios --time-scale {scale}`); times below are the emulated ones.\n\n{}{}",
+         (`mg-scenarios --time-scale {scale}`); times below are the emulated ones.\n\n{}\n{}{}",
         markdown(runs, scenarios),
+        runs_table(runs),
         failures(runs),
         kernels = kernels.join(", "),
         scale = super::initramfs::TIME_SCALE,
     )
+}
+
+/// Per guest: which scenarios it ran, how long the VM took, and the agent it tested.
+fn runs_table(runs: &[KernelRun]) -> String {
+    let mut s = String::from(
+        "| guest | scenarios | VM time (boot to poweroff) | agent sha256 (from the image) |\n|---|---|---|---|\n",
+    );
+    for run in runs {
+        let subset = run.filter.map(|f| format!("those matching `{f}`")).unwrap_or_else(|| "all".to_string());
+        let _ =
+            writeln!(s, "| {} | {subset} | {:.0} s | `{}` |", run.name, run.elapsed.as_secs_f64(), run.agent_sha256);
+    }
+    s
 }
 
 /// Each failed scenario with the first line of its reason, so the table's FAIL cells
