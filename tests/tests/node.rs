@@ -135,8 +135,7 @@ fn boot_unit_runs_the_daemonsets_arguments() {
     assert_eq!(unit_command(), expected, "the boot unit must run what the DaemonSet runs, with apply for run");
     // NODE_NAME only names the node in audit records, which apply does not write;
     // any other variable the DaemonSet sets changes the policy and must be mirrored.
-    let env: Vec<&str> =
-        container["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let env: Vec<&str> = container["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     let unit_env = values(&unit(), "Environment");
     for name in env.iter().filter(|n| **n != "NODE_NAME") {
         assert!(unit_env.iter().any(|e| e.starts_with(&format!("{name}="))), "the unit does not set {name}");

@@ -194,6 +194,15 @@ impl Arch {
                 .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS", "-Clink-self-contained=yes");
         }
     }
+
+    /// This machine's own architecture.
+    pub fn host() -> Arch {
+        if cfg!(target_arch = "aarch64") {
+            Arch::Arm64
+        } else {
+            Arch::Amd64
+        }
+    }
 }
 
 /// Adds the musl standard library of `arch` to the toolchain when it is missing.

@@ -11,7 +11,12 @@ mod initramfs;
 mod qemu;
 mod report;
 
-use std::{fs, path::Path, process::Command, time::Duration};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -82,19 +87,11 @@ pub fn run(kernels: &[&Kernel]) -> Result<()> {
     // The agent every guest runs is the one the image ships, copied out of the image
     // (its per-architecture instance): what is tested is what nodes pull.
     image::build()?;
+    // busybox's cpio packs the initramfs, so one busybox must run on this machine.
+    let packer = busybox(&cache, Arch::host())?;
     let mut bins = Vec::new();
     for arch in &arches {
-        let busybox = debian::unpacked(
-            &cache,
-            &format!("busybox-static-{}", arch.name()),
-            BUSYBOX_SUITE,
-            *arch,
-            "busybox-static",
-            false,
-        )?
-        .root
-        .join("bin/busybox");
-        bins.push((*arch, busybox, binaries::build(*arch)?));
+        bins.push((*arch, busybox(&cache, *arch)?, binaries::build(*arch)?));
     }
     let scenarios: Vec<String> =
         cmd::output(Command::new(&binaries::host_scenarios()?).arg("--list"))?.lines().map(str::to_string).collect();
@@ -102,7 +99,7 @@ pub fn run(kernels: &[&Kernel]) -> Result<()> {
     let mut runs = Vec::new();
     for kernel in kernels {
         let (_, busybox, bins) = bins.iter().find(|(a, _, _)| *a == kernel.arch).unwrap();
-        runs.push(run_kernel(kernel, &cache, busybox, bins)?);
+        runs.push(run_kernel(kernel, &cache, &packer, busybox, bins)?);
     }
 
     eprintln!("\n{}", report::markdown(&runs, &scenarios));
@@ -125,7 +122,19 @@ pub fn run(kernels: &[&Kernel]) -> Result<()> {
     Ok(())
 }
 
-fn run_kernel(kernel: &Kernel, cache: &Path, busybox: &Path, bins: &binaries::Binaries) -> Result<report::KernelRun> {
+/// busybox-static for `arch`, from Debian.
+fn busybox(cache: &Path, arch: Arch) -> Result<PathBuf> {
+    let dir = format!("busybox-static-{}", arch.name());
+    Ok(debian::unpacked(cache, &dir, BUSYBOX_SUITE, arch, "busybox-static", false)?.root.join("bin/busybox"))
+}
+
+fn run_kernel(
+    kernel: &Kernel,
+    cache: &Path,
+    packer: &Path,
+    busybox: &Path,
+    bins: &binaries::Binaries,
+) -> Result<report::KernelRun> {
     let package = debian::unpacked(
         cache,
         &format!("linux-{}", kernel.dir()),
@@ -142,6 +151,7 @@ fn run_kernel(kernel: &Kernel, cache: &Path, busybox: &Path, bins: &binaries::Bi
     let initrd = initramfs::pack(
         &dir,
         &initramfs::Inputs {
+            packer,
             busybox,
             agent: &bins.agent,
             variant_agent: &bins.variant_agent,

@@ -7,6 +7,8 @@ use super::initramfs::MARK;
 pub struct Console {
     /// `uname -r` in the guest.
     pub release: Option<String>,
+    /// `/proc/sys/net/core/bpf_jit_enable` in the guest.
+    pub jit: Option<String>,
     /// `check`'s lines as (tag, rest): `("ok", "host netns cookie   getsockopt(…)")`.
     pub checks: Vec<(String, String)>,
     pub results: Vec<ScenarioResult>,
@@ -33,6 +35,8 @@ impl Console {
             if let Some(m) = line.strip_prefix(MARK).map(str::trim) {
                 if let Some(r) = m.strip_prefix("kernel ") {
                     c.release = Some(r.to_string());
+                } else if let Some(j) = m.strip_prefix("bpf_jit_enable ") {
+                    c.jit = Some(j.to_string());
                 } else if m == "check begin" {
                     in_check = true;
                 } else if m == "check end" {
@@ -93,6 +97,7 @@ mod tests {
     fn reads_results_checks_and_markers() {
         let log = "[    0.1] Linux version 6.1\r\n\
             mg-vm: kernel 6.1.0-50-cloud-amd64\r\n\
+            mg-vm: bpf_jit_enable 1\r\n\
             mg-vm: check begin\r\n\
             [ok  ] host netns cookie              getsockopt(SO_NETNS_COOKIE) (kernel 5.14+)\r\n\
             [warn] kernel BTF                     no /sys/kernel/btf/vmlinux\r\n\
@@ -103,6 +108,7 @@ mod tests {
             mg-vm: end rc=1\r\n";
         let c = Console::parse(log);
         assert_eq!(c.release.as_deref(), Some("6.1.0-50-cloud-amd64"));
+        assert_eq!(c.jit.as_deref(), Some("1"));
         assert_eq!(c.end.as_deref(), Some("1"));
         assert_eq!(c.check("host netns cookie"), Some(("ok", "getsockopt(SO_NETNS_COOKIE) (kernel 5.14+)")));
         assert_eq!(c.check("kernel BTF").map(|c| c.0), Some("warn"));

@@ -44,6 +44,8 @@ step mount -t bpf bpf /sys/fs/bpf
 step ip link set lo up
 for m in $(cat /lib/modules/order); do step insmod /lib/modules/$m.ko; done
 echo "mg-vm: kernel $(uname -r)"
+# 1: the programs run JIT-compiled (arm64 and amd64 have their own JITs); 0: interpreted.
+echo "mg-vm: bpf_jit_enable $(cat /proc/sys/net/core/bpf_jit_enable 2>/dev/null || echo absent)"
 echo "mg-vm: check begin"
 metadata-guard check
 echo "mg-vm: check end"
@@ -58,6 +60,9 @@ poweroff -f
 "#;
 
 pub struct Inputs<'a> {
+    /// A busybox that runs on this machine: its cpio packs the archive.
+    pub packer: &'a Path,
+    /// The guest's busybox.
     pub busybox: &'a Path,
     pub agent: &'a Path,
     pub variant_agent: &'a Path,
@@ -101,7 +106,7 @@ pub fn pack(dir: &Path, inputs: &Inputs<'_>) -> Result<PathBuf> {
     let out = dir.join("initramfs.cpio");
     let mut entries = Vec::new();
     walk(&stage, &stage, &mut entries)?;
-    let mut cpio = Command::new(inputs.busybox);
+    let mut cpio = Command::new(inputs.packer);
     cpio.args(["cpio", "-o", "-H", "newc"])
         .current_dir(&stage)
         .stdin(Stdio::piped())

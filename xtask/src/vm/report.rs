@@ -113,8 +113,8 @@ pub fn markdown(runs: &[KernelRun], scenarios: &[String]) -> String {
     for c in CAPABILITIES {
         let _ = write!(md, " {} |", c.title);
     }
-    md.push_str(" host netns cookie | scenarios passed |\n|---|---|");
-    md.push_str(&"---|".repeat(CAPABILITIES.len() + 2));
+    md.push_str(" host netns cookie | BPF JIT | scenarios passed |\n|---|---|");
+    md.push_str(&"---|".repeat(CAPABILITIES.len() + 3));
     md.push('\n');
     for run in runs {
         let release = run.console.release.as_deref().unwrap_or("did not boot");
@@ -124,7 +124,13 @@ pub fn markdown(runs: &[KernelRun], scenarios: &[String]) -> String {
         }
         let passed = run.console.results.iter().filter(|r| r.passed).count();
         let expected = scenarios.iter().filter(|s| run.expects(s)).count();
-        let _ = writeln!(md, " {} | {passed}/{expected} |", cookie_cell(run));
+        let jit = match run.console.jit.as_deref() {
+            Some("0") => "off (interpreter)",
+            Some("1") | Some("2") => "on",
+            Some(other) => other,
+            None => "not reported",
+        };
+        let _ = writeln!(md, " {} | {jit} | {passed}/{expected} |", cookie_cell(run));
     }
 
     md.push_str("\n| scenario |");

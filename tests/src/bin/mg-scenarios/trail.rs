@@ -111,7 +111,9 @@ fn storm_accounted(ctx: &mut Ctx) -> Result<()> {
     let seen_before = ctx.agent()?.audit_records().len();
     let mut req = ctx.request(Who::Pod(1), Kind::UdpSendto, METADATA_V4, 80, false)?;
     req.count = STORM;
+    let started = Instant::now();
     let out = attempt::run(&req)?;
+    let storm_secs = started.elapsed().as_secs();
     ensure!(out.eperm == STORM, "every storm attempt must be refused: {out:?}");
     let blocked = ctx.kernel_count_at(Some("sendmsg4"), "blocked")? - blocked_before;
     ensure!(blocked == STORM, "the kernel counted {blocked} refusals for {STORM} attempts");
@@ -135,7 +137,15 @@ fn storm_accounted(ctx: &mut Ctx) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     ensure!(counted == STORM, "records account for {counted} of {STORM} attempts ({} records)", records.len());
-    ensure!(records.len() <= 100, "a storm from one pod produced {} records", records.len());
+    // Bounded by time, not by attempts: one key gets at most a first record and a
+    // follow-up per 1 s dedup window. Under emulation (arm64 TCG) the storm itself
+    // lasts a minute or more, so the bound grows with it.
+    let limit = 100.max(2 * (storm_secs as usize + 1) + 2);
+    ensure!(
+        records.len() <= limit,
+        "a storm from one pod lasting {storm_secs} s produced {} records (at most {limit})",
+        records.len()
+    );
     let rss = ctx.agent()?.peak_rss_kib().context("could not read the agent's memory")?;
     ensure!(rss < STORM_RSS_LIMIT_KIB, "the agent's peak RSS reached {rss} KiB during the storm");
     Ok(())
