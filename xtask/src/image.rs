@@ -33,8 +33,9 @@ pub fn staged_agent(arch: Arch) -> PathBuf {
 /// Builds the static agent of every architecture and the multi-architecture image:
 /// a manifest list tagged localhost/metadata-guard:dev and :<version>, holding one
 /// FROM-scratch image per architecture. podman builds them without emulation (the
-/// Containerfile only copies a file).
-pub fn build() -> Result<()> {
+/// Containerfile only copies a file). Returns each architecture's image as built,
+/// by id: the tags may be moved by another build meanwhile.
+pub fn build() -> Result<Vec<Instance>> {
     artifacts::build_ebpf(Variant::Default)?;
     for arch in Arch::ALL {
         let agent = artifacts::build_agent_static(arch)?;
@@ -50,8 +51,11 @@ pub fn build() -> Result<()> {
     // `podman build --manifest` adds to an existing list: start from none. The images a
     // rebuild replaces keep no tag: remove them rather than pile them up (failure is
     // fine: a container may still use one).
-    let previous: Vec<String> = Arch::ALL.iter().filter_map(|a| instance(*a).ok()).map(|i| i.id).collect();
-    for tag in [DEV_TAG, version_tag.as_str()] {
+    // The list is built under a name of this build's own, then tagged: podman's
+    // storage is the machine's, and another build may move the tags meanwhile.
+    let own = format!("{REPOSITORY}:build-{}", std::process::id());
+    let previous: Vec<String> = Arch::ALL.iter().filter_map(|a| instance(DEV_TAG, *a).ok()).map(|i| i.id).collect();
+    for tag in [DEV_TAG, version_tag.as_str(), own.as_str()] {
         let _ = Command::new("podman").args(["manifest", "rm", tag]).output();
         // A single-architecture image of that name, from before the list.
         let _ = Command::new("podman").args(["image", "rm", tag]).output();
@@ -65,46 +69,47 @@ pub fn build() -> Result<()> {
         .arg(format!("VERSION={version}"))
         .arg("--platform")
         .arg(platforms.join(","))
-        .args(["--manifest", DEV_TAG, "--file"])
+        .arg("--manifest")
+        .arg(&own)
+        .arg("--file")
         .arg(workspace_root().join("Containerfile"))
         .arg(workspace_root().join("target/image"));
     cmd::run(&mut build).context("podman could not build the image (see its output above)")?;
-    cmd::run(Command::new("podman").args(["tag", DEV_TAG, &version_tag]))?;
+    let mut built = Vec::new();
+    for arch in Arch::ALL {
+        built.push(instance(&own, arch)?);
+    }
+    cmd::run(Command::new("podman").args(["tag", &own, DEV_TAG, &version_tag]))?;
+    // With other names left, this only removes the name.
+    cmd::run(Command::new("podman").args(["manifest", "rm", &own]))?;
 
     println!("image {DEV_TAG} ({version_tag}), a manifest list:");
-    let mut current = Vec::new();
-    for arch in Arch::ALL {
-        let image = instance(arch)?;
+    for image in &built {
         let size: u64 =
             cmd::output(Command::new("podman").args(["image", "inspect", "--format", "{{.Size}}", &image.id]))?
                 .trim()
                 .parse()
                 .context("podman printed an image size that is not a number")?;
-        println!("  {:<6} {}  {:.1} MiB", arch.name(), image.digest, size as f64 / (1024.0 * 1024.0));
-        current.push(image.id);
+        println!("  {:<6} {}  {:.1} MiB", image.arch.name(), image.digest, size as f64 / (1024.0 * 1024.0));
     }
-    for old in previous.iter().filter(|old| !current.contains(old)) {
+    for old in previous.iter().filter(|old| !built.iter().any(|i| i.id == **old)) {
         let _ = Command::new("podman").args(["image", "rm", old]).output();
     }
-    Ok(())
+    Ok(built)
 }
 
 /// One architecture's image of the [`DEV_TAG`] list.
-struct Instance {
+pub struct Instance {
+    pub arch: Arch,
     /// The manifest digest, as a registry shows it: `sha256:…`.
-    digest: String,
+    pub digest: String,
     /// The local image id.
-    id: String,
+    pub id: String,
 }
 
-impl Instance {
-    fn reference(&self) -> String {
-        format!("{REPOSITORY}@{}", self.digest)
-    }
-}
-
-fn instance(arch: Arch) -> Result<Instance> {
-    let text = cmd::output(Command::new("podman").args(["manifest", "inspect", DEV_TAG]))?;
+/// The `arch` image of the manifest list `list`.
+fn instance(list: &str, arch: Arch) -> Result<Instance> {
+    let text = cmd::output(Command::new("podman").args(["manifest", "inspect", list]))?;
     let list: serde_json::Value =
         serde_json::from_str(&text).context("`podman manifest inspect` printed something that is not JSON")?;
     let digest = list["manifests"]
@@ -113,31 +118,32 @@ fn instance(arch: Arch) -> Result<Instance> {
         .flatten()
         .find(|m| m["platform"]["architecture"] == arch.name() && m["platform"]["os"] == "linux")
         .and_then(|m| m["digest"].as_str())
-        .with_context(|| format!("{DEV_TAG} has no linux/{} image; run `cargo xtask image`", arch.name()))?
+        .with_context(|| format!("{list} has no linux/{} image; run `cargo xtask image`", arch.name()))?
         .to_string();
     let reference = format!("{REPOSITORY}@{digest}");
     let id = cmd::output(Command::new("podman").args(["image", "inspect", "--format", "{{.Id}}", &reference]))?
         .trim()
         .to_string();
-    Ok(Instance { digest, id })
+    Ok(Instance { arch, digest, id })
 }
 
-/// Copies the agent out of the `arch` image of the list to `to`, as a node's
-/// bootstrap does (`podman create` + `podman cp`); returns `to`.
-pub fn extract_agent(arch: Arch, to: &Path) -> Result<PathBuf> {
-    let image = instance(arch)?;
+/// Copies the agent out of one architecture's image to `to`, as a node image's
+/// build does (`podman create` + `podman cp`); returns `to`.
+pub fn extract_agent(image: &Instance, to: &Path) -> Result<PathBuf> {
     fs::create_dir_all(to.parent().unwrap())?;
     let container = cmd::output(
         Command::new("podman")
             .args(["create", "--pull=never", "--platform"])
-            .arg(format!("linux/{}", arch.name()))
-            .arg(image.reference()),
+            .arg(format!("linux/{}", image.arch.name()))
+            .arg(&image.id),
     )?
     .trim()
     .to_string();
     let copied = cmd::run(Command::new("podman").arg("cp").arg(format!("{container}:/metadata-guard")).arg(to));
     let removed = cmd::output(Command::new("podman").args(["rm", &container]));
-    copied.with_context(|| format!("could not copy the agent out of {}", image.reference()))?;
+    copied.with_context(|| {
+        format!("could not copy the agent out of the {} image {} ({})", image.arch.name(), image.id, image.digest)
+    })?;
     removed?;
     Ok(to.to_path_buf())
 }
@@ -145,7 +151,7 @@ pub fn extract_agent(arch: Arch, to: &Path) -> Result<PathBuf> {
 /// `cargo xtask smoke`: builds the image, then `mg-smoke` runs it on a simulated
 /// node with the DaemonSet's own settings, read from the rendered manifest.
 pub fn smoke() -> Result<()> {
-    build()?;
+    drop(build()?);
     if let Err(e) = podman_can_run() {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
         eprintln!("\n!!!!! xtask: podman cannot run containers here, so the image smoke test DID NOT RUN !!!!!");

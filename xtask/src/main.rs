@@ -105,7 +105,7 @@ fn real_main() -> Result<()> {
             cmd::run(&mut run)?;
         }
         Cmd::Test => test::run()?,
-        Cmd::Image => image::build()?,
+        Cmd::Image => drop(image::build()?),
         Cmd::Smoke => image::smoke()?,
         Cmd::Bench { quick } => bench::run(quick)?,
         Cmd::VmTest { kernel, arch } => vm::run(&vm::select(&kernel, &arch)?)?,

@@ -25,16 +25,17 @@ pub struct Binaries {
     pub scenarios: PathBuf,
 }
 
-/// Copies the agent out of the image (built beforehand by [`image::build`]) and
+/// Copies the agent out of its image (built beforehand by [`image::build`]) and
 /// builds the test binaries for `arch`. The test binaries are unoptimised without
 /// debug info: on two cores that compiles about as fast as anything, and their time
 /// inside the VM goes to the emulated kernel, not to their own code.
-pub fn build(arch: Arch) -> Result<Binaries> {
+pub fn build(image: &image::Instance) -> Result<Binaries> {
+    let arch = image.arch;
     toolchain::ensure_static_target(arch)?;
     artifacts::build_ebpf(Variant::Test)?;
     let root = workspace_root();
     let dir = root.join("target/vm/build");
-    let agent = image::extract_agent(arch, &dir.join(format!("metadata-guard-{}", arch.name())))?;
+    let agent = image::extract_agent(image, &dir.join(format!("metadata-guard-{}", arch.name())))?;
     let agent_sha256 = sha256(&agent)?;
     let built = image::staged_agent(arch);
     let built_sha256 = sha256(&built)?;
@@ -45,7 +46,7 @@ pub fn build(arch: Arch) -> Result<Binaries> {
         arch.name(),
         built.display()
     );
-    eprintln!("xtask: {} agent from the image: sha256 {agent_sha256}", arch.name());
+    eprintln!("xtask: {} agent from the image {} ({}): sha256 {agent_sha256}", arch.name(), image.id, image.digest);
 
     // Two target directories, like the host builds: the agent's build script embeds
     // the object named in the environment, so one directory would rebuild each time.

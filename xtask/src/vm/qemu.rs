@@ -57,7 +57,7 @@ pub fn boot(
         // tree; its serial port is a PL011, ttyAMA0. Neoverse N1 is the core of AWS
         // Graviton2 and Ampere Altra (Azure, GCP T2A, Oracle A1): ARMv8.2 with LSE
         // atomics, which the BPF JIT uses, and without pointer authentication, whose
-        // emulation (in `-cpu max`) makes TCG several times slower.
+        // emulation (in `-cpu max`) QEMU documents as slow under TCG.
         Arch::Arm64 => qemu.args(["-machine", "virt", "-cpu", "neoverse-n1"]),
     };
     // TCG, the emulator, on purpose: a /dev/kvm that opens can still fail at the first
