@@ -197,3 +197,21 @@ fn only_entry(dir: &Path, prefix: &str) -> Result<std::path::PathBuf> {
         _ => bail!("expected one {prefix}* in {}, found {}", dir.display(), found.len()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(kernels: Vec<&Kernel>) -> Vec<String> {
+        kernels.iter().map(|k| k.name()).collect()
+    }
+
+    #[test]
+    fn selects_by_version_and_architecture() {
+        assert_eq!(names(select("all", "all").unwrap()), ["5.10 amd64", "6.1 amd64", "5.10 arm64", "6.1 arm64"]);
+        assert_eq!(names(select("all", "aarch64").unwrap()), ["5.10 arm64", "6.1 arm64"]);
+        assert_eq!(names(select("6.1", "amd64").unwrap()), ["6.1 amd64"]);
+        assert!(select("4.19", "all").is_err());
+        assert!(select("all", "riscv64").is_err());
+    }
+}
