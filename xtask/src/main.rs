@@ -87,8 +87,9 @@ fn real_main() -> Result<()> {
             eprintln!("xtask: eBPF object at {}", artifacts::relative(&object));
         }
         Cmd::Build { release: _, target: Some(arch) } => {
+            let arch = artifacts::Arch::parse(&arch)?;
             artifacts::build_ebpf(Variant::Default)?;
-            let agent = artifacts::build_agent_static(artifacts::Arch::parse(&arch)?)?;
+            let agent = artifacts::build_agent_static(arch)?;
             eprintln!("xtask: static agent at {}", artifacts::relative(&agent));
         }
         Cmd::Build { release, target: None } => {
