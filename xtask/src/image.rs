@@ -148,11 +148,14 @@ pub fn extract_agent(image: &Instance, to: &Path) -> Result<PathBuf> {
     Ok(to.to_path_buf())
 }
 
-/// `cargo xtask smoke`: builds the image, then `mg-smoke` runs it on a simulated
-/// node with the DaemonSet's own settings, read from the rendered manifest.
+/// `cargo xtask smoke`: builds the image, then `mg-smoke` runs this machine's
+/// architecture's image of it on a simulated node with the DaemonSet's own
+/// settings, read from the rendered manifest.
 pub fn smoke() -> Result<()> {
-    drop(build()?);
-    if let Err(e) = podman_can_run() {
+    let built = build()?;
+    // By id: the tag is the machine's, and another build may move it meanwhile.
+    let image = &built.iter().find(|i| i.arch == Arch::host()).expect("the image has every architecture").id;
+    if let Err(e) = podman_can_run(image) {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
         eprintln!("\n!!!!! xtask: podman cannot run containers here, so the image smoke test DID NOT RUN !!!!!");
         eprintln!("!!!!! {e:#}\n");
@@ -166,7 +169,7 @@ pub fn smoke() -> Result<()> {
     cmd::run(
         Command::new(&smoke)
             .arg("--image")
-            .arg(DEV_TAG)
+            .arg(image)
             .arg("--manifests")
             .arg(root.join("deploy/overlays/default"))
             .arg("--uninstall")
@@ -177,18 +180,14 @@ pub fn smoke() -> Result<()> {
 
 /// Runs the image's `presets` command: proves podman can start a container here
 /// (root, runc, a writable storage) before the smoke test builds a node for it.
-fn podman_can_run() -> Result<()> {
+fn podman_can_run(image: &str) -> Result<()> {
     let out = Command::new("podman")
         .args(["run", "--rm", "--pull=never", "--runtime", "runc", "--network", "none"])
-        .args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", DEV_TAG, "presets"])
+        .args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", image, "presets"])
         .output()
         .context("could not start podman")?;
     if !out.status.success() {
-        bail!(
-            "`podman run {DEV_TAG} presets` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`podman run {image} presets` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
