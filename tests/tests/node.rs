@@ -200,10 +200,28 @@ fn cloud_init_and_cluster_api_recipes_parse_and_set_a_policy() {
     assert!(cloud_init.starts_with("#cloud-config\n"), "cloud-init.yaml must start with #cloud-config");
     let doc: Value = serde_yaml::from_str(&cloud_init).unwrap();
     check_policy_file(&doc["write_files"], "cloud-init.yaml");
+    // The join waits for the unit and fails with it.
+    let runcmd: Vec<String> = doc["runcmd"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_sequence().unwrap().iter().map(|w| w.as_str().unwrap()).collect::<Vec<_>>().join(" "))
+        .collect();
+    let start = runcmd.iter().position(|c| *c == format!("systemctl start {UNIT}"));
+    let join = runcmd.iter().position(|c| c.starts_with("kubeadm join"));
+    assert!(
+        start.is_some() && start < join,
+        "cloud-init.yaml must `systemctl start {UNIT}` before joining: {runcmd:?}"
+    );
 
     let capi: Value = serde_yaml::from_str(&read(&node_dir().join("cluster-api-kubeadmconfigtemplate.yaml"))).unwrap();
     assert_eq!(capi["kind"], "KubeadmConfigTemplate");
     check_policy_file(&capi["spec"]["template"]["spec"]["files"], "the Cluster API template");
+    let pre = &capi["spec"]["template"]["spec"]["preKubeadmCommands"];
+    assert!(
+        pre.as_sequence().into_iter().flatten().any(|c| c.as_str() == Some(&format!("systemctl start {UNIT}"))),
+        "the Cluster API template must `systemctl start {UNIT}` before kubeadm: {pre:?}"
+    );
 }
 
 #[test]
