@@ -49,8 +49,8 @@ enum Cmd {
     },
     /// Run every test: unit tests, then the real-kernel scenarios (needs root).
     Test,
-    /// Build the static agent and its FROM-scratch image (podman), tagged
-    /// localhost/metadata-guard:dev and :<version>.
+    /// Build the static agent for amd64 and arm64 and its FROM-scratch image (podman):
+    /// one manifest list tagged localhost/metadata-guard:dev and :<version>.
     Image,
     /// Build the image and run it on a simulated node as the DaemonSet does (root).
     Smoke,
