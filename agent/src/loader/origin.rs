@@ -1,0 +1,97 @@
+//! Which command of which version put the enforcement in the kernel, and which last
+//! updated it, so that `status` and `check` can say "installed by apply 0.1.0".
+//!
+//! bpffs holds only directories and pins, so the record is a directory name:
+//! `<version dir>/installed-by/<command>@<version>` (written when an install found
+//! no link pinned, i.e. started enforcement) and `.../updated-by/<command>@<version>`
+//! (every install or adoption).
+
+use std::{fs, io, path::Path};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::pins::PinLayout;
+
+pub const INSTALLED_BY: &str = "installed-by";
+pub const UPDATED_BY: &str = "updated-by";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// `apply` or `run`.
+    pub command: String,
+    pub version: String,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.command, self.version)
+    }
+}
+
+impl Origin {
+    /// This binary, running `command`.
+    pub fn this(command: &str) -> Origin {
+        Origin { command: command.to_string(), version: env!("CARGO_PKG_VERSION").to_string() }
+    }
+}
+
+/// Records `origin` as the latest updater, and as the installer when `started` (this
+/// install attached every link itself) or when no installer is recorded.
+pub fn record(layout: &PinLayout, origin: &Origin, started: bool) -> Result<()> {
+    if started || read(layout, INSTALLED_BY).is_none() {
+        write(layout, INSTALLED_BY, origin)?;
+    }
+    write(layout, UPDATED_BY, origin)
+}
+
+pub fn read(layout: &PinLayout, which: &str) -> Option<Origin> {
+    let entry = fs::read_dir(layout.dir.join(which)).ok()?.filter_map(|e| e.ok()).next()?;
+    let name = entry.file_name().into_string().ok()?;
+    let (command, version) = name.split_once('@')?;
+    Some(Origin { command: command.to_string(), version: version.to_string() })
+}
+
+fn write(layout: &PinLayout, which: &str, origin: &Origin) -> Result<()> {
+    let dir = layout.dir.join(which);
+    clear(&dir).with_context(|| format!("could not clear {}", dir.display()))?;
+    let entry = dir.join(format!("{}@{}", origin.command, origin.version));
+    fs::create_dir_all(&entry).with_context(|| format!("could not record the installer at {}", entry.display()))
+}
+
+/// Removes the record directory `dir` and what is in it (directories only).
+pub fn clear(dir: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        fs::remove_dir(entry?.path())?;
+    }
+    fs::remove_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_installer_stays_and_the_updater_follows() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = PinLayout::new(root.path());
+        fs::create_dir_all(&layout.dir).unwrap();
+        assert_eq!(read(&layout, INSTALLED_BY), None);
+        let apply = Origin { command: "apply".into(), version: "0.1.0".into() };
+        record(&layout, &apply, true).unwrap();
+        let run = Origin { command: "run".into(), version: "0.2.0".into() };
+        record(&layout, &run, false).unwrap();
+        assert_eq!(read(&layout, INSTALLED_BY), Some(apply));
+        assert_eq!(read(&layout, UPDATED_BY), Some(run.clone()));
+        record(&layout, &run, true).unwrap();
+        assert_eq!(read(&layout, INSTALLED_BY), Some(run));
+        clear(&layout.dir.join(INSTALLED_BY)).unwrap();
+        clear(&layout.dir.join(UPDATED_BY)).unwrap();
+        assert_eq!(fs::read_dir(&layout.dir).unwrap().count(), 0);
+    }
+}
