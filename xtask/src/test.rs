@@ -9,7 +9,11 @@ use crate::{
     cmd, packages, workspace_root,
 };
 
+/// Where a guard installed on this machine pins itself (the agent's default --bpffs).
+const MACHINE_PINS: &str = "/sys/fs/bpf/metadata-guard";
+
 pub fn run() -> Result<()> {
+    refuse_when_installed(std::path::Path::new(MACHINE_PINS))?;
     artifacts::build_ebpf(Variant::Default)?;
     artifacts::build_ebpf(Variant::Test)?;
     let agent = artifacts::build_agent(Profile::Debug, Variant::Default)?;
@@ -25,5 +29,29 @@ pub fn run() -> Result<()> {
     crate::image::smoke().context("the image smoke test (cargo xtask smoke) failed")?;
     crate::bench::run(true).context("the quick benchmark (cargo xtask bench --quick) failed")?;
     crate::vm::run(&crate::vm::select("all")?).context("the kernel matrix (cargo xtask vm-test) failed")?;
+    Ok(())
+}
+
+/// A guard on this machine's own cgroup root refuses the scenarios' "pods" too, and
+/// every scenario would fail with EPERM far from the cause: stop at once instead.
+fn refuse_when_installed(pins: &std::path::Path) -> Result<()> {
+    let versions: Vec<String> = std::fs::read_dir(pins)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('v'))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !versions.is_empty() {
+        anyhow::bail!(
+            "a metadata-guard is installed on this machine ({} holds {}), and it would refuse the tests' own \
+             simulated pods; remove it first with `metadata-guard uninstall` (e.g. `target/debug/metadata-guard \
+             uninstall`, after stopping any agent), then run the tests again",
+            pins.display(),
+            versions.join(", ")
+        );
+    }
     Ok(())
 }

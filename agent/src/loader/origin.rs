@@ -1,9 +1,10 @@
 //! Which command of which version put the enforcement in the kernel, and which last
 //! updated it, so that `status` and `check` can say "installed by apply 0.1.0".
 //!
-//! bpffs holds only directories and pins, so the record is a directory name:
-//! `<version dir>/installed-by/<command>@<version>` (written when an install found
-//! no link pinned, i.e. started enforcement) and `.../updated-by/<command>@<version>`
+//! bpffs holds only directories and pins, and refuses names with a dot, so the record
+//! is a directory name with the version's dots as underscores (semver has none):
+//! `<version dir>/installed-by/<command>@0_1_0` (written when an install found no
+//! link pinned, i.e. started enforcement) and `.../updated-by/<command>@0_1_0`
 //! (every install or adoption).
 
 use std::{fs, io, path::Path};
@@ -49,13 +50,13 @@ pub fn read(layout: &PinLayout, which: &str) -> Option<Origin> {
     let entry = fs::read_dir(layout.dir.join(which)).ok()?.filter_map(|e| e.ok()).next()?;
     let name = entry.file_name().into_string().ok()?;
     let (command, version) = name.split_once('@')?;
-    Some(Origin { command: command.to_string(), version: version.to_string() })
+    Some(Origin { command: command.to_string(), version: version.replace('_', ".") })
 }
 
 fn write(layout: &PinLayout, which: &str, origin: &Origin) -> Result<()> {
     let dir = layout.dir.join(which);
     clear(&dir).with_context(|| format!("could not clear {}", dir.display()))?;
-    let entry = dir.join(format!("{}@{}", origin.command, origin.version));
+    let entry = dir.join(format!("{}@{}", origin.command, origin.version.replace('.', "_")));
     fs::create_dir_all(&entry).with_context(|| format!("could not record the installer at {}", entry.display()))
 }
 

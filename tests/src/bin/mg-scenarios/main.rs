@@ -5,18 +5,18 @@
 //! Usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list]
 //! Needs root. Without root it skips loudly, unless CI=true, where it fails.
 
-mod agent;
 mod attempt;
 mod backstop;
 mod block;
 mod harness;
 mod lifecycle;
 mod neighbour;
-mod node;
 mod packets;
 mod policy;
 mod raw;
 mod trail;
+
+use metadata_guard_tests::{agent, node};
 
 use std::{
     path::PathBuf,

@@ -159,7 +159,7 @@ fn metrics_and_readiness(ctx: &mut Ctx) -> Result<()> {
     }
     ensure!(saw_unready_or_down || agent.log_text().contains("attached"), "readiness was never observed before attach");
     let status = ctx.status()?;
-    ensure!(status["installed"] == true, "/readyz is 200 but nothing is attached: {status}");
+    ensure!(status.enforcing, "/readyz is 200 but nothing is attached: {status:?}");
     ctx.agent = Some(agent);
 
     let before = metric_sum(&ctx.agent()?.http_get("/metrics")?.1, "metadata_guard_attempts_total", "payments")?;

@@ -210,8 +210,10 @@ pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
     ))
 }
 
+pub use metadata_guard::loader::status::Status;
+
 /// `metadata-guard status --json` for the pins under `bpffs`.
-pub fn status(binary: &Path, bpffs: &Path) -> Result<serde_json::Value> {
+pub fn status(binary: &Path, bpffs: &Path) -> Result<Status> {
     let bpffs = bpffs.display().to_string();
     let (ok, out, err) = oneshot(binary, &["status", "--json", "--bpffs", &bpffs])?;
     anyhow::ensure!(ok, "metadata-guard status failed: {err}");
@@ -219,11 +221,11 @@ pub fn status(binary: &Path, bpffs: &Path) -> Result<serde_json::Value> {
 }
 
 /// A kernel verdict counter from a status, of one hook (`None`: all hooks).
-pub fn verdict_count(status: &serde_json::Value, hook: Option<&str>, verdict: &str) -> Result<u64> {
-    let counters = status["counters"].as_array().context("status has no counters")?;
-    Ok(counters
+pub fn verdict_count(status: &Status, hook: Option<&str>, verdict: &str) -> u64 {
+    status
+        .counters
         .iter()
-        .filter(|c| c["verdict"] == verdict && hook.is_none_or(|h| c["hook"] == h))
-        .map(|c| c["count"].as_u64().unwrap_or(0))
-        .sum())
+        .filter(|c| c.verdict == verdict && hook.is_none_or(|h| c.hook == h))
+        .map(|c| c.count)
+        .sum()
 }
