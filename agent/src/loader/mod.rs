@@ -163,7 +163,8 @@ impl Guard {
             }
             // Attached elsewhere (the --cgroup changed): ours first, then theirs goes.
             let fresh = programs::attach(&mut self.ebpf, a, cgroup)?;
-            let tmp = pin.with_extension("new");
+            // bpffs refuses names with a dot.
+            let tmp = self.pins.link(&format!("{}-new", a.pin));
             let _ = fs::remove_file(&tmp);
             fresh.pin(&tmp).with_context(|| format!("could not pin link at {}", tmp.display()))?;
             fs::rename(&tmp, &pin).with_context(|| format!("could not replace link pin {}", pin.display()))?;

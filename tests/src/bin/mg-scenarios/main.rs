@@ -8,7 +8,9 @@
 mod attempt;
 mod backstop;
 mod block;
+mod boot;
 mod harness;
+mod health;
 mod lifecycle;
 mod neighbour;
 mod packets;
@@ -35,6 +37,8 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(policy::SCENARIOS);
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);
+    all.extend(health::SCENARIOS);
+    all.extend(boot::SCENARIOS);
     all
 }
 
