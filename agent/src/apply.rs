@@ -17,8 +17,9 @@ use crate::{
 
 pub fn apply(args: &EnforceArgs) -> Result<()> {
     let installed = enforce::install(args, "apply").map_err(|e| {
-        enforce::describe_lock_error(e, "apply changed nothing").context(
-            "`metadata-guard apply` refuses while an agent runs; the agent's own configuration is in force \
+        enforce::describe_lock_error(
+            e,
+            "apply changed nothing: an agent already runs on this node and keeps its own configuration in force \
              (see `metadata-guard status`)",
         )
     })?;

@@ -160,10 +160,10 @@ fn publish_counters(guard: &Guard, ctx: &Context) {
     }
 }
 
-/// Why a command that needs the lock could not get it, for messages.
-pub fn describe_lock_error(e: anyhow::Error, what: &str) -> anyhow::Error {
+/// `e` with `why` in front when it is the node lock being held by an agent.
+pub fn describe_lock_error(e: anyhow::Error, why: &str) -> anyhow::Error {
     if e.downcast_ref::<pins::AlreadyRunning>().is_some() {
-        e.context(format!("{what}: an agent already runs on this node and keeps the enforcement up to date"))
+        e.context(why.to_string())
     } else {
         e
     }

@@ -20,5 +20,5 @@ pub fn init(format: LogFormat) {
 
 /// The error that ends the process, in the same format as every other message.
 pub fn fatal(error: &anyhow::Error) {
-    tracing::error!("{error:#}");
+    tracing::error!(target: "metadata_guard", "{error:#}");
 }

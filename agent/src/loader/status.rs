@@ -85,10 +85,11 @@ pub fn read(root: &Path) -> Result<Status> {
         allowlisted_cgroups: Vec::new(),
         other_versions: layout.other_versions().iter().map(|p| p.display().to_string()).collect(),
     };
+    let mut missing = Vec::new();
     for attachment in &ATTACHMENTS {
         let pin = layout.link(attachment.pin);
         let Ok(link) = bpf_sys::obj_get(&pin) else {
-            status.problems.push(format!("link {} is not pinned (detached)", attachment.pin));
+            missing.push(format!("link {} is not pinned (detached)", attachment.pin));
             continue;
         };
         use std::os::fd::AsFd;
@@ -105,6 +106,10 @@ pub fn read(root: &Path) -> Result<Status> {
         });
     }
     status.installed = !status.programs.is_empty();
+    if !status.installed && !layout.dir.exists() {
+        return Ok(status);
+    }
+    status.problems = missing;
     for p in status.programs.iter().filter(|p| p.cgroup_id == 0) {
         status.problems.push(format!("link {} is detached: the cgroup it was attached to no longer exists", p.hook));
     }
