@@ -112,7 +112,7 @@ impl Agent {
     }
 
     /// Audit records printed so far, parsed.
-    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+    pub fn audit_records(&self) -> Vec<RecordLine> {
         self.audit.lock().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
@@ -210,7 +210,7 @@ pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
     ))
 }
 
-pub use metadata_guard::loader::status::Status;
+pub use metadata_guard::{audit::RecordLine, loader::status::Status};
 
 /// `metadata-guard status --json` for the pins under `bpffs`.
 pub fn status(binary: &Path, bpffs: &Path) -> Result<Status> {

@@ -231,11 +231,10 @@ pub fn storm(b: &mut Bench) -> Result<Figure> {
 }
 
 /// (total, [counts, suppressed, lost]) over audit records.
-fn accounted(records: &[serde_json::Value]) -> (u64, [u64; 3]) {
-    let get = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap_or(0);
-    let counted: u64 = records.iter().filter(|r| r["kind"] == "attempts").map(|r| get(r, "count")).sum();
-    let suppressed: u64 = records.iter().map(|r| get(r, "suppressed_since_last")).sum();
-    let lost: u64 = records.iter().map(|r| get(r, "lost_since_last")).sum();
+fn accounted(records: &[crate::agent::RecordLine]) -> (u64, [u64; 3]) {
+    let counted: u64 = records.iter().filter(|r| r.kind == "attempts").map(|r| r.count).sum();
+    let suppressed: u64 = records.iter().map(|r| r.suppressed_since_last).sum();
+    let lost: u64 = records.iter().map(|r| r.lost_since_last).sum();
     (counted + suppressed + lost, [counted, suppressed, lost])
 }
 

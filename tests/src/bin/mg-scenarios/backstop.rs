@@ -109,7 +109,7 @@ fn egress_audited(ctx: &mut Ctx) -> Result<()> {
     loop {
         let found =
             ctx.agent()?.audit_records().into_iter().any(|r| {
-                r["hook"] == "egress" && r["protocol"] == "icmp" && r["pod"] == ctx.node.pods[2].name.as_str()
+                r.hook == "egress" && r.protocol == "icmp" && r.pod.as_deref() == Some(ctx.node.pods[2].name.as_str())
             });
         if found {
             return Ok(());
