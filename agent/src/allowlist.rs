@@ -73,7 +73,8 @@ mod tests {
 /// sync walks the cgroup tree and the kubelet's log directories. Its readiness
 /// condition, `allowlist`, holds once a sync has succeeded and while syncs succeed.
 pub struct AllowlistSync {
-    pub publish: tokio::sync::watch::Sender<std::sync::Arc<BTreeSet<u64>>>,
+    publish: tokio::sync::watch::Sender<std::sync::Arc<BTreeSet<u64>>>,
+    condition: crate::http::Condition,
 }
 
 /// How often the pod allowlist is recomputed even without a cgroup event (names that
@@ -81,6 +82,14 @@ pub struct AllowlistSync {
 pub const ALLOWLIST_RESYNC: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl AllowlistSync {
+    /// Publishes each synced set on `publish` (what `ctx.allowed` receives).
+    pub fn new(
+        ctx: &crate::supervise::Context,
+        publish: tokio::sync::watch::Sender<std::sync::Arc<BTreeSet<u64>>>,
+    ) -> AllowlistSync {
+        AllowlistSync { publish, condition: ctx.readiness.condition("allowlist", "not synced yet") }
+    }
+
     pub async fn run(
         self,
         ctx: crate::supervise::Context,
@@ -88,7 +97,7 @@ impl AllowlistSync {
     ) -> anyhow::Result<()> {
         use tracing::{error, info, warn};
 
-        let condition = ctx.readiness.condition("allowlist", "not synced yet");
+        let condition = self.condition.clone();
         let mut policy = ctx.policy.clone();
         let config = policy.borrow_and_update().config.clone();
         let mut resolver = crate::pod_identity::PodResolver::new(

@@ -13,6 +13,7 @@ use crate::{
     cgroup,
     cli::{CookieSource, EnforceArgs},
     config::{self, Config},
+    http::Condition,
     loader::{
         health::Fault,
         origin::{self, Origin},
@@ -94,11 +95,17 @@ fn raise_memlock_limit() {
 /// The enforcement subsystem of the running agent. Its readiness condition,
 /// `enforcement`, holds while every hook is attached to the cgroup and every map
 /// pinned. Runs on a thread of its own (`repair` loads and attaches).
-pub struct Enforcement;
+pub struct Enforcement {
+    condition: Condition,
+}
 
 impl Enforcement {
+    pub fn new(ctx: &Context) -> Enforcement {
+        Enforcement { condition: ctx.readiness.condition("enforcement", "not checked yet") }
+    }
+
     pub async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
-        let condition = ctx.readiness.condition("enforcement", "not checked yet");
+        let condition = self.condition;
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         let mut reported: Vec<Fault> = Vec::new();
         loop {

@@ -54,22 +54,25 @@ pub async fn run(args: RunArgs, mut signals: Signals) -> Result<()> {
         guard: Arc::new(Mutex::new(guard)),
         cgroup,
     };
+    // Every subsystem is built (and registers its readiness condition) before any runs.
+    let enforcement = Enforcement::new(&ctx);
     let pipeline = events::Pipeline::new(ring, attempts_rx, &ctx)?;
+    let allowlist = AllowlistSync::new(&ctx, allowed_tx);
     let hangup = signals.hangup.take().context("SIGHUP is already watched")?;
+    let config_watch = ConfigWatch { args: args.enforce.config.clone(), hangup, publish: policy_tx };
+    let server = http::Server { listener, metrics, readiness };
 
     let mut supervisor = Supervisor::new();
-    let server = http::Server { listener, metrics, readiness };
-    supervisor.spawn("http", server.run(supervisor.shutdown()));
     let (c, s) = (ctx.clone(), supervisor.shutdown());
-    supervisor.spawn_on_thread("enforcement", move || Enforcement.run(c, s));
+    supervisor.spawn_on_thread("enforcement", move || enforcement.run(c, s));
     let (c, s) = (ctx.clone(), supervisor.shutdown());
     supervisor.spawn_on_thread("events", move || pipeline.run(c, s));
     let (c, s) = (ctx.clone(), supervisor.shutdown());
-    supervisor.spawn_on_thread("allowlist", move || AllowlistSync { publish: allowed_tx }.run(c, s));
-    let watch_config = ConfigWatch { args: args.enforce.config.clone(), hangup, publish: policy_tx };
-    supervisor.spawn("config watch", watch_config.run(ctx.clone(), supervisor.shutdown()));
+    supervisor.spawn_on_thread("allowlist", move || allowlist.run(c, s));
+    supervisor.spawn("config watch", config_watch.run(ctx.clone(), supervisor.shutdown()));
+    supervisor.spawn("http", server.run(supervisor.shutdown()));
 
-    let outcome = supervisor.supervise(&mut signals).await;
+    let outcome = supervisor.supervise(signals.stop_requested()).await;
     if args.detach_on_exit {
         loader::remove_pins(&layout.dir).context("could not remove the guard from the kernel")?;
         info!("detached (--detach-on-exit): pods can reach the metadata service again");

@@ -21,7 +21,10 @@
 //!   the first value after the first sync),
 //! - `ctx.attempts`: where refused attempts go to become audit records and metrics,
 //! - `ctx.readiness`: [`crate::http::Readiness::condition`] registers a named
-//!   condition that keeps `/readyz` at 503 until the subsystem sets it,
+//!   condition that keeps `/readyz` at 503 until the subsystem sets it. Register it
+//!   in the subsystem's constructor, which `run.rs` calls before the supervisor
+//!   starts anything, so that `/readyz` never answers 200 before every subsystem has
+//!   had its say,
 //! - `ctx.metrics`, `ctx.guard` (the pinned kernel guard, behind a mutex).
 //!
 //! It returns only when `shutdown` fires (then `Ok`) or when it cannot go on (then
@@ -31,9 +34,18 @@
 //! recover by itself does not return; it clears its readiness condition (saying what
 //! is missing) until it has recovered.
 //!
-//! Plugging a new subsystem in (e.g. host-side enforcement) is two lines in `run.rs`:
-//! build it from the configuration, then `supervisor.spawn("hostside", it.run(ctx.clone(),
-//! supervisor.shutdown()))`.
+//! Plugging a new subsystem in (e.g. host-side enforcement) is two lines in `run.rs`,
+//! next to the others:
+//!
+//! ```text
+//! let hostside = Hostside::new(&ctx)?;      // reads ctx.policy.borrow(), registers its condition
+//! supervisor.spawn_on_thread("hostside", { let (c, s) = (ctx.clone(), supervisor.shutdown());
+//!     move || hostside.run(c, s) });
+//! ```
+//!
+//! It follows `ctx.policy` and `ctx.allowed` with `changed().await`, and sends what it
+//! refuses as [`Attempt`]s into `ctx.attempts` (with `hook`/`verdict` as the audit
+//! trail should name them), which the event pipeline audits like the kernel's own.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -104,6 +116,15 @@ pub struct Signals {
 }
 
 impl Signals {
+    /// Completes on SIGTERM or SIGINT.
+    pub async fn stop_requested(&mut self) {
+        let name = tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        };
+        info!(signal = name, "shutting down");
+    }
+
     pub fn install() -> Result<Signals> {
         let watch = |kind: SignalKind, name: &str| signal(kind).map_err(|e| anyhow!("could not watch {name}: {e}"));
         Ok(Signals {
@@ -169,15 +190,20 @@ impl Supervisor {
         self.names.insert(id, name);
     }
 
-    /// Waits for SIGTERM/SIGINT (then stops every subsystem and returns `Ok`) or for a
+    /// Waits for `stop` (then stops every subsystem and returns `Ok`) or for a
     /// subsystem to end on its own (then stops the others and returns why, so the
     /// agent exits non-zero).
-    pub async fn supervise(mut self, signals: &mut Signals) -> Result<()> {
+    pub async fn supervise(mut self, stop: impl Future<Output = ()>) -> Result<()> {
         let ended = tokio::select! {
-            _ = signals.terminate.recv() => { info!(signal = "SIGTERM", "shutting down"); None }
-            _ = signals.interrupt.recv() => { info!(signal = "SIGINT", "shutting down"); None }
+            () = stop => None,
             Some(joined) = self.tasks.join_next_with_id() => Some(self.describe(joined)),
         };
+        if let Some((name, result)) = &ended {
+            match result {
+                Ok(()) => error!(subsystem = name, "stopped unexpectedly; stopping the others"),
+                Err(e) => error!(subsystem = name, "failed: {e:#}; stopping the others"),
+            }
+        }
         let _ = self.stop.send(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while let Some(joined) = self.tasks.join_next_with_id().await {
@@ -205,5 +231,54 @@ impl Supervisor {
             Ok((id, result)) => (self.names.get(&id).copied().unwrap_or("unnamed"), result),
             Err(e) => (self.names.get(&e.id()).copied().unwrap_or("unnamed"), Err(anyhow!("it panicked: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn never() -> std::future::Pending<()> {
+        std::future::pending()
+    }
+
+    #[tokio::test]
+    async fn a_failing_subsystem_ends_the_agent_and_is_named() {
+        let mut supervisor = Supervisor::new();
+        let mut shutdown = supervisor.shutdown();
+        supervisor.spawn("steady", async move {
+            shutdown.wait().await;
+            Ok(())
+        });
+        supervisor.spawn("events", async { Err(anyhow!("the ring buffer read failed")) });
+        let e = supervisor.supervise(never()).await.unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("the events subsystem failed") && text.contains("ring buffer read failed"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn one_that_returns_or_panics_is_a_failure_too() {
+        let mut supervisor = Supervisor::new();
+        supervisor.spawn("allowlist", async { Ok(()) });
+        let e = supervisor.supervise(never()).await.unwrap_err();
+        assert!(format!("{e:#}").contains("the allowlist subsystem stopped unexpectedly"), "{e:#}");
+
+        let mut supervisor = Supervisor::new();
+        supervisor.spawn_on_thread("enforcement", || async { panic!("boom") });
+        let e = supervisor.supervise(never()).await.unwrap_err();
+        assert!(format!("{e:#}").contains("the enforcement subsystem failed"), "{e:#}");
+    }
+
+    #[tokio::test]
+    async fn stop_shuts_every_subsystem_down_cleanly() {
+        let mut supervisor = Supervisor::new();
+        for name in ["a", "b"] {
+            let mut shutdown = supervisor.shutdown();
+            supervisor.spawn_on_thread(name, move || async move {
+                shutdown.wait().await;
+                Ok(())
+            });
+        }
+        supervisor.supervise(async {}).await.unwrap();
     }
 }

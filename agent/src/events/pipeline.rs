@@ -32,6 +32,8 @@ pub struct Pipeline {
     attempts: mpsc::Receiver<Attempt>,
     resolver: PodResolver,
     auditor: Auditor,
+    reading: Condition,
+    trail: Condition,
 }
 
 impl Pipeline {
@@ -43,14 +45,15 @@ impl Pipeline {
             PodResolver::new(ctx.cgroup.clone(), config.pod_logs_dir.clone(), config.container_logs_dir.clone());
         let auditor = Auditor::new(&config.audit, config.node_name.clone(), config.mode.name())
             .context("could not open the audit log")?;
-        Ok(Pipeline { ring: Some(ring), attempts, resolver, auditor })
+        let reading = ctx.readiness.condition("event reader", "not started");
+        let trail = ctx.readiness.condition("audit trail", "not started");
+        Ok(Pipeline { ring: Some(ring), attempts, resolver, auditor, reading, trail })
     }
 
     /// Runs until shutdown; fails when the ring buffer cannot be read. While audit
     /// records cannot be written, the `audit trail` readiness condition says why.
     pub async fn run(mut self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
-        let reading = ctx.readiness.condition("event reader", "not started");
-        let trail = ctx.readiness.condition("audit trail", "not started");
+        let (reading, trail) = (self.reading.clone(), self.trail.clone());
         let mut reader = EventReader::new(self.ring.take().context("the pipeline already ran")?)?;
         let mut policy = ctx.policy.clone();
         let mut batch = Vec::with_capacity(EVENT_BATCH);
