@@ -106,7 +106,9 @@ impl AllowlistSync {
             config.container_logs_dir.clone(),
         );
         let mut watch = crate::kubepods_watch::KubepodsWatch::new(&ctx.cgroup)
-            .map_err(|e| warn!("cannot watch the kubepods cgroups, the allowlist follows every {ALLOWLIST_RESYNC:?}: {e:#}"))
+            .map_err(|e| {
+                warn!("cannot watch the kubepods cgroups, the allowlist follows every {ALLOWLIST_RESYNC:?}: {e:#}")
+            })
             .ok();
         let mut resync = tokio::time::interval(ALLOWLIST_RESYNC);
         let mut rules = config.allow_pods.clone();

@@ -61,7 +61,8 @@ pub fn install(args: &EnforceArgs, command: &str) -> Result<Installed> {
         CookieSource::Sockopt => Some(Mechanism::SoNetnsCookie),
         CookieSource::Probe => Some(Mechanism::ProbeProgram),
     };
-    let opts = InstallOptions { cgroup: &cgroup, host_netns: args.host_netns.as_deref(), pins: &layout, cookie_mechanism };
+    let opts =
+        InstallOptions { cgroup: &cgroup, host_netns: args.host_netns.as_deref(), pins: &layout, cookie_mechanism };
     let (guard, report) = Guard::install(&opts, &policy, config.mode.as_kernel())?;
     let started = report.links.iter().all(|(_, action)| *action == LinkAction::Attached);
     origin::record(&layout, &Origin::this(command), started)?;

@@ -219,14 +219,19 @@ impl Supervisor {
         }
         match ended {
             None => Ok(()),
-            Some((name, Ok(()))) => Err(anyhow!("the {name} subsystem stopped unexpectedly; exiting so that it restarts")),
+            Some((name, Ok(()))) => {
+                Err(anyhow!("the {name} subsystem stopped unexpectedly; exiting so that it restarts"))
+            }
             Some((name, Err(e))) => Err(e.context(format!("the {name} subsystem failed; exiting so that it restarts"))),
         }
     }
 }
 
 impl Supervisor {
-    fn describe(&self, joined: Result<(tokio::task::Id, Result<()>), tokio::task::JoinError>) -> (&'static str, Result<()>) {
+    fn describe(
+        &self,
+        joined: Result<(tokio::task::Id, Result<()>), tokio::task::JoinError>,
+    ) -> (&'static str, Result<()>) {
         match joined {
             Ok((id, result)) => (self.names.get(&id).copied().unwrap_or("unnamed"), result),
             Err(e) => (self.names.get(&e.id()).copied().unwrap_or("unnamed"), Err(anyhow!("it panicked: {e}"))),

@@ -222,10 +222,5 @@ pub fn status(binary: &Path, bpffs: &Path) -> Result<Status> {
 
 /// A kernel verdict counter from a status, of one hook (`None`: all hooks).
 pub fn verdict_count(status: &Status, hook: Option<&str>, verdict: &str) -> u64 {
-    status
-        .counters
-        .iter()
-        .filter(|c| c.verdict == verdict && hook.is_none_or(|h| c.hook == h))
-        .map(|c| c.count)
-        .sum()
+    status.counters.iter().filter(|c| c.verdict == verdict && hook.is_none_or(|h| c.hook == h)).map(|c| c.count).sum()
 }

@@ -420,6 +420,9 @@ mod tests {
         assert_eq!(written, read, "RecordLine must have every field AuditRecord writes");
         let gap = GapRecord::new(record.time, "node-a", "enforce", 5, 6);
         let line: RecordLine = serde_json::from_str(&serde_json::to_string(&gap).unwrap()).unwrap();
-        assert_eq!((line.kind.as_str(), line.suppressed_since_last, line.lost_since_last, line.count), ("gap", 5, 6, 0));
+        assert_eq!(
+            (line.kind.as_str(), line.suppressed_since_last, line.lost_since_last, line.count),
+            ("gap", 5, 6, 0)
+        );
     }
 }

@@ -34,7 +34,15 @@ impl RotatingFile {
         }
         let file = open_append(path)?;
         let size = file.metadata()?.len();
-        Ok(RotatingFile { path: path.to_owned(), max_size, max_files, file, size, reopen_pending: false, open: open_append })
+        Ok(RotatingFile {
+            path: path.to_owned(),
+            max_size,
+            max_files,
+            file,
+            size,
+            reopen_pending: false,
+            open: open_append,
+        })
     }
 
     pub fn path(&self) -> &Path {

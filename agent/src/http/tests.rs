@@ -86,7 +86,10 @@ async fn head_gets_the_length_without_the_body_and_other_methods_are_refused() {
     assert!(out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with("\r\n\r\n"), "{out:?}");
     assert!(out.contains("\r\nContent-Length: 3\r\n"), "{out:?}");
     let out = server.exchange("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
-    assert!(out.starts_with("HTTP/1.1 405 Method Not Allowed\r\n") && out.contains("\r\nAllow: GET, HEAD\r\n"), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 405 Method Not Allowed\r\n") && out.contains("\r\nAllow: GET, HEAD\r\n"),
+        "{out}"
+    );
     server.stop().await;
 }
 

@@ -9,8 +9,8 @@
 
 mod bpf_sys;
 pub mod health;
-pub mod origin;
 pub mod netns_cookie;
+pub mod origin;
 pub mod pins;
 mod policy_maps;
 mod programs;

@@ -7,9 +7,10 @@ use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData};
 use metadata_guard_common::{
     counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, PORTS_EXCEPT, PORTS_ONLY,
-    PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::policy::{BlockRule, PortMatch};
 
 use super::{
     bpf_sys,
@@ -160,30 +161,25 @@ pub fn read(root: &Path) -> Result<Status> {
     Ok(status)
 }
 
-/// One line per destination prefix, e.g. `169.254.169.254/32: tcp,udp,other ports except 53`.
+/// One line per destination prefix, its rules written as `metadata-guard presets` and
+/// the configuration write them (e.g. `169.254.169.254/32 except ports 53`), `; ` apart.
 fn describe(addr: IpAddr, prefix_len: u32, rules: &DestRules) -> String {
-    let parts: Vec<String> = rules.rules[..(rules.rule_count as usize).min(rules.rules.len())]
+    let Ok(cidr) = ipnet::IpNet::new(addr, prefix_len as u8) else {
+        return format!("{addr}/{prefix_len}: (invalid prefix length)");
+    };
+    rules.rules[..(rules.rule_count as usize).min(rules.rules.len())]
         .iter()
         .map(|r| {
-            let protos = if r.protocols == PROTO_ALL {
-                "all protocols".to_string()
-            } else {
-                [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp"), (PROTO_OTHER, "other")]
-                    .iter()
-                    .filter(|(bit, _)| r.protocols & bit != 0)
-                    .map(|(_, n)| *n)
-                    .collect::<Vec<_>>()
-                    .join(",")
+            let listed = r.ports[..(r.port_count as usize).min(r.ports.len())].to_vec();
+            let ports = match r.port_match {
+                PORTS_ONLY => PortMatch::Only(listed),
+                PORTS_EXCEPT => PortMatch::Except(listed),
+                _ => PortMatch::Any,
             };
-            let ports: Vec<String> = r.ports[..r.port_count as usize].iter().map(u16::to_string).collect();
-            match r.port_match {
-                PORTS_ONLY => format!("{protos} ports {}", ports.join(",")),
-                PORTS_EXCEPT => format!("{protos} ports except {}", ports.join(",")),
-                _ => format!("{protos} all ports"),
-            }
+            BlockRule { cidr, protocols: r.protocols, ports }.to_string()
         })
-        .collect();
-    format!("{addr}/{prefix_len}: {}", parts.join("; "))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 pub fn print_human(s: &Status) {
@@ -229,5 +225,31 @@ pub fn print_human(s: &Status) {
     }
     for v in &s.other_versions {
         println!("other layout:   {v} (removed when an agent of this version starts)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{compile, Preset};
+
+    #[test]
+    fn status_writes_each_rule_as_presets_does() {
+        for preset in Preset::ALL {
+            let rules = preset.rules();
+            let policy = compile(&rules).unwrap();
+            let mut from_kernel: Vec<String> = policy
+                .v4
+                .iter()
+                .map(|(net, r)| describe(IpAddr::V4(net.addr()), u32::from(net.prefix_len()), r))
+                .chain(
+                    policy.v6.iter().map(|(net, r)| describe(IpAddr::V6(net.addr()), u32::from(net.prefix_len()), r)),
+                )
+                .collect();
+            let mut listed: Vec<String> = rules.iter().map(ToString::to_string).collect();
+            from_kernel.sort();
+            listed.sort();
+            assert_eq!(from_kernel, listed, "preset {preset}");
+        }
     }
 }

@@ -19,7 +19,10 @@ use crate::{
 
 pub const SCENARIOS: [crate::Scenario; 5] = [
     ("health: a link pin removed by hand turns /readyz 503 until the agent restores it", pins_removed),
-    ("health: the attached cgroup removed turns /readyz 503 and status says so; re-created, it is re-attached", cgroup_gone),
+    (
+        "health: the attached cgroup removed turns /readyz 503 and status says so; re-created, it is re-attached",
+        cgroup_gone,
+    ),
     ("health: an audit log on a full file system turns /readyz 503 until records can be written again", audit_fs_full),
     ("health: 64 idle connections held open, /healthz still answers within 1 s", idle_connections),
     ("health: logs through a pipe carry no escape codes; in JSON mode every line is JSON, the fatal one too", logs),
@@ -216,7 +219,10 @@ fn idle_connections(ctx: &mut Ctx) -> Result<()> {
         let (code, body) = agent.http_get("/healthz")?;
         let took = started.elapsed();
         ensure!(code == 200 && body == "ok\n", "round {round}: /healthz answered {code} {body:?}");
-        ensure!(took < budget(Duration::from_secs(1)), "round {round}: /healthz took {took:?} with 64 idle connections");
+        ensure!(
+            took < budget(Duration::from_secs(1)),
+            "round {round}: /healthz took {took:?} with 64 idle connections"
+        );
     }
     drop(idle);
     Ok(())

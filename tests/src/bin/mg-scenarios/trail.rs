@@ -7,8 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context, Result};
 use crate::agent::RecordLine;
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
     agent::{Agent, AgentSpec},
