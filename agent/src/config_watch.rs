@@ -44,19 +44,17 @@ impl ConfigWatch {
     }
 
     async fn reload(&self, ctx: &Context) {
-        let args = self.args.clone();
-        let loaded = tokio::task::spawn_blocking(move || config::load(&args)).await;
-        let attempt = match loaded {
-            Ok(result) => result
-                .map_err(anyhow::Error::from)
-                .and_then(|c| Ok(InForce { policy: c.compile_policy().map_err(anyhow::Error::from)?, config: c })),
-            Err(e) => Err(anyhow::anyhow!("reading the configuration panicked: {e}")),
-        }
-        .and_then(|new| {
-            let mut guard = ctx.guard.lock().unwrap_or_else(|e| e.into_inner());
+        let (args, guard) = (self.args.clone(), ctx.guard.clone());
+        // Reading the file and writing the maps block: off the async workers.
+        let attempt = tokio::task::spawn_blocking(move || -> Result<InForce> {
+            let config = config::load(&args)?;
+            let new = InForce { policy: config.compile_policy()?, config };
+            let mut guard = guard.lock().unwrap_or_else(|e| e.into_inner());
             guard.apply(&new.policy, new.config.mode.as_kernel())?;
             Ok(new)
-        });
+        })
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("reloading the configuration panicked: {e}")));
         match attempt {
             Ok(new) => {
                 let current = self.publish.borrow().clone();

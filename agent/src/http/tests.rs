@@ -145,3 +145,16 @@ fn busy_connections_are_never_evicted() {
     held[0].busy.store(false, Ordering::SeqCst);
     assert!(slots.take(ip).is_some(), "an idle slot is given up for the newcomer");
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_head_is_dropped_after_the_header_timeout() {
+    let server = TestServer::start().await;
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(HEADER_TIMEOUT + Duration::from_secs(2), slow.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the connection was still open after {:?}", started.elapsed());
+    assert!(started.elapsed() >= HEADER_TIMEOUT - Duration::from_millis(100), "closed too early");
+    server.stop().await;
+}
