@@ -39,6 +39,12 @@ pub struct Metrics {
     state: Mutex<State>,
 }
 
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
 type PodKey = (String, String);
 
 #[derive(Default)]
