@@ -63,9 +63,10 @@ pub fn install(args: &EnforceArgs, command: &str) -> Result<Installed> {
     };
     let opts =
         InstallOptions { cgroup: &cgroup, host_netns: args.host_netns.as_deref(), pins: &layout, cookie_mechanism };
+    let previous = origin::installer(&layout);
     let (guard, report) = Guard::install(&opts, &policy, config.mode.as_kernel())?;
     let started = report.links.iter().all(|(_, action)| *action == LinkAction::Attached);
-    origin::record(&layout, &Origin::this(command), started)?;
+    origin::record(&layout, &Origin::this(command), previous, started)?;
     info!(
         cgroup = %cgroup.display(),
         cgroup_id = report.cgroup_id,

@@ -37,17 +37,31 @@ impl Origin {
     }
 }
 
-/// Records `origin` as the latest updater, and as the installer when `started` (this
-/// install attached every link itself) or when no installer is recorded.
-pub fn record(layout: &PinLayout, origin: &Origin, started: bool) -> Result<()> {
-    if started || read(layout, INSTALLED_BY).is_none() {
-        write(layout, INSTALLED_BY, origin)?;
+/// The installer recorded in any version directory under `layout.root`, ours first:
+/// read before an install, so that an agent of a new layout keeps the record of the
+/// enforcement it took over.
+pub fn installer(layout: &PinLayout) -> Option<Origin> {
+    std::iter::once(layout.dir.clone()).chain(layout.other_versions()).find_map(|dir| read_dir(&dir, INSTALLED_BY))
+}
+
+/// Records `origin` as the latest updater; as the installer, `previous` (the
+/// installer of the enforcement this install took over, see [`installer`]) or, when
+/// there was none and this install attached every link itself (`started`), `origin`.
+pub fn record(layout: &PinLayout, origin: &Origin, previous: Option<Origin>, started: bool) -> Result<()> {
+    match previous {
+        Some(previous) => write(layout, INSTALLED_BY, &previous)?,
+        None if started || read(layout, INSTALLED_BY).is_none() => write(layout, INSTALLED_BY, origin)?,
+        None => {}
     }
     write(layout, UPDATED_BY, origin)
 }
 
 pub fn read(layout: &PinLayout, which: &str) -> Option<Origin> {
-    let entry = fs::read_dir(layout.dir.join(which)).ok()?.filter_map(|e| e.ok()).next()?;
+    read_dir(&layout.dir, which)
+}
+
+fn read_dir(version_dir: &Path, which: &str) -> Option<Origin> {
+    let entry = fs::read_dir(version_dir.join(which)).ok()?.filter_map(|e| e.ok()).next()?;
     let name = entry.file_name().into_string().ok()?;
     let (command, version) = name.split_once('@')?;
     Some(Origin { command: command.to_string(), version: version.replace('_', ".") })
@@ -84,13 +98,26 @@ mod tests {
         fs::create_dir_all(&layout.dir).unwrap();
         assert_eq!(read(&layout, INSTALLED_BY), None);
         let apply = Origin { command: "apply".into(), version: "0.1.0".into() };
-        record(&layout, &apply, true).unwrap();
+        record(&layout, &apply, None, true).unwrap();
         let run = Origin { command: "run".into(), version: "0.2.0".into() };
-        record(&layout, &run, false).unwrap();
-        assert_eq!(read(&layout, INSTALLED_BY), Some(apply));
+        record(&layout, &run, installer(&layout), false).unwrap();
+        assert_eq!(read(&layout, INSTALLED_BY), Some(apply.clone()));
         assert_eq!(read(&layout, UPDATED_BY), Some(run.clone()));
-        record(&layout, &run, true).unwrap();
+
+        // An agent of another layout version takes over: the installer carries over.
+        let newer = PinLayout { root: layout.root.clone(), dir: layout.root.join("v99") };
+        fs::create_dir_all(&newer.dir).unwrap();
+        record(&newer, &run, installer(&newer), true).unwrap();
+        assert_eq!(read(&newer, INSTALLED_BY), Some(apply));
+
+        // Enforcement started afresh (nothing installed before) names its own starter.
+        clear(&layout.dir.join(INSTALLED_BY)).unwrap();
+        record(&layout, &run, None, true).unwrap();
         assert_eq!(read(&layout, INSTALLED_BY), Some(run));
+        for which in [INSTALLED_BY, UPDATED_BY] {
+            clear(&newer.dir.join(which)).unwrap();
+        }
+        fs::remove_dir(&newer.dir).unwrap();
         clear(&layout.dir.join(INSTALLED_BY)).unwrap();
         clear(&layout.dir.join(UPDATED_BY)).unwrap();
         assert_eq!(fs::read_dir(&layout.dir).unwrap().count(), 0);
