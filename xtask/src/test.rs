@@ -55,3 +55,18 @@ fn refuse_when_installed(pins: &std::path::Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_installed_guard_stops_the_tests_naming_uninstall() {
+        let dir = std::env::temp_dir().join(format!("xtask-pins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(super::refuse_when_installed(&dir).is_ok(), "an empty pin directory is no guard");
+        assert!(super::refuse_when_installed(&dir.join("missing")).is_ok());
+        std::fs::create_dir(dir.join("v1")).unwrap();
+        let e = super::refuse_when_installed(&dir).unwrap_err().to_string();
+        assert!(e.contains("metadata-guard uninstall") && e.contains("v1"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
