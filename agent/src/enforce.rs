@@ -18,7 +18,7 @@ use crate::{
         health::Fault,
         origin::{self, Origin},
         pins::{self, AgentLock, PinLayout},
-        Guard, InstallOptions, InstallReport, LinkAction, Mechanism,
+        Guard, InstallOptions, InstallReport, LinkAction, Mechanism, ATTACHMENTS,
     },
     policy::CompiledPolicy,
     preflight,
@@ -107,9 +107,9 @@ impl Enforcement {
     }
 
     pub async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
-        let condition = self.condition;
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
-        let mut reported: Vec<Fault> = Vec::new();
+        // What was last reported, so that an outage is logged when it changes, not every second.
+        let (mut reported, mut last_error): (Vec<Fault>, Option<String>) = (Vec::new(), None);
         loop {
             tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
@@ -117,42 +117,44 @@ impl Enforcement {
             }
             let mut guard = ctx.guard.lock().unwrap_or_else(|e| e.into_inner());
             publish_counters(&guard, &ctx);
-            let faults = guard.faults(&ctx.cgroup);
+            let mut faults = guard.faults(&ctx.cgroup);
+            if !faults.is_empty() {
+                self.condition.missing(describe(&faults));
+                if faults != reported {
+                    error!(faults = %describe(&faults), "enforcement in the kernel is incomplete; restoring it");
+                }
+                let repaired = guard.repair(&ctx.cgroup);
+                let before = std::mem::replace(&mut faults, guard.faults(&ctx.cgroup));
+                match repaired {
+                    Ok(()) if faults.is_empty() => {
+                        ctx.metrics.enforcement_restored();
+                        info!(was = %describe(&before), "restored: every hook attached to {}, every map pinned", ctx.cgroup.display());
+                        last_error = None;
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        if last_error.as_deref() != Some(why.as_str()) {
+                            warn!("could not restore enforcement yet (retrying every {CHECK_INTERVAL:?}): {why}");
+                            last_error = Some(why);
+                        }
+                    }
+                }
+            }
+            let detached = faults.iter().filter(|f| matches!(f, Fault::LinkUnpinned(_) | Fault::LinkElsewhere { .. }));
+            ctx.metrics.set_programs_attached((ATTACHMENTS.len() - detached.count()) as i64);
             if faults.is_empty() {
-                ctx.metrics.set_programs_attached(crate::loader::ATTACHMENTS.len() as i64);
-                if !reported.is_empty() {
-                    info!("enforcement is whole again");
-                    reported.clear();
-                }
-                condition.ready();
-                continue;
+                self.condition.ready();
+            } else {
+                self.condition.missing(describe(&faults));
             }
-            let what = faults.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-            condition.missing(what.clone());
-            if faults != reported {
-                error!(faults = %what, "enforcement in the kernel is incomplete; restoring it");
-                reported = faults;
-            }
-            match guard.repair(&ctx.cgroup) {
-                Ok(()) if guard.faults(&ctx.cgroup).is_empty() => {
-                    ctx.metrics.enforcement_restored();
-                    info!("restored: every hook attached to {} and every map pinned", ctx.cgroup.display());
-                    reported.clear();
-                    condition.ready();
-                }
-                Ok(()) => {}
-                Err(e) => warn!("could not restore enforcement yet (retrying every {CHECK_INTERVAL:?}): {e:#}"),
-            }
-            ctx.metrics.set_programs_attached(
-                crate::loader::ATTACHMENTS.len() as i64
-                    - guard
-                        .faults(&ctx.cgroup)
-                        .iter()
-                        .filter(|f| matches!(f, Fault::LinkUnpinned(_) | Fault::LinkElsewhere { .. }))
-                        .count() as i64,
-            );
+            reported = faults;
         }
     }
+}
+
+fn describe(faults: &[Fault]) -> String {
+    faults.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 fn publish_counters(guard: &Guard, ctx: &Context) {
