@@ -17,8 +17,9 @@
 //!
 //! - `ctx.policy`: the configuration and compiled policy in force (a `watch`; a new
 //!   value after every successful reload),
-//! - `ctx.allowed`: the cgroup ids of the allowlisted pods' containers (a `watch`;
-//!   the first value after the first sync),
+//! - `ctx.allowed`: the cgroup ids of the allowlisted pods' containers (a `watch`:
+//!   empty at first, then a new value whenever a sync changes it; the `allowlist`
+//!   readiness condition says whether a first sync happened),
 //! - `ctx.attempts`: where refused attempts go to become audit records and metrics,
 //! - `ctx.readiness`: [`crate::http::Readiness::condition`] registers a named
 //!   condition that keeps `/readyz` at 503 until the subsystem sets it. Register it
