@@ -61,11 +61,14 @@ impl Guard {
     }
 
     /// Re-pins the maps the agent still holds and re-attaches (and re-pins) every
-    /// hook that is not enforcing on `cgroup`. Fails while the cgroup is gone.
+    /// hook that is not enforcing on `cgroup`: as much as it can, so that one pin
+    /// that cannot be made does not keep the other hooks detached. Fails (naming
+    /// what is left) while anything could not be restored, e.g. the cgroup is gone.
     pub fn repair(&mut self, cgroup: &Path) -> Result<()> {
         for dir in [self.pins.maps_dir(), self.pins.links_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("could not create pin directory {}", dir.display()))?;
         }
+        let mut failed = Vec::new();
         for name in PINNED_MAPS {
             let pin = self.pins.map(name);
             if pin.exists() {
@@ -78,15 +81,23 @@ impl Guard {
                 }
                 (None, _) => Err(anyhow::anyhow!("the agent no longer holds it")),
             };
-            pinned.with_context(|| format!("could not pin map {name} again at {}", pin.display()))?;
+            if let Err(e) = pinned {
+                failed.push(format!("{:#}", e.context(format!("could not pin map {name} again at {}", pin.display()))));
+            }
         }
         let cgroup_id = crate::cgroup::id(cgroup)?;
         let cgroup_dir =
             fs::File::open(cgroup).with_context(|| format!("could not open cgroup {}", cgroup.display()))?;
         for a in &ATTACHMENTS {
-            self.link_program(a, &cgroup_dir, cgroup_id)?;
+            if let Err(e) = self.link_program(a, &cgroup_dir, cgroup_id) {
+                failed.push(format!("{e:#}"));
+            }
         }
-        Ok(())
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(failed.join("; ")))
+        }
     }
 }
 
