@@ -100,6 +100,19 @@ impl Pipeline {
                     self.auditor.set_mode(mode.name());
                 }
                 _ = shutdown.wait() => {
+                    let now = Instant::now();
+                    loop {
+                        reader.drain(&mut batch, EVENT_BATCH);
+                        if batch.is_empty() {
+                            break;
+                        }
+                        for attempt in batch.drain(..) {
+                            self.account(&ctx, &attempt, now);
+                        }
+                    }
+                    while let Ok(attempt) = self.attempts.try_recv() {
+                        self.account(&ctx, &attempt, now);
+                    }
                     self.auditor.flush_all();
                     ctx.metrics.set_audit_stats(&self.auditor.stats());
                     return Ok(());
