@@ -28,12 +28,16 @@ pub struct Status {
     /// Any link of this version is pinned.
     pub installed: bool,
     /// Every hook's link is pinned and attached to a live cgroup, every map pinned.
+    #[serde(default)] // absent from older agents' status
     pub enforcing: bool,
     /// What keeps it from enforcing fully (empty when `enforcing`).
+    #[serde(default)] // absent from older agents' status
     pub problems: Vec<String>,
     /// The command and version that started this enforcement (`apply` at boot, or `run`).
+    #[serde(default)] // absent from older agents' status
     pub installed_by: Option<Origin>,
     /// The command and version that last installed or adopted it.
+    #[serde(default)] // absent from older agents' status
     pub updated_by: Option<Origin>,
     pub agent_running: bool,
     pub mode: Option<String>,
