@@ -66,3 +66,91 @@ mod tests {
         assert!(allowed_cgroups(&[], &pods).is_empty());
     }
 }
+
+/// The allowlist subsystem: keeps the kernel's pod allowlist equal to the allow rules
+/// applied to the pods on this node — at start, on every kubepods cgroup change, on
+/// every new policy and every [`ALLOWLIST_RESYNC`]. Runs on a thread of its own: a
+/// sync walks the cgroup tree and the kubelet's log directories. Its readiness
+/// condition, `allowlist`, holds once a sync has succeeded and while syncs succeed.
+pub struct AllowlistSync {
+    publish: tokio::sync::watch::Sender<std::sync::Arc<BTreeSet<u64>>>,
+    condition: crate::http::Condition,
+}
+
+/// How often the pod allowlist is recomputed even without a cgroup event (names that
+/// the kubelet wrote after the cgroup appeared, missed events).
+pub const ALLOWLIST_RESYNC: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl AllowlistSync {
+    /// Publishes each synced set on `publish` (what `ctx.allowed` receives).
+    pub fn new(
+        ctx: &crate::supervise::Context,
+        publish: tokio::sync::watch::Sender<std::sync::Arc<BTreeSet<u64>>>,
+    ) -> AllowlistSync {
+        AllowlistSync { publish, condition: ctx.readiness.condition("allowlist", "not synced yet") }
+    }
+
+    pub async fn run(
+        self,
+        ctx: crate::supervise::Context,
+        mut shutdown: crate::supervise::Shutdown,
+    ) -> anyhow::Result<()> {
+        use tracing::{error, info, warn};
+
+        let condition = self.condition.clone();
+        let mut policy = ctx.policy.clone();
+        let config = policy.borrow_and_update().config.clone();
+        let mut resolver = crate::pod_identity::PodResolver::new(
+            ctx.cgroup.clone(),
+            config.pod_logs_dir.clone(),
+            config.container_logs_dir.clone(),
+        );
+        let mut watch = crate::kubepods_watch::KubepodsWatch::new(&ctx.cgroup)
+            .map_err(|e| {
+                warn!("cannot watch the kubepods cgroups, the allowlist follows every {ALLOWLIST_RESYNC:?}: {e:#}")
+            })
+            .ok();
+        let mut resync = tokio::time::interval(ALLOWLIST_RESYNC);
+        let mut rules = config.allow_pods.clone();
+        loop {
+            let wanted =
+                if rules.is_empty() { BTreeSet::new() } else { allowed_cgroups(&rules, &resolver.rescan_pods()) };
+            resolver.forget_vanished();
+            let synced = ctx.guard.lock().unwrap_or_else(|e| e.into_inner()).sync_allowed(&wanted);
+            match synced {
+                Ok((added, removed)) => {
+                    if added + removed > 0 {
+                        info!(added, removed, allowed = wanted.len(), "pod allowlist updated");
+                    }
+                    self.publish.send_if_modified(|current| {
+                        let changed = **current != wanted;
+                        if changed {
+                            *current = std::sync::Arc::new(wanted);
+                        }
+                        changed
+                    });
+                    condition.ready();
+                }
+                Err(e) => {
+                    error!("could not update the pod allowlist in the kernel: {e:#}");
+                    condition.missing(format!("{e:#}"));
+                }
+            }
+            let changed = async {
+                match &mut watch {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.wait() => return Ok(()),
+                Ok(()) = policy.changed() => rules = policy.borrow_and_update().config.allow_pods.clone(),
+                result = changed => if let Err(e) = result {
+                    warn!("watching the kubepods cgroups failed, the allowlist now follows every {ALLOWLIST_RESYNC:?}: {e:#}");
+                    watch = None;
+                },
+                _ = resync.tick(), if !rules.is_empty() => {}
+            }
+        }
+    }
+}

@@ -17,7 +17,7 @@
 //! [`record::GapRecord`] does.
 
 mod rate;
-mod record;
+pub mod record;
 mod rotate;
 mod sink;
 mod window;
@@ -34,6 +34,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{attempt::Attempt, pod_identity::Workload};
+pub use record::{AuditRecord, RecordLine};
 use sink::Sink;
 use window::{Key, Windows};
 use writer::{Suppression, Writer};
@@ -201,6 +202,11 @@ impl Auditor {
     /// The mode named in records from now on ("enforce" or "audit").
     pub fn set_mode(&mut self, mode: impl Into<String>) {
         self.out.set_mode(mode.into());
+    }
+
+    /// Why audit records cannot be written right now (`None` while they can).
+    pub fn failing(&self) -> Option<&str> {
+        self.out.failing()
     }
 
     pub fn stats(&self) -> AuditStats {

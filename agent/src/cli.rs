@@ -21,12 +21,19 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/metadata-guard";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Operational log format on stderr (audit records are separate and always JSON
+    /// lines). Colours only when stderr is a terminal.
+    #[arg(long, global = true, env = "METADATA_GUARD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
 pub enum Command {
     /// Load, attach and keep enforcing; write audit records and serve metrics.
     Run(Box<RunArgs>),
+    /// Install (or adopt and update) the pinned enforcement `run` would, verify it and
+    /// exit: for a node's boot, before the container runtime and kubelet start.
+    Apply(Box<EnforceArgs>),
     /// Show what is in the kernel, read from the pins (works without an agent).
     Status {
         #[command(flatten)]
@@ -61,8 +68,9 @@ pub struct PinArgs {
     pub bpffs: PathBuf,
 }
 
+/// What `run` and `apply` share: the configuration and where enforcement goes.
 #[derive(Args)]
-pub struct RunArgs {
+pub struct EnforceArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
@@ -83,13 +91,16 @@ pub struct RunArgs {
     /// container: a mount made there dies with the container, and the pins with it.
     #[arg(long, env = "METADATA_GUARD_MOUNT_BPFFS", default_value_t = true, action = clap::ArgAction::Set)]
     pub mount_bpffs: bool,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub enforce: EnforceArgs,
     /// Remove enforcement when the agent exits (development only: in production the
     /// block must outlive the agent).
     #[arg(long)]
     pub detach_on_exit: bool,
-    /// Operational log format (audit records are separate and always JSON lines).
-    #[arg(long, env = "METADATA_GUARD_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -103,4 +114,59 @@ pub enum CookieSource {
     Auto,
     Sockopt,
     Probe,
+}
+
+/// Runs one command; the exit code for a command that ran (a failed `check` is 1).
+pub fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+
+    use crate::{loader, policy, preflight};
+    match command {
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(async {
+                // First, so that a signal during start-up is queued, not fatal.
+                let signals = crate::supervise::Signals::install()?;
+                crate::run::run(*args, signals).await
+            })?;
+        }
+        Command::Apply(args) => crate::apply::apply(&args)?,
+        Command::Status { pins, json } => {
+            let status = loader::status::read(&pins.bpffs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                loader::status::print_human(&status);
+            }
+        }
+        Command::Uninstall { pins } => {
+            let removed = loader::uninstall(&pins.bpffs)?;
+            if removed.is_empty() {
+                println!("nothing to remove under {}: the guard is not installed", pins.bpffs.display());
+            }
+            for dir in removed {
+                println!("removed {} (links detached, maps unpinned)", dir.display());
+            }
+        }
+        Command::Presets => {
+            for preset in policy::Preset::ALL {
+                println!("{}\n  {}", preset.name(), preset.describe());
+                for rule in preset.rules() {
+                    println!("    block {rule}");
+                }
+            }
+        }
+        Command::Check { pins, cgroup, json } => {
+            let checks = preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                preflight::print_human(&checks);
+            }
+            if preflight::has_failure(&checks) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

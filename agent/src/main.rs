@@ -1,98 +1,18 @@
-//! metadata-guard: blocks pods from the cloud instance metadata service, in the kernel.
-//!
-//! Data flow, one module per step: config → policy → loader (maps, links, pins) →
-//! kernel verdict (ebpf/) → events → pod identity → audit / metrics and probes.
-
-mod allowlist;
-mod attempt;
-mod audit;
-mod cgroup;
-mod cli;
-mod config;
-mod events;
-mod kubepods_watch;
-mod loader;
-mod metrics;
-mod pod_identity;
-mod policy;
-mod preflight;
-mod probes;
-mod run;
+//! The `metadata-guard` command: clap, then one library call per command.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use cli::{Cli, Command, LogFormat};
+use metadata_guard::{cli, logging};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let log_format = match &cli.command {
-        Command::Run(args) => args.log_format,
-        _ => LogFormat::Text,
-    };
-    init_logging(log_format);
-    match dispatch(cli.command) {
+    let cli = cli::Cli::parse();
+    logging::init(cli.log_format);
+    match cli::dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("metadata-guard: error: {e:#}");
+            logging::fatal(&e);
             ExitCode::FAILURE
         }
-    }
-}
-
-fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
-    match command {
-        Command::Run(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            runtime.block_on(run::run(*args))?;
-        }
-        Command::Status { pins, json } => {
-            let status = loader::status::read(&pins.bpffs)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                loader::status::print_human(&status);
-            }
-        }
-        Command::Uninstall { pins } => {
-            let removed = loader::uninstall(&pins.bpffs)?;
-            if removed.is_empty() {
-                println!("nothing to remove under {}: the guard is not installed", pins.bpffs.display());
-            }
-            for dir in removed {
-                println!("removed {} (links detached, maps unpinned)", dir.display());
-            }
-        }
-        Command::Presets => {
-            for preset in policy::Preset::ALL {
-                println!("{}\n  {}", preset.name(), preset.describe());
-                for rule in preset.rules() {
-                    println!("    block {rule}");
-                }
-            }
-        }
-        Command::Check { pins, cgroup, json } => {
-            let checks = preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs });
-            if json {
-                println!("{}", serde_json::to_string_pretty(&checks)?);
-            } else {
-                preflight::print_human(&checks);
-            }
-            if preflight::has_failure(&checks) {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Operational logs go to stderr; stdout is reserved for audit records.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("METADATA_GUARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -30,12 +30,19 @@ pub struct Metrics {
     audit_suppressed: IntCounterVec,
     audit_write_errors: IntCounter,
     programs_attached: IntGauge,
+    enforcement_restores: IntCounter,
     identity_cache: IntGauge,
     policy_destinations: IntGauge,
     enforcing: IntGauge,
     config_reloads: IntCounterVec,
     config_last_reload_success: IntGauge,
     state: Mutex<State>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
 }
 
 type PodKey = (String, String);
@@ -114,6 +121,11 @@ impl Metrics {
             ),
             audit_write_errors: counter(&r, "metadata_guard_audit_write_errors_total", "Failed audit record writes"),
             programs_attached: gauge(&r, "metadata_guard_programs_attached", "Kernel programs attached and pinned"),
+            enforcement_restores: counter(
+                &r,
+                "metadata_guard_enforcement_restores_total",
+                "Times the agent re-pinned or re-attached enforcement that had been removed from the kernel",
+            ),
             identity_cache: gauge(
                 &r,
                 "metadata_guard_identity_cache_entries",
@@ -245,6 +257,10 @@ impl Metrics {
 
     pub fn set_programs_attached(&self, n: i64) {
         self.programs_attached.set(n);
+    }
+
+    pub fn enforcement_restored(&self) {
+        self.enforcement_restores.inc();
     }
 
     pub fn set_policy(&self, policy: &CompiledPolicy, mode: Mode) {

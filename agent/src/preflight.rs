@@ -96,6 +96,7 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
         });
     }
     checks.push(netns_cookie());
+    checks.push(installed(inputs.bpffs));
     checks
 }
 
@@ -216,5 +217,23 @@ pub fn print_human(checks: &[Check]) {
         if let (Some(fix), Outcome::Fail | Outcome::Warn) = (&c.fix, c.outcome) {
             println!("       {:<30} fix: {fix}", "");
         }
+    }
+}
+
+/// Whether enforcement is already in the kernel (e.g. put there at boot by `apply`),
+/// and by which command and version: informational, never a failure.
+fn installed(root: &Path) -> Check {
+    use crate::loader::{origin, pins::PinLayout};
+    let layout = PinLayout::new(root);
+    let (installed_by, updated_by) =
+        (origin::read(&layout, origin::INSTALLED_BY), origin::read(&layout, origin::UPDATED_BY));
+    match (layout.links_dir().exists(), installed_by) {
+        (false, _) => Check::pass("installed", format!("nothing pinned under {} yet", root.display())),
+        (true, Some(by)) => {
+            let at_boot = if by.command == "apply" { " at boot" } else { "" };
+            let updated = updated_by.filter(|u| *u != by).map(|u| format!(", last updated by {u}")).unwrap_or_default();
+            Check::pass("installed", format!("enforcement is pinned: installed{at_boot} by {by}{updated}"))
+        }
+        (true, None) => Check::pass("installed", "enforcement is pinned (by a version that does not record itself)"),
     }
 }

@@ -7,8 +7,10 @@
 //! everything is held by file descriptors or removed on drop, so nothing outlives
 //! the test process.
 
+pub mod agent;
 pub mod cgroups;
 pub mod netlink;
 pub mod netns;
+pub mod node;
 pub mod standin;
 pub mod world;

@@ -24,7 +24,7 @@ const BEFORE: [&str; 4] = ["containerd.service", "crio.service", "docker.service
 /// The subcommand whose `--help` lists the flags the recipes may pass. The recipes run
 /// `apply`, which takes `run`'s enforcement flags (core-a's branch adds it); until
 /// that is merged here, `run --help` is the list. Switch to "apply" when it is.
-const CLI_OF_APPLY: &str = "run";
+const CLI_OF_APPLY: &str = "apply";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()

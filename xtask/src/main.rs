@@ -39,10 +39,15 @@ enum Cmd {
         #[arg(long, value_name = "ARCH")]
         target: Option<String>,
     },
-    /// Build everything and run the agent on this machine (as root).
+    /// Build everything and run the agent on this machine (as root). A development
+    /// run: its enforcement is removed when it exits (`--detach-on-exit`).
     Run {
         #[arg(long)]
         release: bool,
+        /// Leave the enforcement pinned when the agent exits, as a production agent
+        /// does (remove it later with `metadata-guard uninstall`).
+        #[arg(long)]
+        keep: bool,
         /// Arguments for `metadata-guard run`, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -97,11 +102,14 @@ fn real_main() -> Result<()> {
             let agent = artifacts::build_agent(profile(release), Variant::Default)?;
             eprintln!("xtask: agent at {}", artifacts::relative(&agent));
         }
-        Cmd::Run { release, args } => {
+        Cmd::Run { release, keep, args } => {
             artifacts::build_ebpf(Variant::Default)?;
             let agent = artifacts::build_agent(profile(release), Variant::Default)?;
             let mut run = Command::new(&agent);
             run.arg("run").args(&args);
+            if !keep && !args.iter().any(|a| a == "--detach-on-exit") {
+                run.arg("--detach-on-exit");
+            }
             eprintln!("xtask: {}", cmd::describe(&run));
             cmd::run(&mut run)?;
         }

@@ -9,7 +9,11 @@ use crate::{
     cmd, packages, workspace_root,
 };
 
+/// Where a guard installed on this machine pins itself (the agent's default --bpffs).
+const MACHINE_PINS: &str = "/sys/fs/bpf/metadata-guard";
+
 pub fn run() -> Result<()> {
+    refuse_when_installed(std::path::Path::new(MACHINE_PINS))?;
     artifacts::build_ebpf(Variant::Default)?;
     artifacts::build_ebpf(Variant::Test)?;
     let agent = artifacts::build_agent(Profile::Debug, Variant::Default)?;
@@ -26,4 +30,43 @@ pub fn run() -> Result<()> {
     crate::bench::run(true).context("the quick benchmark (cargo xtask bench --quick) failed")?;
     crate::vm::run(&crate::vm::select("all", "all")?).context("the kernel matrix (cargo xtask vm-test) failed")?;
     Ok(())
+}
+
+/// A guard on this machine's own cgroup root refuses the scenarios' "pods" too, and
+/// every scenario would fail with EPERM far from the cause: stop at once instead.
+fn refuse_when_installed(pins: &std::path::Path) -> Result<()> {
+    let versions: Vec<String> = std::fs::read_dir(pins)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('v'))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !versions.is_empty() {
+        anyhow::bail!(
+            "a metadata-guard is installed on this machine ({} holds {}), and it would refuse the tests' own \
+             simulated pods; remove it first with `metadata-guard uninstall` (e.g. `target/debug/metadata-guard \
+             uninstall`, after stopping any agent), then run the tests again",
+            pins.display(),
+            versions.join(", ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_installed_guard_stops_the_tests_naming_uninstall() {
+        let dir = std::env::temp_dir().join(format!("xtask-pins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(super::refuse_when_installed(&dir).is_ok(), "an empty pin directory is no guard");
+        assert!(super::refuse_when_installed(&dir.join("missing")).is_ok());
+        std::fs::create_dir(dir.join("v1")).unwrap();
+        let e = super::refuse_when_installed(&dir).unwrap_err().to_string();
+        assert!(e.contains("metadata-guard uninstall") && e.contains("v1"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{attempt::Attempt, pod_identity::Workload};
 
@@ -240,6 +240,43 @@ fn rfc3339_millis<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::
     serializer.collect_str(&humantime::format_rfc3339_millis(clamped))
 }
 
+/// One line of the trail as a reader gets it back: an [`AuditRecord`] (`kind:
+/// "attempts"`) or a [`GapRecord`] (`kind: "gap"`, whose attempt fields are absent:
+/// their defaults here). For tools and tests that read the trail.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct RecordLine {
+    pub schema: String,
+    pub kind: String,
+    pub time: String,
+    pub node: String,
+    pub verdict: String,
+    pub mode: String,
+    pub workload: String,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub pod_uid: Option<String>,
+    pub container: Option<String>,
+    pub container_id: Option<String>,
+    pub runtime: Option<String>,
+    pub qos: Option<String>,
+    pub cgroup: Option<String>,
+    pub cgroup_id: u64,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub protocol: String,
+    pub family: String,
+    pub destination: Option<IpAddr>,
+    pub port: u16,
+    pub hook: String,
+    pub mapped: bool,
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub suppressed_since_last: u64,
+    pub lost_since_last: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -355,5 +392,37 @@ mod tests {
         let value = serde_json::to_value(&record).unwrap();
         assert_eq!(value["first_seen"], "1970-01-01T00:00:00.000Z");
         assert_eq!(value["last_seen"], "9999-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn a_written_record_reads_back_field_for_field() {
+        let (attempt, workload) = (sample_attempt(), sample_workload());
+        let tally = Tally {
+            count: 3,
+            first_seen: at("2024-05-01T12:00:00.100Z"),
+            last_seen: attempt.time,
+            suppressed_since_last: 2,
+            lost_since_last: 1,
+        };
+        let record = AuditRecord::new(at("2024-05-01T12:00:10.250Z"), "node-a", "enforce", &workload, &attempt, tally);
+        let line: RecordLine = serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        let written = serde_json::to_value(&record).unwrap();
+        let read = serde_json::json!({
+            "schema": line.schema, "kind": line.kind, "time": line.time, "node": line.node,
+            "verdict": line.verdict, "mode": line.mode, "workload": line.workload,
+            "namespace": line.namespace, "pod": line.pod, "pod_uid": line.pod_uid, "container": line.container,
+            "container_id": line.container_id, "runtime": line.runtime, "qos": line.qos, "cgroup": line.cgroup,
+            "cgroup_id": line.cgroup_id, "pid": line.pid, "comm": line.comm, "protocol": line.protocol,
+            "family": line.family, "destination": line.destination, "port": line.port, "hook": line.hook,
+            "mapped": line.mapped, "count": line.count, "first_seen": line.first_seen, "last_seen": line.last_seen,
+            "suppressed_since_last": line.suppressed_since_last, "lost_since_last": line.lost_since_last,
+        });
+        assert_eq!(written, read, "RecordLine must have every field AuditRecord writes");
+        let gap = GapRecord::new(record.time, "node-a", "enforce", 5, 6);
+        let line: RecordLine = serde_json::from_str(&serde_json::to_string(&gap).unwrap()).unwrap();
+        assert_eq!(
+            (line.kind.as_str(), line.suppressed_since_last, line.lost_since_last, line.count),
+            ("gap", 5, 6, 0)
+        );
     }
 }

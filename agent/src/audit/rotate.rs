@@ -19,6 +19,11 @@ pub struct RotatingFile {
     max_files: u32,
     file: File,
     size: u64,
+    /// The log was rotated away but the new file could not be created yet: `file`
+    /// is the newest rotated file, and the next write retries the open instead of
+    /// rotating again (which would push history out, one file per write).
+    reopen_pending: bool,
+    open: fn(&Path) -> io::Result<File>,
 }
 
 impl RotatingFile {
@@ -29,7 +34,15 @@ impl RotatingFile {
         }
         let file = open_append(path)?;
         let size = file.metadata()?.len();
-        Ok(RotatingFile { path: path.to_owned(), max_size, max_files, file, size })
+        Ok(RotatingFile {
+            path: path.to_owned(),
+            max_size,
+            max_files,
+            file,
+            size,
+            reopen_pending: false,
+            open: open_append,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -46,7 +59,9 @@ impl RotatingFile {
                 format!("a {len}-byte record does not fit in an audit log of max_size {} bytes", self.max_size),
             ));
         }
-        if self.size + len > self.max_size {
+        if self.reopen_pending {
+            self.reopen()?;
+        } else if self.size + len > self.max_size {
             self.rotate()?;
         }
         match self.file.write_all(line) {
@@ -72,8 +87,15 @@ impl RotatingFile {
             }
             ignore_missing(fs::rename(&self.path, rotated(&self.path, 1)))?;
         }
-        self.file = open_append(&self.path)?;
-        self.size = self.file.metadata()?.len();
+        self.reopen_pending = true;
+        self.reopen()
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        let file = (self.open)(&self.path)?;
+        self.size = file.metadata()?.len();
+        self.file = file;
+        self.reopen_pending = false;
         Ok(())
     }
 }
@@ -187,5 +209,32 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         assert_eq!(numbers_in(&path), [1]);
         assert!(!rotated(&path, 1).exists());
+    }
+
+    #[test]
+    fn a_failed_reopen_after_rotation_never_pushes_history_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut log = RotatingFile::open(&path, 100, 3).unwrap();
+        let line = |c: u8| [vec![c; 59], vec![b'\n']].concat();
+        log.write_line(&line(b'a')).unwrap();
+        log.write_line(&line(b'b')).unwrap(); // rotates: a → .1
+        fn refuse(_: &Path) -> io::Result<File> {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        log.open = refuse;
+        assert!(log.write_line(&line(b'c')).is_err(), "b → .1, a → .2, then the new file cannot be made");
+        for _ in 0..10 {
+            assert!(log.write_line(&line(b'd')).is_err(), "still failing: the write is refused, nothing is rotated");
+        }
+        let read = |p: PathBuf| fs::read_to_string(p).unwrap_or_default();
+        assert_eq!(read(rotated(&path, 1)), String::from_utf8(line(b'b')).unwrap());
+        assert_eq!(read(rotated(&path, 2)), String::from_utf8(line(b'a')).unwrap());
+        assert!(!rotated(&path, 3).exists());
+        log.open = open_append;
+        log.write_line(&line(b'e')).unwrap();
+        assert_eq!(read(path.clone()), String::from_utf8(line(b'e')).unwrap(), "the open is retried, not a rotation");
+        assert_eq!(read(rotated(&path, 1)), String::from_utf8(line(b'b')).unwrap());
+        assert_eq!(read(rotated(&path, 2)), String::from_utf8(line(b'a')).unwrap());
     }
 }

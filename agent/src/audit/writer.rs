@@ -41,7 +41,8 @@ pub struct Writer {
     pub stats: AuditStats,
     /// Reused so that a record costs no allocation for its line.
     line: Vec<u8>,
-    failing: bool,
+    /// Why the latest write failed, while writes fail.
+    failing: Option<String>,
 }
 
 impl Writer {
@@ -56,8 +57,13 @@ impl Writer {
             gap_since: None,
             stats: AuditStats::default(),
             line: Vec::new(),
-            failing: false,
+            failing: None,
         }
+    }
+
+    /// Why records cannot be written right now; `None` while they can.
+    pub fn failing(&self) -> Option<&str> {
+        self.failing.as_deref()
     }
 
     pub fn set_mode(&mut self, mode: String) {
@@ -139,16 +145,14 @@ impl Writer {
                 self.suppressed_since_last = 0;
                 self.lost_since_last = 0;
                 self.gap_since = None;
-                if self.failing {
-                    self.failing = false;
+                if self.failing.take().is_some() {
                     info!(sink = %self.sink, "audit records are being written again");
                 }
             }
             Err(e) => {
                 self.stats.write_errors += 1;
                 // Once per outage: a full disk must not turn into a log storm.
-                if !self.failing {
-                    self.failing = true;
+                if self.failing.replace(e.to_string()).is_none() {
                     warn!(
                         sink = %self.sink,
                         "could not write an audit record ({e}); its attempts will be counted in the next \

@@ -8,7 +8,9 @@
 //! are attached.
 
 mod bpf_sys;
+pub mod health;
 pub mod netns_cookie;
+pub mod origin;
 pub mod pins;
 mod policy_maps;
 mod programs;
@@ -85,6 +87,8 @@ pub struct Guard {
     ebpf: Ebpf,
     pins: PinLayout,
     host_netns_cookie: u64,
+    /// The event ring buffer once the reader took it, to pin it again (`repair`).
+    events: Option<MapData>,
 }
 
 impl Guard {
@@ -117,7 +121,7 @@ impl Guard {
             }
             (None, _) => (netns_cookie::via_probe(&mut ebpf, opts.cgroup, opts.host_netns)?, Mechanism::ProbeProgram),
         };
-        let mut guard = Guard { ebpf, pins: pins.clone(), host_netns_cookie };
+        let mut guard = Guard { ebpf, pins: pins.clone(), host_netns_cookie, events: None };
         guard.apply(policy, mode).context("could not write the policy into the kernel maps")?;
 
         let cgroup_dir =
@@ -159,7 +163,8 @@ impl Guard {
             }
             // Attached elsewhere (the --cgroup changed): ours first, then theirs goes.
             let fresh = programs::attach(&mut self.ebpf, a, cgroup)?;
-            let tmp = pin.with_extension("new");
+            // bpffs refuses names with a dot.
+            let tmp = self.pins.link(&format!("{}-new", a.pin));
             let _ = fs::remove_file(&tmp);
             fresh.pin(&tmp).with_context(|| format!("could not pin link at {}", tmp.display()))?;
             fs::rename(&tmp, &pin).with_context(|| format!("could not replace link pin {}", pin.display()))?;
@@ -205,6 +210,7 @@ impl Guard {
     /// The event ring buffer, for the event reader (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(map_names::EVENTS).context("the event ring buffer was already taken")?;
+        self.events = Some(health::second_handle(&map)?);
         Ok(RingBuf::try_from(map)?)
     }
 
@@ -233,6 +239,10 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
             fs::remove_file(&path).with_context(|| format!("could not remove pin {}", path.display()))?;
         }
         fs::remove_dir(&sub).with_context(|| format!("could not remove {}", sub.display()))?;
+    }
+    for record in [origin::INSTALLED_BY, origin::UPDATED_BY] {
+        let record = dir.join(record);
+        origin::clear(&record).with_context(|| format!("could not remove {}", record.display()))?;
     }
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),

@@ -48,6 +48,10 @@ pub const ATTACHMENTS: [Attachment; 6] = [
 pub fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
     let program =
         ebpf.program_mut(a.program).with_context(|| format!("the kernel object has no program {}", a.program))?;
+    // Loaded already (the agent re-attaching after its links were removed): reuse it.
+    if let Ok(fd) = program.fd() {
+        return Ok(fd.as_fd().try_clone_to_owned()?);
+    }
     let refused = || format!("the kernel's verifier refused program {}", a.program);
     let fd = match a.kind {
         Kind::SockAddr => {

@@ -7,20 +7,40 @@ use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData};
 use metadata_guard_common::{
     counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, PORTS_EXCEPT, PORTS_ONLY,
-    PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::{bpf_sys, pins::AgentLock, pins::PinLayout, policy_maps, read_counters, ATTACHMENTS};
+use crate::policy::{BlockRule, PortMatch};
 
-#[derive(Serialize)]
+use super::{
+    bpf_sys,
+    origin::{self, Origin},
+    pins::AgentLock,
+    pins::PinLayout,
+    policy_maps, read_counters, ATTACHMENTS, PINNED_MAPS,
+};
+
+/// What `metadata-guard status --json` prints; the scenarios read it through this type.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub bpffs: String,
     pub abi_version: u32,
     /// Any link of this version is pinned.
     pub installed: bool,
+    /// Every hook's link is pinned and attached to a live cgroup, every map pinned.
+    #[serde(default)] // absent from older agents' status
+    pub enforcing: bool,
+    /// What keeps it from enforcing fully (empty when `enforcing`).
+    #[serde(default)] // absent from older agents' status
+    pub problems: Vec<String>,
+    /// The command and version that started this enforcement (`apply` at boot, or `run`).
+    #[serde(default)] // absent from older agents' status
+    pub installed_by: Option<Origin>,
+    /// The command and version that last installed or adopted it.
+    #[serde(default)] // absent from older agents' status
+    pub updated_by: Option<Origin>,
     pub agent_running: bool,
-    pub mode: Option<&'static str>,
+    pub mode: Option<String>,
     pub host_netns_cookie: Option<u64>,
     pub programs: Vec<ProgramStatus>,
     pub destinations: Vec<String>,
@@ -32,20 +52,21 @@ pub struct Status {
     pub other_versions: Vec<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProgramStatus {
-    pub hook: &'static str,
+    pub hook: String,
     pub link_id: u32,
     pub program_id: u32,
     pub program_name: String,
     pub program_tag: String,
+    /// 0 when the cgroup it was attached to no longer exists (the link is detached).
     pub cgroup_id: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CounterStatus {
-    pub hook: &'static str,
-    pub verdict: &'static str,
+    pub hook: String,
+    pub verdict: String,
     pub count: u64,
 }
 
@@ -55,6 +76,10 @@ pub fn read(root: &Path) -> Result<Status> {
         bpffs: root.display().to_string(),
         abi_version: metadata_guard_common::ABI_VERSION,
         installed: false,
+        enforcing: false,
+        problems: Vec::new(),
+        installed_by: origin::read(&layout, origin::INSTALLED_BY),
+        updated_by: origin::read(&layout, origin::UPDATED_BY),
         agent_running: AgentLock::is_held(root),
         mode: None,
         host_netns_cookie: None,
@@ -65,15 +90,19 @@ pub fn read(root: &Path) -> Result<Status> {
         allowlisted_cgroups: Vec::new(),
         other_versions: layout.other_versions().iter().map(|p| p.display().to_string()).collect(),
     };
+    let mut missing = Vec::new();
     for attachment in &ATTACHMENTS {
         let pin = layout.link(attachment.pin);
-        let Ok(link) = bpf_sys::obj_get(&pin) else { continue };
+        let Ok(link) = bpf_sys::obj_get(&pin) else {
+            missing.push(format!("link {} is not pinned (detached)", attachment.pin));
+            continue;
+        };
         use std::os::fd::AsFd;
         let info = bpf_sys::link_info(link.as_fd()).with_context(|| format!("could not inspect {}", pin.display()))?;
         let prog = bpf_sys::prog_fd_by_id(info.prog_id).and_then(|fd| bpf_sys::prog_info(fd.as_fd()));
         let prog = prog.with_context(|| format!("could not inspect the program of {}", pin.display()))?;
         status.programs.push(ProgramStatus {
-            hook: attachment.pin,
+            hook: attachment.pin.to_string(),
             link_id: info.id,
             program_id: info.prog_id,
             program_name: prog.name,
@@ -82,6 +111,23 @@ pub fn read(root: &Path) -> Result<Status> {
         });
     }
     status.installed = !status.programs.is_empty();
+    if !status.installed && !layout.dir.exists() {
+        return Ok(status);
+    }
+    status.problems = missing;
+    for p in status.programs.iter().filter(|p| p.cgroup_id == 0) {
+        status.problems.push(format!("link {} is detached: the cgroup it was attached to no longer exists", p.hook));
+    }
+    let cgroups: std::collections::BTreeSet<u64> = status.programs.iter().map(|p| p.cgroup_id).collect();
+    if cgroups.len() > 1 {
+        status.problems.push(format!("the links are on different cgroups: {cgroups:?}"));
+    }
+    for name in PINNED_MAPS {
+        if !layout.map(name).exists() {
+            status.problems.push(format!("map {name} is not pinned"));
+        }
+    }
+    status.enforcing = status.installed && status.problems.is_empty();
     if !layout.map(map_names::SETTINGS).exists() {
         return Ok(status);
     }
@@ -91,7 +137,7 @@ pub fn read(root: &Path) -> Result<Status> {
     };
     let settings_map = open(map_names::SETTINGS)?;
     let settings: Settings = Array::<_, Settings>::try_from(&settings_map)?.get(&0, 0)?;
-    status.mode = Some(if settings.mode == MODE_AUDIT { "audit" } else { "enforce" });
+    status.mode = Some(if settings.mode == MODE_AUDIT { "audit" } else { "enforce" }.to_string());
     status.host_netns_cookie = Some(settings.host_netns_cookie);
     let (v4_name, v6_name) = policy_maps::pair(settings.active_policy);
     let v4_map = open(v4_name)?;
@@ -108,7 +154,7 @@ pub fn read(root: &Path) -> Result<Status> {
     for hook in Hook::ALL {
         for verdict in Verdict::ALL {
             let count = values[counters::slot(hook, verdict) as usize];
-            status.counters.push(CounterStatus { hook: hook.name(), verdict: verdict.name(), count });
+            status.counters.push(CounterStatus { hook: hook.name().into(), verdict: verdict.name().into(), count });
         }
     }
     status.events_lost = values[counters::EVENTS_LOST as usize];
@@ -119,43 +165,56 @@ pub fn read(root: &Path) -> Result<Status> {
     Ok(status)
 }
 
-/// One line per destination prefix, e.g. `169.254.169.254/32: tcp,udp,other ports except 53`.
+/// One line per destination prefix, its rules written as `metadata-guard presets` and
+/// the configuration write them (e.g. `169.254.169.254/32 except ports 53`), `; ` apart.
 fn describe(addr: IpAddr, prefix_len: u32, rules: &DestRules) -> String {
-    let parts: Vec<String> = rules.rules[..(rules.rule_count as usize).min(rules.rules.len())]
+    let Ok(cidr) = ipnet::IpNet::new(addr, prefix_len as u8) else {
+        return format!("{addr}/{prefix_len}: (invalid prefix length)");
+    };
+    rules.rules[..(rules.rule_count as usize).min(rules.rules.len())]
         .iter()
         .map(|r| {
-            let protos = if r.protocols == PROTO_ALL {
-                "all protocols".to_string()
-            } else {
-                [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp"), (PROTO_OTHER, "other")]
-                    .iter()
-                    .filter(|(bit, _)| r.protocols & bit != 0)
-                    .map(|(_, n)| *n)
-                    .collect::<Vec<_>>()
-                    .join(",")
+            let listed = r.ports[..(r.port_count as usize).min(r.ports.len())].to_vec();
+            let ports = match r.port_match {
+                PORTS_ONLY => PortMatch::Only(listed),
+                PORTS_EXCEPT => PortMatch::Except(listed),
+                _ => PortMatch::Any,
             };
-            let ports: Vec<String> = r.ports[..r.port_count as usize].iter().map(u16::to_string).collect();
-            match r.port_match {
-                PORTS_ONLY => format!("{protos} ports {}", ports.join(",")),
-                PORTS_EXCEPT => format!("{protos} ports except {}", ports.join(",")),
-                _ => format!("{protos} all ports"),
-            }
+            BlockRule { cidr, protocols: r.protocols, ports }.to_string()
         })
-        .collect();
-    format!("{addr}/{prefix_len}: {}", parts.join("; "))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 pub fn print_human(s: &Status) {
     println!("bpffs:          {} (layout v{})", s.bpffs, s.abi_version);
-    println!("installed:      {}", if s.installed { "yes" } else { "no" });
+    let installed = match (s.installed, s.enforcing) {
+        (false, _) => "no".to_string(),
+        (true, true) => "yes, enforcing".to_string(),
+        (true, false) => "yes, but NOT enforcing fully (see problems)".to_string(),
+    };
+    println!("installed:      {installed}");
+    if let Some(by) = &s.installed_by {
+        println!("installed by:   {by}{}", if by.command == "apply" { " (at boot, before any agent)" } else { "" });
+    }
+    if let Some(by) = &s.updated_by {
+        println!("updated by:     {by}");
+    }
+    for problem in &s.problems {
+        println!("problem:        {problem}");
+    }
     println!("agent running:  {}", if s.agent_running { "yes" } else { "no" });
-    if let Some(mode) = s.mode {
+    if let Some(mode) = &s.mode {
         println!("mode:           {mode}");
     }
     for p in &s.programs {
+        let place = match p.cgroup_id {
+            0 => "detached: its cgroup no longer exists".to_string(),
+            id => format!("on cgroup {id}"),
+        };
         println!(
-            "program:        {:<9} link {} prog {} ({}, tag {}) on cgroup {}",
-            p.hook, p.link_id, p.program_id, p.program_name, p.program_tag, p.cgroup_id
+            "program:        {:<9} link {} prog {} ({}, tag {}) {place}",
+            p.hook, p.link_id, p.program_id, p.program_name, p.program_tag
         );
     }
     for d in &s.destinations {
@@ -170,5 +229,31 @@ pub fn print_human(s: &Status) {
     }
     for v in &s.other_versions {
         println!("other layout:   {v} (removed when an agent of this version starts)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{compile, Preset};
+
+    #[test]
+    fn status_writes_each_rule_as_presets_does() {
+        for preset in Preset::ALL {
+            let rules = preset.rules();
+            let policy = compile(&rules).unwrap();
+            let mut from_kernel: Vec<String> = policy
+                .v4
+                .iter()
+                .map(|(net, r)| describe(IpAddr::V4(net.addr()), u32::from(net.prefix_len()), r))
+                .chain(
+                    policy.v6.iter().map(|(net, r)| describe(IpAddr::V6(net.addr()), u32::from(net.prefix_len()), r)),
+                )
+                .collect();
+            let mut listed: Vec<String> = rules.iter().map(ToString::to_string).collect();
+            from_kernel.sort();
+            listed.sort();
+            assert_eq!(from_kernel, listed, "preset {preset}");
+        }
     }
 }

@@ -125,13 +125,13 @@ impl Bench {
         self.agent.as_ref().context("no agent is running")
     }
 
-    pub fn status(&self) -> Result<serde_json::Value> {
+    pub fn status(&self) -> Result<agent::Status> {
         agent::status(&self.agent_bin, &self.node.bpffs)
     }
 
     /// A kernel verdict counter of one hook (`None`: all hooks).
     pub fn kernel_count(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
-        agent::verdict_count(&self.status()?, hook, verdict)
+        Ok(agent::verdict_count(&self.status()?, hook, verdict))
     }
 }
 

@@ -6,19 +6,14 @@
 //! `--quick` runs every figure briefly and fails only on broken measurements (a guard
 //! that does not block, zero iterations, unaccounted attempts), never on timings.
 
-#[allow(dead_code)]
-#[path = "../mg-scenarios/agent.rs"]
-mod agent;
-#[allow(dead_code)]
-#[path = "../mg-scenarios/node.rs"]
-mod node;
-
 mod bench;
 mod bpf;
 mod figures;
 mod report;
 mod scale;
 mod worker;
+
+use metadata_guard_tests::{agent, node};
 
 use std::{
     path::PathBuf,

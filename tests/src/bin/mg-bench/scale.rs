@@ -140,12 +140,7 @@ fn bpf_ns_per_run(b: &mut Bench, op: Op) -> Result<BTreeMap<String, f64>> {
 }
 
 fn guard_programs(b: &Bench) -> Result<Vec<(String, u64)>> {
-    Ok(b.status()?["programs"]
-        .as_array()
-        .context("status has no programs")?
-        .iter()
-        .map(|p| (p["program_name"].as_str().unwrap_or("?").to_string(), p["program_id"].as_u64().unwrap_or(0)))
-        .collect())
+    Ok(b.status()?.programs.into_iter().map(|p| (p.program_name, u64::from(p.program_id))).collect())
 }
 
 fn row(case: &str, variants: &[Variant], samples: Vec<Vec<f64>>) -> Row {
@@ -158,7 +153,7 @@ fn row(case: &str, variants: &[Variant], samples: Vec<Vec<f64>>) -> Row {
 fn wait_for_policy(b: &Bench, n: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let have = b.status()?["destinations"].as_array().map(Vec::len).unwrap_or(0);
+        let have = b.status()?.destinations.len();
         if have == n {
             return Ok(());
         }
@@ -236,11 +231,10 @@ pub fn storm(b: &mut Bench) -> Result<Figure> {
 }
 
 /// (total, [counts, suppressed, lost]) over audit records.
-fn accounted(records: &[serde_json::Value]) -> (u64, [u64; 3]) {
-    let get = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap_or(0);
-    let counted: u64 = records.iter().filter(|r| r["kind"] == "attempts").map(|r| get(r, "count")).sum();
-    let suppressed: u64 = records.iter().map(|r| get(r, "suppressed_since_last")).sum();
-    let lost: u64 = records.iter().map(|r| get(r, "lost_since_last")).sum();
+fn accounted(records: &[crate::agent::RecordLine]) -> (u64, [u64; 3]) {
+    let counted: u64 = records.iter().filter(|r| r.kind == "attempts").map(|r| r.count).sum();
+    let suppressed: u64 = records.iter().map(|r| r.suppressed_since_last).sum();
+    let lost: u64 = records.iter().map(|r| r.lost_since_last).sum();
     (counted + suppressed + lost, [counted, suppressed, lost])
 }
 

@@ -89,6 +89,9 @@ pub struct Outcome {
     pub other: BTreeMap<String, u64>,
     /// The slowest attempt, in microseconds.
     pub max_us: u64,
+    /// When the last successful attempt began (µs since the Unix epoch; 0: none did).
+    #[serde(default)]
+    pub last_ok_started_unix_us: u64,
 }
 
 impl Outcome {
@@ -135,8 +138,12 @@ pub fn child_main(request_json: &str) -> Result<()> {
             break;
         }
         let t = Instant::now();
+        let began = unix_us();
         match once(&req) {
-            Ok(()) => out.ok += 1,
+            Ok(()) => {
+                out.ok += 1;
+                out.last_ok_started_unix_us = began;
+            }
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => out.eperm += 1,
             Err(e) => *out.other.entry(e.to_string()).or_default() += 1,
         }
@@ -148,6 +155,11 @@ pub fn child_main(request_json: &str) -> Result<()> {
     }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
+}
+
+/// Microseconds since the Unix epoch: comparable across processes.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 fn join(req: &Request) -> Result<()> {

@@ -107,10 +107,9 @@ fn egress_audited(ctx: &mut Ctx) -> Result<()> {
     ensure!(out.ok == 0, "raw ICMP was not refused: {out:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     loop {
-        let found =
-            ctx.agent()?.audit_records().into_iter().any(|r| {
-                r["hook"] == "egress" && r["protocol"] == "icmp" && r["pod"] == ctx.node.pods[2].name.as_str()
-            });
+        let found = ctx.agent()?.audit_records().into_iter().any(|r| {
+            r.hook == "egress" && r.protocol == "icmp" && r.pod.as_deref() == Some(ctx.node.pods[2].name.as_str())
+        });
         if found {
             return Ok(());
         }

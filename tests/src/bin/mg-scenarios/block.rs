@@ -96,7 +96,7 @@ fn detach_opens_again(ctx: &mut Ctx) -> Result<()> {
     ctx.stop_agent()?;
     ctx.expect_served(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
     let status = ctx.status()?;
-    ensure!(status["installed"] == false, "programs are still pinned after detach: {status}");
+    ensure!(!status.installed, "programs are still pinned after detach: {status:?}");
     Ok(())
 }
 

@@ -111,7 +111,7 @@ impl Ctx {
         agent::oneshot(&self.agent_bin, &all)
     }
 
-    pub fn status(&self) -> Result<serde_json::Value> {
+    pub fn status(&self) -> Result<agent::Status> {
         agent::status(&self.agent_bin, &self.node.bpffs)
     }
 
@@ -122,7 +122,7 @@ impl Ctx {
 
     /// A kernel verdict counter of one hook (or of all, with None).
     pub fn kernel_count_at(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
-        agent::verdict_count(&self.status()?, hook, verdict)
+        Ok(agent::verdict_count(&self.status()?, hook, verdict))
     }
 
     pub fn request(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Request> {

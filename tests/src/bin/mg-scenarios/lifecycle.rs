@@ -84,8 +84,7 @@ fn never_opens(ctx: &mut Ctx) -> Result<()> {
 
 fn program_tags(ctx: &Ctx) -> Result<Vec<String>> {
     let status = ctx.status()?;
-    let programs = status["programs"].as_array().context("status has no programs")?;
-    Ok(programs.iter().map(|p| format!("{}={}", p["hook"], p["program_tag"])).collect())
+    Ok(status.programs.iter().map(|p| format!("{}={}", p.hook, p.program_tag)).collect())
 }
 
 /// Polls until a pod's attempt on `dest` is refused.
@@ -117,11 +116,10 @@ fn status_after_kill(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
     ctx.agent.take().context("no agent")?.kill()?;
     let status = ctx.status()?;
-    ensure!(status["installed"] == true && status["agent_running"] == false, "status after SIGKILL: {status}");
-    ensure!(status["programs"].as_array().map(Vec::len) == Some(6), "expected 6 attached programs: {status}");
-    ensure!(status["mode"] == "enforce", "mode missing from status: {status}");
-    let blocked = status["destinations"].as_array().context("no destinations")?;
-    ensure!(blocked.iter().any(|d| d.as_str().is_some_and(|d| d.starts_with("169.254.169.254/32"))), "{status}");
+    ensure!(status.enforcing && !status.agent_running, "status after SIGKILL: {status:?}");
+    ensure!(status.programs.len() == 6, "expected 6 attached programs: {status:?}");
+    ensure!(status.mode.as_deref() == Some("enforce"), "mode missing from status: {status:?}");
+    ensure!(status.destinations.iter().any(|d| d.starts_with("169.254.169.254/32")), "{status:?}");
     block_in_force(ctx, "SIGKILL")?;
     ctx.running_args.clear();
     Ok(())
@@ -137,7 +135,7 @@ fn uninstall_after_kill(ctx: &mut Ctx) -> Result<()> {
     }
     ctx.expect_served(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
     let status = ctx.status()?;
-    ensure!(status["installed"] == false, "still installed after uninstall: {status}");
+    ensure!(!status.installed, "still installed after uninstall: {status:?}");
     Ok(())
 }
 

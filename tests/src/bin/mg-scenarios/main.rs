@@ -5,18 +5,20 @@
 //! Usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list]
 //! Needs root. Without root it skips loudly, unless CI=true, where it fails.
 
-mod agent;
 mod attempt;
 mod backstop;
 mod block;
+mod boot;
 mod harness;
+mod health;
 mod lifecycle;
 mod neighbour;
-mod node;
 mod packets;
 mod policy;
 mod raw;
 mod trail;
+
+use metadata_guard_tests::{agent, node};
 
 use std::{
     path::PathBuf,
@@ -35,6 +37,8 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(policy::SCENARIOS);
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);
+    all.extend(health::SCENARIOS);
+    all.extend(boot::SCENARIOS);
     all
 }
 

@@ -95,12 +95,7 @@ fn allowlisted_pod_served(ctx: &mut Ctx) -> Result<()> {
 
 fn allowlisted_ids(ctx: &Ctx) -> Result<Vec<u64>> {
     let status = ctx.status()?;
-    Ok(status["allowlisted_cgroups"]
-        .as_array()
-        .context("no allowlist in status")?
-        .iter()
-        .filter_map(|v| v.as_u64())
-        .collect())
+    Ok(status.allowlisted_cgroups)
 }
 
 fn wait_until(within: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<Duration> {

@@ -203,17 +203,18 @@ fn expect(got: Outcome, want: Outcome, what: &str) -> Result<()> {
 /// The first refusal's record names the pod, its container and the node (from
 /// the downward API).
 fn check_audit(output: &str) -> Result<()> {
-    let records: Vec<serde_json::Value> = output
+    // The container log holds the operational log lines too (JSON, without `kind`).
+    let records: Vec<metadata_guard::audit::RecordLine> = output
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|r: &serde_json::Value| r["kind"] == "attempts")
+        .filter(|r: &metadata_guard::audit::RecordLine| r.kind == "attempts")
         .collect();
     let named = records.iter().find(|r| {
-        r["pod"] == node::POD_NAME
-            && r["namespace"] == node::POD_NAMESPACE
-            && r["container"] == node::POD_CONTAINER
-            && r["node"] == manifest::NODE_NAME
-            && r["verdict"] == "blocked"
+        r.pod.as_deref() == Some(node::POD_NAME)
+            && r.namespace.as_deref() == Some(node::POD_NAMESPACE)
+            && r.container.as_deref() == Some(node::POD_CONTAINER)
+            && r.node == manifest::NODE_NAME
+            && r.verdict == "blocked"
     });
     ensure!(
         named.is_some(),

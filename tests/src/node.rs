@@ -8,8 +8,8 @@ use std::{fs, path::PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::agent::AgentSpec;
-use metadata_guard_tests::{
+use crate::{
+    agent::AgentSpec,
     cgroups::{find_cgroup2_mount, TestCgroup},
     netns::NetNs,
     standin::Standin,

@@ -112,7 +112,7 @@ impl Agent {
     }
 
     /// Audit records printed so far, parsed.
-    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+    pub fn audit_records(&self) -> Vec<RecordLine> {
         self.audit.lock().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
@@ -210,8 +210,10 @@ pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
     ))
 }
 
+pub use metadata_guard::{audit::RecordLine, loader::status::Status};
+
 /// `metadata-guard status --json` for the pins under `bpffs`.
-pub fn status(binary: &Path, bpffs: &Path) -> Result<serde_json::Value> {
+pub fn status(binary: &Path, bpffs: &Path) -> Result<Status> {
     let bpffs = bpffs.display().to_string();
     let (ok, out, err) = oneshot(binary, &["status", "--json", "--bpffs", &bpffs])?;
     anyhow::ensure!(ok, "metadata-guard status failed: {err}");
@@ -219,11 +221,6 @@ pub fn status(binary: &Path, bpffs: &Path) -> Result<serde_json::Value> {
 }
 
 /// A kernel verdict counter from a status, of one hook (`None`: all hooks).
-pub fn verdict_count(status: &serde_json::Value, hook: Option<&str>, verdict: &str) -> Result<u64> {
-    let counters = status["counters"].as_array().context("status has no counters")?;
-    Ok(counters
-        .iter()
-        .filter(|c| c["verdict"] == verdict && hook.is_none_or(|h| c["hook"] == h))
-        .map(|c| c["count"].as_u64().unwrap_or(0))
-        .sum())
+pub fn verdict_count(status: &Status, hook: Option<&str>, verdict: &str) -> u64 {
+    status.counters.iter().filter(|c| c.verdict == verdict && hook.is_none_or(|h| c.hook == h)).map(|c| c.count).sum()
 }

@@ -43,6 +43,22 @@ impl EventReader {
     }
 }
 
+impl EventReader {
+    /// Appends what is queued now (at most `max`), without waiting: at shutdown, so
+    /// that attempts made before SIGTERM are audited by this agent, not left in the
+    /// pinned ring buffer for the next one.
+    pub fn drain(&mut self, out: &mut Vec<Attempt>, max: usize) {
+        let clock = Clock::now();
+        let ring = self.ring.get_mut();
+        while out.len() < max {
+            let Some(item) = ring.next() else { break };
+            if let Some(attempt) = decode(&item, &clock) {
+                out.push(attempt);
+            }
+        }
+    }
+}
+
 /// Wall and monotonic time read together, to place kernel timestamps on the wall clock.
 pub struct Clock {
     wall: SystemTime,

@@ -1,0 +1,54 @@
+//! `metadata-guard apply`: the enforcement `run` would put in the kernel, installed
+//! (or adopted and updated) once, verified, printed — then exit. Meant for the node's
+//! boot, before the container runtime and kubelet, so that pods are refused from
+//! their first second; the DaemonSet's agent adopts it later without a gap.
+//!
+//! Exits non-zero, saying why, when it cannot enforce (so a boot unit fails
+//! visibly), and refuses to touch anything while an agent runs: that agent owns the
+//! enforcement and follows its own configuration.
+
+use anyhow::{bail, Result};
+
+use crate::{
+    cli::EnforceArgs,
+    enforce,
+    loader::{origin, status},
+};
+
+pub fn apply(args: &EnforceArgs) -> Result<()> {
+    let installed = enforce::install(args, "apply").map_err(|e| {
+        enforce::describe_lock_error(
+            e,
+            "apply changed nothing: an agent already runs on this node and keeps its own configuration in force \
+             (see `metadata-guard status`)",
+        )
+    })?;
+    let faults = installed.guard.faults(&installed.cgroup);
+    if !faults.is_empty() {
+        let what = faults.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        bail!("the enforcement is not whole after installing it: {what}; see `metadata-guard check`");
+    }
+    let in_force = status::read(&installed.layout.root)?;
+    let expected = installed.policy.v4.len() + installed.policy.v6.len();
+    if in_force.destinations.len() != expected {
+        bail!(
+            "the kernel holds {} blocked destinations where the policy has {expected}; the policy was not loaded",
+            in_force.destinations.len()
+        );
+    }
+    if in_force.mode.as_deref() != Some(installed.config.mode.name()) {
+        bail!("the kernel's mode is {:?} where the configuration says {}", in_force.mode, installed.config.mode.name());
+    }
+    println!(
+        "metadata-guard apply: enforcement in force on {} ({} by apply {}):",
+        installed.cgroup.display(),
+        if installed.report.links.iter().all(|(_, a)| *a == crate::loader::LinkAction::Attached) {
+            "installed"
+        } else {
+            "adopted and updated"
+        },
+        origin::Origin::this("apply").version
+    );
+    status::print_human(&in_force);
+    Ok(())
+}

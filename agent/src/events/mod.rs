@@ -1,0 +1,9 @@
+//! Refused attempts → audit records and metrics: the kernel's ring buffer (and any
+//! other enforcement point, through [`crate::supervise::Context::attempts`]) read,
+//! each attempt named after its pod, deduplicated and written.
+
+mod pipeline;
+mod reader;
+
+pub use pipeline::Pipeline;
+pub use reader::{decode, Clock, EventReader};

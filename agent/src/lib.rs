@@ -1,0 +1,33 @@
+//! metadata-guard: blocks pods from the cloud instance metadata service, in the kernel.
+//!
+//! Data flow, one module per step: config → policy → loader (maps, links, pins) →
+//! kernel verdict (ebpf/) → events → pod identity → audit / metrics and the HTTP
+//! endpoint. `main.rs` is a thin command line over this library; the scenarios and
+//! the benchmark use its typed [`loader::status::Status`], [`audit::AuditRecord`] and
+//! [`config::Config`] too.
+//!
+//! The running agent (`run`) is a set of supervised subsystems ([`supervise`]); each
+//! owns its task: [`enforce`] (the kernel guard's health, counters), [`config_watch`]
+//! (reloads), [`allowlist`] (pod allowlist sync), [`events`] (event → audit pipeline)
+//! and [`http`] (/metrics, /healthz, /readyz).
+
+pub mod allowlist;
+pub mod apply;
+pub mod attempt;
+pub mod audit;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod config_watch;
+pub mod enforce;
+pub mod events;
+pub mod http;
+pub mod kubepods_watch;
+pub mod loader;
+pub mod logging;
+pub mod metrics;
+pub mod pod_identity;
+pub mod policy;
+pub mod preflight;
+pub mod run;
+pub mod supervise;
