@@ -21,9 +21,7 @@ use serde_yaml::Value;
 const UNIT: &str = "metadata-guard-apply.service";
 /// What must wait for the block: every container runtime a node may run, and kubelet.
 const BEFORE: [&str; 4] = ["containerd.service", "crio.service", "docker.service", "kubelet.service"];
-/// The subcommand whose `--help` lists the flags the recipes may pass. The recipes run
-/// `apply`, which takes `run`'s enforcement flags (core-a's branch adds it); until
-/// that is merged here, `run --help` is the list. Switch to "apply" when it is.
+/// The subcommand whose `--help` lists the flags the recipes may pass: they run `apply`.
 const CLI_OF_APPLY: &str = "apply";
 
 fn root() -> PathBuf {
