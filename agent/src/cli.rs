@@ -49,6 +49,9 @@ pub enum Command {
         /// The cgroup v2 directory to attach to (default: detected).
         #[arg(long, env = "METADATA_GUARD_CGROUP")]
         cgroup: Option<PathBuf>,
+        /// As `run --mount-bpffs`: whether `run` would mount a missing bpffs itself.
+        #[arg(long, env = "METADATA_GUARD_MOUNT_BPFFS", default_value_t = true, action = clap::ArgAction::Set)]
+        mount_bpffs: bool,
         #[arg(long)]
         json: bool,
     },

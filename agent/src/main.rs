@@ -71,8 +71,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Check { pins, cgroup, json } => {
-            let checks = preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs });
+        Command::Check { pins, cgroup, mount_bpffs, json } => {
+            let inputs = preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs, mount_bpffs };
+            let checks = preflight::run(&inputs);
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {

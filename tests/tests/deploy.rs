@@ -21,7 +21,7 @@ const OVERLAYS: [&str; 4] = ["overlays/default", "overlays/audit", "overlays/gke
 const CRD_KINDS: [&str; 1] = ["PodMonitor"];
 /// The agent's capabilities: exactly these, found by `cargo xtask smoke` (see the
 /// comments in deploy/base/daemonset.yaml). A change here is a security review.
-const AGENT_CAPS: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"];
+const AGENT_CAPS: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
 const BPFFS_ARG: &str = "--bpffs=/sys/fs/bpf/metadata-guard";
 
 fn deploy_dir() -> PathBuf {

@@ -11,7 +11,7 @@ use metadata_guard_common::{
 };
 use serde::Serialize;
 
-use super::{bpf_sys, pins::AgentLock, pins::PinLayout, policy_maps, read_counters, ATTACHMENTS};
+use super::{pins::AgentLock, pins::PinLayout, policy_maps, read_counters, ATTACHMENTS};
 
 #[derive(Serialize)]
 pub struct Status {
@@ -66,19 +66,15 @@ pub fn read(root: &Path) -> Result<Status> {
         other_versions: layout.other_versions().iter().map(|p| p.display().to_string()).collect(),
     };
     for attachment in &ATTACHMENTS {
-        let pin = layout.link(attachment.pin);
-        let Ok(link) = bpf_sys::obj_get(&pin) else { continue };
-        use std::os::fd::AsFd;
-        let info = bpf_sys::link_info(link.as_fd()).with_context(|| format!("could not inspect {}", pin.display()))?;
-        let prog = bpf_sys::prog_fd_by_id(info.prog_id).and_then(|fd| bpf_sys::prog_info(fd.as_fd()));
-        let prog = prog.with_context(|| format!("could not inspect the program of {}", pin.display()))?;
+        let Some(hook) = super::pinned_hook(&layout, attachment.pin)? else { continue };
+        let (program_name, program_tag) = hook.program.unwrap_or_else(|| ("unknown".into(), "unknown".into()));
         status.programs.push(ProgramStatus {
             hook: attachment.pin,
-            link_id: info.id,
-            program_id: info.prog_id,
-            program_name: prog.name,
-            program_tag: prog.tag.iter().map(|b| format!("{b:02x}")).collect(),
-            cgroup_id: info.cgroup_id,
+            link_id: hook.link_id,
+            program_id: hook.program_id,
+            program_name,
+            program_tag,
+            cgroup_id: hook.cgroup_id,
         });
     }
     status.installed = !status.programs.is_empty();

@@ -10,6 +10,7 @@
 mod manifest;
 mod node;
 mod podman;
+mod seccomp;
 
 use std::{
     collections::BTreeMap,
