@@ -26,7 +26,7 @@ pub enum Outcome {
     Fail,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Check {
     pub name: String,
     pub outcome: Outcome,
@@ -89,7 +89,11 @@ pub fn judge(f: &Facts) -> Vec<Check> {
     checks.push(if f.btf {
         Check::pass("kernel BTF", "/sys/kernel/btf/vmlinux present")
     } else {
-        Check::warn("kernel BTF", "no /sys/kernel/btf/vmlinux", "not needed by the guard; bpftool shows less without it")
+        Check::warn(
+            "kernel BTF",
+            "no /sys/kernel/btf/vmlinux",
+            "not needed by the guard; bpftool shows less without it",
+        )
     });
     checks.extend(capability_checks(f, &has));
     let denied_under_seccomp = |found: &Found| matches!(found, Found::Denied(_)) && f.seccomp_filter && has(CAP_BPF);
@@ -195,12 +199,15 @@ fn capability_checks(f: &Facts, has: &dyn Fn(u32) -> bool) -> Vec<Check> {
     checks.push(if has(CAP_NET_ADMIN) {
         Check::pass("CAP_NET_ADMIN", "held (loading and attaching cgroup socket programs)")
     } else {
-        Check::fail("CAP_NET_ADMIN", "not held", "grant CAP_NET_ADMIN: loading and attaching cgroup socket programs needs it")
+        Check::fail(
+            "CAP_NET_ADMIN",
+            "not held",
+            "grant CAP_NET_ADMIN: loading and attaching cgroup socket programs needs it",
+        )
     });
-    let comm_offered = f
-        .probes
-        .iter()
-        .any(|(feature, found)| matches!(feature, Feature::Helper(h, _) if h == "get_current_comm") && *found == Found::Yes);
+    let comm_offered = f.probes.iter().any(|(feature, found)| {
+        matches!(feature, Feature::Helper(h, _) if h == "get_current_comm") && *found == Found::Yes
+    });
     checks.push(if has(CAP_PERFMON) || has(CAP_SYS_ADMIN) {
         Check::pass("CAP_PERFMON", if has(CAP_PERFMON) { "held" } else { "CAP_SYS_ADMIN held (covers it)" })
     } else if comm_offered {
@@ -217,7 +224,10 @@ fn capability_checks(f: &Facts, has: &dyn Fn(u32) -> bool) -> Vec<Check> {
     checks.push(if has(CAP_SYS_RESOURCE) {
         Check::pass("CAP_SYS_RESOURCE", "held (raises RLIMIT_MEMLOCK on kernels before 5.11)")
     } else if f.kernel >= KERNEL_MEMCG_ACCOUNTING {
-        Check::pass("CAP_SYS_RESOURCE", "not held; not needed from 5.11 on (BPF memory is charged to the memory cgroup)")
+        Check::pass(
+            "CAP_SYS_RESOURCE",
+            "not held; not needed from 5.11 on (BPF memory is charged to the memory cgroup)",
+        )
     } else if f.memlock.is_none() {
         Check::pass("CAP_SYS_RESOURCE", "not held; RLIMIT_MEMLOCK is unlimited here")
     } else {
@@ -249,7 +259,9 @@ fn probe_check(f: &Facts, has: &dyn Fn(u32) -> bool, feature: &Feature, found: &
             "grant CAP_PERFMON: the kernel offers bpf_get_current_comm only to CAP_PERFMON holders",
         ),
         Found::No if f.kernel < KERNEL_TESTED => Check::fail(name, "not supported by this kernel", newer),
-        Found::No => Check::fail(name, "not supported by this kernel", "a kernel built with BPF and cgroup BPF (5.10+)"),
+        Found::No => {
+            Check::fail(name, "not supported by this kernel", "a kernel built with BPF and cgroup BPF (5.10+)")
+        }
         Found::Denied(errno) => {
             let detail = format!("the kernel refused the probe: {}", std::io::Error::from_raw_os_error(*errno));
             let fix = if seccomp {
@@ -292,7 +304,10 @@ fn pins_check(f: &Facts) -> Check {
                     "`run` swaps their programs in place (BPF_LINK_UPDATE) and pins them",
                 )
             } else {
-                Check::pass(NAME, format!("{} links readable: `run` adopts them (same tag: kept; else swapped)", hooks.len()))
+                Check::pass(
+                    NAME,
+                    format!("{} links readable: `run` adopts them (same tag: kept; else swapped)", hooks.len()),
+                )
             }
         }
     }

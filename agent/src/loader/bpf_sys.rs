@@ -65,7 +65,10 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
     attr.info.info = &mut info as *mut bpf_link_info as u64;
     sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     if info.type_ != bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("link type {} is not a cgroup link", info.type_)));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("link type {} is not a cgroup link", info.type_),
+        ));
     }
     // SAFETY: the kernel filled the cgroup member, as the link type says.
     let cgroup_id = unsafe { info.__bindgen_anon_1.cgroup.cgroup_id };
@@ -75,7 +78,11 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
 /// Makes the link run `new_prog`, in one step: every hook invocation sees either the
 /// old or the new program, never none. With `expected_old`, only if the link still
 /// runs that program (`BPF_F_REPLACE`); otherwise `EPERM`.
-pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>, expected_old: Option<BorrowedFd<'_>>) -> io::Result<()> {
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    new_prog: BorrowedFd<'_>,
+    expected_old: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
     let mut attr = zeroed_attr();
     attr.link_update.link_fd = link.as_raw_fd() as u32;
     attr.link_update.__bindgen_anon_1.new_prog_fd = new_prog.as_raw_fd() as u32;

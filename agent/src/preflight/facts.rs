@@ -131,7 +131,8 @@ pub fn gather(inputs: &Inputs<'_>) -> Facts {
 }
 
 fn status_field(name: &str) -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    // The calling thread's own: capabilities are per thread.
+    let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
     status.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
 }
 

@@ -55,7 +55,8 @@ fn update(rules: &mut Vec<Value>, call: &str, cap: &str) {
     // The refusal for containers without CAP_SYS_ADMIN would also refuse a CAP_BPF
     // holder: take the call out of it, and refuse it to those holding neither.
     for rule in rules.iter_mut() {
-        let refuses = rule["action"] == "SCMP_ACT_ERRNO" && caps_of(rule, "excludes").iter().any(|c| c == "CAP_SYS_ADMIN");
+        let refuses =
+            rule["action"] == "SCMP_ACT_ERRNO" && caps_of(rule, "excludes").iter().any(|c| c == "CAP_SYS_ADMIN");
         if refuses && names(rule).iter().any(|n| n == call) {
             let kept: Vec<Value> = names(rule).into_iter().filter(|n| n != call).map(Value::from).collect();
             rule["names"] = Value::from(kept);
