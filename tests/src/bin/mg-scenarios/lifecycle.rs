@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use crate::{
     agent::Agent,
     attempt::{self, Kind},
-    harness::{budget, Ctx, Who, METADATA_V4},
+    harness::{budget, wait_until, Ctx, Who, METADATA_V4},
 };
 
 pub const SCENARIOS: [crate::Scenario; 6] = [
@@ -147,15 +147,15 @@ fn config_reload(ctx: &mut Ctx) -> Result<()> {
     wait_served(ctx, ECS_ENDPOINT, Duration::from_secs(2))?;
 
     fs::write(ctx.node.config_path(), "mode: enforcing\ndestinations: {presets: [nowhere]}\n")?;
-    std::thread::sleep(Duration::from_millis(2500));
+    // Readiness: the agent has read and rejected the file (it checks every second).
+    let rejected = || -> Result<bool> {
+        let metrics = ctx.agent()?.http_get("/metrics")?.1;
+        Ok(metrics.lines().any(|l| l.starts_with("metadata_guard_config_last_reload_success") && l.ends_with(" 0")))
+    };
+    wait_until(budget(Duration::from_secs(3)), rejected).context("the failed reload is not visible in /metrics")?;
     block_in_force(ctx, "an invalid config")?;
     let log = ctx.agent()?.log_text();
     ensure!(log.contains("previous policy stays in force"), "the invalid config was not reported:\n{log}");
-    let metrics = ctx.agent()?.http_get("/metrics")?.1;
-    ensure!(
-        metrics.lines().any(|l| l.starts_with("metadata_guard_config_last_reload_success") && l.ends_with(" 0")),
-        "the failed reload is not visible in /metrics"
-    );
 
     write_config(ctx, Some("169.254.170.2/32"))?;
     wait_refused(ctx, ECS_ENDPOINT, budget(Duration::from_secs(2)))?;
