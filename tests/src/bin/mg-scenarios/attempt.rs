@@ -219,6 +219,22 @@ fn http_get(to: SocketAddr) -> std::io::Result<()> {
 
 fn held_http(to: SocketAddr, ready: Option<&std::path::Path>, go: Option<&std::path::Path>) -> std::io::Result<()> {
     let stream = std::net::TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
+    // Closed with a reset, not left retransmitting: a request the backstop drops would
+    // otherwise be retried (and audited) for minutes, into later scenarios.
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket and an option value of the advertised size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     if let Some(ready) = ready {
         std::fs::write(ready, "")?;
     }
