@@ -97,8 +97,20 @@ pub fn judge(f: &Facts) -> Vec<Check> {
     });
     checks.extend(capability_checks(f, &has));
     let denied_under_seccomp = |found: &Found| matches!(found, Found::Denied(_)) && f.seccomp_filter && has(CAP_BPF);
-    for (feature, found) in &f.probes {
-        checks.push(probe_check(f, &has, feature, found, denied_under_seccomp(found)));
+    let all_denied = f.probes.iter().all(|(_, found)| matches!(found, Found::Denied(_)));
+    match f.probes.first() {
+        // One refusal says it all when bpf(2) itself is refused.
+        Some((_, found)) if all_denied => {
+            let mut check = probe_check(f, &has, &Feature::Map("any".into()), found, denied_under_seccomp(found));
+            check.name = "bpf(2)".into();
+            check.detail = format!("{} for every probe", check.detail);
+            checks.push(check);
+        }
+        _ => {
+            for (feature, found) in &f.probes {
+                checks.push(probe_check(f, &has, feature, found, denied_under_seccomp(found)));
+            }
+        }
     }
     checks.push(match &f.object {
         Ok(()) => Check::pass("kernel object", "every map created and every program verified with these privileges"),

@@ -62,7 +62,8 @@ fn a_seccomp_filter_refusing_bpf_to_cap_bpf_fails_naming_the_runtimes() {
     }
     f.object = Err((Some(libc::EPERM), "could not create the guard's maps: Operation not permitted".into()));
     let checks = judge(&f);
-    let c = get(&checks, "RingBuf map");
+    assert!(checks.iter().all(|c| !c.name.ends_with(" map")), "one check for the refused bpf(2), not one per probe");
+    let c = get(&checks, "bpf(2)");
     assert_eq!(c.outcome, Outcome::Fail);
     let fix = c.fix.as_deref().unwrap();
     assert!(fix.contains("seccomp") && fix.contains("containerd 1.6.9") && fix.contains("CRI-O 1.31"), "{fix}");

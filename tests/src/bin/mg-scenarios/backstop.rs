@@ -158,7 +158,10 @@ fn io_uring_refused(ctx: &mut Ctx) -> Result<()> {
     if unsupported && out.eperm == 0 {
         // io_uring disabled here (kernel.io_uring_disabled): the connect cannot happen
         // at all, so this path is closed, but the scenario proved nothing.
-        ensure!(!harness::ci(), "CI=true: io_uring is unavailable on this kernel, so this scenario cannot run: {out:?}");
+        ensure!(
+            !harness::ci(),
+            "CI=true: io_uring is unavailable on this kernel, so this scenario cannot run: {out:?}"
+        );
         println!("     SKIPPED: io_uring is not available on this kernel: {:?}", out.other);
         return Ok(());
     }
