@@ -1,6 +1,7 @@
 //! mg-smoke: the agent's container image, run on a simulated node the way the
-//! DaemonSet runs it (its capabilities, mounts, probes and limits, read from the
-//! rendered manifests), then checked from a pod and from the host.
+//! DaemonSet runs it (exactly its capabilities, its seccomp type, mounts, probes and
+//! limits, read from the rendered manifests), then checked from a pod and from the
+//! host, through a restart and an upgrade that swaps a pinned link's program.
 //!
 //! Usage: mg-smoke --image IMAGE --manifests DIR --uninstall DIR [--caps A,B] [--storm N]
 //!
