@@ -174,7 +174,13 @@ fn bpffs_check(f: &Facts) -> Check {
             format!("create and mount it (mount -t bpf bpf {parent}) or pass --bpffs"),
         );
     }
-    if f.mount_bpffs {
+    if f.mount_bpffs && f.caps & (1 << CAP_SYS_ADMIN) == 0 {
+        Check::fail(
+            "bpffs",
+            format!("{parent} is not on bpffs, and mounting it (--mount-bpffs=true) needs CAP_SYS_ADMIN, not held"),
+            format!("mount bpffs on the host (mount -t bpf bpf {parent}, or systemd's sys-fs-bpf.mount)"),
+        )
+    } else if f.mount_bpffs {
         Check::warn(
             "bpffs",
             format!("{parent} is not on bpffs"),

@@ -108,7 +108,11 @@ fn a_missing_bpffs_with_mount_bpffs_false_fails_and_never_promises_a_mount() {
     let c = get(&judge(&f), "bpffs").clone();
     assert_eq!(c.outcome, Outcome::Fail);
     assert!(c.detail.contains("--mount-bpffs=false") && !c.fix.as_deref().unwrap().contains("`run` mounts"), "{c:?}");
+    // `run` would try to mount it, which takes CAP_SYS_ADMIN.
     f.mount_bpffs = true;
+    let c = get(&judge(&f), "bpffs").clone();
+    assert!(c.outcome == Outcome::Fail && c.detail.contains("CAP_SYS_ADMIN"), "{c:?}");
+    f.caps |= 1 << super::CAP_SYS_ADMIN;
     let c = get(&judge(&f), "bpffs").clone();
     assert_eq!(c.outcome, Outcome::Warn);
     assert!(c.fix.unwrap().contains("--mount-bpffs=true"));
