@@ -266,6 +266,7 @@ fn probe_check(f: &Facts, has: &dyn Fn(u32) -> bool, feature: &Feature, found: &
         Feature::Program(kind) => (format!("{} programs", kind.name()), "use kernel 5.10+ with CONFIG_CGROUP_BPF"),
         Feature::Map(map) => (format!("{map} map"), "use kernel 5.10+"),
         Feature::Helper(helper, kind) => (format!("helper {helper} ({})", kind.name()), "use kernel 5.10+"),
+        Feature::Object(what) => (format!("kernel object ({what})"), "use kernel 5.10+"),
     };
     let is_comm = matches!(feature, Feature::Helper(h, _) if h == "get_current_comm");
     match found {

@@ -40,6 +40,8 @@ pub enum Feature {
     Map(String),
     /// A helper, for one program kind.
     Helper(String, ProgramKind),
+    /// Something about the object itself (it does not parse, an unexpected program).
+    Object(String),
 }
 
 /// The program types the guard uses, named as `check` prints them.
@@ -167,7 +169,7 @@ fn pins(root: &Path) -> Pins {
 fn probes() -> Vec<(Feature, Found)> {
     let object = match aya_obj::Object::parse(loader::OBJECT) {
         Ok(o) => o,
-        Err(e) => return vec![(Feature::Map("(the embedded object)".into()), Found::Failed(e.to_string()))],
+        Err(e) => return vec![(Feature::Object("parsing".into()), Found::Failed(e.to_string()))],
     };
     let mut out = Vec::new();
     let mut kinds = BTreeSet::new();
@@ -187,7 +189,8 @@ fn probes() -> Vec<(Feature, Found)> {
             ProgramSection::CgroupSock { .. } => ProgramKind::Sock,
             ProgramSection::CgroupSkb { .. } => ProgramKind::Skb,
             ref other => {
-                out.push((Feature::Program(ProgramKind::Skb), Found::Failed(format!("unexpected program {other:?}"))));
+                let what = Feature::Object(program.section_index.to_string());
+                out.push((what, Found::Failed(format!("a program of a type `check` does not know: {other:?}"))));
                 continue;
             }
         };
