@@ -40,7 +40,7 @@ mod tests {
     }
 
     fn rule(ns: &str, pod: &str) -> AllowRule {
-        serde_yaml::from_str(&format!("{{namespace: '{ns}', pod: '{pod}'}}")).unwrap()
+        serde_norway::from_str(&format!("{{namespace: '{ns}', pod: '{pod}'}}")).unwrap()
     }
 
     #[test]

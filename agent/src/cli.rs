@@ -56,6 +56,9 @@ pub enum Command {
         /// The cgroup v2 directory to attach to (default: detected).
         #[arg(long, env = "METADATA_GUARD_CGROUP")]
         cgroup: Option<PathBuf>,
+        /// As `run --mount-bpffs`: whether `run` would mount a missing bpffs itself.
+        #[arg(long, env = "METADATA_GUARD_MOUNT_BPFFS", default_value_t = true, action = clap::ArgAction::Set)]
+        mount_bpffs: bool,
         #[arg(long)]
         json: bool,
     },
@@ -156,8 +159,8 @@ pub fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 }
             }
         }
-        Command::Check { pins, cgroup, json } => {
-            let checks = preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs });
+        Command::Check { pins, cgroup, mount_bpffs, json } => {
+            let checks = preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs, mount_bpffs });
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {

@@ -170,7 +170,7 @@ pub enum ConfigError {
     #[error("could not read config {}: {reason}; check --config or METADATA_GUARD_CONFIG", path.display())]
     Read { path: PathBuf, reason: std::io::Error },
     #[error("config {}: {reason}", path.display())]
-    Syntax { path: PathBuf, reason: serde_yaml::Error },
+    Syntax { path: PathBuf, reason: serde_norway::Error },
     #[error("{origin}: {field}: {reason}")]
     Invalid { origin: Origin, field: String, reason: String },
     #[error("{origin}: destinations: {reason}")]

@@ -45,7 +45,11 @@ pub fn install(args: &EnforceArgs, command: &str) -> Result<Installed> {
     let config = config::load(&args.config).map_err(anyhow::Error::from)?;
     let policy = config.compile_policy().map_err(anyhow::Error::from)?;
 
-    let checks = preflight::run(&preflight::Inputs { cgroup: args.cgroup.as_deref(), bpffs: &args.pins.bpffs });
+    let checks = preflight::run(&preflight::Inputs {
+        cgroup: args.cgroup.as_deref(),
+        bpffs: &args.pins.bpffs,
+        mount_bpffs: args.mount_bpffs,
+    });
     if preflight::has_failure(&checks) {
         preflight::print_human(&checks);
         bail!("this node cannot enforce the block (see the failed checks above); refusing to start half-working");

@@ -1,17 +1,20 @@
 //! `metadata-guard check`: can the guard enforce on this node? Each check says what it
 //! found and, when it fails, how to fix it. `run` performs the same checks and refuses
 //! to start half-working.
+//!
+//! Two halves: `facts` probes the node with this process's privileges (every program
+//! type, map type and helper of the embedded object, the object itself loaded, the
+//! pins a restart adopts); `judge` turns those facts into checks, as plain data
+//! logic that unit tests cover set-up by set-up.
 
-use std::path::{Path, PathBuf};
+mod facts;
+#[cfg(test)]
+mod tests;
 
-use aya::{
-    maps::MapType,
-    programs::ProgramType,
-    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
-};
+use std::path::Path;
+
+pub use facts::{Facts, Feature, Found, Pins};
 use serde::Serialize;
-
-use crate::{cgroup, loader::pins};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -23,9 +26,9 @@ pub enum Outcome {
     Fail,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Check {
-    pub name: &'static str,
+    pub name: String,
     pub outcome: Outcome,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -33,38 +36,59 @@ pub struct Check {
 }
 
 impl Check {
-    fn pass(name: &'static str, detail: impl Into<String>) -> Check {
-        Check { name, outcome: Outcome::Pass, detail: detail.into(), fix: None }
+    fn pass(name: impl Into<String>, detail: impl Into<String>) -> Check {
+        Check { name: name.into(), outcome: Outcome::Pass, detail: detail.into(), fix: None }
     }
-    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check { name, outcome: Outcome::Fail, detail: detail.into(), fix: Some(fix.into()) }
+    fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check { name: name.into(), outcome: Outcome::Fail, detail: detail.into(), fix: Some(fix.into()) }
     }
-    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check { name, outcome: Outcome::Warn, detail: detail.into(), fix: Some(fix.into()) }
+    fn warn(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check { name: name.into(), outcome: Outcome::Warn, detail: detail.into(), fix: Some(fix.into()) }
     }
 }
 
 pub struct Inputs<'a> {
     pub cgroup: Option<&'a Path>,
     pub bpffs: &'a Path,
+    /// `run --mount-bpffs`: whether `run` mounts a missing bpffs itself.
+    pub mount_bpffs: bool,
 }
 
 /// Capability bits (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYS_RESOURCE: u32 = 24;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
+/// The kernel that brought CAP_BPF, CAP_PERFMON, bpf_link for cgroups and ring buffers.
+const KERNEL_BPF_CAPS: (u32, u32) = (5, 8);
+/// The oldest kernel the scenarios run on.
+const KERNEL_TESTED: (u32, u32) = (5, 10);
+/// From this kernel on BPF memory is charged to the memory cgroup, not RLIMIT_MEMLOCK.
+const KERNEL_MEMCG_ACCOUNTING: (u32, u32) = (5, 11);
+
+/// The seccomp note every bpf(2) refusal under a filter gets.
+const SECCOMP_FIX: &str = "a seccomp filter refuses bpf(2): runtimes' default profiles allow it to a CAP_BPF holder \
+     only from containerd 1.6.9/1.7, CRI-O 1.31, Docker 23 and podman with containers-common 0.60 on (before: only to \
+     CAP_SYS_ADMIN holders). Upgrade the runtime, or give the pod a Localhost seccomp profile that allows bpf";
+
 pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
-    let mut checks = vec![kernel_version_check()];
-    checks.push(match cgroup::resolve(inputs.cgroup) {
+    let mut checks = judge(&facts::gather(inputs));
+    checks.push(installed(inputs.bpffs));
+    checks
+}
+
+/// The checks, from what was found. Pure: no kernel, no files.
+pub fn judge(f: &Facts) -> Vec<Check> {
+    let has = |bit: u32| f.caps & (1u64 << bit) != 0;
+    let mut checks = vec![kernel_check(f)];
+    checks.push(match &f.cgroup {
         Ok(path) => Check::pass("cgroup v2", format!("attaching to {}", path.display())),
-        Err(e) => {
-            Check::fail("cgroup v2", format!("{e:#}"), "mount cgroup2 or pass --cgroup with the host's cgroup2 root")
-        }
+        Err(e) => Check::fail("cgroup v2", e, "mount cgroup2 or pass --cgroup with the host's cgroup2 root"),
     });
-    checks.push(bpffs(inputs.bpffs));
-    checks.push(if Path::new("/sys/kernel/btf/vmlinux").exists() {
+    checks.push(bpffs_check(f));
+    checks.push(if f.btf {
         Check::pass("kernel BTF", "/sys/kernel/btf/vmlinux present")
     } else {
         Check::warn(
@@ -73,31 +97,241 @@ pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
             "not needed by the guard; bpftool shows less without it",
         )
     });
-    checks.extend(capabilities());
-    checks.push(program_support());
-    for (name, map) in [("ring buffer map", MapType::RingBuf), ("LPM trie map", MapType::LpmTrie)] {
-        checks.push(match is_map_supported(map) {
-            Ok(true) => Check::pass(name, "supported"),
-            Ok(false) => Check::fail(name, "not supported by this kernel", "use kernel 5.8 or newer"),
-            Err(e) => Check::fail(name, format!("probe failed: {e}"), "run as root or with CAP_BPF"),
-        });
+    checks.extend(capability_checks(f, &has));
+    let denied_under_seccomp = |found: &Found| matches!(found, Found::Denied(_)) && f.seccomp_filter && has(CAP_BPF);
+    let all_denied = f.probes.iter().all(|(_, found)| matches!(found, Found::Denied(_)));
+    match f.probes.first() {
+        // One refusal says it all when bpf(2) itself is refused.
+        Some((_, found)) if all_denied => {
+            let mut check = probe_check(f, &has, &Feature::Map("any".into()), found, denied_under_seccomp(found));
+            check.name = "bpf(2)".into();
+            check.detail = format!("{} for every probe", check.detail);
+            checks.push(check);
+        }
+        _ => {
+            for (feature, found) in &f.probes {
+                checks.push(probe_check(f, &has, feature, found, denied_under_seccomp(found)));
+            }
+        }
     }
-    for (name, helper) in [
-        ("helper get_netns_cookie", BpfHelper::BPF_FUNC_get_netns_cookie),
-        ("helper get_current_cgroup_id", BpfHelper::BPF_FUNC_get_current_cgroup_id),
-        ("helper get_current_pid_tgid", BpfHelper::BPF_FUNC_get_current_pid_tgid),
-        ("helper get_current_comm", BpfHelper::BPF_FUNC_get_current_comm),
-        ("helper ringbuf_reserve", BpfHelper::BPF_FUNC_ringbuf_reserve),
-    ] {
-        checks.push(match is_helper_supported(ProgramType::CgroupSockAddr, helper) {
-            Ok(true) => Check::pass(name, "available to cgroup sock_addr programs"),
-            Ok(false) => Check::fail(name, "not available to cgroup sock_addr programs", "use kernel 5.8 or newer"),
-            Err(e) => Check::fail(name, format!("probe failed: {e}"), "run as root or with CAP_BPF"),
-        });
-    }
-    checks.push(netns_cookie());
-    checks.push(installed(inputs.bpffs));
+    checks.push(match &f.object {
+        Ok(()) => Check::pass("kernel object", "every map created and every program verified with these privileges"),
+        Err((errno, e)) => {
+            let e = &verifier_reason(e);
+            let fix = if *errno == Some(libc::EPERM) && f.seccomp_filter {
+                SECCOMP_FIX.to_string()
+            } else {
+                "see the failed checks above; `metadata-guard check --json` has the kernel's words".to_string()
+            };
+            Check::fail("kernel object", e.as_str(), fix)
+        }
+    });
+    checks.push(pins_check(f));
+    checks.push(match &f.netns_sockopt {
+        Ok(true) => Check::pass("host netns cookie", crate::loader::Mechanism::SoNetnsCookie.describe()),
+        Ok(false) => Check::warn(
+            "host netns cookie",
+            crate::loader::Mechanism::ProbeProgram.describe(),
+            "no SO_NETNS_COOKIE (5.14+): the agent must run inside the cgroup it attaches to (a DaemonSet pod does)",
+        ),
+        Err(e) => Check::fail("host netns cookie", e, "run the agent in the host network namespace"),
+    });
     checks
+}
+
+/// A verifier refusal without its whole log: what was refused, and the verifier's
+/// last word (the line before its statistics).
+fn verifier_reason(e: &str) -> String {
+    let Some((head, log)) = e.split_once("Verifier output:") else { return e.to_string() };
+    let lines: Vec<&str> = log.lines().collect();
+    let stats = lines.iter().position(|l| l.starts_with("verification time")).unwrap_or(lines.len());
+    let reason = stats.checked_sub(1).and_then(|i| lines.get(i)).copied().unwrap_or("").trim();
+    format!("{}: {reason}", head.trim().trim_end_matches('.'))
+}
+
+fn kernel_check(f: &Facts) -> Check {
+    let release = f.kernel_release.clone();
+    if f.kernel >= KERNEL_TESTED {
+        Check::pass("kernel version", release)
+    } else if f.kernel >= KERNEL_BPF_CAPS {
+        Check::warn("kernel version", release, "5.10 is the oldest kernel the guard is tested on")
+    } else {
+        Check::fail(
+            "kernel version",
+            release,
+            "the guard needs cgroup bpf links, netns cookies and ring buffers: kernel 5.8+ (5.10+ tested)",
+        )
+    }
+}
+
+fn bpffs_check(f: &Facts) -> Check {
+    let parent = f.bpffs_parent.display();
+    if f.on_bpffs {
+        return Check::pass("bpffs", format!("{} is on bpffs", f.bpffs_root.display()));
+    }
+    if !f.bpffs_parent_exists {
+        return Check::fail(
+            "bpffs",
+            format!("{parent} does not exist"),
+            format!("create and mount it (mount -t bpf bpf {parent}) or pass --bpffs"),
+        );
+    }
+    if f.mount_bpffs && f.caps & (1 << CAP_SYS_ADMIN) == 0 {
+        Check::fail(
+            "bpffs",
+            format!("{parent} is not on bpffs, and mounting it (--mount-bpffs=true) needs CAP_SYS_ADMIN, not held"),
+            format!("mount bpffs on the host (mount -t bpf bpf {parent}, or systemd's sys-fs-bpf.mount)"),
+        )
+    } else if f.mount_bpffs {
+        Check::warn(
+            "bpffs",
+            format!("{parent} is not on bpffs"),
+            format!(
+                "`run` mounts bpffs on {parent} (--mount-bpffs=true); in a container that mount dies with it, and the \
+                 pins with it: mount it on the host instead (mount -t bpf bpf {parent})"
+            ),
+        )
+    } else {
+        Check::fail(
+            "bpffs",
+            format!("{parent} is not on bpffs, and with --mount-bpffs=false `run` will not mount it"),
+            format!(
+                "mount bpffs on the host (mount -t bpf bpf {parent}, or systemd's sys-fs-bpf.mount), so that the pins \
+                 outlive the agent's container"
+            ),
+        )
+    }
+}
+
+fn capability_checks(f: &Facts, has: &dyn Fn(u32) -> bool) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let old_kernel = f.kernel < KERNEL_BPF_CAPS;
+    checks.push(match (has(CAP_BPF), has(CAP_SYS_ADMIN)) {
+        (true, _) if !old_kernel => Check::pass("CAP_BPF", "held"),
+        (_, true) => Check::pass("CAP_BPF", "CAP_SYS_ADMIN held (covers it)"),
+        (true, false) => Check::fail(
+            "CAP_BPF",
+            "held, but this kernel predates CAP_BPF (5.8) and asks for CAP_SYS_ADMIN",
+            "use kernel 5.10+",
+        ),
+        (false, false) => Check::fail("CAP_BPF", "neither CAP_BPF nor CAP_SYS_ADMIN held", "grant CAP_BPF"),
+    });
+    checks.push(if has(CAP_NET_ADMIN) {
+        Check::pass("CAP_NET_ADMIN", "held (loading and attaching cgroup socket programs)")
+    } else {
+        Check::fail(
+            "CAP_NET_ADMIN",
+            "not held",
+            "grant CAP_NET_ADMIN: loading and attaching cgroup socket programs needs it",
+        )
+    });
+    let comm_offered = f.probes.iter().any(|(feature, found)| {
+        matches!(feature, Feature::Helper(h, _) if h == "get_current_comm") && *found == Found::Yes
+    });
+    checks.push(if has(CAP_PERFMON) || has(CAP_SYS_ADMIN) {
+        Check::pass("CAP_PERFMON", if has(CAP_PERFMON) { "held" } else { "CAP_SYS_ADMIN held (covers it)" })
+    } else if comm_offered {
+        Check::pass("CAP_PERFMON", "not held; this kernel offers bpf_get_current_comm without it")
+    } else {
+        Check::fail(
+            "CAP_PERFMON",
+            "not held",
+            "grant CAP_PERFMON: without it the verifier refuses the programs' pointer arithmetic on map values \
+             (its Spectre hardening for loaders without CAP_PERFMON), and this kernel hides bpf_get_current_comm \
+             (the audit trail's `comm`)",
+        )
+    });
+    checks.push(if has(CAP_SYS_RESOURCE) {
+        Check::pass("CAP_SYS_RESOURCE", "held (raises RLIMIT_MEMLOCK on kernels before 5.11)")
+    } else if f.kernel >= KERNEL_MEMCG_ACCOUNTING {
+        Check::pass(
+            "CAP_SYS_RESOURCE",
+            "not held; not needed from 5.11 on (BPF memory is charged to the memory cgroup)",
+        )
+    } else if f.memlock.is_none() {
+        Check::pass("CAP_SYS_RESOURCE", "not held; RLIMIT_MEMLOCK is unlimited here")
+    } else {
+        Check::fail(
+            "CAP_SYS_RESOURCE",
+            format!("not held, and RLIMIT_MEMLOCK is {} KiB", f.memlock.unwrap_or(0) / 1024),
+            "kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: grant CAP_SYS_RESOURCE (the agent raises it)",
+        )
+    });
+    if has(CAP_SYS_ADMIN) {
+        checks.push(Check::pass("CAP_SYS_ADMIN", "held, and not needed: the DaemonSet does not grant it"));
+    }
+    checks
+}
+
+fn probe_check(f: &Facts, has: &dyn Fn(u32) -> bool, feature: &Feature, found: &Found, seccomp: bool) -> Check {
+    let (name, newer) = match feature {
+        Feature::Program(kind) => (format!("{} programs", kind.name()), "use kernel 5.10+ with CONFIG_CGROUP_BPF"),
+        Feature::Map(map) => (format!("{map} map"), "use kernel 5.10+"),
+        Feature::Helper(helper, kind) => (format!("helper {helper} ({})", kind.name()), "use kernel 5.10+"),
+        Feature::Object(what) => (format!("kernel object ({what})"), "use kernel 5.10+"),
+    };
+    let is_comm = matches!(feature, Feature::Helper(h, _) if h == "get_current_comm");
+    match found {
+        Found::Yes => Check::pass(name, "supported"),
+        // Helpers the kernel hides from processes without CAP_PERFMON look unknown.
+        Found::No if is_comm && !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) => Check::fail(
+            name,
+            "not offered to this process",
+            "grant CAP_PERFMON: the kernel offers bpf_get_current_comm only to CAP_PERFMON holders",
+        ),
+        Found::No if f.kernel < KERNEL_TESTED => Check::fail(name, "not supported by this kernel", newer),
+        Found::No => {
+            Check::fail(name, "not supported by this kernel", "a kernel built with BPF and cgroup BPF (5.10+)")
+        }
+        Found::Denied(errno) => {
+            let detail = format!("the kernel refused the probe: {}", std::io::Error::from_raw_os_error(*errno));
+            let fix = if seccomp {
+                SECCOMP_FIX.to_string()
+            } else if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+                "grant CAP_BPF".to_string()
+            } else {
+                "an LSM (SELinux, AppArmor) or kernel.unprivileged_bpf_disabled may refuse bpf(2); see the audit log"
+                    .to_string()
+            };
+            Check::fail(name, detail, fix)
+        }
+        Found::Failed(e) => Check::fail(name, format!("probe failed: {e}"), "report this with `check --json`"),
+    }
+}
+
+fn pins_check(f: &Facts) -> Check {
+    const NAME: &str = "pinned links";
+    match &f.pins {
+        Pins::None => Check::pass(NAME, "none yet: `run` attaches and pins its own"),
+        Pins::Unreadable(e) => Check::fail(
+            NAME,
+            e,
+            "give the agent read-write access to its --bpffs directory (root-owned pins: runAsUser 0)",
+        ),
+        Pins::Readable(hooks) => {
+            let elsewhere: Vec<&str> =
+                hooks.iter().filter(|(_, id, _)| Some(*id) != f.cgroup_id).map(|(h, _, _)| *h).collect();
+            let unknown = hooks.iter().filter(|(_, _, known)| !known).count();
+            if !elsewhere.is_empty() {
+                Check::warn(
+                    NAME,
+                    format!("{} attached to another cgroup than this one", elsewhere.join(", ")),
+                    "`run` attaches to this cgroup first, then removes those links (no gap)",
+                )
+            } else if unknown > 0 {
+                Check::warn(
+                    NAME,
+                    format!("{unknown} of {} links have no program pinned beside them (an older agent)", hooks.len()),
+                    "`run` swaps their programs in place (BPF_LINK_UPDATE) and pins them",
+                )
+            } else {
+                Check::pass(
+                    NAME,
+                    format!("{} links readable: `run` adopts them (same tag: kept; else swapped)", hooks.len()),
+                )
+            }
+        }
+    }
 }
 
 pub fn has_failure(checks: &[Check]) -> bool {
@@ -115,97 +349,6 @@ pub fn kernel_version() -> (u32, u32) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
-fn kernel_version_check() -> Check {
-    let release = kernel_release();
-    let version = kernel_version();
-    if version >= (5, 10) {
-        Check::pass("kernel version", release)
-    } else if version >= (5, 8) {
-        Check::warn("kernel version", release, "5.10 is the oldest kernel the guard is tested on")
-    } else {
-        Check::fail(
-            "kernel version",
-            release,
-            "the guard needs cgroup bpf links, netns cookies and ring buffers: kernel 5.8+ (5.10+ tested)",
-        )
-    }
-}
-
-fn bpffs(root: &Path) -> Check {
-    let parent = root.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
-    if pins::is_bpffs(root) || pins::is_bpffs(&parent) {
-        Check::pass("bpffs", format!("{} is on bpffs", root.display()))
-    } else if parent.exists() {
-        Check::warn(
-            "bpffs",
-            format!("{} is not on bpffs", parent.display()),
-            format!("`run` mounts it; to do it yourself: mount -t bpf bpf {}", parent.display()),
-        )
-    } else {
-        Check::fail(
-            "bpffs",
-            format!("{} does not exist", parent.display()),
-            format!("create and mount it (mount -t bpf bpf {}) or pass --bpffs", parent.display()),
-        )
-    }
-}
-
-fn effective_caps() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string())))
-        .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
-        .unwrap_or(0)
-}
-
-fn capabilities() -> Vec<Check> {
-    let caps = effective_caps();
-    let has = |bit: u32| caps & (1u64 << bit) != 0;
-    let mut checks = Vec::new();
-    checks.push(if has(CAP_BPF) || has(CAP_SYS_ADMIN) {
-        Check::pass("CAP_BPF", if has(CAP_BPF) { "held" } else { "CAP_SYS_ADMIN held (covers it)" })
-    } else {
-        Check::fail("CAP_BPF", "neither CAP_BPF nor CAP_SYS_ADMIN held", "grant CAP_BPF (kernel 5.8+) or run as root")
-    });
-    checks.push(if has(CAP_NET_ADMIN) {
-        Check::pass("CAP_NET_ADMIN", "held (attaching cgroup socket programs needs it)")
-    } else {
-        Check::fail("CAP_NET_ADMIN", "not held", "grant CAP_NET_ADMIN: attaching cgroup socket programs needs it")
-    });
-    checks.push(if has(CAP_SYS_RESOURCE) {
-        Check::pass("CAP_SYS_RESOURCE", "held (raises RLIMIT_MEMLOCK on kernels before 5.11)")
-    } else {
-        Check::warn(
-            "CAP_SYS_RESOURCE",
-            "not held",
-            "kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: grant it there",
-        )
-    });
-    checks
-}
-
-fn program_support() -> Check {
-    match is_program_supported(ProgramType::CgroupSockAddr) {
-        Ok(true) => Check::pass("cgroup sock_addr programs", "supported"),
-        Ok(false) => {
-            Check::fail("cgroup sock_addr programs", "not supported", "use a kernel with CONFIG_CGROUP_BPF (5.10+)")
-        }
-        Err(e) => Check::fail("cgroup sock_addr programs", format!("probe failed: {e}"), "run as root or with CAP_BPF"),
-    }
-}
-
-fn netns_cookie() -> Check {
-    match crate::loader::netns_cookie::via_sockopt(None) {
-        Ok(Some(_)) => Check::pass("host netns cookie", crate::loader::Mechanism::SoNetnsCookie.describe()),
-        Ok(None) => Check::warn(
-            "host netns cookie",
-            crate::loader::Mechanism::ProbeProgram.describe(),
-            "no SO_NETNS_COOKIE (5.14+): the agent must run inside the cgroup it attaches to (a DaemonSet pod does)",
-        ),
-        Err(e) => Check::fail("host netns cookie", format!("{e:#}"), "run the agent in the host network namespace"),
-    }
-}
-
 pub fn print_human(checks: &[Check]) {
     for c in checks {
         let tag = match c.outcome {
@@ -213,9 +356,9 @@ pub fn print_human(checks: &[Check]) {
             Outcome::Warn => "warn",
             Outcome::Fail => "FAIL",
         };
-        println!("[{tag}] {:<30} {}", c.name, c.detail);
+        println!("[{tag}] {:<44} {}", c.name, c.detail);
         if let (Some(fix), Outcome::Fail | Outcome::Warn) = (&c.fix, c.outcome) {
-            println!("       {:<30} fix: {fix}", "");
+            println!("       {:<44} fix: {fix}", "");
         }
     }
 }

@@ -28,7 +28,11 @@ use serde::Serialize;
 use crate::netns::NetNs;
 
 /// The ports served over both TCP and UDP.
-pub const STANDIN_PORTS: [u16; 2] = [80, 53];
+pub const STANDIN_PORTS: [u16; 3] = [80, 53, BARRIER_PORT];
+
+/// A port only scenarios' barriers use (discard): a datagram sent there after an
+/// attempt, once arrived, shows that the attempt's packets had their chance to.
+pub const BARRIER_PORT: u16 = 9;
 
 const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 17\r\nConnection: close\r\n\r\nmetadata-standin\n";

@@ -13,7 +13,7 @@ use std::{
 };
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 /// Every kustomization a user applies, by directory under `deploy/`.
 const OVERLAYS: [&str; 4] = ["overlays/default", "overlays/audit", "overlays/gke", "overlays/eks"];
@@ -21,7 +21,7 @@ const OVERLAYS: [&str; 4] = ["overlays/default", "overlays/audit", "overlays/gke
 const CRD_KINDS: [&str; 1] = ["PodMonitor"];
 /// The agent's capabilities: exactly these, found by `cargo xtask smoke` (see the
 /// comments in deploy/base/daemonset.yaml). A change here is a security review.
-const AGENT_CAPS: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"];
+const AGENT_CAPS: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
 const BPFFS_ARG: &str = "--bpffs=/sys/fs/bpf/metadata-guard";
 
 fn deploy_dir() -> PathBuf {
@@ -80,7 +80,7 @@ fn validator() -> Option<&'static str> {
 
 fn render(dir: &Path) -> (String, Vec<Value>) {
     let text = run(Command::new("kubectl").arg("kustomize").arg(dir)).unwrap_or_else(|e| panic!("{e}"));
-    let docs = serde_yaml::Deserializer::from_str(&text)
+    let docs = serde_norway::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{} rendered invalid YAML: {e}", dir.display())))
         .collect();
     (text, docs)
@@ -219,7 +219,7 @@ fn agent_posture(overlay: &str, docs: &[Value]) {
     // The policy file is the repository's, byte for byte, and parses.
     let config = one(docs, "ConfigMap")["data"]["config.yaml"].as_str().expect("config.yaml in the ConfigMap");
     assert_eq!(config, std::fs::read_to_string(deploy_dir().join("base/config.yaml")).unwrap(), "{overlay}");
-    serde_yaml::from_str::<Value>(config).expect("config.yaml is YAML");
+    serde_norway::from_str::<Value>(config).expect("config.yaml is YAML");
 }
 
 #[test]

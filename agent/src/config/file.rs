@@ -51,7 +51,7 @@ pub(super) fn read(path: &Path) -> Result<FileValues, ConfigError> {
 pub(super) fn parse(text: &str, path: &Path) -> Result<FileValues, ConfigError> {
     // An empty file (or one of comments only) is YAML null: it sets nothing.
     let file: Option<FileConfig> =
-        serde_yaml::from_str(text).map_err(|reason| ConfigError::Syntax { path: path.to_path_buf(), reason })?;
+        serde_norway::from_str(text).map_err(|reason| ConfigError::Syntax { path: path.to_path_buf(), reason })?;
     file.unwrap_or_default().check().map_err(|(field, reason)| ConfigError::Invalid {
         origin: Origin::File(path.to_path_buf()),
         field,

@@ -9,7 +9,7 @@ use serde::{de, Deserialize, Deserializer};
 use crate::policy::{parse_cidr, PolicyError};
 
 /// A YAML scalar read through `T::from_str`, so that a parse error is reported by
-/// serde_yaml together with the field's path and position.
+/// serde_norway together with the field's path and position.
 pub(super) struct Parsed<T>(pub T);
 
 impl<'de, T> Deserialize<'de> for Parsed<T>
@@ -22,7 +22,7 @@ where
     }
 }
 
-/// Parses inside `visit_str`, while serde_yaml still knows which field it is reading;
+/// Parses inside `visit_str`, while serde_norway still knows which field it is reading;
 /// an error raised after the string is returned would be blamed on the parent.
 struct ParsedVisitor<T>(PhantomData<T>);
 

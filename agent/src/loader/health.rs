@@ -51,7 +51,7 @@ impl Guard {
                 faults.push(Fault::LinkUnpinned(a.pin));
                 continue;
             };
-            match bpf_sys::link_info(link.as_fd()) {
+            match bpf_sys::cgroup_link_info(link.as_fd()) {
                 Ok(info) if Some(info.cgroup_id) == cgroup_id => {}
                 Ok(info) => faults.push(Fault::LinkElsewhere { hook: a.pin, cgroup_id: info.cgroup_id }),
                 Err(_) => faults.push(Fault::LinkUnpinned(a.pin)),

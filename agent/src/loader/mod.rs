@@ -6,6 +6,10 @@
 //! place, a pinned link keeps running its program until `BPF_LINK_UPDATE` swaps in
 //! ours in one step, and links of another layout version are removed only after ours
 //! are attached.
+//!
+//! Nothing here needs CAP_SYS_ADMIN: what a pinned link runs is learned from the
+//! program pinned beside it (compared by id with the link's, then by tag with ours),
+//! never by opening a program by id.
 
 mod bpf_sys;
 pub mod health;
@@ -26,6 +30,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::ProgramInfo,
     Ebpf, EbpfLoader,
 };
 use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES};
@@ -35,7 +40,7 @@ use pins::PinLayout;
 use crate::policy::CompiledPolicy;
 
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
 
 /// Maps that are pinned: all but the start-up probe's scratch map.
 pub const PINNED_MAPS: [&str; 9] = [
@@ -96,7 +101,7 @@ impl Guard {
     /// force before any program is attached.
     pub fn install(opts: &InstallOptions<'_>, policy: &CompiledPolicy, mode: u32) -> Result<(Guard, InstallReport)> {
         let pins = opts.pins;
-        for dir in [pins.maps_dir(), pins.links_dir()] {
+        for dir in [pins.maps_dir(), pins.links_dir(), pins.programs_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("could not create pin directory {}", dir.display()))?;
         }
         let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|&name| (name, pins.map(name))).collect();
@@ -144,35 +149,49 @@ impl Guard {
     /// Loads the program and makes the pinned link of its attachment on `cgroup` run it.
     fn link_program(&mut self, a: &programs::Attachment, cgroup: &File, cgroup_id: u64) -> Result<LinkAction> {
         let new_fd = programs::load(&mut self.ebpf, a)?;
+        let new_tag = programs::info(&self.ebpf, a)?.tag();
         let pin = self.pins.link(a.pin);
 
-        if let Ok(link_fd) = bpf_sys::obj_get(&pin) {
-            let info = bpf_sys::link_info(link_fd.as_fd())
-                .with_context(|| format!("could not inspect link {}", pin.display()))?;
-            if info.cgroup_id == cgroup_id {
-                let old_fd = bpf_sys::prog_fd_by_id(info.prog_id)
-                    .with_context(|| format!("could not open the program of link {}", pin.display()))?;
-                let old = bpf_sys::prog_info(old_fd.as_fd())?;
-                let new = bpf_sys::prog_info(new_fd.as_fd())?;
-                if old.tag == new.tag {
-                    return Ok(LinkAction::Kept);
-                }
-                bpf_sys::link_update(link_fd.as_fd(), new_fd.as_fd(), old_fd.as_fd())
-                    .with_context(|| format!("could not swap the program of link {}", pin.display()))?;
-                return Ok(LinkAction::Replaced);
-            }
+        let Some(link) = open_link(&pin)? else {
+            let fresh = programs::attach(&mut self.ebpf, a, cgroup)?;
+            fresh.pin(&pin).with_context(|| format!("could not pin link at {}", pin.display()))?;
+            self.pin_program(a)?;
+            return Ok(LinkAction::Attached);
+        };
+        let info = bpf_sys::cgroup_link_info(link.as_fd())
+            .with_context(|| format!("could not inspect link {}", pin.display()))?;
+        if info.cgroup_id != cgroup_id {
             // Attached elsewhere (the --cgroup changed): ours first, then theirs goes.
             let fresh = programs::attach(&mut self.ebpf, a, cgroup)?;
-            // bpffs refuses names with a dot.
-            let tmp = self.pins.link(&format!("{}-new", a.pin));
+            let tmp = staging(&pin);
             let _ = fs::remove_file(&tmp);
             fresh.pin(&tmp).with_context(|| format!("could not pin link at {}", tmp.display()))?;
             fs::rename(&tmp, &pin).with_context(|| format!("could not replace link pin {}", pin.display()))?;
+            self.pin_program(a)?;
             return Ok(LinkAction::Moved);
         }
-        let fresh = programs::attach(&mut self.ebpf, a, cgroup)?;
-        fresh.pin(&pin).with_context(|| format!("could not pin link at {}", pin.display()))?;
-        Ok(LinkAction::Attached)
+        // The program pinned beside the link, if it is the one the link runs. It is
+        // not when an older agent pinned no programs, or died between swapping a link
+        // and re-pinning: then the link's program is unknown and gets replaced.
+        let running = pinned_program(&self.pins.program(a.pin))?.filter(|p| p.id == info.prog_id);
+        if running.as_ref().is_some_and(|p| p.tag == new_tag) {
+            return Ok(LinkAction::Kept);
+        }
+        let expected = running.as_ref().map(|p| p.fd.as_fd());
+        bpf_sys::link_update(link.as_fd(), new_fd.as_fd(), expected)
+            .with_context(|| format!("could not swap the program of link {}", pin.display()))?;
+        self.pin_program(a)?;
+        Ok(LinkAction::Replaced)
+    }
+
+    /// Pins our loaded program of `a` as the one its link runs, replacing the pin in
+    /// one rename.
+    fn pin_program(&mut self, a: &programs::Attachment) -> Result<()> {
+        let path = self.pins.program(a.pin);
+        let tmp = staging(&path);
+        let _ = fs::remove_file(&tmp);
+        programs::pin(&mut self.ebpf, a, &tmp)?;
+        fs::rename(&tmp, &path).with_context(|| format!("could not replace program pin {}", path.display()))
     }
 
     /// Puts a new policy and mode in force, all at once (see `policy_maps`).
@@ -222,6 +241,84 @@ impl Guard {
     }
 }
 
+/// Loads the embedded object as `run` does (maps created, every program verified)
+/// without pinning or attaching anything; all of it is freed on return. `check` uses
+/// it to prove this process's privileges are enough.
+pub fn verify_object() -> Result<()> {
+    let mut ebpf = EbpfLoader::new().load(OBJECT).context("could not create the guard's maps")?;
+    for attachment in &ATTACHMENTS {
+        programs::load(&mut ebpf, attachment)?;
+    }
+    let probe: &mut aya::programs::CgroupSockAddr = ebpf
+        .program_mut(metadata_guard_common::program_names::NETNS_PROBE)
+        .context("the kernel object has no netns probe program")?
+        .try_into()?;
+    probe.load().context("the kernel's verifier refused the netns probe program")?;
+    Ok(())
+}
+
+/// Where a pin is staged before a rename puts it in place: beside it, without a dot
+/// (bpffs refuses names with dots, EPERM).
+fn staging(pin: &Path) -> PathBuf {
+    let mut name = pin.file_name().unwrap_or_default().to_os_string();
+    name.push("_new");
+    pin.with_file_name(name)
+}
+
+/// The pinned link at `pin`, or None when nothing is pinned there.
+fn open_link(pin: &Path) -> Result<Option<std::os::fd::OwnedFd>> {
+    match bpf_sys::obj_get(pin) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| {
+            format!("could not open the pinned link {}; the agent needs read-write access to its bpffs", pin.display())
+        }),
+    }
+}
+
+/// A program opened from its pin: BPF_OBJ_GET needs only access to the file.
+struct PinnedProgram {
+    fd: std::os::fd::OwnedFd,
+    id: u32,
+    tag: u64,
+    name: String,
+}
+
+fn pinned_program(pin: &Path) -> Result<Option<PinnedProgram>> {
+    let fd = match bpf_sys::obj_get(pin) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("could not open the pinned program {}", pin.display())),
+    };
+    let info = ProgramInfo::from_pin(pin).with_context(|| format!("could not inspect program {}", pin.display()))?;
+    let name = info.name_as_str().unwrap_or_default().to_string();
+    Ok(Some(PinnedProgram { fd, id: info.id(), tag: info.tag(), name }))
+}
+
+/// One hook's link as pinned: what `status` and `check` show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedHook {
+    pub link_id: u32,
+    pub program_id: u32,
+    pub cgroup_id: u64,
+    /// Name and tag (hex) of the program the link runs, when the program pinned beside
+    /// it is that program; None for pins of an agent that pinned no programs (the
+    /// next agent to start re-pins them).
+    pub program: Option<(String, String)>,
+}
+
+/// Reads the pins of `hook` without touching them; None when no link is pinned.
+pub fn pinned_hook(layout: &PinLayout, hook: &str) -> Result<Option<PinnedHook>> {
+    let pin = layout.link(hook);
+    let Some(link) = open_link(&pin)? else { return Ok(None) };
+    let info =
+        bpf_sys::cgroup_link_info(link.as_fd()).with_context(|| format!("could not inspect link {}", pin.display()))?;
+    let program = pinned_program(&layout.program(hook))?
+        .filter(|p| p.id == info.prog_id)
+        .map(|p| (p.name, format!("{:016x}", p.tag)));
+    Ok(Some(PinnedHook { link_id: info.id, program_id: info.prog_id, cgroup_id: info.cgroup_id, program }))
+}
+
 pub fn read_counters(map: &aya::maps::Map) -> Result<Vec<u64>> {
     let array: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
     (0..counters::SLOTS)
@@ -231,7 +328,8 @@ pub fn read_counters(map: &aya::maps::Map) -> Result<Vec<u64>> {
 
 /// Removes one version directory's link pins (detaching them), then its map pins.
 pub fn remove_pins(dir: &Path) -> Result<()> {
-    for sub in ["links", "maps"] {
+    // Links first: removing their pins detaches them.
+    for sub in ["links", "programs", "maps"] {
         let sub = dir.join(sub);
         let Ok(entries) = fs::read_dir(&sub) else { continue };
         for entry in entries {

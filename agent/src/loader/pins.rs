@@ -1,7 +1,9 @@
 //! Where the guard's kernel state lives on bpffs, and who may touch it.
 //!
-//! `<bpffs dir>/v<ABI_VERSION>/maps/<map>` and `.../links/<hook>`: the version in the
-//! path means an agent of another map layout never reuses these maps; it attaches its
+//! `<bpffs dir>/v<ABI_VERSION>/maps/<map>`, `.../links/<hook>` and `.../programs/<hook>`
+//! (the program each link runs, pinned so that a restarted agent can compare it with
+//! its own without opening programs by id, which needs CAP_SYS_ADMIN). The version in
+//! the path means an agent of another map layout never reuses these maps; it attaches its
 //! own links first and only then removes the old version's pins (see `install`).
 
 use std::{
@@ -41,6 +43,15 @@ impl PinLayout {
 
     pub fn link(&self, hook: &str) -> PathBuf {
         self.links_dir().join(hook)
+    }
+
+    pub fn programs_dir(&self) -> PathBuf {
+        self.dir.join("programs")
+    }
+
+    /// The program the link of `hook` runs (pinned by the agent that put it there).
+    pub fn program(&self, hook: &str) -> PathBuf {
+        self.programs_dir().join(hook)
     }
 
     /// Version directories other than ours, left by agents of another layout.

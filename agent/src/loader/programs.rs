@@ -3,6 +3,7 @@
 use std::{
     fs::File,
     os::fd::{AsFd, OwnedFd},
+    path::Path,
 };
 
 use anyhow::{Context, Result};
@@ -10,7 +11,7 @@ use aya::{
     programs::{
         cgroup_skb::CgroupSkbAttachType,
         links::{CgroupAttachMode, FdLink},
-        CgroupSkb, CgroupSock, CgroupSockAddr,
+        CgroupSkb, CgroupSock, CgroupSockAddr, ProgramInfo,
     },
     Ebpf,
 };
@@ -71,6 +72,18 @@ pub fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
         }
     };
     Ok(fd)
+}
+
+/// What the kernel says about our loaded program of `a` (its tag above all).
+pub fn info(ebpf: &Ebpf, a: &Attachment) -> Result<ProgramInfo> {
+    let program = ebpf.program(a.program).with_context(|| format!("no program {}", a.program))?;
+    program.info().with_context(|| format!("could not read what the kernel has of program {}", a.program))
+}
+
+/// Pins our loaded program of `a` at `path`.
+pub fn pin(ebpf: &mut Ebpf, a: &Attachment, path: &Path) -> Result<()> {
+    let program = ebpf.program_mut(a.program).with_context(|| format!("no program {}", a.program))?;
+    program.pin(path).with_context(|| format!("could not pin program {} at {}", a.program, path.display()))
 }
 
 /// Attaches the (loaded) program to `cgroup` with a new bpf_link.

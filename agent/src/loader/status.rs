@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{BlockRule, PortMatch};
 
 use super::{
-    bpf_sys,
     origin::{self, Origin},
     pins::AgentLock,
     pins::PinLayout,
@@ -92,22 +91,18 @@ pub fn read(root: &Path) -> Result<Status> {
     };
     let mut missing = Vec::new();
     for attachment in &ATTACHMENTS {
-        let pin = layout.link(attachment.pin);
-        let Ok(link) = bpf_sys::obj_get(&pin) else {
+        let Some(hook) = super::pinned_hook(&layout, attachment.pin)? else {
             missing.push(format!("link {} is not pinned (detached)", attachment.pin));
             continue;
         };
-        use std::os::fd::AsFd;
-        let info = bpf_sys::link_info(link.as_fd()).with_context(|| format!("could not inspect {}", pin.display()))?;
-        let prog = bpf_sys::prog_fd_by_id(info.prog_id).and_then(|fd| bpf_sys::prog_info(fd.as_fd()));
-        let prog = prog.with_context(|| format!("could not inspect the program of {}", pin.display()))?;
+        let (program_name, program_tag) = hook.program.unwrap_or_else(|| ("unknown".into(), "unknown".into()));
         status.programs.push(ProgramStatus {
             hook: attachment.pin.to_string(),
-            link_id: info.id,
-            program_id: info.prog_id,
-            program_name: prog.name,
-            program_tag: prog.tag.iter().map(|b| format!("{b:02x}")).collect(),
-            cgroup_id: info.cgroup_id,
+            link_id: hook.link_id,
+            program_id: hook.program_id,
+            program_name,
+            program_tag,
+            cgroup_id: hook.cgroup_id,
         });
     }
     status.installed = !status.programs.is_empty();

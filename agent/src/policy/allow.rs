@@ -155,11 +155,11 @@ mod tests {
 
     #[test]
     fn rules_read_from_yaml_name_a_bad_field() {
-        let rule: AllowRule = serde_yaml::from_str("{namespace: kube-system, pod: 'proxy-*'}").unwrap();
+        let rule: AllowRule = serde_norway::from_str("{namespace: kube-system, pod: 'proxy-*'}").unwrap();
         assert!(rule.matches("kube-system", "proxy-1"));
-        let err = serde_yaml::from_str::<AllowRule>("{namespace: kube-system, pod: ''}").unwrap_err();
+        let err = serde_norway::from_str::<AllowRule>("{namespace: kube-system, pod: ''}").unwrap_err();
         assert!(err.to_string().starts_with("pod: an empty pattern"), "{err}");
-        let err = serde_yaml::from_str::<AllowRule>("{namespace: a, pod: b, node: c}").unwrap_err();
+        let err = serde_norway::from_str::<AllowRule>("{namespace: a, pod: b, node: c}").unwrap_err();
         assert!(err.to_string().contains("unknown field `node`"), "{err}");
     }
 

@@ -34,8 +34,8 @@ pub enum Kind {
     RawTcpSyn,
     /// A raw socket sending a hand-made UDP datagram.
     RawUdp,
-    /// TCP connect at once, then wait for `go_file` before sending the HTTP request
-    /// on that same connection.
+    /// TCP connect at once, create `ready_file`, then wait for `go_file` before
+    /// sending the HTTP request on that same connection.
     HeldHttp,
     /// TCP connect submitted through io_uring instead of connect(2).
     IoUringConnect,
@@ -70,6 +70,9 @@ pub struct Request {
     /// For [`Kind::HeldHttp`]: the file whose appearance lets the request go.
     #[serde(default)]
     pub go_file: Option<PathBuf>,
+    /// For [`Kind::HeldHttp`]: created once the connection is established.
+    #[serde(default)]
+    pub ready_file: Option<PathBuf>,
     /// For [`Kind::HandedHostSocket`]: where the socket is created.
     #[serde(default)]
     pub socket_netns: Option<PathBuf>,
@@ -192,7 +195,7 @@ fn once(req: &Request) -> std::io::Result<()> {
             s.connect(to)?;
             s.send(b"metadata?").map(drop)
         }
-        Kind::HeldHttp => held_http(to, req.go_file.as_deref()),
+        Kind::HeldHttp => held_http(to, req.ready_file.as_deref(), req.go_file.as_deref()),
         Kind::IoUringConnect => crate::raw::io_uring_connect(&to),
         Kind::HandedHostSocket => unreachable!("handled before joining the pod"),
         Kind::TcpFastOpen => crate::raw::fast_open(&to),
@@ -226,8 +229,27 @@ fn http_get(to: SocketAddr) -> std::io::Result<()> {
     request_on(stream)
 }
 
-fn held_http(to: SocketAddr, go: Option<&std::path::Path>) -> std::io::Result<()> {
+fn held_http(to: SocketAddr, ready: Option<&std::path::Path>, go: Option<&std::path::Path>) -> std::io::Result<()> {
     let stream = std::net::TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
+    // Closed with a reset, not left retransmitting: a request the backstop drops would
+    // otherwise be retried (and audited) for minutes, into later scenarios.
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket and an option value of the advertised size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if let Some(ready) = ready {
+        std::fs::write(ready, "")?;
+    }
     while go.is_some_and(|g| !g.exists()) {
         std::thread::sleep(Duration::from_millis(10));
     }

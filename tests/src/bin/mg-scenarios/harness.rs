@@ -9,6 +9,8 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 
+use metadata_guard_tests::standin::{Arrivals, BARRIER_PORT};
+
 use crate::{
     agent::{self, Agent, AgentSpec},
     attempt::{self, Kind, Outcome, Request},
@@ -32,6 +34,24 @@ pub fn set_time_scale(factor: u32) {
 /// A timing budget, scaled for the machine the scenarios run on.
 pub fn budget(d: Duration) -> Duration {
     d * TIME_SCALE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether CI=true: then nothing may be skipped.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Polls `ok` until it holds, failing after `within` (pass a [`budget`]); returns how
+/// long it took. The readiness signal that replaces a fixed sleep.
+pub fn wait_until(within: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if ok()? {
+            return Ok(start.elapsed());
+        }
+        ensure!(start.elapsed() < within, "still not so after {within:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 pub struct Ctx {
@@ -149,6 +169,7 @@ impl Ctx {
             duration_ms: 0,
             stop_file: None,
             go_file: None,
+            ready_file: None,
             socket_netns: None,
         })
     }
@@ -159,16 +180,39 @@ impl Ctx {
 
     /// The attempt fails with EPERM, at once, and nothing reaches the stand-in.
     pub fn expect_refused(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<()> {
-        let before = self.node.standin.arrivals();
+        let before = self.arrivals();
         let out = self.try_once(from, kind, dest, port, mapped)?;
         let what = describe(from, kind, dest, port, mapped);
         ensure!(out.eperm == 1, "{what}: expected EPERM, got {out:?}");
         ensure!(out.max_us < budget(REFUSAL_BUDGET).as_micros() as u64, "{what}: refusal took {} µs", out.max_us);
-        // Give a packet that slipped through time to arrive before judging.
-        std::thread::sleep(Duration::from_millis(20));
-        let after = self.node.standin.arrivals();
+        // A packet that slipped through would arrive before the barrier that follows it.
+        let Who::Pod(pod) = from else { bail!("{what}: expect_refused judges attempts from pods only") };
+        let after = self.barrier(pod)?;
         ensure!(after == before, "{what}: refused, yet the stand-in saw traffic: {before:?} → {after:?}");
         Ok(())
+    }
+
+    /// What the stand-in saw, barriers left out.
+    pub fn arrivals(&self) -> Arrivals {
+        let mut arrivals = self.node.standin.arrivals();
+        arrivals.udp_received.remove(&BARRIER_PORT);
+        arrivals
+    }
+
+    /// Sends a datagram from pod `n` to the stand-in's barrier port on the node's side
+    /// of the pod's link (never blocked) and waits until it arrives: whatever the pod
+    /// sent before has by then had its chance to arrive along the same path. Returns
+    /// what the stand-in saw, barriers left out.
+    pub fn barrier(&self, n: usize) -> Result<Arrivals> {
+        let pod = self.node.pods.get(n).context("no such pod")?;
+        let (source, target) = (IpAddr::from(pod.net.ipv4), IpAddr::from(pod.net.node_side_ipv4));
+        let seen = || self.node.standin.arrivals().udp(BARRIER_PORT).from(source);
+        let before = seen();
+        let out = self.try_once(Who::Pod(n), Kind::UdpSendto, &target.to_string(), BARRIER_PORT, false)?;
+        ensure!(out.ok == 1, "the barrier datagram from pod {n} to {target}:{BARRIER_PORT} was not sent: {out:?}");
+        wait_until(budget(Duration::from_secs(2)), || Ok(seen() > before))
+            .with_context(|| format!("the barrier datagram from pod {n} never reached the stand-in"))?;
+        Ok(self.arrivals())
     }
 
     /// The attempt succeeds (HTTP 200 for TCP; for UDP, the datagram arrives).

@@ -11,16 +11,20 @@ use anyhow::{ensure, Context, Result};
 use crate::{
     agent::Agent,
     attempt::{self, Kind},
-    harness::{budget, Ctx, Who, METADATA_V4},
+    harness::{budget, wait_until, Ctx, Who, METADATA_V4},
 };
 
-pub const SCENARIOS: [crate::Scenario; 6] = [
+pub const SCENARIOS: [crate::Scenario; 7] = [
     ("lifecycle: no attempt gets through while the agent is killed, restarted, upgraded and reconfigured", never_opens),
     ("lifecycle: status after SIGKILL shows the programs attached and no agent running", status_after_kill),
     ("lifecycle: uninstall after SIGKILL lets the pod through, and running it twice succeeds", uninstall_after_kill),
     ("lifecycle: an invalid config keeps the old policy, a valid one applies within 2 s", config_reload),
     ("lifecycle: a second agent on the same bpffs is refused", second_agent_refused),
     ("lifecycle: check names a missing bpffs and a path that is not cgroup2", check_reports_precisely),
+    (
+        "lifecycle: with only the DaemonSet's capabilities an agent attaches, keeps and swaps programs",
+        daemonset_capabilities_suffice,
+    ),
 ];
 
 const ECS_ENDPOINT: &str = "169.254.170.2";
@@ -145,15 +149,15 @@ fn config_reload(ctx: &mut Ctx) -> Result<()> {
     wait_served(ctx, ECS_ENDPOINT, Duration::from_secs(2))?;
 
     fs::write(ctx.node.config_path(), "mode: enforcing\ndestinations: {presets: [nowhere]}\n")?;
-    std::thread::sleep(Duration::from_millis(2500));
+    // Readiness: the agent has read and rejected the file (it checks every second).
+    let rejected = || -> Result<bool> {
+        let metrics = ctx.agent()?.http_get("/metrics")?.1;
+        Ok(metrics.lines().any(|l| l.starts_with("metadata_guard_config_last_reload_success") && l.ends_with(" 0")))
+    };
+    wait_until(budget(Duration::from_secs(3)), rejected).context("the failed reload is not visible in /metrics")?;
     block_in_force(ctx, "an invalid config")?;
     let log = ctx.agent()?.log_text();
     ensure!(log.contains("previous policy stays in force"), "the invalid config was not reported:\n{log}");
-    let metrics = ctx.agent()?.http_get("/metrics")?.1;
-    ensure!(
-        metrics.lines().any(|l| l.starts_with("metadata_guard_config_last_reload_success") && l.ends_with(" 0")),
-        "the failed reload is not visible in /metrics"
-    );
 
     write_config(ctx, Some("169.254.170.2/32"))?;
     wait_refused(ctx, ECS_ENDPOINT, budget(Duration::from_secs(2)))?;
@@ -191,4 +195,128 @@ fn check_reports_precisely(ctx: &mut Ctx) -> Result<()> {
     let cgroup = find("cgroup v2").context("no cgroup v2 check")?;
     ensure!(cgroup["outcome"] == "fail" && cgroup["detail"].as_str().unwrap_or("").contains(&not_cgroup), "{cgroup}");
     Ok(())
+}
+
+/// The DaemonSet's capabilities (deploy/base/daemonset.yaml; tests/tests/deploy.rs pins
+/// that list): BPF, NET_ADMIN, PERFMON, SYS_RESOURCE. No SYS_ADMIN.
+const DAEMONSET_CAPS: [u32; 4] = [39, 12, 38, 24];
+const CAP_SYS_ADMIN: u32 = 21;
+
+fn daemonset_capabilities_suffice(ctx: &mut Ctx) -> Result<()> {
+    ctx.uninstall()?;
+    let ids = |ctx: &Ctx, key: &str| -> Result<Vec<String>> {
+        let status = ctx.status()?;
+        Ok(status
+            .programs
+            .iter()
+            .map(|p| format!("{}={}", p.hook, if key == "link_id" { p.link_id } else { p.program_id }))
+            .collect())
+    };
+    let link_ids = |ctx: &Ctx| ids(ctx, "link_id");
+    run_with_daemonset_caps(ctx, &ctx.agent_bin.clone(), "a first install")?;
+    let (tags, links, programs) = (program_tags(ctx)?, link_ids(ctx)?, ids(ctx, "program_id")?);
+    let status = ctx.status()?;
+    ensure!(status.enforcing, "the first install is not enforcing with the DaemonSet's capabilities: {status:?}");
+    // The same code is kept: the very same programs, not equal copies swapped in.
+    run_with_daemonset_caps(ctx, &ctx.agent_bin.clone(), "a restart")?;
+    ensure!(ids(ctx, "program_id")? == programs && link_ids(ctx)? == links, "a restart changed the programs or links");
+    run_with_daemonset_caps(ctx, &ctx.variant_bin()?, "an upgrade to other programs")?;
+    let upgraded = program_tags(ctx)?;
+    ensure!(
+        upgraded.iter().all(|t| !tags.contains(t) || t.starts_with("sock_create=")),
+        "not swapped: {upgraded:?}"
+    );
+    ensure!(upgraded != tags, "the upgrade swapped no program: {upgraded:?}");
+    ensure!(link_ids(ctx)? == links, "the upgrade replaced links instead of swapping their programs in place");
+    ctx.uninstall()
+}
+
+/// Runs the agent as the DaemonSet does, capability-wise (the bounding set cut to
+/// DAEMONSET_CAPS before exec, so even uid 0 holds only those): waits until it is
+/// ready, checks the block, then stops it with SIGTERM.
+fn run_with_daemonset_caps(ctx: &Ctx, binary: &std::path::Path, step: &str) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let spec = ctx.spec(binary, &[]);
+    // Any port: the agent serves it on the node namespace's loopback.
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], 9965));
+    let log = ctx.node.work.join("daemonset-caps.log");
+    let mut cmd = std::process::Command::new(&spec.binary);
+    // As with hostNetwork: the agent lives in the node's namespace (no --host-netns,
+    // which would have it open another process's namespace, a ptrace-level access).
+    let node_netns = fs::File::open(&spec.host_netns)?;
+    let node_netns_fd = std::os::fd::AsRawFd::as_raw_fd(&node_netns);
+    cmd.arg("run")
+        .arg("--cgroup")
+        .arg(&spec.attach_cgroup)
+        .arg("--bpffs")
+        .arg(&spec.bpffs)
+        .arg("--metrics-addr")
+        .arg(metrics.to_string())
+        .arg("--mount-bpffs=false")
+        .env_remove("NODE_NAME")
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log)?);
+    let procs = std::ffi::CString::new(spec.own_cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+    // SAFETY: only async-signal-safe calls (open, write, close, setns, prctl) between fork
+    // and exec; `node_netns` outlives the spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if libc::setns(node_netns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for cap in (0..64).filter(|c| !DAEMONSET_CAPS.contains(c)) {
+                // EINVAL past the last capability this kernel knows: nothing to drop.
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 && *libc::__errno_location() != libc::EINVAL {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("could not start {}", binary.display()))?;
+    drop(node_netns);
+    let log_text = || fs::read_to_string(&log).unwrap_or_default();
+    let ready = wait_until(budget(Duration::from_secs(30)), || {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the agent exited with {status}");
+        }
+        Ok(ctx.node.sim.node().run(|| http_status(metrics, "/readyz")).is_ok_and(|code| code == 200))
+    });
+    let outcome = ready.and_then(|_| {
+        // Exactly the DaemonSet's, as far as this machine grants them to us at all.
+        let ours = cap_set("self", "CapBnd:")?;
+        let wanted = DAEMONSET_CAPS.iter().fold(0u64, |m, c| m | 1 << c) & ours;
+        let held = cap_set(&child.id().to_string(), "CapEff:")?;
+        ensure!(held == wanted, "the agent holds capabilities {held:x}, not the DaemonSet's {wanted:x}");
+        ensure!(held & (1 << CAP_SYS_ADMIN) == 0, "the agent holds CAP_SYS_ADMIN");
+        block_in_force(ctx, step)
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exit = child.wait()?;
+    outcome.with_context(|| format!("{step} with the DaemonSet's capabilities; the agent's log:\n{}", log_text()))?;
+    ensure!(exit.success(), "{step}: the agent exited with {exit} after SIGTERM; its log:\n{}", log_text());
+    Ok(())
+}
+
+/// A capability set of /proc/<pid>/status, e.g. `CapEff:`.
+fn cap_set(pid: &str, field: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hex = status.lines().find_map(|l| l.strip_prefix(field)).with_context(|| format!("no {field}"))?;
+    Ok(u64::from_str_radix(hex.trim(), 16)?)
+}
+
+fn http_status(addr: std::net::SocketAddr, path: &str) -> Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    Ok(std::str::from_utf8(&head[9..12])?.parse()?)
 }

@@ -2,8 +2,8 @@
 //! program (no tools beyond itself and the agent binary), so the very same scenarios
 //! run on this machine and inside a VM with another kernel.
 //!
-//! Usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list]
-//! Needs root. Without root it skips loudly, unless CI=true, where it fails.
+//! Usage: mg-scenarios [--agent PATH] [--variant-agent PATH] [--filter TEXT] [--list]
+//! (`--help` for all). Needs root. Without root it skips loudly, unless CI=true, where it fails.
 
 mod attempt;
 mod backstop;
@@ -25,7 +25,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use clap::Parser;
 use harness::Ctx;
 
 type Scenario = (&'static str, fn(&mut Ctx) -> Result<()>);
@@ -42,45 +43,28 @@ fn scenarios() -> Vec<Scenario> {
     all
 }
 
+/// metadata-guard's real-kernel scenarios on a simulated node. Needs root.
+#[derive(Parser)]
+#[command(name = "mg-scenarios")]
 struct Args {
-    agent: PathBuf,
+    /// The agent under test (default: `metadata-guard` beside this program).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// A build of the agent with the harmless test-variant programs (upgrade scenarios).
+    #[arg(long)]
     variant_agent: Option<PathBuf>,
+    /// Run only the scenarios whose name contains this text.
+    #[arg(long)]
     filter: Option<String>,
+    /// List the (selected) scenarios instead of running them.
+    #[arg(long)]
     list: bool,
     /// Check /metrics in-process instead of with promtool (for a VM without it).
+    #[arg(long)]
     without_promtool: bool,
     /// Multiply every timing budget (e.g. 10 under software emulation).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     time_scale: u32,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut it = std::env::args().skip(1);
-    let mut args = Args {
-        agent: PathBuf::new(),
-        variant_agent: None,
-        filter: None,
-        list: false,
-        without_promtool: false,
-        time_scale: 1,
-    };
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--agent" => args.agent = it.next().context("--agent needs a path")?.into(),
-            "--variant-agent" => args.variant_agent = Some(it.next().context("--variant-agent needs a path")?.into()),
-            "--filter" => args.filter = Some(it.next().context("--filter needs text")?),
-            "--list" => args.list = true,
-            "--without-promtool" => args.without_promtool = true,
-            "--time-scale" => {
-                args.time_scale = it.next().and_then(|v| v.parse().ok()).filter(|&v| v > 0).context("--time-scale needs a factor")?
-            }
-            other => bail!("unknown argument {other}; usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list] [--without-promtool] [--time-scale N]"),
-        }
-    }
-    if args.agent.as_os_str().is_empty() && !args.list {
-        let sibling = std::env::current_exe()?.with_file_name("metadata-guard");
-        args.agent = sibling;
-    }
-    Ok(args)
 }
 
 fn main() {
@@ -103,7 +87,7 @@ fn main() {
 }
 
 fn real_main() -> Result<bool> {
-    let args = parse_args()?;
+    let args = Args::parse();
     let selected: Vec<Scenario> =
         scenarios().into_iter().filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f))).collect();
     if args.list {
@@ -122,11 +106,15 @@ fn real_main() -> Result<bool> {
         println!("scenarios: 0 passed, 0 failed, {} skipped", selected.len());
         return Ok(true);
     }
-    if !args.agent.exists() {
-        bail!("no agent binary at {}; build it with `cargo xtask build` or pass --agent", args.agent.display());
+    let agent = match args.agent {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("metadata-guard"),
+    };
+    if !agent.exists() {
+        bail!("no agent binary at {}; build it with `cargo xtask build` or pass --agent", agent.display());
     }
     let started = Instant::now();
-    let mut ctx = Ctx::new(args.agent.clone(), args.variant_agent.clone())?;
+    let mut ctx = Ctx::new(agent, args.variant_agent.clone())?;
     ctx.without_promtool = args.without_promtool;
     harness::set_time_scale(args.time_scale);
     eprintln!("mg-scenarios: simulated node ready in {:?}", started.elapsed());

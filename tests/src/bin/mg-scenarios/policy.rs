@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::{
     attempt::Kind,
-    harness::{budget, Ctx, Who},
+    harness::{budget, wait_until, Ctx, Who},
     node::Layout,
 };
 
@@ -98,17 +98,6 @@ fn allowlisted_ids(ctx: &Ctx) -> Result<Vec<u64>> {
     Ok(status.allowlisted_cgroups)
 }
 
-fn wait_until(within: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        if ok()? {
-            return Ok(start.elapsed());
-        }
-        ensure!(start.elapsed() < within, "still not so after {within:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 fn allowlist_follows_new_pods(ctx: &mut Ctx) -> Result<()> {
     let config = allow_config(ctx)?;
     ctx.ensure_agent(&["--config", &config])?;
@@ -131,7 +120,11 @@ const CHURN: u32 = 200;
 fn churn_leaves_no_trace(ctx: &mut Ctx) -> Result<()> {
     let config = allow_config(ctx)?;
     ctx.ensure_agent(&["--config", &config])?;
-    std::thread::sleep(Duration::from_millis(300));
+    // The first sync is done once the node's allowlisted pod is in the kernel's list.
+    let api = ctx.node.pod_index("payments", "api-5f6c8")?;
+    let api_id = ctx.node.pods[api].cgroup.id();
+    wait_until(budget(Duration::from_secs(2)), || Ok(allowlisted_ids(ctx)?.contains(&api_id)))
+        .context("the allowlisted pod never reached the kernel's allowlist")?;
     let baseline = allowlisted_ids(ctx)?.len();
     let rss_before = ctx.agent()?.peak_rss_kib().context("no RSS")?;
     let pods: Vec<_> = (0..CHURN)

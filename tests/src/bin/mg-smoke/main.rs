@@ -1,6 +1,7 @@
 //! mg-smoke: the agent's container image, run on a simulated node the way the
-//! DaemonSet runs it (its capabilities, mounts, probes and limits, read from the
-//! rendered manifests), then checked from a pod and from the host.
+//! DaemonSet runs it (exactly its capabilities, its seccomp type, mounts, probes and
+//! limits, read from the rendered manifests), then checked from a pod and from the
+//! host, through a restart and an upgrade that swaps a pinned link's program.
 //!
 //! Usage: mg-smoke --image IMAGE --manifests DIR --uninstall DIR [--caps A,B] [--storm N]
 //!
@@ -10,11 +11,13 @@
 mod manifest;
 mod node;
 mod podman;
+mod seccomp;
+mod upgrade;
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -141,14 +144,31 @@ fn smoke(args: &Args) -> Result<()> {
     drop(first);
     println!("smoke: stopped cleanly; the pinned block held with no agent");
 
-    // 5. A new agent adopts the pins (restart, upgrade).
+    // 5. A new agent adopts the pins (restart), keeping what runs the same code...
+    let pins = node.bpffs.join(agent_bpffs(agent)?).join("v1");
+    let (link, program) = (pins.join("links/connect4"), pins.join("programs/connect4"));
+    let before = upgrade::linked_program(&link)?;
     let t = Instant::now();
     let second = podman::start(podman::command(&args.image, &name, agent, &host, &over, true, true)?, &name)?;
     wait_ready(&node, &second, port, &probe_path)?;
     expect(pod_try(1)?, Outcome { eperm: 1, ..Default::default() }, "a pod's connect after the restart")?;
+    ensure!(upgrade::linked_program(&link)? == before, "the restarted agent replaced a program that was the same");
     ensure!(second.stop(GRACE)? == 0, "the restarted agent did not exit cleanly; its log:\n{}", second.logs());
     drop(second);
     println!("smoke: a restarted agent adopted the pins in {:?}", t.elapsed());
+
+    // ...and swapping in its own where the link runs other code (an upgrade), all with
+    // exactly the manifest's capabilities.
+    let planted = upgrade::plant_other_program(&link)?;
+    let third = podman::start(podman::command(&args.image, &name, agent, &host, &over, true, true)?, &name)?;
+    wait_ready(&node, &third, port, &probe_path)?;
+    let now = upgrade::linked_program(&link)?;
+    ensure!(now != planted, "the agent kept the other program on connect4; its log:\n{}", third.logs());
+    ensure!(upgrade::pinned_program(&program)? == now, "the program pinned beside connect4 is not the one it runs");
+    expect(pod_try(1)?, Outcome { eperm: 1, ..Default::default() }, "a pod's connect after the upgrade")?;
+    ensure!(third.stop(GRACE)? == 0, "the upgrading agent did not exit cleanly; its log:\n{}", third.logs());
+    drop(third);
+    println!("smoke: an agent swapped its program into a link running other code (BPF_LINK_UPDATE)");
 
     // 6. The uninstall DaemonSet's init container, with its own capabilities,
     //    removes everything.
@@ -177,6 +197,14 @@ fn smoke(args: &Args) -> Result<()> {
     println!("smoke: the uninstall container removed every pin; pods reach the stand-in again");
     println!("smoke: passed in {:?}", started.elapsed());
     Ok(())
+}
+
+/// The agent's `--bpffs` directory, relative to the host's /sys/fs/bpf.
+fn agent_bpffs(agent: &manifest::Container) -> Result<PathBuf> {
+    let arg =
+        agent.args.iter().find_map(|a| a.strip_prefix("--bpffs=")).context("the agent has no --bpffs= argument")?;
+    let relative = Path::new(arg).strip_prefix("/sys/fs/bpf").context("--bpffs is not under /sys/fs/bpf")?;
+    Ok(relative.to_path_buf())
 }
 
 fn wait_ready(node: &Node, agent: &Running, port: u16, path: &str) -> Result<()> {

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::Path, process::Command};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 /// One container of a pod template, reduced to what the smoke test can replay.
 #[derive(Debug)]
@@ -71,7 +71,7 @@ pub fn render(dir: &Path) -> Result<Vec<Value>> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     let text = String::from_utf8(out.stdout).context("kubectl kustomize printed non-UTF-8")?;
-    serde_yaml::Deserializer::from_str(&text)
+    serde_norway::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).context("kubectl kustomize printed a document that is not YAML"))
         .collect()
 }

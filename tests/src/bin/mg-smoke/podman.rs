@@ -75,8 +75,12 @@ pub fn command(
         cmd.args(["--security-opt", "no-new-privileges"]);
     }
     match c.seccomp.as_str() {
-        // podman's default profile is as strict as containerd's about bpf(2).
-        "RuntimeDefault" => {}
+        // podman's own default, with bpf(2) and perf_event_open(2) as containerd's and
+        // CRI-O's current defaults have them (see seccomp.rs).
+        "RuntimeDefault" => {
+            let profile = crate::seccomp::runtime_default(&host.work)?;
+            cmd.arg("--security-opt").arg(format!("seccomp={}", profile.display()));
+        }
         "Unconfined" => drop(cmd.args(["--security-opt", "seccomp=unconfined"])),
         other => bail!("container {}: seccomp profile {other} is not one the smoke test knows", c.name),
     }
