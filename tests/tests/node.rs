@@ -16,7 +16,7 @@ use std::{
     process::Command,
 };
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 const UNIT: &str = "metadata-guard-apply.service";
 /// What must wait for the block: every container runtime a node may run, and kubelet.
@@ -118,7 +118,7 @@ fn boot_unit_is_ordered_before_the_runtimes_and_kubelet_and_after_bpffs() {
 
 #[test]
 fn boot_unit_runs_the_daemonsets_arguments() {
-    let ds: Value = serde_yaml::from_str(&read(&root().join("deploy/base/daemonset.yaml"))).unwrap();
+    let ds: Value = serde_norway::from_str(&read(&root().join("deploy/base/daemonset.yaml"))).unwrap();
     let container = &ds["spec"]["template"]["spec"]["containers"][0];
     let mut expected: Vec<String> = container["args"]
         .as_sequence()
@@ -131,11 +131,12 @@ fn boot_unit_runs_the_daemonsets_arguments() {
     assert_eq!(expected[0], "run", "the DaemonSet's first argument is the subcommand");
     expected[0] = "apply".to_string();
     assert_eq!(unit_command(), expected, "the boot unit must run what the DaemonSet runs, with apply for run");
-    // NODE_NAME only names the node in audit records, which apply does not write;
-    // any other variable the DaemonSet sets changes the policy and must be mirrored.
+    // NODE_NAME only names the node in audit records, which apply does not write, and
+    // the log format suits the container log, not the journal; any other variable the
+    // DaemonSet sets changes the policy and must be mirrored.
     let env: Vec<&str> = container["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     let unit_env = values(&unit(), "Environment");
-    for name in env.iter().filter(|n| **n != "NODE_NAME") {
+    for name in env.iter().filter(|n| !["NODE_NAME", "METADATA_GUARD_LOG_FORMAT"].contains(*n)) {
         assert!(unit_env.iter().any(|e| e.starts_with(&format!("{name}="))), "the unit does not set {name}");
     }
 }
@@ -196,7 +197,7 @@ fn verify(node: &Path) -> Result<(), String> {
 fn cloud_init_and_cluster_api_recipes_parse_and_set_a_policy() {
     let cloud_init = read(&node_dir().join("cloud-init.yaml"));
     assert!(cloud_init.starts_with("#cloud-config\n"), "cloud-init.yaml must start with #cloud-config");
-    let doc: Value = serde_yaml::from_str(&cloud_init).unwrap();
+    let doc: Value = serde_norway::from_str(&cloud_init).unwrap();
     check_policy_file(&doc["write_files"], "cloud-init.yaml");
     // The join waits for the unit and fails with it.
     let runcmd: Vec<String> = doc["runcmd"]
@@ -212,7 +213,7 @@ fn cloud_init_and_cluster_api_recipes_parse_and_set_a_policy() {
         "cloud-init.yaml must `systemctl start {UNIT}` before joining: {runcmd:?}"
     );
 
-    let capi: Value = serde_yaml::from_str(&read(&node_dir().join("cluster-api-kubeadmconfigtemplate.yaml"))).unwrap();
+    let capi: Value = serde_norway::from_str(&read(&node_dir().join("cluster-api-kubeadmconfigtemplate.yaml"))).unwrap();
     assert_eq!(capi["kind"], "KubeadmConfigTemplate");
     check_policy_file(&capi["spec"]["template"]["spec"]["files"], "the Cluster API template");
     let pre = &capi["spec"]["template"]["spec"]["preKubeadmCommands"];
@@ -233,12 +234,12 @@ fn eks_user_data_is_a_nodeconfig_and_a_cloud_config() {
     assert_eq!(parts.len(), 2, "expected a NodeConfig part and a cloud-config part");
     let body = |part: &str| part.split_once("\n\n").map(|(_, b)| b.to_string()).unwrap();
     assert!(parts[0].contains("Content-Type: application/node.eks.aws"));
-    let node_config: Value = serde_yaml::from_str(&body(parts[0])).unwrap();
+    let node_config: Value = serde_norway::from_str(&body(parts[0])).unwrap();
     assert_eq!(node_config["kind"], "NodeConfig");
     assert!(parts[1].contains("Content-Type: text/cloud-config"));
     let cloud_config = body(parts[1]);
     assert!(cloud_config.starts_with("#cloud-config\n"));
-    check_policy_file(&serde_yaml::from_str::<Value>(&cloud_config).unwrap()["write_files"], "the EKS user data");
+    check_policy_file(&serde_norway::from_str::<Value>(&cloud_config).unwrap()["write_files"], "the EKS user data");
 }
 
 #[test]
@@ -252,7 +253,7 @@ fn bottlerocket_user_data_runs_an_essential_bootstrap_container_with_a_policy() 
     assert_eq!(container["mode"], "always", "every boot installs the block (a new kernel has nothing pinned)");
     let decode = "import base64, sys; sys.stdout.write(base64.b64decode(sys.argv[1]).decode())";
     let policy = run(Command::new("python3").args(["-c", decode, container["user-data"].as_str().unwrap()]));
-    check_policy(&serde_yaml::from_str(&policy).unwrap(), "the Bottlerocket user data");
+    check_policy(&serde_norway::from_str(&policy).unwrap(), "the Bottlerocket user data");
 }
 
 #[test]
@@ -293,14 +294,14 @@ fn check_policy_file(files: &Value, recipe: &str) {
         .flatten()
         .find(|f| f["path"] == "/etc/metadata-guard/config.yaml")
         .unwrap_or_else(|| panic!("{recipe} writes no /etc/metadata-guard/config.yaml"));
-    let policy: Value = serde_yaml::from_str(file["content"].as_str().unwrap()).unwrap();
+    let policy: Value = serde_norway::from_str(file["content"].as_str().unwrap()).unwrap();
     check_policy(&policy, recipe);
 }
 
 /// A recipe's policy uses only keys of deploy/base/config.yaml (the agent refuses
 /// unknown keys) and sets a mode and presets.
 fn check_policy(policy: &Value, recipe: &str) {
-    let base: Value = serde_yaml::from_str(&read(&root().join("deploy/base/config.yaml"))).unwrap();
+    let base: Value = serde_norway::from_str(&read(&root().join("deploy/base/config.yaml"))).unwrap();
     let keys = |v: &Value| -> BTreeSet<String> {
         v.as_mapping().into_iter().flatten().map(|(k, _)| k.as_str().unwrap().to_string()).collect()
     };
