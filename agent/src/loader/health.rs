@@ -65,7 +65,7 @@ impl Guard {
     /// that cannot be made does not keep the other hooks detached. Fails (naming
     /// what is left) while anything could not be restored, e.g. the cgroup is gone.
     pub fn repair(&mut self, cgroup: &Path) -> Result<()> {
-        for dir in [self.pins.maps_dir(), self.pins.links_dir()] {
+        for dir in [self.pins.maps_dir(), self.pins.links_dir(), self.pins.programs_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("could not create pin directory {}", dir.display()))?;
         }
         let mut failed = Vec::new();

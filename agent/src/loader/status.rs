@@ -91,9 +91,16 @@ pub fn read(root: &Path) -> Result<Status> {
     };
     let mut missing = Vec::new();
     for attachment in &ATTACHMENTS {
-        let Some(hook) = super::pinned_hook(&layout, attachment.pin)? else {
-            missing.push(format!("link {} is not pinned (detached)", attachment.pin));
-            continue;
+        let hook = match super::pinned_hook(&layout, attachment.pin) {
+            Ok(Some(hook)) => hook,
+            Ok(None) => {
+                missing.push(format!("link {} is not pinned (detached)", attachment.pin));
+                continue;
+            }
+            Err(e) => {
+                missing.push(format!("link {} cannot be read: {e:#}", attachment.pin));
+                continue;
+            }
         };
         let (program_name, program_tag) = hook.program.unwrap_or_else(|| ("unknown".into(), "unknown".into()));
         status.programs.push(ProgramStatus {
