@@ -3,13 +3,17 @@
 //! The kernel reads one of two trie pairs, chosen by `Settings::active_policy`. A new
 //! policy is written into the idle pair, then one write of `MG_SETTINGS` flips to it:
 //! a hook sees the whole old policy or the whole new one, never a mix or an empty one.
+//! Each pair has its prefilters (one per family, in `MG_PREFILTER`), written with it
+//! from the same prefixes, so the flip switches them too.
 
 use anyhow::{Context, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, LpmTrie, MapData},
     Ebpf,
 };
-use metadata_guard_common::{map_names, DestRules, Ipv4Key, Ipv6Key, Settings};
+use metadata_guard_common::{
+    map_names, prefilter_index, DestRules, Ipv4Key, Ipv6Key, Prefilter, Settings, AF_INET, AF_INET6,
+};
 
 use crate::policy::CompiledPolicy;
 
@@ -33,9 +37,31 @@ pub fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_netns_coo
             .with_context(|| format!("could not write {net} into {v6_name}"))?;
     }
 
+    let mut filters: Array<&mut MapData, Prefilter> =
+        Array::try_from(ebpf.map_mut(map_names::PREFILTER).context("no prefilter map")?)?;
+    let (filter4, filter6) = prefilters(policy);
+    for (family, filter) in [(AF_INET, filter4), (AF_INET6, filter6)] {
+        filters
+            .set(prefilter_index(idle, family), filter, 0)
+            .with_context(|| format!("could not write the prefilter of policy pair {idle}"))?;
+    }
+
     let new = Settings { host_netns_cookie, mode, active_policy: idle };
     settings(ebpf)?.set(0, new, 0).context("could not switch the kernel to the new policy")?;
     Ok(())
+}
+
+/// The (v4, v6) prefilters: every prefix of the policy marks the leads it covers.
+pub fn prefilters(policy: &CompiledPolicy) -> (Box<Prefilter>, Box<Prefilter>) {
+    let mut v4 = Box::<Prefilter>::default();
+    for (net, _) in &policy.v4 {
+        v4.add(&net.network().octets(), net.prefix_len());
+    }
+    let mut v6 = Box::<Prefilter>::default();
+    for (net, _) in &policy.v6 {
+        v6.add(&net.network().octets(), net.prefix_len());
+    }
+    (v4, v6)
 }
 
 fn settings(ebpf: &mut Ebpf) -> Result<Array<&mut MapData, Settings>> {
