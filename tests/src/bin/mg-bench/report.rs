@@ -29,6 +29,14 @@ pub struct Target {
 }
 
 impl Target {
+    pub fn at_most(what: &str, value: f64, limit: f64) -> Target {
+        Target { what: what.into(), value, limit, at_most: true, explain: String::new() }
+    }
+
+    pub fn at_least(what: &str, value: f64, limit: f64) -> Target {
+        Target { what: what.into(), value, limit, at_most: false, explain: String::new() }
+    }
+
     pub fn met(&self) -> bool {
         if self.at_most {
             self.value <= self.limit
@@ -109,7 +117,7 @@ pub fn markdown(machine: &Machine, figures: &[Figure]) -> String {
     for t in figures.iter().flat_map(|f| &f.targets) {
         let sign = if t.at_most { "≤" } else { "≥" };
         let met = if t.met() { "yes" } else { "**no** (see below)" };
-        let _ = writeln!(md, "| {} | {:.3} | {sign} {:.2} | {met} |", t.what, t.value, t.limit);
+        let _ = writeln!(md, "| {} | {:.3} | {sign} {:.3} | {met} |", t.what, t.value, t.limit);
     }
     for f in figures {
         let _ = writeln!(md, "\n## {}\n", f.title);
