@@ -15,6 +15,7 @@ mod neighbour;
 mod node;
 mod packets;
 mod policy;
+mod protocols;
 mod raw;
 mod trail;
 
@@ -32,6 +33,7 @@ fn scenarios() -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(block::SCENARIOS);
     all.extend(backstop::SCENARIOS);
+    all.extend(protocols::SCENARIOS);
     all.extend(policy::SCENARIOS);
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);
