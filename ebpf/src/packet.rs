@@ -61,7 +61,8 @@ pub fn lead(ctx: &SkBuffContext) -> Option<(u8, u16)> {
         if data + LEAD_BYTES > end {
             return None;
         }
-        let at = |offset: usize| u16::from_be_bytes([*((data + offset) as *const u8), *((data + offset + 1) as *const u8)]);
+        let at =
+            |offset: usize| u16::from_be_bytes([*((data + offset) as *const u8), *((data + offset + 1) as *const u8)]);
         match *(data as *const u8) >> 4 {
             IPV4_VERSION => Some((AF_INET, at(IPV4_DADDR_OFFSET))),
             IPV6_VERSION => Some((AF_INET6, at(IPV6_DADDR_OFFSET))),

@@ -72,7 +72,8 @@ impl Bench {
         // Same nesting depth as the pod's cgroup, so only the guard tells them apart.
         let depth = pod.cgroup.path().components().count() - find_cgroup2_mount()?.components().count();
         let nested = |name: &str| -> Result<TestCgroup> {
-            let mut cg = TestCgroup::create(&find_cgroup2_mount()?, &format!("mg-bench-{name}-{}", std::process::id()))?;
+            let mut cg =
+                TestCgroup::create(&find_cgroup2_mount()?, &format!("mg-bench-{name}-{}", std::process::id()))?;
             for level in 1..depth {
                 cg = cg.child(&format!("level{level}"))?;
             }

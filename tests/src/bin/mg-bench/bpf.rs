@@ -111,12 +111,12 @@ const RETURN_ONE: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
 
 /// The guard's hooks, as (program type, attach type, program name).
 const HOOKS: [(u32, u32, &str); 6] = [
-    (9, 2, "mg_empty_sock"),        // BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_CREATE
-    (18, 10, "mg_empty_conn4"),     // BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT
-    (18, 11, "mg_empty_conn6"),     // BPF_CGROUP_INET6_CONNECT
-    (18, 14, "mg_empty_send4"),     // BPF_CGROUP_UDP4_SENDMSG
-    (18, 15, "mg_empty_send6"),     // BPF_CGROUP_UDP6_SENDMSG
-    (8, 1, "mg_empty_egress"),      // BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_EGRESS
+    (9, 2, "mg_empty_sock"),    // BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_CREATE
+    (18, 10, "mg_empty_conn4"), // BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT
+    (18, 11, "mg_empty_conn6"), // BPF_CGROUP_INET6_CONNECT
+    (18, 14, "mg_empty_send4"), // BPF_CGROUP_UDP4_SENDMSG
+    (18, 15, "mg_empty_send6"), // BPF_CGROUP_UDP6_SENDMSG
+    (8, 1, "mg_empty_egress"),  // BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_EGRESS
 ];
 
 #[repr(C)]
@@ -178,7 +178,8 @@ impl EmptyPrograms {
                 expected_attach_type: attach_type,
                 ..Default::default()
             };
-            let fd = bpf(BPF_PROG_LOAD, &mut load).with_context(|| format!("could not load the empty program {name}"))?;
+            let fd =
+                bpf(BPF_PROG_LOAD, &mut load).with_context(|| format!("could not load the empty program {name}"))?;
             // SAFETY: BPF_PROG_LOAD returns a new fd we own.
             let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
             let mut attach = ProgAttach {

@@ -192,7 +192,11 @@ fn chart_bars(figs: &[Figure]) -> Vec<(String, f64, Option<f64>)> {
         for row in &f.rows {
             let name = if f.rows.len() > 1 { row.case.clone() } else { short.clone() };
             for i in 1..row.cols.len() {
-                bars.push((format!("{name}: {}", row.cols[i].label), row.ratio(i), (i == 1).then_some(limit).flatten()));
+                bars.push((
+                    format!("{name}: {}", row.cols[i].label),
+                    row.ratio(i),
+                    (i == 1).then_some(limit).flatten(),
+                ));
             }
         }
     }

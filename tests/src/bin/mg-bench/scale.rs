@@ -348,7 +348,11 @@ pub fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
         title: "Profile: the guard's programs per operation (kernel BPF statistics)".into(),
         facts,
         targets: vec![
-            Target::at_most("profile: slowest guard program, mean ns per run, destination outside the policy", worst, 40.0),
+            Target::at_most(
+                "profile: slowest guard program, mean ns per run, destination outside the policy",
+                worst,
+                40.0,
+            ),
             Target::at_most(
                 "profile: the same, less the empty program's mean on its hook (the guard's own work)",
                 worst_own,

@@ -20,9 +20,15 @@ pub const SCENARIOS: [crate::Scenario; 4] = [
         "protocols: raw IPv6 with a hop-by-hop, routing or destination-options header to a blocked port never arrives",
         extension_headers_dropped,
     ),
-    ("protocols: a raw IPv6 datagram in fragments to a blocked port never arrives, not one fragment", fragments_dropped),
+    (
+        "protocols: a raw IPv6 datagram in fragments to a blocked port never arrives, not one fragment",
+        fragments_dropped,
+    ),
     ("protocols: UDP-Lite from a pod reaches neither a fully blocked nor a port-limited address", udplite_stopped),
-    ("protocols: SCTP and DCCP from a pod never reach the metadata address (where the kernel has them)", sctp_dccp_stopped),
+    (
+        "protocols: SCTP and DCCP from a pod never reach the metadata address (where the kernel has them)",
+        sctp_dccp_stopped,
+    ),
 ];
 
 const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
@@ -85,7 +91,10 @@ fn fragments_dropped(ctx: &mut Ctx) -> Result<()> {
     };
     let first = ipv6_packet(src, IMDS_V6, NEXTHDR_FRAGMENT, &frag(0, true), &datagram[..16]);
     let second = ipv6_packet(src, IMDS_V6, NEXTHDR_FRAGMENT, &frag(16, false), &datagram[16..]);
-    expect_stopped_v6(ctx, &[("both fragments", vec![first.clone(), second.clone()]), ("a later fragment alone", vec![second])])
+    expect_stopped_v6(
+        ctx,
+        &[("both fragments", vec![first.clone(), second.clone()]), ("a later fragment alone", vec![second])],
+    )
 }
 
 /// Without the guard each case's packets reach the node (frames on the veth; whole
@@ -96,10 +105,19 @@ fn expect_stopped_v6(ctx: &mut Ctx, cases: &[(&str, Vec<Vec<u8>>)]) -> Result<()
     for (name, packets) in cases {
         let before = ctx.node.standin.arrivals().udp(BLOCKED_PORT).to(IMDS_V6.into());
         let frames = send_and_count(ctx, packets)?;
-        ensure!(frames == packets.len() as u64, "control without the guard, {name}: {frames} of {} frames arrived", packets.len());
+        ensure!(
+            frames == packets.len() as u64,
+            "control without the guard, {name}: {frames} of {} frames arrived",
+            packets.len()
+        );
         delivered.push(ctx.node.standin.arrivals().udp(BLOCKED_PORT).to(IMDS_V6.into()) - before);
     }
-    ensure!(delivered[0] == 1, "control without the guard, {}: the stand-in got {} datagrams", cases[0].0, delivered[0]);
+    ensure!(
+        delivered[0] == 1,
+        "control without the guard, {}: the stand-in got {} datagrams",
+        cases[0].0,
+        delivered[0]
+    );
     let config = port_limited_config(ctx)?;
     ctx.ensure_agent(&["--config", &config])?;
     for (name, packets) in cases {
@@ -130,7 +148,10 @@ fn udplite_stopped(ctx: &mut Ctx) -> Result<()> {
         // Control: the host's namespace reaches the listener (the guard lets it).
         let sent = in_host(ctx, || datagram_v4(IPPROTO_UDPLITE, dest, true))?;
         std::thread::sleep(SETTLE);
-        ensure!(sent == 0 && listener.count() == 1, "UDP-Lite from the host to {dest}:80 did not arrive (errno {sent})");
+        ensure!(
+            sent == 0 && listener.count() == 1,
+            "UDP-Lite from the host to {dest}:80 did not arrive (errno {sent})"
+        );
         // Which hook stops it: UDP-Lite has no `pre_connect`, so its connect never runs
         // the connect4 program; the backstop drops its datagrams.
         let connect = in_pod(ctx, || connect_only_v4(IPPROTO_UDPLITE, dest))?;
@@ -198,7 +219,11 @@ fn fork_in(netns: &std::path::Path, procs: &std::path::Path, f: impl Fn() -> i32
         if pid == 0 {
             let ns = libc::open(netns.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
             let cg = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if ns < 0 || cg < 0 || libc::setns(ns, libc::CLONE_NEWNET) != 0 || libc::write(cg, b"0".as_ptr().cast(), 1) != 1 {
+            if ns < 0
+                || cg < 0
+                || libc::setns(ns, libc::CLONE_NEWNET) != 0
+                || libc::write(cg, b"0".as_ptr().cast(), 1) != 1
+            {
                 libc::_exit(255);
             }
             libc::_exit(f());
@@ -226,7 +251,8 @@ fn raw_send_v6(packet: &[u8]) -> i32 {
         let mut to: libc::sockaddr_in6 = std::mem::zeroed();
         to.sin6_family = libc::AF_INET6 as u16;
         to.sin6_addr.s6_addr = IMDS_V6.octets();
-        let n = libc::sendto(fd, packet.as_ptr().cast(), packet.len(), 0, (&to as *const libc::sockaddr_in6).cast(), 28);
+        let n =
+            libc::sendto(fd, packet.as_ptr().cast(), packet.len(), 0, (&to as *const libc::sockaddr_in6).cast(), 28);
         if n < 0 {
             errno()
         } else {
@@ -417,10 +443,16 @@ impl FrameTap {
             let p = &buf[..n as usize];
             let hit = match self.dest {
                 IpAddr::V4(d) => {
-                    p.len() >= 20 && p[0] >> 4 == 4 && p[16..20] == d.octets() && self.protocol.is_none_or(|x| p[9] == x)
+                    p.len() >= 20
+                        && p[0] >> 4 == 4
+                        && p[16..20] == d.octets()
+                        && self.protocol.is_none_or(|x| p[9] == x)
                 }
                 IpAddr::V6(d) => {
-                    p.len() >= 40 && p[0] >> 4 == 6 && p[24..40] == d.octets() && self.protocol.is_none_or(|x| p[6] == x)
+                    p.len() >= 40
+                        && p[0] >> 4 == 6
+                        && p[24..40] == d.octets()
+                        && self.protocol.is_none_or(|x| p[6] == x)
                 }
             };
             seen += u64::from(hit);
@@ -440,7 +472,8 @@ impl Listener {
             let any = sockaddr_v4(Ipv4Addr::UNSPECIFIED, BLOCKED_PORT);
             // SAFETY: socket(2) and bind(2) on our own fd and sockaddr.
             unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol);
+                let fd =
+                    libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol);
                 if fd < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
