@@ -278,20 +278,22 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// Bits in a [`Prefilter`]: one per value of an address's first 16 bits.
 pub const PREFILTER_BITS: usize = 1 << 16;
 pub const PREFILTER_WORDS: usize = PREFILTER_BITS / 64;
-/// Entries of `MG_PREFILTER`: one per (policy pair, family); see [`prefilter_index`].
-pub const PREFILTER_ENTRIES: u32 = 4;
+/// Entries of `MG_PREFILTER`: one per family; see [`prefilter_index`].
+pub const PREFILTER_ENTRIES: u32 = 2;
 
-/// Index in `MG_PREFILTER` of the filter for policy pair `active_policy` and `family`.
+/// Index in `MG_PREFILTER` of the filter for `family`.
 #[inline(always)]
-pub const fn prefilter_index(active_policy: u32, family: u8) -> u32 {
-    (active_policy & 1) * 2 + (family == AF_INET6) as u32
+pub const fn prefilter_index(family: u8) -> u32 {
+    (family == AF_INET6) as u32
 }
 
 /// The cheap first question every hook asks: could any prefix of the policy contain an
 /// address starting with these 16 bits? A clear bit answers "no" for sure, and the hook
-/// returns before any map lookup of the policy, any helper call or counter. Written by
-/// the agent next to each policy trie pair, from the same prefixes (a set bit only
-/// means "look it up").
+/// returns before any other map lookup, any helper call or counter. A set bit only
+/// means "look it up", so a superset is always safe: that is how the agent changes it
+/// without a gap — old ∪ new before it flips the policy tries, new after. Any mix of
+/// the bytes of two supersets of the policy in force is one too, so a reader racing a
+/// write never sees a mark missing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prefilter {
@@ -310,6 +312,13 @@ impl Prefilter {
     pub fn covers(&self, lead: u16) -> bool {
         let word = self.words[(lead as usize >> 6) & (PREFILTER_WORDS - 1)];
         (word >> (lead & 63)) & 1 != 0
+    }
+
+    /// Adds every mark of `other`.
+    pub fn union(&mut self, other: &Prefilter) {
+        for (w, o) in self.words.iter_mut().zip(other.words.iter()) {
+            *w |= o;
+        }
     }
 
     /// Marks every lead a prefix of `prefix_len` bits starting with `address` covers.
@@ -447,8 +456,8 @@ mod tests {
         let mut all = Prefilter::default();
         all.add(&[0; 16], 0);
         assert!(all.words.iter().all(|&w| w == u64::MAX));
-        assert_eq!(prefilter_index(1, AF_INET6), 3);
-        assert_eq!(prefilter_index(0, AF_INET), 0);
+        assert_eq!(prefilter_index(AF_INET6), 1);
+        assert_eq!(prefilter_index(AF_INET), 0);
     }
 
     #[test]

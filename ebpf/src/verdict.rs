@@ -25,7 +25,8 @@ const IPV6_BITS: u32 = 128;
 #[map]
 static MG_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-/// One [`Prefilter`] per (policy pair, family), written with its trie pair.
+/// One [`Prefilter`] per family, covering the policy in force (see its doc for how the
+/// agent keeps it so while it changes the policy).
 #[map]
 static MG_PREFILTER: Array<Prefilter> = Array::with_max_entries(PREFILTER_ENTRIES, 0);
 
@@ -64,18 +65,16 @@ pub struct Destination {
 
 /// The settings, when an address of `family` starting with `lead` (its first two
 /// bytes, big-endian) may be in the policy; `None` when it surely is not — the answer
-/// for almost every connect and packet on a node, reached with two inlined array
-/// lookups and no helper call.
+/// for almost every connect and packet on a node, reached with one inlined array
+/// lookup and no helper call.
 #[inline(always)]
 pub fn may_be_blocked(family: u8, lead: u16) -> Option<&'static Settings> {
     // Both lookups always find their element (array maps); `None` would be a bug.
-    let settings = MG_SETTINGS.get(0)?;
-    let filter = MG_PREFILTER.get(prefilter_index(settings.active_policy, family))?;
-    if filter.covers(lead) {
-        Some(settings)
-    } else {
-        None
+    let filter = MG_PREFILTER.get(prefilter_index(family))?;
+    if !filter.covers(lead) {
+        return None;
     }
+    MG_SETTINGS.get(0)
 }
 
 /// Refuse if the destination is blocked and the socket lives outside the host's

@@ -3,8 +3,8 @@
 //! The kernel reads one of two trie pairs, chosen by `Settings::active_policy`. A new
 //! policy is written into the idle pair, then one write of `MG_SETTINGS` flips to it:
 //! a hook sees the whole old policy or the whole new one, never a mix or an empty one.
-//! Each pair has its prefilters (one per family, in `MG_PREFILTER`), written with it
-//! from the same prefixes, so the flip switches them too.
+//! The prefilters (`MG_PREFILTER`, one per family) must cover the policy in force at
+//! every moment: they get old ∪ new before the flip and new after it.
 
 use anyhow::{Context, Result};
 use aya::{
@@ -19,6 +19,13 @@ use crate::policy::CompiledPolicy;
 
 pub fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_netns_cookie: u64) -> Result<()> {
     let current: Settings = settings(ebpf)?.get(&0, 0).context("could not read the guard's settings")?;
+    let (filter4, filter6) = prefilters(policy);
+    let new_filters = [(AF_INET, filter4), (AF_INET6, filter6)];
+    for (family, new) in &new_filters {
+        let mut both = prefilter_map(ebpf)?.get(&prefilter_index(*family), 0).context("could not read a prefilter")?;
+        both.union(new);
+        write_prefilter(ebpf, *family, &both)?;
+    }
     let idle = 1 - (current.active_policy & 1);
     let (v4_name, v6_name) = pair(idle);
 
@@ -37,18 +44,22 @@ pub fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_netns_coo
             .with_context(|| format!("could not write {net} into {v6_name}"))?;
     }
 
-    let mut filters: Array<&mut MapData, Prefilter> =
-        Array::try_from(ebpf.map_mut(map_names::PREFILTER).context("no prefilter map")?)?;
-    let (filter4, filter6) = prefilters(policy);
-    for (family, filter) in [(AF_INET, filter4), (AF_INET6, filter6)] {
-        filters
-            .set(prefilter_index(idle, family), filter, 0)
-            .with_context(|| format!("could not write the prefilter of policy pair {idle}"))?;
-    }
-
     let new = Settings { host_netns_cookie, mode, active_policy: idle };
     settings(ebpf)?.set(0, new, 0).context("could not switch the kernel to the new policy")?;
+    for (family, new) in &new_filters {
+        write_prefilter(ebpf, *family, new)?;
+    }
     Ok(())
+}
+
+fn prefilter_map(ebpf: &mut Ebpf) -> Result<Array<&mut MapData, Prefilter>> {
+    Ok(Array::try_from(ebpf.map_mut(map_names::PREFILTER).context("no prefilter map")?)?)
+}
+
+fn write_prefilter(ebpf: &mut Ebpf, family: u8, filter: &Prefilter) -> Result<()> {
+    prefilter_map(ebpf)?
+        .set(prefilter_index(family), filter, 0)
+        .with_context(|| format!("could not write the prefilter of address family {family}"))
 }
 
 /// The (v4, v6) prefilters: every prefix of the policy marks the leads it covers.
