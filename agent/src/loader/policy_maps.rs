@@ -95,3 +95,39 @@ fn clear<K: aya::Pod>(trie: &mut LpmTrie<&mut MapData, K, DestRules>) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{compile, BlockRule};
+
+    fn lead(ip: std::net::IpAddr) -> u16 {
+        match ip {
+            std::net::IpAddr::V4(a) => u16::from_be_bytes([a.octets()[0], a.octets()[1]]),
+            std::net::IpAddr::V6(a) => u16::from_be_bytes([a.octets()[0], a.octets()[1]]),
+        }
+    }
+
+    #[test]
+    fn the_prefilters_cover_every_blocked_address_and_little_else() {
+        let rules = [
+            BlockRule::all("169.254.169.254/32".parse().unwrap()),
+            BlockRule::only("168.63.129.16/32".parse().unwrap(), &[80]),
+            BlockRule::all("10.0.0.0/7".parse().unwrap()),
+            BlockRule::all("fd00:ec2::254/128".parse().unwrap()),
+        ];
+        let policy = compile(&rules).unwrap();
+        let (v4, v6) = prefilters(&policy);
+        for (net, _) in &policy.v4 {
+            for ip in [net.network(), net.broadcast()] {
+                assert!(v4.covers(lead(ip.into())), "{ip} of {net} is not covered");
+            }
+        }
+        assert!(v6.covers(lead("fd00:ec2::254".parse().unwrap())));
+        for outside in ["169.253.1.1", "12.0.0.1", "192.168.1.1"] {
+            assert!(!v4.covers(lead(outside.parse().unwrap())), "{outside} is covered");
+        }
+        assert!(!v6.covers(lead("fd42:1::2".parse().unwrap())));
+        assert!(v4.covers(lead("11.255.0.1".parse().unwrap())), "a /7 covers 10.0.0.0–11.255.255.255");
+    }
+}
