@@ -96,10 +96,11 @@ fn real_main() -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let started = Instant::now();
+    let load_before = load_average();
     let mut b = Bench::new(args.agent.canonicalize()?, args.quick)?;
     let figures = run_all(&mut b)?;
     drop(b);
-    let machine = machine(args.quick, started.elapsed())?;
+    let machine = machine(args.quick, started.elapsed(), (load_before, load_average()))?;
     let md = report::markdown(&machine, &figures);
     report::write(&args.out, &md, &report::svg(&chart_bars(&figures)))?;
     println!("{md}");
@@ -211,7 +212,14 @@ fn chart_bars(figs: &[Figure]) -> Vec<(String, f64, Option<f64>)> {
     bars
 }
 
-fn machine(quick: bool, took: Duration) -> Result<report::Machine> {
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(String::from))
+        .unwrap_or_default()
+}
+
+fn machine(quick: bool, took: Duration, load: (String, String)) -> Result<report::Machine> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").context("could not read /proc/meminfo")?;
     let kib: u64 = meminfo
         .lines()
@@ -231,5 +239,6 @@ fn machine(quick: bool, took: Duration) -> Result<report::Machine> {
         date,
         mode: if quick { "--quick" } else { "full run" },
         took: format!("{:.0} s", took.as_secs_f64()),
+        load,
     })
 }

@@ -32,7 +32,7 @@ const SCALE: [Variant; 3] = [Variant::None, Variant::Guard, Variant::Firewall];
 /// Figure 5: the allowed TCP path with 1, 100 and 10 000 blocked CIDRs (beside as
 /// many iptables rules), and with 0, 1 000 and 10 000 allowlisted cgroups.
 pub fn policy_scale(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count) = if b.quick { (2, 200) } else { (11, 1500) };
+    let (rounds, count) = if b.quick { (2, 200) } else { (31, 1000) };
     let dest = b.node_addr(TCP_PORT);
     let config = b.node.config_path();
     let mut fig = Figure {
