@@ -86,10 +86,11 @@ impl Row {
         median(&self.cols[i].samples) / median(&self.cols[0].samples)
     }
 
-    /// The middle half of the round-by-round ratios: how much the drift left over.
-    fn paired_spread(&self, i: usize) -> (f64, f64) {
+    /// The round-by-round ratios' quartiles (p25, median, p75): how much noise the
+    /// drift left over, and an estimate that pairs each sample with its own round's.
+    fn paired_spread(&self, i: usize) -> (f64, f64, f64) {
         let pairs: Vec<f64> = self.cols[i].samples.iter().zip(&self.cols[0].samples).map(|(a, b)| a / b).collect();
-        (quantile(&pairs, 0.25), quantile(&pairs, 0.75))
+        (quantile(&pairs, 0.25), median(&pairs), quantile(&pairs, 0.75))
     }
 }
 
@@ -141,14 +142,14 @@ pub fn markdown(machine: &Machine, figures: &[Figure]) -> String {
         if !f.rows.is_empty() {
             let _ = writeln!(
                 md,
-                "| case | variant | median ({}) | ratio to no guard | round ratios p25–p75 | rounds |",
+                "| case | variant | median ({}) | ratio to no guard | round ratios p25 / p50 / p75 | rounds |",
                 f.unit
             );
             md.push_str("|---|---|---|---|---|---|\n");
             for row in &f.rows {
                 for (i, col) in row.cols.iter().enumerate() {
-                    let (lo, hi) = row.paired_spread(i);
-                    let spread = if i == 0 { "—".to_string() } else { format!("{lo:.3}–{hi:.3}") };
+                    let (lo, mid, hi) = row.paired_spread(i);
+                    let spread = if i == 0 { "—".to_string() } else { format!("{lo:.3} / {mid:.3} / {hi:.3}") };
                     let _ = writeln!(
                         md,
                         "| {} | {} | {} | {:.3} | {spread} | {} |",
@@ -192,8 +193,9 @@ programs and maps of a running agent), and with **the usual alternative**: iptab
 (nft backend) or nftables rules in the node's network namespace. The samples
 alternate — every round runs each variant once, in a rotating order — so machine drift
 (other jobs share this machine) hits all variants alike. Medians are over rounds;
-\"ratio to no guard\" is the ratio of medians, and the p25–p75 of the round-by-round
-ratios shows how much noise is left. Everything runs in network namespaces and
+\"ratio to no guard\" is the ratio of medians (what the targets judge); the quartiles of
+the round-by-round ratios show how much noise is left, and their median is a second
+estimate that pairs each sample with the baseline of its own round. Everything runs in network namespaces and
 cgroups the bench creates (the scenarios' simulated node); nothing touches the
 machine's own network namespace.
 ";
