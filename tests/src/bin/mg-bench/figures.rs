@@ -110,7 +110,7 @@ fn targets(what: &str, row: &Row, limit: f64, at_most: bool) -> Vec<Target> {
 
 /// Figure 1: socket + connect + close from the pod to the node.
 pub fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count) = if b.quick { (3, 300) } else { (201, 500) };
+    let (rounds, count) = if b.quick { (3, 300) } else { (101, 1000) };
     let dest = b.node_addr(TCP_PORT);
     ensure_guarded(b)?;
     let rules = iptables_rules(&[]);
@@ -137,7 +137,7 @@ pub fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
 
 /// Figure 2: unconnected sendto, one datagram at a time.
 pub fn udp_allowed(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count) = if b.quick { (3, 2000) } else { (201, 3000) };
+    let (rounds, count) = if b.quick { (3, 2000) } else { (101, 5000) };
     let dest = b.node_addr(UDP_PORT);
     let rules = iptables_rules(&[]);
     let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
@@ -161,7 +161,7 @@ pub fn udp_allowed(b: &mut Bench) -> Result<Figure> {
 
 /// Figure 2b: socket + connect + send + close, each time (every hook once).
 pub fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count) = if b.quick { (3, 1000) } else { (201, 1000) };
+    let (rounds, count) = if b.quick { (3, 1000) } else { (101, 2000) };
     let dest = b.node_addr(UDP_PORT);
     let rules = iptables_rules(&[]);
     let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
@@ -185,7 +185,7 @@ pub fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
 
 /// Figure 3: TCP throughput pod → node.
 pub fn bulk(b: &mut Bench) -> Result<Figure> {
-    let (rounds, ms) = if b.quick { (3, 100) } else { (61, 100) };
+    let (rounds, ms) = if b.quick { (3, 100) } else { (41, 200) };
     let dest = b.node_addr(BULK_PORT);
     let rules = iptables_rules(&[]);
     let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {

@@ -88,7 +88,7 @@ fn enable_forwarding(node_ns: &NetNs) -> Result<()> {
 
 /// Forwarded connects and throughput, every variant interleaved.
 pub fn forwarded(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count, ms) = if b.quick { (3, 300, 100) } else { (201, 500, 100) };
+    let (rounds, count, ms) = if b.quick { (3, 300, 100) } else { (101, 1000, 200) };
     let tcp = b.beyond.addr(TCP_PORT);
     let bulk = b.beyond.addr(BULK_PORT);
     let rules = |fw: &crate::bench::Firewall| fw.iptables_restore(FORWARD_RULE);
@@ -97,7 +97,7 @@ pub fn forwarded(b: &mut Bench) -> Result<Figure> {
         all_ok(&r, count, &format!("forwarded TCP connect to {tcp} ({})", label(v)))?;
         Ok(r.ns as f64 / count as f64)
     })?;
-    let throughput = interleave(b, &VARIANTS, rounds.min(61), &rules, &mut |b, v| {
+    let throughput = interleave(b, &VARIANTS, rounds.min(41), &rules, &mut |b, v| {
         let r = b.run(v, Op::Bulk { dest: bulk, ms })?;
         all_ok(&r, 1, &format!("forwarded bulk TCP to {bulk} ({})", label(v)))?;
         ensure!(r.bytes > 0, "forwarded bulk TCP to {bulk} ({}): no bytes sent", label(v));

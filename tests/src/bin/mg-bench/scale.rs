@@ -289,6 +289,9 @@ pub fn footprint(cold: Duration, warm: Duration, idle_rss_kib: u64) -> Figure {
     }
 }
 
+/// Chunks per operation and variant, alternating guard and empty programs.
+const CHUNKS: u64 = 20;
+
 /// A program that ran less than this per operation ran for something else.
 const MIN_RUNS_PER_OP: f64 = 0.5;
 
@@ -318,21 +321,26 @@ pub fn empty_twin(guard_program: &str) -> &'static str {
 /// this pass: they cost a clock read per run).
 pub fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
     let count = if b.quick { 2000 } else { 20_000 };
+    let per_chunk = count / CHUNKS;
     let guard = guard_programs(b)?;
     let empty = b.empty_programs.ids.clone();
     let stats = bpf::enable_stats()?;
     let ops = [
-        ("TCP connect + close", Op::TcpConnect { dest: b.node_addr(TCP_PORT), count }),
-        ("UDP sendto", Op::UdpSendto { dest: b.node_addr(UDP_PORT), count }),
-        ("UDP connect + send", Op::UdpConnectSend { dest: b.node_addr(UDP_PORT), count }),
-        ("forwarded TCP connect + close", Op::TcpConnect { dest: b.beyond.addr(TCP_PORT), count }),
+        ("TCP connect + close", Op::TcpConnect { dest: b.node_addr(TCP_PORT), count: per_chunk }),
+        ("UDP sendto", Op::UdpSendto { dest: b.node_addr(UDP_PORT), count: per_chunk }),
+        ("UDP connect + send", Op::UdpConnectSend { dest: b.node_addr(UDP_PORT), count: per_chunk }),
+        ("forwarded TCP connect + close", Op::TcpConnect { dest: b.beyond.addr(TCP_PORT), count: per_chunk }),
     ];
     let mut profile = Profile { ops: Vec::new() };
     let mut facts = Vec::new();
     let (mut worst, mut worst_own) = (0.0f64, 0.0f64);
     for (what, op) in ops {
-        let g = per_op(b, Variant::Guard, &op, &guard, count, what)?;
-        let e = per_op(b, Variant::Empty, &op, &empty, count, what)?;
+        let (mut gc, mut ec) = (Chunks::new(), Chunks::new());
+        for _ in 0..CHUNKS {
+            chunk(b, Variant::Guard, &op, &guard, &mut gc, what)?;
+            chunk(b, Variant::Empty, &op, &empty, &mut ec, what)?;
+        }
+        let (g, e) = (summarize(&gc, per_chunk * CHUNKS), summarize(&ec, per_chunk * CHUNKS));
         // Programs of the operation itself: not a socket some other call created.
         for (name, (_, ns)) in g.iter().filter(|(_, (runs, _))| *runs >= MIN_RUNS_PER_OP) {
             let empty_ns = e.get(empty_twin(name)).map(|(_, ns)| *ns).unwrap_or(0.0);
@@ -360,7 +368,8 @@ pub fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
             ),
         ],
         notes: vec![format!(
-            "{count} operations per line with `BPF_ENABLE_STATS` on; \"name runs×ns\" is runs per operation × mean run \
+            "{count} operations per line with `BPF_ENABLE_STATS` on, in {CHUNKS} chunks alternating guard and empty \
+             programs; \"name runs×ns\" is runs per operation × the median over chunks of the mean run \
              time. The empty programs (`r0 = 1; exit`) run on the same hooks from a cgroup of their own: their time is \
              what the kernel's statistics and hook dispatch cost by themselves, so the guard's own work is the \
              difference. The statistics add clock reads to each run, so all of these are upper bounds."
@@ -370,20 +379,42 @@ pub fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
     Ok((fig, profile))
 }
 
-fn per_op(b: &mut Bench, v: Variant, op: &Op, programs: &[(String, u64)], count: u64, what: &str) -> Result<Programs> {
+/// Per program, each chunk's (runs, run time in ns).
+type Chunks = BTreeMap<String, Vec<(u64, u64)>>;
+
+/// Runs `op` once from `v`'s cgroup and adds each program's share to `chunks`.
+fn chunk(
+    b: &mut Bench,
+    v: Variant,
+    op: &Op,
+    programs: &[(String, u64)],
+    chunks: &mut Chunks,
+    what: &str,
+) -> Result<()> {
     let before = prog_stats(programs)?;
     let r = b.run(v, op.clone())?;
-    all_ok(&r, count, &format!("{what} ({})", label(v)))?;
+    ensure!(r.ok > 0 && r.errors.is_empty(), "{what} ({}): {} ok, errors {:?}", label(v), r.ok, r.errors);
     let after = prog_stats(programs)?;
-    let mut out = Programs::new();
     for (name, (cnt1, ns1)) in &after {
         let (cnt0, ns0) = before.get(name).copied().unwrap_or((0, 0));
-        let (runs, ns) = (cnt1 - cnt0, ns1 - ns0);
+        chunks.entry(name.clone()).or_default().push((cnt1 - cnt0, ns1 - ns0));
+    }
+    Ok(())
+}
+
+/// Runs per operation, and the median over chunks of the mean run time: one chunk
+/// whose program was preempted (the statistics count that time too) moves a mean a
+/// lot on a busy machine, the median not.
+fn summarize(chunks: &Chunks, ops: u64) -> Programs {
+    let mut out = Programs::new();
+    for (name, list) in chunks {
+        let runs: u64 = list.iter().map(|(r, _)| r).sum();
+        let means: Vec<f64> = list.iter().filter(|(r, _)| *r > 0).map(|(r, ns)| *ns as f64 / *r as f64).collect();
         if runs > 0 {
-            out.insert(name.clone(), (runs as f64 / count as f64, ns as f64 / runs as f64));
+            out.insert(name.clone(), (runs as f64 / ops as f64, crate::report::median(&means)));
         }
     }
-    Ok(out)
+    out
 }
 
 pub fn describe(p: &Programs) -> String {
