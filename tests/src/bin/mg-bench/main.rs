@@ -171,8 +171,24 @@ fn explain(figures: &mut [Figure], profile: &scale::Profile) {
                      ratios' p25–p75: where the empty programs cost as much, the remaining gap is the kernel's \
                      hook overhead, not the guard's; where the spread covers the limit, it is this shared machine's \
                      noise.";
+        // Per-operation figures (µs): how far the medians are apart, in ns, beside the
+        // programs' time above — a gap far larger than all the programs' time together
+        // cannot be theirs.
+        let observed = match f.rows.first() {
+            Some(row) if f.unit.starts_with("µs") && row.cols.len() > 3 => {
+                let m = |i: usize| report::median(&row.cols[i].samples) * 1e3;
+                format!(
+                    " Observed in this run: the guard's median is {:+.0} ns from no guard's per operation, the \
+                     empty programs' {:+.0} ns, one iptables rule's {:+.0} ns.",
+                    m(1) - m(0),
+                    m(3) - m(0),
+                    m(2) - m(0)
+                )
+            }
+            _ => String::new(),
+        };
         for t in &mut f.targets {
-            t.explain = format!("{} {noise}", hooks(op));
+            t.explain = format!("{}{observed} {noise}", hooks(op));
         }
     }
     if let Some(p) = figures.last_mut() {
