@@ -15,6 +15,7 @@ mod neighbour;
 mod node;
 mod packets;
 mod policy;
+mod frames;
 mod protocols;
 mod raw;
 mod trail;
