@@ -10,7 +10,7 @@
 #![no_std]
 
 /// Version of every layout in this crate. Pinned maps live under `v<ABI_VERSION>`.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Names of the maps, as declared in the kernel object. At most 15 bytes each
 /// (the kernel's `BPF_OBJ_NAME_LEN` minus the NUL).
@@ -26,6 +26,8 @@ pub mod map_names {
     pub const NETNS_PROBE: &str = "MG_NETNS_PROBE";
     /// Socket-local storage: each socket's netns cookie, recorded at creation.
     pub const SOCK_MARK: &str = "MG_SOCK_MARK";
+    /// Which 16-bit leading parts of an address any policy prefix covers.
+    pub const PREFILTER: &str = "MG_PREFILTER";
 }
 
 /// Names of the programs in the kernel object, one per hook.
@@ -80,7 +82,9 @@ impl Hook {
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Checked and let through: not a blocked destination, or from the host's netns.
+    /// A blocked destination, let through because the attempt came from the host's
+    /// netns. (Destinations outside the policy are not counted: the allowed path of
+    /// every other connection and packet stays free of counter updates.)
     Allowed = 0,
     /// Refused: a pod tried a blocked destination in enforce mode.
     Blocked = 1,
@@ -222,6 +226,25 @@ pub struct DestRules {
 }
 
 impl DestRules {
+    /// Whether some port of these protocols is blocked: the verdict for a packet whose
+    /// port cannot be read (a later fragment, a header chain too long or truncated),
+    /// so that hiding the port is never a way around a port-limited rule.
+    #[inline(always)]
+    pub fn blocks_some(&self, proto_bits: u8) -> bool {
+        let mut i = 0;
+        while i < MAX_RULES {
+            if i >= self.rule_count as usize {
+                return false;
+            }
+            let r = &self.rules[i];
+            if r.protocols & proto_bits != 0 && !(r.port_match == PORTS_ONLY && r.port_count == 0) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
     /// Whether an attempt with this protocol bit (see [`protocol_bit`]) and destination
     /// port (host byte order) is to a blocked destination.
     #[inline(always)]
@@ -251,6 +274,63 @@ pub const POLICY_MAX_ENTRIES: u32 = 16_384;
 pub const ALLOWED_CGROUPS_MAX_ENTRIES: u32 = 16_384;
 /// Size of the event ring buffer in bytes (a power of two, page aligned).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// Bits in a [`Prefilter`]: one per value of an address's first 16 bits.
+pub const PREFILTER_BITS: usize = 1 << 16;
+pub const PREFILTER_WORDS: usize = PREFILTER_BITS / 64;
+/// Entries of `MG_PREFILTER`: one per family; see [`prefilter_index`].
+pub const PREFILTER_ENTRIES: u32 = 2;
+
+/// Index in `MG_PREFILTER` of the filter for `family`.
+#[inline(always)]
+pub const fn prefilter_index(family: u8) -> u32 {
+    (family == AF_INET6) as u32
+}
+
+/// The cheap first question every hook asks: could any prefix of the policy contain an
+/// address starting with these 16 bits? A clear bit answers "no" for sure, and the hook
+/// returns before any other map lookup, any helper call or counter. A set bit only
+/// means "look it up", so a superset is always safe: that is how the agent changes it
+/// without a gap — old ∪ new before it flips the policy tries, new after. Any mix of
+/// the bytes of two supersets of the policy in force is one too, so a reader racing a
+/// write never sees a mark missing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefilter {
+    pub words: [u64; PREFILTER_WORDS],
+}
+
+impl Default for Prefilter {
+    fn default() -> Self {
+        Prefilter { words: [0; PREFILTER_WORDS] }
+    }
+}
+
+impl Prefilter {
+    /// Whether an address whose first two bytes are `lead` (big-endian) may be covered.
+    #[inline(always)]
+    pub fn covers(&self, lead: u16) -> bool {
+        let word = self.words[(lead as usize >> 6) & (PREFILTER_WORDS - 1)];
+        (word >> (lead & 63)) & 1 != 0
+    }
+
+    /// Adds every mark of `other`.
+    pub fn union(&mut self, other: &Prefilter) {
+        for (w, o) in self.words.iter_mut().zip(other.words.iter()) {
+            *w |= o;
+        }
+    }
+
+    /// Marks every lead a prefix of `prefix_len` bits starting with `address` covers.
+    pub fn add(&mut self, address: &[u8], prefix_len: u8) {
+        let lead = u16::from_be_bytes([address.first().copied().unwrap_or(0), address.get(1).copied().unwrap_or(0)]);
+        let free_bits = 16u32.saturating_sub(u32::from(prefix_len));
+        let first = (u32::from(lead) >> free_bits) << free_bits;
+        for v in first..first + (1 << free_bits) {
+            self.words[v as usize >> 6] |= 1 << (v & 63);
+        }
+    }
+}
 
 /// Address families as in `struct sockaddr`.
 pub const AF_INET: u8 = 2;
@@ -306,6 +386,7 @@ mod pod {
     unsafe impl aya::Pod for super::DestRules {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::NetnsProbe {}
+    unsafe impl aya::Pod for super::Prefilter {}
 }
 
 #[cfg(test)]
@@ -349,6 +430,34 @@ mod tests {
         assert!(rules.blocks(PROTO_TCP, 80));
         assert!(rules.blocks(PROTO_UDP, 9));
         assert!(!rules.blocks(PROTO_TCP, 81), "slot 2 is beyond rule_count");
+    }
+
+    #[test]
+    fn an_unreadable_port_is_blocked_where_any_port_is() {
+        let mut rules = DestRules { rule_count: 1, ..Default::default() };
+        rules.rules[0] = rule(PROTO_TCP | PROTO_UDP, PORTS_ONLY, &[80]);
+        assert!(rules.blocks_some(PROTO_UDP));
+        assert!(rules.blocks_some(PROTO_ALL));
+        assert!(!rules.blocks_some(PROTO_OTHER));
+        rules.rules[0] = rule(PROTO_ALL, PORTS_ONLY, &[]);
+        assert!(!rules.blocks_some(PROTO_ALL), "an empty port list blocks nothing");
+    }
+
+    #[test]
+    fn prefilter_covers_exactly_the_prefixes_leads() {
+        let mut f = Prefilter::default();
+        f.add(&[169, 254, 169, 254], 32);
+        assert!(f.covers(u16::from_be_bytes([169, 254])));
+        assert!(!f.covers(u16::from_be_bytes([169, 253])));
+        assert!(!f.covers(u16::from_be_bytes([10, 200])));
+        f.add(&[10, 0, 0, 0], 8);
+        assert!(f.covers(u16::from_be_bytes([10, 0])) && f.covers(u16::from_be_bytes([10, 255])));
+        assert!(!f.covers(u16::from_be_bytes([11, 0])));
+        let mut all = Prefilter::default();
+        all.add(&[0; 16], 0);
+        assert!(all.words.iter().all(|&w| w == u64::MAX));
+        assert_eq!(prefilter_index(AF_INET6), 1);
+        assert_eq!(prefilter_index(AF_INET), 0);
     }
 
     #[test]

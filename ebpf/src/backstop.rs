@@ -18,28 +18,16 @@ use aya_ebpf::{
     macros::{btf_map, cgroup_skb, cgroup_sock},
     programs::{SkBuffContext, SockContext},
 };
-use metadata_guard_common::{Hook, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
+use metadata_guard_common::Hook;
 
-use crate::verdict::{is_blocked, settings, settle, Destination, Origin};
+use crate::{
+    packet,
+    verdict::{is_blocked, may_be_blocked, settings, settle, Origin},
+};
 
 /// cgroup_skb and sock_create return values.
 const PASS: i32 = 1;
 const DROP: i32 = 0;
-
-const IPV4_VERSION: u8 = 4;
-const IPV6_VERSION: u8 = 6;
-const IPV4_PROTOCOL_OFFSET: usize = 9;
-const IPV4_DADDR_OFFSET: usize = 16;
-const IPV4_FRAG_OFFSET: usize = 6;
-/// The fixed part of the IPv4 header (options follow; `ihl` says how many).
-const IPV4_HEADER_LEN: usize = 20;
-/// Fragment offset bits of the IPv4 flags/fragment field (host order).
-const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
-const IPV6_NEXTHDR_OFFSET: usize = 6;
-const IPV6_DADDR_OFFSET: usize = 24;
-const IPV6_HEADER_LEN: usize = 40;
-/// Destination port offset within a TCP or UDP header.
-const L4_DPORT_OFFSET: usize = 2;
 
 /// Netns cookie of each socket, recorded at creation.
 #[btf_map]
@@ -71,8 +59,21 @@ pub fn mg_sock_create(ctx: SockContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn mg_egress(ctx: SkBuffContext) -> i32 {
-    let Some(dest) = destination(&ctx) else { return PASS };
-    let Some(settings) = settings() else { return PASS };
+    // Every packet of every pod passes here: a destination outside the policy leaves
+    // after two reads of the packet and the prefilter. That is also how a socket a
+    // socket hook already judged goes free: its destination is outside the policy, or
+    // it is a host socket (the rare traffic that goes on below).
+    let settings = match packet::lead(&ctx) {
+        Some((family, lead)) => match may_be_blocked(family, lead) {
+            Some(settings) => settings,
+            None => return PASS,
+        },
+        None => match settings() {
+            Some(settings) => settings,
+            None => return PASS,
+        },
+    };
+    let Some(dest) = packet::destination(&ctx) else { return PASS };
     if !is_blocked(settings, &dest) {
         return PASS;
     }
@@ -102,38 +103,4 @@ pub fn mg_egress(ctx: SkBuffContext) -> i32 {
     } else {
         DROP
     }
-}
-
-/// The packet's destination (and TCP/UDP port), from its IP header: one load for the
-/// header, one for the port, as helper calls dominate this program's cost.
-#[inline(always)]
-fn destination(ctx: &SkBuffContext) -> Option<Destination> {
-    let first = ctx.load::<u8>(0).ok()?;
-    let mut addr = [0u8; 16];
-    if first >> 4 == IPV4_VERSION {
-        let header = ctx.load::<[u8; IPV4_HEADER_LEN]>(0).ok()?;
-        let ihl = ((first & 0x0f) as usize) * 4;
-        let protocol = header[IPV4_PROTOCOL_OFFSET];
-        addr[..4].copy_from_slice(&header[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4]);
-        let frag = u16::from_be_bytes([header[IPV4_FRAG_OFFSET], header[IPV4_FRAG_OFFSET + 1]]) & IPV4_FRAG_OFFSET_MASK;
-        // Later fragments carry no L4 header: judged as port 0.
-        let port = if frag == 0 { l4_port(ctx, protocol, ihl) } else { 0 };
-        Some(Destination { family: AF_INET, addr, port, protocol, mapped: false })
-    } else if first >> 4 == IPV6_VERSION {
-        let header = ctx.load::<[u8; IPV6_HEADER_LEN]>(0).ok()?;
-        let protocol = header[IPV6_NEXTHDR_OFFSET];
-        addr.copy_from_slice(&header[IPV6_DADDR_OFFSET..IPV6_DADDR_OFFSET + 16]);
-        let port = l4_port(ctx, protocol, IPV6_HEADER_LEN);
-        Some(Destination { family: AF_INET6, addr, port, protocol, mapped: false })
-    } else {
-        None
-    }
-}
-
-#[inline(always)]
-fn l4_port(ctx: &SkBuffContext, protocol: u8, l4_offset: usize) -> u16 {
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return 0;
-    }
-    ctx.load::<u16>(l4_offset + L4_DPORT_OFFSET).map(u16::from_be).unwrap_or(0)
 }

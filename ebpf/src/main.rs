@@ -7,6 +7,7 @@
 #![no_main]
 
 mod backstop;
+mod packet;
 mod verdict;
 
 use aya_ebpf::{
@@ -17,7 +18,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use metadata_guard_common::{Hook, NetnsProbe, AF_INET, AF_INET6};
-use verdict::{judge, Destination};
+use verdict::{judge, may_be_blocked, Destination};
 
 /// `bpf_sock_addr` return values.
 const SOCK_ADDR_ALLOW: i32 = 1;
@@ -50,15 +51,21 @@ fn judge_v4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands every sock_addr program a valid context; each field
     // is read with a single load of its declared width, as the verifier demands.
-    let (ip, port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    let ip = unsafe { (*sa).user_ip4 };
+    // Almost every call is to a destination outside the policy: one field read and
+    // the prefilter, nothing else.
+    let Some(settings) = may_be_blocked(AF_INET, lead(ip)) else { return SOCK_ADDR_ALLOW };
+    // SAFETY: as above.
+    let (port, protocol) = unsafe { ((*sa).user_port, (*sa).protocol) };
     let dest = Destination {
         family: AF_INET,
         addr: v4_bytes(ip),
         port: port_from_ctx(port),
+        port_known: true,
         protocol: protocol as u8,
         mapped: false,
     };
-    judge(ctx, hook, &dest)
+    judge(ctx, settings, hook, &dest)
 }
 
 #[inline(always)]
@@ -66,24 +73,34 @@ fn judge_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: as in judge_v4; user_ip6 is read word by word with constant indexes
     // because copying the array can produce a context access the verifier rejects.
-    let (w0, w1, w2, w3, port, protocol) = unsafe {
-        ((*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3], (*sa).user_port, (*sa).protocol)
-    };
-    let port = port_from_ctx(port);
-    let protocol = protocol as u8;
+    let (w0, w1, w2, w3) = unsafe { ((*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]) };
     // A v6 socket reaches IPv4 destinations through their mapped form; judge those
     // exactly as the IPv4 address, or `::ffff:169.254.169.254` would be a way around.
-    let dest = if w0 == 0 && w1 == 0 && u32::from_be(w2) == V4_MAPPED_WORD2 {
-        Destination { family: AF_INET, addr: v4_bytes(w3), port, protocol, mapped: true }
+    let mapped = w0 == 0 && w1 == 0 && u32::from_be(w2) == V4_MAPPED_WORD2;
+    let (family, first) = if mapped { (AF_INET, w3) } else { (AF_INET6, w0) };
+    let Some(settings) = may_be_blocked(family, lead(first)) else { return SOCK_ADDR_ALLOW };
+    // SAFETY: as above.
+    let (port, protocol) = unsafe { ((*sa).user_port, (*sa).protocol) };
+    let port = port_from_ctx(port);
+    let protocol = protocol as u8;
+    let dest = if mapped {
+        Destination { family: AF_INET, addr: v4_bytes(w3), port, port_known: true, protocol, mapped: true }
     } else {
         let mut addr = [0u8; 16];
         addr[0..4].copy_from_slice(&w0.to_ne_bytes());
         addr[4..8].copy_from_slice(&w1.to_ne_bytes());
         addr[8..12].copy_from_slice(&w2.to_ne_bytes());
         addr[12..16].copy_from_slice(&w3.to_ne_bytes());
-        Destination { family: AF_INET6, addr, port, protocol, mapped: false }
+        Destination { family: AF_INET6, addr, port, port_known: true, protocol, mapped: false }
     };
-    judge(ctx, hook, &dest)
+    judge(ctx, settings, hook, &dest)
+}
+
+/// The first two bytes of an address word as the kernel stores it (network order).
+#[inline(always)]
+fn lead(word_be: u32) -> u16 {
+    let b = word_be.to_ne_bytes();
+    u16::from_be_bytes([b[0], b[1]])
 }
 
 /// The address bytes in network order, in the first four bytes.

@@ -10,8 +10,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use metadata_guard_common::{
-    counters, protocol_bit, DestRules, Event, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, AF_INET,
-    ALLOWED_CGROUPS_MAX_ENTRIES, EVENTS_RING_BYTES, MODE_AUDIT, POLICY_MAX_ENTRIES,
+    counters, prefilter_index, protocol_bit, DestRules, Event, Hook, Ipv4Key, Ipv6Key, Prefilter, Settings, Verdict,
+    AF_INET, ALLOWED_CGROUPS_MAX_ENTRIES, EVENTS_RING_BYTES, MODE_AUDIT, POLICY_MAX_ENTRIES, PREFILTER_ENTRIES,
+    PROTO_ALL,
 };
 
 /// `bpf_sock_addr` return values: 1 lets the call proceed, 0 fails it with EPERM.
@@ -23,6 +24,11 @@ const IPV6_BITS: u32 = 128;
 
 #[map]
 static MG_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// One [`Prefilter`] per family, covering the policy in force (see its doc for how the
+/// agent keeps it so while it changes the policy).
+#[map]
+static MG_PREFILTER: Array<Prefilter> = Array::with_max_entries(PREFILTER_ENTRIES, 0);
 
 #[map]
 static MG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::SLOTS, 0);
@@ -50,21 +56,33 @@ pub struct Destination {
     pub addr: [u8; 16],
     /// Host byte order.
     pub port: u16,
+    /// False where the packet hides its port (see `DestRules::blocks_some`).
+    pub port_known: bool,
     pub protocol: u8,
     /// An IPv4 destination reached through its IPv4-mapped IPv6 form.
     pub mapped: bool,
 }
 
-/// Refuse if the destination is blocked and the socket lives outside the host's
-/// network namespace (and is not an allowlisted pod's); count every verdict.
+/// The settings, when an address of `family` starting with `lead` (its first two
+/// bytes, big-endian) may be in the policy; `None` when it surely is not — the answer
+/// for almost every connect and packet on a node, reached with one inlined array
+/// lookup and no helper call.
 #[inline(always)]
-pub fn judge<C: EbpfContext>(ctx: &C, hook: Hook, dest: &Destination) -> i32 {
-    let Some(settings) = MG_SETTINGS.get(0) else {
-        return ALLOW; // unreachable: an array map always has its element
-    };
-    // Cheapest test first: almost every connect on a node is to an unblocked place.
+pub fn may_be_blocked(family: u8, lead: u16) -> Option<&'static Settings> {
+    // Both lookups always find their element (array maps); `None` would be a bug.
+    let filter = MG_PREFILTER.get(prefilter_index(family))?;
+    if !filter.covers(lead) {
+        return None;
+    }
+    MG_SETTINGS.get(0)
+}
+
+/// Refuse if the destination is blocked and the socket lives outside the host's
+/// network namespace (and is not an allowlisted pod's); count every verdict on a
+/// blocked destination. The caller has checked [`may_be_blocked`].
+#[inline(always)]
+pub fn judge<C: EbpfContext>(ctx: &C, settings: &Settings, hook: Hook, dest: &Destination) -> i32 {
     if !is_blocked(settings, dest) {
-        count(hook, Verdict::Allowed);
         return ALLOW;
     }
     // SAFETY: the context pointer is the program's own context.
@@ -133,7 +151,9 @@ pub fn is_blocked(settings: &Settings, dest: &Destination) -> bool {
         }
     };
     match rules {
-        Some(rules) => rules.blocks(protocol_bit(dest.protocol), dest.port),
+        Some(rules) if dest.port_known => rules.blocks(protocol_bit(dest.protocol), dest.port),
+        // A later fragment may be of any protocol: whatever its header said.
+        Some(rules) => rules.blocks_some(PROTO_ALL),
         None => false,
     }
 }

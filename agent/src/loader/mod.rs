@@ -43,8 +43,9 @@ use crate::policy::CompiledPolicy;
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
 
 /// Maps that are pinned: all but the start-up probe's scratch map.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     map_names::SETTINGS,
+    map_names::PREFILTER,
     map_names::COUNTERS,
     map_names::POLICY4_A,
     map_names::POLICY4_B,

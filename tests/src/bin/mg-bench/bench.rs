@@ -17,10 +17,15 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use metadata_guard_tests::cgroups::{find_cgroup2_mount, TestCgroup};
+use metadata_guard_tests::{
+    cgroups::{find_cgroup2_mount, TestCgroup},
+    netns::NetNs,
+};
 
 use crate::{
     agent::{self, Agent, AgentSpec},
+    bpf::EmptyPrograms,
+    forwarded::Beyond,
     node::Node,
     worker::{Op, Reply, Worker},
 };
@@ -39,6 +44,9 @@ pub enum Variant {
     Guard,
     /// No guard; a firewall rule set is in force in the node namespace.
     Firewall,
+    /// No guard; programs that only `return 1` run on the guard's hooks: the kernel's
+    /// own cost of running a program there, the floor under the guard's.
+    Empty,
 }
 
 pub struct Bench {
@@ -47,6 +55,11 @@ pub struct Bench {
     servers: Servers,
     /// Outside the guard's attach point, as deep as the pod's cgroup.
     pub plain: TestCgroup,
+    /// Like `plain`, with the empty programs attached (its own top-level cgroup).
+    pub empty: TestCgroup,
+    pub empty_programs: EmptyPrograms,
+    /// A network one hop beyond the node, for forwarded traffic.
+    pub beyond: Beyond,
     pub node: Node,
     pub agent_bin: PathBuf,
     pub quick: bool,
@@ -58,13 +71,21 @@ impl Bench {
         let pod = &node.pods[0];
         // Same nesting depth as the pod's cgroup, so only the guard tells them apart.
         let depth = pod.cgroup.path().components().count() - find_cgroup2_mount()?.components().count();
-        let mut plain = TestCgroup::create(&find_cgroup2_mount()?, &format!("mg-bench-plain-{}", std::process::id()))?;
-        for level in 1..depth {
-            plain = plain.child(&format!("level{level}"))?;
-        }
-        let servers = Servers::start(&node)?;
+        let nested = |name: &str| -> Result<TestCgroup> {
+            let mut cg =
+                TestCgroup::create(&find_cgroup2_mount()?, &format!("mg-bench-{name}-{}", std::process::id()))?;
+            for level in 1..depth {
+                cg = cg.child(&format!("level{level}"))?;
+            }
+            Ok(cg)
+        };
+        let plain = nested("plain")?;
+        let empty = nested("empty")?;
+        let empty_programs = EmptyPrograms::attach(empty.path())?;
+        let servers = Servers::start(node.sim.node())?;
+        let beyond = Beyond::build(&node)?;
         let worker = Worker::start(&pod.net.ns.path())?;
-        Ok(Bench { agent: None, worker, servers, plain, node, agent_bin, quick })
+        Ok(Bench { agent: None, worker, servers, plain, empty, empty_programs, beyond, node, agent_bin, quick })
     }
 
     /// Where the pod sends allowed traffic: its gateway, the node end of its veth.
@@ -76,6 +97,7 @@ impl Bench {
         match v {
             Variant::Guard => self.node.pods[0].cgroup.path(),
             Variant::None | Variant::Firewall => self.plain.path(),
+            Variant::Empty => self.empty.path(),
         }
     }
 
@@ -146,6 +168,7 @@ impl Drop for Bench {
             let _ = fw.clear();
         }
         self.servers.stop();
+        self.beyond.servers.stop();
     }
 }
 
@@ -226,17 +249,15 @@ pub fn iptables_rules(extra: &[String]) -> String {
 /// Sinks in the node namespace: TCP accept-and-close, bulk TCP read-and-discard, and
 /// a UDP socket nobody reads (datagrams are dropped once its small queue is full,
 /// which keeps the receive side's cost constant).
-struct Servers {
+pub struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     _udp: UdpSocket,
 }
 
 impl Servers {
-    fn start(node: &Node) -> Result<Servers> {
-        let (tcp, bulk, udp) = node
-            .sim
-            .node()
+    pub fn start(ns: &NetNs) -> Result<Servers> {
+        let (tcp, bulk, udp) = ns
             .run(|| -> Result<_> {
                 let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
                 Ok((
@@ -245,7 +266,7 @@ impl Servers {
                     UdpSocket::bind(any(UDP_PORT))?,
                 ))
             })
-            .context("could not open the sink servers in the node namespace")?;
+            .with_context(|| format!("could not open the sink servers in namespace {}", ns.name()))?;
         // A deep accept queue: when this thread waits for a busy CPU, a full queue
         // would drop handshakes and cost a connect a whole second of SYN retry.
         for l in [&tcp, &bulk] {
@@ -263,7 +284,7 @@ impl Servers {
         Ok(Servers { stop, threads, _udp: udp })
     }
 
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();

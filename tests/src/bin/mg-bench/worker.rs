@@ -29,6 +29,9 @@ pub enum Op {
     TcpConnect { dest: SocketAddrV4, count: u64 },
     /// One UDP socket, `count` unconnected sendto calls of 32 bytes.
     UdpSendto { dest: SocketAddrV4, count: u64 },
+    /// socket + connect + send of 32 bytes + close, `count` times (a DNS client's
+    /// pattern: every hook of the guard runs once per operation).
+    UdpConnectSend { dest: SocketAddrV4, count: u64 },
     /// One TCP connection writing 64 KiB buffers for `ms` milliseconds.
     Bulk { dest: SocketAddrV4, ms: u64 },
     /// `count` connects, each timed on its own (for refusals).
@@ -170,6 +173,11 @@ fn run_op(op: &Op) -> Reply {
             }
             Err(e) => tally(&mut r, Err(e)),
         },
+        Op::UdpConnectSend { dest, count } => {
+            for _ in 0..count {
+                tally(&mut r, udp_connect_send(dest));
+            }
+        }
         Op::Bulk { dest, ms } => match bulk(dest, Duration::from_millis(ms)) {
             Ok(bytes) => {
                 r.ok = 1;
@@ -247,6 +255,17 @@ fn connect_fd(fd: &OwnedFd, dest: SocketAddrV4) -> std::io::Result<()> {
         )
     };
     if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn udp_connect_send(dest: SocketAddrV4) -> std::io::Result<()> {
+    let sock = socket(libc::SOCK_DGRAM)?;
+    connect_fd(&sock, dest)?;
+    let payload = [0x5au8; 32];
+    // SAFETY: valid fd and buffer of the stated size.
+    if unsafe { libc::send(sock.as_raw_fd(), payload.as_ptr().cast(), payload.len(), 0) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

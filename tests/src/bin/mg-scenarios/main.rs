@@ -15,6 +15,8 @@ mod lifecycle;
 mod neighbour;
 mod packets;
 mod policy;
+mod frames;
+mod protocols;
 mod raw;
 mod trail;
 
@@ -35,6 +37,7 @@ fn scenarios() -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(block::SCENARIOS);
     all.extend(backstop::SCENARIOS);
+    all.extend(protocols::SCENARIOS);
     all.extend(policy::SCENARIOS);
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);

@@ -1,0 +1,129 @@
+//! Figure 8: forwarded pod traffic — a pod talking to a network one hop beyond the
+//! node, through the node (as pods reach other nodes, or IMDS where it is not a
+//! local address). The guard's programs run in the pod; a node firewall judges the
+//! same packets on its FORWARD hook.
+//!
+//! The variants are one list, [`VARIANTS`], each with the rule set it loads for its
+//! samples: the host-side enforcement point (issue 11) is added as one more entry
+//! (its agent flag or table) when it lands.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::{fd::AsFd, unix::fs::MetadataExt},
+};
+
+use anyhow::{ensure, Context, Result};
+use metadata_guard_tests::{netlink::Netlink, netns::NetNs};
+
+use crate::{
+    bench::{Bench, Servers, Variant, BULK_PORT, TCP_PORT},
+    figures::{all_ok, interleave, label, row, scale_row},
+    report::{Figure, Target},
+    worker::Op,
+};
+
+/// The node end of the link to the network beyond, and the far end.
+const NODE_SIDE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+const BEYOND: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
+const PREFIX: u8 = 24;
+const NODE_LINK: &str = "vb0";
+
+/// What each variant loads for its samples (nothing for the guard and no guard).
+pub const VARIANTS: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
+
+/// The node firewall a cloud's node image adds instead of a guard (EKS's
+/// `FORWARD -i eni+ -d 169.254.169.254 -j DROP`).
+const FORWARD_RULE: &str =
+    "*filter\n:FORWARD ACCEPT [0:0]\n-A FORWARD -s 10.200.0.0/16 -d 169.254.169.254/32 -j DROP\nCOMMIT\n";
+
+/// A namespace beyond the node, wired to it by a veth, with sink servers; the node
+/// forwards between its pods and it (forwarding is switched on in the node namespace
+/// only, after checking that it is not the machine's).
+pub struct Beyond {
+    _ns: NetNs,
+    pub servers: Servers,
+}
+
+impl Beyond {
+    pub fn build(node: &crate::node::Node) -> Result<Beyond> {
+        let ns = NetNs::new("mg-bench-beyond")?;
+        let node_ns = node.sim.node();
+        let mut nl = Netlink::open_in(node_ns)?;
+        nl.add_veth(NODE_LINK, "eth0", ns.as_fd())?;
+        let node_end = nl.link_index(NODE_LINK)?;
+        nl.set_link_up(node_end)?;
+        nl.add_address(node_end, NODE_SIDE.into(), PREFIX)?;
+        drop(nl);
+        let mut far = Netlink::open_in(&ns)?;
+        let (lo, eth0) = (far.link_index("lo")?, far.link_index("eth0")?);
+        far.set_link_up(lo)?;
+        far.set_link_up(eth0)?;
+        far.add_address(eth0, BEYOND.into(), PREFIX)?;
+        far.add_default_route(NODE_SIDE.into(), eth0)?;
+        drop(far);
+        enable_forwarding(node_ns)?;
+        let servers = Servers::start(&ns)?;
+        Ok(Beyond { _ns: ns, servers })
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(BEYOND, port)
+    }
+}
+
+fn enable_forwarding(node_ns: &NetNs) -> Result<()> {
+    let target = std::fs::metadata(node_ns.path())?;
+    let machine = std::fs::metadata("/proc/self/ns/net")?;
+    ensure!(
+        (target.dev(), target.ino()) != (machine.dev(), machine.ino()),
+        "refusing to enable forwarding: the node namespace is the machine's own"
+    );
+    node_ns.run(|| -> Result<()> {
+        // /proc/sys/net follows the opening thread's namespace: check it is the node's.
+        let here = std::fs::metadata("/proc/thread-self/ns/net")?;
+        ensure!((here.dev(), here.ino()) == (target.dev(), target.ino()), "not in the node namespace");
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("could not enable forwarding in the node")
+    })
+}
+
+/// Forwarded connects and throughput, every variant interleaved.
+pub fn forwarded(b: &mut Bench) -> Result<Figure> {
+    let (rounds, count, ms) = if b.quick { (3, 300, 100) } else { (101, 1000, 200) };
+    let tcp = b.beyond.addr(TCP_PORT);
+    let bulk = b.beyond.addr(BULK_PORT);
+    let rules = |fw: &crate::bench::Firewall| fw.iptables_restore(FORWARD_RULE);
+    let connects = interleave(b, &VARIANTS, rounds, &rules, &mut |b, v| {
+        let r = b.run(v, Op::TcpConnect { dest: tcp, count })?;
+        all_ok(&r, count, &format!("forwarded TCP connect to {tcp} ({})", label(v)))?;
+        Ok(r.ns as f64 / count as f64)
+    })?;
+    let throughput = interleave(b, &VARIANTS, rounds.min(41), &rules, &mut |b, v| {
+        let r = b.run(v, Op::Bulk { dest: bulk, ms })?;
+        all_ok(&r, 1, &format!("forwarded bulk TCP to {bulk} ({})", label(v)))?;
+        ensure!(r.bytes > 0, "forwarded bulk TCP to {bulk} ({}): no bytes sent", label(v));
+        Ok(r.bytes as f64 * 8.0 / r.ns as f64)
+    })?;
+    let connect_row = scale_row(row("connect + close, forwarded", &VARIANTS, connects), 1e-3);
+    let bulk_row = row("64 KiB writes, forwarded (Gbit/s)", &VARIANTS, throughput);
+    let (c_guard, c_fw) = (connect_row.ratio(1), connect_row.ratio(2));
+    let (t_guard, t_fw) = (bulk_row.ratio(1), bulk_row.ratio(2));
+    Ok(Figure {
+        title: "8. Forwarded pod traffic (pod → a network beyond the node)".into(),
+        unit: "µs per connect; Gbit/s".into(),
+        rows: vec![connect_row, bulk_row],
+        targets: vec![
+            Target::at_most("8. forwarded TCP connect+close, guard / no guard", c_guard, 1.01),
+            Target::at_most("8. forwarded connect+close, guard ratio ≤ one FORWARD rule's", c_guard, c_fw),
+            Target::at_least("8. forwarded bulk throughput, guard / no guard", t_guard, 0.99),
+            Target::at_least("8. forwarded bulk, guard ratio ≥ one FORWARD rule's", t_guard, t_fw),
+        ],
+        notes: vec![format!(
+            "The pod connects to {tcp} (and writes to {bulk}) in a namespace one veth beyond the node; the node forwards \
+             (ip_forward=1 in the node namespace only). {count} connects per sample; bulk samples write for {ms} ms. \
+             The {} column has one rule on the node's FORWARD hook (`-s 10.200.0.0/16 -d 169.254.169.254/32 -j DROP`, \
+             as EKS nodes do for IMDS). Throughput ratios are over no guard's Gbit/s, so higher is better.",
+            label(Variant::Firewall)
+        )],
+        ..Default::default()
+    })
+}
