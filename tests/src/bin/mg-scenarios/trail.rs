@@ -20,7 +20,7 @@ pub const SCENARIOS: [crate::Scenario; 5] = [
     ("trail: a blocked attempt yields one record naming pod and container within 1 s", one_record_per_attempt),
     ("trail: every kubelet layout is named (containerd, CRI-O, cgroupfs)", every_layout_named),
     ("trail: a host unit outside any pod is named by its cgroup path", host_unit_named_by_cgroup),
-    ("trail: a storm of 100000 attempts is accounted for exactly, with bounded records and memory", storm_accounted),
+    ("trail: every attempt of a 100000-attempt storm is accounted for, with bounded records and memory", storm_accounted),
     ("trail: /metrics passes promtool and counts attempts; /readyz is 200 only once attached", metrics_and_readiness),
 ];
 
@@ -121,6 +121,9 @@ fn storm_accounted(ctx: &mut Ctx) -> Result<()> {
     // Only the storm's hook: other scenarios' closed connections may still have
     // packets dropped at egress meanwhile.
     let blocked_before = ctx.kernel_count_at(Some("sendmsg4"), "blocked")?;
+    // Refusals anywhere else on the node meanwhile: the rate cap folds them into the
+    // same node-wide `suppressed_since_last` as the storm's own.
+    let all_before = ctx.kernel_count_at(None, "blocked")?;
     let seen_before = ctx.agent()?.audit_records().len();
     let mut req = ctx.request(Who::Pod(1), Kind::UdpSendto, METADATA_V4, 80, false)?;
     req.count = STORM;
@@ -149,7 +152,12 @@ fn storm_accounted(ctx: &mut Ctx) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    ensure!(counted == STORM, "records account for {counted} of {STORM} attempts ({} records)", records.len());
+    let others = ctx.kernel_count_at(None, "blocked")? - all_before - blocked;
+    ensure!(
+        (STORM..=STORM + others).contains(&counted),
+        "records account for {counted} of {STORM} attempts ({} records; {others} other refusals on the node meanwhile)",
+        records.len()
+    );
     // Bounded by time, not by attempts: one key gets at most a first record and a
     // follow-up per 1 s dedup window. Under emulation (arm64 TCG) the storm itself
     // lasts a minute or more, so the bound grows with it.
