@@ -8,6 +8,7 @@ mod attempt;
 mod audit;
 mod cgroup;
 mod cli;
+mod conceal;
 mod config;
 mod events;
 mod kubepods_watch;

@@ -8,6 +8,7 @@
 //! are attached.
 
 mod bpf_sys;
+mod conceal_maps;
 pub mod netns_cookie;
 pub mod pins;
 mod policy_maps;
@@ -27,6 +28,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES};
+pub use conceal_maps::{sock_addr, sock_key, ConcealPeers};
 pub use netns_cookie::Mechanism;
 use pins::PinLayout;
 
@@ -36,7 +38,7 @@ use crate::policy::CompiledPolicy;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
 
 /// Maps that are pinned: all but the start-up probe's scratch map.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 14] = [
     map_names::SETTINGS,
     map_names::COUNTERS,
     map_names::POLICY4_A,
@@ -47,6 +49,13 @@ pub const PINNED_MAPS: [&str; 9] = [
     map_names::ALLOWED_CGROUPS,
     // Losing it would unmark every live socket: pinned like the rest.
     map_names::SOCK_MARK,
+    // Conceal mode (conceal_maps.rs): a restarted agent's proxy reads the records the
+    // kernel kept writing meanwhile.
+    map_names::CONCEAL,
+    map_names::CONCEAL_ENDPOINTS,
+    map_names::CONCEAL_PENDING,
+    map_names::CONCEAL_PEERS,
+    map_names::CONCEAL_COUNTERS,
 ];
 
 pub use programs::ATTACHMENTS;
