@@ -22,7 +22,9 @@ use tracing::{error, info, warn};
 
 use crate::{
     allowlist,
+    attempt::Attempt,
     audit::Auditor,
+    conceal::service::{Conceal, AUDIT_QUEUE},
     cgroup,
     cli::{CookieSource, RunArgs},
     config::{self, Config},
@@ -30,7 +32,7 @@ use crate::{
     kubepods_watch::KubepodsWatch,
     loader::{pins, Guard, InstallOptions, Mechanism},
     metrics::Metrics,
-    pod_identity::PodResolver,
+    pod_identity::{PodResolver, Workload},
     preflight, probes,
 };
 
@@ -92,6 +94,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     readiness.set_policy_loaded(true);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Conceal mode (conceal/): the filtering proxy; its refusals join the audit trail.
+    let (concealed_tx, concealed_rx) = tokio::sync::mpsc::channel(AUDIT_QUEUE);
+    let mut conceal =
+        Conceal::start(&config, args.host_netns.as_deref(), &cgroup, &mut guard, &metrics, concealed_tx).await?;
+    let conceal_task = conceal.as_mut().map(|c| tokio::spawn(c.serve(shutdown_rx.clone())));
     let listener = probes::bind(config.metrics_addr).await?;
     info!(addr = %config.metrics_addr, "serving /metrics, /healthz and /readyz");
     let server =
@@ -106,6 +113,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .context("could not open the audit log")?,
         metrics: metrics.clone(),
         lost_total: lost_total.clone(),
+        concealed: concealed_rx,
     };
     let events = tokio::spawn(pipeline.run(mode_rx, shutdown_rx.clone()));
 
@@ -125,7 +133,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => break "SIGINT",
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                reload(&args, &mut config, &mut guard, &metrics, &mode_tx);
+                reload(&args, &mut config, &mut guard, &metrics, &mode_tx, conceal.as_ref());
                 seen_file = config_fingerprint(&args.config);
                 allowlist.sync(&config, &mut guard);
             }
@@ -139,11 +147,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = resync.tick(), if !config.allow_pods.is_empty() => allowlist.sync(&config, &mut guard),
             _ = poll.tick() => {
                 publish_counters(&guard, &metrics, &lost_total);
+                if let Some(c) = &conceal {
+                    c.publish(&guard);
+                }
                 let now = config_fingerprint(&args.config);
                 if now != seen_file {
                     info!("the configuration file changed: reloading");
                     seen_file = now;
-                    reload(&args, &mut config, &mut guard, &metrics, &mode_tx);
+                    reload(&args, &mut config, &mut guard, &metrics, &mode_tx, conceal.as_ref());
                     allowlist.sync(&config, &mut guard);
                 }
             }
@@ -156,6 +167,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         error!("the event pipeline failed: {e:#}");
     }
     let _ = server.await;
+    if let Some(task) = conceal_task {
+        let _ = task.await;
+    }
     if args.detach_on_exit {
         guard.detach().context("could not remove the guard from the kernel")?;
         info!("detached (--detach-on-exit): pods can reach the metadata service again");
@@ -172,12 +186,20 @@ fn reload(
     guard: &mut Guard,
     metrics: &Metrics,
     mode_tx: &watch::Sender<config::Mode>,
+    conceal: Option<&Conceal>,
 ) {
     let attempt = config::load(&args.config)
         .map_err(anyhow::Error::from)
         .and_then(|c| Ok((c.compile_policy().map_err(anyhow::Error::from)?, c)))
         .and_then(|(policy, c)| {
             guard.apply(&policy, c.mode.as_kernel())?;
+            match conceal {
+                Some(conceal) => conceal.apply(&c, guard)?,
+                None if c.mode == config::Mode::Conceal => {
+                    warn!("conceal mode without a running proxy (no conceal address at start): metadata connections stay refused until the agent restarts")
+                }
+                None => {}
+            }
             Ok((policy, c))
         });
     match attempt {
@@ -287,6 +309,8 @@ struct EventPipeline {
     auditor: Auditor,
     metrics: Arc<Metrics>,
     lost_total: Arc<AtomicU64>,
+    /// Requests the conceal proxy refused.
+    concealed: tokio::sync::mpsc::Receiver<(Attempt, Workload)>,
 }
 
 impl EventPipeline {
@@ -305,6 +329,10 @@ impl EventPipeline {
                         self.metrics.attempt(&attempt, &workload);
                         self.auditor.record(&attempt, &workload, now);
                     }
+                }
+                Some((attempt, workload)) = self.concealed.recv() => {
+                    self.metrics.attempt(&attempt, &workload);
+                    self.auditor.record(&attempt, &workload, Instant::now());
                 }
                 _ = tick.tick() => {
                     let lost = self.lost_total.load(Ordering::Relaxed);

@@ -125,6 +125,15 @@ pub struct AuditRecord<'a> {
     pub last_seen: SystemTime,
     pub suppressed_since_last: u64,
     pub lost_since_last: u64,
+    /// Conceal mode, `verdict: "concealed"` only: the refused request's method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<&'a str>,
+    /// The refused request's normalised path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<&'a str>,
+    /// The rule that refused it (e.g. `aws-iam-credentials`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'a str>,
 }
 
 /// Suppressed attempts or lost events that no [`AuditRecord`] came along to report
@@ -200,7 +209,7 @@ impl<'a> AuditRecord<'a> {
             kind: "attempts",
             time,
             node,
-            verdict: latest.verdict.name(),
+            verdict: latest.verdict_name(),
             mode,
             workload: workload_kind,
             namespace: pod.and_then(|p| p.namespace.as_deref()),
@@ -225,6 +234,9 @@ impl<'a> AuditRecord<'a> {
             last_seen: tally.last_seen,
             suppressed_since_last: tally.suppressed_since_last,
             lost_since_last: tally.lost_since_last,
+            method: latest.request.as_ref().map(|r| r.method.as_str()),
+            path: latest.request.as_ref().map(|r| r.path.as_str()),
+            rule: latest.request.as_ref().map(|r| r.rule.as_str()),
         }
     }
 }
@@ -280,6 +292,7 @@ mod tests {
             hook: Hook::Connect4,
             verdict: Verdict::Blocked,
             mapped: false,
+            request: None,
         }
     }
 

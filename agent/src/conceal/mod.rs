@@ -10,9 +10,11 @@
 pub mod clouds;
 pub mod decide;
 pub mod host_sockets;
+pub mod metrics;
 pub mod normalise;
 pub mod peers;
 pub mod proxy;
+pub mod service;
 
 use std::net::SocketAddr;
 
