@@ -9,6 +9,7 @@ mod agent;
 mod attempt;
 mod backstop;
 mod block;
+mod conceal;
 mod harness;
 mod lifecycle;
 mod neighbour;
@@ -35,6 +36,7 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(policy::SCENARIOS);
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);
+    all.extend(conceal::SCENARIOS);
     all
 }
 
@@ -84,6 +86,13 @@ fn main() {
     if argv.get(1).map(String::as_str) == Some("attempt") {
         if let Err(e) = attempt::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
             eprintln!("attempt: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if argv.get(1).map(String::as_str) == Some("conceal-client") {
+        if let Err(e) = conceal::client_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+            eprintln!("conceal-client: {e:#}");
             std::process::exit(2);
         }
         return;
