@@ -118,7 +118,8 @@ fn status_after_kill(ctx: &mut Ctx) -> Result<()> {
     ctx.agent.take().context("no agent")?.kill()?;
     let status = ctx.status()?;
     ensure!(status["installed"] == true && status["agent_running"] == false, "status after SIGKILL: {status}");
-    ensure!(status["programs"].as_array().map(Vec::len) == Some(6), "expected 6 attached programs: {status}");
+    // Six enforcement programs and conceal mode's sockops recorder (idle outside conceal mode).
+    ensure!(status["programs"].as_array().map(Vec::len) == Some(7), "expected 7 attached programs: {status}");
     ensure!(status["mode"] == "enforce", "mode missing from status: {status}");
     let blocked = status["destinations"].as_array().context("no destinations")?;
     ensure!(blocked.iter().any(|d| d.as_str().is_some_and(|d| d.starts_with("169.254.169.254/32"))), "{status}");
