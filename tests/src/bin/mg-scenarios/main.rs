@@ -10,6 +10,7 @@ mod attempt;
 mod backstop;
 mod block;
 mod conceal;
+mod conceal_moto;
 mod harness;
 mod lifecycle;
 mod neighbour;
@@ -29,7 +30,7 @@ use harness::Ctx;
 
 type Scenario = (&'static str, fn(&mut Ctx) -> Result<()>);
 
-fn scenarios() -> Vec<Scenario> {
+fn scenarios(without_python: bool) -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(block::SCENARIOS);
     all.extend(backstop::SCENARIOS);
@@ -37,6 +38,10 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);
     all.extend(conceal::SCENARIOS);
+    // Real SDK clients need Python, which the VM guests do not have.
+    if !without_python {
+        all.extend(conceal_moto::SCENARIOS);
+    }
     all
 }
 
@@ -47,6 +52,8 @@ struct Args {
     list: bool,
     /// Check /metrics in-process instead of with promtool (for a VM without it).
     without_promtool: bool,
+    /// Leave out the scenarios that run real Python SDK clients (for a VM without it).
+    without_python: bool,
     /// Multiply every timing budget (e.g. 10 under software emulation).
     time_scale: u32,
 }
@@ -59,6 +66,7 @@ fn parse_args() -> Result<Args> {
         filter: None,
         list: false,
         without_promtool: false,
+        without_python: false,
         time_scale: 1,
     };
     while let Some(a) = it.next() {
@@ -68,10 +76,11 @@ fn parse_args() -> Result<Args> {
             "--filter" => args.filter = Some(it.next().context("--filter needs text")?),
             "--list" => args.list = true,
             "--without-promtool" => args.without_promtool = true,
+            "--without-python" => args.without_python = true,
             "--time-scale" => {
                 args.time_scale = it.next().and_then(|v| v.parse().ok()).filter(|&v| v > 0).context("--time-scale needs a factor")?
             }
-            other => bail!("unknown argument {other}; usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list] [--without-promtool] [--time-scale N]"),
+            other => bail!("unknown argument {other}; usage: mg-scenarios --agent PATH [--variant-agent PATH] [--filter TEXT] [--list] [--without-promtool] [--without-python] [--time-scale N]"),
         }
     }
     if args.agent.as_os_str().is_empty() && !args.list {
@@ -110,7 +119,7 @@ fn main() {
 fn real_main() -> Result<bool> {
     let args = parse_args()?;
     let selected: Vec<Scenario> =
-        scenarios().into_iter().filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f))).collect();
+        scenarios(args.without_python).into_iter().filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f))).collect();
     if args.list {
         for (name, _) in &selected {
             println!("{name}");
