@@ -16,8 +16,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 /// Every kustomization a user applies, by directory under `deploy/`.
-const OVERLAYS: [&str; 5] =
-    ["overlays/default", "overlays/audit", "overlays/gke", "overlays/eks", "overlays/conceal"];
+const OVERLAYS: [&str; 5] = ["overlays/default", "overlays/audit", "overlays/gke", "overlays/eks", "overlays/conceal"];
 /// Kinds that are CRDs, which kubernetes-validate has no schema for.
 const CRD_KINDS: [&str; 1] = ["PodMonitor"];
 /// The agent's capabilities: exactly these, found by `cargo xtask smoke` (see the

@@ -63,7 +63,12 @@ pub fn decide(req: &Request<'_>, extras: &[&ExtraPaths]) -> Decision {
             return refuse(
                 rules.missing_header_status,
                 &format!("{}-header", rules.cloud.name()),
-                &format!("the {} metadata service requires `{}: {}`", rules.cloud.name(), required.name, required.value),
+                &format!(
+                    "the {} metadata service requires `{}: {}`",
+                    rules.cloud.name(),
+                    required.name,
+                    required.value
+                ),
             );
         }
     }

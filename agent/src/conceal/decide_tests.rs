@@ -45,7 +45,10 @@ fn aws_sdks_find_region_zone_and_token() {
 
 #[test]
 fn aws_credentials_and_what_trades_for_them_are_refused_with_404() {
-    assert_eq!(refused_by("GET", "/latest/meta-data/iam/security-credentials/", &[]), (404, "aws-iam-credentials".into()));
+    assert_eq!(
+        refused_by("GET", "/latest/meta-data/iam/security-credentials/", &[]),
+        (404, "aws-iam-credentials".into())
+    );
     assert_eq!(refused_by("GET", "/latest/meta-data/iam/info", &[]).1, "aws-iam-credentials");
     assert_eq!(refused_by("GET", "/latest/meta-data/identity-credentials/ec2/info", &[]).1, "aws-identity-credentials");
     assert_eq!(refused_by("GET", "/latest/user-data", &[]).1, "aws-user-data");
@@ -89,8 +92,14 @@ fn gcp_requires_the_flavor_header_and_hides_accounts_and_attributes() {
         refused_by("GET", "/computeMetadata/v1/instance/service-accounts/default/token", GOOGLE),
         (404, "gcp-service-accounts".into())
     );
-    assert_eq!(refused_by("GET", "/computeMetadata/v1/instance/attributes/kube-env", GOOGLE).1, "gcp-instance-attributes");
-    assert_eq!(refused_by("GET", "/computeMetadata/v1/project/attributes/ssh-keys", GOOGLE).1, "gcp-project-attributes");
+    assert_eq!(
+        refused_by("GET", "/computeMetadata/v1/instance/attributes/kube-env", GOOGLE).1,
+        "gcp-instance-attributes"
+    );
+    assert_eq!(
+        refused_by("GET", "/computeMetadata/v1/project/attributes/ssh-keys", GOOGLE).1,
+        "gcp-project-attributes"
+    );
     assert_eq!(refused_by("GET", "/computeMetadata/v1/instance/?recursive=true", GOOGLE).1, "gcp-recursive");
     assert_eq!(refused_by("GET", "/computeMetadata/v1/instance/?recursive=True", GOOGLE).1, "gcp-recursive");
     assert!(passes("GET", "/computeMetadata/v1/instance/?recursive=false", GOOGLE));
@@ -108,7 +117,10 @@ fn azure_requires_metadata_true_ignores_case_and_hides_identity() {
         refused_by("GET", "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x", AZURE).1,
         "azure-query"
     );
-    assert_eq!(refused_by("GET", "/metadata/identity/oauth2/token?api-version=2018-02-01", AZURE), (400, "azure-identity".into()));
+    assert_eq!(
+        refused_by("GET", "/metadata/identity/oauth2/token?api-version=2018-02-01", AZURE),
+        (400, "azure-identity".into())
+    );
     assert_eq!(refused_by("GET", "/METADATA/IDENTITY/oauth2/token", AZURE).1, "azure-identity");
     assert_eq!(refused_by("GET", "/metadata/attested/document", AZURE).1, "azure-attested");
     assert_eq!(refused_by("GET", "/metadata/instance/compute/userData", AZURE).1, "azure-user-data");
@@ -132,7 +144,13 @@ fn a_pods_extra_paths_open_exactly_those_paths() {
     assert!(matches!(with("GET", "/latest/meta-data/iam/info", &[]), Decision::Pass { class: "extra", .. }));
     assert!(matches!(with("GET", "/latest/meta-data/iam/security-credentials/", &[]), Decision::Refuse { .. }));
     assert!(matches!(with("PUT", "/latest/meta-data/iam/info", &[]), Decision::Refuse { .. }));
-    assert!(matches!(with("GET", "/computeMetadata/v1/instance/attributes/?recursive=true", GOOGLE), Decision::Pass { .. }));
-    assert!(matches!(with("GET", "/computeMetadata/v1/instance/attributes/kube-env", &[]), Decision::Refuse { status: 403, .. }));
+    assert!(matches!(
+        with("GET", "/computeMetadata/v1/instance/attributes/?recursive=true", GOOGLE),
+        Decision::Pass { .. }
+    ));
+    assert!(matches!(
+        with("GET", "/computeMetadata/v1/instance/attributes/kube-env", &[]),
+        Decision::Refuse { status: 403, .. }
+    ));
     assert_eq!(extra.rule_name(), "extra:monitoring/agent-*");
 }

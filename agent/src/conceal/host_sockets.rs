@@ -76,7 +76,9 @@ impl HostSockets {
         let socket = self.tcp(&addr).await?;
         socket.set_reuseaddr(true)?;
         socket.bind(addr).with_context(|| {
-            format!("could not bind the conceal proxy to {addr} in {where_} network namespace; is it this node's address?")
+            format!(
+                "could not bind the conceal proxy to {addr} in {where_} network namespace; is it this node's address?"
+            )
         })?;
         Ok(socket.listen(1024)?)
     }

@@ -86,7 +86,9 @@ impl ExtraPaths {
                     return Err(format!("path `{path}`: `**` may only be the last segment"));
                 }
                 if *s == "." || *s == ".." || s.contains('%') {
-                    return Err(format!("path `{path}`: write the path in its plain form, without `.`, `..` or escapes"));
+                    return Err(format!(
+                        "path `{path}`: write the path in its plain form, without `.`, `..` or escapes"
+                    ));
                 }
             }
             if clouds::route(segments[0]).is_none() {
@@ -121,7 +123,9 @@ mod tests {
             pod: "*".parse().unwrap(),
             paths: paths.iter().map(|p| p.to_string()).collect(),
         };
-        assert!(extra(&["/latest/meta-data/iam/info", "/computeMetadata/v1/instance/attributes/**"]).validate().is_ok());
+        assert!(extra(&["/latest/meta-data/iam/info", "/computeMetadata/v1/instance/attributes/**"])
+            .validate()
+            .is_ok());
         assert!(extra(&["latest/meta-data"]).validate().unwrap_err().contains("must start with `/`"));
         assert!(extra(&["/latest/**/iam"]).validate().unwrap_err().contains("last segment"));
         assert!(extra(&["/latest/meta-data/../iam"]).validate().unwrap_err().contains("plain form"));

@@ -25,4 +25,5 @@ impl Peers for KernelPeers {
 /// Metadata HTTP endpoints the proxy knows how to judge; of these, the ones the
 /// policy blocks for TCP port 80 are redirected. (Link-local IPv6 such as
 /// OpenStack's fe80::a9fe:a9fe needs an interface to reach and stays blocked.)
-pub const METADATA_HTTP: [&str; 4] = ["169.254.169.254:80", "[fd00:ec2::254]:80", "100.100.100.200:80", "192.0.0.192:80"];
+pub const METADATA_HTTP: [&str; 4] =
+    ["169.254.169.254:80", "[fd00:ec2::254]:80", "100.100.100.200:80", "192.0.0.192:80"];

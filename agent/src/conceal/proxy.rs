@@ -153,8 +153,9 @@ impl Proxy {
         let _permit = match self.pod_permit(&workload, origin.cgroup_id) {
             Some(p) => p,
             None => {
-                let _ = serve_one_refusal(stream, StatusCode::SERVICE_UNAVAILABLE, "too many connections from this pod")
-                    .await;
+                let _ =
+                    serve_one_refusal(stream, StatusCode::SERVICE_UNAVAILABLE, "too many connections from this pod")
+                        .await;
                 return;
             }
         };
@@ -314,8 +315,15 @@ impl ConnCtx {
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te" | "trailer" | "upgrade"
-            | "proxy-authenticate" | "proxy-authorization"
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
     )
 }
 
@@ -324,7 +332,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 fn refusal(status: u16, rule: &str, reason: &str, req: &Request<Incoming>) -> Response<Body> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::NOT_FOUND);
     let mut r = text(status, &format!("metadata-guard: concealed by rule {rule}: {reason}\n"));
-    r.headers_mut().insert("x-metadata-guard-rule", HeaderValue::from_str(rule).unwrap_or(HeaderValue::from_static("?")));
+    r.headers_mut()
+        .insert("x-metadata-guard-rule", HeaderValue::from_str(rule).unwrap_or(HeaderValue::from_static("?")));
     if matches!(rule, "request-body" | "request-form") || req.version() == hyper::Version::HTTP_10 {
         r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }

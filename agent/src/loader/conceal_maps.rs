@@ -5,9 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use metadata_guard_common::{
-    conceal_counters, map_names, ConcealOrigin, ConcealSettings, SockKey, AF_INET, AF_INET6,
-};
+use metadata_guard_common::{conceal_counters, map_names, ConcealOrigin, ConcealSettings, SockKey, AF_INET, AF_INET6};
 
 use super::Guard;
 

@@ -27,8 +27,8 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
-use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES};
 pub use conceal_maps::{sock_addr, sock_key, ConcealPeers};
+use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES};
 pub use netns_cookie::Mechanism;
 use pins::PinLayout;
 

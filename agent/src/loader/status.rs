@@ -6,8 +6,8 @@ use std::{net::IpAddr, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData};
 use metadata_guard_common::{
-    counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, MODE_CONCEAL, PORTS_EXCEPT, PORTS_ONLY,
-    PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
+    counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, MODE_CONCEAL, PORTS_EXCEPT,
+    PORTS_ONLY, PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
 };
 use serde::Serialize;
 

@@ -168,7 +168,10 @@ fn aws_paths(ctx: &mut Ctx) -> Result<()> {
         }
         for (path, rule) in [
             ("/latest/meta-data/iam/security-credentials/", "aws-iam-credentials"),
-            ("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance", "aws-identity-credentials"),
+            (
+                "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+                "aws-identity-credentials",
+            ),
             ("/latest/user-data", "aws-user-data"),
             ("/latest/dynamic/instance-identity/pkcs7", "aws-signed-identity"),
         ] {
@@ -298,7 +301,9 @@ fn audit_records(ctx: &mut Ctx) -> Result<()> {
     let (status, metrics) = ctx.agent()?.http_get("/metrics")?;
     ensure!(status == 200, "metrics answered {status}");
     ensure!(
-        metrics.lines().any(|l| l.starts_with("metadata_guard_conceal_requests_total") && l.contains("result=\"refused\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("metadata_guard_conceal_requests_total") && l.contains("result=\"refused\"")),
         "no refused-request series in /metrics"
     );
     ensure!(metrics.contains("metadata_guard_attempts_total{") && metrics.contains("verdict=\"concealed\""));

@@ -74,9 +74,10 @@ print(json.dumps(out))
 fn workspace_target() -> PathBuf {
     // mg-scenarios lives in target/debug (or target/<triple>/…): the venv sits beside.
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.ancestors().find(|p| p.file_name().is_some_and(|n| n == "target")).map(Path::to_path_buf).unwrap_or_else(
-        || std::env::temp_dir().join("metadata-guard-target"),
-    )
+    exe.ancestors()
+        .find(|p| p.file_name().is_some_and(|n| n == "target"))
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| std::env::temp_dir().join("metadata-guard-target"))
 }
 
 /// The virtualenv with moto and boto3, made on first use.
@@ -91,7 +92,13 @@ fn venv() -> Result<PathBuf> {
         ensure!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
         Ok(())
     };
-    run(Command::new("python3").args(["-m", "venv"]).arg(&dir), "python3 -m venv (Debian: python3-venv)")?;
+    let make = || run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&dir), "python3 -m venv");
+    if make().is_err() {
+        // Debian splits venv out of python3.
+        run(Command::new("apt-get").arg("update"), "apt-get update")?;
+        run(Command::new("apt-get").args(["install", "-y", "python3-venv"]), "apt-get install python3-venv")?;
+        make()?;
+    }
     run(Command::new(dir.join("bin/pip")).args(["install", "--quiet"]).args(PIP_PACKAGES), "pip install moto boto3")?;
     fs::write(&marker, "")?;
     Ok(dir)
@@ -270,7 +277,12 @@ fn botocore_through_the_proxy(ctx: &mut Ctx) -> Result<()> {
     for version in ["v2", "v1"] {
         let (net, cg) = &node.pods[0];
         let pod = node.python_in(&net.ns.path(), cg.path(), &venv, version)?;
-        ensure!(pod["region"] == host["region"], "pod ({version}): region {} ≠ host's {}", pod["region"], host["region"]);
+        ensure!(
+            pod["region"] == host["region"],
+            "pod ({version}): region {} ≠ host's {}",
+            pod["region"],
+            host["region"]
+        );
         ensure!(pod["zone"] == host["zone"] && pod["zone"].is_string(), "pod ({version}): zone {}", pod["zone"]);
         ensure!(pod["access_key"].is_null(), "pod ({version}) got credentials: {pod}");
         ensure!(pod["botocore_form_status"] == host["botocore_form_status"], "pod ({version}): {pod}, host: {host}");

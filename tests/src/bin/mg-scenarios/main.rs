@@ -118,8 +118,10 @@ fn main() {
 
 fn real_main() -> Result<bool> {
     let args = parse_args()?;
-    let selected: Vec<Scenario> =
-        scenarios(args.without_python).into_iter().filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f))).collect();
+    let selected: Vec<Scenario> = scenarios(args.without_python)
+        .into_iter()
+        .filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f)))
+        .collect();
     if args.list {
         for (name, _) in &selected {
             println!("{name}");
