@@ -296,6 +296,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_concealed_request_names_method_path_and_rule_and_others_do_not() {
+        let workload = sample_workload();
+        let mut attempt = sample_attempt();
+        let tally = Tally {
+            count: 1,
+            first_seen: attempt.time,
+            last_seen: attempt.time,
+            suppressed_since_last: 0,
+            lost_since_last: 0,
+        };
+        let plain = AuditRecord::new(attempt.time, "n", "conceal", &workload, &attempt, tally);
+        let plain = serde_json::to_value(&plain).unwrap();
+        assert!(plain.get("method").is_none() && plain.get("rule").is_none(), "{plain}");
+        attempt.request = Some(crate::attempt::ConcealedRequest {
+            method: "GET".into(),
+            path: "/latest/meta-data/iam/info".into(),
+            rule: "aws-iam-credentials".into(),
+        });
+        let record = AuditRecord::new(attempt.time, "n", "conceal", &workload, &attempt, tally);
+        let record = serde_json::to_value(&record).unwrap();
+        assert_eq!(record["verdict"], "concealed");
+        assert_eq!(record["method"], "GET");
+        assert_eq!(record["path"], "/latest/meta-data/iam/info");
+        assert_eq!(record["rule"], "aws-iam-credentials");
+    }
+
     /// The JSON blocks of this file's documentation, in order.
     fn documented_samples() -> Vec<String> {
         let mut samples = Vec::new();

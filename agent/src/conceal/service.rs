@@ -154,3 +154,37 @@ fn refusal_attempt(outcome: &Outcome) -> Option<Attempt> {
         }),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn outcome(decision: Decision, destination: &str) -> Outcome {
+        Outcome {
+            cgroup_id: 9,
+            workload: Workload::Unknown,
+            destination: destination.parse().unwrap(),
+            method: "GET".into(),
+            path: "/latest/meta-data/iam/info".into(),
+            decision,
+            status: 404,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn only_refusals_become_attempts_and_they_are_concealed() {
+        let pass = Decision::Pass { cloud: None, class: "listing", rule: "root-listing".into() };
+        assert!(refusal_attempt(&outcome(pass, "169.254.169.254:80")).is_none());
+        let refuse = Decision::Refuse { status: 404, rule: "aws-iam-credentials".into(), reason: String::new() };
+        let attempt = refusal_attempt(&outcome(refuse.clone(), "169.254.169.254:80")).unwrap();
+        assert_eq!(attempt.verdict_name(), "concealed");
+        assert_eq!(attempt.hook, Hook::Connect4);
+        let request = attempt.request.unwrap();
+        assert_eq!((request.method.as_str(), request.rule.as_str()), ("GET", "aws-iam-credentials"));
+        let v6 = refusal_attempt(&outcome(refuse, "[fd00:ec2::254]:80")).unwrap();
+        assert_eq!((v6.hook, v6.family()), (Hook::Connect6, "ipv6"));
+    }
+}
