@@ -81,7 +81,7 @@ fn run(netns: &Path, cgroup: &Path, requests: u32) -> Result<Done> {
     let job = serde_json::to_string(&Job { netns: netns.into(), cgroup: cgroup.into(), requests })?;
     let out = std::process::Command::new("/proc/self/exe").args(["conceal-worker", &job]).output()?;
     ensure!(out.status.success(), "conceal worker failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(serde_json::from_slice(&out.stdout).context("conceal worker output")?)
+    serde_json::from_slice(&out.stdout).context("conceal worker output")
 }
 
 /// The child: joins the cgroup and namespace, then times `requests` exchanges.
