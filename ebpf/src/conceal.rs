@@ -61,7 +61,7 @@ pub fn redirect(ctx: *mut c_void, hook: Hook, dest: &Destination, cgroup_id: u64
         return false;
     }
     let key = SockKey { addr: dest.addr, port: dest.port, family: dest.family, _pad: 0 };
-    if MG_CONCEAL_EP.get_ptr(&key).is_none() {
+    if MG_CONCEAL_EP.get_ptr(key).is_none() {
         return false;
     }
     let Some(proxy) = MG_CONCEAL.get(0) else { return false };
@@ -71,7 +71,7 @@ pub fn redirect(ctx: *mut c_void, hook: Hook, dest: &Destination, cgroup_id: u64
     // SAFETY: a sock_addr program's own context, handed through `judge`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx) };
     let origin = ConcealOrigin { cgroup_id, netns_cookie, destination: key, _pad: 0 };
-    if MG_CONCEAL_PEND.insert(&cookie, &origin, 0).is_err() {
+    if MG_CONCEAL_PEND.insert(cookie, origin, 0).is_err() {
         bump(conceal_counters::RECORD_FAILED);
         return false;
     }
@@ -106,7 +106,7 @@ pub fn mg_conceal_ops(ctx: SockOpsContext) -> u32 {
         on_connect(&ctx);
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         if let Some(key) = local_key(&ctx) {
-            let _ = MG_CONCEAL_PEER.remove(&key);
+            let _ = MG_CONCEAL_PEER.remove(key);
         }
     }
     SOCK_OPS_OK
@@ -121,10 +121,10 @@ fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: a value pointer the verifier checked, copied out at once.
-    let Some(origin) = (unsafe { MG_CONCEAL_PEND.get(&cookie) }).copied() else { return };
-    let _ = MG_CONCEAL_PEND.remove(&cookie);
+    let Some(origin) = (unsafe { MG_CONCEAL_PEND.get(cookie) }).copied() else { return };
+    let _ = MG_CONCEAL_PEND.remove(cookie);
     let Some(key) = local_key(ctx) else { return };
-    if MG_CONCEAL_PEER.insert(&key, &origin, 0).is_err() {
+    if MG_CONCEAL_PEER.insert(key, origin, 0).is_err() {
         bump(conceal_counters::RECORD_FAILED);
         return;
     }
