@@ -17,7 +17,7 @@ use crate::{
     harness::{Ctx, Who, METADATA_V4, METADATA_V6},
 };
 
-pub const SCENARIOS: [crate::Scenario; 7] = [
+pub const SCENARIOS: [crate::Scenario; 8] = [
     ("conceal: pod reads region and zone through the proxy, credentials are refused before the service", aws_paths),
     ("conceal: path tricks, absolute-form targets, Host games and bodies never reach a refused path", path_tricks),
     ("conceal: IPv6 and IPv4-mapped metadata connections are filtered the same way", v6_and_mapped),
@@ -25,6 +25,7 @@ pub const SCENARIOS: [crate::Scenario; 7] = [
     ("conceal: GCP and Azure rules require their headers and hide identities", gcp_and_azure),
     ("conceal: refusals are audit records naming pod, method, path and rule", audit_records),
     ("conceal: allowlisted pods go straight through, extra paths open only for their pods", allow_and_extras),
+    ("conceal: a config reload switches between enforce and conceal, no gap either way", reload_switches_modes),
 ];
 
 /// The proxy listens on the node end of pod 0's veth: a node address every pod routes to.
@@ -329,5 +330,40 @@ fn allow_and_extras(ctx: &mut Ctx) -> Result<()> {
     expect(ctx, Who::Pod(1), imds, &get("/latest/meta-data/iam/info", ""), 200, 1)?;
     expect(ctx, Who::Pod(1), imds, &creds, 404, 0)?;
     expect(ctx, Who::Pod(0), imds, &get("/latest/meta-data/iam/info", ""), 404, 0)?;
+    Ok(())
+}
+
+fn reload_switches_modes(ctx: &mut Ctx) -> Result<()> {
+    let path = ctx.node.config_path();
+    let write = |mode: &str| -> Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("mode: {mode}\n"))?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    };
+    write("enforce")?;
+    let addr = proxy_addr(ctx);
+    let config = path.display().to_string();
+    ctx.ensure_agent(&["--conceal-addr", &addr, "--config", &config])?;
+    let imds = metadata(METADATA_V4);
+    let zone = get("/latest/meta-data/placement/availability-zone", "");
+    ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
+    for (mode, status) in [("conceal", 200), ("enforce", 0), ("conceal", 200)] {
+        write(mode)?;
+        ctx.agent()?.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            // Until the reload lands the old mode answers: refused (EPERM) or filtered.
+            let a = exchange(ctx, Who::Pod(0), imds, &zone)?;
+            if a.status == status {
+                break;
+            }
+            ensure!(a.status == 0 || a.status == 200, "mid-reload answer: {a:?}");
+            ensure!(Instant::now() < deadline, "mode {mode} did not take effect: {a:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let refused = exchange(ctx, Who::Pod(0), imds, &get("/latest/meta-data/iam/info", ""))?;
+        ensure!(refused.status == if mode == "conceal" { 404 } else { 0 }, "{mode}: credentials answered {refused:?}");
+    }
     Ok(())
 }
