@@ -303,8 +303,10 @@ impl ConnCtx {
             .map_err(|_| anyhow::anyhow!("no answer within {UPSTREAM_TIMEOUT:?}"))??;
         let mut response = Response::new(Full::new(body));
         *response.status_mut() = parts.status;
+        // The body is re-framed here, except that a HEAD answer keeps the service's length.
+        let head = req.method() == hyper::Method::HEAD;
         for (name, value) in &parts.headers {
-            if !is_hop_by_hop(name) && name != CONTENT_LENGTH {
+            if !is_hop_by_hop(name) && (name != CONTENT_LENGTH || head) {
                 response.headers_mut().append(name, value.clone());
             }
         }

@@ -179,3 +179,13 @@ async fn a_connection_the_kernel_did_not_redirect_gets_nothing() {
     assert!(r.is_empty(), "{r}");
     assert!(h.upstream_heads().is_empty());
 }
+
+#[tokio::test]
+async fn a_head_request_keeps_the_services_length_and_has_no_body() {
+    let h = harness(true).await;
+    let r = h.raw("HEAD /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(r.to_ascii_lowercase().contains("content-length: 8"), "{r}");
+    assert!(!r.ends_with("upstream"), "{r}");
+    assert!(h.upstream_heads()[0].starts_with("HEAD /latest/meta-data/instance-id"));
+}
