@@ -7,6 +7,7 @@
 #![no_main]
 
 mod backstop;
+mod conceal;
 mod verdict;
 
 use aya_ebpf::{

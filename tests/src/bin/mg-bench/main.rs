@@ -8,6 +8,7 @@
 
 mod bench;
 mod bpf;
+mod conceal;
 mod figures;
 mod report;
 mod scale;
@@ -62,6 +63,13 @@ fn parse_args() -> Result<Args> {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("conceal-worker") {
+        if let Err(e) = conceal::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+            eprintln!("mg-bench conceal worker: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
     if argv.get(1).map(String::as_str) == Some("worker") {
         if let Err(e) = worker::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
             eprintln!("mg-bench worker: {e:#}");
@@ -123,8 +131,10 @@ fn run_all(b: &mut Bench) -> Result<Vec<Figure>> {
     step("5. policy scale");
     let mut f5 = scale::policy_scale(b)?;
     let f7 = scale::footprint(cold, warm, idle_rss);
+    step("8. conceal proxy");
+    let f8 = conceal::figure(b)?;
     explain(&mut f1, &mut f2, &mut f3, &mut f5, &profile);
-    Ok(vec![f1, f2, f3, f4, f5, f6, f7, profile])
+    Ok(vec![f1, f2, f3, f4, f5, f6, f7, f8, profile])
 }
 
 /// Why a target was missed, from the profile, and what would fix it.
