@@ -14,8 +14,9 @@ pub type ConcealPeers = HashMap<MapData, SockKey, ConcealOrigin>;
 
 impl Guard {
     /// Points the kernel's redirect at `proxy` for `endpoints`, or turns it off (None).
-    /// Call before switching the mode to conceal: until then, and whenever this is
-    /// off, metadata connections stay refused as in enforce mode.
+    /// Independent of the mode (`apply`): the kernel redirects only while the mode is
+    /// conceal and this is on; otherwise metadata connections are refused as in
+    /// enforce mode, so either may be written first.
     pub fn set_conceal(&mut self, proxy: Option<SocketAddr>, endpoints: &[SocketAddr]) -> Result<()> {
         let map = self.ebpf.map_mut(map_names::CONCEAL_ENDPOINTS).context("no conceal endpoint map")?;
         let mut eps: HashMap<&mut MapData, SockKey, u8> = HashMap::try_from(map)?;
