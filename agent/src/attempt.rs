@@ -61,9 +61,30 @@ pub struct Attempt {
     pub verdict: Verdict,
     /// A v6 socket used the IPv4-mapped form of the destination.
     pub mapped: bool,
+    /// Conceal mode: the HTTP request the proxy refused (the connection itself was
+    /// redirected, not refused). None for every kernel verdict.
+    pub request: Option<ConcealedRequest>,
+}
+
+/// A request the conceal proxy refused: what was asked, and the rule that refused it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConcealedRequest {
+    pub method: String,
+    /// The normalised path (the raw target when it had no normal form).
+    pub path: String,
+    pub rule: String,
 }
 
 impl Attempt {
+    /// The verdict as records and metrics name it: `concealed` for a refused request.
+    pub fn verdict_name(&self) -> &'static str {
+        if self.request.is_some() {
+            "concealed"
+        } else {
+            self.verdict.name()
+        }
+    }
+
     pub fn family(&self) -> &'static str {
         match self.destination {
             IpAddr::V4(_) => "ipv4",

@@ -160,7 +160,8 @@ pub fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Command::Check { pins, cgroup, mount_bpffs, json } => {
-            let checks = preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs, mount_bpffs });
+            let checks =
+                preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs, mount_bpffs });
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {

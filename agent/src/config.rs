@@ -18,10 +18,11 @@ use std::{
 
 use clap::{builder::PossibleValue, ValueEnum};
 use ipnet::IpNet;
-use metadata_guard_common::{MODE_AUDIT, MODE_ENFORCE};
+use metadata_guard_common::{MODE_AUDIT, MODE_CONCEAL, MODE_ENFORCE};
 use serde::Deserialize;
 
 use crate::audit::{AuditSettings, AuditSettingsError};
+use crate::conceal::ConcealConfig;
 use crate::policy::{compile, parse_cidr, AllowRule, BlockRule, CompiledPolicy, PolicyError, Preset};
 
 const DEFAULT_POD_LOGS_DIR: &str = "/var/log/pods";
@@ -37,6 +38,9 @@ pub enum Mode {
     Enforce,
     /// Let it through and record it, to see what enforcing would break.
     Audit,
+    /// Like enforce, but a pod's HTTP requests to the metadata service go through the
+    /// agent's filtering proxy (--conceal-addr): harmless paths pass, credentials not.
+    Conceal,
 }
 
 impl Mode {
@@ -44,6 +48,7 @@ impl Mode {
         match self {
             Mode::Enforce => MODE_ENFORCE,
             Mode::Audit => MODE_AUDIT,
+            Mode::Conceal => MODE_CONCEAL,
         }
     }
 
@@ -51,6 +56,7 @@ impl Mode {
         match self {
             Mode::Enforce => "enforce",
             Mode::Audit => "audit",
+            Mode::Conceal => "conceal",
         }
     }
 }
@@ -122,6 +128,10 @@ pub struct ConfigArgs {
         value_parser = values::parse_listen_addr
     )]
     pub metrics_addr: Option<SocketAddr>,
+    /// Conceal mode: the proxy's address, in the host's network namespace and reachable
+    /// from pods (in a cluster, the node's IP from the downward API), e.g. 10.0.0.5:8775.
+    #[arg(long, env = "METADATA_GUARD_CONCEAL_ADDR", value_name = "IP:PORT", value_parser = values::parse_listen_addr)]
+    pub conceal_addr: Option<SocketAddr>,
 }
 
 /// The resolved configuration: every default applied, every value checked.
@@ -137,6 +147,7 @@ pub struct Config {
     pub pod_logs_dir: PathBuf,
     pub container_logs_dir: PathBuf,
     pub metrics_addr: SocketAddr,
+    pub conceal: ConcealConfig,
 }
 
 impl Config {
@@ -231,7 +242,17 @@ fn resolve(args: &ConfigArgs, file: file::FileValues) -> Result<Config, ConfigEr
             .or(file.container_logs_dir)
             .unwrap_or_else(|| DEFAULT_CONTAINER_LOGS_DIR.into()),
         metrics_addr: args.metrics_addr.or(file.metrics_addr).unwrap_or(DEFAULT_METRICS_ADDR),
+        conceal: ConcealConfig { addr: args.conceal_addr.or(file.conceal.addr), extra_paths: file.conceal.extra_paths },
     };
+    if config.mode == Mode::Conceal && config.conceal.addr.is_none() {
+        return Err(ConfigError::Invalid {
+            origin: args.config.clone().map(Origin::File).unwrap_or(Origin::Flags),
+            field: "conceal.addr".into(),
+            reason: "conceal mode needs the proxy's address: pass --conceal-addr IP:PORT (the node's IP, reachable \
+                     from pods) or set conceal.addr"
+                .into(),
+        });
+    }
     config.audit.validate().map_err(|reason| ConfigError::Audit { reason })?;
     config.compile_policy().map_err(|reason| ConfigError::Policy { origin, reason })?;
     Ok(config)

@@ -8,8 +8,9 @@
 //!
 //! The running agent (`run`) is a set of supervised subsystems ([`supervise`]); each
 //! owns its task: [`enforce`] (the kernel guard's health, counters), [`config_watch`]
-//! (reloads), [`allowlist`] (pod allowlist sync), [`events`] (event → audit pipeline)
-//! and [`http`] (/metrics, /healthz, /readyz).
+//! (reloads), [`allowlist`] (pod allowlist sync), [`events`] (event → audit pipeline),
+//! [`conceal`] (conceal mode's filtering proxy) and [`http`] (/metrics, /healthz,
+//! /readyz).
 
 pub mod allowlist;
 pub mod apply;
@@ -17,6 +18,7 @@ pub mod attempt;
 pub mod audit;
 pub mod cgroup;
 pub mod cli;
+pub mod conceal;
 pub mod config;
 pub mod config_watch;
 pub mod enforce;

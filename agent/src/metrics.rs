@@ -176,7 +176,7 @@ impl Metrics {
             Workload::Unknown => ("unknown", String::new(), String::new()),
         };
         let labels = [
-            attempt.verdict.name().to_string(),
+            attempt.verdict_name().to_string(),
             kind.to_string(),
             namespace.clone(),
             pod.clone(),
@@ -265,7 +265,13 @@ impl Metrics {
 
     pub fn set_policy(&self, policy: &CompiledPolicy, mode: Mode) {
         self.policy_destinations.set((policy.v4.len() + policy.v6.len()) as i64);
-        self.enforcing.set(i64::from(mode == Mode::Enforce));
+        // Conceal mode enforces too: everything but the filtered HTTP requests is refused.
+        self.enforcing.set(i64::from(mode != Mode::Audit));
+    }
+
+    /// For subsystems that register metrics of their own (conceal/metrics.rs).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     pub fn config_reloaded(&self, ok: bool) {

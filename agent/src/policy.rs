@@ -15,7 +15,7 @@ use std::{fmt, net::IpAddr};
 use ipnet::IpNet;
 use metadata_guard_common::{MAX_PORTS, MAX_RULES, POLICY_MAX_ENTRIES, PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP};
 
-pub use allow::AllowRule;
+pub use allow::{AllowRule, Pattern};
 pub use compile::{compile, CompiledPolicy};
 pub use presets::Preset;
 

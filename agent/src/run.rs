@@ -8,6 +8,7 @@
 //! | `events` | ring buffer → pod identity → audit trail, metrics | `event reader`, `audit trail` |
 //! | `allowlist` | the kernel's pod allowlist | `allowlist` |
 //! | `config watch` | reloads, the policy in force | — |
+//! | `conceal` | conceal mode's proxy and the kernel's redirect to it | `conceal` |
 
 use std::{
     collections::BTreeSet,
@@ -21,6 +22,7 @@ use tracing::info;
 use crate::{
     allowlist::AllowlistSync,
     cli::RunArgs,
+    conceal::service::Conceal,
     config_watch::ConfigWatch,
     enforce::{self, Enforcement},
     events,
@@ -58,6 +60,7 @@ pub async fn run(args: RunArgs, mut signals: Signals) -> Result<()> {
     let enforcement = Enforcement::new(&ctx);
     let pipeline = events::Pipeline::new(ring, attempts_rx, &ctx)?;
     let allowlist = AllowlistSync::new(&ctx, allowed_tx);
+    let conceal = Conceal::new(&ctx, args.enforce.host_netns.clone());
     let hangup = signals.hangup.take().context("SIGHUP is already watched")?;
     let config_watch = ConfigWatch { args: args.enforce.config.clone(), hangup, publish: policy_tx };
     let server = http::Server { listener, metrics, readiness };
@@ -69,6 +72,8 @@ pub async fn run(args: RunArgs, mut signals: Signals) -> Result<()> {
     supervisor.spawn_on_thread("events", move || pipeline.run(c, s));
     let (c, s) = (ctx.clone(), supervisor.shutdown());
     supervisor.spawn_on_thread("allowlist", move || allowlist.run(c, s));
+    let (c, s) = (ctx.clone(), supervisor.shutdown());
+    supervisor.spawn_on_thread("conceal", move || conceal.run(c, s));
     supervisor.spawn("config watch", config_watch.run(ctx.clone(), supervisor.shutdown()));
     supervisor.spawn("http", server.run(supervisor.shutdown()));
 

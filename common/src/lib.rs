@@ -28,6 +28,16 @@ pub mod map_names {
     pub const SOCK_MARK: &str = "MG_SOCK_MARK";
     /// Which 16-bit leading parts of an address any policy prefix covers.
     pub const PREFILTER: &str = "MG_PREFILTER";
+    /// Conceal mode: the proxy's address ([`ConcealSettings`](super::ConcealSettings)).
+    pub const CONCEAL: &str = "MG_CONCEAL";
+    /// Conceal mode: the metadata HTTP endpoints redirected to the proxy.
+    pub const CONCEAL_ENDPOINTS: &str = "MG_CONCEAL_EP";
+    /// Conceal mode: redirected sockets by cookie, from connect to sockops (kernel-written).
+    pub const CONCEAL_PENDING: &str = "MG_CONCEAL_PEND";
+    /// Conceal mode: redirected connections by the pod end's address (kernel-written).
+    pub const CONCEAL_PEERS: &str = "MG_CONCEAL_PEER";
+    /// Conceal mode: per-CPU counters ([`conceal_counters`](super::conceal_counters)).
+    pub const CONCEAL_COUNTERS: &str = "MG_CONCEAL_CNT";
 }
 
 /// Names of the programs in the kernel object, one per hook.
@@ -43,6 +53,8 @@ pub mod program_names {
     /// Only loaded for a moment, on kernels without `SO_NETNS_COOKIE`, to learn the
     /// host network namespace's cookie.
     pub const NETNS_PROBE: &str = "mg_netns_probe";
+    /// Conceal mode: records each redirected connection's pod end (sockops).
+    pub const CONCEAL_SOCKOPS: &str = "mg_conceal_ops";
 }
 
 /// Where a verdict was reached.
@@ -132,6 +144,10 @@ pub mod counters {
 /// How the guard acts on a pod's attempt to reach a blocked destination.
 pub const MODE_ENFORCE: u32 = 0;
 pub const MODE_AUDIT: u32 = 1;
+/// Like enforce, except that a pod's TCP connections to a metadata HTTP endpoint
+/// (`MG_CONCEAL_EP`) are redirected to the agent's filtering proxy. Kernel programs
+/// that predate it read it as enforce: fail-closed.
+pub const MODE_CONCEAL: u32 = 2;
 
 /// The single element of `MG_SETTINGS`.
 #[repr(C)]
@@ -378,6 +394,64 @@ pub struct NetnsProbe {
     pub cookie: u64,
 }
 
+/// The single element of `MG_CONCEAL`: where redirected connections go. Written by
+/// the agent before it switches the mode to [`MODE_CONCEAL`]; `enabled == 0` keeps
+/// every metadata connection blocked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConcealSettings {
+    pub enabled: u32,
+    /// [`AF_INET`] or [`AF_INET6`]: the proxy's family. An IPv4 proxy also takes IPv6
+    /// sockets' connections (through the IPv4-mapped form); an IPv6 proxy only those.
+    pub family: u32,
+    /// The proxy's address in network byte order, as `bpf_sock_addr.user_ip4`/`user_ip6`
+    /// hold it (IPv4 in word 0).
+    pub addr: [u32; 4],
+    /// The proxy's port in network byte order in the low 16 bits, as `user_port`.
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// Key of `MG_CONCEAL_EP` and `MG_CONCEAL_PEER`: an address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Network byte order; IPv4 (also reached through its mapped form) in bytes 0..4.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Value of `MG_CONCEAL_PEND` and `MG_CONCEAL_PEER`: who connected, and to what.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConcealOrigin {
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    /// The metadata endpoint the pod asked for, before the redirect.
+    pub destination: SockKey,
+    pub _pad: u32,
+}
+
+/// Capacity of the kernel-written conceal maps (LRU: the oldest records go first).
+pub const CONCEAL_MAX_ENTRIES: u32 = 16_384;
+/// Capacity of `MG_CONCEAL_EP`.
+pub const CONCEAL_ENDPOINTS_MAX: u32 = 64;
+
+/// Slots of the per-CPU `MG_CONCEAL_CNT` array.
+pub mod conceal_counters {
+    /// Connections redirected to the proxy.
+    pub const REDIRECTED: u32 = 0;
+    /// Redirected connections whose pod end was recorded for the proxy.
+    pub const RECORDED: u32 = 1;
+    /// A redirect could not be remembered (map update failed): the connect was refused.
+    pub const RECORD_FAILED: u32 = 2;
+    pub const SLOTS: u32 = 3;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
@@ -387,6 +461,9 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::NetnsProbe {}
     unsafe impl aya::Pod for super::Prefilter {}
+    unsafe impl aya::Pod for super::ConcealSettings {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::ConcealOrigin {}
 }
 
 #[cfg(test)]
@@ -472,5 +549,8 @@ mod tests {
         }
         assert_eq!(core::mem::size_of::<Event>(), 72);
         assert_eq!(core::mem::size_of::<DestRules>(), 4 + MAX_RULES * 20);
+        assert_eq!(core::mem::size_of::<ConcealSettings>(), 32);
+        assert_eq!(core::mem::size_of::<SockKey>(), 20);
+        assert_eq!(core::mem::size_of::<ConcealOrigin>(), 40);
     }
 }

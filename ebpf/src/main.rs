@@ -8,6 +8,7 @@
 
 mod backstop;
 mod packet;
+mod conceal;
 mod verdict;
 
 use aya_ebpf::{

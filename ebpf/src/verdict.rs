@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use metadata_guard_common::{
     counters, prefilter_index, protocol_bit, DestRules, Event, Hook, Ipv4Key, Ipv6Key, Prefilter, Settings, Verdict,
-    AF_INET, ALLOWED_CGROUPS_MAX_ENTRIES, EVENTS_RING_BYTES, MODE_AUDIT, POLICY_MAX_ENTRIES, PREFILTER_ENTRIES,
-    PROTO_ALL,
+    AF_INET, ALLOWED_CGROUPS_MAX_ENTRIES, EVENTS_RING_BYTES, MODE_AUDIT, MODE_CONCEAL, POLICY_MAX_ENTRIES,
+    PREFILTER_ENTRIES, PROTO_ALL,
 };
 
 /// `bpf_sock_addr` return values: 1 lets the call proceed, 0 fails it with EPERM.
@@ -93,6 +93,15 @@ pub fn judge<C: EbpfContext>(ctx: &C, settings: &Settings, hook: Hook, dest: &De
     }
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // Conceal mode: a (not allowlisted) pod's TCP connect to a metadata HTTP endpoint
+    // goes to the agent's filtering proxy instead; counted in conceal.rs. Everything
+    // else is judged as in enforce mode.
+    if settings.mode == MODE_CONCEAL
+        && MG_ALLOW_CG.get_ptr(cgroup_id).is_none()
+        && crate::conceal::redirect(ctx.as_ptr(), hook, dest, cgroup_id, netns_cookie)
+    {
+        return ALLOW;
+    }
     let origin = Origin { netns_cookie, cgroup_id, task: true };
     if settle(settings, hook, dest, &origin) {
         ALLOW

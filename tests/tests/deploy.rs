@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_norway::Value;
 
 /// Every kustomization a user applies, by directory under `deploy/`.
-const OVERLAYS: [&str; 4] = ["overlays/default", "overlays/audit", "overlays/gke", "overlays/eks"];
+const OVERLAYS: [&str; 5] = ["overlays/default", "overlays/audit", "overlays/gke", "overlays/eks", "overlays/conceal"];
 /// Kinds that are CRDs, which kubernetes-validate has no schema for.
 const CRD_KINDS: [&str; 1] = ["PodMonitor"];
 /// The agent's capabilities: exactly these, found by `cargo xtask smoke` (see the
@@ -141,6 +141,10 @@ fn every_overlay_validates_and_keeps_the_posture() {
         };
         let expected = match overlay {
             "overlays/audit" => (Some("audit"), None),
+            "overlays/conceal" => {
+                assert_eq!(var("METADATA_GUARD_CONCEAL_ADDR"), Some("$(HOST_IP):8775"), "{overlay}");
+                (Some("conceal"), None)
+            }
             "overlays/gke" => (None, Some("gcp")),
             "overlays/eks" => (None, Some("aws")),
             _ => (None, None),

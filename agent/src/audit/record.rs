@@ -125,6 +125,15 @@ pub struct AuditRecord<'a> {
     pub last_seen: SystemTime,
     pub suppressed_since_last: u64,
     pub lost_since_last: u64,
+    /// Conceal mode, `verdict: "concealed"` only: the refused request's method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<&'a str>,
+    /// The refused request's normalised path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<&'a str>,
+    /// The rule that refused it (e.g. `aws-iam-credentials`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'a str>,
 }
 
 /// Suppressed attempts or lost events that no [`AuditRecord`] came along to report
@@ -200,7 +209,7 @@ impl<'a> AuditRecord<'a> {
             kind: "attempts",
             time,
             node,
-            verdict: latest.verdict.name(),
+            verdict: latest.verdict_name(),
             mode,
             workload: workload_kind,
             namespace: pod.and_then(|p| p.namespace.as_deref()),
@@ -225,6 +234,9 @@ impl<'a> AuditRecord<'a> {
             last_seen: tally.last_seen,
             suppressed_since_last: tally.suppressed_since_last,
             lost_since_last: tally.lost_since_last,
+            method: latest.request.as_ref().map(|r| r.method.as_str()),
+            path: latest.request.as_ref().map(|r| r.path.as_str()),
+            rule: latest.request.as_ref().map(|r| r.rule.as_str()),
         }
     }
 }
@@ -275,6 +287,10 @@ pub struct RecordLine {
     pub last_seen: String,
     pub suppressed_since_last: u64,
     pub lost_since_last: u64,
+    /// `verdict: "concealed"` only: the refused request's method, normalised path and rule.
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub rule: Option<String>,
 }
 
 #[cfg(test)]
@@ -317,7 +333,35 @@ mod tests {
             hook: Hook::Connect4,
             verdict: Verdict::Blocked,
             mapped: false,
+            request: None,
         }
+    }
+
+    #[test]
+    fn a_concealed_request_names_method_path_and_rule_and_others_do_not() {
+        let workload = sample_workload();
+        let mut attempt = sample_attempt();
+        let tally = Tally {
+            count: 1,
+            first_seen: attempt.time,
+            last_seen: attempt.time,
+            suppressed_since_last: 0,
+            lost_since_last: 0,
+        };
+        let plain = AuditRecord::new(attempt.time, "n", "conceal", &workload, &attempt, tally);
+        let plain = serde_json::to_value(&plain).unwrap();
+        assert!(plain.get("method").is_none() && plain.get("rule").is_none(), "{plain}");
+        attempt.request = Some(crate::attempt::ConcealedRequest {
+            method: "GET".into(),
+            path: "/latest/meta-data/iam/info".into(),
+            rule: "aws-iam-credentials".into(),
+        });
+        let record = AuditRecord::new(attempt.time, "n", "conceal", &workload, &attempt, tally);
+        let record = serde_json::to_value(&record).unwrap();
+        assert_eq!(record["verdict"], "concealed");
+        assert_eq!(record["method"], "GET");
+        assert_eq!(record["path"], "/latest/meta-data/iam/info");
+        assert_eq!(record["rule"], "aws-iam-credentials");
     }
 
     /// The JSON blocks of this file's documentation, in order.

@@ -21,6 +21,8 @@ pub struct Key {
     protocol: Protocol,
     // `Verdict` is not `Hash`; its discriminant is.
     verdict: u8,
+    /// Refused proxy requests: one record per method, path and rule.
+    request: Option<crate::attempt::ConcealedRequest>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +52,7 @@ impl Key {
             port: attempt.port,
             protocol: attempt.protocol,
             verdict: attempt.verdict as u8,
+            request: attempt.request.clone(),
         }
     }
 }

@@ -16,6 +16,7 @@ use super::{
     values::{ByteSize, Cidr, ListenAddr, Parsed, Port},
     ConfigError, Mode, Origin,
 };
+use crate::conceal::{ConcealConfig, ExtraPaths};
 use crate::policy::{AllowRule, BlockRule, PortMatch, Preset};
 
 /// What a config file sets, checked; `None` where the file is silent.
@@ -33,6 +34,7 @@ pub(super) struct FileValues {
     pub pod_logs_dir: Option<PathBuf>,
     pub container_logs_dir: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
+    pub conceal: ConcealConfig,
 }
 
 #[derive(Debug)]
@@ -70,6 +72,14 @@ struct FileConfig {
     pod_logs_dir: Option<PathBuf>,
     container_logs_dir: Option<PathBuf>,
     metrics: Option<MetricsFile>,
+    conceal: Option<ConcealFile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConcealFile {
+    addr: Option<Parsed<ListenAddr>>,
+    extra_paths: Option<Vec<ExtraPaths>>,
 }
 
 #[derive(Deserialize)]
@@ -118,6 +128,11 @@ type FieldError = (String, String);
 impl FileConfig {
     fn check(self) -> Result<FileValues, FieldError> {
         let audit = self.audit.unwrap_or_default();
+        let conceal = self.conceal.unwrap_or_default();
+        let extra_paths = conceal.extra_paths.unwrap_or_default();
+        for (i, extra) in extra_paths.iter().enumerate() {
+            extra.validate().map_err(|reason| field(&format!("conceal.extra_paths[{i}]"), &reason))?;
+        }
         Ok(FileValues {
             mode: self.mode,
             destinations: self.destinations.map(DestinationsFile::check).transpose()?,
@@ -132,6 +147,7 @@ impl FileConfig {
             pod_logs_dir: non_empty("pod_logs_dir", self.pod_logs_dir)?,
             container_logs_dir: non_empty("container_logs_dir", self.container_logs_dir)?,
             metrics_addr: self.metrics.and_then(|m| m.addr).map(|a| a.0 .0),
+            conceal: ConcealConfig { addr: conceal.addr.map(|a| a.0 .0), extra_paths },
         })
     }
 }

@@ -216,7 +216,7 @@ fn an_unknown_field_is_named() {
 fn bad_values_name_their_field() {
     assert_eq!(
         load_error("mode: enforcing\n"),
-        "config config.yaml: mode: unknown variant `enforcing`, expected `enforce` or `audit` at line 1 column 7"
+        "config config.yaml: mode: unknown variant `enforcing`, expected one of `enforce`, `audit`, `conceal` at line 1 column 7"
     );
     let block = |rules: &str| load_error(&format!("destinations:\n  block:\n{rules}"));
     assert_eq!(
@@ -319,4 +319,21 @@ fn the_example_deployment_config_loads_as_the_defaults() {
     let defaults = load(&ConfigArgs::default()).unwrap();
     assert_eq!(config, defaults, "the example documents the built-in defaults");
     assert!(matches!(config.block[0].ports, PortMatch::Except(_)));
+}
+
+#[test]
+fn conceal_mode_needs_an_address_and_takes_extra_paths() {
+    assert!(load_error("mode: conceal\n").contains("--conceal-addr"));
+    let file = "mode: conceal\nconceal:\n  addr: 10.0.0.5:8775\n  extra_paths:\n    - namespace: monitoring\n      \
+                pod: \"agent-*\"\n      paths: [/latest/meta-data/iam/info]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, file).unwrap();
+    let args = ConfigArgs { config: Some(path), node_name: Some("n".into()), ..Default::default() };
+    let config = load(&args).unwrap();
+    assert_eq!(config.mode, Mode::Conceal);
+    assert_eq!(config.conceal.addr, Some("10.0.0.5:8775".parse().unwrap()));
+    assert_eq!(config.conceal.extra_paths[0].rule_name(), "extra:monitoring/agent-*");
+    let bad = "conceal:\n  extra_paths:\n    - {namespace: a, pod: b, paths: [/latest/../iam]}\n";
+    assert!(load_error(bad).contains("conceal.extra_paths[0]"), "{}", load_error(bad));
 }

@@ -12,6 +12,7 @@
 //! never by opening a program by id.
 
 mod bpf_sys;
+mod conceal_maps;
 pub mod health;
 pub mod netns_cookie;
 pub mod origin;
@@ -33,6 +34,7 @@ use aya::{
     programs::ProgramInfo,
     Ebpf, EbpfLoader,
 };
+pub use conceal_maps::{sock_addr, sock_key, ConcealPeers};
 use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES};
 pub use netns_cookie::Mechanism;
 use pins::PinLayout;
@@ -43,7 +45,7 @@ use crate::policy::CompiledPolicy;
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
 
 /// Maps that are pinned: all but the start-up probe's scratch map.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 15] = [
     map_names::SETTINGS,
     map_names::PREFILTER,
     map_names::COUNTERS,
@@ -55,6 +57,13 @@ pub const PINNED_MAPS: [&str; 10] = [
     map_names::ALLOWED_CGROUPS,
     // Losing it would unmark every live socket: pinned like the rest.
     map_names::SOCK_MARK,
+    // Conceal mode (conceal_maps.rs): a restarted agent's proxy reads the records the
+    // kernel kept writing meanwhile.
+    map_names::CONCEAL,
+    map_names::CONCEAL_ENDPOINTS,
+    map_names::CONCEAL_PENDING,
+    map_names::CONCEAL_PEERS,
+    map_names::CONCEAL_COUNTERS,
 ];
 
 pub use programs::ATTACHMENTS;

@@ -11,7 +11,7 @@ use aya::{
     programs::{
         cgroup_skb::CgroupSkbAttachType,
         links::{CgroupAttachMode, FdLink},
-        CgroupSkb, CgroupSock, CgroupSockAddr, ProgramInfo,
+        CgroupSkb, CgroupSock, CgroupSockAddr, ProgramInfo, SockOps,
     },
     Ebpf,
 };
@@ -25,6 +25,8 @@ pub enum Kind {
     SockCreate,
     /// cgroup_skb egress: the packet backstop.
     Egress,
+    /// sock_ops: records conceal-mode redirects for the proxy (conceal/).
+    SockOps,
 }
 
 /// One attachment: its pin name (also how status names it), program and kind.
@@ -36,13 +38,16 @@ pub struct Attachment {
 
 /// In attach order: sockets are marked before the backstop reads marks, and the
 /// socket hooks come before the backstop so normal clients get EPERM, not a drop.
-pub const ATTACHMENTS: [Attachment; 6] = [
+pub const ATTACHMENTS: [Attachment; 7] = [
     Attachment { pin: "sock_create", program: program_names::SOCK_CREATE, kind: Kind::SockCreate },
     Attachment { pin: "connect4", program: program_names::CONNECT4, kind: Kind::SockAddr },
     Attachment { pin: "connect6", program: program_names::CONNECT6, kind: Kind::SockAddr },
     Attachment { pin: "sendmsg4", program: program_names::SENDMSG4, kind: Kind::SockAddr },
     Attachment { pin: "sendmsg6", program: program_names::SENDMSG6, kind: Kind::SockAddr },
     Attachment { pin: "egress", program: program_names::EGRESS, kind: Kind::Egress },
+    // Idle until the mode is conceal (it checks MG_CONCEAL first); attached always so a
+    // reload can switch modes.
+    Attachment { pin: "conceal_ops", program: program_names::CONCEAL_SOCKOPS, kind: Kind::SockOps },
 ];
 
 /// Loads (verifies) the program and returns an fd to it.
@@ -67,6 +72,11 @@ pub fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
         }
         Kind::Egress => {
             let p: &mut CgroupSkb = program.try_into()?;
+            p.load().with_context(refused)?;
+            p.fd()?.as_fd().try_clone_to_owned()?
+        }
+        Kind::SockOps => {
+            let p: &mut SockOps = program.try_into()?;
             p.load().with_context(refused)?;
             p.fd()?.as_fd().try_clone_to_owned()?
         }
@@ -107,6 +117,11 @@ pub fn attach(ebpf: &mut Ebpf, a: &Attachment, cgroup: &File) -> Result<FdLink> 
         Kind::Egress => {
             let p: &mut CgroupSkb = program.try_into()?;
             let id = p.attach(cgroup, CgroupSkbAttachType::Egress, mode).with_context(failed)?;
+            FdLink::try_from(p.take_link(id)?).with_context(no_link)
+        }
+        Kind::SockOps => {
+            let p: &mut SockOps = program.try_into()?;
+            let id = p.attach(cgroup, mode).with_context(failed)?;
             FdLink::try_from(p.take_link(id)?).with_context(no_link)
         }
     }

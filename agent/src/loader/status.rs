@@ -6,7 +6,8 @@ use std::{net::IpAddr, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData};
 use metadata_guard_common::{
-    counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, PORTS_EXCEPT, PORTS_ONLY,
+    counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, MODE_CONCEAL, PORTS_EXCEPT,
+    PORTS_ONLY,
 };
 use serde::{Deserialize, Serialize};
 
@@ -139,7 +140,14 @@ pub fn read(root: &Path) -> Result<Status> {
     };
     let settings_map = open(map_names::SETTINGS)?;
     let settings: Settings = Array::<_, Settings>::try_from(&settings_map)?.get(&0, 0)?;
-    status.mode = Some(if settings.mode == MODE_AUDIT { "audit" } else { "enforce" }.to_string());
+    status.mode = Some(
+        match settings.mode {
+            MODE_AUDIT => "audit",
+            MODE_CONCEAL => "conceal",
+            _ => "enforce",
+        }
+        .to_string(),
+    );
     status.host_netns_cookie = Some(settings.host_netns_cookie);
     let (v4_name, v6_name) = policy_maps::pair(settings.active_policy);
     let v4_map = open(v4_name)?;

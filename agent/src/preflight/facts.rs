@@ -50,6 +50,8 @@ pub enum ProgramKind {
     SockAddr,
     Sock,
     Skb,
+    /// Conceal mode's recorder of redirected connections.
+    SockOps,
 }
 
 impl ProgramKind {
@@ -58,6 +60,7 @@ impl ProgramKind {
             ProgramKind::SockAddr => "cgroup sock_addr",
             ProgramKind::Sock => "cgroup sock (sock_create)",
             ProgramKind::Skb => "cgroup_skb",
+            ProgramKind::SockOps => "sock_ops",
         }
     }
 
@@ -66,6 +69,7 @@ impl ProgramKind {
             ProgramKind::SockAddr => ProgramType::CgroupSockAddr,
             ProgramKind::Sock => ProgramType::CgroupSock,
             ProgramKind::Skb => ProgramType::CgroupSkb,
+            ProgramKind::SockOps => ProgramType::SockOps,
         }
     }
 }
@@ -188,6 +192,7 @@ fn probes() -> Vec<(Feature, Found)> {
             ProgramSection::CgroupSockAddr { .. } => ProgramKind::SockAddr,
             ProgramSection::CgroupSock { .. } => ProgramKind::Sock,
             ProgramSection::CgroupSkb { .. } => ProgramKind::Skb,
+            ProgramSection::SockOps => ProgramKind::SockOps,
             ref other => {
                 let what = Feature::Object(program.section_index.to_string());
                 out.push((what, Found::Failed(format!("a program of a type `check` does not know: {other:?}"))));

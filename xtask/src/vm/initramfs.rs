@@ -53,7 +53,7 @@ if [ -n "$setup_failed" ]; then
     echo "mg-vm: end rc=setup-failed"
 else
     mg-scenarios --agent /bin/metadata-guard --variant-agent /bin/metadata-guard-variant --without-promtool \
-        --time-scale @TIME_SCALE@ @FILTER@
+        --without-python --time-scale @TIME_SCALE@ @FILTER@
     echo "mg-vm: end rc=$?"
 fi
 poweroff -f

@@ -8,6 +8,7 @@
 
 mod bench;
 mod bpf;
+mod conceal;
 mod figures;
 mod forwarded;
 mod report;
@@ -63,6 +64,13 @@ fn parse_args() -> Result<Args> {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("conceal-worker") {
+        if let Err(e) = conceal::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+            eprintln!("mg-bench conceal worker: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
     if argv.get(1).map(String::as_str) == Some("worker") {
         if let Err(e) = worker::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
             eprintln!("mg-bench worker: {e:#}");
@@ -129,7 +137,9 @@ fn run_all(b: &mut Bench) -> Result<Vec<Figure>> {
     step("5. policy scale");
     let f5 = scale::policy_scale(b)?;
     let f7 = scale::footprint(cold, warm, idle_rss);
-    let mut figures = vec![f1, f2, f2b, f3, f8, f4, f5, f6, f7, profile_fig];
+    step("9. conceal proxy");
+    let f9 = conceal::figure(b)?;
+    let mut figures = vec![f1, f2, f2b, f3, f8, f4, f5, f6, f7, f9, profile_fig];
     explain(&mut figures, &profile);
     Ok(figures)
 }

@@ -9,6 +9,8 @@ mod attempt;
 mod backstop;
 mod block;
 mod boot;
+mod conceal;
+mod conceal_moto;
 mod harness;
 mod health;
 mod lifecycle;
@@ -33,7 +35,7 @@ use harness::Ctx;
 
 type Scenario = (&'static str, fn(&mut Ctx) -> Result<()>);
 
-fn scenarios() -> Vec<Scenario> {
+fn scenarios(without_python: bool) -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(block::SCENARIOS);
     all.extend(backstop::SCENARIOS);
@@ -43,6 +45,11 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(lifecycle::SCENARIOS);
     all.extend(health::SCENARIOS);
     all.extend(boot::SCENARIOS);
+    all.extend(conceal::SCENARIOS);
+    // Real SDK clients need Python, which the VM guests do not have.
+    if !without_python {
+        all.extend(conceal_moto::SCENARIOS);
+    }
     all
 }
 
@@ -65,6 +72,9 @@ struct Args {
     /// Check /metrics in-process instead of with promtool (for a VM without it).
     #[arg(long)]
     without_promtool: bool,
+    /// Leave out the scenarios that run real Python SDK clients (for a VM without it).
+    #[arg(long)]
+    without_python: bool,
     /// Multiply every timing budget (e.g. 10 under software emulation).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     time_scale: u32,
@@ -75,6 +85,13 @@ fn main() {
     if argv.get(1).map(String::as_str) == Some("attempt") {
         if let Err(e) = attempt::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
             eprintln!("attempt: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if argv.get(1).map(String::as_str) == Some("conceal-client") {
+        if let Err(e) = conceal::client_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+            eprintln!("conceal-client: {e:#}");
             std::process::exit(2);
         }
         return;
@@ -91,8 +108,10 @@ fn main() {
 
 fn real_main() -> Result<bool> {
     let args = Args::parse();
-    let selected: Vec<Scenario> =
-        scenarios().into_iter().filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f))).collect();
+    let selected: Vec<Scenario> = scenarios(args.without_python)
+        .into_iter()
+        .filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f)))
+        .collect();
     if args.list {
         for (name, _) in &selected {
             println!("{name}");

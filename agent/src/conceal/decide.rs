@@ -1,0 +1,153 @@
+//! The proxy's decision about one request: pass it upstream, or refuse it naming the
+//! rule. Plain logic over the rules in `clouds`, the pod's extra paths and the
+//! normalised request; no I/O.
+
+use super::{
+    clouds::{self, Cloud, CloudRules, Methods, Rule},
+    normalise::NormalPath,
+    ExtraPaths,
+};
+
+/// What the proxy knows about a request when it decides.
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a NormalPath,
+    /// The raw query string, without `?`.
+    pub query: Option<&'a str>,
+    /// Looks a request header up by lower-case name.
+    pub header: &'a dyn Fn(&str) -> Option<&'a str>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Pass {
+        cloud: Option<Cloud>,
+        /// For metrics: listing, placement, instance, token, extra, ...
+        class: &'static str,
+        rule: String,
+    },
+    Refuse {
+        status: u16,
+        rule: String,
+        reason: String,
+    },
+}
+
+impl Decision {
+    pub fn rule(&self) -> &str {
+        match self {
+            Decision::Pass { rule, .. } | Decision::Refuse { rule, .. } => rule,
+        }
+    }
+}
+
+/// Status for requests no cloud's rules cover (an unknown tree, a bad path).
+pub const UNKNOWN_STATUS: u16 = 404;
+
+pub fn decide(req: &Request<'_>, extras: &[&ExtraPaths]) -> Decision {
+    if req.path.segments.is_empty() {
+        // `GET /` lists the API trees; google-auth pings it to detect GCE.
+        return if Methods::Read.covers(req.method) && req.query.is_none() {
+            Decision::Pass { cloud: None, class: "listing", rule: "root-listing".into() }
+        } else {
+            refuse(UNKNOWN_STATUS, "root-listing", "only GET / without a query is served at the root")
+        };
+    }
+    let Some(rules) = clouds::route(&req.path.segments[0]) else {
+        return refuse(UNKNOWN_STATUS, "default-deny", "no cloud's metadata tree starts here");
+    };
+    let path = if rules.case_insensitive { req.path.lowercase() } else { req.path.clone() };
+    if let Some(required) = rules.required_header {
+        let present = (req.header)(required.name).is_some_and(|v| v.trim().eq_ignore_ascii_case(required.value));
+        if !present {
+            return refuse(
+                rules.missing_header_status,
+                &format!("{}-header", rules.cloud.name()),
+                &format!(
+                    "the {} metadata service requires `{}: {}`",
+                    rules.cloud.name(),
+                    required.name,
+                    required.value
+                ),
+            );
+        }
+    }
+    let recursive = match check_query(rules, req.query) {
+        Ok(recursive) => recursive,
+        Err(reason) => return refuse(rules.refuse_status, &format!("{}-query", rules.cloud.name()), &reason),
+    };
+    let passes = |rule: &Rule| rule.methods.covers(req.method) && (!recursive || is_subtree(rule.pattern));
+    if let Some(rule) = rules.allow.iter().find(|r| matches(r.pattern, &path.segments, false) && passes(r)) {
+        return Decision::Pass { cloud: Some(rules.cloud), class: rule.class, rule: rule.name.into() };
+    }
+    for extra in extras {
+        for pattern in &extra.paths {
+            let segments: Vec<&str> = pattern.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+            let matched = matches_segments(&segments, &path.segments, rules.case_insensitive);
+            if matched && Methods::Read.covers(req.method) && (!recursive || segments.last() == Some(&"**")) {
+                return Decision::Pass { cloud: Some(rules.cloud), class: "extra", rule: extra.rule_name() };
+            }
+        }
+    }
+    let named = rules.deny.iter().find(|r| matches(r.pattern, &path.segments, false)).map(|r| r.name);
+    let why = if recursive {
+        "?recursive=true is only served on a tree that is allowed as a whole".to_owned()
+    } else {
+        format!("{} {} is not among the {} paths a pod may read", req.method, req.path, rules.cloud.name())
+    };
+    match named {
+        Some(name) => refuse(rules.refuse_status, name, &why),
+        None if recursive => refuse(rules.refuse_status, &format!("{}-recursive", rules.cloud.name()), &why),
+        None => refuse(rules.refuse_status, "default-deny", &why),
+    }
+}
+
+fn refuse(status: u16, rule: &str, reason: &str) -> Decision {
+    Decision::Refuse { status, rule: rule.to_owned(), reason: reason.to_owned() }
+}
+
+/// Every parameter must be one the cloud knows; returns whether `recursive=true`.
+fn check_query(rules: &CloudRules, query: Option<&str>) -> Result<bool, String> {
+    let mut recursive = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name_lc = name.to_ascii_lowercase();
+        if !rules.query_params.contains(&name_lc.as_str()) {
+            return Err(format!("query parameter `{name}` is not passed to the {} service", rules.cloud.name()));
+        }
+        if name_lc == "recursive" && !value.eq_ignore_ascii_case("false") {
+            recursive = true;
+        }
+    }
+    Ok(recursive)
+}
+
+fn is_subtree(pattern: &str) -> bool {
+    pattern.ends_with("/**")
+}
+
+fn matches(pattern: &str, path: &[String], case_insensitive: bool) -> bool {
+    let segments: Vec<&str> = pattern.split('/').collect();
+    matches_segments(&segments, path, case_insensitive)
+}
+
+fn matches_segments(pattern: &[&str], path: &[String], case_insensitive: bool) -> bool {
+    match (pattern.first(), path.first()) {
+        (Some(&"**"), _) if pattern.len() == 1 => true,
+        (None, None) => true,
+        (Some(p), Some(s)) => {
+            let hit = match *p {
+                "*" => true,
+                "{aws-version}" => s == "latest" || clouds::is_aws_date(s),
+                _ if case_insensitive => p.eq_ignore_ascii_case(s),
+                _ => p == s,
+            };
+            hit && matches_segments(&pattern[1..], &path[1..], case_insensitive)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

@@ -1,0 +1,274 @@
+//! Conceal mode as one supervised subsystem of the agent, `conceal`: the proxy's
+//! listener, the kernel's redirect to it, and what it reports (refused requests as
+//! [`Attempt`]s into the audit pipeline, every request and the kernel's redirect
+//! counters to metrics). Runs on a thread of its own: naming the pod behind a
+//! connection walks the cgroup tree.
+//!
+//! Who writes what: the configuration subsystem puts the mode in force (with the
+//! policy, in `MG_SETTINGS`); this one owns conceal mode's own maps (`MG_CONCEAL`,
+//! `MG_CONCEAL_EP`) and rewrites them from each policy it sees in force. Either order
+//! is safe: the kernel redirects only when the mode is conceal *and* a proxy is set;
+//! otherwise a pod's metadata connection is refused as in enforce mode.
+//!
+//! Readiness condition `conceal`: in conceal mode, ready once the proxy's listener is
+//! bound and the kernel's redirect points at it; in the other modes, once the
+//! redirect is off.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use super::{
+    decide::Decision,
+    endpoints,
+    host_sockets::HostSockets,
+    metrics::ConcealMetrics,
+    peers::KernelPeers,
+    proxy::{Outcome, Proxy},
+};
+use crate::{
+    attempt::{Attempt, ConcealedRequest, Hook, Protocol, Verdict},
+    config::{Config, Mode},
+    http::Condition,
+    pod_identity::PodResolver,
+    supervise::{Context, Shutdown},
+};
+
+/// How often the kernel's counters are published (and a failed bind retried).
+const TICK: Duration = Duration::from_secs(1);
+
+pub struct Conceal {
+    host_netns: Option<PathBuf>,
+    condition: Condition,
+}
+
+/// The proxy, once its listener is bound.
+struct Bound {
+    addr: SocketAddr,
+    proxy: Arc<Proxy>,
+    stop: watch::Sender<bool>,
+    serving: JoinHandle<()>,
+}
+
+impl Conceal {
+    /// `host_netns`: where the proxy's sockets live (`--host-netns`; None: the agent's own).
+    pub fn new(ctx: &Context, host_netns: Option<PathBuf>) -> Conceal {
+        Conceal { host_netns, condition: ctx.readiness.condition("conceal", "not started") }
+    }
+
+    /// Follows the policy in force until shutdown. In conceal mode, a proxy that cannot
+    /// be bound is retried every second, with the readiness condition saying why;
+    /// meanwhile pods' metadata connections are refused as in enforce mode.
+    pub async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
+        let metrics = Arc::new(ConcealMetrics::register(&ctx.metrics));
+        let mut policy = ctx.policy.clone();
+        let mut bound: Option<Bound> = None;
+        let mut tick = tokio::time::interval(TICK);
+        let mut settled = false;
+        let mut reported: Option<String> = None;
+        loop {
+            if !settled {
+                let config = policy.borrow_and_update().config.clone();
+                match self.put_in_force(&ctx, &config, &mut bound, &metrics).await {
+                    Ok(()) => {
+                        settled = true;
+                        if reported.take().is_some() {
+                            info!("conceal mode: recovered");
+                        }
+                        self.condition.ready();
+                    }
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        if reported.as_ref() != Some(&why) {
+                            warn!("conceal mode: {why}; retrying every {TICK:?}");
+                        }
+                        self.condition.missing(why.clone());
+                        reported = Some(why);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                Ok(()) = policy.changed() => settled = false,
+                _ = tick.tick() => publish_counters(&ctx, &metrics),
+            }
+        }
+        if let Some(b) = bound {
+            let _ = b.stop.send(true);
+            let _ = b.serving.await;
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel and the proxy follow `config`: binds the proxy when an address
+    /// is configured and none is bound yet, hands it the endpoints and extra paths, and
+    /// writes the redirect (on in conceal mode, off otherwise).
+    async fn put_in_force(
+        &self,
+        ctx: &Context,
+        config: &Config,
+        bound: &mut Option<Bound>,
+        metrics: &Arc<ConcealMetrics>,
+    ) -> Result<()> {
+        let endpoints = endpoints(&config.block);
+        let mut bind_failed = None;
+        if let (None, Some(addr)) = (bound.as_ref(), config.conceal.addr) {
+            match self.bind(ctx, config, addr, metrics).await {
+                Ok(b) => *bound = Some(b),
+                Err(e) => bind_failed = Some(e),
+            }
+        }
+        if let Some(b) = bound.as_ref() {
+            if config.conceal.addr.is_some_and(|a| a != b.addr) {
+                warn!("a new conceal address takes effect when the agent restarts; the proxy stays on {}", b.addr);
+            }
+            b.proxy.set_endpoints(endpoints.clone());
+            b.proxy.set_extras(config.conceal.extra_paths.clone());
+        }
+        let redirect_to = bound.as_ref().filter(|_| config.mode == Mode::Conceal).map(|b| b.addr);
+        {
+            let mut guard = ctx.guard.lock().unwrap_or_else(|e| e.into_inner());
+            guard
+                .set_conceal(redirect_to, &endpoints)
+                .context("could not write the conceal settings into the kernel")?;
+        }
+        if let Some(proxy) = redirect_to {
+            info!(%proxy, ?endpoints, "conceal mode: pods' metadata HTTP requests are filtered");
+        }
+        match bind_failed {
+            Some(e) if config.mode == Mode::Conceal => {
+                Err(e.context("pods' metadata connections are refused until the proxy listens"))
+            }
+            Some(e) => {
+                // Nothing depends on it until a reload switches to conceal mode, which binds again.
+                warn!("the conceal proxy is not listening (conceal mode is not in force): {e:#}");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn bind(
+        &self,
+        ctx: &Context,
+        config: &Config,
+        addr: SocketAddr,
+        metrics: &Arc<ConcealMetrics>,
+    ) -> Result<Bound> {
+        let sockets = HostSockets::new(self.host_netns.as_deref())?;
+        let listener = sockets.listen(addr).await?;
+        let peers = ctx.guard.lock().unwrap_or_else(|e| e.into_inner()).conceal_peers()?;
+        let resolver = Mutex::new(PodResolver::new(
+            ctx.cgroup.clone(),
+            config.pod_logs_dir.clone(),
+            config.container_logs_dir.clone(),
+        ));
+        let (attempts, metrics) = (ctx.attempts.clone(), metrics.clone());
+        let report = move |outcome: Outcome| {
+            debug!(
+                cgroup_id = outcome.cgroup_id,
+                method = %outcome.method,
+                path = %outcome.path,
+                rule = outcome.decision.rule(),
+                status = outcome.status,
+                elapsed = ?outcome.elapsed,
+                "conceal proxy request"
+            );
+            metrics.request(&outcome);
+            if let Some(attempt) = refusal_attempt(&outcome) {
+                if attempts.try_send(attempt).is_err() {
+                    warn!("the audit queue is full; a concealed request goes unrecorded");
+                }
+            }
+        };
+        let proxy = Arc::new(Proxy::new(
+            Arc::new(KernelPeers::new(peers)),
+            Arc::new(move |cgroup_id| resolver.lock().unwrap_or_else(|e| e.into_inner()).resolve(cgroup_id)),
+            Arc::new(report),
+            endpoints(&config.block),
+            config.conceal.extra_paths.clone(),
+            sockets,
+        ));
+        let (stop, stopped) = watch::channel(false);
+        let serving = tokio::spawn(proxy.clone().serve(listener, stopped));
+        info!(%addr, "conceal proxy listening");
+        Ok(Bound { addr, proxy, stop, serving })
+    }
+}
+
+/// Copies the kernel's redirect counters into metrics.
+fn publish_counters(ctx: &Context, metrics: &ConcealMetrics) {
+    let counters = ctx.guard.lock().unwrap_or_else(|e| e.into_inner()).conceal_counters();
+    match counters {
+        Ok(values) => metrics.kernel_counters(&values),
+        Err(e) => warn!("could not read the conceal counters: {e:#}"),
+    }
+}
+
+/// A refused request as an attempt for the audit pipeline, which names its pod from
+/// the cgroup id like any other attempt.
+fn refusal_attempt(outcome: &Outcome) -> Option<Attempt> {
+    let Decision::Refuse { rule, .. } = &outcome.decision else { return None };
+    let destination = outcome.destination.ip().to_canonical();
+    Some(Attempt {
+        time: SystemTime::now(),
+        cgroup_id: outcome.cgroup_id,
+        netns_cookie: 0,
+        pid: 0,
+        tid: 0,
+        comm: String::new(),
+        destination,
+        port: outcome.destination.port(),
+        protocol: Protocol::Tcp,
+        hook: if matches!(destination, IpAddr::V4(_)) { Hook::Connect4 } else { Hook::Connect6 },
+        verdict: Verdict::Blocked,
+        mapped: false,
+        request: Some(ConcealedRequest {
+            method: outcome.method.clone(),
+            path: outcome.path.clone(),
+            rule: rule.clone(),
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pod_identity::Workload;
+
+    fn outcome(decision: Decision, destination: &str) -> Outcome {
+        Outcome {
+            cgroup_id: 9,
+            workload: Workload::Unknown,
+            destination: destination.parse().unwrap(),
+            method: "GET".into(),
+            path: "/latest/meta-data/iam/info".into(),
+            decision,
+            status: 404,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn only_refusals_become_attempts_and_they_are_concealed() {
+        let pass = Decision::Pass { cloud: None, class: "listing", rule: "root-listing".into() };
+        assert!(refusal_attempt(&outcome(pass, "169.254.169.254:80")).is_none());
+        let refuse = Decision::Refuse { status: 404, rule: "aws-iam-credentials".into(), reason: String::new() };
+        let attempt = refusal_attempt(&outcome(refuse.clone(), "169.254.169.254:80")).unwrap();
+        assert_eq!(attempt.verdict_name(), "concealed");
+        assert_eq!(attempt.hook, Hook::Connect4);
+        let request = attempt.request.unwrap();
+        assert_eq!((request.method.as_str(), request.rule.as_str()), ("GET", "aws-iam-credentials"));
+        let v6 = refusal_attempt(&outcome(refuse, "[fd00:ec2::254]:80")).unwrap();
+        assert_eq!((v6.hook, v6.family()), (Hook::Connect6, "ipv6"));
+    }
+}

@@ -1,0 +1,296 @@
+//! Conceal mode with real clients: moto's IMDS emulator as the metadata service and
+//! botocore/boto3 as the SDK, in a simulated node of their own (the shared node's
+//! stand-in holds port 80 on every metadata address).
+//!
+//! Host-only: the VM guests have no Python. `--without-python` leaves these
+//! scenarios out (see main.rs); the raw-HTTP scenarios in conceal.rs run everywhere.
+//! The virtualenv is made here, under target/, on first use (python3 -m venv, pip).
+
+use std::{
+    fs,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use metadata_guard_tests::{
+    cgroups::{find_cgroup2_mount, TestCgroup},
+    world::{PodNet, SimNode},
+};
+
+use crate::{
+    agent::{Agent, AgentSpec},
+    harness::Ctx,
+};
+
+pub const SCENARIOS: [crate::Scenario; 1] = [(
+    "conceal (moto, botocore): pods resolve region and zone with IMDSv2 and v1 and get no credentials; host and allowlisted pod do",
+    botocore_through_the_proxy,
+)];
+
+const PROXY_PORT: u16 = 8775;
+/// moto and boto3 versions are whatever pip resolves today; the scenario checks
+/// behaviour, not versions.
+const PIP_PACKAGES: [&str; 2] = ["moto[server]", "boto3"];
+
+/// Asks botocore what an SDK would: region and zone through IMDS (v2 by default; v1
+/// when told to skip the token), and boto3's credential chain. One JSON line out.
+///
+/// moto answers 500 to botocore's region path (`availability-zone/`, with a trailing
+/// slash, which real IMDS serves like the leaf): the fetcher is pointed at the leaf
+/// form, and botocore's own form is sent too, to show that the proxy passes it
+/// (the pod then gets moto's 500, as the host does, not the proxy's 404).
+const CLIENT: &str = r#"
+import json, sys, time, urllib.request, urllib.error
+import boto3, botocore.utils as u
+u.InstanceMetadataRegionFetcher._URL_PATH = "latest/meta-data/placement/availability-zone"
+v1 = sys.argv[1] == "v1"
+out = {}
+try:
+    urllib.request.urlopen("http://169.254.169.254/" + "latest/meta-data/placement/availability-zone/", timeout=2)
+    out["botocore_form_status"] = 200
+except urllib.error.HTTPError as e:
+    out["botocore_form_status"] = e.code
+def fetcher(cls):
+    f = cls(timeout=2, num_attempts=1)
+    if v1:
+        f._fetch_metadata_token = lambda: None
+    return f
+t = time.monotonic()
+out["region"] = fetcher(u.InstanceMetadataRegionFetcher).retrieve_region()
+f = fetcher(u.InstanceMetadataFetcher)
+r = f._get_request("latest/meta-data/placement/availability-zone", None, f._fetch_metadata_token())
+out["zone"] = r.text
+out["region_seconds"] = time.monotonic() - t
+t = time.monotonic()
+creds = boto3.Session(region_name="us-east-1").get_credentials()
+out["credentials_seconds"] = time.monotonic() - t
+out["access_key"] = creds.access_key if creds else None
+print(json.dumps(out))
+"#;
+
+fn workspace_target() -> PathBuf {
+    // mg-scenarios lives in target/debug (or target/<triple>/…): the venv sits beside.
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .find(|p| p.file_name().is_some_and(|n| n == "target"))
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| std::env::temp_dir().join("metadata-guard-target"))
+}
+
+/// The virtualenv with moto and boto3, made on first use.
+fn venv() -> Result<PathBuf> {
+    let dir = workspace_target().join("conceal-venv");
+    let marker = dir.join(".installed");
+    if marker.exists() {
+        return Ok(dir);
+    }
+    let run = |cmd: &mut Command, what: &str| -> Result<()> {
+        let out = cmd.output().with_context(|| format!("could not run {what}"))?;
+        ensure!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let make = || run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&dir), "python3 -m venv");
+    if make().is_err() {
+        // Debian splits venv out of python3.
+        run(Command::new("apt-get").arg("update"), "apt-get update")?;
+        run(Command::new("apt-get").args(["install", "-y", "python3-venv"]), "apt-get install python3-venv")?;
+        make()?;
+    }
+    run(Command::new(dir.join("bin/pip")).args(["install", "--quiet"]).args(PIP_PACKAGES), "pip install moto boto3")?;
+    fs::write(&marker, "")?;
+    Ok(dir)
+}
+
+/// A node of its own: namespaces, kubelet-named cgroups, a private bpffs, an agent in
+/// conceal mode and moto_server on 169.254.169.254:80. Removed on drop.
+struct MotoNode {
+    sim: SimNode,
+    pods: Vec<(PodNet, TestCgroup)>,
+    agent: Option<Agent>,
+    moto: Option<Child>,
+    work: PathBuf,
+    bpffs: PathBuf,
+    // Declared last: dropped after the agent and pods above.
+    _root: TestCgroup,
+    _cgroups: Vec<TestCgroup>,
+}
+
+impl MotoNode {
+    fn build(agent_bin: &Path, venv: &Path) -> Result<MotoNode> {
+        let pid = std::process::id();
+        let work = std::env::temp_dir().join(format!("metadata-guard-moto-{pid}"));
+        let bpffs = work.join("bpffs");
+        fs::create_dir_all(&bpffs)?;
+        nix::mount::mount(Some("bpf"), &bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .context("could not mount a private bpffs")?;
+        let root = TestCgroup::create(&find_cgroup2_mount()?, &format!("metadata-guard-moto-{pid}"))?;
+        let agent_cg = root.child("system.slice")?.child("metadata-guard.service")?;
+        let burstable = root.child("kubepods.slice")?.child("kubepods-burstable.slice")?;
+        let sim = SimNode::new("mg-moto-node")?;
+        let mut node = MotoNode {
+            sim,
+            pods: Vec::new(),
+            agent: None,
+            moto: None,
+            work: work.clone(),
+            bpffs: bpffs.clone(),
+            _root: root,
+            _cgroups: vec![agent_cg.clone(), burstable.clone()],
+        };
+        for (n, (namespace, name)) in [("shop", "web-1"), ("infra", "node-agent-1")].into_iter().enumerate() {
+            let uid = format!("{:08x}-aaaa-bbbb-cccc-{:012x}", n + 1, n + 1);
+            let id = format!("{:064x}", 0xbeef + n);
+            let pod_cg = burstable
+                .child(&format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_")))?
+                .child(&format!("cri-containerd-{id}.scope"))?;
+            let logs = work.join("pods").join(format!("{namespace}_{name}_{uid}")).join("main");
+            fs::create_dir_all(&logs)?;
+            fs::write(logs.join("0.log"), "")?;
+            let net = node.sim.add_pod(name)?;
+            node.pods.push((net, pod_cg));
+        }
+        fs::create_dir_all(work.join("containers"))?;
+        node.start_moto(venv)?;
+        let proxy = format!("{}:{PROXY_PORT}", node.pods[0].0.node_side_ipv4);
+        let config = work.join("config.yaml");
+        fs::write(&config, "allow_pods:\n  - namespace: infra\n    pod: \"node-agent-*\"\n")?;
+        let spec = AgentSpec {
+            binary: agent_bin.to_path_buf(),
+            attach_cgroup: node._root.path().to_path_buf(),
+            own_cgroup: agent_cg.path().to_path_buf(),
+            host_netns: node.sim.node().path(),
+            bpffs: bpffs.join("metadata-guard"),
+            extra: [
+                "--mode",
+                "conceal",
+                "--conceal-addr",
+                &proxy,
+                "--config",
+                &config.display().to_string(),
+                "--pod-logs-dir",
+                &work.join("pods").display().to_string(),
+                "--container-logs-dir",
+                &work.join("containers").display().to_string(),
+                "--node-name",
+                "moto-node",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        };
+        node.agent = Some(Agent::start(&spec)?);
+        Ok(node)
+    }
+
+    /// moto stands for a service off the node: its process stays outside the guarded
+    /// cgroup tree (as the stand-in does), only its network namespace is the node's.
+    fn start_moto(&mut self, venv: &Path) -> Result<()> {
+        let netns = self.sim.node().path();
+        let own_cgroup = own_cgroup()?;
+        let mut cmd = Command::new(venv.join("bin/moto_server"));
+        let log = fs::File::create(workspace_target().join("conceal-moto.log"))?;
+        cmd.args(["-H", "169.254.169.254", "-p", "80"]).stdout(Stdio::null()).stderr(log);
+        in_netns_and_cgroup(&mut cmd, &netns, &own_cgroup)?;
+        self.moto = Some(cmd.spawn().context("could not start moto_server")?);
+        // Ready when it answers on the node.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let probe = self.python_in(&netns, &own_cgroup, venv, "v2");
+            if let Ok(out) = probe {
+                if out["access_key"].is_string() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("moto_server did not serve IMDS on 169.254.169.254:80 within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn python_in(&self, netns: &Path, cgroup: &Path, venv: &Path, version: &str) -> Result<serde_json::Value> {
+        let home = self.work.join("home");
+        fs::create_dir_all(&home)?;
+        let mut cmd = Command::new(venv.join("bin/python"));
+        cmd.args(["-c", CLIENT, version]).env_clear().env("HOME", &home).env("PATH", "/usr/bin:/bin");
+        cmd.env("AWS_METADATA_SERVICE_TIMEOUT", "2").env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "1");
+        in_netns_and_cgroup(&mut cmd, netns, cgroup)?;
+        let out = cmd.output().context("could not run the botocore client")?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+        ensure!(out.status.success(), "botocore client ({version}) in {} failed: {last}", cgroup.display());
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).with_context(|| format!("botocore client printed {text:?}"))
+    }
+}
+
+/// The cgroup v2 directory this process runs in.
+fn own_cgroup() -> Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/cgroup")?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 line in /proc/self/cgroup")?;
+    Ok(find_cgroup2_mount()?.join(rel.trim_start_matches('/')))
+}
+
+/// Makes `cmd` start inside `netns` and `cgroup`, as a pod's or a host unit's process.
+fn in_netns_and_cgroup(cmd: &mut Command, netns: &Path, cgroup: &Path) -> Result<()> {
+    let ns = fs::File::open(netns).with_context(|| format!("could not open {}", netns.display()))?;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+    // SAFETY: only async-signal-safe calls (open, write, close, setns) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd;
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+impl Drop for MotoNode {
+    fn drop(&mut self) {
+        self.agent.take();
+        if let Some(mut m) = self.moto.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_dir_all(&self.work);
+    }
+}
+
+fn botocore_through_the_proxy(ctx: &mut Ctx) -> Result<()> {
+    let venv = venv()?;
+    let node = MotoNode::build(&ctx.agent_bin, &venv)?;
+    let host_cg = node._cgroups[0].path().to_path_buf();
+    let host = node.python_in(&node.sim.node().path(), &host_cg, &venv, "v2")?;
+    ensure!(host["access_key"].is_string() && host["region"].is_string(), "host network: {host}");
+    for version in ["v2", "v1"] {
+        let (net, cg) = &node.pods[0];
+        let pod = node.python_in(&net.ns.path(), cg.path(), &venv, version)?;
+        ensure!(
+            pod["region"] == host["region"],
+            "pod ({version}): region {} ≠ host's {}",
+            pod["region"],
+            host["region"]
+        );
+        ensure!(pod["zone"] == host["zone"] && pod["zone"].is_string(), "pod ({version}): zone {}", pod["zone"]);
+        ensure!(pod["access_key"].is_null(), "pod ({version}) got credentials: {pod}");
+        ensure!(pod["botocore_form_status"] == host["botocore_form_status"], "pod ({version}): {pod}, host: {host}");
+        let took = pod["credentials_seconds"].as_f64().unwrap_or(f64::MAX);
+        ensure!(took < 1.5, "pod ({version}): finding no credentials took {took:.2} s, not at once");
+    }
+    let (net, cg) = &node.pods[1];
+    let allowed = node.python_in(&net.ns.path(), cg.path(), &venv, "v2")?;
+    ensure!(allowed["access_key"] == host["access_key"], "allowlisted pod: {allowed}");
+    Ok(())
+}
