@@ -145,8 +145,8 @@ fn smoke(args: &Args) -> Result<()> {
     println!("smoke: stopped cleanly; the pinned block held with no agent");
 
     // 5. A new agent adopts the pins (restart), keeping what runs the same code...
-    let pins = node.bpffs.join(agent_bpffs(agent)?).join("v1");
-    let (link, program) = (pins.join("links/connect4"), pins.join("programs/connect4"));
+    let pins = metadata_guard::loader::pins::PinLayout::new(&node.bpffs.join(agent_bpffs(agent)?));
+    let (link, program) = (pins.link("connect4"), pins.program("connect4"));
     let before = upgrade::linked_program(&link)?;
     let t = Instant::now();
     let second = podman::start(podman::command(&args.image, &name, agent, &host, &over, true, true)?, &name)?;
