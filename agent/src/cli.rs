@@ -31,6 +31,8 @@ pub enum Command {
     Status {
         #[command(flatten)]
         pins: PinArgs,
+        #[command(flatten)]
+        host: HostNetnsArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -39,6 +41,8 @@ pub enum Command {
     Uninstall {
         #[command(flatten)]
         pins: PinArgs,
+        #[command(flatten)]
+        host: HostNetnsArgs,
     },
     /// List the destination presets: what each blocks and what it leaves open.
     Presets,
@@ -46,6 +50,8 @@ pub enum Command {
     Check {
         #[command(flatten)]
         pins: PinArgs,
+        #[command(flatten)]
+        host: HostNetnsArgs,
         /// The cgroup v2 directory to attach to (default: detected).
         #[arg(long, env = "METADATA_GUARD_CGROUP")]
         cgroup: Option<PathBuf>,
@@ -59,6 +65,14 @@ pub struct PinArgs {
     /// bpffs directory for the guard's pinned links and maps.
     #[arg(long, env = "METADATA_GUARD_BPFFS", default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+}
+
+/// Where the host-side table lives (`status`, `uninstall`, `check`).
+#[derive(Args)]
+pub struct HostNetnsArgs {
+    /// The host's network namespace (default: this process's own), e.g. /proc/1/ns/net.
+    #[arg(long, env = "METADATA_GUARD_HOST_NETNS")]
+    pub host_netns: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -10,6 +10,7 @@ mod cgroup;
 mod cli;
 mod config;
 mod events;
+mod hostside;
 mod kubepods_watch;
 mod loader;
 mod metrics;
@@ -46,16 +47,23 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(run::run(*args))?;
         }
-        Command::Status { pins, json } => {
+        Command::Status { pins, host, json } => {
             let status = loader::status::read(&pins.bpffs)?;
+            let host_side = hostside::status(host.host_netns.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                let mut value = serde_json::to_value(&status)?;
+                value["host_side"] = serde_json::to_value(&host_side)?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 loader::status::print_human(&status);
+                hostside::print_status(&host_side);
             }
         }
-        Command::Uninstall { pins } => {
+        Command::Uninstall { pins, host } => {
             let removed = loader::uninstall(&pins.bpffs)?;
+            if hostside::uninstall(host.host_netns.as_deref())? {
+                println!("removed the host-side table `inet {}`", hostside::TABLE);
+            }
             if removed.is_empty() {
                 println!("nothing to remove under {}: the guard is not installed", pins.bpffs.display());
             }
@@ -71,8 +79,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Check { pins, cgroup, json } => {
-            let checks = preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs });
+        Command::Check { pins, host, cgroup, json } => {
+            let mut checks = preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs });
+            checks.push(preflight::Check::host_side(hostside::check(host.host_netns.as_deref())));
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {

@@ -27,6 +27,7 @@ use crate::{
     cli::{CookieSource, RunArgs},
     config::{self, Config},
     events::EventReader,
+    hostside::{HostSide, RefusalReader},
     kubepods_watch::KubepodsWatch,
     loader::{pins, Guard, InstallOptions, Mechanism},
     metrics::Metrics,
@@ -80,6 +81,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pins = %layout.dir.display(),
         "attached: pods are blocked from the metadata service"
     );
+    // The second enforcement point: packets entering the host, by final destination.
+    let mut host = HostSide::open(args.host_netns.as_deref(), &cgroup)?;
+    host.set_policy(&policy, config.mode == config::Mode::Audit)?;
+    info!(table = crate::hostside::TABLE, "host side: packets entering the node are judged after DNAT");
     for old in &report.removed_versions {
         info!(path = %old.display(), "removed the pins of another layout version after attaching ours");
     }
@@ -106,11 +111,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .context("could not open the audit log")?,
         metrics: metrics.clone(),
         lost_total: lost_total.clone(),
+        refusals: RefusalReader::open(args.host_netns.as_deref(), &cgroup)?,
     };
     let events = tokio::spawn(pipeline.run(mode_rx, shutdown_rx.clone()));
 
     let mut allowlist = Allowlist::new(&cgroup, &config);
-    allowlist.sync(&config, &mut guard);
+    allowlist.sync(&config, &mut guard, &mut host);
 
     let mut config = config;
     let mut sighup = signal(SignalKind::hangup()).context("could not watch SIGHUP")?;
@@ -125,26 +131,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => break "SIGINT",
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                reload(&args, &mut config, &mut guard, &metrics, &mode_tx);
+                reload(&args, &mut config, &mut guard, &mut host, &metrics, &mode_tx);
                 seen_file = config_fingerprint(&args.config);
-                allowlist.sync(&config, &mut guard);
+                allowlist.sync(&config, &mut guard, &mut host);
             }
             changed = allowlist.changed() => {
                 if let Err(e) = changed {
                     warn!("watching the kubepods cgroups failed, the allowlist now follows every {ALLOWLIST_RESYNC:?}: {e:#}");
                     allowlist.watch = None;
                 }
-                allowlist.sync(&config, &mut guard);
+                allowlist.sync(&config, &mut guard, &mut host);
             }
-            _ = resync.tick(), if !config.allow_pods.is_empty() => allowlist.sync(&config, &mut guard),
+            _ = resync.tick(), if !config.allow_pods.is_empty() => allowlist.sync(&config, &mut guard, &mut host),
             _ = poll.tick() => {
-                publish_counters(&guard, &metrics, &lost_total);
+                publish_counters(&guard, &mut host, &metrics, &lost_total);
                 let now = config_fingerprint(&args.config);
                 if now != seen_file {
                     info!("the configuration file changed: reloading");
                     seen_file = now;
-                    reload(&args, &mut config, &mut guard, &metrics, &mode_tx);
-                    allowlist.sync(&config, &mut guard);
+                    reload(&args, &mut config, &mut guard, &mut host, &metrics, &mode_tx);
+                    allowlist.sync(&config, &mut guard, &mut host);
                 }
             }
         }
@@ -158,6 +164,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let _ = server.await;
     if args.detach_on_exit {
         guard.detach().context("could not remove the guard from the kernel")?;
+        host.remove()?;
         info!("detached (--detach-on-exit): pods can reach the metadata service again");
     } else {
         info!(pins = %layout.dir.display(), "exiting; enforcement stays pinned in the kernel");
@@ -170,6 +177,7 @@ fn reload(
     args: &RunArgs,
     current: &mut Config,
     guard: &mut Guard,
+    host: &mut HostSide,
     metrics: &Metrics,
     mode_tx: &watch::Sender<config::Mode>,
 ) {
@@ -178,6 +186,7 @@ fn reload(
         .and_then(|c| Ok((c.compile_policy().map_err(anyhow::Error::from)?, c)))
         .and_then(|(policy, c)| {
             guard.apply(&policy, c.mode.as_kernel())?;
+            host.set_policy(&policy, c.mode == config::Mode::Audit)?;
             Ok((policy, c))
         });
     match attempt {
@@ -210,7 +219,16 @@ fn config_fingerprint(args: &config::ConfigArgs) -> Option<(PathBuf, SystemTime,
     Some((real, meta.modified().ok()?, meta.len()))
 }
 
-fn publish_counters(guard: &Guard, metrics: &Metrics, lost_total: &AtomicU64) {
+fn publish_counters(guard: &Guard, host: &mut HostSide, metrics: &Metrics, lost_total: &AtomicU64) {
+    match host.counters() {
+        Ok(Some(c)) => {
+            metrics.set_kernel_verdicts(Hook::Host, Verdict::Blocked, c.blocked);
+            metrics.set_kernel_verdicts(Hook::Host, Verdict::Audited, c.audited);
+            metrics.set_kernel_verdicts(Hook::Host, Verdict::Exempt, c.exempt);
+        }
+        Ok(None) => warn!("the host-side table is gone from the kernel; it is rebuilt on the next policy change"),
+        Err(e) => warn!("could not read the host-side counters: {e:#}"),
+    }
     match guard.counters() {
         Ok(values) => {
             for hook in Hook::ALL {
@@ -252,7 +270,7 @@ impl Allowlist {
         }
     }
 
-    fn sync(&mut self, config: &Config, guard: &mut Guard) {
+    fn sync(&mut self, config: &Config, guard: &mut Guard, host: &mut HostSide) {
         let wanted = if config.allow_pods.is_empty() {
             Default::default()
         } else {
@@ -263,6 +281,9 @@ impl Allowlist {
             Ok((0, 0)) => {}
             Ok((added, removed)) => info!(added, removed, allowed = wanted.len(), "pod allowlist updated"),
             Err(e) => error!("could not update the pod allowlist in the kernel: {e:#}"),
+        }
+        if let Err(e) = host.set_allowed(&wanted) {
+            error!("could not update the host side's pod allowlist: {e:#}");
         }
     }
 }
@@ -287,11 +308,13 @@ struct EventPipeline {
     auditor: Auditor,
     metrics: Arc<Metrics>,
     lost_total: Arc<AtomicU64>,
+    refusals: RefusalReader,
 }
 
 impl EventPipeline {
     async fn run(mut self, mut mode: watch::Receiver<config::Mode>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         let mut batch = Vec::with_capacity(EVENT_BATCH);
+        let mut host_batch = Vec::new();
         let mut tick = tokio::time::interval(AUDIT_TICK);
         let mut last_sweep = Instant::now();
         let mut lost_seen = self.lost_total.load(Ordering::Relaxed);
@@ -301,6 +324,15 @@ impl EventPipeline {
                     read?;
                     let now = Instant::now();
                     for attempt in batch.drain(..) {
+                        let workload = self.resolver.resolve(attempt.cgroup_id);
+                        self.metrics.attempt(&attempt, &workload);
+                        self.auditor.record(&attempt, &workload, now);
+                    }
+                }
+                read = self.refusals.read(&mut host_batch) => {
+                    read?;
+                    let now = Instant::now();
+                    for attempt in host_batch.drain(..) {
                         let workload = self.resolver.resolve(attempt.cgroup_id);
                         self.metrics.attempt(&attempt, &workload);
                         self.auditor.record(&attempt, &workload, now);

@@ -8,6 +8,8 @@
 //! the test process.
 
 pub mod cgroups;
+pub mod frames;
+pub mod nat;
 pub mod netlink;
 pub mod netns;
 pub mod standin;

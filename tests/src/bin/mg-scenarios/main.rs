@@ -10,6 +10,7 @@ mod attempt;
 mod backstop;
 mod block;
 mod harness;
+mod hostside;
 mod lifecycle;
 mod neighbour;
 mod node;
@@ -35,6 +36,7 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(policy::SCENARIOS);
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);
+    all.extend(hostside::SCENARIOS);
     all
 }
 

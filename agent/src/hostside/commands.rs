@@ -1,0 +1,71 @@
+//! What `status`, `uninstall` and `check` do for the host-side table.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::{HostSide, TABLE};
+
+/// The host-side part of `status`.
+#[derive(Debug, Serialize)]
+pub struct HostStatus {
+    pub table: String,
+    pub installed: bool,
+    pub mode: Option<&'static str>,
+    pub chains: Vec<String>,
+    pub sets: Vec<String>,
+    pub allowed_interfaces: usize,
+    pub blocked_packets: u64,
+    pub audited_packets: u64,
+    pub exempt_packets: u64,
+}
+
+pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
+    let mut host = HostSide::open(host_netns, Path::new("/"))?;
+    let s = host.status()?;
+    Ok(HostStatus {
+        table: format!("inet {TABLE}"),
+        installed: s.is_some(),
+        mode: s.as_ref().map(|s| if s.audit { "audit" } else { "enforce" }),
+        allowed_interfaces: s.as_ref().map_or(0, |s| s.allowed_interfaces),
+        blocked_packets: s.as_ref().map_or(0, |s| s.counters.blocked),
+        audited_packets: s.as_ref().map_or(0, |s| s.counters.audited),
+        exempt_packets: s.as_ref().map_or(0, |s| s.counters.exempt),
+        chains: s.as_ref().map(|s| s.chains.clone()).unwrap_or_default(),
+        sets: s.map(|s| s.sets).unwrap_or_default(),
+    })
+}
+
+pub fn print_status(s: &HostStatus) {
+    if !s.installed {
+        println!("host side: no table `{}` in the host network namespace (not enforcing there)", s.table);
+        return;
+    }
+    println!(
+        "host side: table `{}` ({}), chains {}; {} sets; {} allowlisted pod interfaces",
+        s.table,
+        s.mode.unwrap_or("?"),
+        s.chains.join(", "),
+        s.sets.len(),
+        s.allowed_interfaces
+    );
+    println!(
+        "  packets: {} blocked, {} audited, {} exempt",
+        s.blocked_packets, s.audited_packets, s.exempt_packets
+    );
+}
+
+/// Deletes the table; `Ok(false)` when there was none.
+pub fn uninstall(host_netns: Option<&Path>) -> Result<bool> {
+    HostSide::open(host_netns, Path::new("/"))?.remove()
+}
+
+/// `check`: can this kernel hold the table? (name, passed, detail, fix)
+pub fn check(host_netns: Option<&Path>) -> (bool, String) {
+    let result = HostSide::open(host_netns, Path::new("/")).and_then(|mut h| h.probe());
+    match result {
+        Ok(()) => (true, format!("nf_tables accepts the host-side table `inet {TABLE}` (probed under another name)")),
+        Err(e) => (false, format!("nf_tables refused the host-side table: {e:#}")),
+    }
+}

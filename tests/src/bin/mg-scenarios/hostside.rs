@@ -1,0 +1,179 @@
+//! The host side: what enters the node from a pod is judged by its final destination
+//! in the node, whatever the pod's own kernel did or did not see — frames written
+//! with `AF_PACKET`, and Service addresses the node rewrites to a metadata address.
+//! Each scenario first shows the path open without the guard (so it can fail).
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use metadata_guard_tests::{
+    frames::{tcp_syn_frame, PacketSocket, Wire},
+    nat::Dnat,
+    netns::NetNs,
+    world::{AZURE_WIRESERVER, IMDS_V4, IMDS_V6},
+};
+
+use crate::{
+    attempt::Kind,
+    harness::{Ctx, Who, METADATA_V4},
+};
+
+pub const SCENARIOS: [crate::Scenario; 4] = [
+    ("hostside: AF_PACKET SYNs from a pod (IPv4, IPv6) never arrive and get no SYN-ACK", packet_frames_stopped),
+    ("hostside: a Service address DNATed in the node to 168.63.129.16:80 is refused, TCP and UDP", dnat_refused),
+    ("hostside: DNS on port 53 through the node and host-network processes are served", open_paths_served),
+    ("hostside: status shows the table, audit mode drops nothing, uninstall removes it", status_audit_uninstall),
+];
+
+/// A Service-like virtual address, routed to the node by the pod's default route.
+const VIRTUAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SETTLE: Duration = Duration::from_millis(150);
+/// Long enough for the node to resolve the pod's IPv6 neighbour before it answers.
+const SYN_ACK_WAIT: Duration = Duration::from_millis(1500);
+
+/// Counts TCP segments from source port `sport` delivered in the node namespace (the
+/// SYN, and the pod kernel's reset when a SYN-ACK reaches it),
+/// after every filter there (raw sockets get their copy at local delivery).
+struct ArrivalTap {
+    fd: OwnedFd,
+    sport: u16,
+    v6: bool,
+}
+
+impl ArrivalTap {
+    fn open(node: &NetNs, v6: bool, sport: u16) -> Result<ArrivalTap> {
+        let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        let fd = node.run(|| {
+            // SAFETY: plain socket(2); owned right away.
+            let fd =
+                unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::IPPROTO_TCP) };
+            // SAFETY: a fresh fd we own (checked below).
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+        });
+        Ok(ArrivalTap { fd: fd.context("could not open a raw TCP tap in the node namespace")?, sport, v6 })
+    }
+
+    fn count(&self) -> u64 {
+        let mut n = 0;
+        let mut buf = [0u8; 2048];
+        loop {
+            // SAFETY: valid fd and buffer.
+            let len = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if len <= 0 {
+                return n;
+            }
+            // IPv4 raw sockets get the IP header, IPv6 ones the transport header only.
+            let tcp = if self.v6 { 0 } else { (buf[0] & 0x0f) as usize * 4 };
+            if len as usize >= tcp + 2 && u16::from_be_bytes([buf[tcp], buf[tcp + 1]]) == self.sport {
+                n += 1;
+            }
+        }
+    }
+}
+
+/// Sends one SYN frame from pod 0 to `dest`:80; returns (segments that arrived in
+/// the node, whether a SYN-ACK came back).
+fn syn_over_af_packet(ctx: &Ctx, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+    let pod = &ctx.node.pods[0].net;
+    let wire = Wire::of(&pod.ns, ctx.node.sim.node(), &pod.node_side_link)?;
+    let src = if dest.is_ipv4() { IpAddr::V4(pod.ipv4) } else { IpAddr::V6(pod.ipv6) };
+    let tap = ArrivalTap::open(ctx.node.sim.node(), dest.is_ipv6(), sport)?;
+    let frame = tcp_syn_frame(&wire, src, dest, sport, 80);
+    let answered = pod.ns.run(|| -> Result<bool> {
+        let sock = PacketSocket::open(wire.ifindex).context("AF_PACKET socket in the pod")?;
+        sock.send(&frame).context("sending the frame")?;
+        sock.syn_ack_to(sport, SYN_ACK_WAIT)
+    })?;
+    std::thread::sleep(SETTLE);
+    Ok((tap.count(), answered))
+}
+
+fn packet_frames_stopped(ctx: &mut Ctx) -> Result<()> {
+    ctx.uninstall()?;
+    for (n, dest) in [IMDS_V4, IMDS_V6].into_iter().enumerate() {
+        let (arrived, answered) = syn_over_af_packet(ctx, dest, 41000 + n as u16)?;
+        ensure!(arrived >= 1 && answered, "{dest}: without the guard the SYN should arrive and be answered (arrived {arrived}, answered {answered})");
+    }
+    ctx.default_agent()?;
+    for (n, dest) in [IMDS_V4, IMDS_V6].into_iter().enumerate() {
+        let (arrived, answered) = syn_over_af_packet(ctx, dest, 42000 + n as u16)?;
+        ensure!(arrived == 0, "{dest}: a pod's AF_PACKET SYN arrived in the node {arrived} time(s)");
+        ensure!(!answered, "{dest}: a pod's AF_PACKET SYN got a SYN-ACK: a user-space handshake would go on");
+    }
+    Ok(())
+}
+
+fn dnat_refused(ctx: &mut Ctx) -> Result<()> {
+    let IpAddr::V4(wireserver) = AZURE_WIRESERVER else { unreachable!() };
+    let vip = VIRTUAL_IP.to_string();
+    let _dnat = Dnat::add(ctx.node.sim.node(), &[(VIRTUAL_IP, wireserver, None)])?;
+    ctx.uninstall()?;
+    ctx.expect_served(Who::Pod(0), Kind::Http, &vip, 80, false).context("the DNAT itself must work")?;
+    ctx.expect_served(Who::Pod(0), Kind::UdpSendto, &vip, 80, false).context("the DNAT itself must work")?;
+
+    ctx.default_agent()?;
+    ctx.expect_refused(Who::Pod(0), Kind::Http, &AZURE_WIRESERVER.to_string(), 80, false)?;
+    for kind in [Kind::Http, Kind::UdpSendto] {
+        let before = ctx.node.standin.arrivals();
+        let out = ctx.try_once(Who::Pod(0), kind, &vip, 80, false)?;
+        std::thread::sleep(SETTLE);
+        let after = ctx.node.standin.arrivals();
+        ensure!(out.ok == 0 || kind == Kind::UdpSendto, "{kind:?} to {vip}:80 (DNAT to the WireServer) was served: {out:?}");
+        ensure!(after == before, "{kind:?} to {vip}:80 reached the WireServer: {before:?} → {after:?}");
+        if kind == Kind::Http {
+            ensure!(out.max_us < 1_000_000, "the refusal should be a reset, at once; took {} µs", out.max_us);
+        }
+    }
+    Ok(())
+}
+
+fn open_paths_served(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    ctx.expect_served(Who::Pod(0), Kind::UdpSendto, METADATA_V4, 53, false)?;
+    ctx.expect_served(Who::Pod(0), Kind::Http, METADATA_V4, 53, false)?;
+    ctx.expect_served(Who::HostInPodCgroup(0), Kind::Http, METADATA_V4, 80, false)?;
+    ctx.expect_served(Who::HostInPodCgroup(0), Kind::UdpSendto, METADATA_V4, 80, false)?;
+    Ok(())
+}
+
+fn host_status(ctx: &Ctx) -> Result<serde_json::Value> {
+    Ok(ctx.status()?["host_side"].clone())
+}
+
+fn status_audit_uninstall(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    let before = host_status(ctx)?;
+    ensure!(before["installed"] == true && before["mode"] == "enforce", "status: {before}");
+    syn_over_af_packet(ctx, IMDS_V4, 43000)?;
+    let after = host_status(ctx)?;
+    ensure!(
+        after["blocked_packets"].as_u64() > before["blocked_packets"].as_u64(),
+        "the refused frame is not counted: {before} → {after}"
+    );
+
+    ctx.ensure_agent(&["--mode", "audit"])?;
+    ensure!(host_status(ctx)?["mode"] == "audit", "status after --mode audit: {}", host_status(ctx)?);
+    let (arrived, answered) = syn_over_af_packet(ctx, IMDS_V4, 43001)?;
+    ensure!(arrived >= 1 && answered, "audit mode must drop nothing: arrived {arrived}, answered {answered}");
+    let audited = host_status(ctx)?["audited_packets"].as_u64().unwrap_or(0);
+    ensure!(audited >= 1, "audit mode did not count the frame: {}", host_status(ctx)?);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let records = ctx.agent()?.audit_records();
+        if records.iter().any(|r| r["hook"] == "host" && r["verdict"] == "audited" && r["port"] == 80) {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "no audit record with hook host: {records:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    ctx.uninstall()?;
+    ensure!(host_status(ctx)?["installed"] == false, "the table outlived uninstall: {}", host_status(ctx)?);
+    let (arrived, _) = syn_over_af_packet(ctx, IMDS_V4, 43002)?;
+    ensure!(arrived >= 1, "after uninstall the node should be open again");
+    Ok(())
+}
