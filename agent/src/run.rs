@@ -83,7 +83,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
     // The second enforcement point: packets entering the host, by final destination.
     let mut host = HostSide::open(args.host_netns.as_deref(), &cgroup)?;
-    host.set_policy(&policy, config.mode == config::Mode::Audit)?;
+    host.set_policy(&crate::hostside::policy(&config)?, config.mode == config::Mode::Audit)?;
     info!(table = crate::hostside::TABLE, "host side: packets entering the node are judged after DNAT");
     for old in &report.removed_versions {
         info!(path = %old.display(), "removed the pins of another layout version after attaching ours");
@@ -186,7 +186,7 @@ fn reload(
         .and_then(|c| Ok((c.compile_policy().map_err(anyhow::Error::from)?, c)))
         .and_then(|(policy, c)| {
             guard.apply(&policy, c.mode.as_kernel())?;
-            host.set_policy(&policy, c.mode == config::Mode::Audit)?;
+            host.set_policy(&crate::hostside::policy(&c)?, c.mode == config::Mode::Audit)?;
             Ok((policy, c))
         });
     match attempt {

@@ -33,7 +33,18 @@ pub use refusals::RefusalReader;
 pub use ruleset::shapes;
 pub use table::{COUNTERS, TABLE};
 
-use crate::policy::CompiledPolicy;
+use crate::{
+    config::Config,
+    policy::{compile, CompiledPolicy},
+};
+
+/// What the host side blocks: the configured rules, plus those that presets leave to
+/// the host side alone (see [`Preset::host_side_rules`](crate::policy::Preset::host_side_rules)).
+pub fn policy(config: &Config) -> Result<CompiledPolicy> {
+    let mut rules = config.block.clone();
+    rules.extend(config.presets.iter().flat_map(|p| p.host_side_rules()));
+    compile(&rules).map_err(anyhow::Error::from)
+}
 
 /// Packets the table counted, by verdict.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -231,7 +242,7 @@ impl HostSide {
     /// again in one transaction under another name (nothing stays, nothing changes
     /// for packets). Loads the modules the table needs on the way.
     pub fn probe(&mut self) -> Result<()> {
-        let policy = crate::policy::compile(&crate::policy::Preset::Default.rules()).map_err(anyhow::Error::from)?;
+        let policy = compile(&crate::policy::Preset::Default.rules()).map_err(anyhow::Error::from)?;
         let content = table::Content { shapes: shapes(&policy), audit: false, allow_ifindex: vec![1], counters: Default::default() };
         self.nft.request(&table::probe(&content).finish(), wants_ack).map_err(explain)?;
         Ok(())

@@ -14,19 +14,22 @@ use metadata_guard_tests::{
     frames::{tcp_syn_frame, PacketSocket, Wire},
     nat::Dnat,
     netns::NetNs,
-    world::{AZURE_WIRESERVER, IMDS_V4, IMDS_V6},
+    world::{AWS_DNS_NEIGHBOUR, AZURE_WIRESERVER, IMDS_V4, IMDS_V6},
 };
 
 use crate::{
+    agent::Agent,
     attempt::Kind,
     harness::{Ctx, Who, METADATA_V4},
 };
 
-pub const SCENARIOS: [crate::Scenario; 4] = [
+pub const SCENARIOS: [crate::Scenario; 6] = [
     ("hostside: AF_PACKET SYNs from a pod (IPv4, IPv6) never arrive and get no SYN-ACK", packet_frames_stopped),
     ("hostside: a Service address DNATed in the node to 168.63.129.16:80 is refused, TCP and UDP", dnat_refused),
     ("hostside: DNS on port 53 through the node and host-network processes are served", open_paths_served),
     ("hostside: status shows the table, audit mode drops nothing, uninstall removes it", status_audit_uninstall),
+    ("hostside: GKE Workload Identity: 169.254.169.254:80 DNATed to the node's server is served", gke_workload_identity),
+    ("hostside: the table holds through SIGKILL, restart and upgrade; counts carry over", table_outlives_agents),
 ];
 
 /// A Service-like virtual address, routed to the node by the pod's default route.
@@ -175,5 +178,61 @@ fn status_audit_uninstall(ctx: &mut Ctx) -> Result<()> {
     ensure!(host_status(ctx)?["installed"] == false, "the table outlived uninstall: {}", host_status(ctx)?);
     let (arrived, _) = syn_over_af_packet(ctx, IMDS_V4, 43002)?;
     ensure!(arrived >= 1, "after uninstall the node should be open again");
+    Ok(())
+}
+
+/// GKE's node DNATs pods' 169.254.169.254:80 to its metadata server (169.254.169.252:988
+/// there); here the stand-in's 169.254.169.253:80 plays that server.
+fn gke_workload_identity(ctx: &mut Ctx) -> Result<()> {
+    let (IpAddr::V4(imds), IpAddr::V4(gke_server)) = (IMDS_V4, AWS_DNS_NEIGHBOUR) else { unreachable!() };
+    ctx.ensure_agent(&["--preset", "gke-workload-identity"])?;
+    {
+        let _dnat = Dnat::add(ctx.node.sim.node(), &[(imds, gke_server, Some((80, 80)))])?;
+        let before = ctx.node.standin.arrivals();
+        ctx.expect_served(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
+        let after = ctx.node.standin.arrivals();
+        ensure!(
+            after.tcp(80).to(AWS_DNS_NEIGHBOUR) == before.tcp(80).to(AWS_DNS_NEIGHBOUR) + 1
+                && after.tcp(80).to(IMDS_V4) == before.tcp(80).to(IMDS_V4),
+            "the pod must reach the node's metadata server and not the real one: {before:?} → {after:?}"
+        );
+        ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 443, false)?;
+        ctx.expect_served(Who::Pod(0), Kind::UdpSendto, METADATA_V4, 53, false)?;
+    }
+    // Without the DNAT (a node without Workload Identity) the real server stays out of reach.
+    let before = ctx.node.standin.arrivals();
+    let out = ctx.try_once(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
+    std::thread::sleep(SETTLE);
+    let after = ctx.node.standin.arrivals();
+    ensure!(out.ok == 0 && after == before, "without the DNAT the pod reached the metadata server: {out:?}");
+    ctx.expect_served(Who::HostInPodCgroup(0), Kind::Http, METADATA_V4, 80, false)?;
+    Ok(())
+}
+
+fn table_outlives_agents(ctx: &mut Ctx) -> Result<()> {
+    ctx.uninstall()?;
+    ctx.default_agent()?;
+    syn_over_af_packet(ctx, IMDS_V4, 44000)?;
+    let blocked = host_status(ctx)?["blocked_packets"].as_u64().unwrap_or(0);
+    ensure!(blocked >= 1, "nothing counted: {}", host_status(ctx)?);
+    let spec = ctx.spec(&ctx.agent_bin.clone(), &[]);
+    ctx.agent.take().context("no agent")?.kill()?;
+    ctx.running_args.clear();
+    let stopped = |ctx: &Ctx, sport: u16, when: &str| -> Result<()> {
+        let (arrived, answered) = syn_over_af_packet(ctx, IMDS_V4, sport)?;
+        ensure!(arrived == 0 && !answered, "{when}: a pod's AF_PACKET SYN got through");
+        Ok(())
+    };
+    stopped(ctx, 44001, "no agent after SIGKILL")?;
+    let agent = Agent::start(&spec)?;
+    stopped(ctx, 44002, "restarted agent")?;
+    let counted = host_status(ctx)?["blocked_packets"].as_u64().unwrap_or(0);
+    ensure!(counted >= blocked + 2, "the restarted agent lost the table's counts: {blocked} → {counted}");
+    agent.kill()?;
+    let variant = ctx.spec(&ctx.variant_bin()?, &[]);
+    let agent = Agent::start(&variant)?;
+    stopped(ctx, 44003, "upgraded agent")?;
+    agent.stop()?;
+    stopped(ctx, 44004, "after SIGTERM")?;
     Ok(())
 }
