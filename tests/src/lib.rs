@@ -10,6 +10,7 @@
 pub mod cgroups;
 pub mod frames;
 pub mod nat;
+pub mod sandbox;
 pub mod netlink;
 pub mod netns;
 pub mod standin;

@@ -33,8 +33,8 @@ pub const SCENARIOS: [crate::Scenario; 6] = [
 ];
 
 /// A Service-like virtual address, routed to the node by the pod's default route.
-const VIRTUAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const SETTLE: Duration = Duration::from_millis(150);
+pub const VIRTUAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const SETTLE: Duration = Duration::from_millis(150);
 /// Long enough for the node to resolve the pod's IPv6 neighbour before it answers.
 const SYN_ACK_WAIT: Duration = Duration::from_millis(1500);
 
@@ -78,10 +78,14 @@ impl ArrivalTap {
     }
 }
 
-/// Sends one SYN frame from pod 0 to `dest`:80; returns (segments that arrived in
-/// the node, whether a SYN-ACK came back).
 fn syn_over_af_packet(ctx: &Ctx, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
-    let pod = &ctx.node.pods[0].net;
+    syn_from_pod(ctx, 0, dest, sport)
+}
+
+/// Sends one SYN frame from a pod to `dest`:80; returns (segments that arrived in
+/// the node, whether a SYN-ACK came back).
+pub fn syn_from_pod(ctx: &Ctx, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+    let pod = &ctx.node.pods[pod].net;
     let wire = Wire::of(&pod.ns, ctx.node.sim.node(), &pod.node_side_link)?;
     let src = if dest.is_ipv4() { IpAddr::V4(pod.ipv4) } else { IpAddr::V6(pod.ipv6) };
     let tap = ArrivalTap::open(ctx.node.sim.node(), dest.is_ipv6(), sport)?;
@@ -143,7 +147,7 @@ fn open_paths_served(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-fn host_status(ctx: &Ctx) -> Result<serde_json::Value> {
+pub fn host_status(ctx: &Ctx) -> Result<serde_json::Value> {
     Ok(ctx.status()?["host_side"].clone())
 }
 

@@ -11,6 +11,7 @@ mod backstop;
 mod block;
 mod harness;
 mod hostside;
+mod hostside_pods;
 mod lifecycle;
 mod neighbour;
 mod node;
@@ -37,6 +38,7 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(trail::SCENARIOS);
     all.extend(lifecycle::SCENARIOS);
     all.extend(hostside::SCENARIOS);
+    all.extend(hostside_pods::SCENARIOS);
     all
 }
 
@@ -83,6 +85,13 @@ fn parse_args() -> Result<Args> {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(metadata_guard_tests::sandbox::SANDBOX_ARG) {
+        if let Err(e) = metadata_guard_tests::sandbox::child_main(&argv[2..]) {
+            eprintln!("sandbox: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
     if argv.get(1).map(String::as_str) == Some("attempt") {
         if let Err(e) = attempt::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
             eprintln!("attempt: {e:#}");
