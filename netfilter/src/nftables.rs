@@ -114,6 +114,7 @@ pub const TYPE_IFINDEX: u32 = 20;
 pub enum CmpOp {
     Eq = 0,
     Neq = 1,
+    Gte = 5,
 }
 
 /// One expression of a rule.

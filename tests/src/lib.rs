@@ -8,6 +8,7 @@
 //! the test process.
 
 pub mod cgroups;
+pub mod forwarded;
 pub mod frames;
 pub mod nat;
 pub mod sandbox;

@@ -46,6 +46,9 @@ const IPV6_FRAGMENT_HEADER: u8 = 44;
 const IPV6_FRAG_OFFSET_FIELD: u32 = 2;
 const IPV6_FRAG_OFFSET_MASK: [u8; 2] = [0xff, 0xf8];
 const TH_DPORT_OFFSET: u32 = 2;
+const TCP_FLAGS_OFFSET: u32 = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// Everything the table holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,7 +118,15 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
     b.add_rule(t, "forward", &[Expr::jump("judge")]);
     // IPVS sends the packets it balances through LOCAL_OUT without a socket; host
     // processes' own packets have one (loading the socket's uid fails without).
-    b.add_rule(t, "output", &[meta(NFT_META_SKUID), Expr::verdict(NF_ACCEPT)]);
+    b.add_rule(
+        t,
+        "output",
+        &[
+            meta(NFT_META_SKUID),
+            Expr::Cmp { op: CmpOp::Gte, sreg: NFT_REG_1, data: 0u32.to_ne_bytes().to_vec() },
+            Expr::verdict(NF_ACCEPT),
+        ],
+    );
     b.add_rule(t, "output", &[Expr::jump("judge")]);
 }
 
@@ -243,14 +254,26 @@ fn refuse_rules(b: &mut Batch, t: &str, audit: bool) {
     );
     let (counter, prefix) = if audit { ("audited", LOG_PREFIX_AUDITED) } else { ("blocked", LOG_PREFIX_BLOCKED) };
     b.add_rule(t, "refuse", &[Expr::CounterRef { name: counter.into() }]);
-    b.add_rule(
-        t,
-        "refuse",
-        &[
-            Expr::Limit { rate: LOG_RATE, burst: LOG_BURST },
-            Expr::Log { group: LOG_GROUP, prefix: prefix.into(), snaplen: LOG_SNAPLEN },
-        ],
-    );
+    // One record per TCP connection attempt (its SYN), per packet otherwise.
+    let log = [
+        Expr::Limit { rate: LOG_RATE, burst: LOG_BURST },
+        Expr::Log { group: LOG_GROUP, prefix: prefix.into(), snaplen: LOG_SNAPLEN },
+    ];
+    let mut syn = vec![
+        meta(NFT_META_L4PROTO),
+        cmp_eq(&[libc::IPPROTO_TCP as u8]),
+        Expr::Payload { base: NFT_PAYLOAD_TRANSPORT_HEADER, offset: TCP_FLAGS_OFFSET, len: 1, dreg: NFT_REG_1 },
+        Expr::Bitwise { sreg: NFT_REG_1, dreg: NFT_REG_1, mask: vec![TCP_SYN | TCP_ACK] },
+        cmp_eq(&[TCP_SYN]),
+    ];
+    syn.extend_from_slice(&log);
+    b.add_rule(t, "refuse", &syn);
+    let mut other = vec![
+        meta(NFT_META_L4PROTO),
+        Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: vec![libc::IPPROTO_TCP as u8] },
+    ];
+    other.extend_from_slice(&log);
+    b.add_rule(t, "refuse", &other);
     if audit {
         b.add_rule(t, "refuse", &[Expr::verdict(NF_ACCEPT)]);
         return;

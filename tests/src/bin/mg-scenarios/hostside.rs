@@ -85,10 +85,15 @@ fn syn_over_af_packet(ctx: &Ctx, dest: IpAddr, sport: u16) -> Result<(u64, bool)
 /// Sends one SYN frame from a pod to `dest`:80; returns (segments that arrived in
 /// the node, whether a SYN-ACK came back).
 pub fn syn_from_pod(ctx: &Ctx, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+    syn_seen_in(ctx, ctx.node.sim.node(), pod, dest, sport)
+}
+
+/// The same, counting arrivals in `tap_ns` (where the destination lives).
+pub fn syn_seen_in(ctx: &Ctx, tap_ns: &NetNs, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
     let pod = &ctx.node.pods[pod].net;
     let wire = Wire::of(&pod.ns, ctx.node.sim.node(), &pod.node_side_link)?;
     let src = if dest.is_ipv4() { IpAddr::V4(pod.ipv4) } else { IpAddr::V6(pod.ipv6) };
-    let tap = ArrivalTap::open(ctx.node.sim.node(), dest.is_ipv6(), sport)?;
+    let tap = ArrivalTap::open(tap_ns, dest.is_ipv6(), sport)?;
     let frame = tcp_syn_frame(&wire, src, dest, sport, 80);
     let answered = pod.ns.run(|| -> Result<bool> {
         let sock = PacketSocket::open(wire.ifindex).context("AF_PACKET socket in the pod")?;

@@ -11,6 +11,7 @@ mod backstop;
 mod block;
 mod harness;
 mod hostside;
+mod hostside_forward;
 mod hostside_pods;
 mod lifecycle;
 mod neighbour;
@@ -39,6 +40,7 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(lifecycle::SCENARIOS);
     all.extend(hostside::SCENARIOS);
     all.extend(hostside_pods::SCENARIOS);
+    all.extend(hostside_forward::SCENARIOS);
     all
 }
 
