@@ -120,24 +120,72 @@ pub enum CmpOp {
 /// One expression of a rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expr {
-    Payload { base: u32, offset: u32, len: u32, dreg: u32 },
-    Meta { key: u32, dreg: u32 },
-    Cmp { op: CmpOp, sreg: u32, data: Vec<u8> },
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    Meta {
+        key: u32,
+        dreg: u32,
+    },
+    Cmp {
+        op: CmpOp,
+        sreg: u32,
+        data: Vec<u8>,
+    },
     /// `value & mask` (xor 0) into `dreg`.
-    Bitwise { sreg: u32, dreg: u32, mask: Vec<u8> },
-    Lookup { set: String, sreg: u32, invert: bool },
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        mask: Vec<u8>,
+    },
+    Lookup {
+        set: String,
+        sreg: u32,
+        invert: bool,
+    },
     /// An IPv6 extension header's field (`exthdr`), e.g. the fragment offset.
-    Exthdr { header: u8, offset: u32, len: u32, dreg: u32 },
-    Verdict { code: i32, chain: Option<String> },
+    Exthdr {
+        header: u8,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    Verdict {
+        code: i32,
+        chain: Option<String>,
+    },
     /// Loads a constant into a data register.
-    Data { dreg: u32, data: Vec<u8> },
+    Data {
+        dreg: u32,
+        data: Vec<u8>,
+    },
     /// Adds to a named counter object of the table.
-    CounterRef { name: String },
-    Log { group: u16, prefix: String, snaplen: u32 },
+    CounterRef {
+        name: String,
+    },
+    Log {
+        group: u16,
+        prefix: String,
+        snaplen: u32,
+    },
     /// Matches while under `rate` packets per second with `burst`; over it, the rule stops.
-    Limit { rate: u64, burst: u32 },
-    Reject { kind: u32, icmp_code: u8 },
-    Nat { kind: u32, family: u32, addr_reg: u32, port_reg: Option<u32> },
+    Limit {
+        rate: u64,
+        burst: u32,
+    },
+    Reject {
+        kind: u32,
+        icmp_code: u8,
+    },
+    Nat {
+        kind: u32,
+        family: u32,
+        addr_reg: u32,
+        port_reg: Option<u32>,
+    },
 }
 
 impl Expr {

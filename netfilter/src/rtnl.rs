@@ -59,9 +59,7 @@ pub fn nsid_of_fd(sock: &mut NlSocket, fd: u32) -> io::Result<Option<i32>> {
     let mut body = vec![0u8; 4]; // struct rtgenmsg, padded
     body.extend_from_slice(&w.buf);
     let reply = sock.query(RTM_GETNSID, &body)?;
-    let nsid = Attrs::new(reply.body.get(4..).unwrap_or_default())
-        .find(NETNSA_NSID)
-        .and_then(|a| a.ne32())
-        .map(|v| v as i32);
+    let nsid =
+        Attrs::new(reply.body.get(4..).unwrap_or_default()).find(NETNSA_NSID).and_then(|a| a.ne32()).map(|v| v as i32);
     Ok(nsid.filter(|n| *n >= 0))
 }

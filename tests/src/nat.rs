@@ -12,6 +12,10 @@ use metadata_guard_netfilter::{
 use crate::netns::NetNs;
 
 const TABLE: &str = "mg_test_nat";
+
+/// Packets to the first address (and, when given, only to the first port) go to the
+/// second address (and the second port).
+pub type Rewrite = (Ipv4Addr, Ipv4Addr, Option<(u16, u16)>);
 const NAT_PRIORITY: i32 = -100;
 
 /// Installs `table ip mg_test_nat` in `ns`: packets to `virtual_ip` (optionally only
@@ -22,13 +26,18 @@ pub struct Dnat {
 }
 
 impl Dnat {
-    pub fn add(ns: &NetNs, rules: &[(Ipv4Addr, Ipv4Addr, Option<(u16, u16)>)]) -> Result<Dnat> {
+    pub fn add(ns: &NetNs, rules: &[Rewrite]) -> Result<Dnat> {
         let mut b = Batch::new(nftables::NFPROTO_IPV4);
         b.add_table(TABLE);
         b.add_chain(TABLE, "prerouting", Some(("nat", nftables::NF_INET_PRE_ROUTING, NAT_PRIORITY)));
         for (vip, target, ports) in rules {
             let mut e = vec![
-                Expr::Payload { base: nftables::NFT_PAYLOAD_NETWORK_HEADER, offset: 16, len: 4, dreg: nftables::NFT_REG_1 },
+                Expr::Payload {
+                    base: nftables::NFT_PAYLOAD_NETWORK_HEADER,
+                    offset: 16,
+                    len: 4,
+                    dreg: nftables::NFT_REG_1,
+                },
                 Expr::Cmp { op: CmpOp::Eq, sreg: nftables::NFT_REG_1, data: vip.octets().to_vec() },
             ];
             if let Some((port, _)) = ports {

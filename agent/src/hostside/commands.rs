@@ -50,10 +50,7 @@ pub fn print_status(s: &HostStatus) {
         s.sets.len(),
         s.allowed_interfaces
     );
-    println!(
-        "  packets: {} blocked, {} audited, {} exempt",
-        s.blocked_packets, s.audited_packets, s.exempt_packets
-    );
+    println!("  packets: {} blocked, {} audited, {} exempt", s.blocked_packets, s.audited_packets, s.exempt_packets);
 }
 
 /// Deletes the table; `Ok(false)` when there was none.

@@ -122,7 +122,9 @@ impl HostSide {
         };
         let mut content = table::Content { shapes: shapes(policy), audit, allow_ifindex, counters: Default::default() };
         if let Some(applied) = &self.applied {
-            if applied.shapes == content.shapes && applied.audit == audit && applied.allow_ifindex == content.allow_ifindex
+            if applied.shapes == content.shapes
+                && applied.audit == audit
+                && applied.allow_ifindex == content.allow_ifindex
             {
                 return Ok(());
             }
@@ -134,7 +136,6 @@ impl HostSide {
         self.applied = Some(content);
         Ok(())
     }
-
 
     pub fn counters(&mut self) -> Result<Option<HostCounters>> {
         Ok(self.raw_counters()?.map(|c| HostCounters { blocked: c[0].0, audited: c[1].0, exempt: c[2].0 }))
@@ -209,10 +210,8 @@ impl HostSide {
 
     /// Audit mode's refusal chain ends in accept; enforce mode's in reject.
     fn refuse_chain_accepts(&mut self) -> Result<bool> {
-        let replies = self
-            .nft
-            .dump(msg_type(nftables::NFT_MSG_GETRULE), &table_request(NFPROTO_INET, TABLE))
-            .map_err(explain)?;
+        let replies =
+            self.nft.dump(msg_type(nftables::NFT_MSG_GETRULE), &table_request(NFPROTO_INET, TABLE)).map_err(explain)?;
         let mut rejects = false;
         for r in &replies {
             let attrs = Attrs::new(r.body.get(4..).unwrap_or_default());
@@ -220,7 +219,8 @@ impl HostSide {
                 continue;
             }
             let Some(exprs) = attrs.find(nftables::NFTA_RULE_EXPRESSIONS) else { continue };
-            rejects |= exprs.nested().any(|e| e.nested().find(nftables::NFTA_EXPR_NAME).is_some_and(|n| n.str() == "reject"));
+            rejects |=
+                exprs.nested().any(|e| e.nested().find(nftables::NFTA_EXPR_NAME).is_some_and(|n| n.str() == "reject"));
         }
         Ok(!rejects)
     }
@@ -243,12 +243,15 @@ impl HostSide {
     /// for packets). Loads the modules the table needs on the way.
     pub fn probe(&mut self) -> Result<()> {
         let policy = compile(&crate::policy::Preset::Default.rules()).map_err(anyhow::Error::from)?;
-        let content = table::Content { shapes: shapes(&policy), audit: false, allow_ifindex: vec![1], counters: Default::default() };
+        let content = table::Content {
+            shapes: shapes(&policy),
+            audit: false,
+            allow_ifindex: vec![1],
+            counters: Default::default(),
+        };
         self.nft.request(&table::probe(&content).finish(), wants_ack).map_err(explain)?;
         Ok(())
     }
-
-
 }
 
 fn ns_name(netns: Option<&Path>) -> String {

@@ -67,12 +67,8 @@ impl PodNets {
 
     /// Host interfaces whose peer is in the namespace of one of `cgroups`.
     pub fn interfaces_of(&self, cgroups: &BTreeSet<u64>) -> Vec<u32> {
-        let nsids: BTreeSet<i32> = self
-            .cgroups_by_nsid
-            .iter()
-            .filter(|(_, ids)| !ids.is_disjoint(cgroups))
-            .map(|(nsid, _)| *nsid)
-            .collect();
+        let nsids: BTreeSet<i32> =
+            self.cgroups_by_nsid.iter().filter(|(_, ids)| !ids.is_disjoint(cgroups)).map(|(nsid, _)| *nsid).collect();
         self.nsid_by_ifindex.iter().filter(|(_, nsid)| nsids.contains(nsid)).map(|(i, _)| *i).collect()
     }
 

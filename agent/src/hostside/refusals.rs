@@ -65,7 +65,9 @@ impl RefusalReader {
         let packets = match guard.try_io(|s| s.get_ref().recv()) {
             Ok(Ok(msgs)) => msgs,
             Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                tracing::warn!("host-side refusals arrived faster than they were read; some are not in the audit trail");
+                tracing::warn!(
+                    "host-side refusals arrived faster than they were read; some are not in the audit trail"
+                );
                 return Ok(());
             }
             Ok(Err(e)) => return Err(e).context("could not read the NFLOG socket"),
@@ -106,9 +108,10 @@ impl RefusalReader {
         if ifindex == 0 {
             return None;
         }
-        let fresh = self.pods.as_ref().is_some_and(|(at, pods)| {
-            at.elapsed() < PODS_RESCAN && pods.nsid_by_ifindex.contains_key(&ifindex)
-        });
+        let fresh = self
+            .pods
+            .as_ref()
+            .is_some_and(|(at, pods)| at.elapsed() < PODS_RESCAN && pods.nsid_by_ifindex.contains_key(&ifindex));
         if !fresh {
             match PodNets::scan(&self.cgroup_root, &mut self.route) {
                 Ok(p) => self.pods = Some((Instant::now(), p)),
@@ -135,7 +138,7 @@ pub fn decode(family: u8, pkt: &[u8]) -> Option<(IpAddr, u8, u16)> {
         let dest = Ipv6Addr::from(<[u8; 16]>::try_from(pkt.get(24..40)?).ok()?);
         (IpAddr::V6(dest), *pkt.get(6)?, IPV6_HEADER_LEN)
     };
-    if let IpAddr::V6(_) = dest {
+    if dest.is_ipv6() {
         for _ in 0..IPV6_MAX_EXTENSIONS {
             if proto == IPV6_FRAGMENT {
                 let next = *pkt.get(offset)?;

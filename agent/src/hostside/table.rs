@@ -220,12 +220,7 @@ fn shape_rules(b: &mut Batch, t: &str, n: usize, shape: &Shape) {
 fn fragment_test(family: u8) -> Vec<Expr> {
     let (load, mask) = if family == NFPROTO_IPV4 {
         (
-            Expr::Payload {
-                base: NFT_PAYLOAD_NETWORK_HEADER,
-                offset: IPV4_FRAG_OFFSET_FIELD,
-                len: 2,
-                dreg: NFT_REG_1,
-            },
+            Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: IPV4_FRAG_OFFSET_FIELD, len: 2, dreg: NFT_REG_1 },
             IPV4_FRAG_OFFSET_MASK,
         )
     } else {

@@ -383,7 +383,10 @@ mod tests {
         let host = compile(&host).unwrap();
         assert!(host.blocks(ip("169.254.169.254"), PROTO_TCP, 80), "without the DNAT it is the real server");
         assert!(!host.blocks(ip("169.254.169.254"), PROTO_UDP, 53));
-        assert!(Preset::ALL.iter().filter(|p| **p != Preset::GkeWorkloadIdentity).all(|p| p.host_side_rules().is_empty()));
+        assert!(Preset::ALL
+            .iter()
+            .filter(|p| **p != Preset::GkeWorkloadIdentity)
+            .all(|p| p.host_side_rules().is_empty()));
     }
 
     #[test]

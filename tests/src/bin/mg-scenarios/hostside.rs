@@ -28,7 +28,10 @@ pub const SCENARIOS: [crate::Scenario; 6] = [
     ("hostside: a Service address DNATed in the node to 168.63.129.16:80 is refused, TCP and UDP", dnat_refused),
     ("hostside: DNS on port 53 through the node and host-network processes are served", open_paths_served),
     ("hostside: status shows the table, audit mode drops nothing, uninstall removes it", status_audit_uninstall),
-    ("hostside: GKE Workload Identity: 169.254.169.254:80 DNATed to the node's server is served", gke_workload_identity),
+    (
+        "hostside: GKE Workload Identity: 169.254.169.254:80 DNATed to the node's server is served",
+        gke_workload_identity,
+    ),
     ("hostside: the table holds through SIGKILL, restart and upgrade; counts carry over", table_outlives_agents),
 ];
 
@@ -52,8 +55,9 @@ impl ArrivalTap {
         let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
         let fd = node.run(|| {
             // SAFETY: plain socket(2); owned right away.
-            let fd =
-                unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::IPPROTO_TCP) };
+            let fd = unsafe {
+                libc::socket(family, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::IPPROTO_TCP)
+            };
             // SAFETY: a fresh fd we own (checked below).
             (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
         });
@@ -108,7 +112,10 @@ fn packet_frames_stopped(ctx: &mut Ctx) -> Result<()> {
     ctx.uninstall()?;
     for (n, dest) in [IMDS_V4, IMDS_V6].into_iter().enumerate() {
         let (arrived, answered) = syn_over_af_packet(ctx, dest, 41000 + n as u16)?;
-        ensure!(arrived >= 1 && answered, "{dest}: without the guard the SYN should arrive and be answered (arrived {arrived}, answered {answered})");
+        ensure!(
+            arrived >= 1 && answered,
+            "{dest}: without the guard the SYN should arrive and be answered (arrived {arrived}, answered {answered})"
+        );
     }
     ctx.default_agent()?;
     for (n, dest) in [IMDS_V4, IMDS_V6].into_iter().enumerate() {
@@ -134,7 +141,10 @@ fn dnat_refused(ctx: &mut Ctx) -> Result<()> {
         let out = ctx.try_once(Who::Pod(0), kind, &vip, 80, false)?;
         std::thread::sleep(SETTLE);
         let after = ctx.node.standin.arrivals();
-        ensure!(out.ok == 0 || kind == Kind::UdpSendto, "{kind:?} to {vip}:80 (DNAT to the WireServer) was served: {out:?}");
+        ensure!(
+            out.ok == 0 || kind == Kind::UdpSendto,
+            "{kind:?} to {vip}:80 (DNAT to the WireServer) was served: {out:?}"
+        );
         ensure!(after == before, "{kind:?} to {vip}:80 reached the WireServer: {before:?} → {after:?}");
         if kind == Kind::Http {
             ensure!(out.max_us < 1_000_000, "the refusal should be a reset, at once; took {} µs", out.max_us);

@@ -65,4 +65,3 @@ fn forwarded(ctx: &mut Ctx) -> Result<()> {
     drop(cloud);
     ctx.stop_agent().context("stopping the agent")
 }
-
