@@ -277,13 +277,15 @@ impl Allowlist {
             allowlist::allowed_cgroups(&config.allow_pods, &self.resolver.rescan_pods())
         };
         self.resolver.forget_vanished();
+        // The host side first: a pod the socket hooks let through must find the node
+        // open too, and one they refuse again is refused in the node a moment earlier.
+        if let Err(e) = host.set_allowed(&wanted) {
+            error!("could not update the host side's pod allowlist: {e:#}");
+        }
         match guard.sync_allowed(&wanted) {
             Ok((0, 0)) => {}
             Ok((added, removed)) => info!(added, removed, allowed = wanted.len(), "pod allowlist updated"),
             Err(e) => error!("could not update the pod allowlist in the kernel: {e:#}"),
-        }
-        if let Err(e) = host.set_allowed(&wanted) {
-            error!("could not update the host side's pod allowlist: {e:#}");
         }
     }
 }
