@@ -118,7 +118,7 @@ impl HostSide {
         let allow_ifindex = if allowed_cgroups.is_empty() {
             Vec::new()
         } else {
-            PodNets::scan(&self.cgroup_root, &mut self.route)?.interfaces_of(allowed_cgroups)
+            PodNets::scan(&self.cgroup_root, &mut self.route, Some(allowed_cgroups))?.interfaces_of(allowed_cgroups)
         };
         let mut content = table::Content { shapes: shapes(policy), audit, allow_ifindex, counters: Default::default() };
         if let Some(applied) = &self.applied {

@@ -26,8 +26,9 @@ pub struct PodNets {
 }
 
 impl PodNets {
-    /// Walks the cgroup tree under `cgroup_root` and the host's links.
-    pub fn scan(cgroup_root: &Path, route: &mut NlSocket) -> Result<PodNets> {
+    /// Walks the cgroup tree under `cgroup_root` and the host's links; with `only`,
+    /// reads the processes of those cgroups alone (an allowlist update stays cheap).
+    pub fn scan(cgroup_root: &Path, route: &mut NlSocket, only: Option<&BTreeSet<u64>>) -> Result<PodNets> {
         let mut nets = PodNets::default();
         for link in rtnl::links(route).context("could not list the host's network interfaces")? {
             if let Some((_, nsid)) = link.peer {
@@ -40,7 +41,8 @@ impl PodNets {
         while let Some(dir) = stack.pop() {
             let Ok(meta) = fs::metadata(&dir) else { continue };
             let cgroup_id = meta.ino();
-            if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            let wanted = only.is_none_or(|ids| ids.contains(&cgroup_id));
+            if let Some(procs) = wanted.then(|| fs::read_to_string(dir.join("cgroup.procs")).ok()).flatten() {
                 let mut cgroup_nets = HashSet::new();
                 for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
                     let ns_path = format!("/proc/{pid}/ns/net");

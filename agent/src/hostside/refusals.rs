@@ -113,7 +113,7 @@ impl RefusalReader {
             .as_ref()
             .is_some_and(|(at, pods)| at.elapsed() < PODS_RESCAN && pods.nsid_by_ifindex.contains_key(&ifindex));
         if !fresh {
-            match PodNets::scan(&self.cgroup_root, &mut self.route) {
+            match PodNets::scan(&self.cgroup_root, &mut self.route, None) {
                 Ok(p) => self.pods = Some((Instant::now(), p)),
                 Err(e) => tracing::warn!("could not map host interfaces to pods: {e:#}"),
             }
