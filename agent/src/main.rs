@@ -61,8 +61,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Uninstall { pins, host } => {
             let removed = loader::uninstall(&pins.bpffs)?;
-            if hostside::uninstall(host.host_netns.as_deref())? {
-                println!("removed the host-side table `inet {}`", hostside::TABLE);
+            match hostside::uninstall(host.host_netns.as_deref())? {
+                hostside::Removal::Removed => println!("removed the host-side table `inet {}`", hostside::TABLE),
+                hostside::Removal::NotThere => {}
+                hostside::Removal::NotPermitted(why) => eprintln!(
+                    "metadata-guard: warning: the host-side table `inet {}` was not checked: {why}; run uninstall \
+                     in the host network namespace with CAP_NET_ADMIN to remove it",
+                    hostside::TABLE
+                ),
             }
             if removed.is_empty() {
                 println!("nothing to remove under {}: the guard is not installed", pins.bpffs.display());

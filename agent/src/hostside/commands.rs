@@ -19,12 +19,20 @@ pub struct HostStatus {
     pub blocked_packets: u64,
     pub audited_packets: u64,
     pub exempt_packets: u64,
+    /// Why the table could not be read (it may still be there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
 }
 
 pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
-    let mut host = HostSide::open(host_netns, Path::new("/"))?;
-    let s = host.status()?;
+    let read = HostSide::open(host_netns, Path::new("/")).and_then(|mut h| h.status());
+    let (s, unreadable) = match read {
+        Ok(s) => (s, None),
+        Err(e) if super::errno_in(&e) == Some(libc::EPERM) => (None, Some(format!("{e:#}"))),
+        Err(e) => return Err(e),
+    };
     Ok(HostStatus {
+        unreadable,
         table: format!("inet {TABLE}"),
         installed: s.is_some(),
         mode: s.as_ref().map(|s| if s.audit { "audit" } else { "enforce" }),
@@ -38,6 +46,10 @@ pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
 }
 
 pub fn print_status(s: &HostStatus) {
+    if let Some(why) = &s.unreadable {
+        println!("host side: could not read table `{}` (needs CAP_NET_ADMIN): {why}", s.table);
+        return;
+    }
     if !s.installed {
         println!("host side: no table `{}` in the host network namespace (not enforcing there)", s.table);
         return;
@@ -53,9 +65,21 @@ pub fn print_status(s: &HostStatus) {
     println!("  packets: {} blocked, {} audited, {} exempt", s.blocked_packets, s.audited_packets, s.exempt_packets);
 }
 
-/// Deletes the table; `Ok(false)` when there was none.
-pub fn uninstall(host_netns: Option<&Path>) -> Result<bool> {
-    HostSide::open(host_netns, Path::new("/"))?.remove()
+/// What `uninstall` did about the table.
+pub enum Removal {
+    Removed,
+    NotThere,
+    /// Without `CAP_NET_ADMIN` the kernel answers no nf_tables request at all.
+    NotPermitted(String),
+}
+
+pub fn uninstall(host_netns: Option<&Path>) -> Result<Removal> {
+    match HostSide::open(host_netns, Path::new("/")).and_then(|mut h| h.remove()) {
+        Ok(true) => Ok(Removal::Removed),
+        Ok(false) => Ok(Removal::NotThere),
+        Err(e) if super::errno_in(&e) == Some(libc::EPERM) => Ok(Removal::NotPermitted(format!("{e:#}"))),
+        Err(e) => Err(e),
+    }
 }
 
 /// `check`: can this kernel hold the table? (name, passed, detail, fix)

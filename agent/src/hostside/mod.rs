@@ -27,7 +27,7 @@ use metadata_guard_netfilter::{
     NetlinkError, NlSocket,
 };
 
-pub use commands::{check, print_status, status, uninstall};
+pub use commands::{check, print_status, status, uninstall, Removal};
 pub use pods::PodNets;
 pub use refusals::RefusalReader;
 pub use ruleset::shapes;
@@ -260,6 +260,11 @@ fn ns_name(netns: Option<&Path>) -> String {
 
 fn errno(e: &io::Error) -> Option<i32> {
     e.get_ref().and_then(|inner| inner.downcast_ref::<NetlinkError>()).map(|n| n.errno).or(e.raw_os_error())
+}
+
+/// The errno behind an error of this module, if a netlink request failed.
+pub(crate) fn errno_in(e: &anyhow::Error) -> Option<i32> {
+    e.chain().find_map(|c| c.downcast_ref::<io::Error>()).and_then(errno)
 }
 
 fn explain(e: io::Error) -> anyhow::Error {
