@@ -70,7 +70,11 @@ impl RefusalReader {
                 );
                 return Ok(());
             }
-            Ok(Err(e)) => return Err(e).context("could not read the NFLOG socket"),
+            // The socket-hook events share the pipeline: a bad read here must not stop them.
+            Ok(Err(e)) => {
+                tracing::warn!("could not read the host side's NFLOG socket: {e}");
+                return Ok(());
+            }
             Err(_would_block) => return Ok(()),
         };
         for p in packets.iter().filter_map(nflog::parse) {
