@@ -116,7 +116,19 @@ impl AllowlistSync {
             let wanted =
                 if rules.is_empty() { BTreeSet::new() } else { allowed_cgroups(&rules, &resolver.rescan_pods()) };
             resolver.forget_vanished();
+            // The host side opens for a new pod before the socket hooks let it through
+            // (it must find the node open), and closes for a removed one after them.
+            let before = self.publish.borrow().clone();
+            let opening: BTreeSet<u64> = before.union(&wanted).copied().collect();
+            let host_opened = set_host_allowed(&ctx, &opening);
             let synced = ctx.guard.lock().unwrap_or_else(|e| e.into_inner()).sync_allowed(&wanted);
+            let host_synced = host_opened.and_then(|()| match opening == wanted {
+                true => Ok(()),
+                false => set_host_allowed(&ctx, &wanted),
+            });
+            if let Err(e) = host_synced {
+                error!("could not update the host side's pod allowlist: {e:#}");
+            }
             match synced {
                 Ok((added, removed)) => {
                     if added + removed > 0 {
@@ -153,4 +165,8 @@ impl AllowlistSync {
             }
         }
     }
+}
+
+fn set_host_allowed(ctx: &crate::supervise::Context, allowed: &BTreeSet<u64>) -> anyhow::Result<()> {
+    ctx.host.lock().unwrap_or_else(|e| e.into_inner()).set_allowed(allowed)
 }

@@ -8,7 +8,7 @@
 //!
 //! The running agent (`run`) is a set of supervised subsystems ([`supervise`]); each
 //! owns its task: [`enforce`] (the kernel guard's health, counters), [`config_watch`]
-//! (reloads), [`allowlist`] (pod allowlist sync), [`events`] (event → audit pipeline)
+//! (reloads), [`allowlist`] (pod allowlist sync), [`hostside`] (the host-side nf_tables table), [`events`] (event → audit pipeline)
 //! and [`http`] (/metrics, /healthz, /readyz).
 
 pub mod allowlist;
@@ -21,6 +21,7 @@ pub mod config;
 pub mod config_watch;
 pub mod enforce;
 pub mod events;
+pub mod hostside;
 pub mod http;
 pub mod kubepods_watch;
 pub mod loader;

@@ -210,9 +210,18 @@ pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
     ))
 }
 
-pub use metadata_guard::{audit::RecordLine, loader::status::Status};
+pub use metadata_guard::{audit::RecordLine, hostside::HostStatus, loader::status::Status};
 
 /// `metadata-guard status --json` for the pins under `bpffs`.
+/// The host-side table as `status --json` shows it (key `host_side`).
+pub fn host_status(binary: &Path, bpffs: &Path) -> Result<HostStatus> {
+    let bpffs = bpffs.display().to_string();
+    let (ok, out, err) = oneshot(binary, &["status", "--json", "--bpffs", &bpffs])?;
+    anyhow::ensure!(ok, "metadata-guard status failed: {err}");
+    let value: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("status printed {out:?}"))?;
+    serde_json::from_value(value["host_side"].clone()).with_context(|| format!("status printed {out:?}"))
+}
+
 pub fn status(binary: &Path, bpffs: &Path) -> Result<Status> {
     let bpffs = bpffs.display().to_string();
     let (ok, out, err) = oneshot(binary, &["status", "--json", "--bpffs", &bpffs])?;

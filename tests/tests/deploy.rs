@@ -141,7 +141,7 @@ fn every_overlay_validates_and_keeps_the_posture() {
         };
         let expected = match overlay {
             "overlays/audit" => (Some("audit"), None),
-            "overlays/gke" => (None, Some("gcp")),
+            "overlays/gke" => (None, Some("gke-workload-identity")),
             "overlays/eks" => (None, Some("aws")),
             _ => (None, None),
         };

@@ -213,7 +213,8 @@ fn cloud_init_and_cluster_api_recipes_parse_and_set_a_policy() {
         "cloud-init.yaml must `systemctl start {UNIT}` before joining: {runcmd:?}"
     );
 
-    let capi: Value = serde_norway::from_str(&read(&node_dir().join("cluster-api-kubeadmconfigtemplate.yaml"))).unwrap();
+    let capi: Value =
+        serde_norway::from_str(&read(&node_dir().join("cluster-api-kubeadmconfigtemplate.yaml"))).unwrap();
     assert_eq!(capi["kind"], "KubeadmConfigTemplate");
     check_policy_file(&capi["spec"]["template"]["spec"]["files"], "the Cluster API template");
     let pre = &capi["spec"]["template"]["spec"]["preKubeadmCommands"];

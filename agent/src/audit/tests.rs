@@ -83,6 +83,7 @@ fn connect(destination: IpAddr, port: u16) -> Attempt {
         hook: Hook::Connect4,
         verdict: Verdict::Blocked,
         mapped: false,
+        source: None,
     }
 }
 

@@ -21,6 +21,10 @@ pub struct Key {
     protocol: Protocol,
     // `Verdict` is not `Hash`; its discriminant is.
     verdict: u8,
+    /// Host-side attempts carry their packet's source address: they are kept apart
+    /// from the socket hooks' (an audited connect is judged by both), and unnamed
+    /// sources apart from each other.
+    packet_source: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +54,7 @@ impl Key {
             port: attempt.port,
             protocol: attempt.protocol,
             verdict: attempt.verdict as u8,
+            packet_source: attempt.source,
         }
     }
 }

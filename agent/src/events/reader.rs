@@ -104,6 +104,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Attempt> {
         hook: Hook::from_u8(e.hook)?,
         verdict: Verdict::from_u8(e.verdict)?,
         mapped: e.mapped != 0,
+        source: None,
     })
 }
 

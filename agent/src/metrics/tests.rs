@@ -25,6 +25,7 @@ fn attempt() -> Attempt {
         hook: Hook::Connect4,
         verdict: Verdict::Blocked,
         mapped: false,
+        source: None,
     }
 }
 

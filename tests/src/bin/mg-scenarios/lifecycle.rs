@@ -222,10 +222,7 @@ fn daemonset_capabilities_suffice(ctx: &mut Ctx) -> Result<()> {
     ensure!(ids(ctx, "program_id")? == programs && link_ids(ctx)? == links, "a restart changed the programs or links");
     run_with_daemonset_caps(ctx, &ctx.variant_bin()?, "an upgrade to other programs")?;
     let upgraded = program_tags(ctx)?;
-    ensure!(
-        upgraded.iter().all(|t| !tags.contains(t) || t.starts_with("sock_create=")),
-        "not swapped: {upgraded:?}"
-    );
+    ensure!(upgraded.iter().all(|t| !tags.contains(t) || t.starts_with("sock_create=")), "not swapped: {upgraded:?}");
     ensure!(upgraded != tags, "the upgrade swapped no program: {upgraded:?}");
     ensure!(link_ids(ctx)? == links, "the upgrade replaced links instead of swapping their programs in place");
     ctx.uninstall()

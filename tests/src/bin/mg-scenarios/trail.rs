@@ -187,7 +187,10 @@ fn metrics_and_readiness(ctx: &mut Ctx) -> Result<()> {
     let attached = status.programs.len();
     let metrics = agent.http_get("/metrics")?.1;
     let expected = format!("metadata_guard_programs_attached {attached}");
-    ensure!(metrics.lines().any(|l| l == expected), "/readyz was 200 before /metrics counted {attached} attached programs");
+    ensure!(
+        metrics.lines().any(|l| l == expected),
+        "/readyz was 200 before /metrics counted {attached} attached programs"
+    );
     ensure!(saw_unready_or_down, "/readyz answered 200 to the very first request, before the agent could attach");
     ctx.agent = Some(agent);
 
