@@ -190,8 +190,16 @@ impl HostSide {
         }
     }
 
-    /// The table's chains, sets and counters; `None` when there is no table.
+    /// The table's chains, sets and counters; `None` when there is no table (also
+    /// when it is deleted while being read).
     pub fn status(&mut self) -> Result<Option<TableStatus>> {
+        match self.read_status() {
+            Err(e) if errno_in(&e) == Some(libc::ENOENT) => Ok(None),
+            read => read,
+        }
+    }
+
+    fn read_status(&mut self) -> Result<Option<TableStatus>> {
         let Some(counters) = self.counters()? else { return Ok(None) };
         let names = |sock: &mut NlSocket, msg: u16, attr: u16| -> Result<Vec<String>> {
             let replies = sock.dump(msg_type(msg), &table_request(NFPROTO_INET, TABLE)).map_err(explain)?;
