@@ -122,11 +122,9 @@ impl AllowlistSync {
             let opening: BTreeSet<u64> = before.union(&wanted).copied().collect();
             let host_opened = set_host_allowed(&ctx, &opening);
             let synced = ctx.guard.lock().unwrap_or_else(|e| e.into_inner()).sync_allowed(&wanted);
-            let host_synced = host_opened.and_then(|()| match opening == wanted {
-                true => Ok(()),
-                false => set_host_allowed(&ctx, &wanted),
-            });
-            if let Err(e) = host_synced {
+            let host_closed = if opening == wanted { Ok(()) } else { set_host_allowed(&ctx, &wanted) };
+            let host_synced = host_opened.and(host_closed);
+            if let Err(e) = &host_synced {
                 error!("could not update the host side's pod allowlist: {e:#}");
             }
             match synced {
@@ -141,7 +139,10 @@ impl AllowlistSync {
                         }
                         changed
                     });
-                    condition.ready();
+                    match &host_synced {
+                        Ok(()) => condition.ready(),
+                        Err(e) => condition.missing(format!("the host side's pod allowlist: {e:#}")),
+                    }
                 }
                 Err(e) => {
                     error!("could not update the pod allowlist in the kernel: {e:#}");

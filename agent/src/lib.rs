@@ -7,9 +7,10 @@
 //! [`config::Config`] too.
 //!
 //! The running agent (`run`) is a set of supervised subsystems ([`supervise`]); each
-//! owns its task: [`enforce`] (the kernel guard's health, counters), [`config_watch`]
-//! (reloads), [`allowlist`] (pod allowlist sync), [`hostside`] (the host-side nf_tables table), [`events`] (event → audit pipeline)
-//! and [`http`] (/metrics, /healthz, /readyz).
+//! owns its task: [`enforce`] (the kernel guard's health, counters), [`hostside`]
+//! (the host-side nf_tables table: its health, counters, NFLOG refusals),
+//! [`config_watch`] (reloads), [`allowlist`] (pod allowlist sync), [`events`] (event →
+//! audit pipeline) and [`http`] (/metrics, /healthz, /readyz).
 
 pub mod allowlist;
 pub mod apply;
