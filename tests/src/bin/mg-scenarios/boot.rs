@@ -38,7 +38,7 @@ fn apply(ctx: &Ctx, binary: &Path) -> Result<(bool, String, String)> {
     ];
     args.extend(spec.extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    agent::oneshot(binary, &args)
+    agent::oneshot_in(binary, &spec.own_cgroup, &args)
 }
 
 fn applied(ctx: &Ctx) -> Result<String> {
