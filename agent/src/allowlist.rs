@@ -116,7 +116,17 @@ impl AllowlistSync {
             let wanted =
                 if rules.is_empty() { BTreeSet::new() } else { allowed_cgroups(&rules, &resolver.rescan_pods()) };
             resolver.forget_vanished();
+            // The host side opens for a new pod before the socket hooks let it through
+            // (it must find the node open), and closes for a removed one after them.
+            let before = self.publish.borrow().clone();
+            let opening: BTreeSet<u64> = before.union(&wanted).copied().collect();
+            let host_opened = set_host_allowed(&ctx, &opening);
             let synced = ctx.guard.lock().unwrap_or_else(|e| e.into_inner()).sync_allowed(&wanted);
+            let host_closed = if opening == wanted { Ok(()) } else { set_host_allowed(&ctx, &wanted) };
+            let host_synced = host_opened.and(host_closed);
+            if let Err(e) = &host_synced {
+                error!("could not update the host side's pod allowlist: {e:#}");
+            }
             match synced {
                 Ok((added, removed)) => {
                     if added + removed > 0 {
@@ -129,7 +139,10 @@ impl AllowlistSync {
                         }
                         changed
                     });
-                    condition.ready();
+                    match &host_synced {
+                        Ok(()) => condition.ready(),
+                        Err(e) => condition.missing(format!("the host side's pod allowlist: {e:#}")),
+                    }
                 }
                 Err(e) => {
                     error!("could not update the pod allowlist in the kernel: {e:#}");
@@ -153,4 +166,8 @@ impl AllowlistSync {
             }
         }
     }
+}
+
+fn set_host_allowed(ctx: &crate::supervise::Context, allowed: &BTreeSet<u64>) -> anyhow::Result<()> {
+    ctx.host.lock().unwrap_or_else(|e| e.into_inner()).set_allowed(allowed)
 }

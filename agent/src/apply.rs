@@ -1,4 +1,5 @@
-//! `metadata-guard apply`: the enforcement `run` would put in the kernel, installed
+//! `metadata-guard apply`: the enforcement `run` would put in the kernel (the pinned
+//! programs and the host-side table), installed
 //! (or adopted and updated) once, verified, printed — then exit. Meant for the node's
 //! boot, before the container runtime and kubelet, so that pods are refused from
 //! their first second; the DaemonSet's agent adopts it later without a gap.
@@ -11,7 +12,7 @@ use anyhow::{bail, Result};
 
 use crate::{
     cli::EnforceArgs,
-    enforce,
+    enforce, hostside,
     loader::{origin, status},
 };
 
@@ -39,6 +40,13 @@ pub fn apply(args: &EnforceArgs) -> Result<()> {
     if in_force.mode.as_deref() != Some(installed.config.mode.name()) {
         bail!("the kernel's mode is {:?} where the configuration says {}", in_force.mode, installed.config.mode.name());
     }
+    let host_side = hostside::status(args.host_netns.as_deref())?;
+    if !host_side.installed || host_side.mode.as_deref() != Some(installed.config.mode.name()) {
+        bail!(
+            "the host-side table `{}` is not in force after writing it ({host_side:?}); see `metadata-guard check`",
+            host_side.table
+        );
+    }
     println!(
         "metadata-guard apply: enforcement in force on {} ({} by apply {}):",
         installed.cgroup.display(),
@@ -50,5 +58,6 @@ pub fn apply(args: &EnforceArgs) -> Result<()> {
         origin::Origin::this("apply").version
     );
     status::print_human(&in_force);
+    hostside::print_status(&host_side);
     Ok(())
 }

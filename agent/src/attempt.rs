@@ -61,6 +61,9 @@ pub struct Attempt {
     pub verdict: Verdict,
     /// A v6 socket used the IPv4-mapped form of the destination.
     pub mapped: bool,
+    /// The packet's source address, for attempts the host side judged (its packets
+    /// may come from no socket, task or cgroup the agent can name).
+    pub source: Option<IpAddr>,
     /// Conceal mode: the HTTP request the proxy refused (the connection itself was
     /// redirected, not refused). None for every kernel verdict.
     pub request: Option<ConcealedRequest>,

@@ -38,6 +38,8 @@ pub enum Command {
     Status {
         #[command(flatten)]
         pins: PinArgs,
+        #[command(flatten)]
+        host: HostNetnsArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -46,6 +48,8 @@ pub enum Command {
     Uninstall {
         #[command(flatten)]
         pins: PinArgs,
+        #[command(flatten)]
+        host: HostNetnsArgs,
     },
     /// List the destination presets: what each blocks and what it leaves open.
     Presets,
@@ -53,6 +57,8 @@ pub enum Command {
     Check {
         #[command(flatten)]
         pins: PinArgs,
+        #[command(flatten)]
+        host: HostNetnsArgs,
         /// The cgroup v2 directory to attach to (default: detected).
         #[arg(long, env = "METADATA_GUARD_CGROUP")]
         cgroup: Option<PathBuf>,
@@ -69,6 +75,14 @@ pub struct PinArgs {
     /// bpffs directory for the guard's pinned links and maps.
     #[arg(long, env = "METADATA_GUARD_BPFFS", default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+}
+
+/// Where the host-side table lives (`status`, `uninstall`, `check`).
+#[derive(Args)]
+pub struct HostNetnsArgs {
+    /// The host's network namespace (default: this process's own), e.g. /proc/1/ns/net.
+    #[arg(long, env = "METADATA_GUARD_HOST_NETNS")]
+    pub host_netns: Option<PathBuf>,
 }
 
 /// What `run` and `apply` share: the configuration and where enforcement goes.
@@ -123,7 +137,7 @@ pub enum CookieSource {
 pub fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
 
-    use crate::{loader, policy, preflight};
+    use crate::{hostside, loader, policy, preflight};
     match command {
         Command::Run(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -134,16 +148,39 @@ pub fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             })?;
         }
         Command::Apply(args) => crate::apply::apply(&args)?,
-        Command::Status { pins, json } => {
-            let status = loader::status::read(&pins.bpffs)?;
+        Command::Status { pins, host, json } => {
+            let mut status = loader::status::read(&pins.bpffs)?;
+            let host_side = hostside::status(host.host_netns.as_deref())?;
+            // Enforcement is the pinned programs and the table together.
+            if status.installed && host_side.unreadable.is_none() && !host_side.installed {
+                status.enforcing = false;
+                status.problems.push(format!(
+                    "the host-side table `{}` is missing from the host network namespace: packets entering the \
+                     node (AF_PACKET frames, Service addresses DNATed to a metadata address) are not judged there; \
+                     a running agent restores it within seconds, without one run `metadata-guard apply`",
+                    host_side.table
+                ));
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                let mut value = serde_json::to_value(&status)?;
+                value["host_side"] = serde_json::to_value(&host_side)?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 loader::status::print_human(&status);
+                hostside::print_status(&host_side);
             }
         }
-        Command::Uninstall { pins } => {
+        Command::Uninstall { pins, host } => {
             let removed = loader::uninstall(&pins.bpffs)?;
+            match hostside::uninstall(host.host_netns.as_deref())? {
+                hostside::Removal::Removed => println!("removed the host-side table `inet {}`", hostside::TABLE),
+                hostside::Removal::NotThere => {}
+                hostside::Removal::NotPermitted(why) => eprintln!(
+                    "metadata-guard: warning: the host-side table `inet {}` was not checked: {why}; run uninstall \
+                     in the host network namespace with CAP_NET_ADMIN to remove it",
+                    hostside::TABLE
+                ),
+            }
             if removed.is_empty() {
                 println!("nothing to remove under {}: the guard is not installed", pins.bpffs.display());
             }
@@ -159,9 +196,10 @@ pub fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 }
             }
         }
-        Command::Check { pins, cgroup, mount_bpffs, json } => {
-            let checks =
+        Command::Check { pins, host, cgroup, mount_bpffs, json } => {
+            let mut checks =
                 preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs, mount_bpffs });
+            checks.push(preflight::Check::host_side(hostside::check(host.host_netns.as_deref())));
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {

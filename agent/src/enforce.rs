@@ -1,4 +1,5 @@
-//! Enforcement: putting the guard in the kernel (shared by `run` and `apply`) and,
+//! Enforcement: putting the guard in the kernel — the pinned programs and the
+//! host-side table (shared by `run` and `apply`) — and,
 //! in the running agent, the subsystem that keeps it whole — kernel counters into
 //! metrics, and every second a check that the pins and the attached cgroup are
 //! still there, restoring what it can.
@@ -13,6 +14,7 @@ use crate::{
     cgroup,
     cli::{CookieSource, EnforceArgs},
     config::{self, Config},
+    hostside::{self, HostSide},
     http::Condition,
     loader::{
         health::Fault,
@@ -35,6 +37,8 @@ pub struct Installed {
     pub cgroup: PathBuf,
     pub layout: PinLayout,
     pub guard: Guard,
+    /// The host-side table, written with the same policy and mode.
+    pub host: HostSide,
     pub report: InstallReport,
     pub lock: AgentLock,
 }
@@ -85,7 +89,11 @@ pub fn install(args: &EnforceArgs, command: &str) -> Result<Installed> {
     for old in &report.removed_versions {
         info!(path = %old.display(), "removed the pins of another layout version after attaching ours");
     }
-    Ok(Installed { config, policy, cgroup, layout, guard, report, lock })
+    // The second enforcement point: packets entering the host, by final destination.
+    let mut host = HostSide::open(args.host_netns.as_deref(), &cgroup)?;
+    host.set_policy(&hostside::policy(&config)?, config.mode == config::Mode::Audit)?;
+    info!(table = hostside::TABLE, "host side: packets entering the node are judged after DNAT");
+    Ok(Installed { config, policy, cgroup, layout, guard, host, report, lock })
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, whose default is tiny.

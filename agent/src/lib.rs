@@ -7,10 +7,11 @@
 //! [`config::Config`] too.
 //!
 //! The running agent (`run`) is a set of supervised subsystems ([`supervise`]); each
-//! owns its task: [`enforce`] (the kernel guard's health, counters), [`config_watch`]
-//! (reloads), [`allowlist`] (pod allowlist sync), [`events`] (event → audit pipeline),
-//! [`conceal`] (conceal mode's filtering proxy) and [`http`] (/metrics, /healthz,
-//! /readyz).
+//! owns its task: [`enforce`] (the kernel guard's health, counters), [`hostside`]
+//! (the host-side nf_tables table: its health, counters, NFLOG refusals),
+//! [`config_watch`] (reloads), [`allowlist`] (pod allowlist sync), [`events`] (event →
+//! audit pipeline), [`conceal`] (conceal mode's filtering proxy) and [`http`]
+//! (/metrics, /healthz, /readyz).
 
 pub mod allowlist;
 pub mod apply;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod config_watch;
 pub mod enforce;
 pub mod events;
+pub mod hostside;
 pub mod http;
 pub mod kubepods_watch;
 pub mod loader;

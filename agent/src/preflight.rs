@@ -45,6 +45,19 @@ impl Check {
     fn warn(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Check {
         Check { name: name.into(), outcome: Outcome::Warn, detail: detail.into(), fix: Some(fix.into()) }
     }
+
+    /// The host-side table's probe (see `hostside::check`).
+    pub fn host_side((ok, detail): (bool, String)) -> Check {
+        if ok {
+            Check::pass("host-side nf_tables", detail)
+        } else {
+            Check::fail(
+                "host-side nf_tables",
+                detail,
+                "load nf_tables, nft_reject_inet, nft_log, nfnetlink_log, nft_limit (modprobe), or use a kernel with them",
+            )
+        }
+    }
 }
 
 pub struct Inputs<'a> {

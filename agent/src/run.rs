@@ -9,6 +9,7 @@
 //! | `allowlist` | the kernel's pod allowlist | `allowlist` |
 //! | `config watch` | reloads, the policy in force | — |
 //! | `conceal` | conceal mode's proxy and the kernel's redirect to it | `conceal` |
+//! | `host side` | the host-side table whole and in force, counters, NFLOG refusals | `host side` |
 
 use std::{
     collections::BTreeSet,
@@ -26,6 +27,7 @@ use crate::{
     config_watch::ConfigWatch,
     enforce::{self, Enforcement},
     events,
+    hostside::Hostside,
     http::{self, Readiness},
     loader,
     metrics::Metrics,
@@ -33,7 +35,7 @@ use crate::{
 };
 
 pub async fn run(args: RunArgs, mut signals: Signals) -> Result<()> {
-    let enforce::Installed { config, policy, cgroup, layout, mut guard, report, lock: _lock } =
+    let enforce::Installed { config, policy, cgroup, layout, mut guard, host, report, lock: _lock } =
         enforce::install(&args.enforce, "run")?;
 
     let metrics = Arc::new(Metrics::new());
@@ -54,6 +56,7 @@ pub async fn run(args: RunArgs, mut signals: Signals) -> Result<()> {
         readiness: readiness.clone(),
         metrics: metrics.clone(),
         guard: Arc::new(Mutex::new(guard)),
+        host: Arc::new(Mutex::new(host)),
         cgroup,
     };
     // Every subsystem is built (and registers its readiness condition) before any runs.
@@ -61,6 +64,7 @@ pub async fn run(args: RunArgs, mut signals: Signals) -> Result<()> {
     let pipeline = events::Pipeline::new(ring, attempts_rx, &ctx)?;
     let allowlist = AllowlistSync::new(&ctx, allowed_tx);
     let conceal = Conceal::new(&ctx, args.enforce.host_netns.clone());
+    let hostside = Hostside::new(&ctx, args.enforce.host_netns.as_deref())?;
     let hangup = signals.hangup.take().context("SIGHUP is already watched")?;
     let config_watch = ConfigWatch { args: args.enforce.config.clone(), hangup, publish: policy_tx };
     let server = http::Server { listener, metrics, readiness };
@@ -74,12 +78,15 @@ pub async fn run(args: RunArgs, mut signals: Signals) -> Result<()> {
     supervisor.spawn_on_thread("allowlist", move || allowlist.run(c, s));
     let (c, s) = (ctx.clone(), supervisor.shutdown());
     supervisor.spawn_on_thread("conceal", move || conceal.run(c, s));
+    let (c, s) = (ctx.clone(), supervisor.shutdown());
+    supervisor.spawn_on_thread("host side", move || hostside.run(c, s));
     supervisor.spawn("config watch", config_watch.run(ctx.clone(), supervisor.shutdown()));
     supervisor.spawn("http", server.run(supervisor.shutdown()));
 
     let outcome = supervisor.supervise(signals.stop_requested()).await;
     if args.detach_on_exit {
         loader::remove_pins(&layout.dir).context("could not remove the guard from the kernel")?;
+        ctx.host.lock().unwrap_or_else(|e| e.into_inner()).remove()?;
         info!("detached (--detach-on-exit): pods can reach the metadata service again");
     } else {
         info!(pins = %layout.dir.display(), "exiting; enforcement stays pinned in the kernel");

@@ -26,7 +26,8 @@
 //!   in the subsystem's constructor, which `run.rs` calls before the supervisor
 //!   starts anything, so that `/readyz` never answers 200 before every subsystem has
 //!   had its say,
-//! - `ctx.metrics`, `ctx.guard` (the pinned kernel guard, behind a mutex).
+//! - `ctx.metrics`, `ctx.guard` (the pinned kernel guard, behind a mutex), `ctx.host`
+//!   (the host-side nf_tables table, behind a mutex of its own; never hold both).
 //!
 //! It returns only when `shutdown` fires (then `Ok`) or when it cannot go on (then
 //! `Err` with what failed). Anything else — an early `Ok`, an error, a panic — makes
@@ -65,7 +66,8 @@ use tokio::{
 use tracing::{error, info};
 
 use crate::{
-    attempt::Attempt, config::Config, http::Readiness, loader::Guard, metrics::Metrics, policy::CompiledPolicy,
+    attempt::Attempt, config::Config, hostside::HostSide, http::Readiness, loader::Guard, metrics::Metrics,
+    policy::CompiledPolicy,
 };
 
 /// How long subsystems get to finish (flush the audit trail) after SIGTERM.
@@ -88,6 +90,8 @@ pub struct Context {
     pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
     pub guard: Arc<Mutex<Guard>>,
+    /// The host-side table in the host's network namespace.
+    pub host: Arc<Mutex<HostSide>>,
     /// The cgroup v2 directory enforcement is attached to.
     pub cgroup: PathBuf,
 }

@@ -67,6 +67,9 @@ pub enum Hook {
     Sendmsg6 = 3,
     /// The packet-level backstop on cgroup egress.
     Egress = 4,
+    /// The host-side nf_tables table (no kernel program: never in [`Hook::ALL`], which
+    /// lists the slots of the programs' counters).
+    Host = 5,
 }
 
 pub const HOOK_COUNT: u32 = 5;
@@ -86,6 +89,7 @@ impl Hook {
             Hook::Sendmsg4 => "sendmsg4",
             Hook::Sendmsg6 => "sendmsg6",
             Hook::Egress => "egress",
+            Hook::Host => "host",
         }
     }
 }

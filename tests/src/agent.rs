@@ -59,24 +59,7 @@ impl Agent {
             .env_remove("NODE_NAME")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let procs = spec.own_cgroup.join("cgroup.procs");
-        let procs_c = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())?;
-        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                libc::close(fd);
-                if ok {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        start_in_cgroup(&mut cmd, &spec.own_cgroup)?;
         let mut child = cmd.spawn().with_context(|| format!("could not start {}", spec.binary.display()))?;
         let audit = collect_lines(child.stdout.take().unwrap(), false);
         let log = collect_lines(child.stderr.take().unwrap(), std::env::var_os("MG_SCENARIO_VERBOSE").is_some());
@@ -198,11 +181,45 @@ fn free_local_port() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// Has `cmd`'s process join `cgroup` before it execs.
+fn start_in_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<()> {
+    let procs = cgroup.join("cgroup.procs");
+    let procs_c = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())?;
+    // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            libc::close(fd);
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(())
+}
+
 /// Runs a one-shot agent subcommand (`status`, `uninstall`, `check`) and returns
 /// (success, stdout, stderr).
 pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
-    let out =
-        Command::new(binary).args(args).output().with_context(|| format!("could not run {}", binary.display()))?;
+    oneshot_with(Command::new(binary), binary, args)
+}
+
+/// The same, run from inside `cgroup`: as a node's boot unit runs inside the cgroup
+/// root, which kernels before 5.14 need to learn the host namespace's cookie.
+pub fn oneshot_in(binary: &Path, cgroup: &Path, args: &[&str]) -> Result<(bool, String, String)> {
+    let mut cmd = Command::new(binary);
+    start_in_cgroup(&mut cmd, cgroup)?;
+    oneshot_with(cmd, binary, args)
+}
+
+fn oneshot_with(mut cmd: Command, binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = cmd.args(args).output().with_context(|| format!("could not run {}", binary.display()))?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -210,9 +227,18 @@ pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
     ))
 }
 
-pub use metadata_guard::{audit::RecordLine, loader::status::Status};
+pub use metadata_guard::{audit::RecordLine, hostside::HostStatus, loader::status::Status};
 
 /// `metadata-guard status --json` for the pins under `bpffs`.
+/// The host-side table as `status --json` shows it (key `host_side`).
+pub fn host_status(binary: &Path, bpffs: &Path) -> Result<HostStatus> {
+    let bpffs = bpffs.display().to_string();
+    let (ok, out, err) = oneshot(binary, &["status", "--json", "--bpffs", &bpffs])?;
+    anyhow::ensure!(ok, "metadata-guard status failed: {err}");
+    let value: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("status printed {out:?}"))?;
+    serde_json::from_value(value["host_side"].clone()).with_context(|| format!("status printed {out:?}"))
+}
+
 pub fn status(binary: &Path, bpffs: &Path) -> Result<Status> {
     let bpffs = bpffs.display().to_string();
     let (ok, out, err) = oneshot(binary, &["status", "--json", "--bpffs", &bpffs])?;

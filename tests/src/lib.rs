@@ -9,8 +9,12 @@
 
 pub mod agent;
 pub mod cgroups;
+pub mod forwarded;
+pub mod frames;
+pub mod nat;
 pub mod netlink;
 pub mod netns;
 pub mod node;
+pub mod sandbox;
 pub mod standin;
 pub mod world;

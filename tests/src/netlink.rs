@@ -150,6 +150,28 @@ impl Netlink {
         Ok(())
     }
 
+    /// Adds a route to `dest/prefix_len` via `gateway` on link `index`.
+    pub fn add_route(&mut self, dest: IpAddr, prefix_len: u8, gateway: IpAddr, index: u32) -> Result<()> {
+        let family = if dest.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        let mut msg = Message::new(libc::RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL);
+        msg.push(&[
+            family as u8,
+            prefix_len,
+            0,
+            0,
+            libc::RT_TABLE_MAIN,
+            libc::RTPROT_BOOT,
+            libc::RT_SCOPE_UNIVERSE,
+            libc::RTN_UNICAST,
+        ]);
+        msg.push(&0u32.to_ne_bytes());
+        msg.attr(libc::RTA_DST, &ip_bytes(dest));
+        msg.attr(libc::RTA_GATEWAY, &ip_bytes(gateway));
+        msg.attr(libc::RTA_OIF, &index.to_ne_bytes());
+        self.request(msg).with_context(|| format!("could not add a route to {dest}/{prefix_len} via {gateway}"))?;
+        Ok(())
+    }
+
     /// Sends one request and returns the replies that came before its ACK.
     fn request(&mut self, msg: Message) -> Result<Vec<Vec<u8>>> {
         self.seq = self.seq.wrapping_add(1);

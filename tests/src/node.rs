@@ -12,6 +12,7 @@ use crate::{
     agent::AgentSpec,
     cgroups::{find_cgroup2_mount, TestCgroup},
     netns::NetNs,
+    sandbox::PodSandbox,
     standin::Standin,
     world::{PodNet, SimNode},
 };
@@ -30,6 +31,9 @@ pub struct Pod {
     pub uid: String,
     pub container: String,
     pub container_id: String,
+    /// Holds the pod's namespace from inside its cgroup, as a pause container does;
+    /// first, so that it is gone before the cgroup is removed.
+    pub _sandbox: PodSandbox,
     pub net: PodNet,
     pub cgroup: TestCgroup,
 }
@@ -105,6 +109,7 @@ impl Node {
         let n = self.pods.len() as u32 + 1;
         let kubelet = self.kubelet_pod_with(namespace, name, container, layout, n)?;
         let net = self.sim.add_pod(name)?;
+        let sandbox = PodSandbox::start(&net.ns.path(), kubelet.cgroup.path())?;
         self.pods.push(Pod {
             namespace: namespace.into(),
             name: name.into(),
@@ -113,6 +118,7 @@ impl Node {
             container_id: kubelet.container_id.clone(),
             net,
             cgroup: kubelet.cgroup.clone(),
+            _sandbox: sandbox,
         });
         // The pod lives as long as the node: its directories go with `work`.
         std::mem::forget(kubelet.logs);

@@ -145,7 +145,7 @@ fn every_overlay_validates_and_keeps_the_posture() {
                 assert_eq!(var("METADATA_GUARD_CONCEAL_ADDR"), Some("$(HOST_IP):8775"), "{overlay}");
                 (Some("conceal"), None)
             }
-            "overlays/gke" => (None, Some("gcp")),
+            "overlays/gke" => (None, Some("gke-workload-identity")),
             "overlays/eks" => (None, Some("aws")),
             _ => (None, None),
         };
@@ -268,7 +268,7 @@ fn relative(from: &Path, to: &Path) -> String {
 }
 
 #[test]
-fn uninstall_removes_what_the_agent_pins_with_no_capability() {
+fn uninstall_removes_the_pins_and_the_host_side_table_with_net_admin_alone() {
     if !kubectl() {
         return;
     }
@@ -283,10 +283,16 @@ fn uninstall_removes_what_the_agent_pins_with_no_capability() {
     assert_eq!(strings(&init[0]["args"]), ["uninstall", BPFFS_ARG], "the same --bpffs as the agent");
     let tolerations = pod["tolerations"].as_sequence().expect("tolerations");
     assert!(tolerations.iter().any(|t| t["operator"] == "Exists" && t["key"].is_null()), "must reach every node");
+    assert_eq!(pod["hostNetwork"], true, "the host-side table is in the node's network namespace");
+    assert!(pod["hostPID"].is_null() && pod["hostIPC"].is_null(), "no host PID or IPC namespace");
     for c in init.iter().chain(pod["containers"].as_sequence().unwrap()) {
+        let name = c["name"].as_str().unwrap();
         let sc = &c["securityContext"];
-        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{}", c["name"].as_str().unwrap());
-        assert!(sc["capabilities"]["add"].is_null(), "{}: unpinning needs no capability", c["name"].as_str().unwrap());
+        assert_ne!(sc["privileged"], true, "{name}");
+        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{name}");
+        // Unpinning needs no capability; deleting the nf_tables table needs NET_ADMIN.
+        let wanted: &[&str] = if c["name"] == init[0]["name"] { &["NET_ADMIN"] } else { &[] };
+        assert_eq!(strings(&sc["capabilities"]["add"]), wanted, "{name}: the capability set changed");
         assert_eq!(sc["allowPrivilegeEscalation"], false);
         assert_eq!(sc["readOnlyRootFilesystem"], true);
     }

@@ -50,6 +50,7 @@ pub const SCHEMA: &str = "metadata-guard.audit/v1";
 /// | `port` | number | destination port (0 when the protocol has none) |
 /// | `hook` | string | where the latest attempt was judged: `"connect4"`, `"connect6"`, `"sendmsg4"`, `"sendmsg6"`, `"egress"` |
 /// | `mapped` | bool | the latest attempt used the IPv4-mapped IPv6 form |
+/// | `source` | string | only when `hook` is `"host"`: the packet's source address |
 /// | `count` | number | attempts this record stands for (at least 1) |
 /// | `first_seen` | string | time of the first of them, RFC 3339 |
 /// | `last_seen` | string | time of the last of them, RFC 3339 |
@@ -118,6 +119,9 @@ pub struct AuditRecord<'a> {
     pub port: u16,
     pub hook: &'static str,
     pub mapped: bool,
+    /// Host-side attempts only: the packet's source address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<IpAddr>,
     pub count: u64,
     #[serde(serialize_with = "rfc3339_millis")]
     pub first_seen: SystemTime,
@@ -229,6 +233,7 @@ impl<'a> AuditRecord<'a> {
             port: latest.port,
             hook: latest.hook.name(),
             mapped: latest.mapped,
+            source: latest.source,
             count: tally.count,
             first_seen: tally.first_seen,
             last_seen: tally.last_seen,
@@ -282,6 +287,8 @@ pub struct RecordLine {
     pub port: u16,
     pub hook: String,
     pub mapped: bool,
+    /// Host-side attempts only.
+    pub source: Option<IpAddr>,
     pub count: u64,
     pub first_seen: String,
     pub last_seen: String,
@@ -334,6 +341,7 @@ mod tests {
             verdict: Verdict::Blocked,
             mapped: false,
             request: None,
+            source: None,
         }
     }
 

@@ -84,6 +84,7 @@ fn connect(destination: IpAddr, port: u16) -> Attempt {
         verdict: Verdict::Blocked,
         mapped: false,
         request: None,
+        source: None,
     }
 }
 

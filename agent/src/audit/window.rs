@@ -23,6 +23,10 @@ pub struct Key {
     verdict: u8,
     /// Refused proxy requests: one record per method, path and rule.
     request: Option<crate::attempt::ConcealedRequest>,
+    /// Host-side attempts carry their packet's source address: they are kept apart
+    /// from the socket hooks' (an audited connect is judged by both), and unnamed
+    /// sources apart from each other.
+    packet_source: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -53,6 +57,7 @@ impl Key {
             protocol: attempt.protocol,
             verdict: attempt.verdict as u8,
             request: attempt.request.clone(),
+            packet_source: attempt.source,
         }
     }
 }

@@ -230,6 +230,7 @@ fn refusal_attempt(outcome: &Outcome) -> Option<Attempt> {
         hook: if matches!(destination, IpAddr::V4(_)) { Hook::Connect4 } else { Hook::Connect6 },
         verdict: Verdict::Blocked,
         mapped: false,
+        source: None,
         request: Some(ConcealedRequest {
             method: outcome.method.clone(),
             path: outcome.path.clone(),

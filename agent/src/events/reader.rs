@@ -105,6 +105,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Attempt> {
         verdict: Verdict::from_u8(e.verdict)?,
         mapped: e.mapped != 0,
         request: None,
+        source: None,
     })
 }
 

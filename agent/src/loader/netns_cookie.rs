@@ -85,10 +85,33 @@ pub fn via_sockopt(netns: Option<&Path>) -> Result<Option<u64>> {
     })
 }
 
-/// The fallback: attach the probe to `cgroup` for a moment and connect from the host
-/// namespace. The connecting thread is this process's, so the agent must run inside
-/// `cgroup`'s subtree (a DaemonSet pod always does for the cgroup root).
+/// The fallback: attach the probe to a cgroup for a moment and connect from the host
+/// namespace. The connecting thread is this process's, so the probe must sit on a
+/// cgroup the agent is inside: `cgroup` itself (a DaemonSet pod is inside the root),
+/// else the agent's own cgroup (an agent beside the cgroup it guards).
 pub fn via_probe(ebpf: &mut Ebpf, cgroup: &Path, netns: Option<&Path>) -> Result<u64> {
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(program_names::NETNS_PROBE)
+        .context("the kernel object has no netns probe program")?
+        .try_into()?;
+    program.load().context("the kernel refused to load the netns probe program")?;
+    let own = own_cgroup().filter(|own| own.as_path() != cgroup);
+    for candidate in std::iter::once(cgroup.to_path_buf()).chain(own) {
+        let cookie = probe_from(ebpf, &candidate, netns)?;
+        if cookie != 0 {
+            return Ok(cookie);
+        }
+    }
+    bail!(
+        "this kernel has no SO_NETNS_COOKIE (it arrived in 5.14) and the fallback probe saw no connect: \
+         the agent is neither inside cgroup {} nor in a cgroup it can find under the cgroup2 mount. Run the \
+         agent inside that cgroup's subtree (a DaemonSet pod is inside the root) or use a 5.14+ kernel",
+        cgroup.display()
+    );
+}
+
+/// One probe with the program attached to `cgroup`: the cookie it saw, 0 for none.
+fn probe_from(ebpf: &mut Ebpf, cgroup: &Path, netns: Option<&Path>) -> Result<u64> {
     let token = random_token();
     {
         let mut slot: Array<_, NetnsProbe> =
@@ -108,7 +131,6 @@ pub fn via_probe(ebpf: &mut Ebpf, cgroup: &Path, netns: Option<&Path>) -> Result
         .program_mut(program_names::NETNS_PROBE)
         .context("the kernel object has no netns probe program")?
         .try_into()?;
-    program.load().context("the kernel refused to load the netns probe program")?;
     let cgroup_dir = File::open(cgroup).with_context(|| format!("could not open cgroup {}", cgroup.display()))?;
     let link = program.attach(&cgroup_dir, CgroupAttachMode::Single).context("could not attach the netns probe")?;
     // A connected UDP socket sends nothing; the connect alone runs the hook.
@@ -120,16 +142,16 @@ pub fn via_probe(ebpf: &mut Ebpf, cgroup: &Path, netns: Option<&Path>) -> Result
     program.detach(link).context("could not detach the netns probe")?;
     connected?;
     let slot: Array<_, NetnsProbe> = Array::try_from(ebpf.map(map_names::NETNS_PROBE).unwrap())?;
-    let cookie = slot.get(&0, 0)?.cookie;
-    if cookie == 0 {
-        bail!(
-            "this kernel has no SO_NETNS_COOKIE (it arrived in 5.14) and the fallback probe saw no connect: \
-             the agent is not inside cgroup {}. Run the agent inside that cgroup's subtree (a DaemonSet pod is \
-             inside the root) or use a 5.14+ kernel",
-            cgroup.display()
-        );
-    }
-    Ok(cookie)
+    Ok(slot.get(&0, 0)?.cookie)
+}
+
+/// This process's cgroup v2 directory, when it is visible under the detected cgroup2
+/// mount (not inside a cgroup namespace that hides the host's paths).
+fn own_cgroup() -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/');
+    let dir = crate::cgroup::resolve(None).ok()?.join(relative);
+    dir.is_dir().then_some(dir)
 }
 
 /// A loopback address and port nobody else will connect to during the probe.

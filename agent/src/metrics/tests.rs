@@ -26,6 +26,7 @@ fn attempt() -> Attempt {
         verdict: Verdict::Blocked,
         mapped: false,
         request: None,
+        source: None,
     }
 }
 

@@ -23,7 +23,16 @@ const AZURE_WIRESERVER_PORTS: [u16; 2] = [80, 32526];
 const ALIBABA_METADATA: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
 const ORACLE_METADATA_ALT: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 192);
 const OPENSTACK_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xa9fe, 0xa9fe);
+/// GCE's metadata server for IPv6-only instances.
+const GCP_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254);
+/// OCI's metadata service over IPv6 (its SDK's `DEFAULT_METADATA_URL_BASE_IPV6`).
+const ORACLE_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc1, 0, 0, 0, 0, 0xa9fe, 0xa9fe);
+const SCALEWAY_METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 42);
+const SCALEWAY_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x42, 0, 0, 0, 0, 0, 0x42);
+const AKAMAI_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa9fe, 0xa9fe, 0, 0, 0, 0, 1);
 const DNS: [u16; 1] = [53];
+/// Port 53 and the HTTP port that GKE's node DNATs to its own metadata server.
+const DNS_AND_GKE_METADATA: [u16; 2] = [53, 80];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Preset {
@@ -35,23 +44,37 @@ pub enum Preset {
     Alibaba,
     Oracle,
     Openstack,
+    Scaleway,
+    Akamai,
+    GkeWorkloadIdentity,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 8] = [
+    pub const ALL: [Preset; 11] = [
         Preset::Default,
         Preset::Aws,
         Preset::AwsEcs,
+        Preset::Gcp,
+        Preset::GkeWorkloadIdentity,
+        Preset::Azure,
+        Preset::Alibaba,
+        Preset::Oracle,
+        Preset::Openstack,
+        Preset::Scaleway,
+        Preset::Akamai,
+    ];
+
+    /// The clouds whose metadata addresses `default` blocks.
+    const CLOUDS: [Preset; 8] = [
+        Preset::Aws,
         Preset::Gcp,
         Preset::Azure,
         Preset::Alibaba,
         Preset::Oracle,
         Preset::Openstack,
+        Preset::Scaleway,
+        Preset::Akamai,
     ];
-
-    /// The clouds whose metadata addresses `default` blocks.
-    const CLOUDS: [Preset; 6] =
-        [Preset::Aws, Preset::Gcp, Preset::Azure, Preset::Alibaba, Preset::Oracle, Preset::Openstack];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -63,6 +86,9 @@ impl Preset {
             Preset::Alibaba => "alibaba",
             Preset::Oracle => "oracle",
             Preset::Openstack => "openstack",
+            Preset::Scaleway => "scaleway",
+            Preset::Akamai => "akamai",
+            Preset::GkeWorkloadIdentity => "gke-workload-identity",
         }
     }
 
@@ -71,8 +97,9 @@ impl Preset {
         match self {
             Preset::Default => {
                 "The metadata addresses of every supported cloud at once, for clusters that run \
-                 anywhere: 169.254.169.254 and fd00:ec2::254 (all ports but 53), 100.100.100.200 and \
-                 192.0.0.192 (all ports), fe80::a9fe:a9fe (all ports but 53) and Azure's WireServer \
+                 anywhere: 169.254.169.254, fd00:ec2::254, fd20:ce::254, fd00:c1::a9fe:a9fe, \
+                 fe80::a9fe:a9fe and fd00:a9fe:a9fe::1 (all ports but 53), 100.100.100.200, \
+                 192.0.0.192, 169.254.42.42 and fd00:42::42 (all ports) and Azure's WireServer \
                  168.63.129.16 (ports 80 and 32526 only). DNS on port 53 stays open everywhere. Not \
                  included: the ECS task metadata endpoint (use aws-ecs) and the EKS Pod Identity \
                  Agent, which pods are meant to reach."
@@ -88,9 +115,17 @@ impl Preset {
                  169.254.170.2 on every port, for nodes that also run the ECS agent."
             }
             Preset::Gcp => {
-                "The GCE metadata server (metadata.google.internal) at 169.254.169.254: every \
-                 protocol and port except 53, because the same address is the VPC's DNS resolver \
-                 that GKE pods use."
+                "The GCE metadata server (metadata.google.internal) at 169.254.169.254 and, for \
+                 IPv6-only instances, fd20:ce::254: every protocol and port except 53, because the \
+                 same address is the VPC's DNS resolver that GKE pods use."
+            }
+            Preset::GkeWorkloadIdentity => {
+                "For GKE nodes with Workload Identity, where the node DNATs pods' \
+                 169.254.169.254:80 to the GKE metadata server (which answers each pod with its own \
+                 identity): what gcp blocks, except that a pod's connect to 169.254.169.254:80 \
+                 passes the socket hooks and is judged in the node after the DNAT instead. It \
+                 reaches the GKE metadata server; the real metadata server stays blocked (without \
+                 the DNAT the node refuses the packet)."
             }
             Preset::Azure => {
                 "Azure instance metadata (IMDS) at 169.254.169.254, every port but 53, and the \
@@ -103,13 +138,32 @@ impl Preset {
                  nothing else is served there."
             }
             Preset::Oracle => {
-                "OCI instance metadata at 169.254.169.254, every port but 53 (OCI's resolver \
-                 answers there), and its other metadata address 192.0.0.192 on every port."
+                "OCI instance metadata at 169.254.169.254 and fd00:c1::a9fe:a9fe, every port but 53 \
+                 (OCI's resolver answers there), and its other metadata address 192.0.0.192 on \
+                 every port."
+            }
+            Preset::Scaleway => {
+                "Scaleway instance metadata at 169.254.42.42 and fd00:42::42, every protocol and \
+                 port: nothing else is served there."
+            }
+            Preset::Akamai => {
+                "Akamai (Linode) metadata at 169.254.169.254 and fd00:a9fe:a9fe::1, every port \
+                 but 53."
             }
             Preset::Openstack => {
                 "OpenStack Nova metadata at 169.254.169.254 and its IPv6 address fe80::a9fe:a9fe, \
                  every port but 53, which some deployments use for DNS."
             }
+        }
+    }
+
+    /// Rules only the host side applies, on top of [`Preset::rules`]: destinations the
+    /// socket hooks leave to the node because the node rewrites them (DNAT) to an
+    /// allowed place, and the host side judges after the rewrite.
+    pub fn host_side_rules(self) -> Vec<BlockRule> {
+        match self {
+            Preset::GkeWorkloadIdentity => vec![BlockRule::only(host(IMDS), &[80])],
+            _ => Vec::new(),
         }
     }
 
@@ -130,13 +184,27 @@ impl Preset {
                 rules.push(BlockRule::all(host(AWS_ECS_TASK_METADATA)));
                 rules
             }
-            Preset::Gcp => vec![BlockRule::except(host(IMDS), &DNS)],
+            Preset::Gcp => vec![BlockRule::except(host(IMDS), &DNS), BlockRule::except(host(GCP_METADATA_V6), &DNS)],
+            Preset::GkeWorkloadIdentity => vec![
+                BlockRule::except(host(IMDS), &DNS_AND_GKE_METADATA),
+                BlockRule::except(host(GCP_METADATA_V6), &DNS),
+            ],
             Preset::Azure => vec![
                 BlockRule::except(host(IMDS), &DNS),
                 BlockRule::only(host(AZURE_WIRESERVER), &AZURE_WIRESERVER_PORTS),
             ],
             Preset::Alibaba => vec![BlockRule::all(host(ALIBABA_METADATA))],
-            Preset::Oracle => vec![BlockRule::except(host(IMDS), &DNS), BlockRule::all(host(ORACLE_METADATA_ALT))],
+            Preset::Oracle => vec![
+                BlockRule::except(host(IMDS), &DNS),
+                BlockRule::except(host(ORACLE_METADATA_V6), &DNS),
+                BlockRule::all(host(ORACLE_METADATA_ALT)),
+            ],
+            Preset::Scaleway => {
+                vec![BlockRule::all(host(SCALEWAY_METADATA)), BlockRule::all(host(SCALEWAY_METADATA_V6))]
+            }
+            Preset::Akamai => {
+                vec![BlockRule::except(host(IMDS), &DNS), BlockRule::except(host(AKAMAI_METADATA_V6), &DNS)]
+            }
             Preset::Openstack => {
                 vec![BlockRule::except(host(IMDS), &DNS), BlockRule::except(host(OPENSTACK_METADATA_V6), &DNS)]
             }
@@ -155,7 +223,10 @@ impl fmt::Display for Preset {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown preset `{0}`; choose one of default, aws, aws-ecs, gcp, azure, alibaba, oracle, openstack")]
+#[error(
+    "unknown preset `{0}`; choose one of default, aws, aws-ecs, gcp, gke-workload-identity, azure, alibaba, oracle, \
+     openstack, scaleway, akamai"
+)]
 pub struct UnknownPreset(pub String);
 
 impl FromStr for Preset {
@@ -191,10 +262,16 @@ mod tests {
         let imds = "169.254.169.254/32 except ports 53";
         assert_eq!(listed(Preset::Aws), [imds, "fd00:ec2::254/128 except ports 53"]);
         assert_eq!(listed(Preset::AwsEcs), [imds, "fd00:ec2::254/128 except ports 53", "169.254.170.2/32"]);
-        assert_eq!(listed(Preset::Gcp), [imds]);
+        assert_eq!(listed(Preset::Gcp), [imds, "fd20:ce::254/128 except ports 53"]);
+        assert_eq!(
+            listed(Preset::GkeWorkloadIdentity),
+            ["169.254.169.254/32 except ports 53,80", "fd20:ce::254/128 except ports 53"]
+        );
+        assert_eq!(listed(Preset::Scaleway), ["169.254.42.42/32", "fd00:42::42/128"]);
+        assert_eq!(listed(Preset::Akamai), [imds, "fd00:a9fe:a9fe::1/128 except ports 53"]);
         assert_eq!(listed(Preset::Azure), [imds, "168.63.129.16/32 ports 80,32526"]);
         assert_eq!(listed(Preset::Alibaba), ["100.100.100.200/32"]);
-        assert_eq!(listed(Preset::Oracle), [imds, "192.0.0.192/32"]);
+        assert_eq!(listed(Preset::Oracle), [imds, "fd00:c1::a9fe:a9fe/128 except ports 53", "192.0.0.192/32"]);
         assert_eq!(listed(Preset::Openstack), [imds, "fe80::a9fe:a9fe/128 except ports 53"]);
     }
 
@@ -208,8 +285,13 @@ mod tests {
                 "100.100.100.200/32",
                 "168.63.129.16/32 ports 80,32526",
                 "169.254.169.254/32 except ports 53",
+                "169.254.42.42/32",
                 "192.0.0.192/32",
+                "fd00:42::42/128",
+                "fd00:a9fe:a9fe::1/128 except ports 53",
+                "fd00:c1::a9fe:a9fe/128 except ports 53",
                 "fd00:ec2::254/128 except ports 53",
+                "fd20:ce::254/128 except ports 53",
                 "fe80::a9fe:a9fe/128 except ports 53",
             ]
         );
@@ -220,7 +302,7 @@ mod tests {
         let mut rules = Preset::Aws.rules();
         rules.extend(Preset::Gcp.rules());
         let policy = compile(&rules).unwrap();
-        assert_eq!(policy, compiled(Preset::Aws));
+        assert_eq!(policy.v4, compiled(Preset::Aws).v4);
         assert_eq!(policy.v4[0].1.rule_count, 1);
     }
 
@@ -232,7 +314,9 @@ mod tests {
                 let addr = rule.cidr.addr();
                 let (blocked_port, open_port) = match &rule.ports {
                     PortMatch::Only(ports) => (ports[0], Some(443)),
-                    PortMatch::Except(ports) => (80, Some(ports[0])),
+                    PortMatch::Except(ports) => {
+                        ([80, 443].into_iter().find(|p| !ports.contains(p)).unwrap(), Some(ports[0]))
+                    }
                     PortMatch::Any => (53, None),
                 };
                 for proto in [PROTO_TCP, PROTO_UDP] {
@@ -287,6 +371,22 @@ mod tests {
         assert!(policy.blocks(ip("169.254.169.254"), PROTO_OTHER, 0), "ping and raw IP");
         assert!(policy.blocks(ip("::ffff:169.254.169.254"), PROTO_TCP, 80));
         assert!(policy.blocks(ip("::ffff:100.100.100.200"), PROTO_UDP, 53));
+    }
+
+    #[test]
+    fn gke_workload_identity_leaves_port_80_to_the_host_side_which_blocks_it() {
+        let sockets = compiled(Preset::GkeWorkloadIdentity);
+        assert!(!sockets.blocks(ip("169.254.169.254"), PROTO_TCP, 80), "the node DNATs it to the GKE server");
+        assert!(sockets.blocks(ip("169.254.169.254"), PROTO_TCP, 443));
+        let mut host = Preset::GkeWorkloadIdentity.rules();
+        host.extend(Preset::GkeWorkloadIdentity.host_side_rules());
+        let host = compile(&host).unwrap();
+        assert!(host.blocks(ip("169.254.169.254"), PROTO_TCP, 80), "without the DNAT it is the real server");
+        assert!(!host.blocks(ip("169.254.169.254"), PROTO_UDP, 53));
+        assert!(Preset::ALL
+            .iter()
+            .filter(|p| **p != Preset::GkeWorkloadIdentity)
+            .all(|p| p.host_side_rules().is_empty()));
     }
 
     #[test]

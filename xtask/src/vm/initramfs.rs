@@ -23,8 +23,25 @@ pub const MARK: &str = "mg-vm:";
 pub const TIME_SCALE: u32 = 10;
 
 /// Modules the scenarios need that Debian's cloud kernels build as modules:
-/// veth joins the simulated pods to the node.
-const MODULES: &[&str] = &["veth"];
+/// veth joins the simulated pods to the node; nf_tables and the expressions the
+/// host-side table uses (the guest has no modprobe to load them on demand), and NAT
+/// for the scenarios' DNAT. Their dependencies (nfnetlink, nf_reject_*, nf_defrag_*,
+/// ...) come along.
+const MODULES: &[&str] = &[
+    "veth",
+    "nf_tables",
+    "nft_reject_inet",
+    "nft_log",
+    "nfnetlink_log",
+    "nft_limit",
+    "nft_objref",
+    "nft_chain_nat",
+    "nft_nat",
+    "nf_nat",
+    "nf_conntrack",
+];
+/// Built into some kernels, modules in others (nft_counter: a module on 5.10 only).
+const MODULES_IF_MODULAR: &[&str] = &["nft_counter"];
 
 /// Init script: mounts what a node has, loads the modules, runs `check` then the
 /// scenarios, prints the end marker with their exit code, and powers the VM off
@@ -160,6 +177,11 @@ fn modules_in_load_order(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(Str
     }
     for name in wanted {
         visit(name, &files, &mut order, modules_dir)?;
+    }
+    for name in MODULES_IF_MODULAR {
+        if files.iter().any(|f| module_name(f).as_deref() == Some(*name)) {
+            visit(name, &files, &mut order, modules_dir)?;
+        }
     }
     Ok(order)
 }

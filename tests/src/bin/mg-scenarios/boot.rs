@@ -9,10 +9,14 @@ use crate::{
     agent::{self, Agent, Status},
     attempt::{self, Kind},
     harness::{Ctx, Who, METADATA_V4, METADATA_V6},
+    hostside::{host_status, syn_over_af_packet},
 };
 
 pub const SCENARIOS: [crate::Scenario; 4] = [
-    ("boot: after apply returns no pod attempt succeeds, with no agent and while an agent adopts", apply_then_adopt),
+    (
+        "boot: after apply returns no pod attempt succeeds (AF_PACKET frames too), with no agent and while an agent adopts",
+        apply_then_adopt,
+    ),
     ("boot: the test-variant agent adopts what apply installed, with no gap", variant_adopts),
     ("boot: apply twice changes nothing the second time, and check names the version that applied", idempotent),
     ("boot: apply refuses while an agent runs and leaves its enforcement alone", refused_while_running),
@@ -34,7 +38,7 @@ fn apply(ctx: &Ctx, binary: &Path) -> Result<(bool, String, String)> {
     ];
     args.extend(spec.extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    agent::oneshot(binary, &args)
+    agent::oneshot_in(binary, &spec.own_cgroup, &args)
 }
 
 fn applied(ctx: &Ctx) -> Result<String> {
@@ -98,6 +102,12 @@ fn apply_then_adopt(ctx: &mut Ctx) -> Result<()> {
         ensure!(before.enforcing && !before.agent_running, "{before:?}");
         let by = before.installed_by.as_ref().context("no installer recorded")?;
         ensure!(by.command == "apply" && by.version == VERSION, "installed by {by}");
+        // The host side is part of the boot enforcement: a frame a pod writes itself
+        // finds the node closed before any agent runs.
+        let host = host_status(ctx)?;
+        ensure!(host.installed && host.mode.as_deref() == Some("enforce"), "apply wrote no host-side table: {host:?}");
+        let (arrived, answered) = syn_over_af_packet(ctx, METADATA_V4.parse()?, 44200)?;
+        ensure!(arrived == 0 && !answered, "after apply a pod's AF_PACKET SYN arrived {arrived} time(s)");
         let agent = Agent::start(&ctx.spec(&ctx.agent_bin, &[]))?;
         closed_for_pods(ctx, "the agent adopted")?;
         let after = ctx.status()?;

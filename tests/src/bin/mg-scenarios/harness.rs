@@ -77,14 +77,11 @@ pub enum Who {
 
 impl Ctx {
     pub fn new(agent_bin: PathBuf, variant_bin: Option<PathBuf>) -> Result<Ctx> {
-        Ok(Ctx {
-            node: Node::build()?,
-            agent_bin,
-            variant_bin,
-            agent: None,
-            running_args: Vec::new(),
-            without_promtool: false,
-        })
+        let node = Node::build()?;
+        // Every `metadata-guard` command run from here (status, uninstall, check) acts
+        // on the simulated node's host-side table, never on this machine's namespace.
+        std::env::set_var("METADATA_GUARD_HOST_NETNS", node.node_netns());
+        Ok(Ctx { node, agent_bin, variant_bin, agent: None, running_args: Vec::new(), without_promtool: false })
     }
 
     pub fn spec(&self, binary: &std::path::Path, extra: &[&str]) -> AgentSpec {

@@ -29,10 +29,10 @@ pub const SCENARIOS: [crate::Scenario; 5] = [
 ];
 
 /// How long the agent may take to notice a fault or its repair (it checks every second).
-const NOTICE: Duration = Duration::from_secs(3);
+pub const NOTICE: Duration = Duration::from_secs(3);
 
 /// Polls /readyz until `want` answers, returning the body.
-fn wait_readyz(agent: &Agent, want: u16, within: Duration) -> Result<String> {
+pub fn wait_readyz(agent: &Agent, want: u16, within: Duration) -> Result<String> {
     let deadline = Instant::now() + budget(within);
     loop {
         let answer = agent.http_get("/readyz");
@@ -48,7 +48,7 @@ fn wait_readyz(agent: &Agent, want: u16, within: Duration) -> Result<String> {
     }
 }
 
-fn metric(agent: &Agent, name: &str) -> Result<f64> {
+pub fn metric(agent: &Agent, name: &str) -> Result<f64> {
     let text = agent.http_get("/metrics")?.1;
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))

@@ -255,6 +255,9 @@ fn run_with_daemonset_caps(ctx: &Ctx, binary: &std::path::Path, step: &str) -> R
         .arg(metrics.to_string())
         .arg("--mount-bpffs=false")
         .env_remove("NODE_NAME")
+        // The harness points every command at the node's namespace by path; here the
+        // agent is in it already, as with hostNetwork.
+        .env_remove("METADATA_GUARD_HOST_NETNS")
         .stdout(std::process::Stdio::null())
         .stderr(fs::File::create(&log)?);
     let procs = std::ffi::CString::new(spec.own_cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;

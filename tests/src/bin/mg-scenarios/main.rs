@@ -11,13 +11,17 @@ mod block;
 mod boot;
 mod conceal;
 mod conceal_moto;
+mod frames;
 mod harness;
 mod health;
+mod hostside;
+mod hostside_forward;
+mod hostside_health;
+mod hostside_pods;
 mod lifecycle;
 mod neighbour;
 mod packets;
 mod policy;
-mod frames;
 mod protocols;
 mod raw;
 mod trail;
@@ -50,6 +54,10 @@ fn scenarios(without_python: bool) -> Vec<Scenario> {
     if !without_python {
         all.extend(conceal_moto::SCENARIOS);
     }
+    all.extend(hostside::SCENARIOS);
+    all.extend(hostside_pods::SCENARIOS);
+    all.extend(hostside_forward::SCENARIOS);
+    all.extend(hostside_health::SCENARIOS);
     all
 }
 
@@ -82,6 +90,13 @@ struct Args {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(metadata_guard_tests::sandbox::SANDBOX_ARG) {
+        if let Err(e) = metadata_guard_tests::sandbox::child_main(&argv[2..]) {
+            eprintln!("sandbox: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
     if argv.get(1).map(String::as_str) == Some("attempt") {
         if let Err(e) = attempt::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
             eprintln!("attempt: {e:#}");

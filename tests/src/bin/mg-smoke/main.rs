@@ -118,6 +118,8 @@ fn smoke(args: &Args) -> Result<()> {
     expect(pod_try(1)?, Outcome { eperm: 1, ..Default::default() }, "a pod's connect to 169.254.169.254:80")?;
     expect(host_try()?, Outcome { ok: 1, ..Default::default() }, "a host process's GET of 169.254.169.254:80")?;
     ensure!(node.standin.arrivals().tcp(80).from(pod_ip) == 0, "a pod connection reached the stand-in");
+    let table = metadata_guard::hostside::status(Some(&node.netns_path()))?;
+    ensure!(table.installed, "the agent wrote no host-side table in the node's namespace: {table:?}");
     std::thread::sleep(Duration::from_secs(2));
     let (idle_rss, _) = podman::memory_kib(first.pid()?)?;
 
@@ -193,8 +195,10 @@ fn smoke(args: &Args) -> Result<()> {
     );
     let left = node.pins_left()?;
     ensure!(left.is_empty(), "pins left after the uninstall: {left:?}");
+    let table = metadata_guard::hostside::status(Some(&node.netns_path()))?;
+    ensure!(!table.installed, "the host-side table outlived the uninstall container: {table:?}");
     expect(pod_try(1)?, Outcome { ok: 1, ..Default::default() }, "a pod's GET after the uninstall")?;
-    println!("smoke: the uninstall container removed every pin; pods reach the stand-in again");
+    println!("smoke: the uninstall container removed every pin and the host-side table; pods reach the stand-in again");
     println!("smoke: passed in {:?}", started.elapsed());
     Ok(())
 }

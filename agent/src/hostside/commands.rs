@@ -1,0 +1,92 @@
+//! What `status`, `uninstall` and `check` do for the host-side table.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::{HostSide, TABLE};
+
+/// The host-side part of `status` (its JSON key `host_side`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub table: String,
+    pub installed: bool,
+    pub mode: Option<String>,
+    pub chains: Vec<String>,
+    pub sets: Vec<String>,
+    pub allowed_interfaces: usize,
+    pub blocked_packets: u64,
+    pub audited_packets: u64,
+    pub exempt_packets: u64,
+    /// Why the table could not be read (it may still be there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
+}
+
+pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
+    let read = HostSide::open(host_netns, Path::new("/")).and_then(|mut h| h.status());
+    let (s, unreadable) = match read {
+        Ok(s) => (s, None),
+        Err(e) if super::errno_in(&e) == Some(libc::EPERM) => (None, Some(format!("{e:#}"))),
+        Err(e) => return Err(e),
+    };
+    Ok(HostStatus {
+        unreadable,
+        table: format!("inet {TABLE}"),
+        installed: s.is_some(),
+        mode: s.as_ref().map(|s| if s.audit { "audit" } else { "enforce" }.to_string()),
+        allowed_interfaces: s.as_ref().map_or(0, |s| s.allowed_interfaces),
+        blocked_packets: s.as_ref().map_or(0, |s| s.counters.blocked),
+        audited_packets: s.as_ref().map_or(0, |s| s.counters.audited),
+        exempt_packets: s.as_ref().map_or(0, |s| s.counters.exempt),
+        chains: s.as_ref().map(|s| s.chains.clone()).unwrap_or_default(),
+        sets: s.map(|s| s.sets).unwrap_or_default(),
+    })
+}
+
+pub fn print_status(s: &HostStatus) {
+    if let Some(why) = &s.unreadable {
+        println!("host side: could not read table `{}` (needs CAP_NET_ADMIN): {why}", s.table);
+        return;
+    }
+    if !s.installed {
+        println!("host side: no table `{}` in the host network namespace (not enforcing there)", s.table);
+        return;
+    }
+    println!(
+        "host side: table `{}` ({}), chains {}; {} sets; {} allowlisted pod interfaces",
+        s.table,
+        s.mode.as_deref().unwrap_or("?"),
+        s.chains.join(", "),
+        s.sets.len(),
+        s.allowed_interfaces
+    );
+    println!("  packets: {} blocked, {} audited, {} exempt", s.blocked_packets, s.audited_packets, s.exempt_packets);
+}
+
+/// What `uninstall` did about the table.
+pub enum Removal {
+    Removed,
+    NotThere,
+    /// Without `CAP_NET_ADMIN` the kernel answers no nf_tables request at all.
+    NotPermitted(String),
+}
+
+pub fn uninstall(host_netns: Option<&Path>) -> Result<Removal> {
+    match HostSide::open(host_netns, Path::new("/")).and_then(|mut h| h.remove()) {
+        Ok(true) => Ok(Removal::Removed),
+        Ok(false) => Ok(Removal::NotThere),
+        Err(e) if super::errno_in(&e) == Some(libc::EPERM) => Ok(Removal::NotPermitted(format!("{e:#}"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// `check`: can this kernel hold the table? (name, passed, detail, fix)
+pub fn check(host_netns: Option<&Path>) -> (bool, String) {
+    let result = HostSide::open(host_netns, Path::new("/")).and_then(|mut h| h.probe());
+    match result {
+        Ok(()) => (true, format!("nf_tables accepts the host-side table `inet {TABLE}` (probed under another name)")),
+        Err(e) => (false, format!("nf_tables refused the host-side table: {e:#}")),
+    }
+}

@@ -1,0 +1,295 @@
+//! The second enforcement point: an nf_tables table of the agent's own in the host's
+//! network namespace, judging every packet that enters the host from anything but
+//! its loopback — a pod's veth, another interface, the wire — by the destination it
+//! will finally be delivered or forwarded to (after DNAT). It catches what no socket
+//! hook sees: frames a pod writes with `AF_PACKET`, and Service addresses the node
+//! rewrites to a metadata address.
+//!
+//! Like the pinned programs it is kernel-resident: it stays while no agent runs, and
+//! every change (policy, mode, allowlist) replaces it in one transaction.
+
+mod commands;
+mod pods;
+mod refusals;
+mod ruleset;
+mod subsystem;
+mod table;
+
+use std::{
+    collections::BTreeSet,
+    io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use metadata_guard_netfilter::{
+    attr::Attrs,
+    nftables::{self, msg_type, table_request, wants_ack, NFPROTO_INET},
+    NetlinkError, NlSocket,
+};
+
+pub use commands::{check, print_status, status, uninstall, HostStatus, Removal};
+pub use pods::PodNets;
+pub use refusals::RefusalReader;
+pub use ruleset::shapes;
+pub use subsystem::Hostside;
+pub use table::{COUNTERS, TABLE};
+
+use crate::{
+    config::Config,
+    policy::{compile, CompiledPolicy},
+};
+
+/// What the host side blocks: the configured rules, plus those that presets leave to
+/// the host side alone (see [`Preset::host_side_rules`](crate::policy::Preset::host_side_rules)).
+pub fn policy(config: &Config) -> Result<CompiledPolicy> {
+    let mut rules = config.block.clone();
+    rules.extend(config.presets.iter().flat_map(|p| p.host_side_rules()));
+    compile(&rules).map_err(anyhow::Error::from)
+}
+
+/// Packets the table counted, by verdict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCounters {
+    pub blocked: u64,
+    pub audited: u64,
+    pub exempt: u64,
+}
+
+/// The table as read back from the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableStatus {
+    pub chains: Vec<String>,
+    pub sets: Vec<String>,
+    pub counters: HostCounters,
+    /// Allowlisted pods' host interfaces in force.
+    pub allowed_interfaces: usize,
+    pub audit: bool,
+}
+
+/// A handle on the host namespace's nf_tables (and rtnetlink, to find pods' interfaces).
+pub struct HostSide {
+    nft: NlSocket,
+    route: NlSocket,
+    cgroup_root: PathBuf,
+    applied: Option<table::Content>,
+    wanted: Option<(CompiledPolicy, bool)>,
+    allowed: BTreeSet<u64>,
+}
+
+impl HostSide {
+    /// Opens netlink sockets in `host_netns` (the agent's own when `None`).
+    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<HostSide> {
+        let nft = NlSocket::open_in(host_netns, libc::NETLINK_NETFILTER).with_context(|| {
+            format!("could not open an nf_tables netlink socket in the host network namespace {}", ns_name(host_netns))
+        })?;
+        nft.set_recv_buffer(1 << 20);
+        let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE).with_context(|| {
+            format!("could not open an rtnetlink socket in the host network namespace {}", ns_name(host_netns))
+        })?;
+        Ok(HostSide {
+            nft,
+            route,
+            cgroup_root: cgroup_root.to_path_buf(),
+            applied: None,
+            wanted: None,
+            allowed: BTreeSet::new(),
+        })
+    }
+
+    /// Puts a new policy and mode in force (with the allowlist last given).
+    pub fn set_policy(&mut self, policy: &CompiledPolicy, audit: bool) -> Result<()> {
+        self.wanted = Some((policy.clone(), audit));
+        let allowed = self.allowed.clone();
+        self.apply(policy, audit, &allowed)
+    }
+
+    /// Lets the packets of these allowlisted containers' pods through (by the host
+    /// end of their interfaces). Pods come and go: call again on every change.
+    pub fn set_allowed(&mut self, allowed: &BTreeSet<u64>) -> Result<()> {
+        self.allowed = allowed.clone();
+        match self.wanted.clone() {
+            Some((policy, audit)) => self.apply(&policy, audit, allowed),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts the policy, mode and allowlisted pods (their container cgroups) in force,
+    /// replacing the table in one transaction unless nothing changed.
+    fn apply(&mut self, policy: &CompiledPolicy, audit: bool, allowed_cgroups: &BTreeSet<u64>) -> Result<()> {
+        let allow_ifindex = if allowed_cgroups.is_empty() {
+            Vec::new()
+        } else {
+            PodNets::scan(&self.cgroup_root, &mut self.route, Some(allowed_cgroups))?.interfaces_of(allowed_cgroups)
+        };
+        let mut content = table::Content { shapes: shapes(policy), audit, allow_ifindex, counters: Default::default() };
+        if let Some(applied) = &self.applied {
+            if applied.shapes == content.shapes
+                && applied.audit == audit
+                && applied.allow_ifindex == content.allow_ifindex
+            {
+                return Ok(());
+            }
+        }
+        content.counters = self.raw_counters()?.unwrap_or_default();
+        self.nft.request(&table::replace(&content).finish(), wants_ack).map_err(explain).with_context(|| {
+            format!("could not write the host-side table `inet {TABLE}` (is nf_tables available? see `metadata-guard check`)")
+        })?;
+        self.applied = Some(content);
+        Ok(())
+    }
+
+    /// Writes the table again when it is gone from the kernel (with the policy, mode
+    /// and allowlist last given); `false` when it was there.
+    pub fn restore(&mut self) -> Result<bool> {
+        if self.exists()? {
+            return Ok(false);
+        }
+        let Some((policy, audit)) = self.wanted.clone() else { return Ok(false) };
+        self.applied = None;
+        let allowed = self.allowed.clone();
+        self.apply(&policy, audit, &allowed)?;
+        Ok(true)
+    }
+
+    pub fn counters(&mut self) -> Result<Option<HostCounters>> {
+        Ok(self.raw_counters()?.map(|c| HostCounters { blocked: c[0].0, audited: c[1].0, exempt: c[2].0 }))
+    }
+
+    /// (packets, bytes) per counter of [`COUNTERS`]; `None` without the table.
+    fn raw_counters(&mut self) -> Result<Option<[(u64, u64); 3]>> {
+        let replies = match self.nft.dump(msg_type(nftables::NFT_MSG_GETOBJ), &table_request(NFPROTO_INET, TABLE)) {
+            Ok(r) => r,
+            Err(e) if errno(&e) == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(explain(e)).context("could not read the host-side table's counters"),
+        };
+        if !self.exists()? {
+            return Ok(None);
+        }
+        let mut out = [(0, 0); 3];
+        for r in replies {
+            let attrs = Attrs::new(r.body.get(4..).unwrap_or_default());
+            if attrs.find(1).map(|a| a.str()).as_deref() != Some(TABLE) {
+                continue;
+            }
+            let Some(name) = attrs.find(nftables::NFTA_OBJ_NAME).map(|a| a.str()) else { continue };
+            let Some(slot) = COUNTERS.iter().position(|c| *c == name) else { continue };
+            let Some(data) = attrs.find(nftables::NFTA_OBJ_DATA) else { continue };
+            let packets = data.nested().find(nftables::NFTA_COUNTER_PACKETS).and_then(|a| a.be64()).unwrap_or(0);
+            let bytes = data.nested().find(nftables::NFTA_COUNTER_BYTES).and_then(|a| a.be64()).unwrap_or(0);
+            out[slot] = (packets, bytes);
+        }
+        Ok(Some(out))
+    }
+
+    pub fn exists(&mut self) -> Result<bool> {
+        match self.nft.query(msg_type(nftables::NFT_MSG_GETTABLE), &table_request(NFPROTO_INET, TABLE)) {
+            Ok(_) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(explain(e)).context("could not look for the host-side table"),
+        }
+    }
+
+    /// The table's chains, sets and counters; `None` when there is no table (also
+    /// when it is deleted while being read).
+    pub fn status(&mut self) -> Result<Option<TableStatus>> {
+        match self.read_status() {
+            Err(e) if errno_in(&e) == Some(libc::ENOENT) => Ok(None),
+            read => read,
+        }
+    }
+
+    fn read_status(&mut self) -> Result<Option<TableStatus>> {
+        let Some(counters) = self.counters()? else { return Ok(None) };
+        let names = |sock: &mut NlSocket, msg: u16, attr: u16| -> Result<Vec<String>> {
+            let replies = sock.dump(msg_type(msg), &table_request(NFPROTO_INET, TABLE)).map_err(explain)?;
+            Ok(replies
+                .iter()
+                .filter_map(|r| {
+                    let attrs = Attrs::new(r.body.get(4..).unwrap_or_default());
+                    (attrs.find(1)?.str() == TABLE).then(|| attrs.find(attr).map(|a| a.str()))?
+                })
+                .collect())
+        };
+        let chains = names(&mut self.nft, nftables::NFT_MSG_GETCHAIN, nftables::NFTA_CHAIN_NAME)?;
+        let sets = names(&mut self.nft, nftables::NFT_MSG_GETSET, nftables::NFTA_SET_NAME)?;
+        let allowed = self
+            .nft
+            .dump(
+                msg_type(nftables::NFT_MSG_GETSETELEM),
+                &nftables::set_elements_request(NFPROTO_INET, TABLE, "allow_if"),
+            )
+            .map_err(explain)?
+            .iter()
+            .map(|r| {
+                Attrs::new(r.body.get(4..).unwrap_or_default())
+                    .find(nftables::NFTA_SET_ELEM_LIST_ELEMENTS)
+                    .map_or(0, |e| e.nested().count())
+            })
+            .sum();
+        let audit = self.refuse_chain_accepts()?;
+        Ok(Some(TableStatus { chains, sets, counters, allowed_interfaces: allowed, audit }))
+    }
+
+    /// Audit mode's refusal chain ends in accept; enforce mode's in reject.
+    fn refuse_chain_accepts(&mut self) -> Result<bool> {
+        let replies =
+            self.nft.dump(msg_type(nftables::NFT_MSG_GETRULE), &table_request(NFPROTO_INET, TABLE)).map_err(explain)?;
+        let mut rejects = false;
+        for r in &replies {
+            let attrs = Attrs::new(r.body.get(4..).unwrap_or_default());
+            if attrs.find(nftables::NFTA_RULE_CHAIN).map(|a| a.str()).as_deref() != Some("refuse") {
+                continue;
+            }
+            let Some(exprs) = attrs.find(nftables::NFTA_RULE_EXPRESSIONS) else { continue };
+            rejects |=
+                exprs.nested().any(|e| e.nested().find(nftables::NFTA_EXPR_NAME).is_some_and(|n| n.str() == "reject"));
+        }
+        Ok(!rejects)
+    }
+
+    /// Deletes the table; `false` when there was none.
+    pub fn remove(&mut self) -> Result<bool> {
+        if !self.exists()? {
+            return Ok(false);
+        }
+        self.nft
+            .request(&table::delete().finish(), wants_ack)
+            .map_err(explain)
+            .with_context(|| format!("could not delete the host-side table `inet {TABLE}`"))?;
+        self.applied = None;
+        Ok(true)
+    }
+
+    /// Whether this kernel can hold the table: the same layout, created and deleted
+    /// again in one transaction under another name (nothing stays, nothing changes
+    /// for packets). Loads the modules the table needs on the way.
+    pub fn probe(&mut self) -> Result<()> {
+        let policy = compile(&crate::policy::Preset::Default.rules()).map_err(anyhow::Error::from)?;
+        let content = table::Content {
+            shapes: shapes(&policy),
+            audit: false,
+            allow_ifindex: vec![1],
+            counters: Default::default(),
+        };
+        self.nft.request(&table::probe(&content).finish(), wants_ack).map_err(explain)?;
+        Ok(())
+    }
+}
+
+fn ns_name(netns: Option<&Path>) -> String {
+    netns.map_or_else(|| "(the agent's own)".into(), |p| p.display().to_string())
+}
+
+fn errno(e: &io::Error) -> Option<i32> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<NetlinkError>()).map(|n| n.errno).or(e.raw_os_error())
+}
+
+/// The errno behind an error of this module, if a netlink request failed.
+pub(crate) fn errno_in(e: &anyhow::Error) -> Option<i32> {
+    e.chain().find_map(|c| c.downcast_ref::<io::Error>()).and_then(errno)
+}
+
+fn explain(e: io::Error) -> anyhow::Error {
+    anyhow::Error::new(e)
+}

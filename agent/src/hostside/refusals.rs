@@ -1,0 +1,205 @@
+//! Packets the host-side table refused (or, in audit mode, let through), copied to
+//! the agent through NFLOG and turned into [`Attempt`]s for the same audit trail and
+//! metrics as the socket hooks' events.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use metadata_guard_netfilter::{
+    nflog::{self, LoggedPacket},
+    nftables::NFPROTO_IPV4,
+    NlSocket,
+};
+use tokio::io::unix::AsyncFd;
+
+use super::{pods::PodNets, table};
+use crate::attempt::{Attempt, Hook, Protocol, Verdict};
+
+/// How long a scan of pods' namespaces is trusted when naming a refusal.
+const PODS_RESCAN: Duration = Duration::from_secs(2);
+const IPV6_HEADER_LEN: usize = 40;
+const IPV6_EXTENSION_HEADERS: [u8; 4] = [0, 43, 60, 51]; // hop-by-hop, routing, destination options, AH
+const IPV6_FRAGMENT: u8 = 44;
+/// Extension headers walked before giving up on finding the ports.
+const IPV6_MAX_EXTENSIONS: usize = 6;
+
+/// Reads the NFLOG group of the host-side table.
+pub struct RefusalReader {
+    /// Bound by `open`; registered with the runtime that first reads (the host-side
+    /// subsystem runs on a thread and a runtime of its own).
+    bound: Option<NlSocket>,
+    sock: Option<AsyncFd<NlSocket>>,
+    route: NlSocket,
+    cgroup_root: std::path::PathBuf,
+    pods: Option<(Instant, PodNets)>,
+}
+
+impl RefusalReader {
+    /// Binds to the table's log group in `host_netns`. One agent per node holds it.
+    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<RefusalReader> {
+        let mut sock = NlSocket::open_in(host_netns, libc::NETLINK_NETFILTER)
+            .context("could not open an NFLOG socket in the host network namespace")?;
+        sock.set_recv_buffer(4 << 20);
+        sock.request(&nflog::bind_messages(table::LOG_GROUP, table::LOG_SNAPLEN), |_| true).with_context(|| {
+            format!(
+                "could not bind to NFLOG group {} (is another listener on it, or nfnetlink_log missing?)",
+                table::LOG_GROUP
+            )
+        })?;
+        sock.set_nonblocking()?;
+        let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE)
+            .context("could not open an rtnetlink socket in the host network namespace")?;
+        Ok(RefusalReader { bound: Some(sock), sock: None, route, cgroup_root: cgroup_root.to_path_buf(), pods: None })
+    }
+
+    /// Waits for logged packets and appends them to `out` as attempts.
+    pub async fn read(&mut self, out: &mut Vec<Attempt>) -> Result<()> {
+        if let Some(bound) = self.bound.take() {
+            // SAFETY: the AsyncFd owns the socket, so the fd stays open while registered.
+            let registered = unsafe { AsyncFd::register(bound) };
+            self.sock = Some(registered.context("could not register the NFLOG socket with tokio")?);
+        }
+        let sock = self.sock.as_ref().context("the NFLOG socket was lost after a failed registration")?;
+        let mut guard = sock.readable().await?;
+        let packets = match guard.try_io(|s| s.get_ref().recv()) {
+            Ok(Ok(msgs)) => msgs,
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                tracing::warn!(
+                    "host-side refusals arrived faster than they were read; some are not in the audit trail"
+                );
+                return Ok(());
+            }
+            // The socket-hook events share the pipeline: a bad read here must not stop them.
+            Ok(Err(e)) => {
+                tracing::warn!("could not read the host side's NFLOG socket: {e}");
+                return Ok(());
+            }
+            Err(_would_block) => return Ok(()),
+        };
+        for p in packets.iter().filter_map(nflog::parse) {
+            if let Some(a) = self.attempt(&p) {
+                out.push(a);
+            }
+        }
+        Ok(())
+    }
+
+    fn attempt(&mut self, p: &LoggedPacket) -> Option<Attempt> {
+        let (destination, protocol, port) = decode(p.family, &p.payload)?;
+        let verdict = if p.prefix == table::LOG_PREFIX_AUDITED { Verdict::Audited } else { Verdict::Blocked };
+        let cgroup_id = self.cgroup_behind(p.indev).unwrap_or(0);
+        Some(Attempt {
+            time: SystemTime::now(),
+            cgroup_id,
+            netns_cookie: 0,
+            pid: 0,
+            tid: 0,
+            comm: String::new(),
+            destination,
+            port,
+            protocol: Protocol::from_ip_protocol(protocol),
+            hook: Hook::Host,
+            verdict,
+            mapped: false,
+            source: decode_source(p.family, &p.payload),
+            request: None,
+        })
+    }
+
+    /// A cgroup of the pod behind the host interface (the lowest id, so that repeated
+    /// attempts name the same container), rescanning pods at most every few seconds.
+    fn cgroup_behind(&mut self, ifindex: u32) -> Option<u64> {
+        if ifindex == 0 {
+            return None;
+        }
+        let fresh = self
+            .pods
+            .as_ref()
+            .is_some_and(|(at, pods)| at.elapsed() < PODS_RESCAN && pods.nsid_by_ifindex.contains_key(&ifindex));
+        if !fresh {
+            match PodNets::scan(&self.cgroup_root, &mut self.route, None) {
+                Ok(p) => self.pods = Some((Instant::now(), p)),
+                Err(e) => tracing::warn!("could not map host interfaces to pods: {e:#}"),
+            }
+        }
+        self.pods.as_ref()?.1.cgroups_behind(ifindex)?.iter().next().copied()
+    }
+}
+
+/// Destination, IP protocol and destination port (0 without one) of a packet from
+/// its network header.
+pub fn decode(family: u8, pkt: &[u8]) -> Option<(IpAddr, u8, u16)> {
+    let (dest, mut proto, mut offset) = if family == NFPROTO_IPV4 {
+        let ihl = (*pkt.first()? & 0x0f) as usize * 4;
+        let dest = Ipv4Addr::from(<[u8; 4]>::try_from(pkt.get(16..20)?).ok()?);
+        let frag = u16::from_be_bytes([*pkt.get(6)?, *pkt.get(7)?]) & 0x1fff;
+        let proto = *pkt.get(9)?;
+        if frag != 0 {
+            return Some((IpAddr::V4(dest), proto, 0));
+        }
+        (IpAddr::V4(dest), proto, ihl)
+    } else {
+        let dest = Ipv6Addr::from(<[u8; 16]>::try_from(pkt.get(24..40)?).ok()?);
+        (IpAddr::V6(dest), *pkt.get(6)?, IPV6_HEADER_LEN)
+    };
+    if dest.is_ipv6() {
+        for _ in 0..IPV6_MAX_EXTENSIONS {
+            if proto == IPV6_FRAGMENT {
+                let next = *pkt.get(offset)?;
+                let frag = u16::from_be_bytes([*pkt.get(offset + 2)?, *pkt.get(offset + 3)?]) & 0xfff8;
+                if frag != 0 {
+                    return Some((dest, next, 0));
+                }
+                proto = next;
+                offset += 8;
+            } else if IPV6_EXTENSION_HEADERS.contains(&proto) {
+                let next = *pkt.get(offset)?;
+                let len = *pkt.get(offset + 1)? as usize;
+                offset += if proto == 51 { (len + 2) * 4 } else { (len + 1) * 8 };
+                proto = next;
+            } else {
+                break;
+            }
+        }
+    }
+    let port = match proto {
+        6 | 17 => pkt.get(offset + 2..offset + 4).map_or(0, |p| u16::from_be_bytes([p[0], p[1]])),
+        _ => 0,
+    };
+    Some((dest, proto, port))
+}
+
+fn decode_source(family: u8, pkt: &[u8]) -> Option<IpAddr> {
+    if family == NFPROTO_IPV4 {
+        Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(pkt.get(12..16)?).ok()?)))
+    } else {
+        Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(pkt.get(8..24)?).ok()?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tcp_syn_decodes_to_destination_and_port() {
+        let mut v4 = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 169, 254, 169, 254];
+        v4.extend_from_slice(&[0x30, 0x39, 0, 80]);
+        assert_eq!(decode(NFPROTO_IPV4, &v4), Some(("169.254.169.254".parse().unwrap(), 6, 80)));
+        assert_eq!(decode_source(NFPROTO_IPV4, &v4), Some("10.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_walked_to_the_ports() {
+        let mut v6 = vec![0x60, 0, 0, 0, 0, 16, 0, 64];
+        v6.extend_from_slice(&[0; 16]);
+        v6.extend_from_slice(&"fd00:ec2::254".parse::<Ipv6Addr>().unwrap().octets());
+        v6.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]); // hop-by-hop, next UDP
+        v6.extend_from_slice(&[0x30, 0x39, 0, 80]);
+        assert_eq!(decode(10, &v6), Some(("fd00:ec2::254".parse().unwrap(), 17, 80)));
+    }
+}

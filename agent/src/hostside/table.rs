@@ -1,0 +1,299 @@
+//! The host-side table's layout, written as one nf_tables transaction.
+//!
+//! ```text
+//! table inet metadata_guard
+//!   counter blocked / audited / exempt
+//!   set allow_if      { type ifindex }            host-side interfaces of allowlisted pods
+//!   set d4_N, d6_N    { interval }                destinations of rule shape N
+//!   set p_N           { type inet_service }       ports of rule shape N (when it lists some)
+//!   chain input   { hook input   priority 0 }     jump judge
+//!   chain forward { hook forward priority 0 }     jump judge
+//!   chain output  { hook output  priority 0 }     packets with a socket: accept; else jump judge
+//!   chain judge                                   from lo: accept; per shape: match → jump refuse
+//!   chain refuse                                  allowlisted: count exempt, accept;
+//!                                                 count, log (rate-limited), reject / accept
+//! ```
+//!
+//! Filter priority 0 runs after destination NAT (prerouting, -100), so the chains
+//! see the address a packet will finally be delivered or forwarded to.
+
+use metadata_guard_netfilter::nftables::*;
+
+use super::ruleset::{interval_keys_v4, interval_keys_v6, Ports, Shape};
+
+pub const TABLE: &str = "metadata_guard";
+/// The NFLOG group refused packets are copied to.
+pub const LOG_GROUP: u16 = 9965;
+pub const LOG_PREFIX_BLOCKED: &str = "metadata-guard blocked";
+pub const LOG_PREFIX_AUDITED: &str = "metadata-guard audited";
+/// Bytes of each logged packet: enough for the IPv6 header and the ports after it.
+pub const LOG_SNAPLEN: u32 = 96;
+/// Logged packets per second, with this burst; beyond it packets are still refused
+/// and counted, only not copied to the agent.
+pub const LOG_RATE: u64 = 200;
+pub const LOG_BURST: u32 = 400;
+pub const COUNTERS: [&str; 3] = ["blocked", "audited", "exempt"];
+pub const BASE_CHAINS: [(&str, u32); 3] =
+    [("input", NF_INET_LOCAL_IN), ("forward", NF_INET_FORWARD), ("output", NF_INET_LOCAL_OUT)];
+const FILTER_PRIORITY: i32 = 0;
+/// The loopback device has this index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+const IPV4_DADDR_OFFSET: u32 = 16;
+const IPV6_DADDR_OFFSET: u32 = 24;
+const IPV4_FRAG_OFFSET_FIELD: u32 = 6;
+const IPV4_FRAG_OFFSET_MASK: [u8; 2] = [0x1f, 0xff];
+const IPV6_FRAGMENT_HEADER: u8 = 44;
+const IPV6_FRAG_OFFSET_FIELD: u32 = 2;
+const IPV6_FRAG_OFFSET_MASK: [u8; 2] = [0xff, 0xf8];
+const TH_DPORT_OFFSET: u32 = 2;
+const TCP_FLAGS_OFFSET: u32 = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Everything the table holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Content {
+    pub shapes: Vec<Shape>,
+    pub audit: bool,
+    /// Host-side interface indexes of allowlisted pods.
+    pub allow_ifindex: Vec<u32>,
+    /// Carried over from the table being replaced: (packets, bytes) per counter.
+    pub counters: [(u64, u64); 3],
+}
+
+/// One transaction that replaces the table (or creates it) with `content`: it is
+/// created first if missing so the delete cannot fail, then deleted and rebuilt.
+/// Packets see the old table or the new one, never neither.
+pub fn replace(content: &Content) -> Batch {
+    let mut b = Batch::new(NFPROTO_INET);
+    b.add_table(TABLE).del_table(TABLE);
+    build(&mut b, TABLE, content);
+    b
+}
+
+/// The same layout under a throwaway name, created and deleted in one transaction:
+/// the kernel checks (and loads the modules for) every expression, and nothing stays.
+pub fn probe(content: &Content) -> Batch {
+    const PROBE_TABLE: &str = "metadata_guard_probe";
+    let mut b = Batch::new(NFPROTO_INET);
+    build(&mut b, PROBE_TABLE, content);
+    b.del_table(PROBE_TABLE);
+    b
+}
+
+/// The table deleted (only valid when it exists).
+pub fn delete() -> Batch {
+    let mut b = Batch::new(NFPROTO_INET);
+    b.del_table(TABLE);
+    b
+}
+
+fn build(b: &mut Batch, t: &str, c: &Content) {
+    b.add_table(t);
+    for (name, (packets, bytes)) in COUNTERS.iter().zip(c.counters) {
+        b.add_counter(t, name, packets, bytes);
+    }
+    let allow = SetSpec { name: "allow_if".into(), key_type: TYPE_IFINDEX, key_len: 4, interval: false };
+    b.add_set(t, &allow);
+    let keys: Vec<Element> =
+        c.allow_ifindex.iter().map(|i| Element { key: i.to_ne_bytes().to_vec(), interval_end: false }).collect();
+    if !keys.is_empty() {
+        b.add_elements(t, &allow.name, &keys);
+    }
+    for (n, shape) in c.shapes.iter().enumerate() {
+        add_shape_sets(b, t, n, shape);
+    }
+
+    b.add_chain(t, "refuse", None);
+    b.add_chain(t, "judge", None);
+    for (name, hook) in BASE_CHAINS {
+        b.add_chain(t, name, Some(("filter", hook, FILTER_PRIORITY)));
+    }
+    refuse_rules(b, t, c.audit);
+    b.add_rule(t, "judge", &[meta(NFT_META_IIF), cmp_eq(&LOOPBACK_IFINDEX.to_ne_bytes()), Expr::verdict(NF_ACCEPT)]);
+    for (n, shape) in c.shapes.iter().enumerate() {
+        shape_rules(b, t, n, shape);
+    }
+    b.add_rule(t, "input", &[Expr::jump("judge")]);
+    b.add_rule(t, "forward", &[Expr::jump("judge")]);
+    // IPVS sends the packets it balances through LOCAL_OUT without a socket; host
+    // processes' own packets have one (loading the socket's uid fails without).
+    b.add_rule(
+        t,
+        "output",
+        &[
+            meta(NFT_META_SKUID),
+            Expr::Cmp { op: CmpOp::Gte, sreg: NFT_REG_1, data: 0u32.to_ne_bytes().to_vec() },
+            Expr::verdict(NF_ACCEPT),
+        ],
+    );
+    b.add_rule(t, "output", &[Expr::jump("judge")]);
+}
+
+fn add_shape_sets(b: &mut Batch, t: &str, n: usize, shape: &Shape) {
+    let v4 = SetSpec { name: format!("d4_{n}"), key_type: TYPE_IPADDR, key_len: 4, interval: true };
+    let v6 = SetSpec { name: format!("d6_{n}"), key_type: TYPE_IP6ADDR, key_len: 16, interval: true };
+    b.add_set(t, &v4).add_set(t, &v6);
+    let e4: Vec<Element> = shape.v4.iter().flat_map(|r| elements(interval_keys_v4(*r))).collect();
+    let e6: Vec<Element> = shape.v6.iter().flat_map(|r| elements(interval_keys_v6(*r))).collect();
+    if !e4.is_empty() {
+        b.add_elements(t, &v4.name, &e4);
+    }
+    if !e6.is_empty() {
+        b.add_elements(t, &v6.name, &e6);
+    }
+    if let Ports::Only(ports) | Ports::Except(ports) = &shape.ports {
+        let p = SetSpec { name: format!("p_{n}"), key_type: TYPE_INET_SERVICE, key_len: 2, interval: false };
+        b.add_set(t, &p);
+        let keys: Vec<Element> =
+            ports.iter().map(|p| Element { key: p.to_be_bytes().to_vec(), interval_end: false }).collect();
+        b.add_elements(t, &p.name, &keys);
+    }
+}
+
+fn elements((start, end): (Vec<u8>, Option<Vec<u8>>)) -> Vec<Element> {
+    let mut out = vec![Element { key: start, interval_end: false }];
+    out.extend(end.map(|key| Element { key, interval_end: true }));
+    out
+}
+
+/// Per shape and family: the destination in the shape's set, then per protocol
+/// with ports its port test, for other protocols a protocol test, and fragments
+/// after the first (which carry no ports) refused outright.
+fn shape_rules(b: &mut Batch, t: &str, n: usize, shape: &Shape) {
+    let families = [
+        (NFPROTO_IPV4, IPV4_DADDR_OFFSET, 4u32, format!("d4_{n}"), shape.v4.is_empty()),
+        (NFPROTO_IPV6, IPV6_DADDR_OFFSET, 16, format!("d6_{n}"), shape.v6.is_empty()),
+    ];
+    for (family, offset, len, set, empty) in families {
+        if empty {
+            continue;
+        }
+        let dest = vec![
+            meta(NFT_META_NFPROTO),
+            cmp_eq(&[family]),
+            Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset, len, dreg: NFT_REG_1 },
+            Expr::Lookup { set: set.clone(), sreg: NFT_REG_1, invert: false },
+        ];
+        let with = |tail: &[Expr]| -> Vec<Expr> {
+            let mut e = dest.clone();
+            e.extend_from_slice(tail);
+            e.push(Expr::jump("refuse"));
+            e
+        };
+        let any_port = shape.ports == Ports::Any;
+        if any_port && shape.blocks_other() && shape.port_protocols().len() == 2 {
+            b.add_rule(t, "judge", &with(&[]));
+            continue;
+        }
+        b.add_rule(t, "judge", &with(&fragment_test(family)));
+        for proto in shape.port_protocols() {
+            let mut tail = vec![meta(NFT_META_L4PROTO), cmp_eq(&[proto])];
+            if let Ports::Only(_) | Ports::Except(_) = shape.ports {
+                tail.push(Expr::Payload {
+                    base: NFT_PAYLOAD_TRANSPORT_HEADER,
+                    offset: TH_DPORT_OFFSET,
+                    len: 2,
+                    dreg: NFT_REG_1,
+                });
+                tail.push(Expr::Lookup {
+                    set: format!("p_{n}"),
+                    sreg: NFT_REG_1,
+                    invert: matches!(shape.ports, Ports::Except(_)),
+                });
+            }
+            b.add_rule(t, "judge", &with(&tail));
+        }
+        if shape.blocks_other() {
+            let tail = [
+                meta(NFT_META_L4PROTO),
+                Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: vec![libc::IPPROTO_TCP as u8] },
+                Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: vec![libc::IPPROTO_UDP as u8] },
+            ];
+            b.add_rule(t, "judge", &with(&tail));
+        }
+    }
+}
+
+/// Non-first fragments: with conntrack loaded (every Kubernetes node) the kernel
+/// reassembles before these hooks and none arrive here.
+fn fragment_test(family: u8) -> Vec<Expr> {
+    let (load, mask) = if family == NFPROTO_IPV4 {
+        (
+            Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: IPV4_FRAG_OFFSET_FIELD, len: 2, dreg: NFT_REG_1 },
+            IPV4_FRAG_OFFSET_MASK,
+        )
+    } else {
+        (
+            Expr::Exthdr { header: IPV6_FRAGMENT_HEADER, offset: IPV6_FRAG_OFFSET_FIELD, len: 2, dreg: NFT_REG_1 },
+            IPV6_FRAG_OFFSET_MASK,
+        )
+    };
+    vec![
+        load,
+        Expr::Bitwise { sreg: NFT_REG_1, dreg: NFT_REG_1, mask: mask.to_vec() },
+        Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: vec![0, 0] },
+    ]
+}
+
+fn refuse_rules(b: &mut Batch, t: &str, audit: bool) {
+    b.add_rule(
+        t,
+        "refuse",
+        &[
+            meta(NFT_META_IIF),
+            Expr::Lookup { set: "allow_if".into(), sreg: NFT_REG_1, invert: false },
+            Expr::CounterRef { name: "exempt".into() },
+            Expr::verdict(NF_ACCEPT),
+        ],
+    );
+    let (counter, prefix) = if audit { ("audited", LOG_PREFIX_AUDITED) } else { ("blocked", LOG_PREFIX_BLOCKED) };
+    b.add_rule(t, "refuse", &[Expr::CounterRef { name: counter.into() }]);
+    // One record per TCP connection attempt (its SYN), per packet otherwise.
+    let log = [
+        Expr::Limit { rate: LOG_RATE, burst: LOG_BURST },
+        Expr::Log { group: LOG_GROUP, prefix: prefix.into(), snaplen: LOG_SNAPLEN },
+    ];
+    let mut syn = vec![
+        meta(NFT_META_L4PROTO),
+        cmp_eq(&[libc::IPPROTO_TCP as u8]),
+        Expr::Payload { base: NFT_PAYLOAD_TRANSPORT_HEADER, offset: TCP_FLAGS_OFFSET, len: 1, dreg: NFT_REG_1 },
+        Expr::Bitwise { sreg: NFT_REG_1, dreg: NFT_REG_1, mask: vec![TCP_SYN | TCP_ACK] },
+        cmp_eq(&[TCP_SYN]),
+    ];
+    syn.extend_from_slice(&log);
+    b.add_rule(t, "refuse", &syn);
+    let mut other = vec![
+        meta(NFT_META_L4PROTO),
+        Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: vec![libc::IPPROTO_TCP as u8] },
+    ];
+    other.extend_from_slice(&log);
+    b.add_rule(t, "refuse", &other);
+    if audit {
+        b.add_rule(t, "refuse", &[Expr::verdict(NF_ACCEPT)]);
+        return;
+    }
+    // A reset makes a pod's connect fail at once instead of after its SYN retries.
+    b.add_rule(
+        t,
+        "refuse",
+        &[
+            meta(NFT_META_L4PROTO),
+            cmp_eq(&[libc::IPPROTO_TCP as u8]),
+            Expr::Reject { kind: NFT_REJECT_TCP_RST, icmp_code: 0 },
+        ],
+    );
+    b.add_rule(
+        t,
+        "refuse",
+        &[Expr::Reject { kind: NFT_REJECT_ICMPX_UNREACH, icmp_code: NFT_REJECT_ICMPX_ADMIN_PROHIBITED }],
+    );
+}
+
+fn meta(key: u32) -> Expr {
+    Expr::Meta { key, dreg: NFT_REG_1 }
+}
+
+fn cmp_eq(data: &[u8]) -> Expr {
+    Expr::Cmp { op: CmpOp::Eq, sreg: NFT_REG_1, data: data.to_vec() }
+}

@@ -1,0 +1,196 @@
+//! Whole Ethernet frames written with an `AF_PACKET` socket, as a pod with
+//! `CAP_NET_RAW` can: they enter the node below any IP stack or socket hook of the
+//! pod. Here: a TCP SYN (IPv4 or IPv6) with correct checksums, and a wait for the
+//! SYN-ACK a user-space TCP would need to go on.
+
+use std::{
+    io,
+    net::IpAddr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use metadata_guard_netfilter::{rtnl, NlSocket};
+
+use crate::netns::NetNs;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ALL: u16 = 0x0003;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Where a pod's frames go: its interface and the node end's MAC.
+pub struct Wire {
+    pub ifindex: u32,
+    pub own_mac: [u8; 6],
+    pub peer_mac: [u8; 6],
+}
+
+impl Wire {
+    /// `eth0` of the pod namespace and the MAC of its peer, `node_link` in `node`.
+    pub fn of(pod: &NetNs, node: &NetNs, node_link: &str) -> Result<Wire> {
+        let find = |ns: &NetNs, name: &str| -> Result<rtnl::Link> {
+            let mut s = NlSocket::open_in(Some(&ns.path()), libc::NETLINK_ROUTE)?;
+            rtnl::links(&mut s)?.into_iter().find(|l| l.name == name).with_context(|| format!("no link {name}"))
+        };
+        let eth0 = find(pod, "eth0")?;
+        let peer = find(node, node_link)?;
+        let mac = |v: &[u8]| -> Result<[u8; 6]> { v.try_into().context("not an Ethernet address") };
+        Ok(Wire { ifindex: eth0.index, own_mac: mac(&eth0.address)?, peer_mac: mac(&peer.address)? })
+    }
+}
+
+/// A frame carrying a TCP SYN from `src:sport` to `dst:dport`.
+pub fn tcp_syn_frame(wire: &Wire, src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = TCP_SYN;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&wire.peer_mac);
+    frame.extend_from_slice(&wire.own_mac);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+            let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, libc::IPPROTO_TCP as u8, 0, 0];
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let sum = checksum(&ip);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            let mut pseudo = s.octets().to_vec();
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8, 0, 20]);
+            pseudo.extend_from_slice(&tcp);
+            let sum = checksum(&pseudo);
+            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            frame.extend_from_slice(&ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            frame.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+            let mut ip = vec![0x60, 0, 0, 0, 0, 20, libc::IPPROTO_TCP as u8, 64];
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let mut pseudo = s.octets().to_vec();
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, libc::IPPROTO_TCP as u8]);
+            pseudo.extend_from_slice(&tcp);
+            let sum = checksum(&pseudo);
+            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            frame.extend_from_slice(&ip);
+        }
+        _ => panic!("source and destination of different families"),
+    }
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An `AF_PACKET` socket on the pod's interface; create it inside the pod namespace.
+pub struct PacketSocket {
+    fd: OwnedFd,
+    ifindex: u32,
+}
+
+impl PacketSocket {
+    pub fn open(ifindex: u32) -> io::Result<PacketSocket> {
+        // SAFETY: plain socket(2); owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                i32::from(ETH_P_ALL.to_be()),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = ETH_P_ALL.to_be();
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: bind with a valid sockaddr_ll.
+        if unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(PacketSocket { fd, ifindex })
+    }
+
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: valid fd, buffer and address.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `wait` for a SYN-ACK to `sport`, as a user-space TCP would.
+    pub fn syn_ack_to(&self, sport: u16, wait: Duration) -> Result<bool> {
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            // SAFETY: valid fd and buffer.
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    bail!("reading the packet socket failed: {e}");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            if let Some(flags) = tcp_flags_to(&buf[..n as usize], sport) {
+                if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// The TCP flags of a frame whose destination port is `dport`.
+fn tcp_flags_to(frame: &[u8], dport: u16) -> Option<u8> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let tcp = match ethertype {
+        ETH_P_IP if *frame.get(23)? == libc::IPPROTO_TCP as u8 => 14 + (*frame.get(14)? & 0x0f) as usize * 4,
+        ETH_P_IPV6 if *frame.get(20)? == libc::IPPROTO_TCP as u8 => 14 + 40,
+        _ => return None,
+    };
+    (u16::from_be_bytes([*frame.get(tcp + 2)?, *frame.get(tcp + 3)?]) == dport).then(|| frame.get(tcp + 13).copied())?
+}
