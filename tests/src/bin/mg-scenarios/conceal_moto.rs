@@ -17,6 +17,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use metadata_guard_tests::{
     cgroups::{find_cgroup2_mount, TestCgroup},
+    sandbox::PodSandbox,
     world::{PodNet, SimNode},
 };
 
@@ -109,6 +110,9 @@ fn venv() -> Result<PathBuf> {
 struct MotoNode {
     sim: SimNode,
     pods: Vec<(PodNet, TestCgroup)>,
+    /// A process in each pod's namespace and cgroup, as a pause container is: the host
+    /// side finds an allowlisted pod's interface through it.
+    sandboxes: Vec<PodSandbox>,
     agent: Option<Agent>,
     moto: Option<Child>,
     work: PathBuf,
@@ -133,6 +137,7 @@ impl MotoNode {
         let mut node = MotoNode {
             sim,
             pods: Vec::new(),
+            sandboxes: Vec::new(),
             agent: None,
             moto: None,
             work: work.clone(),
@@ -150,6 +155,7 @@ impl MotoNode {
             fs::create_dir_all(&logs)?;
             fs::write(logs.join("0.log"), "")?;
             let net = node.sim.add_pod(name)?;
+            node.sandboxes.push(PodSandbox::start(&net.ns.path(), pod_cg.path())?);
             node.pods.push((net, pod_cg));
         }
         fs::create_dir_all(work.join("containers"))?;
@@ -259,6 +265,8 @@ fn in_netns_and_cgroup(cmd: &mut Command, netns: &Path, cgroup: &Path) -> Result
 impl Drop for MotoNode {
     fn drop(&mut self) {
         self.agent.take();
+        // Before the pods' cgroups go: a cgroup with a process in it cannot be removed.
+        self.sandboxes.clear();
         if let Some(mut m) = self.moto.take() {
             let _ = m.kill();
             let _ = m.wait();
