@@ -1,7 +1,8 @@
-//! The three bpf(2) commands aya 0.14 does not expose, on aya-obj's generated kernel
+//! The bpf(2) commands aya 0.14 does not expose, on aya-obj's generated kernel
 //! types: an fd for a pinned link (aya keeps a link's fd private), the cgroup a link
-//! is attached to (aya's `LinkInfo` has no cgroup member), and swapping the program
-//! of a link in place (`BPF_LINK_UPDATE`, in aya only after 0.16).
+//! is attached to (aya's `LinkInfo` has no cgroup member), swapping the program of a
+//! link in place (`BPF_LINK_UPDATE`, in aya only after 0.16), and detaching a link at
+//! once (`BPF_LINK_DETACH`).
 //!
 //! None of them needs more than CAP_BPF and access to the pin's file: unlike
 //! `BPF_PROG_GET_FD_BY_ID`, which the kernel allows to CAP_SYS_ADMIN only.
@@ -91,4 +92,13 @@ pub fn link_update(
         attr.link_update.__bindgen_anon_2.old_prog_fd = old.as_raw_fd() as u32;
     }
     sys_bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Detaches a link now (`BPF_LINK_DETACH`, 5.9+). Unlinking a link's last pin detaches
+/// it too, but only once bpffs frees the inode after an RCU grace period: a caller that
+/// must know the hook is empty when it returns (uninstall) detaches first.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = zeroed_attr();
+    attr.link_detach.link_fd = link.as_raw_fd() as u32;
+    sys_bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr).map(drop)
 }

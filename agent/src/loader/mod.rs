@@ -344,6 +344,14 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         let Ok(entries) = fs::read_dir(&sub) else { continue };
         for entry in entries {
             let path = entry?.path();
+            // Detached before unpinned: the unpin alone lets the hook run on until
+            // bpffs frees the inode, after an RCU grace period.
+            let link = if sub.ends_with("links") { bpf_sys::obj_get(&path).ok() } else { None };
+            if let Some(link) = link {
+                if let Err(e) = bpf_sys::link_detach(link.as_fd()) {
+                    tracing::debug!("could not detach {} before unpinning it: {e}", path.display());
+                }
+            }
             fs::remove_file(&path).with_context(|| format!("could not remove pin {}", path.display()))?;
         }
         fs::remove_dir(&sub).with_context(|| format!("could not remove {}", sub.display()))?;
