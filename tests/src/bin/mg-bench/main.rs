@@ -64,6 +64,14 @@ fn parse_args() -> Result<Args> {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
+    // The simulated node's pods hold their namespace with a sandbox process: this one.
+    if argv.get(1).map(String::as_str) == Some(metadata_guard_tests::sandbox::SANDBOX_ARG) {
+        if let Err(e) = metadata_guard_tests::sandbox::child_main(&argv[2..]) {
+            eprintln!("sandbox: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
     if argv.get(1).map(String::as_str) == Some("conceal-worker") {
         if let Err(e) = conceal::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
             eprintln!("mg-bench conceal worker: {e:#}");
