@@ -20,7 +20,10 @@ pub const SCENARIOS: [crate::Scenario; 5] = [
     ("trail: a blocked attempt yields one record naming pod and container within 1 s", one_record_per_attempt),
     ("trail: every kubelet layout is named (containerd, CRI-O, cgroupfs)", every_layout_named),
     ("trail: a host unit outside any pod is named by its cgroup path", host_unit_named_by_cgroup),
-    ("trail: every attempt of a 100000-attempt storm is accounted for, with bounded records and memory", storm_accounted),
+    (
+        "trail: every attempt of a 100000-attempt storm is accounted for, with bounded records and memory",
+        storm_accounted,
+    ),
     ("trail: /metrics passes promtool and counts attempts; /readyz is 200 only once attached", metrics_and_readiness),
 ];
 
