@@ -39,6 +39,12 @@ const MODULES: &[&str] = &[
     "nft_nat",
     "nf_nat",
     "nf_conntrack",
+    // The transport protocols the protocols scenarios open from a pod.
+    "sctp",
+    "dccp_ipv4",
+    "dccp_ipv6",
+    // The bridge topology of the host-side scenarios (pods behind kubenet's cbr0).
+    "bridge",
 ];
 /// Built into some kernels, modules in others (nft_counter: a module on 5.10 only).
 const MODULES_IF_MODULAR: &[&str] = &["nft_counter"];

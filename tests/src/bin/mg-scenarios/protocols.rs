@@ -171,18 +171,37 @@ fn udplite_stopped(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn sctp_dccp_stopped(ctx: &mut Ctx) -> Result<()> {
+    let protocols: Vec<(&str, i32)> = [("SCTP", IPPROTO_SCTP), ("DCCP", IPPROTO_DCCP)]
+        .into_iter()
+        .filter(|(name, protocol)| {
+            let there = supported(*protocol);
+            if !there {
+                println!("     note: this kernel has no {name} (socket() refuses it): a pod cannot use it either");
+            }
+            there
+        })
+        .collect();
+    // Control: without the guard the handshake's first packet reaches the node.
+    ctx.uninstall()?;
+    for (name, protocol) in &protocols {
+        let mut tap = FrameTap::open(ctx, IpAddr::V4(IMDS_V4), Some(*protocol as u8))?;
+        in_pod(ctx, || stream_connect_v4(*protocol, IMDS_V4))?;
+        std::thread::sleep(SETTLE);
+        ensure!(tap.count() >= 1, "without the guard, a {name} connect from a pod sent nothing to the node");
+    }
     ctx.default_agent()?;
-    for (name, protocol) in [("SCTP", IPPROTO_SCTP), ("DCCP", IPPROTO_DCCP)] {
-        if !supported(protocol) {
-            println!("     note: this kernel has no {name} (socket() refuses it): a pod cannot use it either");
-            continue;
-        }
+    for (name, protocol) in protocols {
         let mut tap = FrameTap::open(ctx, IpAddr::V4(IMDS_V4), Some(protocol as u8))?;
         let errno = in_pod(ctx, || stream_connect_v4(protocol, IMDS_V4))?;
         std::thread::sleep(SETTLE);
         let frames = tap.count();
         ensure!(frames == 0, "{name} connect from a pod to {IMDS_V4}:80: {frames} frames reached the node");
-        ensure!(errno == libc::EPERM, "{name} connect from a pod to {IMDS_V4}:80: expected EPERM, got errno {errno}");
+        // Whether the dropped first packet fails the connect depends on the kernel
+        // (6.x: EPERM; 5.10 leaves an SCTP association waiting): what matters is above.
+        ensure!(
+            errno == libc::EPERM || errno == 0,
+            "{name} connect from a pod to {IMDS_V4}:80: expected EPERM or a connect left in progress, got errno {errno}"
+        );
     }
     Ok(())
 }
