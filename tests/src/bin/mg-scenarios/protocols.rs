@@ -206,9 +206,19 @@ fn sctp_dccp_stopped(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// The socket type of a connection-oriented `protocol`: DCCP has a type of its own
+/// (`socket(AF_INET, SOCK_STREAM, IPPROTO_DCCP)` is refused even where DCCP is there).
+fn stream_type(protocol: i32) -> i32 {
+    if protocol == IPPROTO_DCCP {
+        libc::SOCK_DCCP
+    } else {
+        libc::SOCK_STREAM
+    }
+}
+
 fn supported(protocol: i32) -> bool {
     // SAFETY: plain socket(2), closed at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, protocol) };
+    let fd = unsafe { libc::socket(libc::AF_INET, stream_type(protocol), protocol) };
     if fd < 0 {
         return false;
     }
@@ -337,7 +347,7 @@ fn stream_connect_v4(protocol: i32, dest: Ipv4Addr) -> i32 {
     let to = sockaddr_v4(dest, BLOCKED_PORT);
     // SAFETY: system calls on local data (in the forked child).
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, protocol);
+        let fd = libc::socket(libc::AF_INET, stream_type(protocol) | libc::SOCK_NONBLOCK, protocol);
         if fd < 0 {
             return errno();
         }
