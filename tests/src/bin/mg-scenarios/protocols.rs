@@ -196,6 +196,7 @@ fn sctp_dccp_stopped(ctx: &mut Ctx) -> Result<()> {
         std::thread::sleep(SETTLE);
         let frames = tap.count();
         ensure!(frames == 0, "{name} connect from a pod to {IMDS_V4}:80: {frames} frames reached the node");
+        println!("     note: {name} connect from a pod to {IMDS_V4}:80: errno {errno} (0: left in progress)");
         // Whether the dropped first packet fails the connect depends on the kernel
         // (6.x: EPERM; 5.10 leaves an SCTP association waiting): what matters is above.
         ensure!(
