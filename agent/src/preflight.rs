@@ -1,6 +1,7 @@
 //! `metadata-guard check`: can the guard enforce on this node? Each check says what it
-//! found and, when it fails, how to fix it. `run` performs the same checks and refuses
-//! to start half-working.
+//! found and, when it fails, how to fix it. `run` and `apply` perform the same checks
+//! and refuse to start half-working; the kernel object they verify by their own load
+//! (`before_load`, then `object_refused` to explain a refusal as `check` would).
 //!
 //! Two halves: `facts` probes the node with this process's privileges (every program
 //! type, map type and helper of the embedded object, the object itself loaded, the
@@ -86,9 +87,29 @@ const SECCOMP_FIX: &str = "a seccomp filter refuses bpf(2): runtimes' default pr
      only from containerd 1.6.9/1.7, CRI-O 1.31, Docker 23 and podman with containers-common 0.60 on (before: only to \
      CAP_SYS_ADMIN holders). Upgrade the runtime, or give the pod a Localhost seccomp profile that allows bpf";
 
+/// `check`: every check, the kernel object loaded (and thrown away) among them.
 pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
-    let mut checks = judge(&facts::gather(inputs));
-    checks.push(installed(inputs.bpffs));
+    checks(&facts::gather(inputs, true), inputs.bpffs)
+}
+
+/// `run` and `apply`: every check but the kernel object's, which their own load
+/// proves right after; a refusal there is explained by [`object_refused`].
+pub fn before_load(inputs: &Inputs<'_>) -> (Facts, Vec<Check>) {
+    let facts = facts::gather(inputs, false);
+    let checks = checks(&facts, inputs.bpffs);
+    (facts, checks)
+}
+
+/// The checks of [`before_load`] with the kernel object refused as `e` says: a failed
+/// load of `run` or `apply`, in the words (and with the fix) `check` would give.
+pub fn object_refused(mut facts: Facts, bpffs: &Path, e: &anyhow::Error) -> Vec<Check> {
+    facts.object = Some(Err(facts::refusal(e)));
+    checks(&facts, bpffs)
+}
+
+fn checks(facts: &Facts, bpffs: &Path) -> Vec<Check> {
+    let mut checks = judge(facts);
+    checks.push(installed(bpffs));
     checks
 }
 
@@ -127,7 +148,7 @@ pub fn judge(f: &Facts) -> Vec<Check> {
             }
         }
     }
-    checks.push(match &f.object {
+    checks.extend(f.object.as_ref().map(|object| match object {
         Ok(()) => Check::pass("kernel object", "every map created and every program verified with these privileges"),
         Err((errno, e)) => {
             let e = &verifier_reason(e);
@@ -138,7 +159,7 @@ pub fn judge(f: &Facts) -> Vec<Check> {
             };
             Check::fail("kernel object", e.as_str(), fix)
         }
-    });
+    }));
     checks.push(pins_check(f));
     checks.push(match &f.netns_sockopt {
         Ok(true) => Check::pass("host netns cookie", crate::loader::Mechanism::SoNetnsCookie.describe()),
