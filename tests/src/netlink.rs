@@ -45,7 +45,8 @@ impl Netlink {
     pub fn link_index(&mut self, name: &str) -> Result<u32> {
         let mut body = ifinfomsg(0, 0, 0).to_vec();
         body.extend_from_slice(&AttrWriter::new().str(libc::IFLA_IFNAME, name).buf);
-        let reply = self.sock.query(libc::RTM_GETLINK, &body).with_context(|| format!("could not look up link {name}"))?;
+        let reply =
+            self.sock.query(libc::RTM_GETLINK, &body).with_context(|| format!("could not look up link {name}"))?;
         // ifinfomsg: family u8, pad u8, type u16, then the index.
         let index = reply.body.get(4..8).context("truncated RTM_NEWLINK reply")?;
         Ok(i32::from_ne_bytes(index.try_into().unwrap()) as u32)
