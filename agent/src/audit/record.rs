@@ -92,53 +92,69 @@ pub const SCHEMA: &str = "metadata-guard.audit/v1";
 ///   "lost_since_last": 0
 /// }
 /// ```
-#[derive(Clone, Debug, Serialize)]
-pub struct AuditRecord<'a> {
-    pub schema: &'static str,
-    pub kind: &'static str,
-    #[serde(serialize_with = "rfc3339_millis")]
-    pub time: SystemTime,
-    pub node: &'a str,
-    pub verdict: &'static str,
-    pub mode: &'a str,
-    pub workload: &'static str,
-    pub namespace: Option<&'a str>,
-    pub pod: Option<&'a str>,
-    pub pod_uid: Option<&'a str>,
-    pub container: Option<&'a str>,
-    pub container_id: Option<&'a str>,
-    pub runtime: Option<&'static str>,
-    pub qos: Option<&'static str>,
-    pub cgroup: Option<&'a str>,
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    default,
+    bound(
+        serialize = "S: Serialize, T: Timestamp",
+        deserialize = "S: Deserialize<'de> + Default, T: Deserialize<'de> + Default"
+    )
+)]
+pub struct Record<S, T> {
+    pub schema: S,
+    pub kind: S,
+    #[serde(serialize_with = "Timestamp::write")]
+    pub time: T,
+    pub node: S,
+    pub verdict: S,
+    pub mode: S,
+    pub workload: S,
+    pub namespace: Option<S>,
+    pub pod: Option<S>,
+    pub pod_uid: Option<S>,
+    pub container: Option<S>,
+    pub container_id: Option<S>,
+    pub runtime: Option<S>,
+    pub qos: Option<S>,
+    pub cgroup: Option<S>,
     pub cgroup_id: u64,
     pub pid: Option<u32>,
-    pub comm: Option<&'a str>,
+    pub comm: Option<S>,
     pub protocol: String,
-    pub family: &'static str,
-    pub destination: IpAddr,
+    pub family: S,
+    /// Always present in a written record; None only in a read-back [`GapRecord`].
+    pub destination: Option<IpAddr>,
     pub port: u16,
-    pub hook: &'static str,
+    pub hook: S,
     pub mapped: bool,
     /// Host-side attempts only: the packet's source address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<IpAddr>,
     pub count: u64,
-    #[serde(serialize_with = "rfc3339_millis")]
-    pub first_seen: SystemTime,
-    #[serde(serialize_with = "rfc3339_millis")]
-    pub last_seen: SystemTime,
+    #[serde(serialize_with = "Timestamp::write")]
+    pub first_seen: T,
+    #[serde(serialize_with = "Timestamp::write")]
+    pub last_seen: T,
     pub suppressed_since_last: u64,
     pub lost_since_last: u64,
     /// Conceal mode, `verdict: "concealed"` only: the refused request's method.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<&'a str>,
+    pub method: Option<S>,
     /// The refused request's normalised path.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<&'a str>,
+    pub path: Option<S>,
     /// The rule that refused it (e.g. `aws-iam-credentials`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<&'a str>,
+    pub rule: Option<S>,
 }
+
+/// A record as the agent writes it.
+pub type AuditRecord<'a> = Record<&'a str, SystemTime>;
+
+/// One line of the trail as a reader gets it back: an [`AuditRecord`] (`kind:
+/// "attempts"`) or a [`GapRecord`] (`kind: "gap"`, whose attempt fields are absent:
+/// their defaults here). For tools and tests that read the trail.
+pub type RecordLine = Record<String, String>;
 
 /// Suppressed attempts or lost events that no [`AuditRecord`] came along to report
 /// within a dedup window (typically: the storm that caused them is over), on a line
@@ -193,7 +209,7 @@ pub struct Tally {
     pub lost_since_last: u64,
 }
 
-impl<'a> AuditRecord<'a> {
+impl<'a> Record<&'a str, SystemTime> {
     /// A record of `latest` and the attempts like it that `tally` counts.
     pub fn new(
         time: SystemTime,
@@ -229,7 +245,7 @@ impl<'a> AuditRecord<'a> {
             comm: (!latest.comm.is_empty()).then_some(latest.comm.as_str()),
             protocol: latest.protocol.name(),
             family: latest.family(),
-            destination: latest.destination,
+            destination: Some(latest.destination),
             port: latest.port,
             hook: latest.hook.name(),
             mapped: latest.mapped,
@@ -249,55 +265,30 @@ impl<'a> AuditRecord<'a> {
 /// The latest time RFC 3339 can write: 9999-12-31T23:59:59.999Z.
 const LAST_WRITABLE: Duration = Duration::from_millis(253_402_300_799_999);
 
-/// Clamps to the range RFC 3339 can express, so that a bogus kernel timestamp
-/// yields an odd date rather than a panic or a lost record.
+/// How a record's times are written: RFC 3339 with milliseconds in UTC.
+pub trait Timestamp {
+    fn write<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error>;
+}
+
+impl Timestamp for SystemTime {
+    /// Clamps to the range RFC 3339 can express, so that a bogus kernel timestamp
+    /// yields an odd date rather than a panic or a lost record.
+    fn write<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        rfc3339_millis(self, serializer)
+    }
+}
+
+/// A read-back line's time: the text as it was written.
+impl Timestamp for String {
+    fn write<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self)
+    }
+}
+
 fn rfc3339_millis<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
     let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let clamped = UNIX_EPOCH + since_epoch.min(LAST_WRITABLE);
     serializer.collect_str(&humantime::format_rfc3339_millis(clamped))
-}
-
-/// One line of the trail as a reader gets it back: an [`AuditRecord`] (`kind:
-/// "attempts"`) or a [`GapRecord`] (`kind: "gap"`, whose attempt fields are absent:
-/// their defaults here). For tools and tests that read the trail.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct RecordLine {
-    pub schema: String,
-    pub kind: String,
-    pub time: String,
-    pub node: String,
-    pub verdict: String,
-    pub mode: String,
-    pub workload: String,
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub pod_uid: Option<String>,
-    pub container: Option<String>,
-    pub container_id: Option<String>,
-    pub runtime: Option<String>,
-    pub qos: Option<String>,
-    pub cgroup: Option<String>,
-    pub cgroup_id: u64,
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub protocol: String,
-    pub family: String,
-    pub destination: Option<IpAddr>,
-    pub port: u16,
-    pub hook: String,
-    pub mapped: bool,
-    /// Host-side attempts only.
-    pub source: Option<IpAddr>,
-    pub count: u64,
-    pub first_seen: String,
-    pub last_seen: String,
-    pub suppressed_since_last: u64,
-    pub lost_since_last: u64,
-    /// `verdict: "concealed"` only: the refused request's method, normalised path and rule.
-    pub method: Option<String>,
-    pub path: Option<String>,
-    pub rule: Option<String>,
 }
 
 #[cfg(test)]
