@@ -12,7 +12,7 @@ use crate::{
 /// Where a guard installed on this machine pins itself (the agent's default --bpffs).
 const MACHINE_PINS: &str = "/sys/fs/bpf/metadata-guard";
 
-pub fn run() -> Result<()> {
+pub(crate) fn run() -> Result<()> {
     refuse_when_installed(std::path::Path::new(MACHINE_PINS))?;
     artifacts::build_ebpf(Variant::Default)?;
     artifacts::build_ebpf(Variant::Test)?;
@@ -20,6 +20,7 @@ pub fn run() -> Result<()> {
     let variant_agent = artifacts::build_agent(Profile::Debug, Variant::Test)?;
     packages::ensure(&[packages::BPFTOOL, packages::PROMTOOL])?;
 
+    lint()?;
     cmd::run(Command::new("cargo").current_dir(workspace_root()).args(["test", "--workspace"]))
         .context("unit tests failed")?;
 
@@ -32,13 +33,31 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask lint`: the workspace's lints (`[workspace.lints]` in Cargo.toml) as
+/// errors, and rustfmt's layout. The eBPF crate is outside the workspace (its own
+/// target and `core`); the kernel's verifier and its own build check it.
+pub(crate) fn lint() -> Result<()> {
+    crate::toolchain::ensure_lint_tools()?;
+    cmd::run(Command::new("cargo").current_dir(workspace_root()).args(["fmt", "--all", "--check"]))
+        .context("rustfmt would change the layout shown above; run `cargo fmt --all` and commit the result")?;
+    cmd::run(Command::new("cargo").current_dir(workspace_root()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found the problems shown above; fix them (or `cargo clippy --fix`) and run again")
+}
+
 /// A guard on this machine's own cgroup root refuses the scenarios' "pods" too, and
 /// every scenario would fail with EPERM far from the cause: stop at once instead.
 fn refuse_when_installed(pins: &std::path::Path) -> Result<()> {
     let versions: Vec<String> = std::fs::read_dir(pins)
         .map(|entries| {
             entries
-                .filter_map(|e| e.ok())
+                .filter_map(std::result::Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| n.starts_with('v'))
                 .collect()

@@ -23,17 +23,17 @@ use super::ruleset::{interval_keys_v4, interval_keys_v6, Ports, Shape};
 
 pub const TABLE: &str = "metadata_guard";
 /// The NFLOG group refused packets are copied to.
-pub const LOG_GROUP: u16 = 9965;
-pub const LOG_PREFIX_BLOCKED: &str = "metadata-guard blocked";
-pub const LOG_PREFIX_AUDITED: &str = "metadata-guard audited";
+pub(super) const LOG_GROUP: u16 = 9965;
+pub(super) const LOG_PREFIX_BLOCKED: &str = "metadata-guard blocked";
+pub(super) const LOG_PREFIX_AUDITED: &str = "metadata-guard audited";
 /// Bytes of each logged packet: enough for the IPv6 header and the ports after it.
-pub const LOG_SNAPLEN: u32 = 96;
+pub(super) const LOG_SNAPLEN: u32 = 96;
 /// Logged packets per second, with this burst; beyond it packets are still refused
 /// and counted, only not copied to the agent.
-pub const LOG_RATE: u64 = 200;
-pub const LOG_BURST: u32 = 400;
+pub(super) const LOG_RATE: u64 = 200;
+pub(super) const LOG_BURST: u32 = 400;
 pub const COUNTERS: [&str; 3] = ["blocked", "audited", "exempt"];
-pub const BASE_CHAINS: [(&str, u32); 3] =
+pub(super) const BASE_CHAINS: [(&str, u32); 3] =
     [("input", NF_INET_LOCAL_IN), ("forward", NF_INET_FORWARD), ("output", NF_INET_LOCAL_OUT)];
 const FILTER_PRIORITY: i32 = 0;
 /// The loopback device has this index in every network namespace.
@@ -52,7 +52,7 @@ const TCP_ACK: u8 = 0x10;
 
 /// Everything the table holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Content {
+pub(super) struct Content {
     pub shapes: Vec<Shape>,
     pub audit: bool,
     /// Host-side interface indexes of allowlisted pods.
@@ -64,7 +64,7 @@ pub struct Content {
 /// One transaction that replaces the table (or creates it) with `content`: it is
 /// created first if missing so the delete cannot fail, then deleted and rebuilt.
 /// Packets see the old table or the new one, never neither.
-pub fn replace(content: &Content) -> Batch {
+pub(super) fn replace(content: &Content) -> Batch {
     let mut b = Batch::new(NFPROTO_INET);
     b.add_table(TABLE).del_table(TABLE);
     build(&mut b, TABLE, content);
@@ -73,7 +73,7 @@ pub fn replace(content: &Content) -> Batch {
 
 /// The same layout under a throwaway name, created and deleted in one transaction:
 /// the kernel checks (and loads the modules for) every expression, and nothing stays.
-pub fn probe(content: &Content) -> Batch {
+pub(super) fn probe(content: &Content) -> Batch {
     const PROBE_TABLE: &str = "metadata_guard_probe";
     let mut b = Batch::new(NFPROTO_INET);
     build(&mut b, PROBE_TABLE, content);
@@ -82,7 +82,7 @@ pub fn probe(content: &Content) -> Batch {
 }
 
 /// The table deleted (only valid when it exists).
-pub fn delete() -> Batch {
+pub(super) fn delete() -> Batch {
     let mut b = Batch::new(NFPROTO_INET);
     b.del_table(TABLE);
     b

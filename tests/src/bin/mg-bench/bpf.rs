@@ -11,14 +11,14 @@ use anyhow::{Context, Result};
 use metadata_guard_tests::bpf::{self, bpf_attach_type, bpf_prog_type, BPF_F_ALLOW_MULTI};
 
 /// The guard's allowlist (cgroup id → 1), opened from its pin.
-pub struct AllowMap(OwnedFd);
+pub(crate) struct AllowMap(OwnedFd);
 
 impl AllowMap {
-    pub fn open(bpffs: &Path) -> Result<AllowMap> {
+    pub(crate) fn open(bpffs: &Path) -> Result<AllowMap> {
         // The layout version directory (`v<N>`) is the agent's: take the one there is.
         let pin = std::fs::read_dir(bpffs)
             .with_context(|| format!("could not list {}", bpffs.display()))?
-            .filter_map(|e| e.ok())
+            .filter_map(Result::ok)
             .map(|e| e.path().join("maps/MG_ALLOW_CG"))
             .find(|p| p.exists())
             .with_context(|| format!("no pinned allowlist under {}; is the agent installed?", bpffs.display()))?;
@@ -26,19 +26,19 @@ impl AllowMap {
         Ok(AllowMap(map))
     }
 
-    pub fn insert(&self, cgroup_id: u64) -> Result<()> {
+    pub(crate) fn insert(&self, cgroup_id: u64) -> Result<()> {
         bpf::map_update(self.0.as_fd(), &cgroup_id.to_ne_bytes(), &[1u8])
             .with_context(|| format!("could not add cgroup {cgroup_id} to the allowlist"))
     }
 
-    pub fn remove(&self, cgroup_id: u64) -> Result<()> {
+    pub(crate) fn remove(&self, cgroup_id: u64) -> Result<()> {
         bpf::map_delete(self.0.as_fd(), &cgroup_id.to_ne_bytes())
             .with_context(|| format!("could not remove cgroup {cgroup_id} from the allowlist"))
     }
 }
 
 /// Run-time statistics stay on while the returned fd is open.
-pub fn enable_stats() -> Result<OwnedFd> {
+pub(crate) fn enable_stats() -> Result<OwnedFd> {
     bpf::enable_stats().context("BPF_ENABLE_STATS failed (needs Linux 5.8 and CAP_SYS_ADMIN)")
 }
 
@@ -55,14 +55,14 @@ const HOOKS: [(bpf_prog_type, bpf_attach_type, &str); 6] = [
 /// Programs that only `return 1`, attached to a cgroup on the guard's six hooks: what
 /// the kernel's hooks cost by themselves, measured beside the guard. They stay attached
 /// until the cgroup is removed.
-pub struct EmptyPrograms {
+pub(crate) struct EmptyPrograms {
     /// (name, program id) for the run-time statistics.
     pub ids: Vec<(String, u64)>,
     _fds: Vec<OwnedFd>,
 }
 
 impl EmptyPrograms {
-    pub fn attach(cgroup: &Path) -> Result<EmptyPrograms> {
+    pub(crate) fn attach(cgroup: &Path) -> Result<EmptyPrograms> {
         let dir = std::fs::File::open(cgroup).with_context(|| format!("could not open cgroup {}", cgroup.display()))?;
         let mut ids = Vec::new();
         let mut fds = Vec::new();

@@ -20,15 +20,15 @@ const CHUNKS: u64 = 20;
 const MIN_RUNS_PER_OP: f64 = 0.5;
 
 /// One operation's BPF profile: program name → (runs per operation, mean ns per run).
-pub type Programs = BTreeMap<String, (f64, f64)>;
+pub(crate) type Programs = BTreeMap<String, (f64, f64)>;
 
 /// The profile of each operation, for the guard's and for the empty programs.
-pub struct Profile {
+pub(crate) struct Profile {
     pub ops: Vec<(&'static str, Programs, Programs)>,
 }
 
 /// Which empty program sits on the same hook as a guard program.
-pub fn empty_twin(guard_program: &str) -> &'static str {
+pub(crate) fn empty_twin(guard_program: &str) -> &'static str {
     match guard_program {
         "mg_sock_create" => "mg_empty_sock",
         "mg_connect4" => "mg_empty_conn4",
@@ -43,7 +43,7 @@ pub fn empty_twin(guard_program: &str) -> &'static str {
 /// Run counts and run time of each guard program per operation, beside the empty
 /// programs on the same hooks, from the kernel's BPF statistics (switched on only for
 /// this pass: they cost a clock read per run).
-pub fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
+pub(crate) fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
     let count = if b.quick { 2000 } else { 20_000 };
     let per_chunk = count / CHUNKS;
     let guard = guard_programs(b)?;
@@ -67,7 +67,7 @@ pub fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
         let (g, e) = (summarize(&gc, per_chunk * CHUNKS), summarize(&ec, per_chunk * CHUNKS));
         // Programs of the operation itself: not a socket some other call created.
         for (name, (_, ns)) in g.iter().filter(|(_, (runs, _))| *runs >= MIN_RUNS_PER_OP) {
-            let empty_ns = e.get(empty_twin(name)).map(|(_, ns)| *ns).unwrap_or(0.0);
+            let empty_ns = e.get(empty_twin(name)).map_or(0.0, |(_, ns)| *ns);
             worst = worst.max(*ns);
             worst_own = worst_own.max(ns - empty_ns);
         }
@@ -116,7 +116,7 @@ fn chunk(
     what: &str,
 ) -> Result<()> {
     let before = prog_stats(programs)?;
-    let r = b.run(v, op.clone())?;
+    let r = b.run(v, *op)?;
     ensure!(r.ok > 0 && r.errors.is_empty(), "{what} ({}): {} ok, errors {:?}", label(v), r.ok, r.errors);
     let after = prog_stats(programs)?;
     for (name, (cnt1, ns1)) in &after {
@@ -141,14 +141,14 @@ fn summarize(chunks: &Chunks, ops: u64) -> Programs {
     out
 }
 
-pub fn describe(p: &Programs) -> String {
+pub(crate) fn describe(p: &Programs) -> String {
     let total: f64 = p.values().map(|(runs, ns)| runs * ns).sum();
     let parts: Vec<String> = p.iter().map(|(name, (runs, ns))| format!("{name} {runs:.1}×{ns:.0} ns")).collect();
     format!("{total:.0} ns per operation = {}", parts.join(" + "))
 }
 
 /// name → (run_cnt, run_time_ns), from `bpftool -j prog show id N`.
-pub fn prog_stats(programs: &[(String, u64)]) -> Result<BTreeMap<String, (u64, u64)>> {
+pub(crate) fn prog_stats(programs: &[(String, u64)]) -> Result<BTreeMap<String, (u64, u64)>> {
     let mut out = BTreeMap::new();
     for (name, id) in programs {
         let o = Command::new("bpftool")
@@ -163,6 +163,6 @@ pub fn prog_stats(programs: &[(String, u64)]) -> Result<BTreeMap<String, (u64, u
     Ok(out)
 }
 
-pub fn guard_programs(b: &Bench) -> Result<Vec<(String, u64)>> {
+pub(crate) fn guard_programs(b: &Bench) -> Result<Vec<(String, u64)>> {
     Ok(b.status()?.programs.into_iter().map(|p| (p.program_name, u64::from(p.program_id))).collect())
 }

@@ -18,7 +18,7 @@ use crate::{
     worker::Op,
 };
 
-pub use crate::profile::{empty_twin, profile, Profile};
+pub(crate) use crate::profile::{empty_twin, profile, Profile};
 use crate::profile::{guard_programs, prog_stats};
 
 /// `n` blocked /32s in 10.200.128.0/17: inside the pods' 10.200.0.0/16 but not
@@ -34,7 +34,7 @@ const SCALE: [Variant; 3] = [Variant::None, Variant::Guard, Variant::Firewall];
 
 /// Figure 5: the allowed TCP path with 1, 100 and 10 000 blocked CIDRs (beside as
 /// many iptables rules), and with 0, 1 000 and 10 000 allowlisted cgroups.
-pub fn policy_scale(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (2, 200) } else { (31, 1000) };
     let dest = b.node_addr(TCP_PORT);
     let config = b.node.config_path();
@@ -99,7 +99,7 @@ pub fn policy_scale(b: &mut Bench) -> Result<Figure> {
     for k in 0..filled {
         allow.remove(fake_id(k))?;
     }
-    let flat = |r: &[f64]| r.iter().cloned().fold(f64::MIN, f64::max) / r.iter().cloned().fold(f64::MAX, f64::min);
+    let flat = |r: &[f64]| r.iter().copied().fold(f64::MIN, f64::max) / r.iter().copied().fold(f64::MAX, f64::min);
     fig.targets = vec![
         Target {
             what: "5. blocked CIDRs 1 → 10 000: largest / smallest guard ratio".into(),
@@ -172,7 +172,7 @@ fn wait_for_policy(b: &Bench, n: usize) -> Result<()> {
 }
 
 /// Figure 6: a pod hammering the metadata address.
-pub fn storm(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn storm(b: &mut Bench) -> Result<Figure> {
     let ms = if b.quick { 2000 } else { 10_000 };
     b.start_agent(&["--audit-dedup-window", "1s"])?;
     let blocked_before = b.kernel_count(None, "blocked")?;
@@ -255,13 +255,13 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
-pub fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Figure 7: the agent's own cost.
-pub fn footprint(cold: Duration, warm: Duration, idle_rss_kib: u64) -> Figure {
+pub(crate) fn footprint(cold: Duration, warm: Duration, idle_rss_kib: u64) -> Figure {
     let image = Command::new("podman")
         .args(["images", "localhost/metadata-guard", "--format", "{{.Tag}} {{.Size}}"])
         .output()

@@ -23,7 +23,7 @@ use crate::{
     harness::{Ctx, Who, METADATA_V4},
 };
 
-pub const SCENARIOS: [crate::Scenario; 6] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 6] = [
     ("hostside: AF_PACKET SYNs from a pod (IPv4, IPv6) never arrive and get no SYN-ACK", packet_frames_stopped),
     ("hostside: a Service address DNATed in the node to 168.63.129.16:80 is refused, TCP and UDP", dnat_refused),
     ("hostside: DNS on port 53 through the node and host-network processes are served", open_paths_served),
@@ -36,8 +36,8 @@ pub const SCENARIOS: [crate::Scenario; 6] = [
 ];
 
 /// A Service-like virtual address, routed to the node by the pod's default route.
-pub const VIRTUAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-pub const SETTLE: Duration = Duration::from_millis(150);
+pub(crate) const VIRTUAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub(crate) const SETTLE: Duration = Duration::from_millis(150);
 /// Long enough for the node to resolve the pod's IPv6 neighbour before it answers.
 const SYN_ACK_WAIT: Duration = Duration::from_millis(1500);
 
@@ -82,18 +82,18 @@ impl ArrivalTap {
     }
 }
 
-pub fn syn_over_af_packet(ctx: &Ctx, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+pub(crate) fn syn_over_af_packet(ctx: &Ctx, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
     syn_from_pod(ctx, 0, dest, sport)
 }
 
 /// Sends one SYN frame from a pod to `dest`:80; returns (segments that arrived in
 /// the node, whether a SYN-ACK came back).
-pub fn syn_from_pod(ctx: &Ctx, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+pub(crate) fn syn_from_pod(ctx: &Ctx, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
     syn_seen_in(ctx, ctx.node.sim.node(), pod, dest, sport)
 }
 
 /// The same, counting arrivals in `tap_ns` (where the destination lives).
-pub fn syn_seen_in(ctx: &Ctx, tap_ns: &NetNs, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+pub(crate) fn syn_seen_in(ctx: &Ctx, tap_ns: &NetNs, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
     let pod = &ctx.node.pods[pod].net;
     let wire = Wire::of(&pod.ns, ctx.node.sim.node(), &pod.node_side_link)?;
     let src = if dest.is_ipv4() { IpAddr::V4(pod.ipv4) } else { IpAddr::V6(pod.ipv6) };
@@ -162,7 +162,7 @@ fn open_paths_served(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-pub fn host_status(ctx: &Ctx) -> Result<HostStatus> {
+pub(crate) fn host_status(ctx: &Ctx) -> Result<HostStatus> {
     crate::agent::host_status(&ctx.agent_bin, &ctx.node.bpffs)
 }
 

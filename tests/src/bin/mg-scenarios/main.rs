@@ -98,14 +98,14 @@ fn main() {
         return;
     }
     if argv.get(1).map(String::as_str) == Some("attempt") {
-        if let Err(e) = attempt::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+        if let Err(e) = attempt::child_main(argv.get(2).map_or("", String::as_str)) {
             eprintln!("attempt: {e:#}");
             std::process::exit(2);
         }
         return;
     }
     if argv.get(1).map(String::as_str) == Some("conceal-client") {
-        if let Err(e) = conceal::client_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+        if let Err(e) = conceal::client_main(argv.get(2).map_or("", String::as_str)) {
             eprintln!("conceal-client: {e:#}");
             std::process::exit(2);
         }

@@ -13,14 +13,14 @@ use std::{
 use metadata_guard_tests::bpf::{self, bpf_attach_type, bpf_prog_type};
 
 /// A loaded, attached neighbour program and the stats switch that counts its runs.
-pub struct Neighbour {
+pub(crate) struct Neighbour {
     prog: OwnedFd,
     _link: OwnedFd,
     _stats: OwnedFd,
 }
 
 impl Neighbour {
-    pub fn attach(cgroup: &Path) -> anyhow::Result<Neighbour> {
+    pub(crate) fn attach(cgroup: &Path) -> anyhow::Result<Neighbour> {
         // Kernels before 5.11 charge BPF programs to RLIMIT_MEMLOCK, whose default is tiny.
         let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
         // SAFETY: plain setrlimit with a valid struct; failure just leaves the limit.
@@ -35,7 +35,7 @@ impl Neighbour {
     }
 
     /// How many times the kernel ran it.
-    pub fn run_count(&self) -> io::Result<u64> {
+    pub(crate) fn run_count(&self) -> io::Result<u64> {
         Ok(bpf::prog_info(self.prog.as_fd())?.run_cnt)
     }
 }

@@ -16,19 +16,19 @@ fn open(pin: &Path) -> Result<std::os::fd::OwnedFd> {
 }
 
 /// The program the link pinned at `link` runs now.
-pub fn linked_program(link: &Path) -> Result<u32> {
+pub(crate) fn linked_program(link: &Path) -> Result<u32> {
     let info = bpf::link_info(open(link)?.as_fd()).context("BPF_OBJ_GET_INFO_BY_FD failed")?;
     Ok(info.prog_id)
 }
 
 /// The id of the program pinned at `pin`.
-pub fn pinned_program(pin: &Path) -> Result<u32> {
+pub(crate) fn pinned_program(pin: &Path) -> Result<u32> {
     Ok(bpf::prog_info(open(pin)?.as_fd()).context("BPF_OBJ_GET_INFO_BY_FD failed")?.id)
 }
 
 /// Makes the link pinned at `link` run an allow-everything connect4 program; returns
 /// that program's id.
-pub fn plant_other_program(link: &Path) -> Result<u32> {
+pub(crate) fn plant_other_program(link: &Path) -> Result<u32> {
     let prog = bpf::prog_load(
         bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
         bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
