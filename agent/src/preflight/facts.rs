@@ -151,7 +151,7 @@ fn memlock() -> Option<u64> {
 }
 
 /// Why loading the object failed: errno (when the kernel said) and the whole error.
-pub fn refusal(e: &anyhow::Error) -> (Option<i32>, String) {
+pub(super) fn refusal(e: &anyhow::Error) -> (Option<i32>, String) {
     (errno_of(e), format!("{e:#}"))
 }
 
