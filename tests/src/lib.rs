@@ -12,6 +12,7 @@ pub mod bpf;
 pub mod cgroups;
 pub mod forwarded;
 pub mod frames;
+pub mod ipvs;
 pub mod nat;
 pub mod netlink;
 pub mod netns;

@@ -6,7 +6,7 @@
 //!   set allow_if      { type ifindex }            host-side interfaces of allowlisted pods
 //!   set d4_N, d6_N    { interval }                destinations of rule shape N
 //!   set p_N           { type inet_service }       ports of rule shape N (when it lists some)
-//!   chain input   { hook input   priority 0 }     jump judge
+//!   chain input   { hook input   priority 101 }   jump judge
 //!   chain forward { hook forward priority 0 }     jump judge
 //!   chain output  { hook output  priority 0 }     packets with a socket: accept; else jump judge
 //!   chain judge                                   from lo: accept; per shape: match → jump refuse
@@ -14,8 +14,12 @@
 //!                                                 count, log (rate-limited), reject / accept
 //! ```
 //!
-//! Filter priority 0 runs after destination NAT (prerouting, -100), so the chains
-//! see the address a packet will finally be delivered or forwarded to.
+//! Every chain runs after destination NAT (prerouting, -100), so it sees the address
+//! a packet will finally be delivered or forwarded to. `input` runs later still:
+//! IPVS rewrites in `input` itself (priority 98/99) and, for a real server that is a
+//! local address, lets the packet go on there; a chain before it would judge only
+//! the virtual address. (For other real servers IPVS sends the packet through
+//! `output`, socket-less, where the output chain judges it.)
 
 use metadata_guard_netfilter::nftables::*;
 
@@ -33,9 +37,15 @@ pub(super) const LOG_SNAPLEN: u32 = 96;
 pub(super) const LOG_RATE: u64 = 200;
 pub(super) const LOG_BURST: u32 = 400;
 pub const COUNTERS: [&str; 3] = ["blocked", "audited", "exempt"];
-pub(super) const BASE_CHAINS: [(&str, u32); 3] =
-    [("input", NF_INET_LOCAL_IN), ("forward", NF_INET_FORWARD), ("output", NF_INET_LOCAL_OUT)];
+/// The filter priority (0) everywhere but `input`.
 const FILTER_PRIORITY: i32 = 0;
+/// After IPVS's `LOCAL_IN` hooks (`NF_IP_PRI_NAT_SRC - 2` and `- 1`) and source NAT (100).
+const INPUT_PRIORITY: i32 = 101;
+pub(super) const BASE_CHAINS: [(&str, u32, i32); 3] = [
+    ("input", NF_INET_LOCAL_IN, INPUT_PRIORITY),
+    ("forward", NF_INET_FORWARD, FILTER_PRIORITY),
+    ("output", NF_INET_LOCAL_OUT, FILTER_PRIORITY),
+];
 /// The loopback device has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 const IPV4_DADDR_OFFSET: u32 = 16;
@@ -106,8 +116,8 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
 
     b.add_chain(t, "refuse", None);
     b.add_chain(t, "judge", None);
-    for (name, hook) in BASE_CHAINS {
-        b.add_chain(t, name, Some(("filter", hook, FILTER_PRIORITY)));
+    for (name, hook, priority) in BASE_CHAINS {
+        b.add_chain(t, name, Some(("filter", hook, priority)));
     }
     refuse_rules(b, t, c.audit);
     b.add_rule(t, "judge", &[meta(NFT_META_IIF), cmp_eq(&LOOPBACK_IFINDEX.to_ne_bytes()), Expr::verdict(NF_ACCEPT)]);

@@ -39,6 +39,9 @@ const MODULES: &[&str] = &[
     "nft_nat",
     "nf_nat",
     "nf_conntrack",
+    // kube-proxy's IPVS mode, and its default scheduler.
+    "ip_vs",
+    "ip_vs_rr",
 ];
 /// Built into some kernels, modules in others (nft_counter: a module on 5.10 only).
 const MODULES_IF_MODULAR: &[&str] = &["nft_counter"];

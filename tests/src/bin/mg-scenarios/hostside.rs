@@ -99,13 +99,24 @@ pub(crate) fn syn_seen_in(ctx: &Ctx, tap_ns: &NetNs, pod: usize, dest: IpAddr, s
     let src = if dest.is_ipv4() { IpAddr::V4(pod.ipv4) } else { IpAddr::V6(pod.ipv6) };
     let tap = ArrivalTap::open(tap_ns, dest.is_ipv6(), sport)?;
     let frame = tcp_syn_frame(&wire, src, dest, sport, 80);
+    let mut arrived = 0;
     let answered = pod.ns.run(|| -> Result<bool> {
         let sock = PacketSocket::open(wire.ifindex).context("AF_PACKET socket in the pod")?;
         sock.send(&frame).context("sending the frame")?;
+        if sock.syn_ack_to(sport, SYN_ACK_WAIT)? {
+            return Ok(true);
+        }
+        // The SYN got there but no answer came back yet (on a busy machine the node may
+        // still be resolving the pod's neighbour): retransmit once, as TCP would.
+        arrived += tap.count();
+        if arrived == 0 {
+            return Ok(false);
+        }
+        sock.send(&frame).context("sending the frame again")?;
         sock.syn_ack_to(sport, SYN_ACK_WAIT)
     })?;
     std::thread::sleep(SETTLE);
-    Ok((tap.count(), answered))
+    Ok((arrived + tap.count(), answered))
 }
 
 fn packet_frames_stopped(ctx: &mut Ctx) -> Result<()> {
