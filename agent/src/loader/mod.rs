@@ -15,6 +15,7 @@ mod bpf_sys;
 mod conceal_maps;
 pub mod health;
 pub mod netns_cookie;
+mod object;
 pub mod origin;
 pub mod pins;
 mod policy_maps;
@@ -32,7 +33,7 @@ use anyhow::{bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::ProgramInfo,
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 pub use conceal_maps::{sock_addr, sock_key, ConcealPeers};
 use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES};
@@ -66,6 +67,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     map_names::CONCEAL_COUNTERS,
 ];
 
+pub use object::{load, verify_object, Loaded};
 pub use programs::ATTACHMENTS;
 
 pub struct InstallOptions<'a> {
@@ -104,44 +106,6 @@ pub struct Guard {
     host_netns_cookie: u64,
     /// The event ring buffer once the reader took it, to pin it again (`repair`).
     events: Option<MapData>,
-}
-
-/// The kernel object in the kernel: its maps created (or reused from their pins) and
-/// every program of [`ATTACHMENTS`] verified; nothing attached yet.
-pub struct Loaded {
-    ebpf: Ebpf,
-}
-
-/// Loads the embedded object: the maps, pinned under `pins` (reusing pinned ones)
-/// when given, and every program the guard attaches, verified by the kernel. An error
-/// here is the kernel refusing the object or its maps: `check` and a starting agent
-/// explain it alike (`preflight`). A failed first load leaves nothing pinned.
-pub fn load(pins: Option<&PinLayout>) -> Result<Loaded> {
-    let Some(pins) = pins else { return load_programs(EbpfLoader::new().load(OBJECT)) };
-    let first = !pins.dir.exists();
-    let maps = pins.maps_dir();
-    fs::create_dir_all(&maps).with_context(|| format!("could not create pin directory {}", maps.display()))?;
-    let mut loader = EbpfLoader::new();
-    let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|&name| (name, pins.map(name))).collect();
-    for (name, path) in &map_paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    let loaded = load_programs(loader.load(OBJECT));
-    if loaded.is_err() && first {
-        // The maps pinned so far would make `check` report an installed guard.
-        if let Err(e) = remove_pins(&pins.dir) {
-            tracing::warn!("could not remove the maps pinned by the failed load: {e:#}");
-        }
-    }
-    loaded
-}
-
-fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>) -> Result<Loaded> {
-    let mut ebpf = ebpf.context("could not create the guard's maps")?;
-    for attachment in &ATTACHMENTS {
-        programs::load(&mut ebpf, attachment)?;
-    }
-    Ok(Loaded { ebpf })
 }
 
 impl Guard {
@@ -284,19 +248,6 @@ impl Guard {
         drop(self.ebpf);
         remove_pins(&dir)
     }
-}
-
-/// Loads the embedded object as `run` does (maps created, every program verified, the
-/// netns probe's too) without pinning or attaching anything; all of it is freed on
-/// return. `check` uses it to prove this process's privileges are enough.
-pub fn verify_object() -> Result<()> {
-    let Loaded { mut ebpf } = load(None)?;
-    let probe: &mut aya::programs::CgroupSockAddr = ebpf
-        .program_mut(metadata_guard_common::program_names::NETNS_PROBE)
-        .context("the kernel object has no netns probe program")?
-        .try_into()?;
-    probe.load().context("the kernel's verifier refused the netns probe program")?;
-    Ok(())
 }
 
 /// Where a pin is staged before a rename puts it in place: beside it, without a dot
