@@ -57,7 +57,14 @@ impl RefusalReader {
         sock.set_nonblocking()?;
         let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE)
             .context("could not open an rtnetlink socket in the host network namespace")?;
-        Ok(RefusalReader { bound: Some(sock), sock: None, route, cgroup_root: cgroup_root.to_path_buf(), pods: None, by_source: HashMap::new() })
+        Ok(RefusalReader {
+            bound: Some(sock),
+            sock: None,
+            route,
+            cgroup_root: cgroup_root.to_path_buf(),
+            pods: None,
+            by_source: HashMap::new(),
+        })
     }
 
     /// Waits for logged packets and appends them to `out` as attempts.
@@ -125,10 +132,8 @@ impl RefusalReader {
         if ifindex == 0 {
             return None;
         }
-        let fresh = self
-            .pods
-            .as_ref()
-            .is_some_and(|(at, pods)| at.elapsed() < PODS_RESCAN && pods.knows_entry(ifindex));
+        let fresh =
+            self.pods.as_ref().is_some_and(|(at, pods)| at.elapsed() < PODS_RESCAN && pods.knows_entry(ifindex));
         if !fresh {
             match PodNets::scan(&self.cgroup_root, &mut self.route, None) {
                 Ok(p) => {

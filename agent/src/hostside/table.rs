@@ -61,7 +61,7 @@ const IPV6_DADDR_OFFSET: u32 = 24;
 /// Allowlisted pods behind a shared interface: keyed by `iif . saddr`.
 const ALLOW_SRC4: &str = "allow_src4";
 const ALLOW_SRC6: &str = "allow_src6";
-pub const ALLOW_SRC_SETS: [&str; 2] = [ALLOW_SRC4, ALLOW_SRC6];
+pub(super) const ALLOW_SRC_SETS: [&str; 2] = [ALLOW_SRC4, ALLOW_SRC6];
 const IPV4_FRAG_OFFSET_FIELD: u32 = 6;
 const IPV4_FRAG_OFFSET_MASK: [u8; 2] = [0x1f, 0xff];
 const IPV6_FRAGMENT_HEADER: u8 = 44;

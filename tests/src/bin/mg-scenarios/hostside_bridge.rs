@@ -20,7 +20,7 @@ use crate::{
     hostside::{host_status, syn_from_net, SETTLE, VIRTUAL_IP},
 };
 
-pub const SCENARIOS: [crate::Scenario; 3] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 3] = [
     (
         "hostside: behind a bridge, an allowlisted pod passes on every path, its neighbour on the bridge is refused and named",
         bridged_pod_allowed,
