@@ -13,11 +13,12 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    agent,
     attempt::Kind,
-    harness::{Ctx, Who, METADATA_V4, METADATA_V6},
+    harness::{budget, Ctx, Who, METADATA_V4, METADATA_V6},
 };
 
-pub const SCENARIOS: [crate::Scenario; 8] = [
+pub const SCENARIOS: [crate::Scenario; 9] = [
     ("conceal: pod reads region and zone through the proxy, credentials are refused before the service", aws_paths),
     ("conceal: path tricks, absolute-form targets, Host games and bodies never reach a refused path", path_tricks),
     ("conceal: IPv6 and IPv4-mapped metadata connections are filtered the same way", v6_and_mapped),
@@ -26,6 +27,10 @@ pub const SCENARIOS: [crate::Scenario; 8] = [
     ("conceal: refusals are audit records naming pod, method, path and rule", audit_records),
     ("conceal: allowlisted pods go straight through, extra paths open only for their pods", allow_and_extras),
     ("conceal: a config reload switches between enforce and conceal, no gap either way", reload_switches_modes),
+    (
+        "conceal: with no agent (after apply --mode conceal, a stopped agent) pods are refused at once (EPERM), host served; the agent's proxy then serves them",
+        without_agent,
+    ),
 ];
 
 /// The proxy listens on the node end of pod 0's veth: a node address every pod routes to.
@@ -368,5 +373,67 @@ fn reload_switches_modes(ctx: &mut Ctx) -> Result<()> {
         let refused = exchange(ctx, Who::Pod(0), imds, &get("/latest/meta-data/iam/info", ""))?;
         ensure!(refused.status == if mode == "conceal" { 404 } else { 0 }, "{mode}: credentials answered {refused:?}");
     }
+    Ok(())
+}
+
+/// Pods' metadata connections while no proxy listens: refused by the kernel (EPERM)
+/// after `apply` at boot and after the agent stops; served once the agent's proxy is
+/// up. An agent killed outright leaves its redirect pinned: pods then meet a closed
+/// port on the node (ECONNREFUSED, at once, nothing reaches the service) until the
+/// next agent or `apply` turns it off.
+fn without_agent(ctx: &mut Ctx) -> Result<()> {
+    let imds = metadata(METADATA_V4);
+    let zone = get("/latest/meta-data/placement/availability-zone", "");
+    let creds = get("/latest/meta-data/iam/security-credentials/", "");
+    let refused = |ctx: &Ctx, step: &str| -> Result<()> {
+        let check = || -> Result<()> {
+            ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
+            ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V6, 80, false)?;
+            ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, true)?;
+            ctx.expect_served(Who::HostInPodCgroup(0), Kind::Http, METADATA_V4, 80, false)
+        };
+        check().with_context(|| format!("after {step}"))
+    };
+
+    conceal_agent(ctx, None)?;
+    expect(ctx, Who::Pod(0), imds, &zone, 200, 1)?;
+    ctx.stop_agent()?;
+    refused(ctx, "the agent stopped")?;
+
+    conceal_agent(ctx, None)?;
+    expect(ctx, Who::Pod(0), imds, &zone, 200, 1)?;
+    ctx.agent.take().context("no agent")?.kill()?;
+    ctx.running_args.clear();
+    let dead = expect(ctx, Who::Pod(0), imds, &zone, 0, 0).context("after the agent was killed")?;
+    ensure!(
+        dead.error.as_deref().is_some_and(|e| e.contains("refused"))
+            && dead.micros < budget(Duration::from_millis(500)).as_micros() as u64,
+        "a killed agent's pinned redirect: expected a refused connection at once, got {dead:?}"
+    );
+
+    // The node's boot: apply with no agent turns that redirect off.
+    let spec = ctx.spec(&ctx.agent_bin, &["--mode", "conceal", "--conceal-addr", &proxy_addr(ctx)]);
+    let mut args = vec![
+        "apply".to_string(),
+        "--cgroup".into(),
+        spec.attach_cgroup.display().to_string(),
+        "--host-netns".into(),
+        spec.host_netns.display().to_string(),
+        "--bpffs".into(),
+        spec.bpffs.display().to_string(),
+    ];
+    args.extend(spec.extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = agent::oneshot_in(&ctx.agent_bin, &spec.own_cgroup, &args)?;
+    ensure!(ok, "apply --mode conceal failed:\n{out}{err}");
+    ensure!(
+        out.contains("refused (EPERM) until the agent's proxy listens"),
+        "apply did not say what pods meet:\n{out}"
+    );
+    refused(ctx, "apply --mode conceal")?;
+
+    conceal_agent(ctx, None)?;
+    expect(ctx, Who::Pod(0), imds, &zone, 200, 1)?;
+    expect(ctx, Who::Pod(0), imds, &creds, 404, 0)?;
     Ok(())
 }
