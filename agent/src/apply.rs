@@ -53,7 +53,9 @@ pub fn apply(args: &EnforceArgs) -> Result<()> {
         bail!("the kernel's mode is {:?} where the configuration says {}", in_force.mode, installed.config.mode.name());
     }
     let host_side = hostside::status(args.host_netns.as_deref())?;
-    if !host_side.installed || host_side.mode.as_deref() != Some(installed.config.mode.name()) {
+    // The host side has two modes: in conceal mode it refuses as in enforce mode.
+    let host_mode = if installed.config.mode == Mode::Audit { "audit" } else { "enforce" };
+    if !host_side.installed || host_side.mode.as_deref() != Some(host_mode) {
         bail!(
             "the host-side table `{}` is not in force after writing it ({host_side:?}); see `metadata-guard check`",
             host_side.table

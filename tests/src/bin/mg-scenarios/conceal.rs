@@ -404,6 +404,15 @@ fn without_agent(ctx: &mut Ctx) -> Result<()> {
     expect(ctx, Who::Pod(0), imds, &zone, 200, 1)?;
     ctx.agent.take().context("no agent")?.kill()?;
     ctx.running_args.clear();
+    let proxy = proxy_addr(ctx);
+    let conceal = |ctx: &Ctx| -> Result<metadata_guard::loader::status_conceal::ConcealStatus> {
+        ctx.status()?.conceal.context("status shows no conceal part")
+    };
+    let shown = conceal(ctx)?;
+    ensure!(
+        shown.proxy.as_deref() == Some(proxy.as_str()) && shown.listening == Some(false) && shown.redirected > 0,
+        "status after the agent was killed: {shown:?}"
+    );
     let dead = expect(ctx, Who::Pod(0), imds, &zone, 0, 0).context("after the agent was killed")?;
     ensure!(
         dead.error.as_deref().is_some_and(|e| e.contains("refused"))
@@ -412,7 +421,7 @@ fn without_agent(ctx: &mut Ctx) -> Result<()> {
     );
 
     // The node's boot: apply with no agent turns that redirect off.
-    let spec = ctx.spec(&ctx.agent_bin, &["--mode", "conceal", "--conceal-addr", &proxy_addr(ctx)]);
+    let spec = ctx.spec(&ctx.agent_bin, &["--mode", "conceal", "--conceal-addr", &proxy]);
     let mut args = vec![
         "apply".to_string(),
         "--cgroup".into(),
@@ -431,9 +440,16 @@ fn without_agent(ctx: &mut Ctx) -> Result<()> {
         "apply did not say what pods meet:\n{out}"
     );
     refused(ctx, "apply --mode conceal")?;
+    let shown = conceal(ctx)?;
+    ensure!(shown.proxy.is_none() && shown.listening.is_none(), "status after apply: {shown:?}");
 
     conceal_agent(ctx, None)?;
     expect(ctx, Who::Pod(0), imds, &zone, 200, 1)?;
     expect(ctx, Who::Pod(0), imds, &creds, 404, 0)?;
+    let shown = conceal(ctx)?;
+    ensure!(
+        shown.proxy.as_deref() == Some(proxy.as_str()) && shown.listening == Some(true) && shown.recorded > 0,
+        "status with the agent's proxy up: {shown:?}"
+    );
     Ok(())
 }
