@@ -127,7 +127,7 @@ impl Enforcement {
                 _ = shutdown.wait() => return Ok(()),
                 _ = tick.tick() => {}
             }
-            let mut guard = ctx.guard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             publish_counters(&guard, &ctx);
             let mut faults = guard.faults(&ctx.cgroup);
             if !faults.is_empty() {

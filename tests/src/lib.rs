@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cgroups;
 pub mod forwarded;
 pub mod frames;
+pub mod ipvs;
 pub mod nat;
 pub mod netlink;
 pub mod netns;

@@ -208,8 +208,7 @@ impl Netlink {
                     replies.push(this.to_vec());
                     continue;
                 }
-                let errno =
-                    this.get(16..20).map(|e| i32::from_ne_bytes(e.try_into().unwrap())).unwrap_or(-libc::EPROTO);
+                let errno = this.get(16..20).map_or(-libc::EPROTO, |e| i32::from_ne_bytes(e.try_into().unwrap()));
                 if errno == 0 {
                     return Ok(replies);
                 }

@@ -291,7 +291,7 @@ impl Server {
             loop {
                 match listener.accept() {
                     Ok((stream, peer)) => {
-                        let local = stream.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+                        let local = stream.local_addr().map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |a| a.ip());
                         seen.tcp_accepted.entry(*port).or_default().record(peer.ip(), local);
                         if stream.set_nonblocking(true).is_ok() {
                             let deadline = Instant::now() + REQUEST_TIMEOUT;

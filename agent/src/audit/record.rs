@@ -221,7 +221,7 @@ impl<'a> AuditRecord<'a> {
             pod_uid: pod.map(|p| p.pod_uid.as_str()),
             container: pod.and_then(|p| p.container.as_deref()),
             container_id: pod.and_then(|p| p.container_id.as_deref()),
-            runtime: pod.and_then(|p| p.runtime).map(|r| r.name()),
+            runtime: pod.and_then(|p| p.runtime).map(super::super::pod_identity::Runtime::name),
             qos: pod.map(|p| p.qos.name()),
             cgroup,
             cgroup_id: latest.cgroup_id,

@@ -111,10 +111,10 @@ pub struct Facts {
     pub netns_sockopt: Result<bool, String>,
 }
 
-pub fn gather(inputs: &Inputs<'_>) -> Facts {
+pub(super) fn gather(inputs: &Inputs<'_>) -> Facts {
     let cgroup = cgroup::resolve(inputs.cgroup).map_err(|e| format!("{e:#}"));
     let cgroup_id = cgroup.as_ref().ok().and_then(|p| cgroup::id(p).ok());
-    let parent = inputs.bpffs.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
+    let parent = inputs.bpffs.parent().map_or_else(|| PathBuf::from("/"), PathBuf::from);
     Facts {
         kernel_release: super::kernel_release(),
         kernel: super::kernel_version(),
@@ -180,7 +180,7 @@ fn probes() -> Vec<(Feature, Found)> {
     let mut helpers: BTreeSet<(ProgramKind, u32)> = BTreeSet::new();
     // Helpers called from functions that are not a program's entry (bpf-to-bpf calls)
     // count for every program that makes such calls.
-    let entries: BTreeSet<(usize, u64)> = object.programs.values().map(|p| p.function_key()).collect();
+    let entries: BTreeSet<(usize, u64)> = object.programs.values().map(aya_obj::Program::function_key).collect();
     let shared: BTreeSet<u32> = object
         .functions
         .iter()
@@ -210,10 +210,10 @@ fn probes() -> Vec<(Feature, Found)> {
     for kind in &kinds {
         out.push((Feature::Program(*kind), found(is_program_supported(kind.program_type()))));
     }
-    let map_types: BTreeSet<u32> = object.maps.values().map(|m| m.map_type()).collect();
+    let map_types: BTreeSet<u32> = object.maps.values().map(aya_obj::Map::map_type).collect();
     for raw in map_types {
         let probed = bpf_map_type::try_from(raw).ok().and_then(|t| MapType::try_from(t).ok());
-        let name = probed.map(|t| format!("{t:?}")).unwrap_or_else(|| format!("type {raw}"));
+        let name = probed.map_or_else(|| format!("type {raw}"), |t| format!("{t:?}"));
         let result = match probed {
             Some(t) => match is_map_supported(t) {
                 Ok(true) => Found::Yes,

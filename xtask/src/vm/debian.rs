@@ -17,7 +17,7 @@ use crate::{cmd, toolchain::Arch};
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 /// A package unpacked under the cache: `root` is what `dpkg -x` wrote.
-pub struct Unpacked {
+pub(super) struct Unpacked {
     pub root: PathBuf,
     /// `Package` and `Version` of the .deb, for the report.
     pub name: String,
@@ -28,7 +28,7 @@ pub struct Unpacked {
 /// fetching it only when that tree is missing. `package` may be a metapackage of one
 /// dependency (e.g. `linux-image-cloud-amd64`); then that dependency is what gets
 /// fetched.
-pub fn unpacked(
+pub(super) fn unpacked(
     cache: &Path,
     dir: &str,
     suite: &str,
@@ -61,7 +61,7 @@ pub fn unpacked(
 
 /// Downloads `packages` (exact names, no dependencies followed) of Debian `suite` for
 /// `arch` into the directory `to`, which is made empty first.
-pub fn download_all(cache: &Path, suite: &str, arch: Arch, packages: &[&str], to: &Path) -> Result<()> {
+pub(super) fn download_all(cache: &Path, suite: &str, arch: Arch, packages: &[&str], to: &Path) -> Result<()> {
     let apt = PrivateApt::update(cache, suite, arch)?;
     if to.exists() {
         fs::remove_dir_all(to).with_context(|| format!("could not remove {}", to.display()))?;
@@ -178,6 +178,5 @@ fn debian_mirror() -> String {
         .find(|w| {
             (w.starts_with("http://") || w.starts_with("https://")) && w.trim_end_matches('/').ends_with("/debian")
         })
-        .map(|w| w.trim_end_matches('/').to_string())
-        .unwrap_or_else(|| DEFAULT_MIRROR.to_string())
+        .map_or_else(|| DEFAULT_MIRROR.to_string(), |w| w.trim_end_matches('/').to_string())
 }

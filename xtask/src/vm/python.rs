@@ -28,7 +28,7 @@ use crate::{cmd, toolchain::Arch};
 const SUITE: &str = "bookworm";
 const VERSION: &str = "3.11";
 /// Where the interpreter is in the guest: `mg-scenarios --python`.
-pub const INTERPRETER: &str = "/usr/bin/python3.11";
+pub(super) const INTERPRETER: &str = "/usr/bin/python3.11";
 
 /// The interpreter, its standard library, and the libraries they load. Named one by
 /// one (dependencies are not followed): the stdlib's full dependency list pulls in
@@ -93,7 +93,7 @@ fn recipe(arch: Arch) -> String {
 }
 
 /// The guest's Python as a cpio archive, built on first use.
-pub fn archive(cache: &Path, packer: &Path, arch: Arch) -> Result<PathBuf> {
+pub(super) fn archive(cache: &Path, packer: &Path, arch: Arch) -> Result<PathBuf> {
     let dir = cache.join(format!("python-{}", arch.name()));
     let out = dir.join("python.cpio");
     let stamp = dir.join("recipe");

@@ -42,7 +42,7 @@ struct MapElem {
     flags: u64,
 }
 
-pub fn obj_get(path: &Path) -> Result<OwnedFd> {
+pub(crate) fn obj_get(path: &Path) -> Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())?;
     let mut attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
     let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("could not open pinned object {}", path.display()))?;
@@ -51,21 +51,21 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd> {
 }
 
 /// The guard's allowlist (cgroup id → 1), opened from its pin.
-pub struct AllowMap(OwnedFd);
+pub(crate) struct AllowMap(OwnedFd);
 
 impl AllowMap {
-    pub fn open(bpffs: &Path) -> Result<AllowMap> {
+    pub(crate) fn open(bpffs: &Path) -> Result<AllowMap> {
         // The layout version directory (`v<N>`) is the agent's: take the one there is.
         let pin = std::fs::read_dir(bpffs)
             .with_context(|| format!("could not list {}", bpffs.display()))?
-            .filter_map(|e| e.ok())
+            .filter_map(Result::ok)
             .map(|e| e.path().join("maps/MG_ALLOW_CG"))
             .find(|p| p.exists())
             .with_context(|| format!("no pinned allowlist under {}; is the agent installed?", bpffs.display()))?;
         Ok(AllowMap(obj_get(&pin)?))
     }
 
-    pub fn insert(&self, cgroup_id: u64) -> Result<()> {
+    pub(crate) fn insert(&self, cgroup_id: u64) -> Result<()> {
         let value = 1u8;
         let mut attr = MapElem {
             map_fd: self.0.as_raw_fd() as u32,
@@ -79,7 +79,7 @@ impl AllowMap {
         Ok(())
     }
 
-    pub fn remove(&self, cgroup_id: u64) -> Result<()> {
+    pub(crate) fn remove(&self, cgroup_id: u64) -> Result<()> {
         let mut attr = MapElem {
             map_fd: self.0.as_raw_fd() as u32,
             _pad: 0,
@@ -94,7 +94,7 @@ impl AllowMap {
 }
 
 /// Run-time statistics stay on while the returned fd is open.
-pub fn enable_stats() -> Result<OwnedFd> {
+pub(crate) fn enable_stats() -> Result<OwnedFd> {
     let mut attr = BPF_STATS_RUN_TIME;
     let fd = bpf(BPF_ENABLE_STATS, &mut attr).context("BPF_ENABLE_STATS failed (needs Linux 5.8 and CAP_SYS_ADMIN)")?;
     // SAFETY: BPF_ENABLE_STATS returns a new fd we own.
@@ -154,14 +154,14 @@ struct InfoByFd {
 /// Programs that only `return 1`, attached to a cgroup on the guard's six hooks: what
 /// the kernel's hooks cost by themselves, measured beside the guard. They stay attached
 /// until the cgroup is removed.
-pub struct EmptyPrograms {
+pub(crate) struct EmptyPrograms {
     /// (name, program id) for the run-time statistics.
     pub ids: Vec<(String, u64)>,
     _fds: Vec<OwnedFd>,
 }
 
 impl EmptyPrograms {
-    pub fn attach(cgroup: &Path) -> Result<EmptyPrograms> {
+    pub(crate) fn attach(cgroup: &Path) -> Result<EmptyPrograms> {
         let dir = std::fs::File::open(cgroup).with_context(|| format!("could not open cgroup {}", cgroup.display()))?;
         let license = c"GPL";
         let mut ids = Vec::new();

@@ -31,7 +31,7 @@ const SCALE: [Variant; 3] = [Variant::None, Variant::Guard, Variant::Firewall];
 
 /// Figure 5: the allowed TCP path with 1, 100 and 10 000 blocked CIDRs (beside as
 /// many iptables rules), and with 0, 1 000 and 10 000 allowlisted cgroups.
-pub fn policy_scale(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (2, 200) } else { (31, 1000) };
     let dest = b.node_addr(TCP_PORT);
     let config = b.node.config_path();
@@ -96,7 +96,7 @@ pub fn policy_scale(b: &mut Bench) -> Result<Figure> {
     for k in 0..filled {
         allow.remove(fake_id(k))?;
     }
-    let flat = |r: &[f64]| r.iter().cloned().fold(f64::MIN, f64::max) / r.iter().cloned().fold(f64::MAX, f64::min);
+    let flat = |r: &[f64]| r.iter().copied().fold(f64::MIN, f64::max) / r.iter().copied().fold(f64::MAX, f64::min);
     fig.targets = vec![
         Target {
             what: "5. blocked CIDRs 1 → 10 000: largest / smallest guard ratio".into(),
@@ -173,7 +173,7 @@ fn wait_for_policy(b: &Bench, n: usize) -> Result<()> {
 }
 
 /// Figure 6: a pod hammering the metadata address.
-pub fn storm(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn storm(b: &mut Bench) -> Result<Figure> {
     let ms = if b.quick { 2000 } else { 10_000 };
     b.start_agent(&["--audit-dedup-window", "1s"])?;
     let blocked_before = b.kernel_count(None, "blocked")?;
@@ -256,13 +256,13 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
-pub fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Figure 7: the agent's own cost.
-pub fn footprint(cold: Duration, warm: Duration, idle_rss_kib: u64) -> Figure {
+pub(crate) fn footprint(cold: Duration, warm: Duration, idle_rss_kib: u64) -> Figure {
     let image = Command::new("podman")
         .args(["images", "localhost/metadata-guard", "--format", "{{.Tag}} {{.Size}}"])
         .output()
@@ -290,15 +290,15 @@ const CHUNKS: u64 = 20;
 const MIN_RUNS_PER_OP: f64 = 0.5;
 
 /// One operation's BPF profile: program name → (runs per operation, mean ns per run).
-pub type Programs = BTreeMap<String, (f64, f64)>;
+pub(crate) type Programs = BTreeMap<String, (f64, f64)>;
 
 /// The profile of each operation, for the guard's and for the empty programs.
-pub struct Profile {
+pub(crate) struct Profile {
     pub ops: Vec<(&'static str, Programs, Programs)>,
 }
 
 /// Which empty program sits on the same hook as a guard program.
-pub fn empty_twin(guard_program: &str) -> &'static str {
+pub(crate) fn empty_twin(guard_program: &str) -> &'static str {
     match guard_program {
         "mg_sock_create" => "mg_empty_sock",
         "mg_connect4" => "mg_empty_conn4",
@@ -313,7 +313,7 @@ pub fn empty_twin(guard_program: &str) -> &'static str {
 /// Run counts and run time of each guard program per operation, beside the empty
 /// programs on the same hooks, from the kernel's BPF statistics (switched on only for
 /// this pass: they cost a clock read per run).
-pub fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
+pub(crate) fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
     let count = if b.quick { 2000 } else { 20_000 };
     let per_chunk = count / CHUNKS;
     let guard = guard_programs(b)?;
@@ -337,7 +337,7 @@ pub fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
         let (g, e) = (summarize(&gc, per_chunk * CHUNKS), summarize(&ec, per_chunk * CHUNKS));
         // Programs of the operation itself: not a socket some other call created.
         for (name, (_, ns)) in g.iter().filter(|(_, (runs, _))| *runs >= MIN_RUNS_PER_OP) {
-            let empty_ns = e.get(empty_twin(name)).map(|(_, ns)| *ns).unwrap_or(0.0);
+            let empty_ns = e.get(empty_twin(name)).map_or(0.0, |(_, ns)| *ns);
             worst = worst.max(*ns);
             worst_own = worst_own.max(ns - empty_ns);
         }
@@ -386,7 +386,7 @@ fn chunk(
     what: &str,
 ) -> Result<()> {
     let before = prog_stats(programs)?;
-    let r = b.run(v, op.clone())?;
+    let r = b.run(v, *op)?;
     ensure!(r.ok > 0 && r.errors.is_empty(), "{what} ({}): {} ok, errors {:?}", label(v), r.ok, r.errors);
     let after = prog_stats(programs)?;
     for (name, (cnt1, ns1)) in &after {
@@ -411,7 +411,7 @@ fn summarize(chunks: &Chunks, ops: u64) -> Programs {
     out
 }
 
-pub fn describe(p: &Programs) -> String {
+pub(crate) fn describe(p: &Programs) -> String {
     let total: f64 = p.values().map(|(runs, ns)| runs * ns).sum();
     let parts: Vec<String> = p.iter().map(|(name, (runs, ns))| format!("{name} {runs:.1}×{ns:.0} ns")).collect();
     format!("{total:.0} ns per operation = {}", parts.join(" + "))

@@ -14,7 +14,7 @@ use crate::{
     harness::{budget, wait_until, Ctx, Who, METADATA_V4},
 };
 
-pub const SCENARIOS: [crate::Scenario; 7] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 7] = [
     ("lifecycle: no attempt gets through while the agent is killed, restarted, upgraded and reconfigured", never_opens),
     ("lifecycle: status after SIGKILL shows the programs attached and no agent running", status_after_kill),
     ("lifecycle: uninstall after SIGKILL lets the pod through, and running it twice succeeds", uninstall_after_kill),

@@ -55,14 +55,14 @@ struct LinkCreate {
 }
 
 /// A loaded, attached neighbour program and the stats switch that counts its runs.
-pub struct Neighbour {
+pub(crate) struct Neighbour {
     prog: OwnedFd,
     _link: OwnedFd,
     _stats: OwnedFd,
 }
 
 impl Neighbour {
-    pub fn attach(cgroup: &Path) -> anyhow::Result<Neighbour> {
+    pub(crate) fn attach(cgroup: &Path) -> anyhow::Result<Neighbour> {
         // Kernels before 5.11 charge BPF programs to RLIMIT_MEMLOCK, whose default is tiny.
         let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
         // SAFETY: plain setrlimit with a valid struct; failure just leaves the limit.
@@ -96,7 +96,7 @@ impl Neighbour {
     }
 
     /// How many times the kernel ran it.
-    pub fn run_count(&self) -> io::Result<u64> {
+    pub(crate) fn run_count(&self) -> io::Result<u64> {
         #[repr(C)]
         struct InfoAttr {
             bpf_fd: u32,

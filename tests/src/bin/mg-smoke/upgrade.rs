@@ -84,18 +84,18 @@ fn ids(fd: &OwnedFd) -> Result<(u32, u32)> {
 }
 
 /// The program the link pinned at `link` runs now.
-pub fn linked_program(link: &Path) -> Result<u32> {
+pub(crate) fn linked_program(link: &Path) -> Result<u32> {
     Ok(ids(&obj_get(link)?)?.1)
 }
 
 /// The id of the program pinned at `pin`.
-pub fn pinned_program(pin: &Path) -> Result<u32> {
+pub(crate) fn pinned_program(pin: &Path) -> Result<u32> {
     Ok(ids(&obj_get(pin)?)?.0)
 }
 
 /// Makes the link pinned at `link` run an allow-everything connect4 program; returns
 /// that program's id.
-pub fn plant_other_program(link: &Path) -> Result<u32> {
+pub(crate) fn plant_other_program(link: &Path) -> Result<u32> {
     let license = c"GPL";
     let mut load = ProgLoad {
         prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
