@@ -62,8 +62,9 @@ const BUSYBOX_SUITE: &str = "bookworm";
 
 /// How long one kernel's VM may run: boot plus the whole scenario suite under TCG
 /// takes about 70 s on two cores for amd64 and 2½–4 minutes for arm64 (emulating
-/// another instruction set; the 100 000-attempt storm alone takes 1–2 minutes there);
-/// a VM still running long past that is hung.
+/// another instruction set; the 100 000-attempt storm alone takes 1–2 minutes there),
+/// and the Python-client scenario adds about 45 s (amd64) and 90 s (arm64); a VM
+/// still running long past that is hung.
 fn vm_timeout(arch: Arch) -> Duration {
     match arch {
         Arch::Amd64 => Duration::from_secs(8 * 60),
