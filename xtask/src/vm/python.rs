@@ -150,11 +150,7 @@ fn tree(cache: &Path, arch: Arch) -> Result<PathBuf> {
         .with_context(|| format!("could not fetch the {} wheels of {}", arch.name(), PIP_PACKAGES.join(" ")))?;
     for entry in fs::read_dir(&site)? {
         let path = entry?.path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if SITE_DROP
-            .iter()
-            .any(|d| name == *d || name.starts_with(&format!("{d}-")) || name.starts_with(&format!("{d}.")))
-        {
+        if dropped(&path.file_name().unwrap().to_string_lossy()) {
             remove(&path)?;
         }
     }
@@ -178,6 +174,12 @@ fn tree(cache: &Path, arch: Arch) -> Result<PathBuf> {
     fs::rename(&site, &dist).with_context(|| format!("could not move {} to {}", site.display(), dist.display()))?;
     fs::write(&stamp, recipe(arch))?;
     Ok(root)
+}
+
+/// Whether an entry of pip's target directory belongs to a package of [`SITE_DROP`]:
+/// the package itself, its `-<version>.dist-info`, or a `.so` module of that name.
+fn dropped(entry: &str) -> bool {
+    SITE_DROP.iter().any(|d| entry == *d || entry.starts_with(&format!("{d}-")) || entry.starts_with(&format!("{d}.")))
 }
 
 /// Compiles `root`'s Python sources with the interpreter of `compiler` (a tree for
@@ -255,5 +257,31 @@ fn wheel_arch(arch: Arch) -> &'static str {
     match arch {
         Arch::Amd64 => "x86_64",
         Arch::Arm64 => "aarch64",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_whole_packages_and_nothing_that_only_shares_a_prefix() {
+        for gone in [
+            "cryptography",
+            "cryptography-50.0.2.dist-info",
+            "cffi",
+            "_cffi_backend.cpython-311-x86_64-linux-gnu.so",
+            "bin",
+        ] {
+            assert!(dropped(gone), "{gone}");
+        }
+        for kept in ["certifi", "binascii", "boto3", "cffi_helpers", "pycparser_extra"] {
+            assert!(!dropped(kept), "{kept}");
+        }
+    }
+
+    #[test]
+    fn the_recipe_names_the_architecture() {
+        assert_ne!(recipe(Arch::Amd64), recipe(Arch::Arm64));
     }
 }
