@@ -8,6 +8,7 @@
 //! the test process.
 
 pub mod agent;
+pub mod bpf;
 pub mod cgroups;
 pub mod forwarded;
 pub mod frames;

@@ -36,6 +36,18 @@ pub struct Attachment {
     pub kind: Kind,
 }
 
+impl Attachment {
+    /// Whether the program writes verdict events: the only code the test variant
+    /// changes (`BUILD_VARIANT`, ebpf/src/verdict.rs). The others are the same in both
+    /// builds, so an upgrade to the variant keeps them.
+    pub fn reports_verdicts(&self) -> bool {
+        match self.kind {
+            Kind::SockAddr | Kind::Egress => true,
+            Kind::SockCreate | Kind::SockOps => false,
+        }
+    }
+}
+
 /// In attach order: sockets are marked before the backstop reads marks, and the
 /// socket hooks come before the backstop so normal clients get EPERM, not a drop.
 pub const ATTACHMENTS: [Attachment; 7] = [

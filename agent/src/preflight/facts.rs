@@ -105,13 +105,16 @@ pub struct Facts {
     pub memlock: Option<u64>,
     pub probes: Vec<(Feature, Found)>,
     /// Loading the embedded object: Ok, or why not (with errno when the kernel said).
-    pub object: Result<(), (Option<i32>, String)>,
+    /// None when the checks did not load it: `run` and `apply` load it for real after
+    /// them, and explain a refusal with [`super::object_refused`].
+    pub object: Option<Result<(), (Option<i32>, String)>>,
     pub pins: Pins,
     /// SO_NETNS_COOKIE: Ok(true) present, Ok(false) absent (probe program), Err why.
     pub netns_sockopt: Result<bool, String>,
 }
 
-pub(super) fn gather(inputs: &Inputs<'_>) -> Facts {
+/// What the node offers; with `load_object`, the embedded object loaded too.
+pub(super) fn gather(inputs: &Inputs<'_>, load_object: bool) -> Facts {
     let cgroup = cgroup::resolve(inputs.cgroup).map_err(|e| format!("{e:#}"));
     let cgroup_id = cgroup.as_ref().ok().and_then(|p| cgroup::id(p).ok());
     let parent = inputs.bpffs.parent().map_or_else(|| PathBuf::from("/"), PathBuf::from);
@@ -130,7 +133,7 @@ pub(super) fn gather(inputs: &Inputs<'_>) -> Facts {
         btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
         memlock: memlock(),
         probes: probes(),
-        object: loader::verify_object().map_err(|e| (errno_of(&e), format!("{e:#}"))),
+        object: load_object.then(|| loader::verify_object().map_err(|e| refusal(&e))),
         pins: pins(inputs.bpffs),
         netns_sockopt: loader::netns_cookie::via_sockopt(None).map(|c| c.is_some()).map_err(|e| format!("{e:#}")),
     }
@@ -145,6 +148,11 @@ fn status_field(name: &str) -> Option<String> {
 fn memlock() -> Option<u64> {
     let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK).ok()?;
     (soft != nix::sys::resource::RLIM_INFINITY).then_some(soft)
+}
+
+/// Why loading the object failed: errno (when the kernel said) and the whole error.
+pub(super) fn refusal(e: &anyhow::Error) -> (Option<i32>, String) {
+    (errno_of(e), format!("{e:#}"))
 }
 
 /// The first OS error in an error chain.

@@ -11,6 +11,7 @@ mod bpf;
 mod conceal;
 mod figures;
 mod forwarded;
+mod profile;
 mod report;
 mod scale;
 mod worker;
