@@ -13,12 +13,11 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    agent,
     attempt::Kind,
-    harness::{budget, Ctx, Who, METADATA_V4, METADATA_V6},
+    harness::{Ctx, Who, METADATA_V4, METADATA_V6},
 };
 
-pub(crate) const SCENARIOS: [crate::Scenario; 9] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 8] = [
     ("conceal: pod reads region and zone through the proxy, credentials are refused before the service", aws_paths),
     ("conceal: path tricks, absolute-form targets, Host games and bodies never reach a refused path", path_tricks),
     ("conceal: IPv6 and IPv4-mapped metadata connections are filtered the same way", v6_and_mapped),
@@ -27,10 +26,6 @@ pub(crate) const SCENARIOS: [crate::Scenario; 9] = [
     ("conceal: refusals are audit records naming pod, method, path and rule", audit_records),
     ("conceal: allowlisted pods go straight through, extra paths open only for their pods", allow_and_extras),
     ("conceal: a config reload switches between enforce and conceal, no gap either way", reload_switches_modes),
-    (
-        "conceal: with no agent (after apply --mode conceal, a stopped agent) pods are refused at once (EPERM), host served; the agent's proxy then serves them",
-        without_agent,
-    ),
 ];
 
 /// The proxy listens on the node end of pod 0's veth: a node address every pod routes to.
@@ -38,11 +33,11 @@ const PROXY_PORT: u16 = 8775;
 /// What the stand-in answers to any request that reaches it.
 const STANDIN_BODY: &str = "metadata-standin";
 
-fn proxy_addr(ctx: &Ctx) -> String {
+pub(crate) fn proxy_addr(ctx: &Ctx) -> String {
     format!("{}:{PROXY_PORT}", ctx.node.pods[0].net.node_side_ipv4)
 }
 
-fn conceal_agent(ctx: &mut Ctx, config: Option<&str>) -> Result<()> {
+pub(crate) fn conceal_agent(ctx: &mut Ctx, config: Option<&str>) -> Result<()> {
     let addr = proxy_addr(ctx);
     let mut args = vec!["--mode".to_string(), "conceal".into(), "--conceal-addr".into(), addr];
     if let Some(yaml) = config {
@@ -69,8 +64,8 @@ pub(crate) struct Answer {
     /// 0 when no HTTP answer came (closed, refused connect, timeout).
     status: u16,
     text: String,
-    error: Option<String>,
-    micros: u64,
+    pub(crate) error: Option<String>,
+    pub(crate) micros: u64,
 }
 
 /// The child side: `mg-scenarios conceal-client JSON`. Joins the cgroup and namespace
@@ -120,11 +115,11 @@ fn exchange(ctx: &Ctx, who: Who, to: SocketAddr, request: &str) -> Result<Answer
     serde_json::from_str(line.trim()).with_context(|| format!("conceal client printed {line:?}"))
 }
 
-fn metadata(ip: &str) -> SocketAddr {
+pub(crate) fn metadata(ip: &str) -> SocketAddr {
     SocketAddr::new(ip.parse::<IpAddr>().unwrap(), 80)
 }
 
-fn get(path: &str, headers: &str) -> String {
+pub(crate) fn get(path: &str, headers: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}Connection: close\r\n\r\n")
 }
 
@@ -143,7 +138,7 @@ fn arrivals(ctx: &Ctx, who: Who) -> u64 {
 
 /// Sends the request and checks the status, and that exactly `arrive` connections
 /// reached the stand-in's port 80 meanwhile.
-fn expect(ctx: &Ctx, who: Who, to: SocketAddr, request: &str, status: u16, arrive: u64) -> Result<Answer> {
+pub(crate) fn expect(ctx: &Ctx, who: Who, to: SocketAddr, request: &str, status: u16, arrive: u64) -> Result<Answer> {
     let before = arrivals(ctx, who);
     let answer = exchange(ctx, who, to, request)?;
     std::thread::sleep(Duration::from_millis(20));
@@ -373,83 +368,5 @@ fn reload_switches_modes(ctx: &mut Ctx) -> Result<()> {
         let refused = exchange(ctx, Who::Pod(0), imds, &get("/latest/meta-data/iam/info", ""))?;
         ensure!(refused.status == if mode == "conceal" { 404 } else { 0 }, "{mode}: credentials answered {refused:?}");
     }
-    Ok(())
-}
-
-/// Pods' metadata connections while no proxy listens: refused by the kernel (EPERM)
-/// after `apply` at boot and after the agent stops; served once the agent's proxy is
-/// up. An agent killed outright leaves its redirect pinned: pods then meet a closed
-/// port on the node (ECONNREFUSED, at once, nothing reaches the service) until the
-/// next agent or `apply` turns it off.
-fn without_agent(ctx: &mut Ctx) -> Result<()> {
-    let imds = metadata(METADATA_V4);
-    let zone = get("/latest/meta-data/placement/availability-zone", "");
-    let creds = get("/latest/meta-data/iam/security-credentials/", "");
-    let refused = |ctx: &Ctx, step: &str| -> Result<()> {
-        let check = || -> Result<()> {
-            ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
-            ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V6, 80, false)?;
-            ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, true)?;
-            ctx.expect_served(Who::HostInPodCgroup(0), Kind::Http, METADATA_V4, 80, false)
-        };
-        check().with_context(|| format!("after {step}"))
-    };
-
-    conceal_agent(ctx, None)?;
-    expect(ctx, Who::Pod(0), imds, &zone, 200, 1)?;
-    ctx.stop_agent()?;
-    refused(ctx, "the agent stopped")?;
-
-    conceal_agent(ctx, None)?;
-    expect(ctx, Who::Pod(0), imds, &zone, 200, 1)?;
-    ctx.agent.take().context("no agent")?.kill()?;
-    ctx.running_args.clear();
-    let proxy = proxy_addr(ctx);
-    let conceal = |ctx: &Ctx| -> Result<metadata_guard::loader::status_conceal::ConcealStatus> {
-        ctx.status()?.conceal.context("status shows no conceal part")
-    };
-    let shown = conceal(ctx)?;
-    ensure!(
-        shown.proxy.as_deref() == Some(proxy.as_str()) && shown.listening == Some(false) && shown.redirected > 0,
-        "status after the agent was killed: {shown:?}"
-    );
-    let dead = expect(ctx, Who::Pod(0), imds, &zone, 0, 0).context("after the agent was killed")?;
-    ensure!(
-        dead.error.as_deref().is_some_and(|e| e.contains("refused"))
-            && dead.micros < budget(Duration::from_millis(500)).as_micros() as u64,
-        "a killed agent's pinned redirect: expected a refused connection at once, got {dead:?}"
-    );
-
-    // The node's boot: apply with no agent turns that redirect off.
-    let spec = ctx.spec(&ctx.agent_bin, &["--mode", "conceal", "--conceal-addr", &proxy]);
-    let mut args = vec![
-        "apply".to_string(),
-        "--cgroup".into(),
-        spec.attach_cgroup.display().to_string(),
-        "--host-netns".into(),
-        spec.host_netns.display().to_string(),
-        "--bpffs".into(),
-        spec.bpffs.display().to_string(),
-    ];
-    args.extend(spec.extra);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, out, err) = agent::oneshot_in(&ctx.agent_bin, &spec.own_cgroup, &args)?;
-    ensure!(ok, "apply --mode conceal failed:\n{out}{err}");
-    ensure!(
-        out.contains("refused (EPERM) until the agent's proxy listens"),
-        "apply did not say what pods meet:\n{out}"
-    );
-    refused(ctx, "apply --mode conceal")?;
-    let shown = conceal(ctx)?;
-    ensure!(shown.proxy.is_none() && shown.listening.is_none(), "status after apply: {shown:?}");
-
-    conceal_agent(ctx, None)?;
-    expect(ctx, Who::Pod(0), imds, &zone, 200, 1)?;
-    expect(ctx, Who::Pod(0), imds, &creds, 404, 0)?;
-    let shown = conceal(ctx)?;
-    ensure!(
-        shown.proxy.as_deref() == Some(proxy.as_str()) && shown.listening == Some(true) && shown.recorded > 0,
-        "status with the agent's proxy up: {shown:?}"
-    );
     Ok(())
 }

@@ -11,6 +11,7 @@ mod block;
 mod boot;
 mod conceal;
 mod conceal_moto;
+mod conceal_without_agent;
 mod frames;
 mod harness;
 mod health;
@@ -51,6 +52,7 @@ fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
     all.extend(health::SCENARIOS);
     all.extend(boot::SCENARIOS);
     all.extend(conceal::SCENARIOS);
+    all.extend(conceal_without_agent::SCENARIOS);
     // Real SDK clients need Python (the VM guests carry one: `--python`).
     if !without_python {
         all.extend(conceal_moto::SCENARIOS);
