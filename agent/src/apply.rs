@@ -8,22 +8,34 @@
 //! visibly), and refuses to touch anything while an agent runs: that agent owns the
 //! enforcement and follows its own configuration.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{
     cli::EnforceArgs,
+    config::Mode,
     enforce, hostside,
     loader::{origin, status},
 };
 
 pub fn apply(args: &EnforceArgs) -> Result<()> {
-    let installed = enforce::install(args, "apply").map_err(|e| {
+    let mut installed = enforce::install(args, "apply").map_err(|e| {
         enforce::describe_lock_error(
             e,
             "apply changed nothing: an agent already runs on this node and keeps its own configuration in force \
              (see `metadata-guard status`)",
         )
     })?;
+    // No proxy runs before the agent: a redirect left in the pins by an agent that
+    // died would send pods to a port nobody answers. Off, the kernel refuses pods'
+    // metadata connections (EPERM) in conceal mode too, until the agent's proxy listens.
+    installed.guard.set_conceal(None, &[]).context("could not turn the kernel's redirect to the conceal proxy off")?;
+    if installed.config.mode == Mode::Conceal {
+        println!(
+            "metadata-guard apply: conceal mode: pods' metadata HTTP connections are refused (EPERM) until the \
+             agent's proxy listens{}; the agent then sends them to it",
+            installed.config.conceal.addr.map(|a| format!(" on {a}")).unwrap_or_default()
+        );
+    }
     let faults = installed.guard.faults(&installed.cgroup);
     if !faults.is_empty() {
         let what = faults.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
@@ -41,7 +53,9 @@ pub fn apply(args: &EnforceArgs) -> Result<()> {
         bail!("the kernel's mode is {:?} where the configuration says {}", in_force.mode, installed.config.mode.name());
     }
     let host_side = hostside::status(args.host_netns.as_deref())?;
-    if !host_side.installed || host_side.mode.as_deref() != Some(installed.config.mode.name()) {
+    // The host side has two modes: in conceal mode it refuses as in enforce mode.
+    let host_mode = if installed.config.mode == Mode::Audit { "audit" } else { "enforce" };
+    if !host_side.installed || host_side.mode.as_deref() != Some(host_mode) {
         bail!(
             "the host-side table `{}` is not in force after writing it ({host_side:?}); see `metadata-guard check`",
             host_side.table

@@ -150,6 +150,9 @@ pub fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Apply(args) => crate::apply::apply(&args)?,
         Command::Status { pins, host, json } => {
             let mut status = loader::status::read(&pins.bpffs)?;
+            if let Some(conceal) = status.conceal.as_mut() {
+                loader::status_conceal::check_listening(conceal, host.host_netns.as_deref());
+            }
             let host_side = hostside::status(host.host_netns.as_deref())?;
             // Enforcement is the pinned programs and the table together.
             if status.installed && host_side.unreadable.is_none() && !host_side.installed {

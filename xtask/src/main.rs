@@ -77,6 +77,10 @@ enum Cmd {
         /// amd64, arm64 or all.
         #[arg(long, default_value = "all")]
         arch: String,
+        /// Run only the scenarios whose name contains this text (docs/kernels.md is
+        /// then not written).
+        #[arg(long)]
+        filter: Option<String>,
     },
 }
 
@@ -120,7 +124,7 @@ fn real_main() -> Result<()> {
         Cmd::Image => drop(image::build()?),
         Cmd::Smoke => image::smoke()?,
         Cmd::Bench { quick } => bench::run(quick)?,
-        Cmd::VmTest { kernel, arch } => vm::run(&vm::select(&kernel, &arch)?)?,
+        Cmd::VmTest { kernel, arch, filter } => vm::run(&vm::select(&kernel, &arch)?, filter.as_deref())?,
     }
     Ok(())
 }

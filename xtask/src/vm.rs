@@ -8,6 +8,7 @@ mod binaries;
 mod console;
 mod debian;
 mod initramfs;
+mod python;
 mod qemu;
 mod report;
 
@@ -61,8 +62,9 @@ const BUSYBOX_SUITE: &str = "bookworm";
 
 /// How long one kernel's VM may run: boot plus the whole scenario suite under TCG
 /// takes about 70 s on two cores for amd64 and 2½–4 minutes for arm64 (emulating
-/// another instruction set; the 100 000-attempt storm alone takes 1–2 minutes there);
-/// a VM still running long past that is hung.
+/// another instruction set; the 100 000-attempt storm alone takes 1–2 minutes there),
+/// and the Python-client scenario adds about 45 s (amd64) and 90 s (arm64); a VM
+/// still running long past that is hung.
 fn vm_timeout(arch: Arch) -> Duration {
     match arch {
         Arch::Amd64 => Duration::from_secs(8 * 60),
@@ -86,7 +88,11 @@ pub(crate) fn select(version: &str, arch: &str) -> Result<Vec<&'static Kernel>> 
         .collect())
 }
 
-pub(crate) fn run(kernels: &[&Kernel]) -> Result<()> {
+/// Runs `kernels`' guests; `filter` narrows every guest to the scenarios whose name
+/// contains it (a trial run: the matrix document is then not written).
+pub(crate) fn run(kernels: &[&Kernel], filter: Option<&str>) -> Result<()> {
+    // Kernel runs and their reports hold the filter for the whole program.
+    let filter: Option<&'static str> = filter.map(|f| &*Box::leak(f.to_string().into_boxed_str()));
     let arches: Vec<Arch> = Arch::ALL.into_iter().filter(|a| kernels.iter().any(|k| k.arch == *a)).collect();
     packages::ensure(&arches.iter().map(|a| qemu::tool(*a)).collect::<Vec<_>>())?;
     let root = workspace_root();
@@ -99,24 +105,26 @@ pub(crate) fn run(kernels: &[&Kernel]) -> Result<()> {
     let mut bins = Vec::new();
     for arch in &arches {
         let image = images.iter().find(|i| i.arch == *arch).expect("the image has every architecture");
-        bins.push((*arch, busybox(&cache, *arch)?, binaries::build(image)?));
+        let guest = Guest {
+            busybox: busybox(&cache, *arch)?,
+            bins: binaries::build(image)?,
+            python: python::archive(&cache, &packer, *arch)?,
+        };
+        bins.push((*arch, guest));
     }
+    // Every scenario, the real-SDK ones too: the guests carry a Python (python.rs).
     let scenarios: Vec<String> =
-        // The guests have no Python: the real-SDK scenarios are host-only.
-        cmd::output(Command::new(&binaries::host_scenarios()?).args(["--list", "--without-python"]))?
-            .lines()
-            .map(str::to_string)
-            .collect();
+        cmd::output(Command::new(&binaries::host_scenarios()?).arg("--list"))?.lines().map(str::to_string).collect();
 
     let mut runs = Vec::new();
     for kernel in kernels {
-        let (_, busybox, bins) = bins.iter().find(|(a, _, _)| *a == kernel.arch).unwrap();
-        runs.push(run_kernel(kernel, &cache, &packer, busybox, bins)?);
+        let (_, guest) = bins.iter().find(|(a, _)| *a == kernel.arch).unwrap();
+        runs.push(run_kernel(kernel, &cache, &packer, guest, filter.or(kernel.filter))?);
     }
 
     eprintln!("\n{}", report::markdown(&runs, &scenarios));
     eprint!("{}", report::summary(&runs, &scenarios));
-    if kernels.len() == KERNELS.len() {
+    if kernels.len() == KERNELS.len() && filter.is_none() {
         let date = cmd::output(Command::new("date").args(["-u", "+%Y-%m-%d"]))?;
         let doc = root.join("docs/kernels.md");
         fs::write(&doc, report::document(&runs, &scenarios, date.trim()))
@@ -140,13 +148,22 @@ fn busybox(cache: &Path, arch: Arch) -> Result<PathBuf> {
     Ok(debian::unpacked(cache, &dir, BUSYBOX_SUITE, arch, "busybox-static", false)?.root.join("bin/busybox"))
 }
 
+/// What one architecture's guests run.
+struct Guest {
+    busybox: PathBuf,
+    bins: binaries::Binaries,
+    /// The guest's Python, as a second initramfs archive.
+    python: PathBuf,
+}
+
 fn run_kernel(
     kernel: &Kernel,
     cache: &Path,
     packer: &Path,
-    busybox: &Path,
-    bins: &binaries::Binaries,
+    guest: &Guest,
+    filter: Option<&'static str>,
 ) -> Result<report::KernelRun> {
+    let bins = &guest.bins;
     let package = debian::unpacked(
         cache,
         &format!("linux-{}", kernel.dir()),
@@ -164,12 +181,14 @@ fn run_kernel(
         &dir,
         &initramfs::Inputs {
             packer,
-            busybox,
+            busybox: &guest.busybox,
             agent: &bins.agent,
             variant_agent: &bins.variant_agent,
             scenarios: &bins.scenarios,
             modules_dir: &modules_dir,
-            filter: kernel.filter,
+            filter,
+            extra_archives: &[&guest.python],
+            python: python::INTERPRETER,
         },
     )?;
     let console_log = dir.join("console.log");
@@ -181,7 +200,7 @@ fn run_kernel(
         name,
         package: format!("{} {}", package.name, package.version),
         agent_sha256: bins.agent_sha256.clone(),
-        filter: kernel.filter,
+        filter,
         console: console::Console::parse(&String::from_utf8_lossy(&text)),
         console_log: artifacts::relative(&console_log),
         elapsed: boot.elapsed,

@@ -101,6 +101,16 @@ impl Conceal {
             }
         }
         if let Some(b) = bound {
+            // The redirect goes before the listener: with no agent, pods' metadata
+            // connections are refused (EPERM, as in enforce mode), never sent to a
+            // port nobody answers.
+            let off = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).set_conceal(None, &[]);
+            match off {
+                Ok(()) => {
+                    info!("conceal mode: pods' metadata HTTP connections are refused until an agent's proxy listens");
+                }
+                Err(e) => warn!("could not turn the kernel's redirect to the conceal proxy off: {e:#}"),
+            }
             let _ = b.stop.send(true);
             let _ = b.serving.await;
         }

@@ -21,6 +21,7 @@ pub mod pins;
 mod policy_maps;
 mod programs;
 pub mod status;
+pub mod status_conceal;
 
 use std::{
     collections::BTreeSet,

@@ -41,7 +41,7 @@ impl Mechanism {
 
 /// Runs `f` on a thread that has joined `netns` (or stays in ours when None), so the
 /// agent's own threads never change namespace.
-fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub(super) fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     thread::scope(|s| {
         s.spawn(|| {
             if let Some(path) = netns {
@@ -53,7 +53,7 @@ fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send)
             f()
         })
         .join()
-        .map_err(|_| anyhow!("the thread learning the host netns cookie panicked"))?
+        .map_err(|_| anyhow!("a thread in the host network namespace panicked"))?
     })
 }
 

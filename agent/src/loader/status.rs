@@ -17,7 +17,9 @@ use super::{
     origin::{self, Origin},
     pins::AgentLock,
     pins::PinLayout,
-    policy_maps, read_counters, ATTACHMENTS, PINNED_MAPS,
+    policy_maps, read_counters,
+    status_conceal::{self, ConcealStatus},
+    ATTACHMENTS, PINNED_MAPS,
 };
 
 /// What `metadata-guard status --json` prints; the scenarios read it through this type.
@@ -50,6 +52,9 @@ pub struct Status {
     pub allowlisted_cgroups: Vec<u64>,
     /// Pin directories of other layout versions (normally none).
     pub other_versions: Vec<String>,
+    /// Conceal mode's redirect and counters (None: its maps are not pinned).
+    #[serde(default)] // absent from older agents' status
+    pub conceal: Option<ConcealStatus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -89,6 +94,7 @@ pub fn read(root: &Path) -> Result<Status> {
         events_lost: 0,
         allowlisted_cgroups: Vec::new(),
         other_versions: layout.other_versions().iter().map(|p| p.display().to_string()).collect(),
+        conceal: None,
     };
     let mut missing = Vec::new();
     for attachment in &ATTACHMENTS {
@@ -172,6 +178,9 @@ pub fn read(root: &Path) -> Result<Status> {
     let allowed: HashMap<_, u64, u8> = HashMap::try_from(&allow_map)?;
     status.allowlisted_cgroups = allowed.keys().collect::<Result<_, _>>()?;
     status.allowlisted_cgroups.sort_unstable();
+    if layout.map(map_names::CONCEAL).exists() {
+        status.conceal = Some(status_conceal::read(open)?);
+    }
     Ok(status)
 }
 
@@ -236,6 +245,9 @@ pub fn print_human(s: &Status) {
     println!("events lost:    {}", s.events_lost);
     if !s.allowlisted_cgroups.is_empty() {
         println!("allowlisted:    {} cgroups", s.allowlisted_cgroups.len());
+    }
+    if let Some(c) = s.conceal.as_ref().filter(|c| c.proxy.is_some() || s.mode.as_deref() == Some("conceal")) {
+        status_conceal::print_human(c);
     }
     for v in &s.other_versions {
         println!("other layout:   {v} (removed when an agent of this version starts)");

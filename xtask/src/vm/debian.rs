@@ -59,6 +59,19 @@ pub(super) fn unpacked(
     Ok(Unpacked { root, name: field("Package")?, version: field("Version")? })
 }
 
+/// Downloads `packages` (exact names, no dependencies followed) of Debian `suite` for
+/// `arch` into the directory `to`, which is made empty first.
+pub(super) fn download_all(cache: &Path, suite: &str, arch: Arch, packages: &[&str], to: &Path) -> Result<()> {
+    let apt = PrivateApt::update(cache, suite, arch)?;
+    if to.exists() {
+        fs::remove_dir_all(to).with_context(|| format!("could not remove {}", to.display()))?;
+    }
+    fs::create_dir_all(to).with_context(|| format!("could not create {}", to.display()))?;
+    eprintln!("xtask: downloading {} ({suite}, {})", packages.join(" "), arch.name());
+    cmd::run(apt.command("apt-get").arg("-qq").arg("download").args(packages).current_dir(to))
+        .with_context(|| format!("could not download {} from Debian {suite}", packages.join(" ")))
+}
+
 fn download(cache: &Path, suite: &str, arch: Arch, package: &str, follow_meta: bool, to: &Path) -> Result<()> {
     let apt = PrivateApt::update(cache, suite, arch)?;
     let name = if follow_meta { apt.sole_dependency(package)? } else { package.to_string() };

@@ -79,7 +79,7 @@ if [ -n "$setup_failed" ]; then
     echo "mg-vm: end rc=setup-failed"
 else
     mg-scenarios --agent /bin/metadata-guard --variant-agent /bin/metadata-guard-variant --without-promtool \
-        --without-python --time-scale @TIME_SCALE@ @FILTER@
+        --python @PYTHON@ --time-scale @TIME_SCALE@ @FILTER@
     echo "mg-vm: end rc=$?"
 fi
 poweroff -f
@@ -97,6 +97,10 @@ pub(super) struct Inputs<'a> {
     pub modules_dir: &'a Path,
     /// `mg-scenarios --filter`: None runs every scenario.
     pub filter: Option<&'a str>,
+    /// Archives the kernel unpacks after this one (the guest's Python).
+    pub extra_archives: &'a [&'a Path],
+    /// `mg-scenarios --python`: the interpreter the real-SDK scenarios run.
+    pub python: &'a str,
 }
 
 /// Builds `<dir>/initramfs.cpio` (uncompressed: the kernel unpacks it without a
@@ -126,17 +130,34 @@ pub(super) fn pack(dir: &Path, inputs: &Inputs<'_>) -> Result<PathBuf> {
     fs::write(stage.join("lib/modules/order"), names.join("\n") + "\n")?;
     let init = stage.join("init");
     let filter = inputs.filter.map(|f| format!("--filter '{f}'")).unwrap_or_default();
-    fs::write(&init, INIT.replace("@TIME_SCALE@", &TIME_SCALE.to_string()).replace("@FILTER@", &filter))?;
+    fs::write(
+        &init,
+        INIT.replace("@TIME_SCALE@", &TIME_SCALE.to_string())
+            .replace("@FILTER@", &filter)
+            .replace("@PYTHON@", inputs.python),
+    )?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
 
     let out = dir.join("initramfs.cpio");
+    write_cpio(inputs.packer, &stage, &out)?;
+    // The kernel unpacks concatenated archives one after the other.
+    let mut file = fs::OpenOptions::new().append(true).open(&out)?;
+    for extra in inputs.extra_archives {
+        let mut from = fs::File::open(extra).with_context(|| format!("could not open {}", extra.display()))?;
+        std::io::copy(&mut from, &mut file).with_context(|| format!("could not append {}", extra.display()))?;
+    }
+    Ok(out)
+}
+
+/// Packs the tree under `stage` into the newc archive `out` with busybox's cpio.
+pub(super) fn write_cpio(packer: &Path, stage: &Path, out: &Path) -> Result<()> {
     let mut entries = Vec::new();
-    walk(&stage, &stage, &mut entries)?;
-    let mut cpio = Command::new(inputs.packer);
+    walk(stage, stage, &mut entries)?;
+    let mut cpio = Command::new(packer);
     cpio.args(["cpio", "-o", "-H", "newc"])
-        .current_dir(&stage)
+        .current_dir(stage)
         .stdin(Stdio::piped())
-        .stdout(fs::File::create(&out).with_context(|| format!("could not create {}", out.display()))?)
+        .stdout(fs::File::create(out).with_context(|| format!("could not create {}", out.display()))?)
         .stderr(Stdio::null()); // it counts blocks there
     let mut child = cpio.spawn().with_context(|| format!("could not start `{}`", cmd::describe(&cpio)))?;
     child.stdin.take().unwrap().write_all((entries.join("\n") + "\n").as_bytes())?;
@@ -144,7 +165,7 @@ pub(super) fn pack(dir: &Path, inputs: &Inputs<'_>) -> Result<PathBuf> {
     if !status.success() {
         bail!("`{}` failed ({status}) packing {}", cmd::describe(&cpio), stage.display());
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Paths under `root`, relative, each directory before what it holds (cpio's order).

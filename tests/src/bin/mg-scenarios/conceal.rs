@@ -33,11 +33,11 @@ const PROXY_PORT: u16 = 8775;
 /// What the stand-in answers to any request that reaches it.
 const STANDIN_BODY: &str = "metadata-standin";
 
-fn proxy_addr(ctx: &Ctx) -> String {
+pub(crate) fn proxy_addr(ctx: &Ctx) -> String {
     format!("{}:{PROXY_PORT}", ctx.node.pods[0].net.node_side_ipv4)
 }
 
-fn conceal_agent(ctx: &mut Ctx, config: Option<&str>) -> Result<()> {
+pub(crate) fn conceal_agent(ctx: &mut Ctx, config: Option<&str>) -> Result<()> {
     let addr = proxy_addr(ctx);
     let mut args = vec!["--mode".to_string(), "conceal".into(), "--conceal-addr".into(), addr];
     if let Some(yaml) = config {
@@ -64,8 +64,8 @@ pub(crate) struct Answer {
     /// 0 when no HTTP answer came (closed, refused connect, timeout).
     status: u16,
     text: String,
-    error: Option<String>,
-    micros: u64,
+    pub(crate) error: Option<String>,
+    pub(crate) micros: u64,
 }
 
 /// The child side: `mg-scenarios conceal-client JSON`. Joins the cgroup and namespace
@@ -115,11 +115,11 @@ fn exchange(ctx: &Ctx, who: Who, to: SocketAddr, request: &str) -> Result<Answer
     serde_json::from_str(line.trim()).with_context(|| format!("conceal client printed {line:?}"))
 }
 
-fn metadata(ip: &str) -> SocketAddr {
+pub(crate) fn metadata(ip: &str) -> SocketAddr {
     SocketAddr::new(ip.parse::<IpAddr>().unwrap(), 80)
 }
 
-fn get(path: &str, headers: &str) -> String {
+pub(crate) fn get(path: &str, headers: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}Connection: close\r\n\r\n")
 }
 
@@ -138,7 +138,7 @@ fn arrivals(ctx: &Ctx, who: Who) -> u64 {
 
 /// Sends the request and checks the status, and that exactly `arrive` connections
 /// reached the stand-in's port 80 meanwhile.
-fn expect(ctx: &Ctx, who: Who, to: SocketAddr, request: &str, status: u16, arrive: u64) -> Result<Answer> {
+pub(crate) fn expect(ctx: &Ctx, who: Who, to: SocketAddr, request: &str, status: u16, arrive: u64) -> Result<Answer> {
     let before = arrivals(ctx, who);
     let answer = exchange(ctx, who, to, request)?;
     std::thread::sleep(Duration::from_millis(20));

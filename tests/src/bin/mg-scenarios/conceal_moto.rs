@@ -2,15 +2,18 @@
 //! botocore/boto3 as the SDK, in a simulated node of their own (the shared node's
 //! stand-in holds port 80 on every metadata address).
 //!
-//! Host-only: the VM guests have no Python. `--without-python` leaves these
-//! scenarios out (see main.rs); the raw-HTTP scenarios in conceal.rs run everywhere.
-//! The virtualenv is made here, under target/, on first use (python3 -m venv, pip).
+//! The interpreter is `--python` (the VM guests carry one with moto and boto3, see
+//! xtask/src/vm/python.rs); without it, a virtualenv made here under target/ on first
+//! use (python3 -m venv, pip). `--without-python` leaves these scenarios out.
 
 use std::{
     fs,
+    io::{Read, Write},
+    net::TcpStream,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -23,7 +26,7 @@ use metadata_guard_tests::{
 
 use crate::{
     agent::{Agent, AgentSpec},
-    harness::Ctx,
+    harness::{budget, Ctx},
 };
 
 pub(crate) const SCENARIOS: [crate::Scenario; 1] = [(
@@ -35,6 +38,16 @@ const PROXY_PORT: u16 = 8775;
 /// moto and boto3 versions are whatever pip resolves today; the scenario checks
 /// behaviour, not versions.
 const PIP_PACKAGES: [&str; 2] = ["moto[server]", "boto3"];
+
+/// `--python`: an interpreter that imports moto (with its server) and boto3.
+static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+
+pub(crate) fn set_python(interpreter: PathBuf) {
+    let _ = PYTHON.set(interpreter);
+}
+
+/// Runs moto's server as `python -c`, so only the interpreter needs to be known.
+const MOTO_SERVER: &str = "import sys; from moto.server import main; sys.exit(main())";
 
 /// Asks botocore what an SDK would: region and zone through IMDS (v2 by default; v1
 /// when told to skip the token), and boto3's credential chain. One JSON line out.
@@ -48,14 +61,15 @@ import json, sys, time, urllib.request, urllib.error
 import boto3, botocore.utils as u
 u.InstanceMetadataRegionFetcher._URL_PATH = "latest/meta-data/placement/availability-zone"
 v1 = sys.argv[1] == "v1"
+timeout = float(sys.argv[2])
 out = {}
 try:
-    urllib.request.urlopen("http://169.254.169.254/" + "latest/meta-data/placement/availability-zone/", timeout=2)
+    urllib.request.urlopen("http://169.254.169.254/" + "latest/meta-data/placement/availability-zone/", timeout=timeout)
     out["botocore_form_status"] = 200
 except urllib.error.HTTPError as e:
     out["botocore_form_status"] = e.code
 def fetcher(cls):
-    f = cls(timeout=2, num_attempts=1)
+    f = cls(timeout=timeout, num_attempts=1)
     if v1:
         f._fetch_metadata_token = lambda: None
     return f
@@ -78,6 +92,14 @@ fn workspace_target() -> PathBuf {
     exe.ancestors()
         .find(|p| p.file_name().is_some_and(|n| n == "target"))
         .map_or_else(|| std::env::temp_dir().join("metadata-guard-target"), Path::to_path_buf)
+}
+
+/// The interpreter: `--python`, or the virtualenv's, made on first use.
+fn python() -> Result<PathBuf> {
+    match PYTHON.get() {
+        Some(p) => Ok(p.clone()),
+        None => Ok(venv()?.join("bin/python")),
+    }
 }
 
 /// The virtualenv with moto and boto3, made on first use.
@@ -122,7 +144,7 @@ struct MotoNode {
 }
 
 impl MotoNode {
-    fn build(agent_bin: &Path, venv: &Path) -> Result<MotoNode> {
+    fn build(agent_bin: &Path, python: &Path) -> Result<MotoNode> {
         let pid = std::process::id();
         let work = std::env::temp_dir().join(format!("metadata-guard-moto-{pid}"));
         let bpffs = work.join("bpffs");
@@ -158,7 +180,7 @@ impl MotoNode {
             node.pods.push((net, pod_cg));
         }
         fs::create_dir_all(work.join("containers"))?;
-        node.start_moto(venv)?;
+        node.start_moto(python)?;
         let proxy = format!("{}:{PROXY_PORT}", node.pods[0].0.node_side_ipv4);
         let config = work.join("config.yaml");
         fs::write(&config, "allow_pods:\n  - namespace: infra\n    pod: \"node-agent-*\"\n")?;
@@ -192,36 +214,47 @@ impl MotoNode {
 
     /// moto stands for a service off the node: its process stays outside the guarded
     /// cgroup tree (as the stand-in does), only its network namespace is the node's.
-    fn start_moto(&mut self, venv: &Path) -> Result<()> {
+    /// Its start-up imports Flask, moto and botocore: a second natively, far longer
+    /// under emulation; ready once it serves an instance id.
+    fn start_moto(&mut self, python: &Path) -> Result<()> {
         let netns = self.sim.node().path();
-        let own_cgroup = own_cgroup()?;
-        let mut cmd = Command::new(venv.join("bin/moto_server"));
-        let log = fs::File::create(workspace_target().join("conceal-moto.log"))?;
-        cmd.args(["-H", "169.254.169.254", "-p", "80"]).stdout(Stdio::null()).stderr(log);
-        in_netns_and_cgroup(&mut cmd, &netns, &own_cgroup)?;
-        self.moto = Some(cmd.spawn().context("could not start moto_server")?);
-        // Ready when it answers on the node.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let log_path = self.work.join("moto.log");
+        fs::create_dir_all(self.work.join("home"))?;
+        let mut cmd = Command::new(python);
+        cmd.args(["-c", MOTO_SERVER, "-H", "169.254.169.254", "-p", "80"])
+            .env_clear()
+            .env("HOME", self.work.join("home"))
+            .env("PATH", "/usr/bin:/bin")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log_path)?);
+        in_netns_and_cgroup(&mut cmd, &netns, &own_cgroup()?)?;
+        self.moto =
+            Some(cmd.spawn().with_context(|| format!("could not start moto's server with {}", python.display()))?);
+        let within = budget(Duration::from_secs(30));
+        let started = Instant::now();
         loop {
-            let probe = self.python_in(&netns, &own_cgroup, venv, "v2");
-            if let Ok(out) = probe {
-                if out["access_key"].is_string() {
-                    return Ok(());
-                }
+            if self.sim.node().run(moto_serves) {
+                eprintln!("conceal_moto: moto's server ready after {:.1?}", started.elapsed());
+                return Ok(());
             }
-            if Instant::now() > deadline {
-                bail!("moto_server did not serve IMDS on 169.254.169.254:80 within 30 s");
+            if let Some(status) = self.moto.as_mut().and_then(|m| m.try_wait().ok().flatten()) {
+                bail!("moto's server exited ({status}): {}", tail(&log_path));
+            }
+            if started.elapsed() > within {
+                bail!("moto's server did not serve IMDS on 169.254.169.254:80 within {within:?}: {}", tail(&log_path));
             }
             std::thread::sleep(Duration::from_millis(300));
         }
     }
 
-    fn python_in(&self, netns: &Path, cgroup: &Path, venv: &Path, version: &str) -> Result<serde_json::Value> {
+    fn python_in(&self, netns: &Path, cgroup: &Path, python: &Path, version: &str) -> Result<serde_json::Value> {
         let home = self.work.join("home");
         fs::create_dir_all(&home)?;
-        let mut cmd = Command::new(venv.join("bin/python"));
-        cmd.args(["-c", CLIENT, version]).env_clear().env("HOME", &home).env("PATH", "/usr/bin:/bin");
-        cmd.env("AWS_METADATA_SERVICE_TIMEOUT", "2").env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "1");
+        // The clients' own timeouts: 2 s natively, scaled like every budget.
+        let timeout = budget(Duration::from_secs(2)).as_secs().to_string();
+        let mut cmd = Command::new(python);
+        cmd.args(["-c", CLIENT, version, &timeout]).env_clear().env("HOME", &home).env("PATH", "/usr/bin:/bin");
+        cmd.env("AWS_METADATA_SERVICE_TIMEOUT", &timeout).env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "1");
         in_netns_and_cgroup(&mut cmd, netns, cgroup)?;
         let out = cmd.output().context("could not run the botocore client")?;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -230,6 +263,27 @@ impl MotoNode {
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(text.trim()).with_context(|| format!("botocore client printed {text:?}"))
     }
+}
+
+/// Whether moto answers an IMDS request, asked from the calling thread's namespace.
+fn moto_serves() -> bool {
+    let ask = || -> std::io::Result<String> {
+        let addr = "169.254.169.254:80".parse().expect("a socket address");
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(budget(Duration::from_secs(2))))?;
+        s.write_all(b"GET /latest/meta-data/instance-id HTTP/1.0\r\nHost: 169.254.169.254\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    ask().is_ok_and(|a| a.starts_with("HTTP/1.") && a.split_whitespace().nth(1) == Some("200"))
+}
+
+/// The last lines of a log, for an error message.
+fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" / ")
 }
 
 /// The cgroup v2 directory this process runs in.
@@ -276,14 +330,14 @@ impl Drop for MotoNode {
 }
 
 fn botocore_through_the_proxy(ctx: &mut Ctx) -> Result<()> {
-    let venv = venv()?;
-    let node = MotoNode::build(&ctx.agent_bin, &venv)?;
+    let python = python()?;
+    let node = MotoNode::build(&ctx.agent_bin, &python)?;
     let host_cg = node.cgroups[0].path().to_path_buf();
-    let host = node.python_in(&node.sim.node().path(), &host_cg, &venv, "v2")?;
+    let host = node.python_in(&node.sim.node().path(), &host_cg, &python, "v2")?;
     ensure!(host["access_key"].is_string() && host["region"].is_string(), "host network: {host}");
     for version in ["v2", "v1"] {
         let (net, cg) = &node.pods[0];
-        let pod = node.python_in(&net.ns.path(), cg.path(), &venv, version)?;
+        let pod = node.python_in(&net.ns.path(), cg.path(), &python, version)?;
         ensure!(
             pod["region"] == host["region"],
             "pod ({version}): region {} ≠ host's {}",
@@ -294,10 +348,11 @@ fn botocore_through_the_proxy(ctx: &mut Ctx) -> Result<()> {
         ensure!(pod["access_key"].is_null(), "pod ({version}) got credentials: {pod}");
         ensure!(pod["botocore_form_status"] == host["botocore_form_status"], "pod ({version}): {pod}, host: {host}");
         let took = pod["credentials_seconds"].as_f64().unwrap_or(f64::MAX);
-        ensure!(took < 1.5, "pod ({version}): finding no credentials took {took:.2} s, not at once");
+        let at_once = budget(Duration::from_millis(1500)).as_secs_f64();
+        ensure!(took < at_once, "pod ({version}): finding no credentials took {took:.2} s, not at once ({at_once} s)");
     }
     let (net, cg) = &node.pods[1];
-    let allowed = node.python_in(&net.ns.path(), cg.path(), &venv, "v2")?;
+    let allowed = node.python_in(&net.ns.path(), cg.path(), &python, "v2")?;
     ensure!(allowed["access_key"] == host["access_key"], "allowlisted pod: {allowed}");
     Ok(())
 }

@@ -11,6 +11,7 @@ mod block;
 mod boot;
 mod conceal;
 mod conceal_moto;
+mod conceal_without_agent;
 mod frames;
 mod harness;
 mod health;
@@ -52,7 +53,8 @@ fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
     all.extend(health::SCENARIOS);
     all.extend(boot::SCENARIOS);
     all.extend(conceal::SCENARIOS);
-    // Real SDK clients need Python, which the VM guests do not have.
+    all.extend(conceal_without_agent::SCENARIOS);
+    // Real SDK clients need Python (the VM guests carry one: `--python`).
     if !without_python {
         all.extend(conceal_moto::SCENARIOS);
     }
@@ -88,9 +90,13 @@ struct Args {
     /// Check /metrics in-process instead of with promtool (for a VM without it).
     #[arg(long)]
     without_promtool: bool,
-    /// Leave out the scenarios that run real Python SDK clients (for a VM without it).
-    #[arg(long)]
+    /// Leave out the scenarios that run real Python SDK clients (for a machine without Python).
+    #[arg(long, conflicts_with = "python")]
     without_python: bool,
+    /// The Python interpreter of the real-SDK scenarios; it must import moto (with its
+    /// server) and boto3. Default: a virtualenv made under target/ on first use.
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
     /// Leave out the scenarios that need the kernel's IPVS (for a kernel built without it).
     #[arg(long)]
     without_ipvs: bool,
@@ -165,6 +171,9 @@ fn real_main() -> Result<bool> {
     let mut ctx = Ctx::new(agent, args.variant_agent.clone())?;
     ctx.without_promtool = args.without_promtool;
     harness::set_time_scale(args.time_scale);
+    if let Some(python) = args.python {
+        conceal_moto::set_python(python);
+    }
     eprintln!("mg-scenarios: simulated node ready in {:?}", started.elapsed());
     let (mut passed, mut failed) = (0, 0);
     for (name, scenario) in &selected {
