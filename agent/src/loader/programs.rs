@@ -36,14 +36,18 @@ pub struct Attachment {
     pub kind: Kind,
 }
 
-/// In attach order: sockets are marked before the backstop reads marks, and the
-/// socket hooks come before the backstop so normal clients get EPERM, not a drop.
+/// In attach (and replace) order: sockets are marked before the backstop reads marks,
+/// and the socket hooks come before the backstop so normal clients get EPERM, not a
+/// drop. The socket hooks also come before `sock_create`: they mark host TCP/UDP
+/// sockets that an older `sock_create` marked at creation, so replacing them first
+/// leaves no moment in which neither marks a host socket (and going back to such a
+/// version, its `sock_create` marks again before the hooks stop).
 pub const ATTACHMENTS: [Attachment; 7] = [
-    Attachment { pin: "sock_create", program: program_names::SOCK_CREATE, kind: Kind::SockCreate },
     Attachment { pin: "connect4", program: program_names::CONNECT4, kind: Kind::SockAddr },
     Attachment { pin: "connect6", program: program_names::CONNECT6, kind: Kind::SockAddr },
     Attachment { pin: "sendmsg4", program: program_names::SENDMSG4, kind: Kind::SockAddr },
     Attachment { pin: "sendmsg6", program: program_names::SENDMSG6, kind: Kind::SockAddr },
+    Attachment { pin: "sock_create", program: program_names::SOCK_CREATE, kind: Kind::SockCreate },
     Attachment { pin: "egress", program: program_names::EGRESS, kind: Kind::Egress },
     // Idle until the mode is conceal (it checks MG_CONCEAL first); attached always so a
     // reload can switch modes.
