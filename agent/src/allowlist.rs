@@ -22,51 +22,6 @@ pub fn allowed_cgroups(rules: &[AllowRule], pods: &[(u64, PodIdentity)]) -> BTre
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pod_identity::Qos;
-
-    fn pod(ns: Option<&str>, name: Option<&str>) -> PodIdentity {
-        PodIdentity {
-            namespace: ns.map(Into::into),
-            pod: name.map(Into::into),
-            pod_uid: "u".into(),
-            container: None,
-            container_id: None,
-            runtime: None,
-            qos: Qos::BestEffort,
-        }
-    }
-
-    fn rule(ns: &str, pod: &str) -> AllowRule {
-        serde_norway::from_str(&format!("{{namespace: '{ns}', pod: '{pod}'}}")).unwrap()
-    }
-
-    #[test]
-    fn the_proxy_is_allowed_and_its_neighbour_is_not() {
-        let pods = vec![
-            (1, pod(Some("kube-system"), Some("metadata-proxy-abcde"))),
-            (2, pod(Some("kube-system"), Some("coredns-1234"))),
-            (3, pod(Some("default"), Some("metadata-proxy-x"))),
-        ];
-        let allowed = allowed_cgroups(&[rule("kube-system", "metadata-proxy-*")], &pods);
-        assert_eq!(allowed, BTreeSet::from([1]));
-    }
-
-    #[test]
-    fn a_pod_not_yet_named_stays_blocked() {
-        let pods = vec![(1, pod(None, None))];
-        assert!(allowed_cgroups(&[rule("*", "*")], &pods).is_empty());
-    }
-
-    #[test]
-    fn no_rules_allow_nothing() {
-        let pods = vec![(1, pod(Some("a"), Some("b")))];
-        assert!(allowed_cgroups(&[], &pods).is_empty());
-    }
-}
-
 /// The allowlist subsystem: keeps the kernel's pod allowlist equal to the allow rules
 /// applied to the pods on this node — at start, on every kubepods cgroup change, on
 /// every new policy and every [`ALLOWLIST_RESYNC`]. Runs on a thread of its own: a
@@ -107,7 +62,7 @@ impl AllowlistSync {
         );
         let mut watch = crate::kubepods_watch::KubepodsWatch::new(&ctx.cgroup)
             .map_err(|e| {
-                warn!("cannot watch the kubepods cgroups, the allowlist follows every {ALLOWLIST_RESYNC:?}: {e:#}")
+                warn!("cannot watch the kubepods cgroups, the allowlist follows every {ALLOWLIST_RESYNC:?}: {e:#}");
             })
             .ok();
         let mut resync = tokio::time::interval(ALLOWLIST_RESYNC);
@@ -121,7 +76,7 @@ impl AllowlistSync {
             let before = self.publish.borrow().clone();
             let opening: BTreeSet<u64> = before.union(&wanted).copied().collect();
             let host_opened = set_host_allowed(&ctx, &opening);
-            let synced = ctx.guard.lock().unwrap_or_else(|e| e.into_inner()).sync_allowed(&wanted);
+            let synced = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sync_allowed(&wanted);
             let host_closed = if opening == wanted { Ok(()) } else { set_host_allowed(&ctx, &wanted) };
             let host_synced = host_opened.and(host_closed);
             if let Err(e) = &host_synced {
@@ -169,5 +124,50 @@ impl AllowlistSync {
 }
 
 fn set_host_allowed(ctx: &crate::supervise::Context, allowed: &BTreeSet<u64>) -> anyhow::Result<()> {
-    ctx.host.lock().unwrap_or_else(|e| e.into_inner()).set_allowed(allowed)
+    ctx.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner).set_allowed(allowed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod_identity::Qos;
+
+    fn pod(ns: Option<&str>, name: Option<&str>) -> PodIdentity {
+        PodIdentity {
+            namespace: ns.map(Into::into),
+            pod: name.map(Into::into),
+            pod_uid: "u".into(),
+            container: None,
+            container_id: None,
+            runtime: None,
+            qos: Qos::BestEffort,
+        }
+    }
+
+    fn rule(ns: &str, pod: &str) -> AllowRule {
+        serde_norway::from_str(&format!("{{namespace: '{ns}', pod: '{pod}'}}")).unwrap()
+    }
+
+    #[test]
+    fn the_proxy_is_allowed_and_its_neighbour_is_not() {
+        let pods = vec![
+            (1, pod(Some("kube-system"), Some("metadata-proxy-abcde"))),
+            (2, pod(Some("kube-system"), Some("coredns-1234"))),
+            (3, pod(Some("default"), Some("metadata-proxy-x"))),
+        ];
+        let allowed = allowed_cgroups(&[rule("kube-system", "metadata-proxy-*")], &pods);
+        assert_eq!(allowed, BTreeSet::from([1]));
+    }
+
+    #[test]
+    fn a_pod_not_yet_named_stays_blocked() {
+        let pods = vec![(1, pod(None, None))];
+        assert!(allowed_cgroups(&[rule("*", "*")], &pods).is_empty());
+    }
+
+    #[test]
+    fn no_rules_allow_nothing() {
+        let pods = vec![(1, pod(Some("a"), Some("b")))];
+        assert!(allowed_cgroups(&[], &pods).is_empty());
+    }
 }

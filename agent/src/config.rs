@@ -246,7 +246,7 @@ fn resolve(args: &ConfigArgs, file: file::FileValues) -> Result<Config, ConfigEr
     };
     if config.mode == Mode::Conceal && config.conceal.addr.is_none() {
         return Err(ConfigError::Invalid {
-            origin: args.config.clone().map(Origin::File).unwrap_or(Origin::Flags),
+            origin: args.config.clone().map_or(Origin::Flags, Origin::File),
             field: "conceal.addr".into(),
             reason: "conceal mode needs the proxy's address: pass --conceal-addr IP:PORT (the node's IP, reachable \
                      from pods) or set conceal.addr"

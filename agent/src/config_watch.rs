@@ -49,7 +49,7 @@ impl ConfigWatch {
         let attempt = tokio::task::spawn_blocking(move || -> Result<InForce> {
             let config = config::load(&args)?;
             let new = InForce { policy: config.compile_policy()?, config };
-            let mut guard = guard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             guard.apply(&new.policy, new.config.mode.as_kernel())?;
             Ok(new)
         })

@@ -6,9 +6,9 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use metadata_guard_common::{counters, Hook, Verdict};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     cgroup,
@@ -17,6 +17,7 @@ use crate::{
     hostside::{self, HostSide},
     http::Condition,
     loader::{
+        self,
         health::Fault,
         origin::{self, Origin},
         pins::{self, AgentLock, PinLayout},
@@ -26,6 +27,10 @@ use crate::{
     preflight,
     supervise::{Context, Shutdown},
 };
+
+/// Why `run` and `apply` stop when a check (or the kernel object's load) fails.
+const CANNOT_ENFORCE: &str =
+    "this node cannot enforce the block (see the failed checks above); refusing to start half-working";
 
 /// How often counters are published and the pins checked.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -49,20 +54,26 @@ pub fn install(args: &EnforceArgs, command: &str) -> Result<Installed> {
     let config = config::load(&args.config).map_err(anyhow::Error::from)?;
     let policy = config.compile_policy().map_err(anyhow::Error::from)?;
 
-    let checks = preflight::run(&preflight::Inputs {
+    // The kernel object is verified by loading it for real below, not twice.
+    let (facts, checks) = preflight::before_load(&preflight::Inputs {
         cgroup: args.cgroup.as_deref(),
         bpffs: &args.pins.bpffs,
         mount_bpffs: args.mount_bpffs,
     });
     if preflight::has_failure(&checks) {
         preflight::print_human(&checks);
-        bail!("this node cannot enforce the block (see the failed checks above); refusing to start half-working");
+        bail!(CANNOT_ENFORCE);
     }
     raise_memlock_limit();
     let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
     pins::ensure_on_bpffs(&args.pins.bpffs, args.mount_bpffs)?;
     let lock = AgentLock::acquire(&args.pins.bpffs)?;
     let layout = PinLayout::new(&args.pins.bpffs);
+    let loaded = loader::load(Some(&layout)).map_err(|e| {
+        preflight::print_human(&preflight::object_refused(facts, &args.pins.bpffs, &e));
+        debug!("the kernel refused the object: {e:#}");
+        anyhow!(CANNOT_ENFORCE)
+    })?;
 
     let cookie_mechanism = match args.netns_cookie_from {
         CookieSource::Auto => None,
@@ -72,7 +83,7 @@ pub fn install(args: &EnforceArgs, command: &str) -> Result<Installed> {
     let opts =
         InstallOptions { cgroup: &cgroup, host_netns: args.host_netns.as_deref(), pins: &layout, cookie_mechanism };
     let previous = origin::installer(&layout);
-    let (guard, report) = Guard::install(&opts, &policy, config.mode.as_kernel())?;
+    let (guard, report) = Guard::install(loaded, &opts, &policy, config.mode.as_kernel())?;
     let started = report.links.iter().all(|(_, action)| *action == LinkAction::Attached);
     origin::record(&layout, &Origin::this(command), previous, started)?;
     info!(
@@ -127,7 +138,7 @@ impl Enforcement {
                 _ = shutdown.wait() => return Ok(()),
                 _ = tick.tick() => {}
             }
-            let mut guard = ctx.guard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             publish_counters(&guard, &ctx);
             let mut faults = guard.faults(&ctx.cgroup);
             if !faults.is_empty() {

@@ -67,7 +67,7 @@ impl KubepodsWatch {
         self.add(dir.to_path_buf());
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         for entry in entries.flatten() {
-            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 self.add_tree(&entry.path());
             }
         }

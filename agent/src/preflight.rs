@@ -1,12 +1,14 @@
 //! `metadata-guard check`: can the guard enforce on this node? Each check says what it
-//! found and, when it fails, how to fix it. `run` performs the same checks and refuses
-//! to start half-working.
+//! found and, when it fails, how to fix it. `run` and `apply` perform the same checks
+//! and refuse to start half-working; the kernel object they verify by their own load
+//! (`before_load`, then `object_refused` to explain a refusal as `check` would).
 //!
 //! Two halves: `facts` probes the node with this process's privileges (every program
 //! type, map type and helper of the embedded object, the object itself loaded, the
 //! pins a restart adopts); `judge` turns those facts into checks, as plain data
 //! logic that unit tests cover set-up by set-up.
 
+mod capabilities;
 mod facts;
 #[cfg(test)]
 mod tests;
@@ -86,9 +88,29 @@ const SECCOMP_FIX: &str = "a seccomp filter refuses bpf(2): runtimes' default pr
      only from containerd 1.6.9/1.7, CRI-O 1.31, Docker 23 and podman with containers-common 0.60 on (before: only to \
      CAP_SYS_ADMIN holders). Upgrade the runtime, or give the pod a Localhost seccomp profile that allows bpf";
 
+/// `check`: every check, the kernel object loaded (and thrown away) among them.
 pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
-    let mut checks = judge(&facts::gather(inputs));
-    checks.push(installed(inputs.bpffs));
+    checks(&facts::gather(inputs, true), inputs.bpffs)
+}
+
+/// `run` and `apply`: every check but the kernel object's, which their own load
+/// proves right after; a refusal there is explained by [`object_refused`].
+pub fn before_load(inputs: &Inputs<'_>) -> (Facts, Vec<Check>) {
+    let facts = facts::gather(inputs, false);
+    let checks = checks(&facts, inputs.bpffs);
+    (facts, checks)
+}
+
+/// The checks of [`before_load`] with the kernel object refused as `e` says: a failed
+/// load of `run` or `apply`, in the words (and with the fix) `check` would give.
+pub fn object_refused(mut facts: Facts, bpffs: &Path, e: &anyhow::Error) -> Vec<Check> {
+    facts.object = Some(Err(facts::refusal(e)));
+    checks(&facts, bpffs)
+}
+
+fn checks(facts: &Facts, bpffs: &Path) -> Vec<Check> {
+    let mut checks = judge(facts);
+    checks.push(installed(bpffs));
     checks
 }
 
@@ -110,7 +132,7 @@ pub fn judge(f: &Facts) -> Vec<Check> {
             "not needed by the guard; bpftool shows less without it",
         )
     });
-    checks.extend(capability_checks(f, &has));
+    checks.extend(capabilities::checks(f, &has));
     let denied_under_seccomp = |found: &Found| matches!(found, Found::Denied(_)) && f.seccomp_filter && has(CAP_BPF);
     let all_denied = f.probes.iter().all(|(_, found)| matches!(found, Found::Denied(_)));
     match f.probes.first() {
@@ -127,7 +149,7 @@ pub fn judge(f: &Facts) -> Vec<Check> {
             }
         }
     }
-    checks.push(match &f.object {
+    checks.extend(f.object.as_ref().map(|object| match object {
         Ok(()) => Check::pass("kernel object", "every map created and every program verified with these privileges"),
         Err((errno, e)) => {
             let e = &verifier_reason(e);
@@ -138,7 +160,7 @@ pub fn judge(f: &Facts) -> Vec<Check> {
             };
             Check::fail("kernel object", e.as_str(), fix)
         }
-    });
+    }));
     checks.push(pins_check(f));
     checks.push(match &f.netns_sockopt {
         Ok(true) => Check::pass("host netns cookie", crate::loader::Mechanism::SoNetnsCookie.describe()),
@@ -214,66 +236,6 @@ fn bpffs_check(f: &Facts) -> Check {
             ),
         )
     }
-}
-
-fn capability_checks(f: &Facts, has: &dyn Fn(u32) -> bool) -> Vec<Check> {
-    let mut checks = Vec::new();
-    let old_kernel = f.kernel < KERNEL_BPF_CAPS;
-    checks.push(match (has(CAP_BPF), has(CAP_SYS_ADMIN)) {
-        (true, _) if !old_kernel => Check::pass("CAP_BPF", "held"),
-        (_, true) => Check::pass("CAP_BPF", "CAP_SYS_ADMIN held (covers it)"),
-        (true, false) => Check::fail(
-            "CAP_BPF",
-            "held, but this kernel predates CAP_BPF (5.8) and asks for CAP_SYS_ADMIN",
-            "use kernel 5.10+",
-        ),
-        (false, false) => Check::fail("CAP_BPF", "neither CAP_BPF nor CAP_SYS_ADMIN held", "grant CAP_BPF"),
-    });
-    checks.push(if has(CAP_NET_ADMIN) {
-        Check::pass("CAP_NET_ADMIN", "held (loading and attaching cgroup socket programs)")
-    } else {
-        Check::fail(
-            "CAP_NET_ADMIN",
-            "not held",
-            "grant CAP_NET_ADMIN: loading and attaching cgroup socket programs needs it",
-        )
-    });
-    let comm_offered = f.probes.iter().any(|(feature, found)| {
-        matches!(feature, Feature::Helper(h, _) if h == "get_current_comm") && *found == Found::Yes
-    });
-    checks.push(if has(CAP_PERFMON) || has(CAP_SYS_ADMIN) {
-        Check::pass("CAP_PERFMON", if has(CAP_PERFMON) { "held" } else { "CAP_SYS_ADMIN held (covers it)" })
-    } else if comm_offered {
-        Check::pass("CAP_PERFMON", "not held; this kernel offers bpf_get_current_comm without it")
-    } else {
-        Check::fail(
-            "CAP_PERFMON",
-            "not held",
-            "grant CAP_PERFMON: without it the verifier refuses the programs' pointer arithmetic on map values \
-             (its Spectre hardening for loaders without CAP_PERFMON), and this kernel hides bpf_get_current_comm \
-             (the audit trail's `comm`)",
-        )
-    });
-    checks.push(if has(CAP_SYS_RESOURCE) {
-        Check::pass("CAP_SYS_RESOURCE", "held (raises RLIMIT_MEMLOCK on kernels before 5.11)")
-    } else if f.kernel >= KERNEL_MEMCG_ACCOUNTING {
-        Check::pass(
-            "CAP_SYS_RESOURCE",
-            "not held; not needed from 5.11 on (BPF memory is charged to the memory cgroup)",
-        )
-    } else if f.memlock.is_none() {
-        Check::pass("CAP_SYS_RESOURCE", "not held; RLIMIT_MEMLOCK is unlimited here")
-    } else {
-        Check::fail(
-            "CAP_SYS_RESOURCE",
-            format!("not held, and RLIMIT_MEMLOCK is {} KiB", f.memlock.unwrap_or(0) / 1024),
-            "kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: grant CAP_SYS_RESOURCE (the agent raises it)",
-        )
-    });
-    if has(CAP_SYS_ADMIN) {
-        checks.push(Check::pass("CAP_SYS_ADMIN", "held, and not needed: the DaemonSet does not grant it"));
-    }
-    checks
 }
 
 fn probe_check(f: &Facts, has: &dyn Fn(u32) -> bool, feature: &Feature, found: &Found, seccomp: bool) -> Check {

@@ -86,7 +86,7 @@ pub async fn run(args: RunArgs, mut signals: Signals) -> Result<()> {
     let outcome = supervisor.supervise(signals.stop_requested()).await;
     if args.detach_on_exit {
         loader::remove_pins(&layout.dir).context("could not remove the guard from the kernel")?;
-        ctx.host.lock().unwrap_or_else(|e| e.into_inner()).remove()?;
+        ctx.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove()?;
         info!("detached (--detach-on-exit): pods can reach the metadata service again");
     } else {
         info!(pins = %layout.dir.display(), "exiting; enforcement stays pinned in the kernel");

@@ -7,8 +7,8 @@
 #![no_main]
 
 mod backstop;
-mod packet;
 mod conceal;
+mod packet;
 mod verdict;
 
 use aya_ebpf::{

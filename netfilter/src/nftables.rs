@@ -142,7 +142,7 @@ impl Batch {
         Batch { family, messages: vec![Message { kind: NFNL_MSG_BATCH_BEGIN, flags: 0, body }] }
     }
 
-    fn push(&mut self, msg: u16, flags: u16, attrs: AttrWriter) {
+    fn push(&mut self, msg: u16, flags: u16, attrs: &AttrWriter) {
         let mut body = nfgenmsg(self.family, 0);
         body.extend_from_slice(&attrs.buf);
         self.messages.push(Message { kind: (NFNL_SUBSYS_NFTABLES << 8) | msg, flags, body });
@@ -152,7 +152,7 @@ impl Batch {
     pub fn add_table(&mut self, table: &str) -> &mut Self {
         let mut w = AttrWriter::new();
         w.str(NFTA_TABLE_NAME, table);
-        self.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, w);
+        self.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, &w);
         self
     }
 
@@ -160,7 +160,7 @@ impl Batch {
     pub fn del_table(&mut self, table: &str) -> &mut Self {
         let mut w = AttrWriter::new();
         w.str(NFTA_TABLE_NAME, table);
-        self.push(NFT_MSG_DELTABLE, 0, w);
+        self.push(NFT_MSG_DELTABLE, 0, &w);
         self
     }
 
@@ -175,7 +175,7 @@ impl Batch {
             });
             w.be32(NFTA_CHAIN_POLICY, NF_ACCEPT as u32).str(NFTA_CHAIN_TYPE, kind);
         }
-        self.push(NFT_MSG_NEWCHAIN, NLM_F_CREATE, w);
+        self.push(NFT_MSG_NEWCHAIN, NLM_F_CREATE, &w);
         self
     }
 
@@ -186,7 +186,7 @@ impl Batch {
         w.be32(NFTA_SET_KEY_TYPE, set.key_type).be32(NFTA_SET_KEY_LEN, set.key_len);
         // A set needs an id unique in the transaction (`NFTA_SET_ID`, 10).
         w.be32(10, self.messages.len() as u32);
-        self.push(NFT_MSG_NEWSET, NLM_F_CREATE, w);
+        self.push(NFT_MSG_NEWSET, NLM_F_CREATE, &w);
         self
     }
 
@@ -207,7 +207,7 @@ impl Batch {
                     });
                 }
             });
-            self.push(NFT_MSG_NEWSETELEM, NLM_F_CREATE, w);
+            self.push(NFT_MSG_NEWSETELEM, NLM_F_CREATE, &w);
         }
         self
     }
@@ -223,7 +223,7 @@ impl Batch {
                 });
             }
         });
-        self.push(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, w);
+        self.push(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, &w);
         self
     }
 
@@ -234,7 +234,7 @@ impl Batch {
         w.nest(NFTA_OBJ_DATA, |w| {
             w.be64(NFTA_COUNTER_BYTES, bytes).be64(NFTA_COUNTER_PACKETS, packets);
         });
-        self.push(NFT_MSG_NEWOBJ, NLM_F_CREATE, w);
+        self.push(NFT_MSG_NEWOBJ, NLM_F_CREATE, &w);
         self
     }
 

@@ -80,7 +80,7 @@ impl Agent {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child.as_ref().map_or(0, std::process::Child::id)
     }
 
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {

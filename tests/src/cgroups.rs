@@ -161,7 +161,7 @@ fn remove_tree(root: &Path) -> Result<()> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => break,
                 // Killed tasks can keep a cgroup busy for a moment after leaving cgroup.procs.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                    thread::sleep(Duration::from_millis(10))
+                    thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => return Err(e).with_context(|| format!("could not rmdir {}", dir.display())),
             }

@@ -8,9 +8,11 @@
 //! the test process.
 
 pub mod agent;
+pub mod bpf;
 pub mod cgroups;
 pub mod forwarded;
 pub mod frames;
+pub mod ipvs;
 pub mod nat;
 pub mod netlink;
 pub mod netns;

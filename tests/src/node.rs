@@ -181,7 +181,7 @@ impl Node {
             "--node-name".into(),
             node_name.into(),
         ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(std::string::ToString::to_string));
         AgentSpec {
             binary: binary.to_path_buf(),
             attach_cgroup: self.root.path().to_path_buf(),

@@ -260,8 +260,7 @@ fn bottlerocket_user_data_runs_an_essential_bootstrap_container_with_a_policy() 
 #[test]
 fn recipe_commands_use_flags_the_agent_has() {
     let agent = std::env::var_os("METADATA_GUARD_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/debug/metadata-guard"));
+        .map_or_else(|| root().join("target/debug/metadata-guard"), PathBuf::from);
     if !have("the agent", (!agent.is_file()).then(|| format!("no {}; run `cargo xtask build`", agent.display()))) {
         return;
     }

@@ -9,12 +9,12 @@ use anyhow::{Context, Result};
 
 use crate::{cmd, toolchain, workspace_root};
 
-pub const BPF_TARGET: &str = "bpfel-unknown-none";
+pub(crate) const BPF_TARGET: &str = "bpfel-unknown-none";
 
 /// Which build of the kernel programs: the real one, or the harmless test variant
 /// used to prove that an upgrade swaps programs without opening the block.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Variant {
+pub(crate) enum Variant {
     Default,
     Test,
 }
@@ -29,12 +29,12 @@ impl Variant {
     }
 }
 
-pub fn ebpf_object(variant: Variant) -> PathBuf {
+pub(crate) fn ebpf_object(variant: Variant) -> PathBuf {
     variant.target_dir().join(BPF_TARGET).join("release/metadata-guard-ebpf")
 }
 
 /// `cargo xtask build-ebpf`: bootstrap the toolchain pieces, then build the object.
-pub fn build_ebpf(variant: Variant) -> Result<PathBuf> {
+pub(crate) fn build_ebpf(variant: Variant) -> Result<PathBuf> {
     let rustc = toolchain::Rustc::detect()?;
     toolchain::ensure_rust_src(&rustc)?;
     let linker_dir = toolchain::ensure_bpf_linker(&rustc)?;
@@ -59,13 +59,14 @@ pub fn build_ebpf(variant: Variant) -> Result<PathBuf> {
     Ok(ebpf_object(variant))
 }
 
-pub enum Profile {
+#[derive(Clone, Copy)]
+pub(crate) enum Profile {
     Debug,
     Release,
 }
 
 /// Builds the agent embedding the given object; returns the binary's path.
-pub fn build_agent(profile: Profile, variant: Variant) -> Result<PathBuf> {
+pub(crate) fn build_agent(profile: Profile, variant: Variant) -> Result<PathBuf> {
     let root = workspace_root();
     let object = ebpf_object(variant);
     let target_dir = match variant {
@@ -90,12 +91,12 @@ pub fn build_agent(profile: Profile, variant: Variant) -> Result<PathBuf> {
     Ok(target_dir.join(dir).join("metadata-guard"))
 }
 
-pub use toolchain::Arch;
+pub(crate) use toolchain::Arch;
 
 /// Builds the release agent of `arch` as one static musl binary, the file the image
 /// ships and the VM matrix tests; returns its path. Adds the musl target to the
 /// toolchain when it is missing.
-pub fn build_agent_static(arch: Arch) -> Result<PathBuf> {
+pub(crate) fn build_agent_static(arch: Arch) -> Result<PathBuf> {
     toolchain::ensure_static_target(arch)?;
     let root = workspace_root();
     let target = arch.static_target();
@@ -113,7 +114,7 @@ pub fn build_agent_static(arch: Arch) -> Result<PathBuf> {
 
 /// Builds one program of the `tests` crate (mg-scenarios, mg-smoke, ...) in debug;
 /// returns its path.
-pub fn build_test_program(name: &str) -> Result<PathBuf> {
+pub(crate) fn build_test_program(name: &str) -> Result<PathBuf> {
     let root = workspace_root();
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "build",
@@ -126,6 +127,6 @@ pub fn build_test_program(name: &str) -> Result<PathBuf> {
     Ok(root.join("target/debug").join(name))
 }
 
-pub fn relative(p: &Path) -> String {
+pub(crate) fn relative(p: &Path) -> String {
     p.strip_prefix(workspace_root()).unwrap_or(p).display().to_string()
 }

@@ -13,7 +13,7 @@ use crate::{
 /// `iptables-nft-restore` comes with Debian's iptables package.
 const IPTABLES: packages::Tool = packages::Tool { program: "iptables-nft-restore", package: "iptables" };
 
-pub fn run(quick: bool) -> Result<()> {
+pub(crate) fn run(quick: bool) -> Result<()> {
     artifacts::build_ebpf(Variant::Default)?;
     let agent = artifacts::build_agent(Profile::Release, Variant::Default)?;
     packages::ensure(&[packages::BPFTOOL, packages::NFT, IPTABLES])?;

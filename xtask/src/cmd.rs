@@ -4,7 +4,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-pub fn describe(cmd: &Command) -> String {
+pub(crate) fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
         s.push(' ');
@@ -14,7 +14,7 @@ pub fn describe(cmd: &Command) -> String {
 }
 
 /// Runs with inherited stdio; fails on a non-zero exit.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", describe(cmd));
@@ -23,7 +23,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Runs and returns stdout; stderr is passed through.
-pub fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !out.status.success() {
         bail!("`{}` failed ({})", describe(cmd), out.status);

@@ -16,9 +16,9 @@ use crate::{
     workspace_root,
 };
 
-pub const REPOSITORY: &str = "localhost/metadata-guard";
+pub(crate) const REPOSITORY: &str = "localhost/metadata-guard";
 /// A manifest list: one image per architecture of [`Arch::ALL`].
-pub const DEV_TAG: &str = "localhost/metadata-guard:dev";
+pub(crate) const DEV_TAG: &str = "localhost/metadata-guard:dev";
 
 const PODMAN: packages::Tool = packages::Tool { program: "podman", package: "podman" };
 /// Debian's podman defaults to crun; the smoke test (and this machine) use runc.
@@ -26,7 +26,7 @@ const RUNC: packages::Tool = packages::Tool { program: "runc", package: "runc" }
 
 /// Where each architecture's agent is staged for `podman build`: the build context is
 /// `target/image/`, and the Containerfile copies `<TARGETARCH>/metadata-guard`.
-pub fn staged_agent(arch: Arch) -> PathBuf {
+pub(crate) fn staged_agent(arch: Arch) -> PathBuf {
     workspace_root().join("target/image").join(arch.name()).join("metadata-guard")
 }
 
@@ -35,7 +35,7 @@ pub fn staged_agent(arch: Arch) -> PathBuf {
 /// FROM-scratch image per architecture. podman builds them without emulation (the
 /// Containerfile only copies a file). Returns each architecture's image as built,
 /// by id: the tags may be moved by another build meanwhile.
-pub fn build() -> Result<Vec<Instance>> {
+pub(crate) fn build() -> Result<Vec<Instance>> {
     artifacts::build_ebpf(Variant::Default)?;
     for arch in Arch::ALL {
         let agent = artifacts::build_agent_static(arch)?;
@@ -99,7 +99,7 @@ pub fn build() -> Result<Vec<Instance>> {
 }
 
 /// One architecture's image of the [`DEV_TAG`] list.
-pub struct Instance {
+pub(crate) struct Instance {
     pub arch: Arch,
     /// The manifest digest, as a registry shows it: `sha256:…`.
     pub digest: String,
@@ -129,7 +129,7 @@ fn instance(list: &str, arch: Arch) -> Result<Instance> {
 
 /// Copies the agent out of one architecture's image to `to`, as a node image's
 /// build does (`podman create` + `podman cp`); returns `to`.
-pub fn extract_agent(image: &Instance, to: &Path) -> Result<PathBuf> {
+pub(crate) fn extract_agent(image: &Instance, to: &Path) -> Result<PathBuf> {
     fs::create_dir_all(to.parent().unwrap())?;
     let container = cmd::output(
         Command::new("podman")
@@ -151,7 +151,7 @@ pub fn extract_agent(image: &Instance, to: &Path) -> Result<PathBuf> {
 /// `cargo xtask smoke`: builds the image, then `mg-smoke` runs this machine's
 /// architecture's image of it on a simulated node with the DaemonSet's own
 /// settings, read from the rendered manifest.
-pub fn smoke() -> Result<()> {
+pub(crate) fn smoke() -> Result<()> {
     let built = build()?;
     // By id: the tag is the machine's, and another build may move it meanwhile.
     let image = &built.iter().find(|i| i.arch == Arch::host()).expect("the image has every architecture").id;

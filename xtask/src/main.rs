@@ -52,8 +52,10 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit tests, then the real-kernel scenarios (needs root).
+    /// Run every test: lints, unit tests, then the real-kernel scenarios (needs root).
     Test,
+    /// clippy with the workspace's lints as errors, and rustfmt's check.
+    Lint,
     /// Build the static agent for amd64 and arm64 and its FROM-scratch image (podman):
     /// one manifest list tagged localhost/metadata-guard:dev and :<version>.
     Image,
@@ -114,6 +116,7 @@ fn real_main() -> Result<()> {
             cmd::run(&mut run)?;
         }
         Cmd::Test => test::run()?,
+        Cmd::Lint => test::lint()?,
         Cmd::Image => drop(image::build()?),
         Cmd::Smoke => image::smoke()?,
         Cmd::Bench { quick } => bench::run(quick)?,

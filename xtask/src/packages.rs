@@ -8,16 +8,16 @@ use anyhow::{Context, Result};
 use crate::cmd;
 
 /// A program and the Debian package that provides it.
-pub struct Tool {
+pub(crate) struct Tool {
     pub program: &'static str,
     pub package: &'static str,
 }
 
-pub const BPFTOOL: Tool = Tool { program: "bpftool", package: "bpftool" };
-pub const PROMTOOL: Tool = Tool { program: "promtool", package: "prometheus" };
-pub const NFT: Tool = Tool { program: "nft", package: "nftables" };
+pub(crate) const BPFTOOL: Tool = Tool { program: "bpftool", package: "bpftool" };
+pub(crate) const PROMTOOL: Tool = Tool { program: "promtool", package: "prometheus" };
+pub(crate) const NFT: Tool = Tool { program: "nft", package: "nftables" };
 
-pub fn find(program: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn find(program: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(Into::into))
@@ -27,11 +27,11 @@ pub fn find(program: &str) -> Option<std::path::PathBuf> {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Installs the packages of the tools not found on this machine.
-pub fn ensure(tools: &[Tool]) -> Result<()> {
+pub(crate) fn ensure(tools: &[Tool]) -> Result<()> {
     let missing: Vec<&str> = tools.iter().filter(|t| find(t.program).is_none()).map(|t| t.package).collect();
     if missing.is_empty() {
         return Ok(());

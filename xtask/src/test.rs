@@ -12,7 +12,7 @@ use crate::{
 /// Where a guard installed on this machine pins itself (the agent's default --bpffs).
 const MACHINE_PINS: &str = "/sys/fs/bpf/metadata-guard";
 
-pub fn run() -> Result<()> {
+pub(crate) fn run() -> Result<()> {
     refuse_when_installed(std::path::Path::new(MACHINE_PINS))?;
     artifacts::build_ebpf(Variant::Default)?;
     artifacts::build_ebpf(Variant::Test)?;
@@ -20,16 +20,54 @@ pub fn run() -> Result<()> {
     let variant_agent = artifacts::build_agent(Profile::Debug, Variant::Test)?;
     packages::ensure(&[packages::BPFTOOL, packages::PROMTOOL])?;
 
+    lint()?;
     cmd::run(Command::new("cargo").current_dir(workspace_root()).args(["test", "--workspace"]))
         .context("unit tests failed")?;
 
     let scenarios = artifacts::build_test_program("mg-scenarios")?;
-    cmd::run(Command::new(&scenarios).arg("--agent").arg(&agent).arg("--variant-agent").arg(&variant_agent))
-        .context("real-kernel scenarios failed")?;
+    let mut run_scenarios = Command::new(&scenarios);
+    run_scenarios.arg("--agent").arg(&agent).arg("--variant-agent").arg(&variant_agent);
+    if !kernel_has_ipvs() {
+        eprintln!(
+            "xtask: this kernel has no IPVS ({PROC_IPVS} is missing after `modprobe ip_vs`); its scenario runs \
+             in the VM matrix below"
+        );
+        run_scenarios.arg("--without-ipvs");
+    }
+    cmd::run(&mut run_scenarios).context("real-kernel scenarios failed")?;
     crate::image::smoke().context("the image smoke test (cargo xtask smoke) failed")?;
     crate::bench::run(true).context("the quick benchmark (cargo xtask bench --quick) failed")?;
     crate::vm::run(&crate::vm::select("all", "all")?).context("the kernel matrix (cargo xtask vm-test) failed")?;
     Ok(())
+}
+
+/// `cargo xtask lint`: the workspace's lints (`[workspace.lints]` in Cargo.toml) as
+/// errors, and rustfmt's layout. The eBPF crate is outside the workspace (its own
+/// target and `core`); the kernel's verifier and its own build check it.
+pub(crate) fn lint() -> Result<()> {
+    crate::toolchain::ensure_lint_tools()?;
+    cmd::run(Command::new("cargo").current_dir(workspace_root()).args(["fmt", "--all", "--check"]))
+        .context("rustfmt would change the layout shown above; run `cargo fmt --all` and commit the result")?;
+    cmd::run(Command::new("cargo").current_dir(workspace_root()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found the problems shown above; fix them (or `cargo clippy --fix`) and run again")
+}
+
+const PROC_IPVS: &str = "/proc/net/ip_vs";
+
+/// Loads IPVS where it is a module; kernels built without it (CONFIG_IP_VS unset) have
+/// none to load, and the VM guests' Debian kernels run the IPVS scenario instead.
+fn kernel_has_ipvs() -> bool {
+    if !std::path::Path::new(PROC_IPVS).exists() {
+        let _ = Command::new("modprobe").args(["-q", "ip_vs"]).status();
+    }
+    std::path::Path::new(PROC_IPVS).exists()
 }
 
 /// A guard on this machine's own cgroup root refuses the scenarios' "pods" too, and
@@ -38,7 +76,7 @@ fn refuse_when_installed(pins: &std::path::Path) -> Result<()> {
     let versions: Vec<String> = std::fs::read_dir(pins)
         .map(|entries| {
             entries
-                .filter_map(|e| e.ok())
+                .filter_map(std::result::Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| n.starts_with('v'))
                 .collect()

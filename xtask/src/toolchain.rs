@@ -15,17 +15,17 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::{cmd, workspace_root};
 
-pub const BPF_LINKER_VERSION: &str = "0.13.0";
+pub(crate) const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Facts about the active rustc that decide what bpf-linker must be built against.
-pub struct Rustc {
+pub(crate) struct Rustc {
     pub sysroot: PathBuf,
     pub release: String,
     pub llvm_major: u32,
 }
 
 impl Rustc {
-    pub fn detect() -> Result<Rustc> {
+    pub(crate) fn detect() -> Result<Rustc> {
         let verbose = cmd::output(Command::new("rustc").arg("-vV"))
             .context("could not run `rustc -vV`; is rustup's stable toolchain installed and on PATH?")?;
         let field = |name: &str| {
@@ -48,7 +48,7 @@ impl Rustc {
 }
 
 /// `rust-src`, needed to build `core` for bpfel-unknown-none.
-pub fn ensure_rust_src(rustc: &Rustc) -> Result<()> {
+pub(crate) fn ensure_rust_src(rustc: &Rustc) -> Result<()> {
     let core_src = rustc.sysroot.join("lib/rustlib/src/rust/library/core");
     if core_src.is_dir() {
         return Ok(());
@@ -61,17 +61,36 @@ pub fn ensure_rust_src(rustc: &Rustc) -> Result<()> {
     Ok(())
 }
 
+/// clippy and rustfmt, for `cargo xtask lint` (rustup's minimal profile has neither).
+pub(crate) fn ensure_lint_tools() -> Result<()> {
+    let missing: Vec<&str> = [("clippy", "cargo-clippy"), ("rustfmt", "rustfmt")]
+        .into_iter()
+        .filter(|(_, bin)| Command::new(bin).arg("--version").output().map_or(true, |o| !o.status.success()))
+        .map(|(component, _)| component)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the rustup components {} (for the lint step)", missing.join(", "));
+    cmd::run(Command::new("rustup").args(["component", "add"]).args(&missing)).with_context(|| {
+        format!(
+            "could not add {}; run `rustup component add {}` yourself and check rustup's network access",
+            missing.join(", "),
+            missing.join(" ")
+        )
+    })
+}
+
 /// The directory holding bpf-linker's `bin/`; keyed by versions so a rustc upgrade
 /// (a new libLLVM) gets a fresh build instead of a linker that cannot load.
-pub fn tools_dir(rustc: &Rustc) -> PathBuf {
+pub(crate) fn tools_dir(rustc: &Rustc) -> PathBuf {
     let base = std::env::var_os("METADATA_GUARD_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/tools"));
+        .map_or_else(|| workspace_root().join("target/tools"), PathBuf::from);
     base.join(format!("bpf-linker-{BPF_LINKER_VERSION}-rustc-{}", rustc.release))
 }
 
 /// Returns the directory to put first on PATH so rustc finds `bpf-linker`.
-pub fn ensure_bpf_linker(rustc: &Rustc) -> Result<PathBuf> {
+pub(crate) fn ensure_bpf_linker(rustc: &Rustc) -> Result<PathBuf> {
     let root = tools_dir(rustc);
     let bin_dir = root.join("bin");
     let linker = bin_dir.join("bpf-linker");
@@ -105,7 +124,7 @@ pub fn ensure_bpf_linker(rustc: &Rustc) -> Result<PathBuf> {
 }
 
 fn linker_works(linker: &Path) -> bool {
-    Command::new(linker).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new(linker).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 /// bpf-linker's build finds LLVM through `LLVM_PREFIX/lib`; rustc ships its libLLVM as
@@ -149,16 +168,16 @@ fn link_rustc_llvm(rustc: &Rustc, prefix: &Path) -> Result<()> {
 /// A CPU architecture of the nodes: what the static agent, the image and the VM
 /// matrix are built for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Arch {
+pub(crate) enum Arch {
     Amd64,
     Arm64,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 2] = [Arch::Amd64, Arch::Arm64];
+    pub(crate) const ALL: [Arch; 2] = [Arch::Amd64, Arch::Arm64];
 
     /// The name Debian, OCI and Kubernetes use (`kubernetes.io/arch`).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Arch::Amd64 => "amd64",
             Arch::Arm64 => "arm64",
@@ -166,7 +185,7 @@ impl Arch {
     }
 
     /// Accepts the Debian/OCI name or the Rust one (`arm64`, `aarch64`).
-    pub fn parse(s: &str) -> Result<Arch> {
+    pub(crate) fn parse(s: &str) -> Result<Arch> {
         match s {
             "amd64" | "x86_64" => Ok(Arch::Amd64),
             "arm64" | "aarch64" => Ok(Arch::Arm64),
@@ -176,7 +195,7 @@ impl Arch {
 
     /// The musl target of the static builds: musl binaries are static by default, so
     /// one file runs on any node (and in a FROM-scratch image or an initramfs).
-    pub fn static_target(self) -> &'static str {
+    pub(crate) fn static_target(self) -> &'static str {
         match self {
             Arch::Amd64 => "x86_64-unknown-linux-musl",
             Arch::Arm64 => "aarch64-unknown-linux-musl",
@@ -187,7 +206,7 @@ impl Arch {
     /// arm64 links with rustup's own `rust-lld` (which rustc finds in its sysroot) and
     /// the musl C runtime objects the target ships (`self-contained`): no cross gcc,
     /// no downloaded toolchain. The dependency tree has no C code to cross-compile.
-    pub fn configure_linker(self, cargo: &mut Command) {
+    pub(crate) fn configure_linker(self, cargo: &mut Command) {
         if self == Arch::Arm64 {
             cargo
                 .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER", "rust-lld")
@@ -196,7 +215,7 @@ impl Arch {
     }
 
     /// This machine's own architecture.
-    pub fn host() -> Arch {
+    pub(crate) fn host() -> Arch {
         if cfg!(target_arch = "aarch64") {
             Arch::Arm64
         } else {
@@ -206,7 +225,7 @@ impl Arch {
 }
 
 /// Adds the musl standard library of `arch` to the toolchain when it is missing.
-pub fn ensure_static_target(arch: Arch) -> Result<()> {
+pub(crate) fn ensure_static_target(arch: Arch) -> Result<()> {
     let target = arch.static_target();
     let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]))
         .context("could not ask rustup for the installed targets; static builds need rustup")?;

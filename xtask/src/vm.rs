@@ -24,7 +24,7 @@ use crate::{artifacts, cmd, image, packages, toolchain::Arch, workspace_root};
 
 /// A kernel of the matrix: the current cloud kernel of a Debian release, on one
 /// architecture.
-pub struct Kernel {
+pub(crate) struct Kernel {
     /// What `--kernel` takes.
     pub version: &'static str,
     suite: &'static str,
@@ -35,7 +35,7 @@ pub struct Kernel {
 
 impl Kernel {
     /// `5.10 amd64`: the kernel's name in reports and on the terminal.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         format!("{} {}", self.version, self.arch.name())
     }
 
@@ -45,7 +45,7 @@ impl Kernel {
     }
 }
 
-pub const KERNELS: &[Kernel] = &[
+pub(crate) const KERNELS: &[Kernel] = &[
     Kernel { version: "5.10", suite: "bullseye", arch: Arch::Amd64, filter: None },
     Kernel { version: "6.1", suite: "bookworm", arch: Arch::Amd64, filter: None },
     Kernel { version: "5.10", suite: "bullseye", arch: Arch::Arm64, filter: ARM64_FILTER },
@@ -72,7 +72,7 @@ fn vm_timeout(arch: Arch) -> Duration {
 
 /// The kernels named by `--kernel` (`all` or a version of [`KERNELS`]) and `--arch`
 /// (`all`, `amd64` or `arm64`).
-pub fn select(version: &str, arch: &str) -> Result<Vec<&'static Kernel>> {
+pub(crate) fn select(version: &str, arch: &str) -> Result<Vec<&'static Kernel>> {
     let arch = if arch == "all" { None } else { Some(Arch::parse(arch)?) };
     if version != "all" && !KERNELS.iter().any(|k| k.version == version) {
         let mut names: Vec<&str> = KERNELS.iter().map(|k| k.version).collect();
@@ -86,7 +86,7 @@ pub fn select(version: &str, arch: &str) -> Result<Vec<&'static Kernel>> {
         .collect())
 }
 
-pub fn run(kernels: &[&Kernel]) -> Result<()> {
+pub(crate) fn run(kernels: &[&Kernel]) -> Result<()> {
     let arches: Vec<Arch> = Arch::ALL.into_iter().filter(|a| kernels.iter().any(|k| k.arch == *a)).collect();
     packages::ensure(&arches.iter().map(|a| qemu::tool(*a)).collect::<Vec<_>>())?;
     let root = workspace_root();
@@ -206,15 +206,15 @@ fn only_entry(dir: &Path, prefix: &str) -> Result<std::path::PathBuf> {
 mod tests {
     use super::*;
 
-    fn names(kernels: Vec<&Kernel>) -> Vec<String> {
+    fn names(kernels: &[&Kernel]) -> Vec<String> {
         kernels.iter().map(|k| k.name()).collect()
     }
 
     #[test]
     fn selects_by_version_and_architecture() {
-        assert_eq!(names(select("all", "all").unwrap()), ["5.10 amd64", "6.1 amd64", "5.10 arm64", "6.1 arm64"]);
-        assert_eq!(names(select("all", "aarch64").unwrap()), ["5.10 arm64", "6.1 arm64"]);
-        assert_eq!(names(select("6.1", "amd64").unwrap()), ["6.1 amd64"]);
+        assert_eq!(names(&select("all", "all").unwrap()), ["5.10 amd64", "6.1 amd64", "5.10 arm64", "6.1 arm64"]);
+        assert_eq!(names(&select("all", "aarch64").unwrap()), ["5.10 arm64", "6.1 arm64"]);
+        assert_eq!(names(&select("6.1", "amd64").unwrap()), ["6.1 amd64"]);
         assert!(select("4.19", "all").is_err());
         assert!(select("all", "riscv64").is_err());
     }

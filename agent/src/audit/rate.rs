@@ -6,7 +6,7 @@ use std::time::Instant;
 /// can write a burst of `per_second` records and a busy one no more than
 /// `per_second` a second on average.
 #[derive(Debug)]
-pub struct TokenBucket {
+pub(super) struct TokenBucket {
     per_second: f64,
     tokens: f64,
     refilled: Option<Instant>,
@@ -14,13 +14,13 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(per_second: u32) -> TokenBucket {
+    pub(super) fn new(per_second: u32) -> TokenBucket {
         let per_second = f64::from(per_second);
         TokenBucket { per_second, tokens: per_second, refilled: None }
     }
 
     /// Takes a token if one is left at `now`.
-    pub fn try_take(&mut self, now: Instant) -> bool {
+    pub(super) fn try_take(&mut self, now: Instant) -> bool {
         if let Some(then) = self.refilled {
             // An earlier `now` than the last one adds nothing rather than panicking.
             let elapsed = now.saturating_duration_since(then).as_secs_f64();

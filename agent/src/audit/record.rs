@@ -92,53 +92,69 @@ pub const SCHEMA: &str = "metadata-guard.audit/v1";
 ///   "lost_since_last": 0
 /// }
 /// ```
-#[derive(Clone, Debug, Serialize)]
-pub struct AuditRecord<'a> {
-    pub schema: &'static str,
-    pub kind: &'static str,
-    #[serde(serialize_with = "rfc3339_millis")]
-    pub time: SystemTime,
-    pub node: &'a str,
-    pub verdict: &'static str,
-    pub mode: &'a str,
-    pub workload: &'static str,
-    pub namespace: Option<&'a str>,
-    pub pod: Option<&'a str>,
-    pub pod_uid: Option<&'a str>,
-    pub container: Option<&'a str>,
-    pub container_id: Option<&'a str>,
-    pub runtime: Option<&'static str>,
-    pub qos: Option<&'static str>,
-    pub cgroup: Option<&'a str>,
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    default,
+    bound(
+        serialize = "S: Serialize, T: Timestamp",
+        deserialize = "S: Deserialize<'de> + Default, T: Deserialize<'de> + Default"
+    )
+)]
+pub struct Record<S, T> {
+    pub schema: S,
+    pub kind: S,
+    #[serde(serialize_with = "Timestamp::write")]
+    pub time: T,
+    pub node: S,
+    pub verdict: S,
+    pub mode: S,
+    pub workload: S,
+    pub namespace: Option<S>,
+    pub pod: Option<S>,
+    pub pod_uid: Option<S>,
+    pub container: Option<S>,
+    pub container_id: Option<S>,
+    pub runtime: Option<S>,
+    pub qos: Option<S>,
+    pub cgroup: Option<S>,
     pub cgroup_id: u64,
     pub pid: Option<u32>,
-    pub comm: Option<&'a str>,
+    pub comm: Option<S>,
     pub protocol: String,
-    pub family: &'static str,
-    pub destination: IpAddr,
+    pub family: S,
+    /// Always present in a written record; None only in a read-back [`GapRecord`].
+    pub destination: Option<IpAddr>,
     pub port: u16,
-    pub hook: &'static str,
+    pub hook: S,
     pub mapped: bool,
     /// Host-side attempts only: the packet's source address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<IpAddr>,
     pub count: u64,
-    #[serde(serialize_with = "rfc3339_millis")]
-    pub first_seen: SystemTime,
-    #[serde(serialize_with = "rfc3339_millis")]
-    pub last_seen: SystemTime,
+    #[serde(serialize_with = "Timestamp::write")]
+    pub first_seen: T,
+    #[serde(serialize_with = "Timestamp::write")]
+    pub last_seen: T,
     pub suppressed_since_last: u64,
     pub lost_since_last: u64,
     /// Conceal mode, `verdict: "concealed"` only: the refused request's method.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<&'a str>,
+    pub method: Option<S>,
     /// The refused request's normalised path.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<&'a str>,
+    pub path: Option<S>,
     /// The rule that refused it (e.g. `aws-iam-credentials`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<&'a str>,
+    pub rule: Option<S>,
 }
+
+/// A record as the agent writes it.
+pub type AuditRecord<'a> = Record<&'a str, SystemTime>;
+
+/// One line of the trail as a reader gets it back: an [`AuditRecord`] (`kind:
+/// "attempts"`) or a [`GapRecord`] (`kind: "gap"`, whose attempt fields are absent:
+/// their defaults here). For tools and tests that read the trail.
+pub type RecordLine = Record<String, String>;
 
 /// Suppressed attempts or lost events that no [`AuditRecord`] came along to report
 /// within a dedup window (typically: the storm that caused them is over), on a line
@@ -193,7 +209,7 @@ pub struct Tally {
     pub lost_since_last: u64,
 }
 
-impl<'a> AuditRecord<'a> {
+impl<'a> Record<&'a str, SystemTime> {
     /// A record of `latest` and the attempts like it that `tally` counts.
     pub fn new(
         time: SystemTime,
@@ -221,7 +237,7 @@ impl<'a> AuditRecord<'a> {
             pod_uid: pod.map(|p| p.pod_uid.as_str()),
             container: pod.and_then(|p| p.container.as_deref()),
             container_id: pod.and_then(|p| p.container_id.as_deref()),
-            runtime: pod.and_then(|p| p.runtime).map(|r| r.name()),
+            runtime: pod.and_then(|p| p.runtime).map(super::super::pod_identity::Runtime::name),
             qos: pod.map(|p| p.qos.name()),
             cgroup,
             cgroup_id: latest.cgroup_id,
@@ -229,7 +245,7 @@ impl<'a> AuditRecord<'a> {
             comm: (!latest.comm.is_empty()).then_some(latest.comm.as_str()),
             protocol: latest.protocol.name(),
             family: latest.family(),
-            destination: latest.destination,
+            destination: Some(latest.destination),
             port: latest.port,
             hook: latest.hook.name(),
             mapped: latest.mapped,
@@ -249,232 +265,31 @@ impl<'a> AuditRecord<'a> {
 /// The latest time RFC 3339 can write: 9999-12-31T23:59:59.999Z.
 const LAST_WRITABLE: Duration = Duration::from_millis(253_402_300_799_999);
 
-/// Clamps to the range RFC 3339 can express, so that a bogus kernel timestamp
-/// yields an odd date rather than a panic or a lost record.
+/// How a record's times are written: RFC 3339 with milliseconds in UTC.
+pub trait Timestamp {
+    fn write<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error>;
+}
+
+impl Timestamp for SystemTime {
+    /// Clamps to the range RFC 3339 can express, so that a bogus kernel timestamp
+    /// yields an odd date rather than a panic or a lost record.
+    fn write<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        rfc3339_millis(self, serializer)
+    }
+}
+
+/// A read-back line's time: the text as it was written.
+impl Timestamp for String {
+    fn write<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self)
+    }
+}
+
 fn rfc3339_millis<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
     let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let clamped = UNIX_EPOCH + since_epoch.min(LAST_WRITABLE);
     serializer.collect_str(&humantime::format_rfc3339_millis(clamped))
 }
 
-/// One line of the trail as a reader gets it back: an [`AuditRecord`] (`kind:
-/// "attempts"`) or a [`GapRecord`] (`kind: "gap"`, whose attempt fields are absent:
-/// their defaults here). For tools and tests that read the trail.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct RecordLine {
-    pub schema: String,
-    pub kind: String,
-    pub time: String,
-    pub node: String,
-    pub verdict: String,
-    pub mode: String,
-    pub workload: String,
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub pod_uid: Option<String>,
-    pub container: Option<String>,
-    pub container_id: Option<String>,
-    pub runtime: Option<String>,
-    pub qos: Option<String>,
-    pub cgroup: Option<String>,
-    pub cgroup_id: u64,
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub protocol: String,
-    pub family: String,
-    pub destination: Option<IpAddr>,
-    pub port: u16,
-    pub hook: String,
-    pub mapped: bool,
-    /// Host-side attempts only.
-    pub source: Option<IpAddr>,
-    pub count: u64,
-    pub first_seen: String,
-    pub last_seen: String,
-    pub suppressed_since_last: u64,
-    pub lost_since_last: u64,
-    /// `verdict: "concealed"` only: the refused request's method, normalised path and rule.
-    pub method: Option<String>,
-    pub path: Option<String>,
-    pub rule: Option<String>,
-}
-
 #[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use super::*;
-    use crate::{
-        attempt::{Hook, Protocol, Verdict},
-        pod_identity::{PodIdentity, Qos, Runtime},
-    };
-
-    fn at(rfc3339: &str) -> SystemTime {
-        humantime::parse_rfc3339(rfc3339).unwrap()
-    }
-
-    fn sample_workload() -> Workload {
-        Workload::Pod(PodIdentity {
-            namespace: Some("shop".into()),
-            pod: Some("cart-7d9f".into()),
-            pod_uid: "0b3c9a4e-5f7d-4c1e-9d2a-1f6e8b7c5a40".into(),
-            container: Some("app".into()),
-            container_id: Some("3f1c2d".into()),
-            runtime: Some(Runtime::Containerd),
-            qos: Qos::Burstable,
-        })
-    }
-
-    fn sample_attempt() -> Attempt {
-        Attempt {
-            time: at("2024-05-01T12:00:04.900Z"),
-            cgroup_id: 12345,
-            netns_cookie: 7,
-            pid: 4242,
-            tid: 4243,
-            comm: "curl".into(),
-            destination: IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
-            port: 80,
-            protocol: Protocol::Tcp,
-            hook: Hook::Connect4,
-            verdict: Verdict::Blocked,
-            mapped: false,
-            request: None,
-            source: None,
-        }
-    }
-
-    #[test]
-    fn a_concealed_request_names_method_path_and_rule_and_others_do_not() {
-        let workload = sample_workload();
-        let mut attempt = sample_attempt();
-        let tally = Tally {
-            count: 1,
-            first_seen: attempt.time,
-            last_seen: attempt.time,
-            suppressed_since_last: 0,
-            lost_since_last: 0,
-        };
-        let plain = AuditRecord::new(attempt.time, "n", "conceal", &workload, &attempt, tally);
-        let plain = serde_json::to_value(&plain).unwrap();
-        assert!(plain.get("method").is_none() && plain.get("rule").is_none(), "{plain}");
-        attempt.request = Some(crate::attempt::ConcealedRequest {
-            method: "GET".into(),
-            path: "/latest/meta-data/iam/info".into(),
-            rule: "aws-iam-credentials".into(),
-        });
-        let record = AuditRecord::new(attempt.time, "n", "conceal", &workload, &attempt, tally);
-        let record = serde_json::to_value(&record).unwrap();
-        assert_eq!(record["verdict"], "concealed");
-        assert_eq!(record["method"], "GET");
-        assert_eq!(record["path"], "/latest/meta-data/iam/info");
-        assert_eq!(record["rule"], "aws-iam-credentials");
-    }
-
-    /// The JSON blocks of this file's documentation, in order.
-    fn documented_samples() -> Vec<String> {
-        let mut samples = Vec::new();
-        let mut lines = include_str!("record.rs")
-            .lines()
-            .filter_map(|l| l.trim_start().strip_prefix("///"))
-            .map(|l| l.strip_prefix(' ').unwrap_or(l));
-        while lines.any(|l| l == "```json") {
-            samples.push(lines.by_ref().take_while(|l| *l != "```").collect::<Vec<_>>().join("\n"));
-        }
-        samples
-    }
-
-    #[test]
-    fn the_documented_samples_are_what_the_serializer_writes() {
-        let workload = sample_workload();
-        let attempt = sample_attempt();
-        let tally = Tally {
-            count: 3,
-            first_seen: at("2024-05-01T12:00:00.100Z"),
-            last_seen: attempt.time,
-            suppressed_since_last: 0,
-            lost_since_last: 0,
-        };
-        let record = AuditRecord::new(at("2024-05-01T12:00:10.250Z"), "node-a", "enforce", &workload, &attempt, tally);
-        let gap = GapRecord::new(at("2024-05-01T12:00:20.250Z"), "node-a", "enforce", 0, 1024);
-        assert_eq!(
-            documented_samples(),
-            [serde_json::to_string_pretty(&record).unwrap(), serde_json::to_string_pretty(&gap).unwrap()]
-        );
-    }
-
-    #[test]
-    fn unknown_names_are_null_and_a_record_is_one_line() {
-        let mut attempt = sample_attempt();
-        attempt.pid = 0;
-        attempt.comm.clear();
-        let tally = Tally {
-            count: 1,
-            first_seen: attempt.time,
-            last_seen: attempt.time,
-            suppressed_since_last: 0,
-            lost_since_last: 0,
-        };
-        let record = AuditRecord::new(attempt.time, "node-a", "audit", &Workload::Unknown, &attempt, tally);
-        let line = serde_json::to_string(&record).unwrap();
-        assert!(!line.contains('\n'));
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-        for field in
-            ["namespace", "pod", "pod_uid", "container", "container_id", "runtime", "qos", "cgroup", "pid", "comm"]
-        {
-            assert!(value[field].is_null(), "{field} should be null in {line}");
-        }
-        assert_eq!(value["workload"], "unknown");
-    }
-
-    #[test]
-    fn timestamps_out_of_range_are_clamped_not_fatal() {
-        let mut attempt = sample_attempt();
-        attempt.time = UNIX_EPOCH - Duration::from_secs(1);
-        let far_future = UNIX_EPOCH + Duration::from_secs(300_000_000_000);
-        let tally = Tally {
-            count: 1,
-            first_seen: attempt.time,
-            last_seen: far_future,
-            suppressed_since_last: 0,
-            lost_since_last: 0,
-        };
-        let record = AuditRecord::new(far_future, "node-a", "enforce", &Workload::Unknown, &attempt, tally);
-        let value = serde_json::to_value(&record).unwrap();
-        assert_eq!(value["first_seen"], "1970-01-01T00:00:00.000Z");
-        assert_eq!(value["last_seen"], "9999-12-31T23:59:59.999Z");
-    }
-
-    #[test]
-    fn a_written_record_reads_back_field_for_field() {
-        let (attempt, workload) = (sample_attempt(), sample_workload());
-        let tally = Tally {
-            count: 3,
-            first_seen: at("2024-05-01T12:00:00.100Z"),
-            last_seen: attempt.time,
-            suppressed_since_last: 2,
-            lost_since_last: 1,
-        };
-        let record = AuditRecord::new(at("2024-05-01T12:00:10.250Z"), "node-a", "enforce", &workload, &attempt, tally);
-        let line: RecordLine = serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
-        let written = serde_json::to_value(&record).unwrap();
-        let read = serde_json::json!({
-            "schema": line.schema, "kind": line.kind, "time": line.time, "node": line.node,
-            "verdict": line.verdict, "mode": line.mode, "workload": line.workload,
-            "namespace": line.namespace, "pod": line.pod, "pod_uid": line.pod_uid, "container": line.container,
-            "container_id": line.container_id, "runtime": line.runtime, "qos": line.qos, "cgroup": line.cgroup,
-            "cgroup_id": line.cgroup_id, "pid": line.pid, "comm": line.comm, "protocol": line.protocol,
-            "family": line.family, "destination": line.destination, "port": line.port, "hook": line.hook,
-            "mapped": line.mapped, "count": line.count, "first_seen": line.first_seen, "last_seen": line.last_seen,
-            "suppressed_since_last": line.suppressed_since_last, "lost_since_last": line.lost_since_last,
-        });
-        assert_eq!(written, read, "RecordLine must have every field AuditRecord writes");
-        let gap = GapRecord::new(record.time, "node-a", "enforce", 5, 6);
-        let line: RecordLine = serde_json::from_str(&serde_json::to_string(&gap).unwrap()).unwrap();
-        assert_eq!(
-            (line.kind.as_str(), line.suppressed_since_last, line.lost_since_last, line.count),
-            ("gap", 5, 6, 0)
-        );
-    }
-}
+mod tests;

@@ -13,7 +13,7 @@ use std::{
 const MODE: u32 = 0o640;
 
 #[derive(Debug)]
-pub struct RotatingFile {
+pub(super) struct RotatingFile {
     path: PathBuf,
     max_size: u64,
     max_files: u32,
@@ -28,7 +28,7 @@ pub struct RotatingFile {
 
 impl RotatingFile {
     /// Opens `path` for appending, creating it and its directory if need be.
-    pub fn open(path: &Path, max_size: u64, max_files: u32) -> io::Result<RotatingFile> {
+    pub(super) fn open(path: &Path, max_size: u64, max_files: u32) -> io::Result<RotatingFile> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir)?;
         }
@@ -45,13 +45,13 @@ impl RotatingFile {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Appends `line` (which ends in a newline) in one write, first rotating if it
     /// would take the file past `max_size`.
-    pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+    pub(super) fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         let len = line.len() as u64;
         if len > self.max_size {
             return Err(io::Error::new(

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use super::{rotate::RotatingFile, AuditSettings};
 
 #[derive(Debug)]
-pub enum Sink {
+pub(super) enum Sink {
     /// One line per record on stdout; operational logs go to stderr.
     Stdout,
     File(RotatingFile),
@@ -20,7 +20,7 @@ pub enum Sink {
 }
 
 impl Sink {
-    pub fn open(settings: &AuditSettings) -> Result<Sink> {
+    pub(super) fn open(settings: &AuditSettings) -> Result<Sink> {
         let Some(path) = &settings.log_file else {
             return Ok(Sink::Stdout);
         };
@@ -34,7 +34,7 @@ impl Sink {
     }
 
     /// Writes `line`, which ends in a newline, whole.
-    pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+    pub(super) fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         match self {
             Sink::Stdout => {
                 let mut out = io::stdout().lock();

@@ -25,9 +25,9 @@ struct Node {
 }
 
 impl Node {
-    fn new(settings: AuditSettings) -> Node {
+    fn new(settings: &AuditSettings) -> Node {
         Node {
-            auditor: Auditor::with_sink(&settings, "node-a".into(), "enforce".into(), Sink::Memory(Vec::new())),
+            auditor: Auditor::with_sink(settings, "node-a".into(), "enforce".into(), Sink::Memory(Vec::new())),
             start: Instant::now(),
             wall: humantime::parse_rfc3339("2024-05-01T12:00:00Z").unwrap(),
         }
@@ -98,7 +98,7 @@ fn sum(records: &[Value], field: &str) -> u64 {
 
 #[test]
 fn first_attempt_is_written_at_once_with_every_identity_field() {
-    let mut node = Node::new(AuditSettings::default());
+    let mut node = Node::new(&AuditSettings::default());
     node.attempt(secs(1.0), &pod("uid-1", "app"), connect(METADATA, 80));
 
     let records = node.records();
@@ -137,7 +137,7 @@ fn first_attempt_is_written_at_once_with_every_identity_field() {
 
 #[test]
 fn repeated_attempts_in_one_window_make_one_follow_up_record() {
-    let mut node = Node::new(AuditSettings::default());
+    let mut node = Node::new(&AuditSettings::default());
     let app = pod("uid-1", "app");
     for at in [0.0, 1.0, 2.0, 3.0, 9.5] {
         node.attempt(secs(at), &app, connect(METADATA, 80));
@@ -160,7 +160,7 @@ fn repeated_attempts_in_one_window_make_one_follow_up_record() {
 
 #[test]
 fn a_lone_attempt_gets_no_follow_up_record() {
-    let mut node = Node::new(AuditSettings::default());
+    let mut node = Node::new(&AuditSettings::default());
     node.attempt(secs(0.0), &pod("uid-1", "app"), connect(METADATA, 80));
     node.tick(secs(60.0));
     node.auditor.flush_all();
@@ -169,7 +169,7 @@ fn a_lone_attempt_gets_no_follow_up_record() {
 
 #[test]
 fn different_destinations_ports_protocols_and_containers_are_separate_records() {
-    let mut node = Node::new(AuditSettings::default());
+    let mut node = Node::new(&AuditSettings::default());
     let metadata_v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254));
     let mut udp = connect(METADATA, 80);
     udp.protocol = Protocol::Udp;
@@ -190,7 +190,7 @@ fn different_destinations_ports_protocols_and_containers_are_separate_records() 
 
 #[test]
 fn host_process_record_names_its_cgroup() {
-    let mut node = Node::new(AuditSettings::default());
+    let mut node = Node::new(&AuditSettings::default());
     let host = Workload::Host { cgroup_path: "/system.slice/cloud-init.service".into() };
     node.attempt(secs(0.0), &host, connect(METADATA, 80));
 
@@ -204,7 +204,7 @@ fn host_process_record_names_its_cgroup() {
 
 #[test]
 fn lost_events_and_mode_changes_show_in_the_next_record() {
-    let mut node = Node::new(AuditSettings::default());
+    let mut node = Node::new(&AuditSettings::default());
     node.auditor.report_lost(5);
     node.auditor.report_lost(2);
     node.auditor.set_mode("audit");

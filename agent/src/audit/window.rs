@@ -14,7 +14,7 @@ use crate::{
 /// What makes two attempts the same for the audit trail. Fields not in the key
 /// (pid, comm, hook, mapped) are reported from the latest attempt.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Key {
+pub(super) struct Key {
     source: Source,
     destination: IpAddr,
     port: u16,
@@ -40,7 +40,7 @@ enum Source {
 }
 
 impl Key {
-    pub fn of(attempt: &Attempt, workload: &Workload) -> Key {
+    pub(super) fn of(attempt: &Attempt, workload: &Workload) -> Key {
         let source = match workload {
             Workload::Pod(pod) => Source::Pod {
                 pod_uid: pod.pod_uid.clone(),
@@ -64,7 +64,7 @@ impl Key {
 
 /// One key's open window.
 #[derive(Debug)]
-pub struct Window {
+pub(super) struct Window {
     opened: Instant,
     pub workload: Workload,
     /// The most recent attempt, which speaks for the others in the record.
@@ -87,7 +87,7 @@ impl Window {
         }
     }
 
-    pub fn absorb(&mut self, attempt: &Attempt) {
+    pub(super) fn absorb(&mut self, attempt: &Attempt) {
         // Ring-buffer events from different CPUs can arrive slightly out of order.
         if self.unreported == 0 {
             self.first_seen = attempt.time;
@@ -101,14 +101,14 @@ impl Window {
     }
 
     /// A record now counts every attempt absorbed so far.
-    pub fn reported(&mut self) {
+    pub(super) fn reported(&mut self) {
         self.unreported = 0;
     }
 }
 
 /// The open windows, at most `capacity` of them, closed oldest first.
 #[derive(Debug)]
-pub struct Windows {
+pub(super) struct Windows {
     open: HashMap<Key, Window>,
     /// Keys in the order their windows opened. All windows are equally long, so
     /// this is also the order in which they end.
@@ -118,28 +118,28 @@ pub struct Windows {
 }
 
 impl Windows {
-    pub fn new(length: Duration, capacity: usize) -> Windows {
+    pub(super) fn new(length: Duration, capacity: usize) -> Windows {
         Windows { open: HashMap::new(), order: VecDeque::new(), length, capacity }
     }
 
-    pub fn get_mut(&mut self, key: &Key) -> Option<&mut Window> {
+    pub(super) fn get_mut(&mut self, key: &Key) -> Option<&mut Window> {
         self.open.get_mut(key)
     }
 
-    pub fn is_full(&self) -> bool {
+    pub(super) fn is_full(&self) -> bool {
         self.open.len() >= self.capacity
     }
 
     /// Opens `key`'s window with `attempt` in it. The caller checks that `key` has
     /// no window and that there is room.
-    pub fn open(&mut self, key: Key, now: Instant, workload: &Workload, attempt: &Attempt) -> &mut Window {
+    pub(super) fn open(&mut self, key: Key, now: Instant, workload: &Workload, attempt: &Attempt) -> &mut Window {
         debug_assert!(!self.is_full() && !self.open.contains_key(&key));
         self.order.push_back(key.clone());
         self.open.entry(key).insert_entry(Window::new(now, workload, attempt)).into_mut()
     }
 
     /// Removes the oldest window if it has ended by `now`.
-    pub fn pop_ended(&mut self, now: Instant) -> Option<Window> {
+    pub(super) fn pop_ended(&mut self, now: Instant) -> Option<Window> {
         let front = self.order.front()?;
         if self.open[front].opened + self.length > now {
             return None;
@@ -148,12 +148,12 @@ impl Windows {
     }
 
     /// Removes the oldest window, ended or not.
-    pub fn pop_oldest(&mut self) -> Option<Window> {
+    pub(super) fn pop_oldest(&mut self) -> Option<Window> {
         let key = self.order.pop_front()?;
         self.open.remove(&key)
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.open.len()
     }
 }

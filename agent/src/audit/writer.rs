@@ -19,17 +19,17 @@ use super::{
 
 /// The rate cap refused a record; its attempts are still the caller's to account for.
 #[derive(Debug)]
-pub struct Capped;
+pub(super) struct Capped;
 
 /// Why attempts ended up in no record's count.
 #[derive(Clone, Copy, Debug)]
-pub enum Suppression {
+pub(super) enum Suppression {
     RateLimit,
     KeyLimit,
 }
 
 #[derive(Debug)]
-pub struct Writer {
+pub(super) struct Writer {
     node: String,
     mode: String,
     bucket: TokenBucket,
@@ -46,7 +46,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn new(node: String, mode: String, rate_limit: u32, sink: Sink) -> Writer {
+    pub(super) fn new(node: String, mode: String, rate_limit: u32, sink: Sink) -> Writer {
         Writer {
             node,
             mode,
@@ -62,19 +62,19 @@ impl Writer {
     }
 
     /// Why records cannot be written right now; `None` while they can.
-    pub fn failing(&self) -> Option<&str> {
+    pub(super) fn failing(&self) -> Option<&str> {
         self.failing.as_deref()
     }
 
-    pub fn set_mode(&mut self, mode: String) {
+    pub(super) fn set_mode(&mut self, mode: String) {
         self.mode = mode;
     }
 
-    pub fn report_lost(&mut self, events: u64) {
+    pub(super) fn report_lost(&mut self, events: u64) {
         self.lost_since_last = self.lost_since_last.saturating_add(events);
     }
 
-    pub fn suppress(&mut self, attempts: u64, why: Suppression) {
+    pub(super) fn suppress(&mut self, attempts: u64, why: Suppression) {
         self.suppressed_since_last += attempts;
         match why {
             Suppression::RateLimit => self.stats.attempts_rate_limited += attempts,
@@ -84,7 +84,7 @@ impl Writer {
 
     /// Writes a record of `window`'s unreported attempts if the rate cap allows one
     /// at `now`.
-    pub fn write_capped(&mut self, window: &Window, now: Instant) -> Result<(), Capped> {
+    pub(super) fn write_capped(&mut self, window: &Window, now: Instant) -> Result<(), Capped> {
         if !self.bucket.try_take(now) {
             return Err(Capped);
         }
@@ -94,7 +94,7 @@ impl Writer {
 
     /// Writes a record of `window`'s unreported attempts, whatever the cap says.
     /// Attempts whose record fails to be written are handed on to the next record.
-    pub fn write(&mut self, window: &Window) {
+    pub(super) fn write(&mut self, window: &Window) {
         let tally = Tally {
             count: window.unreported,
             first_seen: window.first_seen,
@@ -113,7 +113,7 @@ impl Writer {
 
     /// Writes a [`GapRecord`] if suppressed or lost counts have waited `patience`
     /// for a record to carry them and the cap allows.
-    pub fn write_overdue_gap(&mut self, now: Instant, patience: Duration) {
+    pub(super) fn write_overdue_gap(&mut self, now: Instant, patience: Duration) {
         if self.suppressed_since_last == 0 && self.lost_since_last == 0 {
             return;
         }
@@ -124,7 +124,7 @@ impl Writer {
     }
 
     /// Writes a [`GapRecord`] of any suppressed or lost counts, whatever the cap says.
-    pub fn write_gap(&mut self) {
+    pub(super) fn write_gap(&mut self) {
         if self.suppressed_since_last == 0 && self.lost_since_last == 0 {
             return;
         }

@@ -72,7 +72,7 @@ impl HostSockets {
 
     /// Listens on `addr` in the host namespace.
     pub async fn listen(&self, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-        let where_ = self.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "the agent's own".into());
+        let where_ = self.netns.as_ref().map_or_else(|| "the agent's own".into(), |p| p.display().to_string());
         let socket = self.tcp(&addr).await?;
         socket.set_reuseaddr(true)?;
         socket.bind(addr).with_context(|| {

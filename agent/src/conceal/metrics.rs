@@ -45,14 +45,14 @@ impl ConcealMetrics {
 
     pub fn request(&self, outcome: &Outcome) {
         let (result, cloud, class) = match &outcome.decision {
-            Decision::Pass { cloud, class, .. } => ("passed", cloud.map(|c| c.name()).unwrap_or("any"), *class),
+            Decision::Pass { cloud, class, .. } => ("passed", cloud.map_or("any", super::clouds::Cloud::name), *class),
             Decision::Refuse { .. } => ("refused", "", ""),
         };
         let (mut namespace, mut pod) = match &outcome.workload {
             Workload::Pod(p) => (p.namespace.clone().unwrap_or_default(), p.pod.clone().unwrap_or_default()),
             _ => (String::new(), String::new()),
         };
-        let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pods = self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !pods.contains(&(namespace.clone(), pod.clone())) {
             if pods.len() >= MAX_PODS {
                 namespace.clear();

@@ -110,9 +110,9 @@ mod tests {
     #[test]
     fn the_default_preset_redirects_every_known_http_endpoint_but_not_wireserver() {
         let rules: Vec<BlockRule> = Preset::Default.rules();
-        let eps: Vec<String> = endpoints(&rules).iter().map(|e| e.to_string()).collect();
+        let eps: Vec<String> = endpoints(&rules).iter().map(std::string::ToString::to_string).collect();
         assert_eq!(eps, ["169.254.169.254:80", "[fd00:ec2::254]:80", "100.100.100.200:80", "192.0.0.192:80"]);
-        let gcp: Vec<String> = endpoints(&Preset::Gcp.rules()).iter().map(|e| e.to_string()).collect();
+        let gcp: Vec<String> = endpoints(&Preset::Gcp.rules()).iter().map(std::string::ToString::to_string).collect();
         assert_eq!(gcp, ["169.254.169.254:80"]);
     }
 
@@ -121,7 +121,7 @@ mod tests {
         let extra = |paths: &[&str]| ExtraPaths {
             namespace: "*".parse().unwrap(),
             pod: "*".parse().unwrap(),
-            paths: paths.iter().map(|p| p.to_string()).collect(),
+            paths: paths.iter().map(std::string::ToString::to_string).collect(),
         };
         assert!(extra(&["/latest/meta-data/iam/info", "/computeMetadata/v1/instance/attributes/**"])
             .validate()

@@ -16,7 +16,7 @@ impl KernelPeers {
 
 impl Peers for KernelPeers {
     fn origin(&self, peer: SocketAddr) -> Option<Origin> {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let record = map.get(&sock_key(&peer), 0).ok()?;
         Some(Origin { cgroup_id: record.cgroup_id, destination: sock_addr(&record.destination) })
     }

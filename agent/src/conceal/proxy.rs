@@ -121,15 +121,15 @@ impl Proxy {
     }
 
     pub fn endpoints(&self) -> Vec<SocketAddr> {
-        self.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.endpoints.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn set_endpoints(&self, endpoints: Vec<SocketAddr>) {
-        *self.endpoints.write().unwrap_or_else(|e| e.into_inner()) = endpoints;
+        *self.endpoints.write().unwrap_or_else(std::sync::PoisonError::into_inner) = endpoints;
     }
 
     pub fn set_extras(&self, extras: Vec<ExtraPaths>) {
-        *self.extras.write().unwrap_or_else(|e| e.into_inner()) = extras;
+        *self.extras.write().unwrap_or_else(std::sync::PoisonError::into_inner) = extras;
     }
 
     /// Accepts and serves connections until `shutdown` turns true.
@@ -159,7 +159,9 @@ impl Proxy {
 
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let known = |o: &Origin| self.endpoints.read().unwrap_or_else(|e| e.into_inner()).contains(&o.destination);
+        let known = |o: &Origin| {
+            self.endpoints.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&o.destination)
+        };
         let Some(origin) = self.peers.origin(peer).filter(known) else {
             // Not redirected by the kernel (a direct connection, or the record is gone):
             // nobody to answer for, nothing to forward to.
@@ -167,14 +169,10 @@ impl Proxy {
             return;
         };
         let workload = (self.identify)(origin.cgroup_id);
-        let _permit = match self.pod_permit(&workload, origin.cgroup_id) {
-            Some(p) => p,
-            None => {
-                let _ =
-                    serve_one_refusal(stream, StatusCode::SERVICE_UNAVAILABLE, "too many connections from this pod")
-                        .await;
-                return;
-            }
+        let Some(_permit) = self.pod_permit(&workload, origin.cgroup_id) else {
+            let _ =
+                serve_one_refusal(stream, StatusCode::SERVICE_UNAVAILABLE, "too many connections from this pod").await;
+            return;
         };
         let conn = ConnCtx { proxy: self.clone(), origin, workload: Arc::new(workload) };
         let service = service_fn(move |req| {
@@ -198,7 +196,7 @@ impl Proxy {
             Workload::Pod(p) => p.pod_uid.clone(),
             _ => format!("cgroup:{cgroup_id}"),
         };
-        let mut map = self.per_pod.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.per_pod.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Forget pods with nothing open, so the map follows the pods that are active.
         map.retain(|_, s| s.available_permits() < PER_POD_CONNECTIONS);
         let sem = map.entry(key).or_insert_with(|| Arc::new(Semaphore::new(PER_POD_CONNECTIONS))).clone();
@@ -239,7 +237,7 @@ impl ConnCtx {
             workload: (*self.workload).clone(),
             destination: self.origin.destination,
             method,
-            path: path.map(|p| p.to_upstream()).unwrap_or(target),
+            path: path.map_or(target, |p| p.to_upstream()),
             decision,
             status: response.status().as_u16(),
             elapsed: started.elapsed(),
@@ -266,7 +264,7 @@ impl ConnCtx {
         };
         let headers = req.headers();
         let lookup = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let extras = self.proxy.extras.read().unwrap_or_else(|e| e.into_inner());
+        let extras = self.proxy.extras.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mine: Vec<&ExtraPaths> = match &*self.workload {
             Workload::Pod(p) => match (&p.namespace, &p.pod) {
                 (Some(ns), Some(pod)) => extras.iter().filter(|e| e.applies_to(ns, pod)).collect(),

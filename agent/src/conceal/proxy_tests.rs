@@ -68,10 +68,10 @@ async fn harness(record: bool) -> Harness {
     ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_addr = listener.local_addr().unwrap();
-    let (_tx, rx) = watch::channel(false);
+    let (keep_open, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let _keep = _tx;
-        proxy.serve(listener, rx).await
+        let _keep = keep_open;
+        proxy.serve(listener, rx).await;
     });
     Harness { proxy_addr, seen, outcomes }
 }

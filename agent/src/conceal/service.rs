@@ -134,7 +134,7 @@ impl Conceal {
         }
         let redirect_to = bound.as_ref().filter(|_| config.mode == Mode::Conceal).map(|b| b.addr);
         {
-            let mut guard = ctx.guard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             guard
                 .set_conceal(redirect_to, &endpoints)
                 .context("could not write the conceal settings into the kernel")?;
@@ -164,7 +164,7 @@ impl Conceal {
     ) -> Result<Bound> {
         let sockets = HostSockets::new(self.host_netns.as_deref())?;
         let listener = sockets.listen(addr).await?;
-        let peers = ctx.guard.lock().unwrap_or_else(|e| e.into_inner()).conceal_peers()?;
+        let peers = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).conceal_peers()?;
         let resolver = Mutex::new(PodResolver::new(
             ctx.cgroup.clone(),
             config.pod_logs_dir.clone(),
@@ -190,7 +190,9 @@ impl Conceal {
         };
         let proxy = Arc::new(Proxy::new(
             Arc::new(KernelPeers::new(peers)),
-            Arc::new(move |cgroup_id| resolver.lock().unwrap_or_else(|e| e.into_inner()).resolve(cgroup_id)),
+            Arc::new(move |cgroup_id| {
+                resolver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).resolve(cgroup_id)
+            }),
             Arc::new(report),
             endpoints(&config.block),
             config.conceal.extra_paths.clone(),
@@ -205,7 +207,7 @@ impl Conceal {
 
 /// Copies the kernel's redirect counters into metrics.
 fn publish_counters(ctx: &Context, metrics: &ConcealMetrics) {
-    let counters = ctx.guard.lock().unwrap_or_else(|e| e.into_inner()).conceal_counters();
+    let counters = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).conceal_counters();
     match counters {
         Ok(values) => metrics.kernel_counters(&values),
         Err(e) => warn!("could not read the conceal counters: {e:#}"),

@@ -143,7 +143,7 @@ impl Pipeline {
 
 /// Events the kernel could not queue, from its counters.
 fn lost_events(ctx: &Context) -> Option<u64> {
-    let guard = ctx.guard.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     match guard.counters() {
         Ok(values) => Some(values[counters::EVENTS_LOST as usize]),
         Err(e) => {

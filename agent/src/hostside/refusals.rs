@@ -132,7 +132,7 @@ impl RefusalReader {
 
 /// Destination, IP protocol and destination port (0 without one) of a packet from
 /// its network header.
-pub fn decode(family: u8, pkt: &[u8]) -> Option<(IpAddr, u8, u16)> {
+pub(super) fn decode(family: u8, pkt: &[u8]) -> Option<(IpAddr, u8, u16)> {
     let (dest, mut proto, mut offset) = if family == NFPROTO_IPV4 {
         let ihl = (*pkt.first()? & 0x0f) as usize * 4;
         let dest = Ipv4Addr::from(<[u8; 4]>::try_from(pkt.get(16..20)?).ok()?);

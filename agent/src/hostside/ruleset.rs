@@ -120,7 +120,7 @@ fn merge<T: Copy + Ord + num::Bounded>(mut ranges: Vec<(T, T)>) -> Vec<(T, T)> {
 }
 
 mod num {
-    pub trait Bounded {
+    pub(super) trait Bounded {
         const MAX: Self;
         fn succ(self) -> Self;
     }
@@ -140,11 +140,11 @@ mod num {
 
 /// A range as interval-set keys: the start, and the first address after it (no end
 /// element when the range reaches the top of the address space).
-pub fn interval_keys_v4((start, end): (u32, u32)) -> (Vec<u8>, Option<Vec<u8>>) {
+pub(super) fn interval_keys_v4((start, end): (u32, u32)) -> (Vec<u8>, Option<Vec<u8>>) {
     (Ipv4Addr::from(start).octets().to_vec(), end.checked_add(1).map(|e| Ipv4Addr::from(e).octets().to_vec()))
 }
 
-pub fn interval_keys_v6((start, end): (u128, u128)) -> (Vec<u8>, Option<Vec<u8>>) {
+pub(super) fn interval_keys_v6((start, end): (u128, u128)) -> (Vec<u8>, Option<Vec<u8>>) {
     (Ipv6Addr::from(start).octets().to_vec(), end.checked_add(1).map(|e| Ipv6Addr::from(e).octets().to_vec()))
 }
 

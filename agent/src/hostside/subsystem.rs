@@ -61,7 +61,7 @@ impl Hostside {
                 }
                 _ = tick.tick() => {}
             }
-            let mut host = ctx.host.lock().unwrap_or_else(|e| e.into_inner());
+            let mut host = ctx.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let outcome = check(&mut host, &ctx, &mut pending);
             drop(host);
             match outcome {

@@ -6,7 +6,7 @@
 //!   set allow_if      { type ifindex }            host-side interfaces of allowlisted pods
 //!   set d4_N, d6_N    { interval }                destinations of rule shape N
 //!   set p_N           { type inet_service }       ports of rule shape N (when it lists some)
-//!   chain input   { hook input   priority 0 }     jump judge
+//!   chain input   { hook input   priority 101 }   jump judge
 //!   chain forward { hook forward priority 0 }     jump judge
 //!   chain output  { hook output  priority 0 }     packets with a socket: accept; else jump judge
 //!   chain judge                                   from lo: accept; per shape: match → jump refuse
@@ -14,8 +14,12 @@
 //!                                                 count, log (rate-limited), reject / accept
 //! ```
 //!
-//! Filter priority 0 runs after destination NAT (prerouting, -100), so the chains
-//! see the address a packet will finally be delivered or forwarded to.
+//! Every chain runs after destination NAT (prerouting, -100), so it sees the address
+//! a packet will finally be delivered or forwarded to. `input` runs later still:
+//! IPVS rewrites in `input` itself (priority 98/99) and, for a real server that is a
+//! local address, lets the packet go on there; a chain before it would judge only
+//! the virtual address. (For other real servers IPVS sends the packet through
+//! `output`, socket-less, where the output chain judges it.)
 
 use metadata_guard_netfilter::nftables::*;
 
@@ -23,19 +27,25 @@ use super::ruleset::{interval_keys_v4, interval_keys_v6, Ports, Shape};
 
 pub const TABLE: &str = "metadata_guard";
 /// The NFLOG group refused packets are copied to.
-pub const LOG_GROUP: u16 = 9965;
-pub const LOG_PREFIX_BLOCKED: &str = "metadata-guard blocked";
-pub const LOG_PREFIX_AUDITED: &str = "metadata-guard audited";
+pub(super) const LOG_GROUP: u16 = 9965;
+pub(super) const LOG_PREFIX_BLOCKED: &str = "metadata-guard blocked";
+pub(super) const LOG_PREFIX_AUDITED: &str = "metadata-guard audited";
 /// Bytes of each logged packet: enough for the IPv6 header and the ports after it.
-pub const LOG_SNAPLEN: u32 = 96;
+pub(super) const LOG_SNAPLEN: u32 = 96;
 /// Logged packets per second, with this burst; beyond it packets are still refused
 /// and counted, only not copied to the agent.
-pub const LOG_RATE: u64 = 200;
-pub const LOG_BURST: u32 = 400;
+pub(super) const LOG_RATE: u64 = 200;
+pub(super) const LOG_BURST: u32 = 400;
 pub const COUNTERS: [&str; 3] = ["blocked", "audited", "exempt"];
-pub const BASE_CHAINS: [(&str, u32); 3] =
-    [("input", NF_INET_LOCAL_IN), ("forward", NF_INET_FORWARD), ("output", NF_INET_LOCAL_OUT)];
+/// The filter priority (0) everywhere but `input`.
 const FILTER_PRIORITY: i32 = 0;
+/// After IPVS's `LOCAL_IN` hooks (`NF_IP_PRI_NAT_SRC - 2` and `- 1`) and source NAT (100).
+const INPUT_PRIORITY: i32 = 101;
+pub(super) const BASE_CHAINS: [(&str, u32, i32); 3] = [
+    ("input", NF_INET_LOCAL_IN, INPUT_PRIORITY),
+    ("forward", NF_INET_FORWARD, FILTER_PRIORITY),
+    ("output", NF_INET_LOCAL_OUT, FILTER_PRIORITY),
+];
 /// The loopback device has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 const IPV4_DADDR_OFFSET: u32 = 16;
@@ -52,7 +62,7 @@ const TCP_ACK: u8 = 0x10;
 
 /// Everything the table holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Content {
+pub(super) struct Content {
     pub shapes: Vec<Shape>,
     pub audit: bool,
     /// Host-side interface indexes of allowlisted pods.
@@ -64,7 +74,7 @@ pub struct Content {
 /// One transaction that replaces the table (or creates it) with `content`: it is
 /// created first if missing so the delete cannot fail, then deleted and rebuilt.
 /// Packets see the old table or the new one, never neither.
-pub fn replace(content: &Content) -> Batch {
+pub(super) fn replace(content: &Content) -> Batch {
     let mut b = Batch::new(NFPROTO_INET);
     b.add_table(TABLE).del_table(TABLE);
     build(&mut b, TABLE, content);
@@ -73,7 +83,7 @@ pub fn replace(content: &Content) -> Batch {
 
 /// The same layout under a throwaway name, created and deleted in one transaction:
 /// the kernel checks (and loads the modules for) every expression, and nothing stays.
-pub fn probe(content: &Content) -> Batch {
+pub(super) fn probe(content: &Content) -> Batch {
     const PROBE_TABLE: &str = "metadata_guard_probe";
     let mut b = Batch::new(NFPROTO_INET);
     build(&mut b, PROBE_TABLE, content);
@@ -82,7 +92,7 @@ pub fn probe(content: &Content) -> Batch {
 }
 
 /// The table deleted (only valid when it exists).
-pub fn delete() -> Batch {
+pub(super) fn delete() -> Batch {
     let mut b = Batch::new(NFPROTO_INET);
     b.del_table(TABLE);
     b
@@ -106,8 +116,8 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
 
     b.add_chain(t, "refuse", None);
     b.add_chain(t, "judge", None);
-    for (name, hook) in BASE_CHAINS {
-        b.add_chain(t, name, Some(("filter", hook, FILTER_PRIORITY)));
+    for (name, hook, priority) in BASE_CHAINS {
+        b.add_chain(t, name, Some(("filter", hook, priority)));
     }
     refuse_rules(b, t, c.audit);
     b.add_rule(t, "judge", &[meta(NFT_META_IIF), cmp_eq(&LOOPBACK_IFINDEX.to_ne_bytes()), Expr::verdict(NF_ACCEPT)]);

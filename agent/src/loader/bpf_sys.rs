@@ -38,7 +38,7 @@ fn zeroed_attr() -> bpf_attr {
 
 /// Opens a pinned BPF object (link, program or map): `BPF_OBJ_GET`, which needs only
 /// read and write access to the pin's file.
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let mut attr = zeroed_attr();
     attr.__bindgen_anon_4.pathname = c.as_ptr() as u64;
@@ -49,7 +49,7 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 
 /// What a cgroup link holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CgroupLink {
+pub(super) struct CgroupLink {
     pub id: u32,
     /// The program the link runs now.
     pub prog_id: u32,
@@ -57,7 +57,7 @@ pub struct CgroupLink {
 }
 
 /// `BPF_OBJ_GET_INFO_BY_FD` on a link; fails with `EINVAL` when it is not a cgroup link.
-pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
+pub(super) fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
     // SAFETY: plain old data, all zeroes is valid.
     let mut info: bpf_link_info = unsafe { mem::zeroed() };
     let mut attr = zeroed_attr();
@@ -79,7 +79,7 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
 /// Makes the link run `new_prog`, in one step: every hook invocation sees either the
 /// old or the new program, never none. With `expected_old`, only if the link still
 /// runs that program (`BPF_F_REPLACE`); otherwise `EPERM`.
-pub fn link_update(
+pub(super) fn link_update(
     link: BorrowedFd<'_>,
     new_prog: BorrowedFd<'_>,
     expected_old: Option<BorrowedFd<'_>>,
@@ -97,7 +97,7 @@ pub fn link_update(
 /// Detaches a link now (`BPF_LINK_DETACH`, 5.9+). Unlinking a link's last pin detaches
 /// it too, but only once bpffs frees the inode after an RCU grace period: a caller that
 /// must know the hook is empty when it returns (uninstall) detaches first.
-pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+pub(super) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = zeroed_attr();
     attr.link_detach.link_fd = link.as_raw_fd() as u32;
     sys_bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr).map(drop)

@@ -15,6 +15,7 @@ mod bpf_sys;
 mod conceal_maps;
 pub mod health;
 pub mod netns_cookie;
+mod object;
 pub mod origin;
 pub mod pins;
 mod policy_maps;
@@ -32,7 +33,7 @@ use anyhow::{bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::ProgramInfo,
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 pub use conceal_maps::{sock_addr, sock_key, ConcealPeers};
 use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES};
@@ -66,6 +67,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     map_names::CONCEAL_COUNTERS,
 ];
 
+pub use object::{load, verify_object, Loaded};
 pub use programs::ATTACHMENTS;
 
 pub struct InstallOptions<'a> {
@@ -107,22 +109,19 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Loads, fills and attaches (or adopts) the guard. `policy` and `mode` are in
+    /// Fills and attaches (or adopts) the loaded guard. `policy` and `mode` are in
     /// force before any program is attached.
-    pub fn install(opts: &InstallOptions<'_>, policy: &CompiledPolicy, mode: u32) -> Result<(Guard, InstallReport)> {
+    pub fn install(
+        loaded: Loaded,
+        opts: &InstallOptions<'_>,
+        policy: &CompiledPolicy,
+        mode: u32,
+    ) -> Result<(Guard, InstallReport)> {
         let pins = opts.pins;
-        for dir in [pins.maps_dir(), pins.links_dir(), pins.programs_dir()] {
+        for dir in [pins.links_dir(), pins.programs_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("could not create pin directory {}", dir.display()))?;
         }
-        let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|&name| (name, pins.map(name))).collect();
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(OBJECT).context(
-            "could not load the kernel object (maps); is this a 5.10+ kernel with BPF enabled, and do we have \
-             CAP_BPF/CAP_SYS_ADMIN? `metadata-guard check` tells",
-        )?;
+        let mut ebpf = loaded.ebpf;
         let cgroup_id = crate::cgroup::id(opts.cgroup)?;
 
         let sockopt = match opts.cookie_mechanism {
@@ -249,22 +248,6 @@ impl Guard {
         drop(self.ebpf);
         remove_pins(&dir)
     }
-}
-
-/// Loads the embedded object as `run` does (maps created, every program verified)
-/// without pinning or attaching anything; all of it is freed on return. `check` uses
-/// it to prove this process's privileges are enough.
-pub fn verify_object() -> Result<()> {
-    let mut ebpf = EbpfLoader::new().load(OBJECT).context("could not create the guard's maps")?;
-    for attachment in &ATTACHMENTS {
-        programs::load(&mut ebpf, attachment)?;
-    }
-    let probe: &mut aya::programs::CgroupSockAddr = ebpf
-        .program_mut(metadata_guard_common::program_names::NETNS_PROBE)
-        .context("the kernel object has no netns probe program")?
-        .try_into()?;
-    probe.load().context("the kernel's verifier refused the netns probe program")?;
-    Ok(())
 }
 
 /// Where a pin is staged before a rename puts it in place: beside it, without a dot

@@ -120,7 +120,7 @@ fn probe_from(ebpf: &mut Ebpf, cgroup: &Path, netns: Option<&Path>) -> Result<u6
             0,
             NetnsProbe {
                 token_ip4: u32::from(*token.ip()).to_be(),
-                token_port: token.port().to_be() as u32,
+                token_port: u32::from(token.port().to_be()),
                 cookie: 0,
             },
             0,

@@ -61,7 +61,7 @@ pub fn read(layout: &PinLayout, which: &str) -> Option<Origin> {
 }
 
 fn read_dir(version_dir: &Path, which: &str) -> Option<Origin> {
-    let entry = fs::read_dir(version_dir.join(which)).ok()?.filter_map(|e| e.ok()).next()?;
+    let entry = fs::read_dir(version_dir.join(which)).ok()?.filter_map(std::result::Result::ok).next()?;
     let name = entry.file_name().into_string().ok()?;
     let (command, version) = name.split_once('@')?;
     Some(Origin { command: command.to_string(), version: version.replace('_', ".") })

@@ -58,7 +58,7 @@ impl PinLayout {
     pub fn other_versions(&self) -> Vec<PathBuf> {
         let Ok(entries) = fs::read_dir(&self.root) else { return Vec::new() };
         entries
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .map(|e| e.path())
             .filter(|p| p != &self.dir && p.file_name().and_then(|n| n.to_str()).is_some_and(is_version_dir))
             .collect()
@@ -70,7 +70,7 @@ fn is_version_dir(name: &str) -> bool {
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// Makes sure `root` exists on a bpffs, mounting bpffs on its parent when the parent

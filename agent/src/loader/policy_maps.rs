@@ -17,7 +17,7 @@ use metadata_guard_common::{
 
 use crate::policy::CompiledPolicy;
 
-pub fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_netns_cookie: u64) -> Result<()> {
+pub(super) fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_netns_cookie: u64) -> Result<()> {
     let current: Settings = settings(ebpf)?.get(&0, 0).context("could not read the guard's settings")?;
     let (filter4, filter6) = prefilters(policy);
     let new_filters = [(AF_INET, filter4), (AF_INET6, filter6)];
@@ -63,7 +63,7 @@ fn write_prefilter(ebpf: &mut Ebpf, family: u8, filter: &Prefilter) -> Result<()
 }
 
 /// The (v4, v6) prefilters: every prefix of the policy marks the leads it covers.
-pub fn prefilters(policy: &CompiledPolicy) -> (Box<Prefilter>, Box<Prefilter>) {
+pub(super) fn prefilters(policy: &CompiledPolicy) -> (Box<Prefilter>, Box<Prefilter>) {
     let mut v4 = Box::<Prefilter>::default();
     for (net, _) in &policy.v4 {
         v4.add(&net.network().octets(), net.prefix_len());
@@ -80,7 +80,7 @@ fn settings(ebpf: &mut Ebpf) -> Result<Array<&mut MapData, Settings>> {
 }
 
 /// The (v4, v6) map names of policy pair `index`.
-pub fn pair(index: u32) -> (&'static str, &'static str) {
+pub(super) fn pair(index: u32) -> (&'static str, &'static str) {
     if index == 0 {
         (map_names::POLICY4_A, map_names::POLICY6_A)
     } else {

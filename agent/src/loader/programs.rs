@@ -36,6 +36,18 @@ pub struct Attachment {
     pub kind: Kind,
 }
 
+impl Attachment {
+    /// Whether the program writes verdict events: the only code the test variant
+    /// changes (`BUILD_VARIANT`, ebpf/src/verdict.rs). The others are the same in both
+    /// builds, so an upgrade to the variant keeps them.
+    pub fn reports_verdicts(&self) -> bool {
+        match self.kind {
+            Kind::SockAddr | Kind::Egress => true,
+            Kind::SockCreate | Kind::SockOps => false,
+        }
+    }
+}
+
 /// In attach (and replace) order: sockets are marked before the backstop reads marks,
 /// and the socket hooks come before the backstop so normal clients get EPERM, not a
 /// drop. The socket hooks also come before `sock_create`: they mark host TCP/UDP
@@ -55,7 +67,7 @@ pub const ATTACHMENTS: [Attachment; 7] = [
 ];
 
 /// Loads (verifies) the program and returns an fd to it.
-pub fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
+pub(super) fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
     let program =
         ebpf.program_mut(a.program).with_context(|| format!("the kernel object has no program {}", a.program))?;
     // Loaded already (the agent re-attaching after its links were removed): reuse it.
@@ -89,19 +101,19 @@ pub fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
 }
 
 /// What the kernel says about our loaded program of `a` (its tag above all).
-pub fn info(ebpf: &Ebpf, a: &Attachment) -> Result<ProgramInfo> {
+pub(super) fn info(ebpf: &Ebpf, a: &Attachment) -> Result<ProgramInfo> {
     let program = ebpf.program(a.program).with_context(|| format!("no program {}", a.program))?;
     program.info().with_context(|| format!("could not read what the kernel has of program {}", a.program))
 }
 
 /// Pins our loaded program of `a` at `path`.
-pub fn pin(ebpf: &mut Ebpf, a: &Attachment, path: &Path) -> Result<()> {
+pub(super) fn pin(ebpf: &mut Ebpf, a: &Attachment, path: &Path) -> Result<()> {
     let program = ebpf.program_mut(a.program).with_context(|| format!("no program {}", a.program))?;
     program.pin(path).with_context(|| format!("could not pin program {} at {}", a.program, path.display()))
 }
 
 /// Attaches the (loaded) program to `cgroup` with a new bpf_link.
-pub fn attach(ebpf: &mut Ebpf, a: &Attachment, cgroup: &File) -> Result<FdLink> {
+pub(super) fn attach(ebpf: &mut Ebpf, a: &Attachment, cgroup: &File) -> Result<FdLink> {
     let program = ebpf.program_mut(a.program).with_context(|| format!("no program {}", a.program))?;
     let failed = || format!("could not attach program {} to the cgroup", a.program);
     let no_link =

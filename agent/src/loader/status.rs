@@ -151,12 +151,12 @@ pub fn read(root: &Path) -> Result<Status> {
     status.host_netns_cookie = Some(settings.host_netns_cookie);
     let (v4_name, v6_name) = policy_maps::pair(settings.active_policy);
     let v4_map = open(v4_name)?;
-    for entry in LpmTrie::<_, Ipv4Key, DestRules>::try_from(&v4_map)?.iter() {
+    for entry in &LpmTrie::<_, Ipv4Key, DestRules>::try_from(&v4_map)? {
         let (key, rules): (Key<Ipv4Key>, DestRules) = entry?;
         status.destinations.push(describe(IpAddr::from(key.data()), key.prefix_len(), &rules));
     }
     let v6_map = open(v6_name)?;
-    for entry in LpmTrie::<_, Ipv6Key, DestRules>::try_from(&v6_map)?.iter() {
+    for entry in &LpmTrie::<_, Ipv6Key, DestRules>::try_from(&v6_map)? {
         let (key, rules): (Key<Ipv6Key>, DestRules) = entry?;
         status.destinations.push(describe(IpAddr::from(key.data()), key.prefix_len(), &rules));
     }

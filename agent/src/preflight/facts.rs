@@ -105,16 +105,19 @@ pub struct Facts {
     pub memlock: Option<u64>,
     pub probes: Vec<(Feature, Found)>,
     /// Loading the embedded object: Ok, or why not (with errno when the kernel said).
-    pub object: Result<(), (Option<i32>, String)>,
+    /// None when the checks did not load it: `run` and `apply` load it for real after
+    /// them, and explain a refusal with [`super::object_refused`].
+    pub object: Option<Result<(), (Option<i32>, String)>>,
     pub pins: Pins,
     /// SO_NETNS_COOKIE: Ok(true) present, Ok(false) absent (probe program), Err why.
     pub netns_sockopt: Result<bool, String>,
 }
 
-pub fn gather(inputs: &Inputs<'_>) -> Facts {
+/// What the node offers; with `load_object`, the embedded object loaded too.
+pub(super) fn gather(inputs: &Inputs<'_>, load_object: bool) -> Facts {
     let cgroup = cgroup::resolve(inputs.cgroup).map_err(|e| format!("{e:#}"));
     let cgroup_id = cgroup.as_ref().ok().and_then(|p| cgroup::id(p).ok());
-    let parent = inputs.bpffs.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
+    let parent = inputs.bpffs.parent().map_or_else(|| PathBuf::from("/"), PathBuf::from);
     Facts {
         kernel_release: super::kernel_release(),
         kernel: super::kernel_version(),
@@ -130,7 +133,7 @@ pub fn gather(inputs: &Inputs<'_>) -> Facts {
         btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
         memlock: memlock(),
         probes: probes(),
-        object: loader::verify_object().map_err(|e| (errno_of(&e), format!("{e:#}"))),
+        object: load_object.then(|| loader::verify_object().map_err(|e| refusal(&e))),
         pins: pins(inputs.bpffs),
         netns_sockopt: loader::netns_cookie::via_sockopt(None).map(|c| c.is_some()).map_err(|e| format!("{e:#}")),
     }
@@ -145,6 +148,11 @@ fn status_field(name: &str) -> Option<String> {
 fn memlock() -> Option<u64> {
     let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK).ok()?;
     (soft != nix::sys::resource::RLIM_INFINITY).then_some(soft)
+}
+
+/// Why loading the object failed: errno (when the kernel said) and the whole error.
+pub(super) fn refusal(e: &anyhow::Error) -> (Option<i32>, String) {
+    (errno_of(e), format!("{e:#}"))
 }
 
 /// The first OS error in an error chain.
@@ -180,7 +188,7 @@ fn probes() -> Vec<(Feature, Found)> {
     let mut helpers: BTreeSet<(ProgramKind, u32)> = BTreeSet::new();
     // Helpers called from functions that are not a program's entry (bpf-to-bpf calls)
     // count for every program that makes such calls.
-    let entries: BTreeSet<(usize, u64)> = object.programs.values().map(|p| p.function_key()).collect();
+    let entries: BTreeSet<(usize, u64)> = object.programs.values().map(aya_obj::Program::function_key).collect();
     let shared: BTreeSet<u32> = object
         .functions
         .iter()
@@ -210,10 +218,10 @@ fn probes() -> Vec<(Feature, Found)> {
     for kind in &kinds {
         out.push((Feature::Program(*kind), found(is_program_supported(kind.program_type()))));
     }
-    let map_types: BTreeSet<u32> = object.maps.values().map(|m| m.map_type()).collect();
+    let map_types: BTreeSet<u32> = object.maps.values().map(aya_obj::Map::map_type).collect();
     for raw in map_types {
         let probed = bpf_map_type::try_from(raw).ok().and_then(|t| MapType::try_from(t).ok());
-        let name = probed.map(|t| format!("{t:?}")).unwrap_or_else(|| format!("type {raw}"));
+        let name = probed.map_or_else(|| format!("type {raw}"), |t| format!("{t:?}"));
         let result = match probed {
             Some(t) => match is_map_supported(t) {
                 Ok(true) => Found::Yes,

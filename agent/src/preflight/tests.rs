@@ -32,7 +32,7 @@ fn daemonset_node() -> Facts {
             (Feature::Helper("get_current_comm".into(), ProgramKind::SockAddr), Found::Yes),
             (Feature::Helper("sk_storage_get".into(), ProgramKind::Skb), Found::Yes),
         ],
-        object: Ok(()),
+        object: Some(Ok(())),
         pins: Pins::Readable(vec![("connect4", 1, true), ("egress", 1, true)]),
         netns_sockopt: Ok(true),
     }
@@ -60,7 +60,7 @@ fn a_seccomp_filter_refusing_bpf_to_cap_bpf_fails_naming_the_runtimes() {
     for (_, found) in &mut f.probes {
         *found = Found::Denied(libc::EPERM);
     }
-    f.object = Err((Some(libc::EPERM), "could not create the guard's maps: Operation not permitted".into()));
+    f.object = Some(Err((Some(libc::EPERM), "could not create the guard's maps: Operation not permitted".into())));
     let checks = judge(&f);
     assert!(checks.iter().all(|c| !c.name.ends_with(" map")), "one check for the refused bpf(2), not one per probe");
     let c = get(&checks, "bpf(2)");
@@ -76,7 +76,7 @@ fn without_cap_perfmon_the_fix_is_cap_perfmon_not_a_newer_kernel() {
     let mut f = daemonset_node();
     f.caps &= !(1 << super::CAP_PERFMON);
     f.probes[5].1 = Found::No;
-    f.object = Err((Some(libc::EACCES), "the kernel's verifier refused program mg_connect4".into()));
+    f.object = Some(Err((Some(libc::EACCES), "the kernel's verifier refused program mg_connect4".into())));
     let checks = judge(&f);
     for name in ["CAP_PERFMON", "helper get_current_comm (cgroup sock_addr)"] {
         let c = get(&checks, name);
@@ -155,13 +155,13 @@ fn pins_an_agent_cannot_read_fail_and_pins_of_an_older_agent_warn() {
 #[test]
 fn a_verifier_refusal_is_reported_by_its_last_word() {
     let mut f = daemonset_node();
-    f.object = Err((
+    f.object = Some(Err((
         Some(libc::EACCES),
         "the kernel's verifier refused program mg_connect4: the BPF_PROG_LOAD syscall returned Permission denied. \
          Verifier output: 0: R1=ctx()\n85: (0f) r0 += r1\nR0 pointer arithmetic prohibited for !root\nverification \
          time 232 usec\nprocessed 88 insns"
             .into(),
-    ));
+    )));
     let c = get(&judge(&f), "kernel object").clone();
     assert!(c.detail.ends_with("R0 pointer arithmetic prohibited for !root") && !c.detail.contains("85:"), "{c:?}");
 }
@@ -194,6 +194,33 @@ fn this_kernel_as_root_passes_and_without_cap_perfmon_fails_on_it() {
     .unwrap();
     let failed = failures(&checks);
     assert!(failed.contains(&"CAP_PERFMON") && failed.contains(&"kernel object"), "{checks:#?}");
+}
+
+/// `run` and `apply` verify the object by their real load, not in their checks; when
+/// the kernel refuses it, they show the check `check` shows.
+#[test]
+fn a_refused_load_of_run_reads_as_the_kernel_object_check() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: the kernel probes need root");
+        eprintln!("\n!!!!! SKIPPED: the kernel probes need root !!!!!\n");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bpffs = dir.path().join("metadata-guard");
+    let (check, run) = std::thread::spawn(move || {
+        drop_effective(super::CAP_PERFMON);
+        drop_effective(super::CAP_SYS_ADMIN);
+        let inputs = super::Inputs { cgroup: None, bpffs: &bpffs, mount_bpffs: true };
+        let (facts, before) = super::before_load(&inputs);
+        assert!(before.iter().all(|c| c.name != "kernel object"), "{before:#?}");
+        let refused = crate::loader::load(None).err().expect("the object loaded without CAP_PERFMON");
+        (super::run(&inputs), super::object_refused(facts, &bpffs, &refused))
+    })
+    .join()
+    .unwrap();
+    let (check, run) = (get(&check, "kernel object"), get(&run, "kernel object"));
+    assert_eq!((run.outcome, &run.detail, &run.fix), (check.outcome, &check.detail, &check.fix));
 }
 
 /// Clears one capability from the calling thread's effective set.

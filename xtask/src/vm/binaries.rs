@@ -16,7 +16,7 @@ use crate::{
     workspace_root,
 };
 
-pub struct Binaries {
+pub(super) struct Binaries {
     /// The release agent, as extracted from the image.
     pub agent: PathBuf,
     /// Its sha256, printed in the report: the same as the image's file.
@@ -29,7 +29,7 @@ pub struct Binaries {
 /// builds the test binaries for `arch`. The test binaries are unoptimised without
 /// debug info: on two cores that compiles about as fast as anything, and their time
 /// inside the VM goes to the emulated kernel, not to their own code.
-pub fn build(image: &image::Instance) -> Result<Binaries> {
+pub(super) fn build(image: &image::Instance) -> Result<Binaries> {
     let arch = image.arch;
     toolchain::ensure_static_target(arch)?;
     artifacts::build_ebpf(Variant::Test)?;
@@ -65,7 +65,7 @@ pub fn build(image: &image::Instance) -> Result<Binaries> {
 }
 
 /// mg-scenarios for this machine, which lists the scenarios every guest should report.
-pub fn host_scenarios() -> Result<PathBuf> {
+pub(super) fn host_scenarios() -> Result<PathBuf> {
     artifacts::build_test_program("mg-scenarios")
 }
 
@@ -85,7 +85,7 @@ fn cargo(target_dir: &Path, arch: Arch, variant: Variant, bins: &[(&str, &str)])
     cmd::run(&mut build)
 }
 
-pub fn sha256(file: &Path) -> Result<String> {
+pub(super) fn sha256(file: &Path) -> Result<String> {
     let out = cmd::output(Command::new("sha256sum").arg(file))?;
     out.split_whitespace()
         .next()

@@ -4,7 +4,7 @@
 use super::initramfs::MARK;
 
 #[derive(Debug, Default)]
-pub struct Console {
+pub(super) struct Console {
     /// `uname -r` in the guest.
     pub release: Option<String>,
     /// `/proc/sys/net/core/bpf_jit_enable` in the guest.
@@ -19,7 +19,7 @@ pub struct Console {
 }
 
 #[derive(Debug, PartialEq)]
-pub struct ScenarioResult {
+pub(super) struct ScenarioResult {
     pub name: String,
     pub passed: bool,
     pub millis: u64,
@@ -27,7 +27,7 @@ pub struct ScenarioResult {
 }
 
 impl Console {
-    pub fn parse(log: &str) -> Console {
+    pub(super) fn parse(log: &str) -> Console {
         let mut c = Console::default();
         let mut in_check = false;
         for line in log.lines() {
@@ -59,7 +59,7 @@ impl Console {
     }
 
     /// The detail `check` printed for the check called `name`, with its tag.
-    pub fn check(&self, name: &str) -> Option<(&str, &str)> {
+    pub(super) fn check(&self, name: &str) -> Option<(&str, &str)> {
         self.checks.iter().find_map(|(tag, rest)| Some((tag.as_str(), rest.strip_prefix(name)?.trim())))
     }
 }

@@ -17,7 +17,7 @@ use crate::{cmd, toolchain::Arch};
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 /// A package unpacked under the cache: `root` is what `dpkg -x` wrote.
-pub struct Unpacked {
+pub(super) struct Unpacked {
     pub root: PathBuf,
     /// `Package` and `Version` of the .deb, for the report.
     pub name: String,
@@ -28,7 +28,7 @@ pub struct Unpacked {
 /// fetching it only when that tree is missing. `package` may be a metapackage of one
 /// dependency (e.g. `linux-image-cloud-amd64`); then that dependency is what gets
 /// fetched.
-pub fn unpacked(
+pub(super) fn unpacked(
     cache: &Path,
     dir: &str,
     suite: &str,
@@ -165,6 +165,5 @@ fn debian_mirror() -> String {
         .find(|w| {
             (w.starts_with("http://") || w.starts_with("https://")) && w.trim_end_matches('/').ends_with("/debian")
         })
-        .map(|w| w.trim_end_matches('/').to_string())
-        .unwrap_or_else(|| DEFAULT_MIRROR.to_string())
+        .map_or_else(|| DEFAULT_MIRROR.to_string(), |w| w.trim_end_matches('/').to_string())
 }

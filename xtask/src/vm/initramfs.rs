@@ -15,12 +15,12 @@ use anyhow::{bail, Context, Result};
 use crate::cmd;
 
 /// Printed by the init script; the host parses the console for these.
-pub const MARK: &str = "mg-vm:";
+pub(super) const MARK: &str = "mg-vm:";
 
 /// The scenarios' timing budgets are for real hardware; QEMU's TCG emulates the guest
 /// several times slower (a 100 ms budget took 140–390 ms), evenly enough that a
 /// uniform factor keeps the budgets meaningful.
-pub const TIME_SCALE: u32 = 10;
+pub(super) const TIME_SCALE: u32 = 10;
 
 /// Modules the scenarios need that Debian's cloud kernels build as modules:
 /// veth joins the simulated pods to the node; nf_tables and the expressions the
@@ -39,6 +39,9 @@ const MODULES: &[&str] = &[
     "nft_nat",
     "nf_nat",
     "nf_conntrack",
+    // kube-proxy's IPVS mode, and its default scheduler.
+    "ip_vs",
+    "ip_vs_rr",
 ];
 /// Built into some kernels, modules in others (nft_counter: a module on 5.10 only).
 const MODULES_IF_MODULAR: &[&str] = &["nft_counter"];
@@ -76,7 +79,7 @@ fi
 poweroff -f
 "#;
 
-pub struct Inputs<'a> {
+pub(super) struct Inputs<'a> {
     /// A busybox that runs on this machine: its cpio packs the archive.
     pub packer: &'a Path,
     /// The guest's busybox.
@@ -92,7 +95,7 @@ pub struct Inputs<'a> {
 
 /// Builds `<dir>/initramfs.cpio` (uncompressed: the kernel unpacks it without a
 /// decompressor, which under TCG saves seconds) from a staging tree in `<dir>/root`.
-pub fn pack(dir: &Path, inputs: &Inputs<'_>) -> Result<PathBuf> {
+pub(super) fn pack(dir: &Path, inputs: &Inputs<'_>) -> Result<PathBuf> {
     let stage = dir.join("root");
     if stage.exists() {
         fs::remove_dir_all(&stage).with_context(|| format!("could not remove {}", stage.display()))?;

@@ -16,7 +16,7 @@ use super::initramfs::MARK;
 use crate::{cmd, packages::Tool, toolchain::Arch};
 
 /// The emulator of each architecture's guests, and its Debian package.
-pub fn tool(arch: Arch) -> Tool {
+pub(super) fn tool(arch: Arch) -> Tool {
     match arch {
         Arch::Amd64 => Tool { program: "qemu-system-x86_64", package: "qemu-system-x86" },
         Arch::Arm64 => Tool { program: "qemu-system-aarch64", package: "qemu-system-arm" },
@@ -31,7 +31,7 @@ fn console(arch: Arch) -> &'static str {
     }
 }
 
-pub struct Boot {
+pub(super) struct Boot {
     pub elapsed: Duration,
     /// The deadline passed and the VM was killed.
     pub timed_out: bool,
@@ -42,7 +42,7 @@ pub struct Boot {
 /// Runs the VM to its end (the init script powers it off) or to `timeout`. Console
 /// lines go to `console_log`; progress lines (scenario results and markers) are also
 /// shown on the terminal, prefixed with `label`.
-pub fn boot(
+pub(super) fn boot(
     arch: Arch,
     kernel: &Path,
     initrd: &Path,

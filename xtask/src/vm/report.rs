@@ -7,7 +7,7 @@ use std::{fmt::Write as _, time::Duration};
 use super::console::Console;
 
 /// One kernel's run, as the host saw it.
-pub struct KernelRun {
+pub(super) struct KernelRun {
     /// `5.10 amd64`, `6.1 arm64`: the kernel version and the architecture.
     pub name: String,
     /// Debian package and version, e.g. `linux-image-6.1.0-50-cloud-amd64 6.1.176-1`.
@@ -34,7 +34,7 @@ impl KernelRun {
     }
 
     /// Why this kernel's run failed, if it did.
-    pub fn problems(&self, scenarios: &[String]) -> Vec<String> {
+    pub(super) fn problems(&self, scenarios: &[String]) -> Vec<String> {
         let mut p = Vec::new();
         if self.timed_out {
             p.push(format!("the VM passed its deadline after {:.0?} and was killed", self.elapsed));
@@ -107,7 +107,7 @@ fn cookie_cell(run: &KernelRun) -> String {
 }
 
 /// The capability table and the per-scenario table, as Markdown.
-pub fn markdown(runs: &[KernelRun], scenarios: &[String]) -> String {
+pub(super) fn markdown(runs: &[KernelRun], scenarios: &[String]) -> String {
     let mut md = String::new();
     md.push_str("| kernel | Debian package |");
     for c in CAPABILITIES {
@@ -126,7 +126,7 @@ pub fn markdown(runs: &[KernelRun], scenarios: &[String]) -> String {
         let expected = scenarios.iter().filter(|s| run.expects(s)).count();
         let jit = match run.console.jit.as_deref() {
             Some("0") => "off (interpreter)",
-            Some("1") | Some("2") => "on",
+            Some("1" | "2") => "on",
             Some(other) => other,
             None => "not reported",
         };
@@ -158,7 +158,7 @@ pub fn markdown(runs: &[KernelRun], scenarios: &[String]) -> String {
 
 /// What the terminal shows after the run: per kernel, its timing, and every failure
 /// with its reason and where the console log is.
-pub fn summary(runs: &[KernelRun], scenarios: &[String]) -> String {
+pub(super) fn summary(runs: &[KernelRun], scenarios: &[String]) -> String {
     let mut s = String::new();
     for run in runs {
         let passed = run.console.results.iter().filter(|r| r.passed).count();
@@ -183,7 +183,7 @@ pub fn summary(runs: &[KernelRun], scenarios: &[String]) -> String {
 }
 
 /// docs/kernels.md: the tables, and how they were made.
-pub fn document(runs: &[KernelRun], scenarios: &[String], date: &str) -> String {
+pub(super) fn document(runs: &[KernelRun], scenarios: &[String], date: &str) -> String {
     let kernels: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
     format!(
         "# Supported kernels\n\n\
@@ -217,7 +217,7 @@ fn runs_table(runs: &[KernelRun]) -> String {
         "| guest | scenarios | VM time (boot to poweroff) | agent sha256 (from the image) |\n|---|---|---|---|\n",
     );
     for run in runs {
-        let subset = run.filter.map(|f| format!("those matching `{f}`")).unwrap_or_else(|| "all".to_string());
+        let subset = run.filter.map_or_else(|| "all".to_string(), |f| format!("those matching `{f}`"));
         let _ =
             writeln!(s, "| {} | {subset} | {:.0} s | `{}` |", run.name, run.elapsed.as_secs_f64(), run.agent_sha256);
     }

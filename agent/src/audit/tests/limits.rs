@@ -7,7 +7,7 @@ use super::{connect, counts, pod, secs, sum, AuditSettings, Node, RotatingFile, 
 
 #[test]
 fn a_storm_from_one_pod_is_a_handful_of_records_that_count_every_attempt() {
-    let mut node = Node::new(AuditSettings::default());
+    let mut node = Node::new(&AuditSettings::default());
     let app = pod("uid-1", "app");
     // 100 000 attempts in 5 s, with the pipeline's 200 ms ticks in between.
     for n in 0..100_000u32 {
@@ -25,7 +25,7 @@ fn a_storm_from_one_pod_is_a_handful_of_records_that_count_every_attempt() {
 
 #[test]
 fn a_storm_over_many_destinations_stays_bounded_and_balances_the_books() {
-    let mut node = Node::new(AuditSettings { rate_limit: 50, ..AuditSettings::default() });
+    let mut node = Node::new(&AuditSettings { rate_limit: 50, ..AuditSettings::default() });
     let app = pod("uid-1", "app");
     let attempts = 100_000u32;
     // 10 000 distinct ports, each tried 10 times, over 4 s.
@@ -55,7 +55,7 @@ fn a_storm_over_many_destinations_stays_bounded_and_balances_the_books() {
 
 #[test]
 fn rate_capped_records_are_merged_into_their_follow_up_or_reported_as_suppressed() {
-    let mut node = Node::new(AuditSettings { rate_limit: 2, ..AuditSettings::default() });
+    let mut node = Node::new(&AuditSettings { rate_limit: 2, ..AuditSettings::default() });
     let app = pod("uid-1", "app");
     for port in 1..=5 {
         node.attempt(secs(0.0), &app, connect(METADATA, port));
@@ -79,7 +79,7 @@ fn rate_capped_records_are_merged_into_their_follow_up_or_reported_as_suppressed
 
 #[test]
 fn open_windows_are_bounded_and_the_overflow_is_suppressed_not_dropped() {
-    let mut node = Node::new(AuditSettings { rate_limit: 1_000_000, ..AuditSettings::default() });
+    let mut node = Node::new(&AuditSettings { rate_limit: 1_000_000, ..AuditSettings::default() });
     let extra = 10;
     for n in 0..MAX_OPEN_WINDOWS + extra {
         node.attempt(secs(0.0), &pod(&format!("uid-{n}"), "app"), connect(METADATA, 80));
@@ -99,7 +99,7 @@ fn open_windows_are_bounded_and_the_overflow_is_suppressed_not_dropped() {
 
 #[test]
 fn losses_no_record_comes_to_carry_get_a_gap_record_after_a_window() {
-    let mut node = Node::new(AuditSettings::default());
+    let mut node = Node::new(&AuditSettings::default());
     node.auditor.report_lost(3);
     node.tick(secs(0.0));
     node.tick(secs(9.9));
@@ -116,7 +116,7 @@ fn losses_no_record_comes_to_carry_get_a_gap_record_after_a_window() {
 
 #[test]
 fn shutdown_writes_open_windows_despite_the_cap() {
-    let mut node = Node::new(AuditSettings { rate_limit: 1, ..AuditSettings::default() });
+    let mut node = Node::new(&AuditSettings { rate_limit: 1, ..AuditSettings::default() });
     let app = pod("uid-1", "app");
     node.attempt(secs(0.0), &app, connect(METADATA, 1));
     node.attempt(secs(0.0), &app, connect(METADATA, 2));
@@ -133,7 +133,7 @@ fn shutdown_writes_open_windows_despite_the_cap() {
 
 #[test]
 fn shutdown_reports_suppressed_counts_that_no_record_carried() {
-    let mut node = Node::new(AuditSettings { rate_limit: 1, ..AuditSettings::default() });
+    let mut node = Node::new(&AuditSettings { rate_limit: 1, ..AuditSettings::default() });
     let app = pod("uid-1", "app");
     for port in 1..=3 {
         node.attempt(secs(0.0), &app, connect(METADATA, port));
@@ -152,7 +152,7 @@ fn shutdown_reports_suppressed_counts_that_no_record_carried() {
 #[test]
 fn a_failed_write_is_counted_and_its_attempts_reported_by_the_next_record() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::new(AuditSettings::default());
+    let mut node = Node::new(&AuditSettings::default());
     // A file too small for any record: every write fails.
     node.auditor.out.sink = Sink::File(RotatingFile::open(&dir.path().join("audit.log"), 10, 1).unwrap());
     node.attempt(secs(0.0), &pod("uid-1", "app"), connect(METADATA, 80));

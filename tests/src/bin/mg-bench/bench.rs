@@ -30,14 +30,14 @@ use crate::{
     worker::{Op, Reply, Worker},
 };
 
-pub const TCP_PORT: u16 = 9100;
-pub const UDP_PORT: u16 = 9101;
-pub const BULK_PORT: u16 = 9102;
-pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+pub(crate) const TCP_PORT: u16 = 9100;
+pub(crate) const UDP_PORT: u16 = 9101;
+pub(crate) const BULK_PORT: u16 = 9102;
+pub(crate) const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
 /// The three ways a node can be set up for one sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
+pub(crate) enum Variant {
     /// No guard, no firewall rule.
     None,
     /// The guard's programs run for the pod (its cgroup is under the attach point).
@@ -49,7 +49,7 @@ pub enum Variant {
     Empty,
 }
 
-pub struct Bench {
+pub(crate) struct Bench {
     pub agent: Option<Agent>,
     pub worker: Worker,
     servers: Servers,
@@ -66,7 +66,7 @@ pub struct Bench {
 }
 
 impl Bench {
-    pub fn new(agent_bin: PathBuf, quick: bool) -> Result<Bench> {
+    pub(crate) fn new(agent_bin: PathBuf, quick: bool) -> Result<Bench> {
         let node = Node::build().context("could not build the simulated node")?;
         let pod = &node.pods[0];
         // Same nesting depth as the pod's cgroup, so only the guard tells them apart.
@@ -89,11 +89,11 @@ impl Bench {
     }
 
     /// Where the pod sends allowed traffic: its gateway, the node end of its veth.
-    pub fn node_addr(&self, port: u16) -> SocketAddrV4 {
+    pub(crate) fn node_addr(&self, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(self.node.pods[0].net.node_side_ipv4, port)
     }
 
-    pub fn cgroup(&self, v: Variant) -> &Path {
+    pub(crate) fn cgroup(&self, v: Variant) -> &Path {
         match v {
             Variant::Guard => self.node.pods[0].cgroup.path(),
             Variant::None | Variant::Firewall => self.plain.path(),
@@ -101,21 +101,21 @@ impl Bench {
         }
     }
 
-    pub fn run(&mut self, v: Variant, op: Op) -> Result<Reply> {
+    pub(crate) fn run(&mut self, v: Variant, op: Op) -> Result<Reply> {
         let cgroup = self.cgroup(v).to_path_buf();
         self.worker.run(&cgroup, op)
     }
 
-    pub fn firewall(&self) -> Result<Firewall> {
+    pub(crate) fn firewall(&self) -> Result<Firewall> {
         Firewall::new(self.node.node_netns())
     }
 
-    pub fn spec(&self, extra: &[&str]) -> AgentSpec {
+    pub(crate) fn spec(&self, extra: &[&str]) -> AgentSpec {
         self.node.agent_spec(&self.agent_bin, "bench-node", extra)
     }
 
     /// (Re)starts the agent; returns the time from spawn to `/readyz` 200.
-    pub fn start_agent(&mut self, extra: &[&str]) -> Result<Duration> {
+    pub(crate) fn start_agent(&mut self, extra: &[&str]) -> Result<Duration> {
         self.stop_agent()?;
         let t = Instant::now();
         let agent = Agent::spawn(&self.spec(extra))?;
@@ -136,23 +136,23 @@ impl Bench {
     }
 
     /// SIGTERM (pins stay, enforcement goes on).
-    pub fn stop_agent(&mut self) -> Result<()> {
+    pub(crate) fn stop_agent(&mut self) -> Result<()> {
         if let Some(a) = self.agent.take() {
             a.stop()?;
         }
         Ok(())
     }
 
-    pub fn agent(&self) -> Result<&Agent> {
+    pub(crate) fn agent(&self) -> Result<&Agent> {
         self.agent.as_ref().context("no agent is running")
     }
 
-    pub fn status(&self) -> Result<agent::Status> {
+    pub(crate) fn status(&self) -> Result<agent::Status> {
         agent::status(&self.agent_bin, &self.node.bpffs)
     }
 
     /// A kernel verdict counter of one hook (`None`: all hooks).
-    pub fn kernel_count(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
+    pub(crate) fn kernel_count(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
         Ok(agent::verdict_count(&self.status()?, hook, verdict))
     }
 }
@@ -173,13 +173,13 @@ impl Drop for Bench {
 }
 
 /// Firewall rules in the node namespace only, applied with `nsenter --net=`.
-pub struct Firewall {
+pub(crate) struct Firewall {
     netns: PathBuf,
 }
 
 impl Firewall {
     /// Refuses a path that is this process's own (the machine's) network namespace.
-    pub fn new(netns: PathBuf) -> Result<Firewall> {
+    pub(crate) fn new(netns: PathBuf) -> Result<Firewall> {
         let target = std::fs::metadata(&netns).with_context(|| format!("could not stat {}", netns.display()))?;
         // Our own namespace must be readable; init's is checked when we may see it.
         let own_meta = std::fs::metadata("/proc/self/ns/net").context("could not stat /proc/self/ns/net")?;
@@ -220,24 +220,24 @@ impl Firewall {
     }
 
     /// Loads an nft script (`nft -f -`).
-    pub fn nft(&self, script: &str) -> Result<()> {
+    pub(crate) fn nft(&self, script: &str) -> Result<()> {
         self.exec("nft", &["-f", "-"], script)
     }
 
     /// Loads iptables rules for the filter table (iptables-nft backend).
-    pub fn iptables_restore(&self, rules: &str) -> Result<()> {
+    pub(crate) fn iptables_restore(&self, rules: &str) -> Result<()> {
         self.exec("iptables-nft-restore", &[], rules)
     }
 
     /// Removes every table in the node namespace: iptables-nft's too, hooks and all.
-    pub fn clear(&self) -> Result<()> {
+    pub(crate) fn clear(&self) -> Result<()> {
         self.exec("nft", &["flush", "ruleset"], "")
     }
 }
 
 /// iptables rules dropping pod traffic to the metadata address, then `extra` more
 /// destinations: what a node would add instead of the guard.
-pub fn iptables_rules(extra: &[String]) -> String {
+pub(crate) fn iptables_rules(extra: &[String]) -> String {
     let mut s = String::from("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -s 10.200.0.0/16 -d 169.254.169.254/32 -j DROP\n");
     for cidr in extra {
         s.push_str(&format!("-A INPUT -s 10.200.0.0/16 -d {cidr} -j DROP\n"));
@@ -249,14 +249,14 @@ pub fn iptables_rules(extra: &[String]) -> String {
 /// Sinks in the node namespace: TCP accept-and-close, bulk TCP read-and-discard, and
 /// a UDP socket nobody reads (datagrams are dropped once its small queue is full,
 /// which keeps the receive side's cost constant).
-pub struct Servers {
+pub(crate) struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     _udp: UdpSocket,
 }
 
 impl Servers {
-    pub fn start(ns: &NetNs) -> Result<Servers> {
+    pub(crate) fn start(ns: &NetNs) -> Result<Servers> {
         let (tcp, bulk, udp) = ns
             .run(|| -> Result<_> {
                 let any = |p| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p);
@@ -279,12 +279,12 @@ impl Servers {
         let mut threads = Vec::new();
         for (listener, drain) in [(tcp, false), (bulk, true)] {
             let stop = stop.clone();
-            threads.push(std::thread::spawn(move || serve(listener, drain, &stop)));
+            threads.push(std::thread::spawn(move || serve(&listener, drain, &stop)));
         }
         Ok(Servers { stop, threads, _udp: udp })
     }
 
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -294,7 +294,7 @@ impl Servers {
 
 /// Accepts until told to stop (polling, so it notices within 100 ms); with `drain`,
 /// reads each connection to its end.
-fn serve(listener: TcpListener, drain: bool, stop: &AtomicBool) {
+fn serve(listener: &TcpListener, drain: bool, stop: &AtomicBool) {
     let mut buf = vec![0u8; 256 * 1024];
     while !stop.load(Ordering::Relaxed) {
         let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };

@@ -38,7 +38,7 @@ struct Done {
     credentials_status: u16,
 }
 
-pub fn figure(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn figure(b: &mut Bench) -> Result<Figure> {
     let proxy = SocketAddrV4::new(b.node.pods[0].net.node_side_ipv4, PROXY_PORT).to_string();
     b.start_agent(&["--mode", "conceal", "--conceal-addr", &proxy])?;
     let (rounds, requests) = if b.quick { (3, 50) } else { (15, 400) };
@@ -85,7 +85,7 @@ fn run(netns: &Path, cgroup: &Path, requests: u32) -> Result<Done> {
 }
 
 /// The child: joins the cgroup and namespace, then times `requests` exchanges.
-pub fn child_main(json: &str) -> Result<()> {
+pub(crate) fn child_main(json: &str) -> Result<()> {
     let job: Job = serde_json::from_str(json)?;
     std::fs::write(job.cgroup.join("cgroup.procs"), "0")?;
     nix::sched::setns(std::fs::File::open(&job.netns)?, nix::sched::CloneFlags::CLONE_NEWNET)?;

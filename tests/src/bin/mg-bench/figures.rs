@@ -14,9 +14,9 @@ use crate::{
 
 /// Columns of every allowed-path figure: the baseline first, the guard second, one
 /// iptables rule third, the empty programs (the kernel's hook cost) fourth.
-pub const ALL: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
+pub(crate) const ALL: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
 
-pub fn label(v: Variant) -> &'static str {
+pub(crate) fn label(v: Variant) -> &'static str {
     match v {
         Variant::None => "no guard",
         Variant::Guard => "guard",
@@ -28,7 +28,7 @@ pub fn label(v: Variant) -> &'static str {
 /// Runs `rounds` rounds (after one unrecorded warm-up round), each variant once per
 /// round in a rotating order; the firewall variant gets `rules` loaded just for its
 /// sample. Returns the samples per variant, in `variants` order.
-pub fn interleave(
+pub(crate) fn interleave(
     b: &mut Bench,
     variants: &[Variant],
     rounds: usize,
@@ -61,7 +61,7 @@ pub fn interleave(
 }
 
 /// Every attempt succeeded, and there were some.
-pub fn all_ok(r: &Reply, expected: u64, what: &str) -> Result<()> {
+pub(crate) fn all_ok(r: &Reply, expected: u64, what: &str) -> Result<()> {
     ensure!(
         r.ok == expected && r.errors.is_empty(),
         "{what}: expected {expected} successes, got {} and errors {:?}",
@@ -72,7 +72,7 @@ pub fn all_ok(r: &Reply, expected: u64, what: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn row(case: &str, variants: &[Variant], samples: Vec<Vec<f64>>) -> Row {
+pub(crate) fn row(case: &str, variants: &[Variant], samples: Vec<Vec<f64>>) -> Row {
     Row {
         case: case.into(),
         cols: variants.iter().zip(samples).map(|(v, s)| Measured { label: label(*v).into(), samples: s }).collect(),
@@ -81,7 +81,7 @@ pub fn row(case: &str, variants: &[Variant], samples: Vec<Vec<f64>>) -> Row {
 
 /// Proves that the guard's programs run for the guarded variant: its connect to the
 /// metadata address is refused.
-pub fn ensure_guarded(b: &mut Bench) -> Result<()> {
+pub(crate) fn ensure_guarded(b: &mut Bench) -> Result<()> {
     let dest = SocketAddrV4::new(METADATA, 80);
     let r = b.run(Variant::Guard, Op::Refused { dest, count: 1 })?;
     ensure!(
@@ -109,7 +109,7 @@ fn targets(what: &str, row: &Row, limit: f64, at_most: bool) -> Vec<Target> {
 }
 
 /// Figure 1: socket + connect + close from the pod to the node.
-pub fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (3, 300) } else { (101, 1000) };
     let dest = b.node_addr(TCP_PORT);
     ensure_guarded(b)?;
@@ -136,7 +136,7 @@ pub fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
 }
 
 /// Figure 2: unconnected sendto, one datagram at a time.
-pub fn udp_allowed(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn udp_allowed(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (3, 2000) } else { (101, 5000) };
     let dest = b.node_addr(UDP_PORT);
     let rules = iptables_rules(&[]);
@@ -160,7 +160,7 @@ pub fn udp_allowed(b: &mut Bench) -> Result<Figure> {
 }
 
 /// Figure 2b: socket + connect + send + close, each time (every hook once).
-pub fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (3, 1000) } else { (101, 2000) };
     let dest = b.node_addr(UDP_PORT);
     let rules = iptables_rules(&[]);
@@ -184,7 +184,7 @@ pub fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
 }
 
 /// Figure 3: TCP throughput pod → node.
-pub fn bulk(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn bulk(b: &mut Bench) -> Result<Figure> {
     let (rounds, ms) = if b.quick { (3, 100) } else { (41, 200) };
     let dest = b.node_addr(BULK_PORT);
     let rules = iptables_rules(&[]);
@@ -209,7 +209,7 @@ pub fn bulk(b: &mut Bench) -> Result<Figure> {
 }
 
 /// Figure 4: how long a refused connect to the metadata address takes to fail.
-pub fn refused(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn refused(b: &mut Bench) -> Result<Figure> {
     let (rounds, count, drop_wait) = if b.quick { (3, 50, 1000) } else { (9, 300, 3000) };
     let dest = SocketAddrV4::new(METADATA, 80);
     // Without guard or rule the stand-in answers: proves "no guard" really is none.
@@ -274,7 +274,7 @@ pub fn refused(b: &mut Bench) -> Result<Figure> {
 }
 
 /// Rescales every sample (ns → µs).
-pub fn scale_row(mut row: Row, k: f64) -> Row {
+pub(crate) fn scale_row(mut row: Row, k: f64) -> Row {
     for c in &mut row.cols {
         for s in &mut c.samples {
             *s *= k;

@@ -29,7 +29,7 @@ const PREFIX: u8 = 24;
 const NODE_LINK: &str = "vb0";
 
 /// What each variant loads for its samples (nothing for the guard and no guard).
-pub const VARIANTS: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
+pub(crate) const VARIANTS: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
 
 /// The node firewall a cloud's node image adds instead of a guard (EKS's
 /// `FORWARD -i eni+ -d 169.254.169.254 -j DROP`).
@@ -39,13 +39,13 @@ const FORWARD_RULE: &str =
 /// A namespace beyond the node, wired to it by a veth, with sink servers; the node
 /// forwards between its pods and it (forwarding is switched on in the node namespace
 /// only, after checking that it is not the machine's).
-pub struct Beyond {
+pub(crate) struct Beyond {
     _ns: NetNs,
     pub servers: Servers,
 }
 
 impl Beyond {
-    pub fn build(node: &crate::node::Node) -> Result<Beyond> {
+    pub(crate) fn build(node: &crate::node::Node) -> Result<Beyond> {
         let ns = NetNs::new("mg-bench-beyond")?;
         let node_ns = node.sim.node();
         let mut nl = Netlink::open_in(node_ns)?;
@@ -66,7 +66,7 @@ impl Beyond {
         Ok(Beyond { _ns: ns, servers })
     }
 
-    pub fn addr(&self, port: u16) -> SocketAddrV4 {
+    pub(crate) fn addr(&self, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(BEYOND, port)
     }
 }
@@ -87,7 +87,7 @@ fn enable_forwarding(node_ns: &NetNs) -> Result<()> {
 }
 
 /// Forwarded connects and throughput, every variant interleaved.
-pub fn forwarded(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn forwarded(b: &mut Bench) -> Result<Figure> {
     let (rounds, count, ms) = if b.quick { (3, 300, 100) } else { (101, 1000, 200) };
     let tcp = b.beyond.addr(TCP_PORT);
     let bulk = b.beyond.addr(BULK_PORT);

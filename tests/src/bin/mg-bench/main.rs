@@ -13,6 +13,7 @@ mod bpf;
 mod conceal;
 mod figures;
 mod forwarded;
+mod profile;
 mod report;
 mod scale;
 mod worker;
@@ -78,14 +79,14 @@ fn main() {
         return;
     }
     if argv.get(1).map(String::as_str) == Some("conceal-worker") {
-        if let Err(e) = conceal::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+        if let Err(e) = conceal::child_main(argv.get(2).map_or("", String::as_str)) {
             eprintln!("mg-bench conceal worker: {e:#}");
             std::process::exit(2);
         }
         return;
     }
     if argv.get(1).map(String::as_str) == Some("worker") {
-        if let Err(e) = worker::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+        if let Err(e) = worker::child_main(argv.get(2).map_or("", String::as_str)) {
             eprintln!("mg-bench worker: {e:#}");
             std::process::exit(2);
         }
@@ -227,7 +228,7 @@ fn explain(figures: &mut [Figure], profile: &scale::Profile) {
 fn chart_bars(figs: &[Figure]) -> Vec<(String, f64, Option<f64>)> {
     let mut bars = Vec::new();
     for f in figs.iter().filter(|f| !f.rows.is_empty() && !f.title.starts_with('5')) {
-        let short = f.title.split_once(". ").map(|x| x.1).unwrap_or(&f.title).to_lowercase();
+        let short = f.title.split_once(". ").map_or(f.title.as_str(), |x| x.1).to_lowercase();
         let limit = f.targets.first().map(|t| t.limit);
         for row in &f.rows {
             let name = if f.rows.len() > 1 { row.case.clone() } else { short.clone() };
@@ -272,7 +273,7 @@ fn machine(quick: bool, took: Duration, load: (String, String)) -> Result<report
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     Ok(report::Machine {
-        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         memory: format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0),
         kernel,
         date,

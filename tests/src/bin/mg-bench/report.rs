@@ -7,18 +7,18 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context, Result};
 
 /// One variant's samples, one per round, in round order (so rounds pair up).
-pub struct Measured {
+pub(crate) struct Measured {
     pub label: String,
     pub samples: Vec<f64>,
 }
 
 /// One case of a figure: its first column is the "no guard" baseline.
-pub struct Row {
+pub(crate) struct Row {
     pub case: String,
     pub cols: Vec<Measured>,
 }
 
-pub struct Target {
+pub(crate) struct Target {
     pub what: String,
     pub value: f64,
     pub limit: f64,
@@ -29,15 +29,15 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn at_most(what: &str, value: f64, limit: f64) -> Target {
+    pub(crate) fn at_most(what: &str, value: f64, limit: f64) -> Target {
         Target { what: what.into(), value, limit, at_most: true, explain: String::new() }
     }
 
-    pub fn at_least(what: &str, value: f64, limit: f64) -> Target {
+    pub(crate) fn at_least(what: &str, value: f64, limit: f64) -> Target {
         Target { what: what.into(), value, limit, at_most: false, explain: String::new() }
     }
 
-    pub fn met(&self) -> bool {
+    pub(crate) fn met(&self) -> bool {
         if self.at_most {
             self.value <= self.limit
         } else {
@@ -47,7 +47,7 @@ impl Target {
 }
 
 #[derive(Default)]
-pub struct Figure {
+pub(crate) struct Figure {
     pub title: String,
     pub unit: String,
     pub rows: Vec<Row>,
@@ -57,7 +57,7 @@ pub struct Figure {
     pub notes: Vec<String>,
 }
 
-pub fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {
@@ -82,7 +82,7 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 
 impl Row {
     /// Median of column `i` over the baseline's median.
-    pub fn ratio(&self, i: usize) -> f64 {
+    pub(crate) fn ratio(&self, i: usize) -> f64 {
         median(&self.cols[i].samples) / median(&self.cols[0].samples)
     }
 
@@ -94,7 +94,7 @@ impl Row {
     }
 }
 
-pub struct Machine {
+pub(crate) struct Machine {
     pub cpus: usize,
     pub memory: String,
     pub kernel: String,
@@ -106,7 +106,7 @@ pub struct Machine {
     pub load: (String, String),
 }
 
-pub fn markdown(machine: &Machine, figures: &[Figure]) -> String {
+pub(crate) fn markdown(machine: &Machine, figures: &[Figure]) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# metadata-guard benchmarks\n");
     let _ = writeln!(
@@ -201,7 +201,7 @@ machine's own network namespace.
 ";
 
 /// A horizontal bar per headline ratio, with 1.0 and the target marked.
-pub fn svg(bars: &[(String, f64, Option<f64>)]) -> String {
+pub(crate) fn svg(bars: &[(String, f64, Option<f64>)]) -> String {
     let (label_w, bar_w, row_h, top) = (330.0, 380.0, 26.0, 40.0);
     let max = bars.iter().map(|b| b.1).chain(bars.iter().filter_map(|b| b.2)).fold(1.2_f64, f64::max).min(4.0);
     let scale = bar_w / max;
@@ -252,7 +252,7 @@ fn xml(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-pub fn write(dir: &Path, md: &str, chart: &str) -> Result<()> {
+pub(crate) fn write(dir: &Path, md: &str, chart: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("could not create {}", dir.display()))?;
     std::fs::write(dir.join("results.md"), md)
         .with_context(|| format!("could not write {}/results.md", dir.display()))?;

@@ -1,5 +1,5 @@
-//! Figures 5–7 and the BPF profile: policy scale, the event storm, the agent's
-//! footprint, and where the guard's nanoseconds go.
+//! Figures 5–7: policy scale, the event storm and the agent's footprint (the BPF
+//! profile, where the guard's nanoseconds go, is `profile`).
 
 use std::{
     collections::BTreeMap,
@@ -11,12 +11,15 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
-    bench::{Bench, Variant, METADATA, TCP_PORT, UDP_PORT},
+    bench::{Bench, Variant, METADATA, TCP_PORT},
     bpf,
     figures::{all_ok, interleave, label},
     report::{Figure, Measured, Row, Target},
     worker::Op,
 };
+
+pub(crate) use crate::profile::{empty_twin, profile, Profile};
+use crate::profile::{guard_programs, prog_stats};
 
 /// `n` blocked /32s in 10.200.128.0/17: inside the pods' 10.200.0.0/16 but not
 /// covering the addresses it uses (10.200.N.* for the first few N), so the
@@ -45,7 +48,7 @@ const SCALE: [Variant; 3] = [Variant::None, Variant::Guard, Variant::Firewall];
 
 /// Figure 5: the allowed TCP path with 1, 100 and 10 000 blocked CIDRs (beside as
 /// many iptables rules), and with 0, 1 000 and 10 000 allowlisted cgroups.
-pub fn policy_scale(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (2, 200) } else { (31, 1000) };
     let dest = b.node_addr(TCP_PORT);
     let config = b.node.config_path();
@@ -110,7 +113,7 @@ pub fn policy_scale(b: &mut Bench) -> Result<Figure> {
     for k in 0..filled {
         allow.remove(fake_id(k))?;
     }
-    let flat = |r: &[f64]| r.iter().cloned().fold(f64::MIN, f64::max) / r.iter().cloned().fold(f64::MAX, f64::min);
+    let flat = |r: &[f64]| r.iter().copied().fold(f64::MIN, f64::max) / r.iter().copied().fold(f64::MAX, f64::min);
     fig.targets = vec![
         Target {
             what: "5. blocked CIDRs 1 → 10 000: largest / smallest guard ratio".into(),
@@ -163,10 +166,6 @@ fn bpf_ns_per_run(b: &mut Bench, op: Op) -> Result<BTreeMap<String, f64>> {
         .collect())
 }
 
-fn guard_programs(b: &Bench) -> Result<Vec<(String, u64)>> {
-    Ok(b.status()?.programs.into_iter().map(|p| (p.program_name, u64::from(p.program_id))).collect())
-}
-
 fn row(case: &str, variants: &[Variant], samples: Vec<Vec<f64>>) -> Row {
     Row {
         case: case.into(),
@@ -192,7 +191,7 @@ fn wait_for_policy(b: &Bench, n: usize) -> Result<()> {
 }
 
 /// Figure 6: a pod hammering the metadata address.
-pub fn storm(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn storm(b: &mut Bench) -> Result<Figure> {
     let ms = if b.quick { 2000 } else { 10_000 };
     b.start_agent(&["--audit-dedup-window", "1s"])?;
     let blocked_before = b.kernel_count(None, "blocked")?;
@@ -275,13 +274,13 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
-pub fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Figure 7: the agent's own cost.
-pub fn footprint(cold: Duration, warm: Duration, idle_rss_kib: u64) -> Figure {
+pub(crate) fn footprint(cold: Duration, warm: Duration, idle_rss_kib: u64) -> Figure {
     let image = Command::new("podman")
         .args(["images", "localhost/metadata-guard", "--format", "{{.Tag}} {{.Size}}"])
         .output()
@@ -300,154 +299,4 @@ pub fn footprint(cold: Duration, warm: Duration, idle_rss_kib: u64) -> Figure {
         ],
         ..Default::default()
     }
-}
-
-/// Chunks per operation and variant, alternating guard and empty programs.
-const CHUNKS: u64 = 20;
-
-/// A program that ran less than this per operation ran for something else.
-const MIN_RUNS_PER_OP: f64 = 0.5;
-
-/// One operation's BPF profile: program name → (runs per operation, mean ns per run).
-pub type Programs = BTreeMap<String, (f64, f64)>;
-
-/// The profile of each operation, for the guard's and for the empty programs.
-pub struct Profile {
-    pub ops: Vec<(&'static str, Programs, Programs)>,
-}
-
-/// Which empty program sits on the same hook as a guard program.
-pub fn empty_twin(guard_program: &str) -> &'static str {
-    match guard_program {
-        "mg_sock_create" => "mg_empty_sock",
-        "mg_connect4" => "mg_empty_conn4",
-        "mg_connect6" => "mg_empty_conn6",
-        "mg_sendmsg4" => "mg_empty_send4",
-        "mg_sendmsg6" => "mg_empty_send6",
-        "mg_egress" => "mg_empty_egress",
-        _ => "?",
-    }
-}
-
-/// Run counts and run time of each guard program per operation, beside the empty
-/// programs on the same hooks, from the kernel's BPF statistics (switched on only for
-/// this pass: they cost a clock read per run).
-pub fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
-    let count = if b.quick { 2000 } else { 20_000 };
-    let per_chunk = count / CHUNKS;
-    let guard = guard_programs(b)?;
-    let empty = b.empty_programs.ids.clone();
-    let stats = bpf::enable_stats()?;
-    let ops = [
-        ("TCP connect + close", Op::TcpConnect { dest: b.node_addr(TCP_PORT), count: per_chunk }),
-        ("UDP sendto", Op::UdpSendto { dest: b.node_addr(UDP_PORT), count: per_chunk }),
-        ("UDP connect + send", Op::UdpConnectSend { dest: b.node_addr(UDP_PORT), count: per_chunk }),
-        ("forwarded TCP connect + close", Op::TcpConnect { dest: b.beyond.addr(TCP_PORT), count: per_chunk }),
-    ];
-    let mut profile = Profile { ops: Vec::new() };
-    let mut facts = Vec::new();
-    let (mut worst, mut worst_own) = (0.0f64, 0.0f64);
-    for (what, op) in ops {
-        let (mut gc, mut ec) = (Chunks::new(), Chunks::new());
-        for _ in 0..CHUNKS {
-            chunk(b, Variant::Guard, &op, &guard, &mut gc, what)?;
-            chunk(b, Variant::Empty, &op, &empty, &mut ec, what)?;
-        }
-        let (g, e) = (summarize(&gc, per_chunk * CHUNKS), summarize(&ec, per_chunk * CHUNKS));
-        // Programs of the operation itself: not a socket some other call created.
-        for (name, (_, ns)) in g.iter().filter(|(_, (runs, _))| *runs >= MIN_RUNS_PER_OP) {
-            let empty_ns = e.get(empty_twin(name)).map(|(_, ns)| *ns).unwrap_or(0.0);
-            worst = worst.max(*ns);
-            worst_own = worst_own.max(ns - empty_ns);
-        }
-        facts.push((format!("{what}: guard"), describe(&g)));
-        facts.push((format!("{what}: empty programs"), describe(&e)));
-        profile.ops.push((what, g, e));
-    }
-    drop(stats);
-    let fig = Figure {
-        title: "Profile: the guard's programs per operation (kernel BPF statistics)".into(),
-        facts,
-        targets: vec![
-            Target::at_most(
-                "profile: slowest guard program, mean ns per run, destination outside the policy",
-                worst,
-                40.0,
-            ),
-            Target::at_most(
-                "profile: the same, less the empty program's mean on its hook (the guard's own work)",
-                worst_own,
-                40.0,
-            ),
-        ],
-        notes: vec![format!(
-            "{count} operations per line with `BPF_ENABLE_STATS` on, in {CHUNKS} chunks alternating guard and empty \
-             programs; \"name runs×ns\" is runs per operation × the median over chunks of the mean run \
-             time. The empty programs (`r0 = 1; exit`) run on the same hooks from a cgroup of their own: their time is \
-             what the kernel's statistics and hook dispatch cost by themselves, so the guard's own work is the \
-             difference. The statistics add clock reads to each run, so all of these are upper bounds."
-        )],
-        ..Default::default()
-    };
-    Ok((fig, profile))
-}
-
-/// Per program, each chunk's (runs, run time in ns).
-type Chunks = BTreeMap<String, Vec<(u64, u64)>>;
-
-/// Runs `op` once from `v`'s cgroup and adds each program's share to `chunks`.
-fn chunk(
-    b: &mut Bench,
-    v: Variant,
-    op: &Op,
-    programs: &[(String, u64)],
-    chunks: &mut Chunks,
-    what: &str,
-) -> Result<()> {
-    let before = prog_stats(programs)?;
-    let r = b.run(v, op.clone())?;
-    ensure!(r.ok > 0 && r.errors.is_empty(), "{what} ({}): {} ok, errors {:?}", label(v), r.ok, r.errors);
-    let after = prog_stats(programs)?;
-    for (name, (cnt1, ns1)) in &after {
-        let (cnt0, ns0) = before.get(name).copied().unwrap_or((0, 0));
-        chunks.entry(name.clone()).or_default().push((cnt1 - cnt0, ns1 - ns0));
-    }
-    Ok(())
-}
-
-/// Runs per operation, and the median over chunks of the mean run time: one chunk
-/// whose program was preempted (the statistics count that time too) moves a mean a
-/// lot on a busy machine, the median not.
-fn summarize(chunks: &Chunks, ops: u64) -> Programs {
-    let mut out = Programs::new();
-    for (name, list) in chunks {
-        let runs: u64 = list.iter().map(|(r, _)| r).sum();
-        let means: Vec<f64> = list.iter().filter(|(r, _)| *r > 0).map(|(r, ns)| *ns as f64 / *r as f64).collect();
-        if runs > 0 {
-            out.insert(name.clone(), (runs as f64 / ops as f64, crate::report::median(&means)));
-        }
-    }
-    out
-}
-
-pub fn describe(p: &Programs) -> String {
-    let total: f64 = p.values().map(|(runs, ns)| runs * ns).sum();
-    let parts: Vec<String> = p.iter().map(|(name, (runs, ns))| format!("{name} {runs:.1}×{ns:.0} ns")).collect();
-    format!("{total:.0} ns per operation = {}", parts.join(" + "))
-}
-
-/// name → (run_cnt, run_time_ns), from `bpftool -j prog show id N`.
-fn prog_stats(programs: &[(String, u64)]) -> Result<BTreeMap<String, (u64, u64)>> {
-    let mut out = BTreeMap::new();
-    for (name, id) in programs {
-        let o = Command::new("bpftool")
-            .args(["-j", "prog", "show", "id", &id.to_string()])
-            .output()
-            .context("could not run bpftool; install Debian's bpftool (cargo xtask bench does)")?;
-        ensure!(o.status.success(), "bpftool prog show id {id} failed: {}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
-        let get = |k: &str| v[k].as_u64().unwrap_or(0);
-        out.insert(name.clone(), (get("run_cnt"), get("run_time_ns")));
-    }
-    Ok(out)
 }

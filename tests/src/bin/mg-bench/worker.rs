@@ -21,9 +21,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum Op {
+pub(crate) enum Op {
     /// socket + connect + abortive close (SO_LINGER 0: no TIME_WAIT, so tens of
     /// thousands of connects never run out of ephemeral ports), `count` times.
     TcpConnect { dest: SocketAddrV4, count: u64 },
@@ -43,7 +43,7 @@ pub enum Op {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Reply {
+pub(crate) struct Reply {
     /// Wall time of the whole loop.
     pub ns: u64,
     pub ok: u64,
@@ -59,7 +59,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn attempts(&self) -> u64 {
+    pub(crate) fn attempts(&self) -> u64 {
         self.ok + self.errors.values().sum::<u64>()
     }
 }
@@ -71,7 +71,7 @@ struct Request {
 }
 
 /// The parent's handle on a running worker.
-pub struct Worker {
+pub(crate) struct Worker {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -79,7 +79,7 @@ pub struct Worker {
 
 impl Worker {
     /// Starts `/proc/self/exe worker <netns>`.
-    pub fn start(netns: &Path) -> Result<Worker> {
+    pub(crate) fn start(netns: &Path) -> Result<Worker> {
         let mut child = Command::new("/proc/self/exe")
             .arg("worker")
             .arg(netns)
@@ -93,8 +93,8 @@ impl Worker {
     }
 
     /// Runs `op` from `cgroup`; fails if the worker died or could not run it.
-    pub fn run(&mut self, cgroup: &Path, op: Op) -> Result<Reply> {
-        let line = serde_json::to_string(&Request { cgroup: cgroup.to_path_buf(), op: op.clone() })?;
+    pub(crate) fn run(&mut self, cgroup: &Path, op: Op) -> Result<Reply> {
+        let line = serde_json::to_string(&Request { cgroup: cgroup.to_path_buf(), op })?;
         writeln!(self.stdin, "{line}").context("the worker process is gone (writing a command failed)")?;
         let mut answer = String::new();
         self.stdout.read_line(&mut answer).context("reading the worker's answer failed")?;
@@ -118,7 +118,7 @@ impl Drop for Worker {
 }
 
 /// The child's main: `mg-bench worker <netns>`.
-pub fn child_main(netns: &str) -> Result<()> {
+pub(crate) fn child_main(netns: &str) -> Result<()> {
     let ns = std::fs::File::open(netns).with_context(|| format!("could not open {netns}"))?;
     nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("could not join network namespace {netns}"))?;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Kind {
+pub(crate) enum Kind {
     /// TCP connect, then an HTTP GET; `ok` only with a 200 answer.
     Http,
     /// UDP `sendto` without connecting.
@@ -46,7 +46,7 @@ pub enum Kind {
 
 /// What one child process is asked to do.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Request {
+pub(crate) struct Request {
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub kind: Kind,
@@ -83,7 +83,7 @@ fn one() -> u64 {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub pid: u32,
     pub ok: u64,
     /// Attempts refused with EPERM (the guard's answer).
@@ -98,7 +98,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.ok + self.eperm + self.other.values().sum::<u64>()
     }
 }
@@ -106,7 +106,7 @@ impl Outcome {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The child's main: join, attempt, report on stdout.
-pub fn child_main(request_json: &str) -> Result<()> {
+pub(crate) fn child_main(request_json: &str) -> Result<()> {
     let req: Request = serde_json::from_str(request_json).context("bad attempt request")?;
     let handed = match (&req.kind, &req.socket_netns) {
         (Kind::HandedHostSocket, Some(ns)) => Some(crate::raw::handed_socket(ns, &target(&req))?),
@@ -161,7 +161,7 @@ pub fn child_main(request_json: &str) -> Result<()> {
 }
 
 /// Microseconds since the Unix epoch: comparable across processes.
-pub fn unix_us() -> u64 {
+pub(crate) fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
@@ -205,7 +205,7 @@ fn once(req: &Request) -> std::io::Result<()> {
     }
 }
 
-pub fn udp_socket(to: &SocketAddr) -> std::io::Result<OwnedFd> {
+pub(crate) fn udp_socket(to: &SocketAddr) -> std::io::Result<OwnedFd> {
     let family = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket(2) call; the fd is owned right away.
     let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -216,7 +216,7 @@ pub fn udp_socket(to: &SocketAddr) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-pub fn sendto(sock: &OwnedFd, data: &[u8], to: &SocketAddr) -> std::io::Result<()> {
+pub(crate) fn sendto(sock: &OwnedFd, data: &[u8], to: &SocketAddr) -> std::io::Result<()> {
     let addr = nix::sys::socket::SockaddrStorage::from(*to);
     nix::sys::socket::sendto(sock.as_raw_fd(), data, &addr, nix::sys::socket::MsgFlags::empty())
         .map(drop)
@@ -256,7 +256,7 @@ fn held_http(to: SocketAddr, ready: Option<&std::path::Path>, go: Option<&std::p
     request_on(stream)
 }
 
-pub fn request_on(mut stream: std::net::TcpStream) -> std::io::Result<()> {
+pub(crate) fn request_on(mut stream: std::net::TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
     stream.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: metadata\r\nConnection: close\r\n\r\n")?;
     let mut head = [0u8; 12];
@@ -269,7 +269,7 @@ pub fn request_on(mut stream: std::net::TcpStream) -> std::io::Result<()> {
 }
 
 /// Runs one request as a child process of this very program.
-pub fn spawn(req: &Request) -> Result<std::process::Child> {
+pub(crate) fn spawn(req: &Request) -> Result<std::process::Child> {
     let json = serde_json::to_string(req)?;
     std::process::Command::new("/proc/self/exe")
         .args(["attempt", &json])
@@ -278,7 +278,7 @@ pub fn spawn(req: &Request) -> Result<std::process::Child> {
         .context("could not start an attempt process")
 }
 
-pub fn wait(child: std::process::Child) -> Result<Outcome> {
+pub(crate) fn wait(child: std::process::Child) -> Result<Outcome> {
     let out = child.wait_with_output().context("attempt process failed")?;
     if !out.status.success() {
         bail!("attempt process exited with {}", out.status);
@@ -287,6 +287,6 @@ pub fn wait(child: std::process::Child) -> Result<Outcome> {
     serde_json::from_str(line.trim()).with_context(|| format!("attempt process printed {line:?}"))
 }
 
-pub fn run(req: &Request) -> Result<Outcome> {
+pub(crate) fn run(req: &Request) -> Result<Outcome> {
     wait(spawn(req)?)
 }

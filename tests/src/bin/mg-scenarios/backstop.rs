@@ -14,7 +14,7 @@ use crate::{
     packets::PacketTap,
 };
 
-pub const SCENARIOS: [crate::Scenario; 7] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 7] = [
     ("backstop: raw ICMP, raw TCP SYN and raw UDP from a pod never reach the node", pod_raw_packets_dropped),
     ("backstop: the same raw packets from a host-network process arrive", host_raw_packets_arrive),
     ("backstop: TCP Fast Open from a pod is refused", pod_fast_open_refused),

@@ -9,7 +9,7 @@ use crate::{
     neighbour::Neighbour,
 };
 
-pub const SCENARIOS: [crate::Scenario; 11] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 11] = [
     ("block: pod is served before the guard starts (the world works)", world_works_without_guard),
     ("block: pod is refused TCP to 169.254.169.254 at once, nothing arrives", pod_tcp_v4_refused),
     ("block: pod is refused TCP to [fd00:ec2::254] and to ::ffff:169.254.169.254", pod_tcp_v6_and_mapped_refused),

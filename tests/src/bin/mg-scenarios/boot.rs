@@ -12,7 +12,7 @@ use crate::{
     hostside::{host_status, syn_over_af_packet},
 };
 
-pub const SCENARIOS: [crate::Scenario; 4] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 4] = [
     (
         "boot: after apply returns no pod attempt succeeds (AF_PACKET frames too), with no agent and while an agent adopts",
         apply_then_adopt,

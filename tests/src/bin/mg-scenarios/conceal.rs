@@ -17,7 +17,7 @@ use crate::{
     harness::{Ctx, Who, METADATA_V4, METADATA_V6},
 };
 
-pub const SCENARIOS: [crate::Scenario; 8] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 8] = [
     ("conceal: pod reads region and zone through the proxy, credentials are refused before the service", aws_paths),
     ("conceal: path tricks, absolute-form targets, Host games and bodies never reach a refused path", path_tricks),
     ("conceal: IPv6 and IPv4-mapped metadata connections are filtered the same way", v6_and_mapped),
@@ -60,7 +60,7 @@ struct Exchange {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// 0 when no HTTP answer came (closed, refused connect, timeout).
     status: u16,
     text: String,
@@ -70,7 +70,7 @@ pub struct Answer {
 
 /// The child side: `mg-scenarios conceal-client JSON`. Joins the cgroup and namespace
 /// before opening its socket, sends the request as given, reads until close.
-pub fn client_main(json: &str) -> Result<()> {
+pub(crate) fn client_main(json: &str) -> Result<()> {
     use std::io::{Read, Write};
     let ex: Exchange = serde_json::from_str(json).context("bad exchange")?;
     std::fs::write(ex.cgroup.join("cgroup.procs"), "0")?;

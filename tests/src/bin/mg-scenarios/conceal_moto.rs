@@ -26,7 +26,7 @@ use crate::{
     harness::Ctx,
 };
 
-pub const SCENARIOS: [crate::Scenario; 1] = [(
+pub(crate) const SCENARIOS: [crate::Scenario; 1] = [(
     "conceal (moto, botocore): pods resolve region and zone with IMDSv2 and v1 and get no credentials; host and allowlisted pod do",
     botocore_through_the_proxy,
 )];
@@ -77,8 +77,7 @@ fn workspace_target() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     exe.ancestors()
         .find(|p| p.file_name().is_some_and(|n| n == "target"))
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| std::env::temp_dir().join("metadata-guard-target"))
+        .map_or_else(|| std::env::temp_dir().join("metadata-guard-target"), Path::to_path_buf)
 }
 
 /// The virtualenv with moto and boto3, made on first use.
@@ -118,8 +117,8 @@ struct MotoNode {
     work: PathBuf,
     bpffs: PathBuf,
     // Declared last: dropped after the agent and pods above.
-    _root: TestCgroup,
-    _cgroups: Vec<TestCgroup>,
+    root: TestCgroup,
+    cgroups: Vec<TestCgroup>,
 }
 
 impl MotoNode {
@@ -142,8 +141,8 @@ impl MotoNode {
             moto: None,
             work: work.clone(),
             bpffs: bpffs.clone(),
-            _root: root,
-            _cgroups: vec![agent_cg.clone(), burstable.clone()],
+            root,
+            cgroups: vec![agent_cg.clone(), burstable.clone()],
         };
         for (n, (namespace, name)) in [("shop", "web-1"), ("infra", "node-agent-1")].into_iter().enumerate() {
             let uid = format!("{:08x}-aaaa-bbbb-cccc-{:012x}", n + 1, n + 1);
@@ -165,7 +164,7 @@ impl MotoNode {
         fs::write(&config, "allow_pods:\n  - namespace: infra\n    pod: \"node-agent-*\"\n")?;
         let spec = AgentSpec {
             binary: agent_bin.to_path_buf(),
-            attach_cgroup: node._root.path().to_path_buf(),
+            attach_cgroup: node.root.path().to_path_buf(),
             own_cgroup: agent_cg.path().to_path_buf(),
             host_netns: node.sim.node().path(),
             bpffs: bpffs.join("metadata-guard"),
@@ -184,7 +183,7 @@ impl MotoNode {
                 "moto-node",
             ]
             .iter()
-            .map(|s| s.to_string())
+            .map(std::string::ToString::to_string)
             .collect(),
         };
         node.agent = Some(Agent::start(&spec)?);
@@ -279,7 +278,7 @@ impl Drop for MotoNode {
 fn botocore_through_the_proxy(ctx: &mut Ctx) -> Result<()> {
     let venv = venv()?;
     let node = MotoNode::build(&ctx.agent_bin, &venv)?;
-    let host_cg = node._cgroups[0].path().to_path_buf();
+    let host_cg = node.cgroups[0].path().to_path_buf();
     let host = node.python_in(&node.sim.node().path(), &host_cg, &venv, "v2")?;
     ensure!(host["access_key"].is_string() && host["region"].is_string(), "host network: {host}");
     for version in ["v2", "v1"] {

@@ -14,7 +14,7 @@ use crate::harness::Ctx;
 const IPPROTO_UDP: u8 = 17;
 
 /// A UDP datagram (header with a valid checksum, then `payload`).
-pub fn udp(src: Ipv6Addr, dst: Ipv6Addr, port: u16, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn udp(src: Ipv6Addr, dst: Ipv6Addr, port: u16, payload: &[u8]) -> Vec<u8> {
     let len = (8 + payload.len()) as u16;
     let mut d = Vec::new();
     d.extend_from_slice(&40000u16.to_be_bytes());
@@ -45,7 +45,7 @@ fn fold(bytes: &[u8]) -> u16 {
 }
 
 /// An IPv6 packet: fixed header (next header `next`), one extension header, payload.
-pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, next: u8, ext: &[u8], payload: &[u8]) -> Vec<u8> {
+pub(crate) fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, next: u8, ext: &[u8], payload: &[u8]) -> Vec<u8> {
     let mut p = vec![0x60, 0, 0, 0];
     p.extend_from_slice(&((ext.len() + payload.len()) as u16).to_be_bytes());
     p.extend_from_slice(&[next, 64]);
@@ -58,14 +58,14 @@ pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, next: u8, ext: &[u8], payload: 
 
 /// Counts frames arriving on the node end of pod 0's veth for one destination (and
 /// one protocol, or IPv6 first next header): what reached the node, before anything there judged it.
-pub struct FrameTap {
+pub(crate) struct FrameTap {
     fd: OwnedFd,
     dest: IpAddr,
     protocol: Option<u8>,
 }
 
 impl FrameTap {
-    pub fn open(ctx: &Ctx, dest: IpAddr, protocol: Option<u8>) -> Result<FrameTap> {
+    pub(crate) fn open(ctx: &Ctx, dest: IpAddr, protocol: Option<u8>) -> Result<FrameTap> {
         let link = CString::new(ctx.node.pods[0].net.node_side_link.as_str())?;
         let fd = ctx.node.sim.node().run(|| -> std::io::Result<OwnedFd> {
             // SAFETY: plain socket(2) and bind(2) on our own fd and sockaddr.
@@ -73,7 +73,7 @@ impl FrameTap {
                 let fd = libc::socket(
                     libc::AF_PACKET,
                     libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                    i32::from((libc::ETH_P_ALL as u16).to_be()),
                 );
                 if fd < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -94,7 +94,7 @@ impl FrameTap {
     }
 
     /// Incoming frames for the destination since the tap opened.
-    pub fn count(&mut self) -> u64 {
+    pub(crate) fn count(&mut self) -> u64 {
         let mut seen = 0;
         let mut buf = [0u8; 4096];
         loop {
@@ -115,7 +115,7 @@ impl FrameTap {
             if n <= 0 {
                 return seen;
             }
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let p = &buf[..n as usize];
@@ -140,12 +140,12 @@ impl FrameTap {
 
 /// A socket of `protocol` on `port` of every address in the node namespace,
 /// counting datagrams that arrive.
-pub struct Listener {
+pub(crate) struct Listener {
     fd: OwnedFd,
 }
 
 impl Listener {
-    pub fn open(ctx: &Ctx, protocol: i32, port: u16) -> Result<Listener> {
+    pub(crate) fn open(ctx: &Ctx, protocol: i32, port: u16) -> Result<Listener> {
         let fd = ctx.node.sim.node().run(|| -> std::io::Result<OwnedFd> {
             let any = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
@@ -172,7 +172,7 @@ impl Listener {
     }
 
     /// Datagrams received since the last call.
-    pub fn count(&mut self) -> u64 {
+    pub(crate) fn count(&mut self) -> u64 {
         let mut buf = [0u8; 2048];
         let mut n = 0;
         // SAFETY: valid fd and buffer.

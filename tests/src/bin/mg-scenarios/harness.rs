@@ -17,33 +17,33 @@ use crate::{
     node::Node,
 };
 
-pub const METADATA_V4: &str = "169.254.169.254";
-pub const METADATA_V6: &str = "fd00:ec2::254";
+pub(crate) const METADATA_V4: &str = "169.254.169.254";
+pub(crate) const METADATA_V6: &str = "fd00:ec2::254";
 
 /// A refusal must be immediate: EPERM from the hook, not a timeout.
-pub const REFUSAL_BUDGET: Duration = Duration::from_millis(50);
+pub(crate) const REFUSAL_BUDGET: Duration = Duration::from_millis(50);
 
 /// Factor for every timing budget: 1 on real hardware; larger under software
 /// emulation (a VM without KVM), where everything is uniformly slower.
 static TIME_SCALE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
-pub fn set_time_scale(factor: u32) {
+pub(crate) fn set_time_scale(factor: u32) {
     TIME_SCALE.store(factor, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// A timing budget, scaled for the machine the scenarios run on.
-pub fn budget(d: Duration) -> Duration {
+pub(crate) fn budget(d: Duration) -> Duration {
     d * TIME_SCALE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Whether CI=true: then nothing may be skipped.
-pub fn ci() -> bool {
+pub(crate) fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 /// Polls `ok` until it holds, failing after `within` (pass a [`budget`]); returns how
 /// long it took. The readiness signal that replaces a fixed sleep.
-pub fn wait_until(within: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<Duration> {
+pub(crate) fn wait_until(within: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<Duration> {
     let start = Instant::now();
     loop {
         if ok()? {
@@ -54,7 +54,7 @@ pub fn wait_until(within: Duration, mut ok: impl FnMut() -> Result<bool>) -> Res
     }
 }
 
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub node: Node,
     pub agent_bin: PathBuf,
     pub variant_bin: Option<PathBuf>,
@@ -66,7 +66,7 @@ pub struct Ctx {
 
 /// Who makes an attempt.
 #[derive(Clone, Copy, Debug)]
-pub enum Who {
+pub(crate) enum Who {
     /// Pod number `n`: its network namespace and its container cgroup.
     Pod(usize),
     /// A host-network process in pod `n`'s very cgroup: only the namespace differs.
@@ -76,7 +76,7 @@ pub enum Who {
 }
 
 impl Ctx {
-    pub fn new(agent_bin: PathBuf, variant_bin: Option<PathBuf>) -> Result<Ctx> {
+    pub(crate) fn new(agent_bin: PathBuf, variant_bin: Option<PathBuf>) -> Result<Ctx> {
         let node = Node::build()?;
         // Every `metadata-guard` command run from here (status, uninstall, check) acts
         // on the simulated node's host-side table, never on this machine's namespace.
@@ -84,14 +84,14 @@ impl Ctx {
         Ok(Ctx { node, agent_bin, variant_bin, agent: None, running_args: Vec::new(), without_promtool: false })
     }
 
-    pub fn spec(&self, binary: &std::path::Path, extra: &[&str]) -> AgentSpec {
+    pub(crate) fn spec(&self, binary: &std::path::Path, extra: &[&str]) -> AgentSpec {
         self.node.agent_spec(binary, "test-node", extra)
     }
 
     /// Makes sure an agent with exactly these extra arguments runs (restarting one
     /// started with others; the pins keep the block in force meanwhile).
-    pub fn ensure_agent(&mut self, extra: &[&str]) -> Result<&Agent> {
-        let wanted: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    pub(crate) fn ensure_agent(&mut self, extra: &[&str]) -> Result<&Agent> {
+        let wanted: Vec<String> = extra.iter().map(std::string::ToString::to_string).collect();
         if self.agent.is_none() || self.running_args != wanted {
             if let Some(old) = self.agent.take() {
                 old.stop()?;
@@ -103,16 +103,16 @@ impl Ctx {
         Ok(self.agent.as_ref().unwrap())
     }
 
-    pub fn default_agent(&mut self) -> Result<&Agent> {
+    pub(crate) fn default_agent(&mut self) -> Result<&Agent> {
         self.ensure_agent(&[])
     }
 
-    pub fn agent(&self) -> Result<&Agent> {
+    pub(crate) fn agent(&self) -> Result<&Agent> {
         self.agent.as_ref().context("no agent is running")
     }
 
     /// Stops the agent (SIGTERM, pins stay) and forgets it.
-    pub fn stop_agent(&mut self) -> Result<()> {
+    pub(crate) fn stop_agent(&mut self) -> Result<()> {
         if let Some(a) = self.agent.take() {
             a.stop()?;
         }
@@ -121,28 +121,28 @@ impl Ctx {
     }
 
     /// `metadata-guard <args> --bpffs <ours>`.
-    pub fn oneshot(&self, args: &[&str]) -> Result<(bool, String, String)> {
+    pub(crate) fn oneshot(&self, args: &[&str]) -> Result<(bool, String, String)> {
         let bpffs = self.node.bpffs.display().to_string();
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--bpffs", &bpffs]);
         agent::oneshot(&self.agent_bin, &all)
     }
 
-    pub fn status(&self) -> Result<agent::Status> {
+    pub(crate) fn status(&self) -> Result<agent::Status> {
         agent::status(&self.agent_bin, &self.node.bpffs)
     }
 
     /// Sum of a kernel verdict counter over all hooks.
-    pub fn kernel_count(&self, verdict: &str) -> Result<u64> {
+    pub(crate) fn kernel_count(&self, verdict: &str) -> Result<u64> {
         self.kernel_count_at(None, verdict)
     }
 
     /// A kernel verdict counter of one hook (or of all, with None).
-    pub fn kernel_count_at(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
+    pub(crate) fn kernel_count_at(&self, hook: Option<&str>, verdict: &str) -> Result<u64> {
         Ok(agent::verdict_count(&self.status()?, hook, verdict))
     }
 
-    pub fn request(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Request> {
+    pub(crate) fn request(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Request> {
         let (netns, cgroup) = match from {
             Who::Pod(n) => {
                 let pod = self.node.pods.get(n).context("no such pod")?;
@@ -171,12 +171,12 @@ impl Ctx {
         })
     }
 
-    pub fn try_once(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Outcome> {
+    pub(crate) fn try_once(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Outcome> {
         attempt::run(&self.request(from, kind, dest, port, mapped)?)
     }
 
     /// The attempt fails with EPERM, at once, and nothing reaches the stand-in.
-    pub fn expect_refused(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<()> {
+    pub(crate) fn expect_refused(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<()> {
         let before = self.arrivals();
         let out = self.try_once(from, kind, dest, port, mapped)?;
         let what = describe(from, kind, dest, port, mapped);
@@ -190,7 +190,7 @@ impl Ctx {
     }
 
     /// What the stand-in saw, barriers left out.
-    pub fn arrivals(&self) -> Arrivals {
+    pub(crate) fn arrivals(&self) -> Arrivals {
         let mut arrivals = self.node.standin.arrivals();
         arrivals.udp_received.remove(&BARRIER_PORT);
         arrivals
@@ -200,7 +200,7 @@ impl Ctx {
     /// of the pod's link (never blocked) and waits until it arrives: whatever the pod
     /// sent before has by then had its chance to arrive along the same path. Returns
     /// what the stand-in saw, barriers left out.
-    pub fn barrier(&self, n: usize) -> Result<Arrivals> {
+    pub(crate) fn barrier(&self, n: usize) -> Result<Arrivals> {
         let pod = self.node.pods.get(n).context("no such pod")?;
         let (source, target) = (IpAddr::from(pod.net.ipv4), IpAddr::from(pod.net.node_side_ipv4));
         let seen = || self.node.standin.arrivals().udp(BARRIER_PORT).from(source);
@@ -213,7 +213,7 @@ impl Ctx {
     }
 
     /// The attempt succeeds (HTTP 200 for TCP; for UDP, the datagram arrives).
-    pub fn expect_served(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<()> {
+    pub(crate) fn expect_served(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<()> {
         let before = self.node.standin.arrivals();
         let out = self.try_once(from, kind, dest, port, mapped)?;
         let what = describe(from, kind, dest, port, mapped);
@@ -232,12 +232,12 @@ impl Ctx {
 
     /// Called after each passing scenario: nothing to undo by design, scenarios set up
     /// the agent they need.
-    pub fn after_scenario(&mut self) -> Result<()> {
+    pub(crate) fn after_scenario(&mut self) -> Result<()> {
         Ok(())
     }
 
     /// After a failure: a clean slate (no agent, nothing pinned) for the next scenario.
-    pub fn recover(&mut self) {
+    pub(crate) fn recover(&mut self) {
         if let Some(a) = self.agent.take() {
             let _ = a.kill();
         }
@@ -246,14 +246,14 @@ impl Ctx {
     }
 
     /// Stops any agent and removes the guard from the kernel.
-    pub fn uninstall(&mut self) -> Result<()> {
+    pub(crate) fn uninstall(&mut self) -> Result<()> {
         self.stop_agent()?;
         let (ok, out, err) = self.oneshot(&["uninstall"])?;
         ensure!(ok, "uninstall failed: {out}{err}");
         Ok(())
     }
 
-    pub fn variant_bin(&self) -> Result<PathBuf> {
+    pub(crate) fn variant_bin(&self) -> Result<PathBuf> {
         self.variant_bin.clone().context("this scenario needs --variant-agent (a build with the test-variant programs)")
     }
 }
@@ -264,7 +264,7 @@ impl Drop for Ctx {
     }
 }
 
-pub fn describe(from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> String {
+pub(crate) fn describe(from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> String {
     let shown = if mapped { format!("::ffff:{dest}") } else { dest.to_string() };
     format!("{from:?} {kind:?} to [{shown}]:{port}")
 }

@@ -17,7 +17,7 @@ use crate::{
     harness::{budget, Ctx, Who, METADATA_V4},
 };
 
-pub const SCENARIOS: [crate::Scenario; 5] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 5] = [
     ("health: a link pin removed by hand turns /readyz 503 until the agent restores it", pins_removed),
     (
         "health: the attached cgroup removed turns /readyz 503 and status says so; re-created, it is re-attached",
@@ -29,10 +29,10 @@ pub const SCENARIOS: [crate::Scenario; 5] = [
 ];
 
 /// How long the agent may take to notice a fault or its repair (it checks every second).
-pub const NOTICE: Duration = Duration::from_secs(3);
+pub(crate) const NOTICE: Duration = Duration::from_secs(3);
 
 /// Polls /readyz until `want` answers, returning the body.
-pub fn wait_readyz(agent: &Agent, want: u16, within: Duration) -> Result<String> {
+pub(crate) fn wait_readyz(agent: &Agent, want: u16, within: Duration) -> Result<String> {
     let deadline = Instant::now() + budget(within);
     loop {
         let answer = agent.http_get("/readyz");
@@ -48,7 +48,7 @@ pub fn wait_readyz(agent: &Agent, want: u16, within: Duration) -> Result<String>
     }
 }
 
-pub fn metric(agent: &Agent, name: &str) -> Result<f64> {
+pub(crate) fn metric(agent: &Agent, name: &str) -> Result<f64> {
     let text = agent.http_get("/metrics")?.1;
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))

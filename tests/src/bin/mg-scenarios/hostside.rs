@@ -23,7 +23,7 @@ use crate::{
     harness::{Ctx, Who, METADATA_V4},
 };
 
-pub const SCENARIOS: [crate::Scenario; 6] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 6] = [
     ("hostside: AF_PACKET SYNs from a pod (IPv4, IPv6) never arrive and get no SYN-ACK", packet_frames_stopped),
     ("hostside: a Service address DNATed in the node to 168.63.129.16:80 is refused, TCP and UDP", dnat_refused),
     ("hostside: DNS on port 53 through the node and host-network processes are served", open_paths_served),
@@ -36,8 +36,8 @@ pub const SCENARIOS: [crate::Scenario; 6] = [
 ];
 
 /// A Service-like virtual address, routed to the node by the pod's default route.
-pub const VIRTUAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-pub const SETTLE: Duration = Duration::from_millis(150);
+pub(crate) const VIRTUAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub(crate) const SETTLE: Duration = Duration::from_millis(150);
 /// Long enough for the node to resolve the pod's IPv6 neighbour before it answers.
 const SYN_ACK_WAIT: Duration = Duration::from_millis(1500);
 
@@ -82,30 +82,41 @@ impl ArrivalTap {
     }
 }
 
-pub fn syn_over_af_packet(ctx: &Ctx, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+pub(crate) fn syn_over_af_packet(ctx: &Ctx, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
     syn_from_pod(ctx, 0, dest, sport)
 }
 
 /// Sends one SYN frame from a pod to `dest`:80; returns (segments that arrived in
 /// the node, whether a SYN-ACK came back).
-pub fn syn_from_pod(ctx: &Ctx, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+pub(crate) fn syn_from_pod(ctx: &Ctx, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
     syn_seen_in(ctx, ctx.node.sim.node(), pod, dest, sport)
 }
 
 /// The same, counting arrivals in `tap_ns` (where the destination lives).
-pub fn syn_seen_in(ctx: &Ctx, tap_ns: &NetNs, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+pub(crate) fn syn_seen_in(ctx: &Ctx, tap_ns: &NetNs, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
     let pod = &ctx.node.pods[pod].net;
     let wire = Wire::of(&pod.ns, ctx.node.sim.node(), &pod.node_side_link)?;
     let src = if dest.is_ipv4() { IpAddr::V4(pod.ipv4) } else { IpAddr::V6(pod.ipv6) };
     let tap = ArrivalTap::open(tap_ns, dest.is_ipv6(), sport)?;
     let frame = tcp_syn_frame(&wire, src, dest, sport, 80);
+    let mut arrived = 0;
     let answered = pod.ns.run(|| -> Result<bool> {
         let sock = PacketSocket::open(wire.ifindex).context("AF_PACKET socket in the pod")?;
         sock.send(&frame).context("sending the frame")?;
+        if sock.syn_ack_to(sport, SYN_ACK_WAIT)? {
+            return Ok(true);
+        }
+        // The SYN got there but no answer came back yet (on a busy machine the node may
+        // still be resolving the pod's neighbour): retransmit once, as TCP would.
+        arrived += tap.count();
+        if arrived == 0 {
+            return Ok(false);
+        }
+        sock.send(&frame).context("sending the frame again")?;
         sock.syn_ack_to(sport, SYN_ACK_WAIT)
     })?;
     std::thread::sleep(SETTLE);
-    Ok((tap.count(), answered))
+    Ok((arrived + tap.count(), answered))
 }
 
 fn packet_frames_stopped(ctx: &mut Ctx) -> Result<()> {
@@ -162,7 +173,7 @@ fn open_paths_served(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-pub fn host_status(ctx: &Ctx) -> Result<HostStatus> {
+pub(crate) fn host_status(ctx: &Ctx) -> Result<HostStatus> {
     crate::agent::host_status(&ctx.agent_bin, &ctx.node.bpffs)
 }
 

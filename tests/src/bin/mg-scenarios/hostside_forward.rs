@@ -16,7 +16,7 @@ use crate::{
     hostside::syn_seen_in,
 };
 
-pub const SCENARIOS: [crate::Scenario; 1] =
+pub(crate) const SCENARIOS: [crate::Scenario; 1] =
     [("hostside: metadata one hop beyond the node: every bypass path is stopped in the forward path", forwarded)];
 
 const VIRTUAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);

@@ -20,7 +20,7 @@ use crate::{
     hostside::{host_status, syn_over_af_packet},
 };
 
-pub const SCENARIOS: [crate::Scenario; 1] = [(
+pub(crate) const SCENARIOS: [crate::Scenario; 1] = [(
     "health: the host-side table deleted by hand turns /readyz 503 and status says so until the agent restores it",
     table_deleted,
 )];

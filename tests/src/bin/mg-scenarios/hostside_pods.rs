@@ -15,7 +15,7 @@ use crate::{
     hostside::{host_status, syn_from_pod, SETTLE, VIRTUAL_IP},
 };
 
-pub const SCENARIOS: [crate::Scenario; 2] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
     ("hostside: an allowlisted pod passes on every path (AF_PACKET, DNAT), its neighbour does not", allowlisted_pod),
     ("hostside: a refusal in the node is audited with hook host, naming the pod and its address", refusal_names_pod),
 ];

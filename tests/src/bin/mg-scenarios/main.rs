@@ -17,6 +17,7 @@ mod health;
 mod hostside;
 mod hostside_forward;
 mod hostside_health;
+mod hostside_ipvs;
 mod hostside_pods;
 mod lifecycle;
 mod neighbour;
@@ -39,7 +40,7 @@ use harness::Ctx;
 
 type Scenario = (&'static str, fn(&mut Ctx) -> Result<()>);
 
-fn scenarios(without_python: bool) -> Vec<Scenario> {
+fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(block::SCENARIOS);
     all.extend(backstop::SCENARIOS);
@@ -58,6 +59,11 @@ fn scenarios(without_python: bool) -> Vec<Scenario> {
     all.extend(hostside_pods::SCENARIOS);
     all.extend(hostside_forward::SCENARIOS);
     all.extend(hostside_health::SCENARIOS);
+    // Kernels built without IPVS (this project's own development kernel) cannot run it;
+    // Debian's, in the VM matrix, do.
+    if !without_ipvs {
+        all.extend(hostside_ipvs::SCENARIOS);
+    }
     all
 }
 
@@ -83,6 +89,9 @@ struct Args {
     /// Leave out the scenarios that run real Python SDK clients (for a VM without it).
     #[arg(long)]
     without_python: bool,
+    /// Leave out the scenarios that need the kernel's IPVS (for a kernel built without it).
+    #[arg(long)]
+    without_ipvs: bool,
     /// Multiply every timing budget (e.g. 10 under software emulation).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     time_scale: u32,
@@ -98,14 +107,14 @@ fn main() {
         return;
     }
     if argv.get(1).map(String::as_str) == Some("attempt") {
-        if let Err(e) = attempt::child_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+        if let Err(e) = attempt::child_main(argv.get(2).map_or("", String::as_str)) {
             eprintln!("attempt: {e:#}");
             std::process::exit(2);
         }
         return;
     }
     if argv.get(1).map(String::as_str) == Some("conceal-client") {
-        if let Err(e) = conceal::client_main(argv.get(2).map(String::as_str).unwrap_or("")) {
+        if let Err(e) = conceal::client_main(argv.get(2).map_or("", String::as_str)) {
             eprintln!("conceal-client: {e:#}");
             std::process::exit(2);
         }
@@ -123,7 +132,7 @@ fn main() {
 
 fn real_main() -> Result<bool> {
     let args = Args::parse();
-    let selected: Vec<Scenario> = scenarios(args.without_python)
+    let selected: Vec<Scenario> = scenarios(args.without_python, args.without_ipvs)
         .into_iter()
         .filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f)))
         .collect();

@@ -13,7 +13,7 @@ use metadata_guard_tests::netns::NetNs;
 /// Offset of the destination address in an IPv4 header.
 const IPV4_DADDR_OFFSET: usize = 16;
 
-pub struct PacketTap {
+pub(crate) struct PacketTap {
     fd: OwnedFd,
     seen: u64,
     dest: Ipv4Addr,
@@ -21,7 +21,7 @@ pub struct PacketTap {
 
 impl PacketTap {
     /// A raw socket for `protocol` in `ns`, counting packets to `dest`.
-    pub fn open(ns: &NetNs, protocol: i32, dest: Ipv4Addr) -> Result<PacketTap> {
+    pub(crate) fn open(ns: &NetNs, protocol: i32, dest: Ipv4Addr) -> Result<PacketTap> {
         let fd = ns.run(|| {
             // SAFETY: plain socket(2); owned right away.
             let fd = unsafe {
@@ -38,7 +38,7 @@ impl PacketTap {
     }
 
     /// Packets to the destination so far (drains what is queued).
-    pub fn count(&mut self) -> u64 {
+    pub(crate) fn count(&mut self) -> u64 {
         let mut buf = [0u8; 2048];
         loop {
             // SAFETY: valid fd and buffer.

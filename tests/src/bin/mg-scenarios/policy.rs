@@ -14,7 +14,7 @@ use crate::{
     node::Layout,
 };
 
-pub const SCENARIOS: [crate::Scenario; 4] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 4] = [
     ("policy: each preset blocks what it lists and leaves its neighbours and DNS open", presets_block_what_they_list),
     ("policy: an allowlisted pod is served while its neighbour in the namespace is refused", allowlisted_pod_served),
     (
@@ -133,10 +133,7 @@ fn churn_leaves_no_trace(ctx: &mut Ctx) -> Result<()> {
     // Each pod brings two cgroups: the pod's own and its container's.
     let full = baseline + 2 * CHURN as usize;
     wait_until(Duration::from_secs(5), || Ok(allowlisted_ids(ctx)?.len() == full)).with_context(|| {
-        format!(
-            "not every churned pod was allowlisted: {} of {full}",
-            allowlisted_ids(ctx).map(|v| v.len()).unwrap_or(0)
-        )
+        format!("not every churned pod was allowlisted: {} of {full}", allowlisted_ids(ctx).map_or(0, |v| v.len()))
     })?;
     drop(pods);
     wait_until(Duration::from_secs(5), || Ok(allowlisted_ids(ctx)?.len() == baseline))

@@ -17,7 +17,7 @@ use crate::{
     harness::Ctx,
 };
 
-pub const SCENARIOS: [crate::Scenario; 4] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 4] = [
     (
         "protocols: raw IPv6 with a hop-by-hop, routing or destination-options header to a blocked port never arrives",
         extension_headers_dropped,

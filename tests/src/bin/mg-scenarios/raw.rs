@@ -41,7 +41,7 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-pub fn icmp_echo(to: &SocketAddr) -> io::Result<()> {
+pub(crate) fn icmp_echo(to: &SocketAddr) -> io::Result<()> {
     let (proto, ty) = if to.is_ipv4() { (libc::IPPROTO_ICMP, 8u8) } else { (libc::IPPROTO_ICMPV6, 128u8) };
     let sock = socket(family(to), libc::SOCK_RAW, proto)?;
     let mut packet = vec![ty, 0, 0, 0, 0x12, 0x34, 0, 1];
@@ -51,7 +51,7 @@ pub fn icmp_echo(to: &SocketAddr) -> io::Result<()> {
     sendto(&sock, &packet, &without_port(to))
 }
 
-pub fn tcp_syn(to: &SocketAddr) -> io::Result<()> {
+pub(crate) fn tcp_syn(to: &SocketAddr) -> io::Result<()> {
     let sock = socket(family(to), libc::SOCK_RAW, libc::IPPROTO_TCP)?;
     let mut header = [0u8; 20];
     header[0..2].copy_from_slice(&40000u16.to_be_bytes());
@@ -63,7 +63,7 @@ pub fn tcp_syn(to: &SocketAddr) -> io::Result<()> {
     sendto(&sock, &header, &without_port(to))
 }
 
-pub fn udp(to: &SocketAddr) -> io::Result<()> {
+pub(crate) fn udp(to: &SocketAddr) -> io::Result<()> {
     let sock = socket(family(to), libc::SOCK_RAW, libc::IPPROTO_UDP)?;
     let payload = b"metadata?";
     let mut datagram = Vec::with_capacity(8 + payload.len());
@@ -75,7 +75,7 @@ pub fn udp(to: &SocketAddr) -> io::Result<()> {
     sendto(&sock, &datagram, &without_port(to))
 }
 
-pub fn fast_open(to: &SocketAddr) -> io::Result<()> {
+pub(crate) fn fast_open(to: &SocketAddr) -> io::Result<()> {
     let sock = socket(family(to), libc::SOCK_STREAM, 0)?;
     let addr = nix::sys::socket::SockaddrStorage::from(*to);
     let request = b"GET / HTTP/1.0\r\n\r\n";
@@ -97,7 +97,7 @@ pub fn fast_open(to: &SocketAddr) -> io::Result<()> {
 }
 
 /// `Err(ENOSYS)`-like errors mean this kernel (or its sysctl) refuses io_uring.
-pub fn io_uring_connect(to: &SocketAddr) -> io::Result<()> {
+pub(crate) fn io_uring_connect(to: &SocketAddr) -> io::Result<()> {
     use io_uring::{opcode, types, IoUring};
     let sock = socket(family(to), libc::SOCK_STREAM, 0)?;
     let addr = nix::sys::socket::SockaddrStorage::from(*to);
@@ -120,7 +120,7 @@ pub fn io_uring_connect(to: &SocketAddr) -> io::Result<()> {
 
 /// Creates a TCP socket in `netns` and hands it over a unix socket pair with
 /// SCM_RIGHTS, as a host process would pass one to a pod; returns the received fd.
-pub fn handed_socket(netns: &std::path::Path, to: &SocketAddr) -> anyhow::Result<OwnedFd> {
+pub(crate) fn handed_socket(netns: &std::path::Path, to: &SocketAddr) -> anyhow::Result<OwnedFd> {
     use anyhow::Context;
     use nix::sys::socket::{
         recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
@@ -157,7 +157,7 @@ pub fn handed_socket(netns: &std::path::Path, to: &SocketAddr) -> anyhow::Result
     anyhow::bail!("no fd arrived over the unix socket")
 }
 
-pub fn connect_and_get(sock: OwnedFd, to: &SocketAddr) -> io::Result<()> {
+pub(crate) fn connect_and_get(sock: OwnedFd, to: &SocketAddr) -> io::Result<()> {
     let addr = nix::sys::socket::SockaddrStorage::from(*to);
     nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).map_err(io::Error::from)?;
     crate::attempt::request_on(std::net::TcpStream::from(sock))

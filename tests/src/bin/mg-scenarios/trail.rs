@@ -16,7 +16,7 @@ use crate::{
     harness::{budget, Ctx, Who, METADATA_V4, METADATA_V6},
 };
 
-pub const SCENARIOS: [crate::Scenario; 5] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 5] = [
     ("trail: a blocked attempt yields one record naming pod and container within 1 s", one_record_per_attempt),
     ("trail: every kubelet layout is named (containerd, CRI-O, cgroupfs)", every_layout_named),
     ("trail: a host unit outside any pod is named by its cgroup path", host_unit_named_by_cgroup),

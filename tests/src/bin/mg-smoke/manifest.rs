@@ -11,7 +11,7 @@ use serde_norway::Value;
 
 /// One container of a pod template, reduced to what the smoke test can replay.
 #[derive(Debug)]
-pub struct Container {
+pub(crate) struct Container {
     pub name: String,
     pub args: Vec<String>,
     /// Plain values; `fieldRef: spec.nodeName` becomes [`NODE_NAME`].
@@ -31,7 +31,7 @@ pub struct Container {
 }
 
 #[derive(Debug)]
-pub struct Mount {
+pub(crate) struct Mount {
     pub path: String,
     pub read_only: bool,
     /// `None`, `HostToContainer` or `Bidirectional`.
@@ -40,25 +40,25 @@ pub struct Mount {
 }
 
 #[derive(Debug)]
-pub enum Source {
+pub(crate) enum Source {
     HostPath(String),
     /// A ConfigMap's files: name → content.
     Files(BTreeMap<String, String>),
 }
 
 /// What the simulated node's name is, as the downward API would give it.
-pub const NODE_NAME: &str = "smoke-node";
+pub(crate) const NODE_NAME: &str = "smoke-node";
 
 /// The DaemonSet of a kustomization: its containers (init containers first) and
 /// whether it runs in the host's network namespace.
-pub struct DaemonSet {
+pub(crate) struct DaemonSet {
     pub name: String,
     pub host_network: bool,
     pub init_containers: Vec<Container>,
     pub containers: Vec<Container>,
 }
 
-pub fn render(dir: &Path) -> Result<Vec<Value>> {
+pub(crate) fn render(dir: &Path) -> Result<Vec<Value>> {
     let out = Command::new("kubectl")
         .arg("kustomize")
         .arg(dir)
@@ -76,7 +76,7 @@ pub fn render(dir: &Path) -> Result<Vec<Value>> {
         .collect()
 }
 
-pub fn daemonset(dir: &Path) -> Result<DaemonSet> {
+pub(crate) fn daemonset(dir: &Path) -> Result<DaemonSet> {
     let docs = render(dir)?;
     let mut sets = docs.iter().filter(|d| d["kind"].as_str() == Some("DaemonSet"));
     let ds = sets.next().with_context(|| format!("{} renders no DaemonSet", dir.display()))?;

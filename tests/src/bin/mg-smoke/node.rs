@@ -20,13 +20,13 @@ use metadata_guard_tests::{
     world::{PodNet, SimNode},
 };
 
-pub const POD_NAMESPACE: &str = "default";
-pub const POD_NAME: &str = "web-smoke";
-pub const POD_CONTAINER: &str = "app";
+pub(crate) const POD_NAMESPACE: &str = "default";
+pub(crate) const POD_NAME: &str = "web-smoke";
+pub(crate) const POD_CONTAINER: &str = "app";
 const POD_UID: &str = "5a0e0000-1111-2222-3333-000000000001";
 const CONTAINER_ID: &str = "00000000000000000000000000000000000000000000000000000000005a0e01";
 
-pub struct Node {
+pub(crate) struct Node {
     pub sim: SimNode,
     pub standin: Standin,
     pub pod: PodNet,
@@ -40,7 +40,7 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn build() -> Result<Node> {
+    pub(crate) fn build() -> Result<Node> {
         let work = std::env::temp_dir().join(format!("mg-smoke-{}", std::process::id()));
         let bpffs = work.join("bpffs");
         fs::create_dir_all(&bpffs).with_context(|| format!("could not create {}", bpffs.display()))?;
@@ -74,11 +74,11 @@ impl Node {
         Ok(Node { sim, standin, pod, root, pod_cgroup, host_cgroup, work, bpffs })
     }
 
-    pub fn netns_path(&self) -> PathBuf {
+    pub(crate) fn netns_path(&self) -> PathBuf {
         self.sim.node().path()
     }
 
-    pub fn pins_left(&self) -> Result<Vec<PathBuf>> {
+    pub(crate) fn pins_left(&self) -> Result<Vec<PathBuf>> {
         let mut left = Vec::new();
         // Only the guard's own directory: the bpffs root also holds the kernel's
         // preloaded iterators (maps.debug, progs.debug).
@@ -97,7 +97,7 @@ impl Node {
     }
 
     /// GET `path` from the agent's HTTP port, from inside the node's namespace.
-    pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
+    pub(crate) fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
         self.sim.node().run(|| -> Result<(u16, String)> {
             let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -119,8 +119,8 @@ impl Drop for Node {
 }
 
 /// What `count` HTTP attempts at `to` from a process in `netns` and `cgroup` got.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Outcome {
     pub ok: u64,
     pub eperm: u64,
     pub other: u64,
@@ -129,7 +129,7 @@ pub struct Outcome {
 /// Runs the attempts in a child process of this program: a socket is judged by
 /// the cgroup and namespace of the task that made it, and only a process can
 /// move into a cgroup.
-pub fn attempt(netns: &Path, cgroup: &Path, to: SocketAddr, count: u64) -> Result<Outcome> {
+pub(crate) fn attempt(netns: &Path, cgroup: &Path, to: SocketAddr, count: u64) -> Result<Outcome> {
     let out = Command::new("/proc/self/exe")
         .arg("attempt")
         .arg(netns)
@@ -152,7 +152,7 @@ pub fn attempt(netns: &Path, cgroup: &Path, to: SocketAddr, count: u64) -> Resul
 /// The child's side of [`attempt`]: `attempt NETNS CGROUP ADDR COUNT`. Distinct
 /// ports after the first make each refusal a distinct audit key (a storm that the
 /// dedup window cannot fold).
-pub fn attempt_main(args: &[String]) -> Result<()> {
+pub(crate) fn attempt_main(args: &[String]) -> Result<()> {
     let [netns, cgroup, to, count] = args else { bail!("usage: mg-smoke attempt NETNS CGROUP ADDR COUNT") };
     let to: SocketAddr = to.parse().context("bad address")?;
     let count: u64 = count.parse().context("bad count")?;

@@ -15,7 +15,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::manifest::{Container, Source};
 
 /// Where the simulated node keeps what a real node has at each host path.
-pub struct Host {
+pub(crate) struct Host {
     pub paths: BTreeMap<&'static str, PathBuf>,
     /// The simulated node's network namespace (`hostNetwork: true`).
     pub netns: PathBuf,
@@ -24,17 +24,17 @@ pub struct Host {
 }
 
 /// A container podman runs; removed (killed if need be) on drop.
-pub struct Running {
+pub(crate) struct Running {
     pub name: String,
 }
 
 /// Options for the capability experiments: replace the manifest's `add` list.
-pub struct Overrides {
+pub(crate) struct Overrides {
     pub caps_add: Option<Vec<String>>,
 }
 
 /// `podman run` for container `c`; `host_network` as in the pod spec.
-pub fn command(
+pub(crate) fn command(
     image: &str,
     name: &str,
     c: &Container,
@@ -118,30 +118,30 @@ pub fn command(
 }
 
 /// Starts a long-running container.
-pub fn start(mut cmd: Command, name: &str) -> Result<Running> {
+pub(crate) fn start(mut cmd: Command, name: &str) -> Result<Running> {
     let out = run(&mut cmd)?;
     ensure!(out.status.success(), "podman could not start {name}: {}", String::from_utf8_lossy(&out.stderr).trim());
     Ok(Running { name: name.to_string() })
 }
 
 /// Runs a container to completion; returns its output, whatever its exit code.
-pub fn run(cmd: &mut Command) -> Result<Output> {
+pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
     cmd.output().context("could not run podman")
 }
 
 impl Running {
     /// The container's main process, as the host sees it.
-    pub fn pid(&self) -> Result<u32> {
+    pub(crate) fn pid(&self) -> Result<u32> {
         let pid = inspect(&self.name, "{{.State.Pid}}")?;
         pid.parse().ok().filter(|&p| p != 0).with_context(|| format!("{} is not running (pid {pid:?})", self.name))
     }
 
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         inspect(&self.name, "{{.State.Running}}").is_ok_and(|r| r == "true")
     }
 
     /// stdout and stderr so far: the audit records and the agent's log.
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         match Command::new("podman").args(["logs", &self.name]).output() {
             Ok(out) => format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
             Err(e) => format!("(could not read the logs of {}: {e})", self.name),
@@ -149,7 +149,7 @@ impl Running {
     }
 
     /// SIGTERM, as a pod deletion does; returns the exit code.
-    pub fn stop(&self, grace: Duration) -> Result<i64> {
+    pub(crate) fn stop(&self, grace: Duration) -> Result<i64> {
         let out = Command::new("podman")
             .args(["stop", "--time", &grace.as_secs().to_string(), &self.name])
             .output()
@@ -175,7 +175,7 @@ fn inspect(name: &str, format: &str) -> Result<String> {
 }
 
 /// Resident and peak resident memory of a process, in KiB.
-pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+pub(crate) fn memory_kib(pid: u32) -> Result<(u64, u64)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("could not read /proc/{pid}/status"))?;
     let field = |name: &str| -> Result<u64> {
@@ -190,7 +190,7 @@ pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
 
 /// The memory the container's memory cgroup is charged (current, peak), in KiB:
 /// what the memory limit is held against, BPF maps the agent created included.
-pub fn cgroup_memory_kib(pid: u32) -> Result<(u64, u64)> {
+pub(crate) fn cgroup_memory_kib(pid: u32) -> Result<(u64, u64)> {
     let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .with_context(|| format!("could not read /proc/{pid}/cgroup"))?;
     let read = |path: PathBuf| -> Result<u64> {

@@ -23,7 +23,7 @@ const PODMAN_DEFAULT: &str = "/usr/share/containers/seccomp.json";
 const CAP_GATED: [(&str, &str); 2] = [("bpf", "CAP_BPF"), ("perf_event_open", "CAP_PERFMON")];
 
 /// Writes the profile into `dir`; returns its path.
-pub fn runtime_default(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn runtime_default(dir: &Path) -> Result<PathBuf> {
     let text = fs::read_to_string(PODMAN_DEFAULT)
         .with_context(|| format!("could not read podman's default seccomp profile {PODMAN_DEFAULT}"))?;
     let mut profile: Value = serde_json::from_str(&text).with_context(|| format!("{PODMAN_DEFAULT} is not JSON"))?;

@@ -1,0 +1,61 @@
+//! Loading the kernel object: its maps created (or reused from their pins) and every
+//! program verified, before anything is attached. What `check` proves possible and
+//! what `run` and `apply` continue from (`Guard::install`).
+
+use std::{fs, path::PathBuf};
+
+use anyhow::{Context, Result};
+use aya::{Ebpf, EbpfLoader};
+
+use super::{pins::PinLayout, programs, remove_pins, ATTACHMENTS, OBJECT, PINNED_MAPS};
+
+/// The kernel object in the kernel: its maps created (or reused from their pins) and
+/// every program of [`ATTACHMENTS`] verified; nothing attached yet.
+pub struct Loaded {
+    pub(super) ebpf: Ebpf,
+}
+
+/// Loads the embedded object: the maps, pinned under `pins` (reusing pinned ones)
+/// when given, and every program the guard attaches, verified by the kernel. An error
+/// here is the kernel refusing the object or its maps: `check` and a starting agent
+/// explain it alike (`preflight`). A failed first load leaves nothing pinned.
+pub fn load(pins: Option<&PinLayout>) -> Result<Loaded> {
+    let Some(pins) = pins else { return load_programs(EbpfLoader::new().load(OBJECT)) };
+    let first = !pins.dir.exists();
+    let maps = pins.maps_dir();
+    fs::create_dir_all(&maps).with_context(|| format!("could not create pin directory {}", maps.display()))?;
+    let mut loader = EbpfLoader::new();
+    let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|&name| (name, pins.map(name))).collect();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let loaded = load_programs(loader.load(OBJECT));
+    if loaded.is_err() && first {
+        // The maps pinned so far would make `check` report an installed guard.
+        if let Err(e) = remove_pins(&pins.dir) {
+            tracing::warn!("could not remove the maps pinned by the failed load: {e:#}");
+        }
+    }
+    loaded
+}
+
+fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>) -> Result<Loaded> {
+    let mut ebpf = ebpf.context("could not create the guard's maps")?;
+    for attachment in &ATTACHMENTS {
+        programs::load(&mut ebpf, attachment)?;
+    }
+    Ok(Loaded { ebpf })
+}
+
+/// Loads the embedded object as `run` does (maps created, every program verified, the
+/// netns probe's too) without pinning or attaching anything; all of it is freed on
+/// return. `check` uses it to prove this process's privileges are enough.
+pub fn verify_object() -> Result<()> {
+    let Loaded { mut ebpf } = load(None)?;
+    let probe: &mut aya::programs::CgroupSockAddr = ebpf
+        .program_mut(metadata_guard_common::program_names::NETNS_PROBE)
+        .context("the kernel object has no netns probe program")?
+        .try_into()?;
+    probe.load().context("the kernel's verifier refused the netns probe program")?;
+    Ok(())
+}
