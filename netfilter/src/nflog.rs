@@ -18,6 +18,7 @@ const NFULNL_COPY_PACKET: u8 = 2;
 const NFULA_PREFIX: u16 = 10;
 const NFULA_IFINDEX_INDEV: u16 = 4;
 const NFULA_IFINDEX_OUTDEV: u16 = 5;
+const NFULA_IFINDEX_PHYSINDEV: u16 = 6;
 const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PACKET_HDR: u16 = 1;
 
@@ -32,6 +33,9 @@ pub struct LoggedPacket {
     /// Input interface index, 0 when none (locally generated).
     pub indev: u32,
     pub outdev: u32,
+    /// The bridge port it entered through, when it came through a bridge and
+    /// `br_netfilter` is loaded; 0 otherwise.
+    pub physindev: u32,
     /// The packet from its network header on, up to the rule's snap length.
     pub payload: Vec<u8>,
 }
@@ -73,6 +77,7 @@ pub fn parse(r: &Received) -> Option<LoggedPacket> {
             NFULA_PREFIX => p.prefix = a.str(),
             NFULA_IFINDEX_INDEV => p.indev = a.be32()?,
             NFULA_IFINDEX_OUTDEV => p.outdev = a.be32()?,
+            NFULA_IFINDEX_PHYSINDEV => p.physindev = a.be32()?,
             NFULA_PAYLOAD => p.payload = a.value.to_vec(),
             _ => {}
         }

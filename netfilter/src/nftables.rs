@@ -86,6 +86,9 @@ pub const NFT_RETURN: i32 = -5;
 pub const NFT_REG_VERDICT: u32 = 0;
 pub const NFT_REG_1: u32 = 1;
 pub const NFT_REG_2: u32 = 2;
+/// The 4-byte registers: a concatenated key is loaded field by field, each from a
+/// 4-byte boundary, `NFT_REG_1` being the same bytes as `NFT_REG32_00`.
+pub const NFT_REG32_01: u32 = 9;
 
 pub const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 pub const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
@@ -109,6 +112,13 @@ pub const TYPE_IPADDR: u32 = 7;
 pub const TYPE_IP6ADDR: u32 = 8;
 pub const TYPE_INET_SERVICE: u32 = 13;
 pub const TYPE_IFINDEX: u32 = 20;
+/// nft(8)'s `TYPE_BITS`: a concatenation's key type is its fields' types, shifted in.
+const TYPE_BITS: u32 = 6;
+
+/// The key type nft(8) prints a concatenation of `fields` with (`ifindex . ipv4_addr`).
+pub fn concat_type(fields: &[u32]) -> u32 {
+    fields.iter().fold(0, |acc, t| (acc << TYPE_BITS) | t)
+}
 
 pub use crate::expr::{CmpOp, Expr};
 

@@ -75,6 +75,42 @@ impl Netlink {
             .with_context(|| format!("could not create veth pair {name}/{peer}"))
     }
 
+    /// Creates a bridge (no STP: ports forward as soon as they are up).
+    pub fn add_bridge(&mut self, name: &str) -> Result<()> {
+        let mut w = AttrWriter::new();
+        w.str(libc::IFLA_IFNAME, name).nest(libc::IFLA_LINKINFO, |w| {
+            w.bytes(libc::IFLA_INFO_KIND, b"bridge");
+        });
+        let mut body = ifinfomsg(0, 0, 0).to_vec();
+        body.extend_from_slice(&w.buf);
+        self.request(libc::RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+            .with_context(|| format!("could not create bridge {name} (is the bridge module there?)"))
+    }
+
+    /// Enslaves link `index` to `master` (a bridge port).
+    pub fn set_master(&mut self, index: u32, master: u32) -> Result<()> {
+        let mut body = ifinfomsg(index, 0, 0).to_vec();
+        body.extend_from_slice(&AttrWriter::new().ne32(libc::IFLA_MASTER, master).buf);
+        self.request(libc::RTM_NEWLINK, 0, body)
+            .with_context(|| format!("could not make link {index} a port of {master}"))
+    }
+
+    pub fn delete_link(&mut self, index: u32) -> Result<()> {
+        self.request(libc::RTM_DELLINK, 0, ifinfomsg(index, 0, 0).to_vec())
+            .with_context(|| format!("could not delete link {index}"))
+    }
+
+    pub fn delete_address(&mut self, index: u32, addr: IpAddr, prefix_len: u8) -> Result<()> {
+        let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        let mut body = vec![family as u8, prefix_len, 0, 0];
+        body.extend_from_slice(&index.to_ne_bytes());
+        body.extend_from_slice(
+            &AttrWriter::new().bytes(libc::IFA_LOCAL, &ip_bytes(addr)).bytes(libc::IFA_ADDRESS, &ip_bytes(addr)).buf,
+        );
+        self.request(libc::RTM_DELADDR, 0, body)
+            .with_context(|| format!("could not delete address {addr}/{prefix_len} from link {index}"))
+    }
+
     /// Adds `addr/prefix_len` to a link. IPv6 addresses skip duplicate address
     /// detection, so they are usable at once instead of after a second or two.
     pub fn add_address(&mut self, index: u32, addr: IpAddr, prefix_len: u8) -> Result<()> {

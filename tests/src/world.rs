@@ -52,6 +52,27 @@ pub struct SimNode {
     node: NetNs,
     netlink: Netlink,
     pods: u8,
+    bridges: u8,
+}
+
+/// A bridge in the node namespace with pods' veths as its ports, as kubenet's `cbr0`
+/// or the `bridge` CNI plugin's `cni0` are: every pod behind it enters the node's
+/// stack through the bridge. Bridge `B` carries 10.210.B.1/24 and fd43:B::1/64, its
+/// pods the next addresses. Deleted (with its ports' veths) when dropped.
+pub struct Bridge {
+    pub name: String,
+    pub index: u32,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    number: u8,
+    ports: u8,
+    netlink: Netlink,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.netlink.delete_link(self.index);
+    }
 }
 
 /// One pod's network: its namespace and the addresses on both ends of its veth.
@@ -63,7 +84,8 @@ pub struct PodNet {
     /// The pod's gateway: the node end of the veth.
     pub node_side_ipv4: Ipv4Addr,
     pub node_side_ipv6: Ipv6Addr,
-    /// The node end's link name, `vp<N>`.
+    /// The link the pod's frames are addressed to: the node end of its veth,
+    /// `vp<N>`, or for a pod behind a bridge the bridge.
     pub node_side_link: String,
 }
 
@@ -78,7 +100,7 @@ impl SimNode {
             let host_prefix = if addr.is_ipv4() { 32 } else { 128 };
             netlink.add_address(lo, addr, host_prefix)?;
         }
-        Ok(SimNode { node, netlink, pods: 0 })
+        Ok(SimNode { node, netlink, pods: 0, bridges: 0 })
     }
 
     pub fn node(&self) -> &NetNs {
@@ -95,6 +117,66 @@ impl SimNode {
         self.pods += 1;
         let ns = NetNs::new(name)?;
         self.wire_pod(self.pods, ns).with_context(|| format!("could not wire pod {name} to node {}", self.node.name()))
+    }
+
+    /// Creates bridge `br<B>` in the node namespace, up and carrying its addresses.
+    pub fn add_bridge(&mut self) -> Result<Bridge> {
+        ensure!(self.bridges < MAX_PODS, "a simulated node holds at most {MAX_PODS} bridges");
+        self.bridges += 1;
+        let b = self.bridges;
+        let name = format!("br{b}");
+        self.netlink.add_bridge(&name)?;
+        let mut netlink = Netlink::open_in(&self.node)?;
+        let index = netlink.link_index(&name)?;
+        let bridge = Bridge {
+            ipv4: Ipv4Addr::new(10, 210, b, 1),
+            ipv6: Ipv6Addr::new(0xfd43, b.into(), 0, 0, 0, 0, 0, 1),
+            name,
+            index,
+            number: b,
+            ports: 0,
+            netlink,
+        };
+        bridge_up(&mut self.netlink, &bridge).with_context(|| format!("could not set up bridge {}", bridge.name))?;
+        Ok(bridge)
+    }
+
+    /// Creates a pod namespace whose `eth0` is a veth with its node end a port of
+    /// `bridge`: the pod's gateway, and the link its frames go to
+    /// ([`PodNet::node_side_link`]), is the bridge.
+    pub fn add_bridged_pod(&mut self, name: &str, bridge: &mut Bridge) -> Result<PodNet> {
+        ensure!(bridge.ports < MAX_PODS - 1, "bridge {} holds at most {} pods", bridge.name, MAX_PODS - 1);
+        bridge.ports += 1;
+        let host = bridge.ports + 1;
+        let net = PodNet {
+            ns: NetNs::new(name)?,
+            ipv4: Ipv4Addr::new(10, 210, bridge.number, host),
+            ipv6: Ipv6Addr::new(0xfd43, bridge.number.into(), 0, 0, 0, 0, 0, host.into()),
+            node_side_ipv4: bridge.ipv4,
+            node_side_ipv6: bridge.ipv6,
+            node_side_link: bridge.name.clone(),
+        };
+        let port = format!("vb{}p{}", bridge.number, bridge.ports);
+        self.wire_bridged(&net, &port, bridge.index)
+            .with_context(|| format!("could not wire pod {name} to bridge {}", bridge.name))?;
+        Ok(net)
+    }
+
+    fn wire_bridged(&mut self, net: &PodNet, port: &str, bridge: u32) -> Result<()> {
+        let mut pod = Netlink::open_in(&net.ns)?;
+        self.netlink.add_veth(port, "eth0", net.ns.as_fd())?;
+        let node_end = self.netlink.link_index(port)?;
+        self.netlink.set_master(node_end, bridge)?;
+        self.netlink.set_link_up(node_end)?;
+        let pod_lo = pod.link_index("lo")?;
+        let pod_end = pod.link_index("eth0")?;
+        pod.set_link_up(pod_lo)?;
+        pod.set_link_up(pod_end)?;
+        pod.add_address(pod_end, net.ipv4.into(), 24)?;
+        pod.add_address(pod_end, net.ipv6.into(), 64)?;
+        pod.add_default_route(net.node_side_ipv4.into(), pod_end)?;
+        pod.add_default_route(net.node_side_ipv6.into(), pod_end)?;
+        Ok(())
     }
 
     fn wire_pod(&mut self, n: u8, ns: NetNs) -> Result<PodNet> {
@@ -131,6 +213,13 @@ impl SimNode {
         // to a second more (linkwatch batches the change); nothing depends on it.
         Ok(net)
     }
+}
+
+fn bridge_up(netlink: &mut Netlink, bridge: &Bridge) -> Result<()> {
+    netlink.set_link_up(bridge.index)?;
+    netlink.add_address(bridge.index, bridge.ipv4.into(), 24)?;
+    netlink.add_address(bridge.index, bridge.ipv6.into(), 64)?;
+    Ok(())
 }
 
 impl std::fmt::Debug for SimNode {

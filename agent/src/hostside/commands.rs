@@ -16,6 +16,9 @@ pub struct HostStatus {
     pub chains: Vec<String>,
     pub sets: Vec<String>,
     pub allowed_interfaces: usize,
+    /// Allowlisted pods behind a bridge: their (bridge, source address) pairs.
+    #[serde(default)]
+    pub allowed_addresses: usize,
     pub blocked_packets: u64,
     pub audited_packets: u64,
     pub exempt_packets: u64,
@@ -37,6 +40,7 @@ pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
         installed: s.is_some(),
         mode: s.as_ref().map(|s| if s.audit { "audit" } else { "enforce" }.to_string()),
         allowed_interfaces: s.as_ref().map_or(0, |s| s.allowed_interfaces),
+        allowed_addresses: s.as_ref().map_or(0, |s| s.allowed_addresses),
         blocked_packets: s.as_ref().map_or(0, |s| s.counters.blocked),
         audited_packets: s.as_ref().map_or(0, |s| s.counters.audited),
         exempt_packets: s.as_ref().map_or(0, |s| s.counters.exempt),
@@ -55,12 +59,14 @@ pub fn print_status(s: &HostStatus) {
         return;
     }
     println!(
-        "host side: table `{}` ({}), chains {}; {} sets; {} allowlisted pod interfaces",
+        "host side: table `{}` ({}), chains {}; {} sets; {} allowlisted pod interfaces, {} allowlisted pod addresses \
+         behind bridges",
         s.table,
         s.mode.as_deref().unwrap_or("?"),
         s.chains.join(", "),
         s.sets.len(),
-        s.allowed_interfaces
+        s.allowed_interfaces,
+        s.allowed_addresses
     );
     println!("  packets: {} blocked, {} audited, {} exempt", s.blocked_packets, s.audited_packets, s.exempt_packets);
 }

@@ -29,7 +29,7 @@ use metadata_guard_netfilter::{
 };
 
 pub use commands::{check, print_status, status, uninstall, HostStatus, Removal};
-pub use pods::PodNets;
+pub use pods::{Allowed, PodNets};
 pub use refusals::RefusalReader;
 pub use ruleset::shapes;
 pub use subsystem::Hostside;
@@ -64,6 +64,8 @@ pub struct TableStatus {
     pub counters: HostCounters,
     /// Allowlisted pods' host interfaces in force.
     pub allowed_interfaces: usize,
+    /// Allowlisted pods' (bridge, source address) pairs in force.
+    pub allowed_addresses: usize,
     pub audit: bool,
 }
 
@@ -117,17 +119,14 @@ impl HostSide {
     /// Puts the policy, mode and allowlisted pods (their container cgroups) in force,
     /// replacing the table in one transaction unless nothing changed.
     fn apply(&mut self, policy: &CompiledPolicy, audit: bool, allowed_cgroups: &BTreeSet<u64>) -> Result<()> {
-        let allow_ifindex = if allowed_cgroups.is_empty() {
-            Vec::new()
+        let allowed = if allowed_cgroups.is_empty() {
+            Allowed::default()
         } else {
-            PodNets::scan(&self.cgroup_root, &mut self.route, Some(allowed_cgroups))?.interfaces_of(allowed_cgroups)
+            PodNets::scan(&self.cgroup_root, &mut self.route, Some(allowed_cgroups))?.allowed(allowed_cgroups)
         };
-        let mut content = table::Content { shapes: shapes(policy), audit, allow_ifindex, counters: Default::default() };
+        let mut content = table::Content { shapes: shapes(policy), audit, allowed, counters: Default::default() };
         if let Some(applied) = &self.applied {
-            if applied.shapes == content.shapes
-                && applied.audit == audit
-                && applied.allow_ifindex == content.allow_ifindex
-            {
+            if applied.shapes == content.shapes && applied.audit == audit && applied.allowed == content.allowed {
                 return Ok(());
             }
         }
@@ -213,12 +212,23 @@ impl HostSide {
         };
         let chains = names(&mut self.nft, nftables::NFT_MSG_GETCHAIN, nftables::NFTA_CHAIN_NAME)?;
         let sets = names(&mut self.nft, nftables::NFT_MSG_GETSET, nftables::NFTA_SET_NAME)?;
-        let allowed = self
+        let allowed_interfaces = self.set_size("allow_if")?;
+        let mut allowed_addresses = 0;
+        for set in table::ALLOW_SRC_SETS {
+            // A table an older agent wrote has no such set.
+            if sets.iter().any(|s| s == set) {
+                allowed_addresses += self.set_size(set)?;
+            }
+        }
+        let audit = self.refuse_chain_accepts()?;
+        Ok(Some(TableStatus { chains, sets, counters, allowed_interfaces, allowed_addresses, audit }))
+    }
+
+    /// The number of elements in one of the table's sets.
+    fn set_size(&mut self, set: &str) -> Result<usize> {
+        Ok(self
             .nft
-            .dump(
-                msg_type(nftables::NFT_MSG_GETSETELEM),
-                &nftables::set_elements_request(NFPROTO_INET, TABLE, "allow_if"),
-            )
+            .dump(msg_type(nftables::NFT_MSG_GETSETELEM), &nftables::set_elements_request(NFPROTO_INET, TABLE, set))
             .map_err(explain)?
             .iter()
             .map(|r| {
@@ -226,9 +236,7 @@ impl HostSide {
                     .find(nftables::NFTA_SET_ELEM_LIST_ELEMENTS)
                     .map_or(0, |e| e.nested().count())
             })
-            .sum();
-        let audit = self.refuse_chain_accepts()?;
-        Ok(Some(TableStatus { chains, sets, counters, allowed_interfaces: allowed, audit }))
+            .sum())
     }
 
     /// Audit mode's refusal chain ends in accept; enforce mode's in reject.
@@ -269,7 +277,11 @@ impl HostSide {
         let content = table::Content {
             shapes: shapes(&policy),
             audit: false,
-            allow_ifindex: vec![1],
+            allowed: Allowed {
+                interfaces: vec![1],
+                v4: vec![(1, std::net::Ipv4Addr::new(192, 0, 2, 1))],
+                v6: vec![(1, std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))],
+            },
             counters: Default::default(),
         };
         self.nft.request(&table::probe(&content).finish(), wants_ack).map_err(explain)?;

@@ -1,7 +1,9 @@
-//! What the host side sees of a pod: the host end of its veth. A pod's network
-//! namespace has an id in the host's (`RTM_GETNSID`), and the host end of a veth
-//! names its peer's namespace by that id (`IFLA_LINK_NETNSID`); a process of the pod
-//! (from its cgroup's `cgroup.procs`) opens the namespace.
+//! What the host side sees of a pod: the host end of its veth, or — behind a bridge,
+//! where every pod enters the host's stack through the same device — the bridge and
+//! the pod's source addresses. A pod's network namespace has an id in the host's
+//! (`RTM_GETNSID`), and the host end of a veth names its peer's namespace by that id
+//! (`IFLA_LINK_NETNSID`); a process of the pod (from its cgroup's `cgroup.procs`)
+//! opens the namespace, where its addresses are read.
 //!
 //! This needs the node's processes in view (the agent in the host's PID namespace):
 //! `cgroup.procs` lists only the PIDs the reader can see.
@@ -9,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::Path,
 };
@@ -16,13 +19,50 @@ use std::{
 use anyhow::{Context, Result};
 use metadata_guard_netfilter::{rtnl, NlSocket};
 
+/// Masters above masters (a bridge in a VRF) followed at most this far.
+const MAX_MASTER_DEPTH: usize = 8;
+
+/// A host interface whose peer is in another network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's namespace, by the id the host gives it.
+    pub nsid: i32,
+    /// The peer's interface index in that namespace.
+    pub index: u32,
+    /// Where the peer's packets enter the host's IP stack, the `iif` the table sees:
+    /// the interface itself, or the device it is enslaved to (a bridge's port
+    /// delivers through the bridge).
+    pub entry: u32,
+}
+
 /// A network namespace with a link into the host's, and the cgroups with processes in it.
 #[derive(Clone, Debug, Default)]
 pub struct PodNets {
     /// nsid (as the host names it) → cgroup ids of the processes in that namespace.
     pub cgroups_by_nsid: BTreeMap<i32, BTreeSet<u64>>,
-    /// Host interface index → the nsid of its peer's namespace.
-    pub nsid_by_ifindex: BTreeMap<u32, i32>,
+    /// Host interface index → its peer.
+    pub peers: BTreeMap<u32, Peer>,
+    /// nsid → a process in that namespace and the namespace's inode, to open it by
+    /// (`/proc/PID/ns/net`, checked to be the same namespace still).
+    pid_by_nsid: BTreeMap<i32, (u32, u64)>,
+}
+
+/// What the table lets through for allowlisted pods.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allowed {
+    /// Host interfaces that carry one pod alone (a veth's host end): matched by
+    /// interface, which nothing in another pod can forge.
+    pub interfaces: Vec<u32>,
+    /// (shared entry interface, source address) of pods behind a bridge: matched by
+    /// address, and only on the interface the pod's packets enter through.
+    pub v4: Vec<(u32, Ipv4Addr)>,
+    pub v6: Vec<(u32, Ipv6Addr)>,
+}
+
+impl Allowed {
+    pub fn is_empty(&self) -> bool {
+        self.interfaces.is_empty() && self.v4.is_empty() && self.v6.is_empty()
+    }
 }
 
 impl PodNets {
@@ -30,9 +70,18 @@ impl PodNets {
     /// reads the processes of those cgroups alone (an allowlist update stays cheap).
     pub fn scan(cgroup_root: &Path, route: &mut NlSocket, only: Option<&BTreeSet<u64>>) -> Result<PodNets> {
         let mut nets = PodNets::default();
-        for link in rtnl::links(route).context("could not list the host's network interfaces")? {
-            if let Some((_, nsid)) = link.peer {
-                nets.nsid_by_ifindex.insert(link.index, nsid);
+        let links = rtnl::links(route).context("could not list the host's network interfaces")?;
+        let master_of: BTreeMap<u32, u32> = links.iter().filter_map(|l| Some((l.index, l.master?))).collect();
+        for link in &links {
+            if let Some((index, nsid)) = link.peer {
+                let mut entry = link.index;
+                for _ in 0..MAX_MASTER_DEPTH {
+                    match master_of.get(&entry) {
+                        Some(master) => entry = *master,
+                        None => break,
+                    }
+                }
+                nets.peers.insert(link.index, Peer { nsid, index, entry });
             }
         }
         let mut seen_netns: BTreeMap<u64, Option<i32>> = BTreeMap::new();
@@ -53,6 +102,7 @@ impl PodNets {
                     let nsid = *seen_netns.entry(ns_ino).or_insert_with(|| nsid_of(route, &ns_path));
                     if let Some(nsid) = nsid {
                         nets.cgroups_by_nsid.entry(nsid).or_default().insert(cgroup_id);
+                        nets.pid_by_nsid.entry(nsid).or_insert((pid, ns_ino));
                     }
                 }
             }
@@ -67,16 +117,73 @@ impl PodNets {
         Ok(nets)
     }
 
-    /// Host interfaces whose peer is in the namespace of one of `cgroups`.
-    pub fn interfaces_of(&self, cgroups: &BTreeSet<u64>) -> Vec<u32> {
+    /// How the table recognises the pods of `cgroups`: by their own interface, or
+    /// by (bridge, source address) behind a bridge. A pod whose addresses cannot be
+    /// read (its processes just ended) is left out: it stays refused.
+    pub fn allowed(&self, cgroups: &BTreeSet<u64>) -> Allowed {
         let nsids: BTreeSet<i32> =
             self.cgroups_by_nsid.iter().filter(|(_, ids)| !ids.is_disjoint(cgroups)).map(|(nsid, _)| *nsid).collect();
-        self.nsid_by_ifindex.iter().filter(|(_, nsid)| nsids.contains(nsid)).map(|(i, _)| *i).collect()
+        let mut out = Allowed::default();
+        for (ifindex, peer) in self.peers.iter().filter(|(_, p)| nsids.contains(&p.nsid)) {
+            if peer.entry == *ifindex {
+                out.interfaces.push(*ifindex);
+                continue;
+            }
+            for addr in self.addresses(peer) {
+                match addr {
+                    IpAddr::V4(a) => out.v4.push((peer.entry, a)),
+                    IpAddr::V6(a) => out.v6.push((peer.entry, a)),
+                }
+            }
+        }
+        out.v4.sort_unstable();
+        out.v4.dedup();
+        out.v6.sort_unstable();
+        out.v6.dedup();
+        out
     }
 
-    /// The cgroups with processes behind host interface `ifindex`.
+    /// The cgroups with processes behind host interface `ifindex` (a pod's own).
     pub fn cgroups_behind(&self, ifindex: u32) -> Option<&BTreeSet<u64>> {
-        self.cgroups_by_nsid.get(self.nsid_by_ifindex.get(&ifindex)?)
+        self.cgroups_by_nsid.get(&self.peers.get(&ifindex)?.nsid)
+    }
+
+    /// Whether packets of some pod enter the host through `ifindex` (its own
+    /// interface or a bridge over it).
+    pub fn knows_entry(&self, ifindex: u32) -> bool {
+        self.peers.contains_key(&ifindex) || self.peers.values().any(|p| p.entry == ifindex)
+    }
+
+    /// The cgroups of the pod that has `source` on an interface entering the host
+    /// through `entry` (a bridge): what names a refusal when the interface does not.
+    /// A neighbour on the bridge forging that source is named as its owner.
+    pub fn cgroups_with_source(&self, entry: u32, source: IpAddr) -> Option<&BTreeSet<u64>> {
+        let peer = self
+            .peers
+            .iter()
+            .filter(|(ifindex, p)| p.entry == entry && **ifindex != entry)
+            .map(|(_, p)| p)
+            .find(|p| self.addresses(p).contains(&source))?;
+        self.cgroups_by_nsid.get(&peer.nsid)
+    }
+
+    /// The global addresses on the peer's interface, read inside its namespace.
+    fn addresses(&self, peer: &Peer) -> Vec<IpAddr> {
+        let Some((pid, ino)) = self.pid_by_nsid.get(&peer.nsid) else { return Vec::new() };
+        let ns = format!("/proc/{pid}/ns/net");
+        // Opened once and checked: the PID may have ended and been reused since the scan.
+        let read = fs::File::open(&ns).and_then(|file| {
+            if file.metadata()?.ino() != *ino {
+                return Err(std::io::Error::other("the process left, its PID now names another namespace"));
+            }
+            let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let mut sock = NlSocket::open_in(Some(Path::new(&by_fd)), libc::NETLINK_ROUTE)?;
+            rtnl::global_addresses(&mut sock, peer.index)
+        });
+        read.unwrap_or_else(|e| {
+            tracing::debug!("could not read the addresses of interface {} in {ns}: {e}", peer.index);
+            Vec::new()
+        })
     }
 }
 

@@ -3,6 +3,7 @@
 //! metrics as the socket hooks' events.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
     time::{Duration, Instant, SystemTime},
@@ -36,6 +37,9 @@ pub struct RefusalReader {
     route: NlSocket,
     cgroup_root: std::path::PathBuf,
     pods: Option<(Instant, PodNets)>,
+    /// Pods found by (bridge, source address) since the last scan: reading the
+    /// addresses means entering each pod's namespace behind the bridge.
+    by_source: HashMap<(u32, IpAddr), Option<u64>>,
 }
 
 impl RefusalReader {
@@ -53,7 +57,14 @@ impl RefusalReader {
         sock.set_nonblocking()?;
         let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE)
             .context("could not open an rtnetlink socket in the host network namespace")?;
-        Ok(RefusalReader { bound: Some(sock), sock: None, route, cgroup_root: cgroup_root.to_path_buf(), pods: None })
+        Ok(RefusalReader {
+            bound: Some(sock),
+            sock: None,
+            route,
+            cgroup_root: cgroup_root.to_path_buf(),
+            pods: None,
+            by_source: HashMap::new(),
+        })
     }
 
     /// Waits for logged packets and appends them to `out` as attempts.
@@ -91,7 +102,8 @@ impl RefusalReader {
     fn attempt(&mut self, p: &LoggedPacket) -> Option<Attempt> {
         let (destination, protocol, port) = decode(p.family, &p.payload)?;
         let verdict = if p.prefix == table::LOG_PREFIX_AUDITED { Verdict::Audited } else { Verdict::Blocked };
-        let cgroup_id = self.cgroup_behind(p.indev).unwrap_or(0);
+        let source = decode_source(p.family, &p.payload);
+        let cgroup_id = self.pod_of(p, source).unwrap_or(0);
         Some(Attempt {
             time: SystemTime::now(),
             cgroup_id,
@@ -105,28 +117,41 @@ impl RefusalReader {
             hook: Hook::Host,
             verdict,
             mapped: false,
-            source: decode_source(p.family, &p.payload),
+            source,
             request: None,
         })
     }
 
-    /// A cgroup of the pod behind the host interface (the lowest id, so that repeated
-    /// attempts name the same container), rescanning pods at most every few seconds.
-    fn cgroup_behind(&mut self, ifindex: u32) -> Option<u64> {
+    /// A cgroup of the pod that sent the packet (the lowest id, so that repeated
+    /// attempts name the same container): by the interface it entered through when
+    /// that is a pod's own — the bridge port, when `br_netfilter` reports one — and
+    /// behind a bridge without it by its source address. Pods are rescanned at most
+    /// every few seconds.
+    fn pod_of(&mut self, p: &LoggedPacket, source: Option<IpAddr>) -> Option<u64> {
+        let ifindex = if p.physindev != 0 { p.physindev } else { p.indev };
         if ifindex == 0 {
             return None;
         }
-        let fresh = self
-            .pods
-            .as_ref()
-            .is_some_and(|(at, pods)| at.elapsed() < PODS_RESCAN && pods.nsid_by_ifindex.contains_key(&ifindex));
+        let fresh =
+            self.pods.as_ref().is_some_and(|(at, pods)| at.elapsed() < PODS_RESCAN && pods.knows_entry(ifindex));
         if !fresh {
             match PodNets::scan(&self.cgroup_root, &mut self.route, None) {
-                Ok(p) => self.pods = Some((Instant::now(), p)),
+                Ok(p) => {
+                    self.pods = Some((Instant::now(), p));
+                    self.by_source.clear();
+                }
                 Err(e) => tracing::warn!("could not map host interfaces to pods: {e:#}"),
             }
         }
-        self.pods.as_ref()?.1.cgroups_behind(ifindex)?.iter().next().copied()
+        let pods = &self.pods.as_ref()?.1;
+        if let Some(own) = pods.cgroups_behind(ifindex) {
+            return own.iter().next().copied();
+        }
+        let source = source?;
+        *self
+            .by_source
+            .entry((ifindex, source))
+            .or_insert_with(|| pods.cgroups_with_source(ifindex, source)?.iter().next().copied())
     }
 }
 

@@ -4,13 +4,16 @@
 //! table inet metadata_guard
 //!   counter blocked / audited / exempt
 //!   set allow_if      { type ifindex }            host-side interfaces of allowlisted pods
+//!   set allow_src4    { type ifindex . ipv4_addr } (bridge, address) of allowlisted pods behind one
+//!   set allow_src6    { type ifindex . ipv6_addr }
 //!   set d4_N, d6_N    { interval }                destinations of rule shape N
 //!   set p_N           { type inet_service }       ports of rule shape N (when it lists some)
 //!   chain input   { hook input   priority 101 }   jump judge
 //!   chain forward { hook forward priority 0 }     jump judge
 //!   chain output  { hook output  priority 0 }     packets with a socket: accept; else jump judge
 //!   chain judge                                   from lo: accept; per shape: match → jump refuse
-//!   chain refuse                                  allowlisted: count exempt, accept;
+//!   chain refuse                                  allowlisted (by iif, or iif . saddr):
+//!                                                 count exempt, accept;
 //!                                                 count, log (rate-limited), reject / accept
 //! ```
 //!
@@ -23,7 +26,10 @@
 
 use metadata_guard_netfilter::nftables::*;
 
-use super::ruleset::{interval_keys_v4, interval_keys_v6, Ports, Shape};
+use super::{
+    pods::Allowed,
+    ruleset::{interval_keys_v4, interval_keys_v6, Ports, Shape},
+};
 
 pub const TABLE: &str = "metadata_guard";
 /// The NFLOG group refused packets are copied to.
@@ -48,8 +54,14 @@ pub(super) const BASE_CHAINS: [(&str, u32, i32); 3] = [
 ];
 /// The loopback device has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
+const IPV4_SADDR_OFFSET: u32 = 12;
 const IPV4_DADDR_OFFSET: u32 = 16;
+const IPV6_SADDR_OFFSET: u32 = 8;
 const IPV6_DADDR_OFFSET: u32 = 24;
+/// Allowlisted pods behind a shared interface: keyed by `iif . saddr`.
+const ALLOW_SRC4: &str = "allow_src4";
+const ALLOW_SRC6: &str = "allow_src6";
+pub(super) const ALLOW_SRC_SETS: [&str; 2] = [ALLOW_SRC4, ALLOW_SRC6];
 const IPV4_FRAG_OFFSET_FIELD: u32 = 6;
 const IPV4_FRAG_OFFSET_MASK: [u8; 2] = [0x1f, 0xff];
 const IPV6_FRAGMENT_HEADER: u8 = 44;
@@ -65,8 +77,8 @@ const TCP_ACK: u8 = 0x10;
 pub(super) struct Content {
     pub shapes: Vec<Shape>,
     pub audit: bool,
-    /// Host-side interface indexes of allowlisted pods.
-    pub allow_ifindex: Vec<u32>,
+    /// Allowlisted pods, as the host side sees them.
+    pub allowed: Allowed,
     /// Carried over from the table being replaced: (packets, bytes) per counter.
     pub counters: [(u64, u64); 3],
 }
@@ -106,9 +118,35 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
     let allow = SetSpec { name: "allow_if".into(), key_type: TYPE_IFINDEX, key_len: 4, interval: false };
     b.add_set(t, &allow);
     let keys: Vec<Element> =
-        c.allow_ifindex.iter().map(|i| Element { key: i.to_ne_bytes().to_vec(), interval_end: false }).collect();
+        c.allowed.interfaces.iter().map(|i| Element { key: i.to_ne_bytes().to_vec(), interval_end: false }).collect();
     if !keys.is_empty() {
         b.add_elements(t, &allow.name, &keys);
+    }
+    let src4 = SetSpec {
+        name: ALLOW_SRC4.into(),
+        key_type: concat_type(&[TYPE_IFINDEX, TYPE_IPADDR]),
+        key_len: 4 + 4,
+        interval: false,
+    };
+    let src6 = SetSpec {
+        name: ALLOW_SRC6.into(),
+        key_type: concat_type(&[TYPE_IFINDEX, TYPE_IP6ADDR]),
+        key_len: 4 + 16,
+        interval: false,
+    };
+    b.add_set(t, &src4).add_set(t, &src6);
+    let pair = |ifindex: u32, octets: &[u8]| {
+        let mut key = ifindex.to_ne_bytes().to_vec();
+        key.extend_from_slice(octets);
+        Element { key, interval_end: false }
+    };
+    let e4: Vec<Element> = c.allowed.v4.iter().map(|(i, a)| pair(*i, &a.octets())).collect();
+    let e6: Vec<Element> = c.allowed.v6.iter().map(|(i, a)| pair(*i, &a.octets())).collect();
+    if !e4.is_empty() {
+        b.add_elements(t, ALLOW_SRC4, &e4);
+    }
+    if !e6.is_empty() {
+        b.add_elements(t, ALLOW_SRC6, &e6);
     }
     for (n, shape) in c.shapes.iter().enumerate() {
         add_shape_sets(b, t, n, shape);
@@ -257,6 +295,26 @@ fn refuse_rules(b: &mut Batch, t: &str, audit: bool) {
             Expr::verdict(NF_ACCEPT),
         ],
     );
+    // Behind a bridge the interface is every pod's: the source address tells them
+    // apart, looked up with the interface it must arrive on (a concatenated key:
+    // the interface in the first 4-byte register, the address from the next).
+    for (family, offset, len, set) in
+        [(NFPROTO_IPV4, IPV4_SADDR_OFFSET, 4, ALLOW_SRC4), (NFPROTO_IPV6, IPV6_SADDR_OFFSET, 16, ALLOW_SRC6)]
+    {
+        b.add_rule(
+            t,
+            "refuse",
+            &[
+                meta(NFT_META_NFPROTO),
+                cmp_eq(&[family]),
+                meta(NFT_META_IIF),
+                Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset, len, dreg: NFT_REG32_01 },
+                Expr::Lookup { set: set.into(), sreg: NFT_REG_1, invert: false },
+                Expr::CounterRef { name: "exempt".into() },
+                Expr::verdict(NF_ACCEPT),
+            ],
+        );
+    }
     let (counter, prefix) = if audit { ("audited", LOG_PREFIX_AUDITED) } else { ("blocked", LOG_PREFIX_BLOCKED) };
     b.add_rule(t, "refuse", &[Expr::CounterRef { name: counter.into() }]);
     // One record per TCP connection attempt (its SYN), per packet otherwise.
@@ -307,3 +365,6 @@ fn meta(key: u32) -> Expr {
 fn cmp_eq(data: &[u8]) -> Expr {
     Expr::Cmp { op: CmpOp::Eq, sreg: NFT_REG_1, data: data.to_vec() }
 }
+
+#[cfg(test)]
+mod tests;

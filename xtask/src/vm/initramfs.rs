@@ -39,6 +39,12 @@ const MODULES: &[&str] = &[
     "nft_nat",
     "nf_nat",
     "nf_conntrack",
+    // The transport protocols the protocols scenarios open from a pod.
+    "sctp",
+    "dccp_ipv4",
+    "dccp_ipv6",
+    // The bridge topology of the host-side scenarios (pods behind kubenet's cbr0).
+    "bridge",
     // kube-proxy's IPVS mode, and its default scheduler.
     "ip_vs",
     "ip_vs_rr",

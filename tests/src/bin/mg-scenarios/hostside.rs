@@ -14,7 +14,7 @@ use metadata_guard_tests::{
     frames::{tcp_syn_frame, PacketSocket, Wire},
     nat::Dnat,
     netns::NetNs,
-    world::{AWS_DNS_NEIGHBOUR, AZURE_WIRESERVER, IMDS_V4, IMDS_V6},
+    world::{PodNet, AWS_DNS_NEIGHBOUR, AZURE_WIRESERVER, IMDS_V4, IMDS_V6},
 };
 
 use crate::{
@@ -94,7 +94,11 @@ pub(crate) fn syn_from_pod(ctx: &Ctx, pod: usize, dest: IpAddr, sport: u16) -> R
 
 /// The same, counting arrivals in `tap_ns` (where the destination lives).
 pub(crate) fn syn_seen_in(ctx: &Ctx, tap_ns: &NetNs, pod: usize, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
-    let pod = &ctx.node.pods[pod].net;
+    syn_from_net(ctx, tap_ns, &ctx.node.pods[pod].net, dest, sport)
+}
+
+/// The same from any pod network (one behind a bridge, too).
+pub(crate) fn syn_from_net(ctx: &Ctx, tap_ns: &NetNs, pod: &PodNet, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
     let wire = Wire::of(&pod.ns, ctx.node.sim.node(), &pod.node_side_link)?;
     let src = if dest.is_ipv4() { IpAddr::V4(pod.ipv4) } else { IpAddr::V6(pod.ipv6) };
     let tap = ArrivalTap::open(tap_ns, dest.is_ipv6(), sport)?;

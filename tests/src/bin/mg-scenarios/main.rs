@@ -15,6 +15,7 @@ mod frames;
 mod harness;
 mod health;
 mod hostside;
+mod hostside_bridge;
 mod hostside_forward;
 mod hostside_health;
 mod hostside_ipvs;
@@ -57,6 +58,7 @@ fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
     }
     all.extend(hostside::SCENARIOS);
     all.extend(hostside_pods::SCENARIOS);
+    all.extend(hostside_bridge::SCENARIOS);
     all.extend(hostside_forward::SCENARIOS);
     all.extend(hostside_health::SCENARIOS);
     // Kernels built without IPVS (this project's own development kernel) cannot run it;

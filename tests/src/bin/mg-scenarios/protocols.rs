@@ -171,25 +171,56 @@ fn udplite_stopped(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn sctp_dccp_stopped(ctx: &mut Ctx) -> Result<()> {
+    let protocols: Vec<(&str, i32)> = [("SCTP", IPPROTO_SCTP), ("DCCP", IPPROTO_DCCP)]
+        .into_iter()
+        .filter(|(name, protocol)| {
+            let there = supported(*protocol);
+            if !there {
+                println!("     note: this kernel has no {name} (socket() refuses it): a pod cannot use it either");
+            }
+            there
+        })
+        .collect();
+    // Control: without the guard the handshake's first packet reaches the node.
+    ctx.uninstall()?;
+    for (name, protocol) in &protocols {
+        let mut tap = FrameTap::open(ctx, IpAddr::V4(IMDS_V4), Some(*protocol as u8))?;
+        in_pod(ctx, || stream_connect_v4(*protocol, IMDS_V4))?;
+        std::thread::sleep(SETTLE);
+        ensure!(tap.count() >= 1, "without the guard, a {name} connect from a pod sent nothing to the node");
+    }
     ctx.default_agent()?;
-    for (name, protocol) in [("SCTP", IPPROTO_SCTP), ("DCCP", IPPROTO_DCCP)] {
-        if !supported(protocol) {
-            println!("     note: this kernel has no {name} (socket() refuses it): a pod cannot use it either");
-            continue;
-        }
+    for (name, protocol) in protocols {
         let mut tap = FrameTap::open(ctx, IpAddr::V4(IMDS_V4), Some(protocol as u8))?;
         let errno = in_pod(ctx, || stream_connect_v4(protocol, IMDS_V4))?;
         std::thread::sleep(SETTLE);
         let frames = tap.count();
         ensure!(frames == 0, "{name} connect from a pod to {IMDS_V4}:80: {frames} frames reached the node");
-        ensure!(errno == libc::EPERM, "{name} connect from a pod to {IMDS_V4}:80: expected EPERM, got errno {errno}");
+        println!("     note: {name} connect from a pod to {IMDS_V4}:80: errno {errno} (0: left in progress)");
+        // The backstop drops the handshake's first packet; SCTP and DCCP (5.10, 6.1)
+        // do not report that to a non-blocking connect, which stays in progress and
+        // never completes. What matters is that nothing arrived.
+        ensure!(
+            errno == libc::EPERM || errno == 0,
+            "{name} connect from a pod to {IMDS_V4}:80: expected EPERM or a connect left in progress, got errno {errno}"
+        );
     }
     Ok(())
 }
 
+/// The socket type of a connection-oriented `protocol`: DCCP has a type of its own
+/// (`socket(AF_INET, SOCK_STREAM, IPPROTO_DCCP)` is refused even where DCCP is there).
+fn stream_type(protocol: i32) -> i32 {
+    if protocol == IPPROTO_DCCP {
+        libc::SOCK_DCCP
+    } else {
+        libc::SOCK_STREAM
+    }
+}
+
 fn supported(protocol: i32) -> bool {
     // SAFETY: plain socket(2), closed at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, protocol) };
+    let fd = unsafe { libc::socket(libc::AF_INET, stream_type(protocol), protocol) };
     if fd < 0 {
         return false;
     }
@@ -318,7 +349,7 @@ fn stream_connect_v4(protocol: i32, dest: Ipv4Addr) -> i32 {
     let to = sockaddr_v4(dest, BLOCKED_PORT);
     // SAFETY: system calls on local data (in the forked child).
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, protocol);
+        let fd = libc::socket(libc::AF_INET, stream_type(protocol) | libc::SOCK_NONBLOCK, protocol);
         if fd < 0 {
             return errno();
         }

@@ -1,0 +1,50 @@
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use metadata_guard_netfilter::attr::Attrs;
+
+use super::*;
+
+/// The keys added to `set` by a batch.
+fn keys_of(batch: Batch, set: &str) -> Vec<Vec<u8>> {
+    let elements = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM;
+    let mut out = Vec::new();
+    for m in batch.finish().iter().filter(|m| m.kind == elements) {
+        let attrs = Attrs::new(&m.body[4..]);
+        if attrs.find(2).map(|a| a.str()).as_deref() != Some(set) {
+            continue;
+        }
+        for e in attrs.find(NFTA_SET_ELEM_LIST_ELEMENTS).unwrap().nested() {
+            let key = e.nested().find(NFTA_SET_ELEM_KEY).unwrap().nested().find(NFTA_DATA_VALUE).unwrap();
+            out.push(key.value.to_vec());
+        }
+    }
+    out
+}
+
+#[test]
+fn pods_behind_a_bridge_are_keyed_by_bridge_then_source_address() {
+    let bridge = 9u32;
+    let content = Content {
+        shapes: Vec::new(),
+        audit: false,
+        allowed: Allowed {
+            interfaces: vec![4],
+            v4: vec![(bridge, Ipv4Addr::new(10, 210, 1, 2))],
+            v6: vec![(bridge, Ipv6Addr::new(0xfd43, 1, 0, 0, 0, 0, 0, 2))],
+        },
+        counters: Default::default(),
+    };
+    assert_eq!(keys_of(replace(&content), "allow_if"), vec![4u32.to_ne_bytes().to_vec()]);
+    let v4 = keys_of(replace(&content), ALLOW_SRC4);
+    assert_eq!(v4, vec![[&bridge.to_ne_bytes()[..], &[10, 210, 1, 2]].concat()]);
+    let v6 = keys_of(replace(&content), ALLOW_SRC6);
+    assert_eq!(v6.len(), 1);
+    assert_eq!(v6[0].len(), 4 + 16, "an ifindex register, then the address");
+    assert_eq!(v6[0][..4], bridge.to_ne_bytes());
+}
+
+#[test]
+fn concatenated_key_types_read_as_nft_prints_them() {
+    // nft(8): `ifindex . ipv4_addr` is type 20 << 6 | 7.
+    assert_eq!(concat_type(&[TYPE_IFINDEX, TYPE_IPADDR]), (20 << 6) | 7);
+}
