@@ -2,12 +2,23 @@
 //! made TCP/UDP, ICMP), ping sockets, and connections opened before the guard.
 //!
 //! `bpf_get_netns_cookie` is not available to cgroup_skb programs before 2025
-//! kernels, so the namespace is learned where it is: at socket creation
-//! (`sock_create`), stored in socket-local storage, and read back on egress.
-//! Only host sockets are marked: a socket without a mark is a pod's, or was created
-//! before the guard was first installed — both treated as not the host's
-//! (fail-closed; such a host client reconnects once and its new socket is marked).
-//! Marking only the host's keeps pod sockets, the many, free of the storage cost.
+//! kernels, so the namespace is learned where it is — in the socket hooks — stored in
+//! socket-local storage, and read back on egress. Only host sockets are marked: a
+//! socket without a mark is a pod's, or was created before the guard was first
+//! installed — both treated as not the host's (fail-closed; such a host client
+//! reconnects once and its new socket is marked).
+//!
+//! Where a host socket is marked depends on its kind. TCP and UDP sockets, nearly all
+//! sockets, pass a socket hook (connect4/6, sendmsg4/6) for every destination they
+//! send to; those hooks mark a host socket when they see it reach an address the
+//! policy covers (`verdict::judge`), so `sock_create` lets them go after one context
+//! read, and a pod's socket never costs a netns lookup there. Every other kind — raw
+//! and ping sockets above all, which pass no socket hook — is marked at creation.
+//! The price of marking TCP and UDP late: a host socket that connected while its
+//! destination was outside the policy, and keeps sending after the policy grows to
+//! cover it, is unmarked, like a socket from before the guard (fail-closed: it is
+//! judged as a pod's until its owner reconnects). Accepted sockets never had a mark
+//! (the storage is not cloned to a listener's children).
 
 use core::{ffi::c_void, ptr};
 
@@ -16,9 +27,9 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::{bpf_get_netns_cookie, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id},
     macros::{btf_map, cgroup_skb, cgroup_sock},
-    programs::{SkBuffContext, SockContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
-use metadata_guard_common::Hook;
+use metadata_guard_common::{Hook, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     packet,
@@ -29,7 +40,11 @@ use crate::{
 const PASS: i32 = 1;
 const DROP: i32 = 0;
 
-/// Netns cookie of each socket, recorded at creation.
+/// `socket(2)` types of the sockets the socket hooks judge (see the module doc).
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+/// Netns cookie of each host socket (see the module doc for when it is recorded).
 #[btf_map]
 static MG_SOCK_MARK: SkStorage<u64> = SkStorage::new();
 
@@ -39,22 +54,53 @@ fn sock_mark_map() -> *mut c_void {
 
 #[cgroup_sock(sock_create)]
 pub fn mg_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: 4-byte reads of the new socket's context fields.
+    let (kind, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+    if judged_at_socket_hooks(kind, protocol) {
+        return PASS;
+    }
     let Some(settings) = settings() else { return PASS };
     // SAFETY: the context is the new socket; the storage pointer is null-checked.
     unsafe {
         let cookie = bpf_get_netns_cookie(ctx.sock.cast());
-        if cookie != settings.host_netns_cookie {
-            return PASS;
-        }
-        let slot =
-            bpf_sk_storage_get(sock_mark_map(), ctx.sock.cast(), ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE.into())
-                .cast::<u64>();
-        if !slot.is_null() {
-            *slot = cookie;
+        if cookie == settings.host_netns_cookie {
+            mark(ctx.sock, cookie);
         }
     }
     // Creating a socket is never refused: the verdict belongs to where it sends.
     PASS
+}
+
+/// TCP and UDP: every destination they send to passes connect4/6 or sendmsg4/6, where
+/// a host socket is marked. (UDP-Lite, SCTP, MPTCP and the rest are marked at
+/// creation, whatever hooks they may pass.)
+#[inline(always)]
+fn judged_at_socket_hooks(kind: u32, protocol: u32) -> bool {
+    (kind == SOCK_STREAM && protocol == u32::from(IPPROTO_TCP))
+        || (kind == SOCK_DGRAM && protocol == u32::from(IPPROTO_UDP))
+}
+
+/// Marks a host socket that a socket hook saw reach an address the policy covers.
+#[inline(always)]
+pub fn mark_host_socket(ctx: &SockAddrContext, cookie: u64) {
+    // SAFETY: `sk` of a sock_addr context is the (full, non-null) socket making the call.
+    unsafe { mark((*ctx.sock_addr).__bindgen_anon_1.sk, cookie) }
+}
+
+/// Records `cookie` as the socket's netns cookie.
+///
+/// # Safety
+/// `sk` is a socket pointer from the program's context.
+#[inline(always)]
+unsafe fn mark(sk: *mut bpf_sock, cookie: u64) {
+    // SAFETY: per the contract; the storage pointer is null-checked.
+    unsafe {
+        let slot = bpf_sk_storage_get(sock_mark_map(), sk.cast(), ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE.into())
+            .cast::<u64>();
+        if !slot.is_null() {
+            *slot = cookie;
+        }
+    }
 }
 
 #[cgroup_skb(egress)]

@@ -7,8 +7,8 @@
 #![no_main]
 
 mod backstop;
-mod packet;
 mod conceal;
+mod packet;
 mod verdict;
 
 use aya_ebpf::{
@@ -100,8 +100,8 @@ fn judge_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
 /// The first two bytes of an address word as the kernel stores it (network order).
 #[inline(always)]
 fn lead(word_be: u32) -> u16 {
-    let b = word_be.to_ne_bytes();
-    u16::from_be_bytes([b[0], b[1]])
+    // One byte swap and a shift (reassembling the two bytes took eight instructions).
+    (u32::from_be(word_be) >> 16) as u16
 }
 
 /// The address bytes in network order, in the first four bytes.

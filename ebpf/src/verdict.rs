@@ -7,6 +7,7 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    programs::SockAddrContext,
     EbpfContext,
 };
 use metadata_guard_common::{
@@ -81,14 +82,20 @@ pub fn may_be_blocked(family: u8, lead: u16) -> Option<&'static Settings> {
 /// network namespace (and is not an allowlisted pod's); count every verdict on a
 /// blocked destination. The caller has checked [`may_be_blocked`].
 #[inline(always)]
-pub fn judge<C: EbpfContext>(ctx: &C, settings: &Settings, hook: Hook, dest: &Destination) -> i32 {
-    if !is_blocked(settings, dest) {
-        return ALLOW;
-    }
+pub fn judge(ctx: &SockAddrContext, settings: &Settings, hook: Hook, dest: &Destination) -> i32 {
+    let Some(rules) = policy_rules(settings, dest) else { return ALLOW };
     // SAFETY: the context pointer is the program's own context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if netns_cookie == settings.host_netns_cookie {
-        count(hook, Verdict::Allowed);
+        // Any address the policy covers, blocked port or not: the packet backstop
+        // judges a later fragment of any port as blocked (see `rules_block`).
+        crate::backstop::mark_host_socket(ctx, netns_cookie);
+        if rules_block(rules, dest) {
+            count(hook, Verdict::Allowed);
+        }
+        return ALLOW;
+    }
+    if !rules_block(rules, dest) {
         return ALLOW;
     }
     // SAFETY: helper without arguments.
@@ -142,9 +149,20 @@ pub fn settings() -> Option<&'static Settings> {
     MG_SETTINGS.get(0)
 }
 
+/// Whether the policy blocks the destination (address, protocol and port).
 #[inline(always)]
 pub fn is_blocked(settings: &Settings, dest: &Destination) -> bool {
-    let rules = if dest.family == AF_INET {
+    match policy_rules(settings, dest) {
+        Some(rules) => rules_block(rules, dest),
+        None => false,
+    }
+}
+
+/// The policy's rules for the destination's address; `None` when no prefix of the
+/// policy covers it.
+#[inline(always)]
+fn policy_rules(settings: &Settings, dest: &Destination) -> Option<&'static DestRules> {
+    if dest.family == AF_INET {
         let key = Key::new(IPV4_BITS, [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]]);
         if settings.active_policy == 0 {
             MG_POLICY4_A.get(&key)
@@ -158,12 +176,17 @@ pub fn is_blocked(settings: &Settings, dest: &Destination) -> bool {
         } else {
             MG_POLICY6_B.get(&key)
         }
-    };
-    match rules {
-        Some(rules) if dest.port_known => rules.blocks(protocol_bit(dest.protocol), dest.port),
+    }
+}
+
+/// Whether the address's rules block this protocol and port.
+#[inline(always)]
+fn rules_block(rules: &DestRules, dest: &Destination) -> bool {
+    if dest.port_known {
+        rules.blocks(protocol_bit(dest.protocol), dest.port)
+    } else {
         // A later fragment may be of any protocol: whatever its header said.
-        Some(rules) => rules.blocks_some(PROTO_ALL),
-        None => false,
+        rules.blocks_some(PROTO_ALL)
     }
 }
 

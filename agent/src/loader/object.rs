@@ -7,10 +7,10 @@ use std::{fs, path::PathBuf};
 use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
 
-use super::{pins::PinLayout, programs, remove_pins, ATTACHMENTS, OBJECT, PINNED_MAPS};
+use super::{pins::PinLayout, programs, remove_pins, OBJECT, PINNED_MAPS};
 
 /// The kernel object in the kernel: its maps created (or reused from their pins) and
-/// every program of [`ATTACHMENTS`] verified; nothing attached yet.
+/// every program of [`ATTACHMENTS`](super::ATTACHMENTS) verified; nothing attached yet.
 pub struct Loaded {
     pub(super) ebpf: Ebpf,
 }
@@ -41,7 +41,7 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Loaded> {
 
 fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>) -> Result<Loaded> {
     let mut ebpf = ebpf.context("could not create the guard's maps")?;
-    for attachment in &ATTACHMENTS {
+    for attachment in programs::load_order() {
         programs::load(&mut ebpf, attachment)?;
     }
     Ok(Loaded { ebpf })

@@ -97,7 +97,12 @@ pub(crate) fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
              time. The empty programs (`r0 = 1; exit`) run on the same hooks from a cgroup of their own: their time is \
              what the kernel's statistics and hook dispatch cost by themselves, so the guard's own work is the \
              difference. The statistics add clock reads to each run, so all of these are upper bounds."
-        )],
+        ),
+        "`mg_conceal_ops` (sock_ops) runs on every TCP socket event the kernel reports to sock_ops programs — about \
+         five per connect + close — in every mode: it stays attached so that a reload can switch to conceal mode, \
+         and it leaves at once unless conceal mode is on. The bench has no empty sock_ops program, so all of its \
+         time counts as the guard's; most of it is the hook's own dispatch, as on the other hooks."
+            .into()],
         ..Default::default()
     };
     Ok((fig, profile))
