@@ -44,13 +44,15 @@ impl ConfigWatch {
     }
 
     async fn reload(&self, ctx: &Context) {
-        let (args, guard) = (self.args.clone(), ctx.guard.clone());
+        let (args, guard, cgroup) = (self.args.clone(), ctx.guard.clone(), ctx.cgroup.clone());
         // Reading the file and writing the maps block: off the async workers.
         let attempt = tokio::task::spawn_blocking(move || -> Result<InForce> {
             let config = config::load(&args)?;
             let new = InForce { policy: config.compile_policy()?, config };
             let mut guard = guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            guard.apply(&new.policy, new.config.mode.as_kernel())?;
+            // Also attaches conceal_ops before a switch to conceal mode (the conceal service
+            // turns the redirect on only after this is published), detaches it after one away.
+            guard.apply(&new.policy, new.config.mode.as_kernel(), &cgroup)?;
             Ok(new)
         })
         .await

@@ -21,7 +21,7 @@ use crate::{
         health::Fault,
         origin::{self, Origin},
         pins::{self, AgentLock, PinLayout},
-        Guard, InstallOptions, InstallReport, LinkAction, Mechanism, ATTACHMENTS,
+        Guard, InstallOptions, InstallReport, LinkAction, Mechanism,
     },
     policy::CompiledPolicy,
     preflight,
@@ -97,6 +97,9 @@ pub fn install(args: &EnforceArgs, command: &str) -> Result<Installed> {
         pins = %layout.dir.display(),
         "attached: pods are blocked from the metadata service"
     );
+    for hook in &report.detached {
+        info!(hook, mode = config.mode.name(), "detached a pinned link this mode does not use");
+    }
     for old in &report.removed_versions {
         info!(path = %old.display(), "removed the pins of another layout version after attaching ours");
     }
@@ -165,7 +168,7 @@ impl Enforcement {
                 }
             }
             let detached = faults.iter().filter(|f| matches!(f, Fault::LinkUnpinned(_) | Fault::LinkElsewhere { .. }));
-            ctx.metrics.set_programs_attached((ATTACHMENTS.len() - detached.count()) as i64);
+            ctx.metrics.set_programs_attached((loader::attachments_for(guard.mode()).count() - detached.count()) as i64);
             if faults.is_empty() {
                 self.condition.ready();
             } else {

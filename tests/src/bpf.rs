@@ -157,3 +157,14 @@ pub fn enable_stats() -> io::Result<OwnedFd> {
     attr.enable_stats.type_ = bpf_stats_type::BPF_STATS_RUN_TIME as u32;
     sys_bpf_fd(bpf_cmd::BPF_ENABLE_STATS, &mut attr)
 }
+
+/// How many programs are attached to the cgroup open at `cgroup` itself (not inherited)
+/// for `attach_type`, links included (`BPF_PROG_QUERY`).
+pub fn prog_count(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -> io::Result<u32> {
+    let mut attr: bpf_attr = zeroed();
+    attr.query.__bindgen_anon_1.target_fd = cgroup.as_raw_fd() as u32;
+    attr.query.attach_type = attach_type as u32;
+    sys_bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr)?;
+    // SAFETY: BPF_PROG_QUERY wrote the count into the query member the call used.
+    Ok(unsafe { attr.query.__bindgen_anon_2.prog_cnt })
+}

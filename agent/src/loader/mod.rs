@@ -37,7 +37,7 @@ use aya::{
     Ebpf,
 };
 pub use conceal_maps::{sock_addr, sock_key, ConcealPeers};
-use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES};
+use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES, MODE_CONCEAL};
 pub use netns_cookie::Mechanism;
 use pins::PinLayout;
 
@@ -69,7 +69,7 @@ pub const PINNED_MAPS: [&str; 15] = [
 ];
 
 pub use object::{load, verify_object, Loaded};
-pub use programs::ATTACHMENTS;
+pub use programs::{attachments_for, ATTACHMENTS};
 
 pub struct InstallOptions<'a> {
     pub cgroup: &'a Path,
@@ -97,6 +97,8 @@ pub struct InstallReport {
     pub host_netns_cookie: u64,
     pub cookie_mechanism: Mechanism,
     pub links: Vec<(&'static str, LinkAction)>,
+    /// Pinned links this mode does not use (`conceal_ops` outside conceal mode), detached.
+    pub detached: Vec<&'static str>,
     pub removed_versions: Vec<PathBuf>,
 }
 
@@ -105,6 +107,8 @@ pub struct Guard {
     ebpf: Ebpf,
     pins: PinLayout,
     host_netns_cookie: u64,
+    /// The mode (`MODE_*`) in force: which attachments are kept ([`attachments_for`]).
+    mode: u32,
     /// The event ring buffer once the reader took it, to pin it again (`repair`).
     events: Option<MapData>,
 }
@@ -136,15 +140,23 @@ impl Guard {
             }
             (None, _) => (netns_cookie::via_probe(&mut ebpf, opts.cgroup, opts.host_netns)?, Mechanism::ProbeProgram),
         };
-        let mut guard = Guard { ebpf, pins: pins.clone(), host_netns_cookie, events: None };
-        guard.apply(policy, mode).context("could not write the policy into the kernel maps")?;
+        let mut guard = Guard { ebpf, pins: pins.clone(), host_netns_cookie, mode, events: None };
+        guard.write_maps(policy, mode)?;
 
         let cgroup_dir =
             File::open(opts.cgroup).with_context(|| format!("could not open cgroup {}", opts.cgroup.display()))?;
         let mut links = Vec::new();
-        for attachment in &ATTACHMENTS {
+        // Every program was loaded (verified) whatever the mode (`load`): conceal mode
+        // can be switched on by a reload.
+        for attachment in attachments_for(mode) {
             let action = guard.link_program(attachment, &cgroup_dir, cgroup_id)?;
             links.push((attachment.pin, action));
+        }
+        let mut detached = Vec::new();
+        for attachment in ATTACHMENTS.iter().filter(|a| !a.needed_in(mode)) {
+            if guard.unlink(attachment)? {
+                detached.push(attachment.pin);
+            }
         }
         let mut removed_versions = Vec::new();
         for old in pins.other_versions() {
@@ -152,7 +164,7 @@ impl Guard {
                 .with_context(|| format!("could not remove the old version's pins in {}", old.display()))?;
             removed_versions.push(old);
         }
-        let report = InstallReport { cgroup_id, host_netns_cookie, cookie_mechanism, links, removed_versions };
+        let report = InstallReport { cgroup_id, host_netns_cookie, cookie_mechanism, links, detached, removed_versions };
         Ok((guard, report))
     }
 
@@ -204,9 +216,73 @@ impl Guard {
         fs::rename(&tmp, &path).with_context(|| format!("could not replace program pin {}", path.display()))
     }
 
-    /// Puts a new policy and mode in force, all at once (see `policy_maps`).
-    pub fn apply(&mut self, policy: &CompiledPolicy, mode: u32) -> Result<()> {
+    /// Detaches and unpins the pinned link of `a` (and its program's pin); whether a
+    /// link was pinned.
+    fn unlink(&mut self, a: &programs::Attachment) -> Result<bool> {
+        let pin = self.pins.link(a.pin);
+        let program_pin = self.pins.program(a.pin);
+        let link = open_link(&pin)?;
+        if let Some(link) = &link {
+            // Detached before unpinned, as in `remove_pins`: the unpin alone lets the
+            // hook run on until bpffs frees the inode. Should the detach fail, the unpin
+            // still ends the link once no fd holds it.
+            if let Err(e) = bpf_sys::link_detach(link.as_fd()) {
+                tracing::debug!("could not detach {} before unpinning it: {e}", pin.display());
+            }
+            fs::remove_file(&pin).with_context(|| format!("could not remove link pin {}", pin.display()))?;
+        }
+        match fs::remove_file(&program_pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("could not remove program pin {}", program_pin.display())),
+        }
+        Ok(link.is_some())
+    }
+
+    /// Puts a new policy and mode in force, all at once (see `policy_maps`), and makes
+    /// the attachments on `cgroup` those of the mode. `conceal_ops` records every
+    /// redirected connection for the proxy, so it is attached before a mode that can
+    /// redirect is written, and detached only after the mode no longer redirects.
+    pub fn apply(&mut self, policy: &CompiledPolicy, mode: u32, cgroup: &Path) -> Result<()> {
+        if mode == MODE_CONCEAL {
+            self.link_mode(mode, cgroup)?;
+        }
+        self.write_maps(policy, mode)?;
+        if mode != MODE_CONCEAL {
+            // The new mode is in force already; a sock_ops program left attached only
+            // idles (it checks the mode first), so this is no reason to report failure.
+            if let Err(e) = self.link_mode(mode, cgroup) {
+                tracing::warn!("could not detach conceal mode's sock_ops program (it idles meanwhile): {e:#}");
+            }
+        }
+        Ok(())
+    }
+
+    fn write_maps(&mut self, policy: &CompiledPolicy, mode: u32) -> Result<()> {
         policy_maps::apply(&mut self.ebpf, policy, mode, self.host_netns_cookie)
+            .context("could not write the policy into the kernel maps")?;
+        self.mode = mode;
+        Ok(())
+    }
+
+    /// Attaches the mode-dependent programs `mode` needs and detaches the others; the
+    /// rest stay as they are (the health check restores them).
+    fn link_mode(&mut self, mode: u32, cgroup: &Path) -> Result<()> {
+        let cgroup_id = crate::cgroup::id(cgroup)?;
+        let cgroup_dir = File::open(cgroup).with_context(|| format!("could not open cgroup {}", cgroup.display()))?;
+        for a in ATTACHMENTS.iter().filter(|a| a.depends_on_mode()) {
+            if a.needed_in(mode) {
+                self.link_program(a, &cgroup_dir, cgroup_id)?;
+            } else {
+                self.unlink(a)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The mode (`MODE_*`) in force.
+    pub fn mode(&self) -> u32 {
+        self.mode
     }
 
     /// Makes the kernel's allowlist exactly `wanted`; returns (added, removed).

@@ -15,7 +15,7 @@ use aya::{
     },
     Ebpf,
 };
-use metadata_guard_common::program_names;
+use metadata_guard_common::{program_names, MODE_CONCEAL};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -46,6 +46,25 @@ impl Attachment {
             Kind::SockCreate | Kind::SockOps => false,
         }
     }
+
+    /// Whether a guard in `mode` (`MODE_*`) keeps this attached. `conceal_ops` only in
+    /// conceal mode: the kernel runs sock_ops programs on about five events of every
+    /// TCP connection, whatever the program does, and only conceal mode needs it.
+    pub fn needed_in(&self, mode: u32) -> bool {
+        !self.depends_on_mode() || mode == MODE_CONCEAL
+    }
+
+    /// Whether it is attached in some modes only (see [`Attachment::needed_in`]).
+    pub fn depends_on_mode(&self) -> bool {
+        self.kind == Kind::SockOps
+    }
+}
+
+/// The attachments a guard in `mode` keeps attached, in attach order. Every program
+/// of [`ATTACHMENTS`] is still loaded (verified) in every mode, so that a reload can
+/// switch to conceal mode.
+pub fn attachments_for(mode: u32) -> impl Iterator<Item = &'static Attachment> {
+    ATTACHMENTS.iter().filter(move |a| a.needed_in(mode))
 }
 
 /// In attach (and replace) order: sockets are marked before the backstop reads marks,
@@ -61,8 +80,7 @@ pub const ATTACHMENTS: [Attachment; 7] = [
     Attachment { pin: "sendmsg6", program: program_names::SENDMSG6, kind: Kind::SockAddr },
     Attachment { pin: "sock_create", program: program_names::SOCK_CREATE, kind: Kind::SockCreate },
     Attachment { pin: "egress", program: program_names::EGRESS, kind: Kind::Egress },
-    // Idle until the mode is conceal (it checks MG_CONCEAL first); attached always so a
-    // reload can switch modes.
+    // Attached only in conceal mode (attachments_for): sock_ops runs on every TCP event.
     Attachment { pin: "conceal_ops", program: program_names::CONCEAL_SOCKOPS, kind: Kind::SockOps },
 ];
 

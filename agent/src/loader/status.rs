@@ -6,7 +6,8 @@ use std::{net::IpAddr, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData};
 use metadata_guard_common::{
-    counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, MODE_CONCEAL, PORTS_EXCEPT,
+    counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, MODE_CONCEAL, MODE_ENFORCE,
+    PORTS_EXCEPT,
     PORTS_ONLY,
 };
 use serde::{Deserialize, Serialize};
@@ -97,9 +98,12 @@ pub fn read(root: &Path) -> Result<Status> {
         conceal: None,
     };
     let mut missing = Vec::new();
+    // The attachments the pinned mode uses are expected; the others are listed when pinned.
+    let mode = pinned_mode(&layout);
     for attachment in &ATTACHMENTS {
         let hook = match super::pinned_hook(&layout, attachment.pin) {
             Ok(Some(hook)) => hook,
+            Ok(None) if !attachment.needed_in(mode) => continue,
             Ok(None) => {
                 missing.push(format!("link {} is not pinned (detached)", attachment.pin));
                 continue;
@@ -182,6 +186,14 @@ pub fn read(root: &Path) -> Result<Status> {
         status.conceal = Some(status_conceal::read(open)?);
     }
     Ok(status)
+}
+
+/// The mode the pinned settings hold; enforce's when they cannot be read (the
+/// attachments every mode uses), which `read` reports on its own.
+fn pinned_mode(layout: &PinLayout) -> u32 {
+    let settings = MapData::from_pin(layout.map(map_names::SETTINGS)).ok().map(Map::from_map_data);
+    let Some(Ok(map)) = settings else { return MODE_ENFORCE };
+    Array::<_, Settings>::try_from(&map).and_then(|a| a.get(&0, 0)).map_or(MODE_ENFORCE, |s| s.mode)
 }
 
 /// One line per destination prefix, its rules written as `metadata-guard presets` and

@@ -98,10 +98,9 @@ pub(crate) fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
              what the kernel's statistics and hook dispatch cost by themselves, so the guard's own work is the \
              difference. The statistics add clock reads to each run, so all of these are upper bounds."
         ),
-        "`mg_conceal_ops` (sock_ops) runs on every TCP socket event the kernel reports to sock_ops programs — about \
-         five per connect + close — in every mode: it stays attached so that a reload can switch to conceal mode, \
-         and it leaves at once unless conceal mode is on. The bench has no empty sock_ops program, so all of its \
-         time counts as the guard's; most of it is the hook's own dispatch, as on the other hooks."
+        "Conceal mode's `mg_conceal_ops` (sock_ops) is not in this profile: the kernel would run it on about five \
+         TCP socket events per connect + close, so the agent attaches it only while the mode is conceal (a reload \
+         to conceal mode attaches it)."
             .into()],
         ..Default::default()
     };

@@ -25,7 +25,8 @@ pub(crate) const SCENARIOS: [crate::Scenario; 8] = [
     ("conceal: GCP and Azure rules require their headers and hide identities", gcp_and_azure),
     ("conceal: refusals are audit records naming pod, method, path and rule", audit_records),
     ("conceal: allowlisted pods go straight through, extra paths open only for their pods", allow_and_extras),
-    ("conceal: a config reload switches between enforce and conceal, no gap either way", reload_switches_modes),
+    ("conceal: a config reload switches between enforce and conceal, no gap either way; sock_ops only in conceal",
+        reload_switches_modes),
 ];
 
 /// The proxy listens on the node end of pod 0's veth: a node address every pod routes to.
@@ -344,10 +345,16 @@ fn reload_switches_modes(ctx: &mut Ctx) -> Result<()> {
         std::fs::rename(&tmp, &path)?;
         Ok(())
     };
+    // A conceal-mode run leaves conceal_ops pinned; an enforce-mode agent detaches it.
+    conceal_agent(ctx, None)?;
+    ensure!(sock_ops_attached(ctx)? == 1, "conceal mode runs without its sock_ops program");
     write("enforce")?;
     let addr = proxy_addr(ctx);
     let config = path.display().to_string();
     ctx.ensure_agent(&["--conceal-addr", &addr, "--config", &config])?;
+    ensure!(sock_ops_attached(ctx)? == 0, "enforce mode left a sock_ops program on the cgroup");
+    let status = ctx.status()?;
+    ensure!(status.enforcing && status.programs.iter().all(|p| p.hook != "conceal_ops"), "{status:?}");
     let imds = metadata(METADATA_V4);
     let zone = get("/latest/meta-data/placement/availability-zone", "");
     ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
@@ -367,6 +374,26 @@ fn reload_switches_modes(ctx: &mut Ctx) -> Result<()> {
         }
         let refused = exchange(ctx, Who::Pod(0), imds, &get("/latest/meta-data/iam/info", ""))?;
         ensure!(refused.status == if mode == "conceal" { 404 } else { 0 }, "{mode}: credentials answered {refused:?}");
+        // Attached before conceal mode is written, detached right after enforce is.
+        let wanted = u32::from(mode == "conceal");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while sock_ops_attached(ctx)? != wanted {
+            ensure!(Instant::now() < deadline, "{mode}: not {wanted} sock_ops program(s) on the cgroup");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = ctx.status()?;
+        ensure!(status.enforcing, "{mode}: status reports the enforcement incomplete: {:?}", status.problems);
     }
     Ok(())
+}
+
+/// How many sock_ops programs the kernel runs for the agent's cgroup, asked of the
+/// kernel itself (`BPF_PROG_QUERY`), not of the agent's pins.
+fn sock_ops_attached(ctx: &Ctx) -> Result<u32> {
+    use std::os::fd::AsFd;
+    use metadata_guard_tests::bpf::{self, bpf_attach_type};
+    let cgroup = ctx.spec(&ctx.agent_bin, &[]).attach_cgroup;
+    let dir = std::fs::File::open(&cgroup).with_context(|| format!("could not open {}", cgroup.display()))?;
+    bpf::prog_count(dir.as_fd(), bpf_attach_type::BPF_CGROUP_SOCK_OPS)
+        .with_context(|| format!("could not query the sock_ops programs of {}", cgroup.display()))
 }

@@ -121,8 +121,8 @@ fn status_after_kill(ctx: &mut Ctx) -> Result<()> {
     ctx.agent.take().context("no agent")?.kill()?;
     let status = ctx.status()?;
     ensure!(status.enforcing && !status.agent_running, "status after SIGKILL: {status:?}");
-    // Six enforcement programs and conceal mode's sockops recorder (idle outside conceal mode).
-    ensure!(status.programs.len() == 7, "expected 7 attached programs: {status:?}");
+    // The six enforcement programs; conceal mode's sockops recorder is not attached in enforce mode.
+    ensure!(status.programs.len() == 6, "expected 6 attached programs: {status:?}");
     ensure!(status.mode.as_deref() == Some("enforce"), "mode missing from status: {status:?}");
     ensure!(status.destinations.iter().any(|d| d.starts_with("169.254.169.254/32")), "{status:?}");
     block_in_force(ctx, "SIGKILL")?;
