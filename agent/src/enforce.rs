@@ -168,7 +168,8 @@ impl Enforcement {
                 }
             }
             let detached = faults.iter().filter(|f| matches!(f, Fault::LinkUnpinned(_) | Fault::LinkElsewhere { .. }));
-            ctx.metrics.set_programs_attached((loader::attachments_for(guard.mode()).count() - detached.count()) as i64);
+            ctx.metrics
+                .set_programs_attached((loader::attachments_for(guard.mode()).count() - detached.count()) as i64);
             if faults.is_empty() {
                 self.condition.ready();
             } else {

@@ -164,7 +164,8 @@ impl Guard {
                 .with_context(|| format!("could not remove the old version's pins in {}", old.display()))?;
             removed_versions.push(old);
         }
-        let report = InstallReport { cgroup_id, host_netns_cookie, cookie_mechanism, links, detached, removed_versions };
+        let report =
+            InstallReport { cgroup_id, host_netns_cookie, cookie_mechanism, links, detached, removed_versions };
         Ok((guard, report))
     }
 

@@ -170,3 +170,20 @@ pub(super) fn attach(ebpf: &mut Ebpf, a: &Attachment, cgroup: &File) -> Result<F
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use metadata_guard_common::{MODE_AUDIT, MODE_CONCEAL, MODE_ENFORCE};
+
+    use super::attachments_for;
+
+    #[test]
+    fn conceal_ops_is_attached_in_conceal_mode_only() {
+        let pins = |mode| attachments_for(mode).map(|a| a.pin).collect::<Vec<_>>();
+        for mode in [MODE_ENFORCE, MODE_AUDIT] {
+            assert_eq!(pins(mode), ["connect4", "connect6", "sendmsg4", "sendmsg6", "sock_create", "egress"]);
+        }
+        assert_eq!(pins(MODE_CONCEAL).last(), Some(&"conceal_ops"));
+        assert_eq!(pins(MODE_CONCEAL).len(), 7);
+    }
+}

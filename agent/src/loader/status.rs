@@ -7,8 +7,7 @@ use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData};
 use metadata_guard_common::{
     counters, map_names, DestRules, Hook, Ipv4Key, Ipv6Key, Settings, Verdict, MODE_AUDIT, MODE_CONCEAL, MODE_ENFORCE,
-    PORTS_EXCEPT,
-    PORTS_ONLY,
+    PORTS_EXCEPT, PORTS_ONLY,
 };
 use serde::{Deserialize, Serialize};
 

@@ -25,8 +25,10 @@ pub(crate) const SCENARIOS: [crate::Scenario; 8] = [
     ("conceal: GCP and Azure rules require their headers and hide identities", gcp_and_azure),
     ("conceal: refusals are audit records naming pod, method, path and rule", audit_records),
     ("conceal: allowlisted pods go straight through, extra paths open only for their pods", allow_and_extras),
-    ("conceal: a config reload switches between enforce and conceal, no gap either way; sock_ops only in conceal",
-        reload_switches_modes),
+    (
+        "conceal: a reload switches enforce and conceal with no gap; sock_ops is attached only in conceal",
+        reload_switches_modes,
+    ),
 ];
 
 /// The proxy listens on the node end of pod 0's veth: a node address every pod routes to.
@@ -387,11 +389,10 @@ fn reload_switches_modes(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-/// How many sock_ops programs the kernel runs for the agent's cgroup, asked of the
-/// kernel itself (`BPF_PROG_QUERY`), not of the agent's pins.
+/// The sock_ops programs on the agent's cgroup, as the kernel has them (not the pins).
 fn sock_ops_attached(ctx: &Ctx) -> Result<u32> {
-    use std::os::fd::AsFd;
     use metadata_guard_tests::bpf::{self, bpf_attach_type};
+    use std::os::fd::AsFd;
     let cgroup = ctx.spec(&ctx.agent_bin, &[]).attach_cgroup;
     let dir = std::fs::File::open(&cgroup).with_context(|| format!("could not open {}", cgroup.display()))?;
     bpf::prog_count(dir.as_fd(), bpf_attach_type::BPF_CGROUP_SOCK_OPS)
