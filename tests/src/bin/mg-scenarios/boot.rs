@@ -24,9 +24,9 @@ pub(crate) const SCENARIOS: [crate::Scenario; 4] = [
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// `<binary> apply` with the same node flags the scenarios' agents get.
-fn apply(ctx: &Ctx, binary: &Path) -> Result<(bool, String, String)> {
-    let spec = ctx.spec(binary, &[]);
+/// `<binary> apply` with the same node flags the scenarios' agents get, and `extra`.
+pub(crate) fn apply(ctx: &Ctx, binary: &Path, extra: &[&str]) -> Result<(bool, String, String)> {
+    let spec = ctx.spec(binary, extra);
     let mut args = vec![
         "apply".to_string(),
         "--cgroup".into(),
@@ -42,7 +42,7 @@ fn apply(ctx: &Ctx, binary: &Path) -> Result<(bool, String, String)> {
 }
 
 fn applied(ctx: &Ctx) -> Result<String> {
-    let (ok, out, err) = apply(ctx, &ctx.agent_bin)?;
+    let (ok, out, err) = apply(ctx, &ctx.agent_bin, &[])?;
     ensure!(ok, "apply failed:\n{out}{err}");
     Ok(out)
 }
@@ -154,7 +154,7 @@ fn idempotent(ctx: &mut Ctx) -> Result<()> {
 fn refused_while_running(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
     let before = ctx.status()?;
-    let (ok, out, err) = apply(ctx, &ctx.agent_bin)?;
+    let (ok, out, err) = apply(ctx, &ctx.agent_bin, &[])?;
     ensure!(!ok, "apply succeeded while an agent runs:\n{out}{err}");
     ensure!(err.contains("an agent already runs"), "unclear refusal:\n{out}{err}");
     let after = ctx.status()?;

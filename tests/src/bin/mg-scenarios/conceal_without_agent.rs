@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 
 use crate::{
-    agent,
     attempt::Kind,
     conceal::{conceal_agent, expect, get, metadata, proxy_addr},
     harness::{budget, Ctx, Who, METADATA_V4, METADATA_V6},
@@ -63,19 +62,7 @@ fn without_agent(ctx: &mut Ctx) -> Result<()> {
     );
 
     // The node's boot: apply with no agent turns that redirect off.
-    let spec = ctx.spec(&ctx.agent_bin, &["--mode", "conceal", "--conceal-addr", &proxy]);
-    let mut args = vec![
-        "apply".to_string(),
-        "--cgroup".into(),
-        spec.attach_cgroup.display().to_string(),
-        "--host-netns".into(),
-        spec.host_netns.display().to_string(),
-        "--bpffs".into(),
-        spec.bpffs.display().to_string(),
-    ];
-    args.extend(spec.extra);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, out, err) = agent::oneshot_in(&ctx.agent_bin, &spec.own_cgroup, &args)?;
+    let (ok, out, err) = crate::boot::apply(ctx, &ctx.agent_bin, &["--mode", "conceal", "--conceal-addr", &proxy])?;
     ensure!(ok, "apply --mode conceal failed:\n{out}{err}");
     ensure!(
         out.contains("refused (EPERM) until the agent's proxy listens"),
