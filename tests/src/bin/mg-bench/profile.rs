@@ -76,35 +76,34 @@ pub(crate) fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
         profile.ops.push((what, g, e));
     }
     drop(stats);
-    let fig =
-        Figure {
-            title: "Profile: the guard's programs per operation (kernel BPF statistics)".into(),
-            facts,
-            targets: vec![
-                Target::at_most(
-                    "profile: slowest guard program, mean ns per run, destination outside the policy",
-                    worst,
-                    40.0,
-                ),
-                Target::at_most(
-                    "profile: the same, less the empty program's mean on its hook (the guard's own work)",
-                    worst_own,
-                    40.0,
-                ),
-            ],
-            notes: vec![format!(
-            "{count} operations per line with `BPF_ENABLE_STATS` on, in {CHUNKS} chunks alternating guard and empty \
-             programs; \"name runs×ns\" is runs per operation × the median over chunks of the mean run \
-             time. The empty programs (`r0 = 1; exit`) run on the same hooks from a cgroup of their own: their time is \
-             what the kernel's statistics and hook dispatch cost by themselves, so the guard's own work is the \
-             difference. The statistics add clock reads to each run, so all of these are upper bounds."
-        ),
-        "Conceal mode's `mg_conceal_ops` (sock_ops) is not in this profile: the kernel would run it on about five \
-         TCP socket events per connect + close, so the agent attaches it only while the mode is conceal (a reload \
-         to conceal mode attaches it)."
-            .into()],
-            ..Default::default()
-        };
+    let measured = format!(
+        "{count} operations per line with `BPF_ENABLE_STATS` on, in {CHUNKS} chunks alternating guard and empty \
+         programs; \"name runs×ns\" is runs per operation × the median over chunks of the mean run \
+         time. The empty programs (`r0 = 1; exit`) run on the same hooks from a cgroup of their own: their time is \
+         what the kernel's statistics and hook dispatch cost by themselves, so the guard's own work is the \
+         difference. The statistics add clock reads to each run, so all of these are upper bounds."
+    );
+    let sock_ops = "Conceal mode's `mg_conceal_ops` (sock_ops) is not in this profile: the kernel would run it on \
+                    about five TCP socket events per connect + close, so the agent attaches it only while the mode \
+                    is conceal (a reload to conceal mode attaches it).";
+    let fig = Figure {
+        title: "Profile: the guard's programs per operation (kernel BPF statistics)".into(),
+        facts,
+        targets: vec![
+            Target::at_most(
+                "profile: slowest guard program, mean ns per run, destination outside the policy",
+                worst,
+                40.0,
+            ),
+            Target::at_most(
+                "profile: the same, less the empty program's mean on its hook (the guard's own work)",
+                worst_own,
+                40.0,
+            ),
+        ],
+        notes: vec![measured, sock_ops.into()],
+        ..Default::default()
+    };
     Ok((fig, profile))
 }
 
