@@ -143,6 +143,17 @@ impl Bench {
         Ok(())
     }
 
+    /// Stops the agent and removes everything it installed, the host-side table included
+    /// (which refuses every pod by destination, whatever its cgroup).
+    pub(crate) fn uninstall(&mut self) -> Result<()> {
+        self.stop_agent()?;
+        let (bpffs, netns) = (self.node.bpffs.display().to_string(), self.node.node_netns().display().to_string());
+        let (ok, out, err) =
+            agent::oneshot(&self.agent_bin, &["uninstall", "--bpffs", &bpffs, "--host-netns", &netns])?;
+        ensure!(ok, "metadata-guard uninstall failed:\n{out}{err}");
+        Ok(())
+    }
+
     pub(crate) fn agent(&self) -> Result<&Agent> {
         self.agent.as_ref().context("no agent is running")
     }
@@ -162,8 +173,8 @@ impl Drop for Bench {
         if let Some(a) = self.agent.take() {
             let _ = a.kill();
         }
-        let bpffs = self.node.bpffs.display().to_string();
-        let _ = agent::oneshot(&self.agent_bin, &["uninstall", "--bpffs", &bpffs]);
+        let (bpffs, netns) = (self.node.bpffs.display().to_string(), self.node.node_netns().display().to_string());
+        let _ = agent::oneshot(&self.agent_bin, &["uninstall", "--bpffs", &bpffs, "--host-netns", &netns]);
         if let Ok(fw) = self.firewall() {
             let _ = fw.clear();
         }

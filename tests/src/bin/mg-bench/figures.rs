@@ -212,9 +212,12 @@ pub(crate) fn bulk(b: &mut Bench) -> Result<Figure> {
 pub(crate) fn refused(b: &mut Bench) -> Result<Figure> {
     let (rounds, count, drop_wait) = if b.quick { (3, 50, 1000) } else { (9, 300, 3000) };
     let dest = SocketAddrV4::new(METADATA, 80);
-    // Without guard or rule the stand-in answers: proves "no guard" really is none.
+    // Without guard or rule the stand-in answers: proves "no guard" really is none. The
+    // host-side table judges every pod by destination, so it goes too for this proof.
+    b.uninstall()?;
     let open = b.run(Variant::None, Op::Refused { dest, count: 1 })?;
     all_ok(&open, 1, "connect to the metadata stand-in without guard or rule")?;
+    b.start_agent(&[])?;
     let reject = nft_input_rule("ip daddr 169.254.169.254 meta l4proto tcp reject with tcp reset");
     let variants = [Variant::Guard, Variant::Firewall];
     let samples = interleave(b, &variants, rounds, &|fw| fw.nft(&reject), &mut |b, v| {

@@ -281,14 +281,19 @@ pub(crate) fn rss_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// Figure 7: the agent's own cost.
 pub(crate) fn footprint(cold: Duration, warm: Duration, idle_rss_kib: u64) -> Figure {
+    // The tag names a manifest list (one image per architecture); `image inspect`
+    // resolves it to this machine's architecture's image, whose size is what a node pulls.
     let image = Command::new("podman")
-        .args(["images", "localhost/metadata-guard", "--format", "{{.Tag}} {{.Size}}"])
+        .args(["image", "inspect", "localhost/metadata-guard:dev", "--format", "{{.Size}} {{.Architecture}}"])
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "not built (no `localhost/metadata-guard` image in podman here)".into());
+        .and_then(|o| {
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            let (bytes, arch) = out.trim().split_once(' ')?;
+            Some(format!("{:.1} MiB ({arch}, uncompressed)", bytes.parse::<f64>().ok()? / 1024.0 / 1024.0))
+        })
+        .unwrap_or_else(|| "not built (no `localhost/metadata-guard:dev` image in podman here)".into());
     Figure {
         title: "7. Footprint".into(),
         facts: vec![
