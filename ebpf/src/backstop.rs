@@ -2,23 +2,21 @@
 //! made TCP/UDP, ICMP), ping sockets, and connections opened before the guard.
 //!
 //! `bpf_get_netns_cookie` is not available to cgroup_skb programs before 2025
-//! kernels, so the namespace is learned where it is — in the socket hooks — stored in
+//! kernels, so the namespace is learned where it is — at socket creation — stored in
 //! socket-local storage, and read back on egress. Only host sockets are marked: a
 //! socket without a mark is a pod's, or was created before the guard was first
 //! installed — both treated as not the host's (fail-closed; such a host client
 //! reconnects once and its new socket is marked).
 //!
-//! Where a host socket is marked depends on its kind. TCP and UDP sockets, nearly all
-//! sockets, pass a socket hook (connect4/6, sendmsg4/6) for every destination they
-//! send to; those hooks mark a host socket when they see it reach an address the
-//! policy covers (`verdict::judge`), so `sock_create` lets them go after one context
-//! read, and a pod's socket never costs a netns lookup there. Every other kind — raw
-//! and ping sockets above all, which pass no socket hook — is marked at creation.
-//! The price of marking TCP and UDP late: a host socket that connected while its
-//! destination was outside the policy, and keeps sending after the policy grows to
-//! cover it, is unmarked, like a socket from before the guard (fail-closed: it is
-//! judged as a pod's until its owner reconnects). Accepted sockets never had a mark
-//! (the storage is not cloned to a listener's children).
+//! Every host socket is marked at creation (`sock_create`). The socket hooks mark too,
+//! where they see a host socket reach an address the policy covers; that alone is not
+//! enough for TCP and UDP: a host process's connection to a Service that the node
+//! rewrites to a metadata address (IPVS, or kube-proxy's DNAT in `nat OUTPUT`) reaches
+//! connect4 with the Service address and egress with the metadata one, so its socket
+//! must carry the mark from its creation. (Letting TCP/UDP sockets leave `sock_create`
+//! early, ~17 ns per pod socket, broke exactly that: the IPVS scenario caught it.)
+//! Accepted sockets never have a mark (the storage is not cloned to a listener's
+//! children).
 
 use core::{ffi::c_void, ptr};
 
@@ -29,7 +27,7 @@ use aya_ebpf::{
     macros::{btf_map, cgroup_skb, cgroup_sock},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
-use metadata_guard_common::{Hook, IPPROTO_TCP, IPPROTO_UDP};
+use metadata_guard_common::Hook;
 
 use crate::{
     packet,
@@ -39,10 +37,6 @@ use crate::{
 /// cgroup_skb and sock_create return values.
 const PASS: i32 = 1;
 const DROP: i32 = 0;
-
-/// `socket(2)` types of the sockets the socket hooks judge (see the module doc).
-const SOCK_STREAM: u32 = 1;
-const SOCK_DGRAM: u32 = 2;
 
 /// Netns cookie of each host socket (see the module doc for when it is recorded).
 #[btf_map]
@@ -54,11 +48,6 @@ fn sock_mark_map() -> *mut c_void {
 
 #[cgroup_sock(sock_create)]
 pub fn mg_sock_create(ctx: SockContext) -> i32 {
-    // SAFETY: 4-byte reads of the new socket's context fields.
-    let (kind, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
-    if judged_at_socket_hooks(kind, protocol) {
-        return PASS;
-    }
     let Some(settings) = settings() else { return PASS };
     // SAFETY: the context is the new socket; the storage pointer is null-checked.
     unsafe {
@@ -69,15 +58,6 @@ pub fn mg_sock_create(ctx: SockContext) -> i32 {
     }
     // Creating a socket is never refused: the verdict belongs to where it sends.
     PASS
-}
-
-/// TCP and UDP: every destination they send to passes connect4/6 or sendmsg4/6, where
-/// a host socket is marked. (UDP-Lite, SCTP, MPTCP and the rest are marked at
-/// creation, whatever hooks they may pass.)
-#[inline(always)]
-fn judged_at_socket_hooks(kind: u32, protocol: u32) -> bool {
-    (kind == SOCK_STREAM && protocol == u32::from(IPPROTO_TCP))
-        || (kind == SOCK_DGRAM && protocol == u32::from(IPPROTO_UDP))
 }
 
 /// Marks a host socket that a socket hook saw reach an address the policy covers.
