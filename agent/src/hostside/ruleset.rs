@@ -104,6 +104,22 @@ pub fn shapes(policy: &CompiledPolicy) -> Vec<Shape> {
     out
 }
 
+/// Every shape's destinations as one list of disjoint ranges per family: the
+/// prefilter that sends a packet on to the shapes' rules only when some shape
+/// covers its destination.
+pub(super) fn covered(shapes: &[Shape]) -> Covered {
+    let v4 = shapes.iter().flat_map(|s| s.v4.iter().copied()).collect();
+    let v6 = shapes.iter().flat_map(|s| s.v6.iter().copied()).collect();
+    Covered { v4: merge(v4), v6: merge(v6) }
+}
+
+/// Disjoint, sorted, inclusive ranges of destination addresses, per family.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Covered {
+    pub v4: Vec<(u32, u32)>,
+    pub v6: Vec<(u128, u128)>,
+}
+
 /// Sorts and joins overlapping or adjacent ranges: an interval set must not hold
 /// overlapping ones, and a wider prefix's rule also covers the narrower prefixes
 /// that the compiled policy lists separately.
@@ -155,6 +171,21 @@ mod tests {
 
     fn rules(list: &[BlockRule]) -> Vec<Shape> {
         shapes(&compile(list).unwrap())
+    }
+
+    #[test]
+    fn the_prefilter_covers_every_shape_once_with_overlaps_joined() {
+        let s = rules(&[
+            BlockRule::except("169.254.169.254/32".parse().unwrap(), &[53]),
+            BlockRule::all("169.254.0.0/16".parse().unwrap()),
+            BlockRule::all("100.100.100.200/32".parse().unwrap()),
+            BlockRule::except("fd00:ec2::254/128".parse().unwrap(), &[53]),
+        ]);
+        let Covered { v4, v6 } = covered(&s);
+        let a = |t: &str| u32::from(t.parse::<Ipv4Addr>().unwrap());
+        assert_eq!(v4, [(a("100.100.100.200"), a("100.100.100.200")), (a("169.254.0.0"), a("169.254.255.255"))]);
+        let fd = u128::from("fd00:ec2::254".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(v6, [(fd, fd)]);
     }
 
     #[test]

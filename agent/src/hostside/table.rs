@@ -6,11 +6,13 @@
 //!   set allow_if      { type ifindex }            host-side interfaces of allowlisted pods
 //!   set allow_src4    { type ifindex . ipv4_addr } (bridge, address) of allowlisted pods behind one
 //!   set allow_src6    { type ifindex . ipv6_addr }
+//!   set any4, any6    { interval }                every shape's destinations (the prefilter)
 //!   set d4_N, d6_N    { interval }                destinations of rule shape N
 //!   set p_N           { type inet_service }       ports of rule shape N (when it lists some)
-//!   chain input   { hook input   priority 101 }   jump judge
-//!   chain forward { hook forward priority 0 }     jump judge
-//!   chain output  { hook output  priority 0 }     packets with a socket: accept; else jump judge
+//!   chain input   { hook input   priority 101 }   daddr in any4/any6: jump judge
+//!   chain forward { hook forward priority 0 }     daddr in any4/any6: jump judge
+//!   chain output  { hook output  priority 0 }     packets with a socket: accept;
+//!                                                 else daddr in any4/any6: jump judge
 //!   chain judge                                   from lo: accept; per shape: match → jump refuse
 //!   chain refuse                                  allowlisted (by iif, or iif . saddr):
 //!                                                 count exempt, accept;
@@ -23,12 +25,17 @@
 //! local address, lets the packet go on there; a chain before it would judge only
 //! the virtual address. (For other real servers IPVS sends the packet through
 //! `output`, socket-less, where the output chain judges it.)
+//!
+//! Every packet the node receives, forwards or sends passes a base chain, so each
+//! leaves after one lookup when no shape covers its destination — nearly all do. The
+//! shapes' rules (a set lookup each) ran on every packet before: ~15 % on a pod's
+//! connect to the node in the bench.
 
 use metadata_guard_netfilter::nftables::*;
 
 use super::{
     pods::Allowed,
-    ruleset::{interval_keys_v4, interval_keys_v6, Ports, Shape},
+    ruleset::{covered, interval_keys_v4, interval_keys_v6, Ports, Shape},
 };
 
 pub const TABLE: &str = "metadata_guard";
@@ -148,6 +155,7 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
     if !e6.is_empty() {
         b.add_elements(t, ALLOW_SRC6, &e6);
     }
+    add_prefilter_sets(b, t, &c.shapes);
     for (n, shape) in c.shapes.iter().enumerate() {
         add_shape_sets(b, t, n, shape);
     }
@@ -162,8 +170,9 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
     for (n, shape) in c.shapes.iter().enumerate() {
         shape_rules(b, t, n, shape);
     }
-    b.add_rule(t, "input", &[Expr::jump("judge")]);
-    b.add_rule(t, "forward", &[Expr::jump("judge")]);
+    for chain in ["input", "forward"] {
+        prefilter_rules(b, t, chain);
+    }
     // IPVS sends the packets it balances through LOCAL_OUT without a socket; host
     // processes' own packets have one (loading the socket's uid fails without).
     b.add_rule(
@@ -175,7 +184,45 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
             Expr::verdict(NF_ACCEPT),
         ],
     );
-    b.add_rule(t, "output", &[Expr::jump("judge")]);
+    prefilter_rules(b, t, "output");
+}
+
+const ANY4: &str = "any4";
+const ANY6: &str = "any6";
+
+fn add_prefilter_sets(b: &mut Batch, t: &str, shapes: &[Shape]) {
+    let v4 = SetSpec { name: ANY4.into(), key_type: TYPE_IPADDR, key_len: 4, interval: true };
+    let v6 = SetSpec { name: ANY6.into(), key_type: TYPE_IP6ADDR, key_len: 16, interval: true };
+    b.add_set(t, &v4).add_set(t, &v6);
+    let covered = covered(shapes);
+    let e4: Vec<Element> = covered.v4.into_iter().flat_map(|r| elements(interval_keys_v4(r))).collect();
+    let e6: Vec<Element> = covered.v6.into_iter().flat_map(|r| elements(interval_keys_v6(r))).collect();
+    if !e4.is_empty() {
+        b.add_elements(t, ANY4, &e4);
+    }
+    if !e6.is_empty() {
+        b.add_elements(t, ANY6, &e6);
+    }
+}
+
+/// A destination some shape covers goes on to `judge`; every other packet leaves the
+/// base chain here.
+fn prefilter_rules(b: &mut Batch, t: &str, chain: &str) {
+    for (family, offset, len, set) in
+        [(NFPROTO_IPV4, IPV4_DADDR_OFFSET, 4, ANY4), (NFPROTO_IPV6, IPV6_DADDR_OFFSET, 16, ANY6)]
+    {
+        b.add_rule(
+            t,
+            chain,
+            &[
+                meta(NFT_META_NFPROTO),
+                cmp_eq(&[family]),
+                Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset, len, dreg: NFT_REG_1 },
+                Expr::Lookup { set: set.into(), sreg: NFT_REG_1, invert: false },
+                Expr::jump("judge"),
+            ],
+        );
+    }
 }
 
 fn add_shape_sets(b: &mut Batch, t: &str, n: usize, shape: &Shape) {

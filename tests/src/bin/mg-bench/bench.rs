@@ -1,7 +1,8 @@
 //! The bench's world: the simulated node of the scenarios (its first pod is the one
 //! that measures), a second cgroup of the same depth outside the guard's attach
-//! point (the "no guard" case), sink servers in the node namespace, the agent, and
-//! firewall rules confined to the node namespace.
+//! point (the "no guard" case, with the host-side table dormant), sink servers in the node namespace, the agent, and
+//! firewall rules confined to the node namespace. Each variant's sample runs between
+//! [`Bench::enter`] and [`Bench::leave`], which leave the guard whole in between.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket},
@@ -24,7 +25,7 @@ use metadata_guard_tests::{
 
 use crate::{
     agent::{self, Agent, AgentSpec},
-    bpf::EmptyPrograms,
+    floor::{self, EmptyPrograms, Swapped},
     forwarded::Beyond,
     node::Node,
     worker::{Op, Reply, Worker},
@@ -35,18 +36,27 @@ pub(crate) const UDP_PORT: u16 = 9101;
 pub(crate) const BULK_PORT: u16 = 9102;
 pub(crate) const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
-/// The three ways a node can be set up for one sample.
+/// The ways a node can be set up for one sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Variant {
-    /// No guard, no firewall rule.
+    /// No guard: the pod's cgroup is outside the attach point and the host-side table
+    /// is dormant.
     None,
-    /// The guard's programs run for the pod (its cgroup is under the attach point).
+    /// The whole guard: its programs run for the pod (its cgroup is under the attach
+    /// point) and the host-side table judges the node's packets.
     Guard,
-    /// No guard; a firewall rule set is in force in the node namespace.
+    /// No guard (as `None`); a firewall rule set is in force in the node namespace.
     Firewall,
-    /// No guard; programs that only `return 1` run on the guard's hooks: the kernel's
-    /// own cost of running a program there, the floor under the guard's.
+    /// The guard's hooks with nothing to do (see `floor`): the kernel's own cost of
+    /// running a program or a base chain there, the floor under the guard's.
     Empty,
+}
+
+/// What [`Bench::enter`] changed, for [`Bench::leave`] to undo.
+pub(crate) enum Entered {
+    Nothing,
+    Dormant,
+    Floor { links: Swapped, chains: Vec<(&'static str, u64)> },
 }
 
 pub(crate) struct Bench {
@@ -55,8 +65,7 @@ pub(crate) struct Bench {
     servers: Servers,
     /// Outside the guard's attach point, as deep as the pod's cgroup.
     pub plain: TestCgroup,
-    /// Like `plain`, with the empty programs attached (its own top-level cgroup).
-    pub empty: TestCgroup,
+    /// Swapped into the guard's links for the floor's samples.
     pub empty_programs: EmptyPrograms,
     /// A network one hop beyond the node, for forwarded traffic.
     pub beyond: Beyond,
@@ -80,12 +89,11 @@ impl Bench {
             Ok(cg)
         };
         let plain = nested("plain")?;
-        let empty = nested("empty")?;
-        let empty_programs = EmptyPrograms::attach(empty.path())?;
+        let empty_programs = EmptyPrograms::load()?;
         let servers = Servers::start(node.sim.node())?;
         let beyond = Beyond::build(&node)?;
         let worker = Worker::start(&pod.net.ns.path())?;
-        Ok(Bench { agent: None, worker, servers, plain, empty, empty_programs, beyond, node, agent_bin, quick })
+        Ok(Bench { agent: None, worker, servers, plain, empty_programs, beyond, node, agent_bin, quick })
     }
 
     /// Where the pod sends allowed traffic: its gateway, the node end of its veth.
@@ -95,9 +103,35 @@ impl Bench {
 
     pub(crate) fn cgroup(&self, v: Variant) -> &Path {
         match v {
-            Variant::Guard => self.node.pods[0].cgroup.path(),
+            Variant::Guard | Variant::Empty => self.node.pods[0].cgroup.path(),
             Variant::None | Variant::Firewall => self.plain.path(),
-            Variant::Empty => self.empty.path(),
+        }
+    }
+
+    /// Sets the node up for a sample of `v` (the firewall's own rules aside).
+    pub(crate) fn enter(&self, v: Variant, fw: &Firewall) -> Result<Entered> {
+        Ok(match v {
+            Variant::Guard => Entered::Nothing,
+            Variant::None | Variant::Firewall => {
+                floor::host_table_dormant(fw, true)?;
+                Entered::Dormant
+            }
+            Variant::Empty => {
+                let links = floor::swap_in(&self.node.bpffs, &self.empty_programs)?;
+                Entered::Floor { links, chains: floor::host_chains_accept(fw)? }
+            }
+        })
+    }
+
+    /// Undoes [`Bench::enter`]: the whole guard in force again.
+    pub(crate) fn leave(&self, entered: Entered, fw: &Firewall) -> Result<()> {
+        match entered {
+            Entered::Nothing => Ok(()),
+            Entered::Dormant => floor::host_table_dormant(fw, false),
+            Entered::Floor { links, chains } => {
+                links.restore()?;
+                floor::host_chains_restore(fw, &chains)
+            }
         }
     }
 
@@ -207,12 +241,13 @@ impl Firewall {
         Ok(Firewall { netns })
     }
 
-    fn exec(&self, program: &str, args: &[&str], stdin: &str) -> Result<()> {
+    /// Runs `program` in the node namespace with `stdin`; returns its output.
+    fn exec(&self, program: &str, args: &[&str], stdin: &str) -> Result<String> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns.display())).arg(program).args(args);
         let mut child = cmd
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("could not run nsenter {program}; is util-linux installed?"))?;
@@ -227,22 +262,38 @@ impl Firewall {
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Loads an nft script (`nft -f -`).
     pub(crate) fn nft(&self, script: &str) -> Result<()> {
-        self.exec("nft", &["-f", "-"], script)
+        self.exec("nft", &["-f", "-"], script).map(drop)
+    }
+
+    /// Loads an nft script and returns what nft echoes of it, with rule handles.
+    pub(crate) fn nft_echo(&self, script: &str) -> Result<String> {
+        self.exec("nft", &["--echo", "--handle", "-f", "-"], script)
     }
 
     /// Loads iptables rules for the filter table (iptables-nft backend).
     pub(crate) fn iptables_restore(&self, rules: &str) -> Result<()> {
-        self.exec("iptables-nft-restore", &[], rules)
+        self.exec("iptables-nft-restore", &[], rules).map(drop)
     }
 
-    /// Removes every table in the node namespace: iptables-nft's too, hooks and all.
+    /// Removes every table in the node namespace but the agent's host-side table:
+    /// iptables-nft's too, hooks and all.
     pub(crate) fn clear(&self) -> Result<()> {
-        self.exec("nft", &["flush", "ruleset"], "")
+        let tables = self.exec("nft", &["list", "tables"], "")?;
+        let script: String = tables
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("table "))
+            .filter(|t| *t != "inet metadata_guard")
+            .map(|t| format!("delete table {t}\n"))
+            .collect();
+        if script.is_empty() {
+            return Ok(());
+        }
+        self.nft(&script)
     }
 }
 

@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Columns of every allowed-path figure: the baseline first, the guard second, one
-/// iptables rule third, the empty programs (the kernel's hook cost) fourth.
+/// iptables rule third, the guard's hooks empty (the kernel's hook cost) fourth.
 pub(crate) const ALL: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
 
 pub(crate) fn label(v: Variant) -> &'static str {
@@ -21,7 +21,7 @@ pub(crate) fn label(v: Variant) -> &'static str {
         Variant::None => "no guard",
         Variant::Guard => "guard",
         Variant::Firewall => "iptables DROP rule",
-        Variant::Empty => "empty programs on the guard's hooks",
+        Variant::Empty => "the guard's hooks, empty",
     }
 }
 
@@ -44,13 +44,12 @@ pub(crate) fn interleave(
             }
             let i = (k + round) % variants.len();
             let v = variants[i];
-            if v == Variant::Firewall {
-                rules(&fw)?;
-            }
-            let value = sample(b, v);
+            let entered = b.enter(v, &fw)?;
+            let value = if v == Variant::Firewall { rules(&fw).and_then(|()| sample(b, v)) } else { sample(b, v) };
             if v == Variant::Firewall {
                 fw.clear()?;
             }
+            b.leave(entered, &fw)?;
             let value = value?;
             if round > 0 {
                 out[i].push(value);
@@ -128,7 +127,8 @@ pub(crate) fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
         notes: vec![format!(
             "{count} connects per sample, {} in all. Each is `socket` + `connect` to the node end of the pod's veth + \
              `close` with `SO_LINGER` 0 (a RST, no TIME_WAIT: tens of thousands of connects would otherwise run out of \
-             ephemeral ports). The guard runs `sock_create` and `connect4` once and `egress` on each of the 3 packets.",
+             ephemeral ports). The guard runs `sock_create` and `connect4` once and `egress` on each of the 3 packets; on the node, the host-side \
+             table's `input` chain sees those 3 and its `output` chain the SYN-ACK.",
             count * (rounds as u64 + 1) * ALL.len() as u64
         )],
         ..Default::default()
@@ -152,7 +152,8 @@ pub(crate) fn udp_allowed(b: &mut Bench) -> Result<Figure> {
         targets: targets("2. UDP sendto", &row, 1.02, true),
         rows: vec![scale_row(row, 1e-3)],
         notes: vec![format!(
-            "{count} datagrams per sample from one unconnected socket; the guard runs `sendmsg4` and `egress` on every one. \
+            "{count} datagrams per sample from one unconnected socket; the guard runs `sendmsg4` and `egress` on every one, \
+             and the host-side table's `input` chain judges each on the node. \
              The node's receiving socket is never read, so after its queue fills every datagram is dropped at the same point."
         )],
         ..Default::default()
@@ -177,7 +178,8 @@ pub(crate) fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
         rows: vec![scale_row(row, 1e-3)],
         notes: vec![format!(
             "{count} operations per sample, each a new UDP socket connected to the node and sending one 32-byte \
-             datagram (a DNS client's pattern): the guard runs `sock_create`, `connect4` and `egress` once each."
+             datagram (a DNS client's pattern): the guard runs `sock_create`, `connect4` and `egress` once each, and the host-side table's `input` chain on \
+             the node once."
         )],
         ..Default::default()
     })

@@ -12,6 +12,7 @@ mod bench;
 mod bpf;
 mod conceal;
 mod figures;
+mod floor;
 mod forwarded;
 mod profile;
 mod report;
@@ -185,9 +186,9 @@ fn explain(figures: &mut [Figure], profile: &scale::Profile) {
             }
         }
         format!(
-            "The BPF profile of this operation: {}; the guard's own work beyond the empty programs is {own:.0} ns per \
-             operation, the rest is the kernel's cost of running any program on these hooks (the empty-programs \
-             column measures it in the same run).",
+            "The BPF profile of this operation: {}; the guard's programs' own work beyond the empty programs in \
+             the same links is {own:.0} ns per operation, the rest is the kernel's cost of running any program on \
+             these hooks.",
             parts.join(", ")
         )
     };
@@ -200,10 +201,10 @@ fn explain(figures: &mut [Figure], profile: &scale::Profile) {
             "3" => "TCP connect + close",
             _ => "",
         };
-        let noise = "Compare the guard's ratio with the empty programs' (same run, same hooks) and with the round \
-                     ratios' p25–p75: where the empty programs cost as much, the remaining gap is the kernel's \
-                     hook overhead, not the guard's; where the spread covers the limit, it is this shared machine's \
-                     noise.";
+        let noise = "Compare the guard's ratio with the floor's, \"the guard's hooks, empty\" (same run, same links \
+                     and base chains, nothing done in them), and with the round ratios' p25–p75: what the floor \
+                     costs too is the kernel's hook overhead, not the guard's work; where the spread covers the \
+                     limit, it is this shared machine's noise.";
         // Per-operation figures (µs): how far the medians are apart, in ns, beside the
         // programs' time above — a gap far larger than all the programs' time together
         // cannot be theirs.
@@ -212,7 +213,7 @@ fn explain(figures: &mut [Figure], profile: &scale::Profile) {
                 let m = |i: usize| report::median(&row.cols[i].samples) * 1e3;
                 format!(
                     " Observed in this run: the guard's median is {:+.0} ns from no guard's per operation, the \
-                     empty programs' {:+.0} ns, one iptables rule's {:+.0} ns.",
+                     floor's (the guard's hooks, empty) {:+.0} ns, one iptables rule's {:+.0} ns.",
                     m(1) - m(0),
                     m(3) - m(0),
                     m(2) - m(0)
@@ -226,9 +227,9 @@ fn explain(figures: &mut [Figure], profile: &scale::Profile) {
     }
     if let Some(p) = figures.last_mut() {
         for t in &mut p.targets {
-            t.explain = "See the per-hook lines above: each guard program beside the empty program on the same hook. \
-                         The difference is the guard's own work; the empty program's time is the statistics' clock \
-                         reads and the dispatch, which no program can avoid."
+            t.explain = "See the per-hook lines above: each guard program beside the empty program swapped into the \
+                         same link. The difference is the guard's own work; the empty program's time is the \
+                         statistics' clock reads and the dispatch, which no program can avoid."
                 .into();
         }
     }

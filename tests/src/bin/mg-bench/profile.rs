@@ -79,9 +79,9 @@ pub(crate) fn profile(b: &mut Bench) -> Result<(Figure, Profile)> {
     let measured = format!(
         "{count} operations per line with `BPF_ENABLE_STATS` on, in {CHUNKS} chunks alternating guard and empty \
          programs; \"name runs×ns\" is runs per operation × the median over chunks of the mean run \
-         time. The empty programs (`r0 = 1; exit`) run on the same hooks from a cgroup of their own: their time is \
-         what the kernel's statistics and hook dispatch cost by themselves, so the guard's own work is the \
-         difference. The statistics add clock reads to each run, so all of these are upper bounds."
+         time. The empty programs (`r0 = 1; exit`) run in the guard's own links (swapped in with \
+         `BPF_LINK_UPDATE` for their chunks), for the same pod: their time is what the kernel's statistics and \
+         hook dispatch cost by themselves, so the guard's own work is the difference. The statistics add clock reads to each run, so all of these are upper bounds."
     );
     let sock_ops = "Conceal mode's `mg_conceal_ops` (sock_ops) is not in this profile: the kernel would run it on \
                     about five TCP socket events per connect + close, so the agent attaches it only while the mode \
@@ -119,10 +119,14 @@ fn chunk(
     chunks: &mut Chunks,
     what: &str,
 ) -> Result<()> {
-    let before = prog_stats(programs)?;
-    let r = b.run(v, *op)?;
+    let fw = b.firewall()?;
+    let entered = b.enter(v, &fw)?;
+    let before = prog_stats(programs);
+    let r = b.run(v, *op);
+    let after = prog_stats(programs);
+    b.leave(entered, &fw)?;
+    let (before, r, after) = (before?, r?, after?);
     ensure!(r.ok > 0 && r.errors.is_empty(), "{what} ({}): {} ok, errors {:?}", label(v), r.ok, r.errors);
-    let after = prog_stats(programs)?;
     for (name, (cnt1, ns1)) in &after {
         let (cnt0, ns0) = before.get(name).copied().unwrap_or((0, 0));
         chunks.entry(name.clone()).or_default().push((cnt1 - cnt0, ns1 - ns0));

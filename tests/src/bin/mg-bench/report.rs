@@ -188,9 +188,15 @@ fn fmt_value(v: f64) -> String {
 
 const METHOD: &str = "\
 Each figure compares the same pod process with **no guard** (its cgroup is outside the
-guard's attach point), with **the guard** (the pod's cgroup is under it: the real
-programs and maps of a running agent), and with **the usual alternative**: iptables
-(nft backend) or nftables rules in the node's network namespace. The samples
+guard's attach point, and the host-side table is dormant: its hooks unregistered), with
+**the guard** (the pod's cgroup is under it and the host-side table judges the node's
+packets: the real programs, maps and table of a running agent), with **the usual
+alternative**: iptables (nft backend) or nftables rules in the node's network
+namespace, host-side table dormant, and with **the guard's hooks, empty**: the
+guard's own links running programs that only `return 1` (swapped in with
+`BPF_LINK_UPDATE` for that sample) and each of the host-side table's base chains
+accepting before its first rule — what the kernel charges for the guard's hooks by
+themselves, so that the guard's own work is its distance from this floor. The samples
 alternate — every round runs each variant once, in a rotating order — so machine drift
 (other jobs share this machine) hits all variants alike. Medians are over rounds;
 \"ratio to no guard\" is the ratio of medians (what the targets judge); the quartiles of

@@ -1,0 +1,159 @@
+//! The floor under the guard: its own hooks with nothing to do. For a sample of
+//! [`Variant::Empty`](crate::bench::Variant) the guard's pinned links run programs that
+//! only `return 1` (swapped in with `BPF_LINK_UPDATE`, so the cgroup, the links and their
+//! order stay the guard's), and each base chain of the host-side table accepts before
+//! its first rule. What is left is the kernel's cost of running anything on those hooks;
+//! the guard's own work is the difference to the guard's samples.
+//!
+//! For "no guard" and the firewall the host-side table is made dormant (its hooks
+//! unregistered, its contents kept), so those samples pay for neither enforcement
+//! point.
+
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{ensure, Context, Result};
+use metadata_guard_tests::bpf::{self, bpf_attach_type, bpf_prog_type};
+
+use crate::bench::Firewall;
+
+/// The guard's hooks: (its link and program pin name, program type, attach type, the
+/// empty program's name).
+const HOOKS: [(&str, bpf_prog_type, bpf_attach_type, &str); 6] = [
+    (
+        "sock_create",
+        bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK,
+        bpf_attach_type::BPF_CGROUP_INET_SOCK_CREATE,
+        "mg_empty_sock",
+    ),
+    (
+        "connect4",
+        bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
+        "mg_empty_conn4",
+    ),
+    (
+        "connect6",
+        bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
+        "mg_empty_conn6",
+    ),
+    (
+        "sendmsg4",
+        bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG,
+        "mg_empty_send4",
+    ),
+    (
+        "sendmsg6",
+        bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        bpf_attach_type::BPF_CGROUP_UDP6_SENDMSG,
+        "mg_empty_send6",
+    ),
+    ("egress", bpf_prog_type::BPF_PROG_TYPE_CGROUP_SKB, bpf_attach_type::BPF_CGROUP_INET_EGRESS, "mg_empty_egress"),
+];
+
+/// The host-side table (the agent's `inet metadata_guard`) and its base chains.
+const HOST_TABLE: &str = "inet metadata_guard";
+const HOST_BASE_CHAINS: [&str; 3] = ["input", "forward", "output"];
+
+/// Programs that only `return 1`, one per guard hook, loaded once; the bench swaps
+/// them into the guard's links for the floor's samples.
+pub(crate) struct EmptyPrograms {
+    /// (name, program id) for the run-time statistics.
+    pub ids: Vec<(String, u64)>,
+    /// Per hook, in [`HOOKS`] order.
+    fds: Vec<OwnedFd>,
+}
+
+impl EmptyPrograms {
+    pub(crate) fn load() -> Result<EmptyPrograms> {
+        let (mut ids, mut fds) = (Vec::new(), Vec::new());
+        for (_, prog_type, attach_type, name) in HOOKS {
+            let fd = bpf::prog_load(prog_type, attach_type, &bpf::RETURN_ONE, name)
+                .with_context(|| format!("could not load the empty program {name}"))?;
+            let id = bpf::prog_info(fd.as_fd()).context("could not read a program's info")?.id;
+            ids.push((name.to_string(), u64::from(id)));
+            fds.push(fd);
+        }
+        Ok(EmptyPrograms { ids, fds })
+    }
+}
+
+/// The guard's link and program pins under the agent's layout directory (`v<N>`).
+fn pin_dir(bpffs: &Path) -> Result<PathBuf> {
+    std::fs::read_dir(bpffs)
+        .with_context(|| format!("could not list {}", bpffs.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.join("links/egress").exists())
+        .with_context(|| format!("no pinned guard links under {}; is the agent installed?", bpffs.display()))
+}
+
+/// The guard's links running the empty programs, until [`Swapped::restore`].
+pub(crate) struct Swapped {
+    /// (link, the guard's program it ran).
+    links: Vec<(OwnedFd, OwnedFd)>,
+}
+
+/// Makes every guard link run its empty program.
+pub(crate) fn swap_in(bpffs: &Path, empty: &EmptyPrograms) -> Result<Swapped> {
+    let dir = pin_dir(bpffs)?;
+    let mut swapped = Swapped { links: Vec::new() };
+    for ((pin, ..), empty_fd) in HOOKS.iter().zip(&empty.fds) {
+        let (link_pin, prog_pin) = (dir.join("links").join(pin), dir.join("programs").join(pin));
+        let link = bpf::obj_get(&link_pin).with_context(|| format!("could not open {}", link_pin.display()))?;
+        let guard = bpf::obj_get(&prog_pin).with_context(|| format!("could not open {}", prog_pin.display()))?;
+        let running = bpf::link_info(link.as_fd())?.prog_id;
+        let pinned = bpf::prog_info(guard.as_fd())?.id;
+        ensure!(running == pinned, "link {} runs program {running}, not the pinned {pinned}", link_pin.display());
+        bpf::link_update(link.as_fd(), empty_fd.as_fd())
+            .with_context(|| format!("could not swap an empty program into {}", link_pin.display()))?;
+        swapped.links.push((link, guard));
+    }
+    Ok(swapped)
+}
+
+impl Swapped {
+    /// The guard's programs back in their links.
+    pub(crate) fn restore(mut self) -> Result<()> {
+        for (link, guard) in self.links.drain(..) {
+            bpf::link_update(link.as_fd(), guard.as_fd()).context("could not swap the guard's program back")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Swapped {
+    fn drop(&mut self) {
+        for (link, guard) in &self.links {
+            let _ = bpf::link_update(link.as_fd(), guard.as_fd());
+        }
+    }
+}
+
+/// Unregisters (or registers again) the host-side table's hooks.
+pub(crate) fn host_table_dormant(fw: &Firewall, dormant: bool) -> Result<()> {
+    // `add table` with no flags clears them: the hooks come back.
+    let flags = if dormant { " { flags dormant; }" } else { "" };
+    fw.nft(&format!("add table {HOST_TABLE}{flags}\n"))
+        .with_context(|| format!("could not switch the host-side table `{HOST_TABLE}` (dormant: {dormant})"))
+}
+
+/// An `accept` before the first rule of each host-side base chain, its handles.
+pub(crate) fn host_chains_accept(fw: &Firewall) -> Result<Vec<(&'static str, u64)>> {
+    let script: String = HOST_BASE_CHAINS.iter().map(|c| format!("insert rule {HOST_TABLE} {c} accept\n")).collect();
+    let out = fw.nft_echo(&script)?;
+    let handles: Vec<u64> =
+        out.lines().filter_map(|l| l.rsplit_once("# handle ").and_then(|(_, h)| h.trim().parse().ok())).collect();
+    ensure!(handles.len() == HOST_BASE_CHAINS.len(), "nft did not report the inserted rules' handles: {out}");
+    Ok(HOST_BASE_CHAINS.iter().copied().zip(handles).collect())
+}
+
+/// Removes what [`host_chains_accept`] inserted.
+pub(crate) fn host_chains_restore(fw: &Firewall, inserted: &[(&str, u64)]) -> Result<()> {
+    let script: String = inserted.iter().map(|(c, h)| format!("delete rule {HOST_TABLE} {c} handle {h}\n")).collect();
+    fw.nft(&script).context("could not remove the floor's accept rules from the host-side table")
+}
