@@ -1,4 +1,5 @@
-//! Figure 8: what conceal mode costs a request it lets through. The same metadata GET,
+//! Conceal mode's figures: what it costs a connect it does not redirect (8c), and a
+//! request it lets through (8). The same metadata GET,
 //! each on a new connection, from the host network (straight to the stand-in) and
 //! from the pod (redirected by the kernel to the agent's proxy, judged, and sent on a
 //! new upstream connection), interleaved round by round.
@@ -14,8 +15,10 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    bench::{Bench, METADATA},
+    bench::{iptables_rules, Bench, Variant, METADATA, TCP_PORT},
+    figures::{all_ok, interleave, label, row, scale_row, targets},
     report::{Figure, Measured, Row},
+    worker::Op,
 };
 
 const PROXY_PORT: u16 = 8775;
@@ -38,7 +41,7 @@ struct Done {
     credentials_status: u16,
 }
 
-pub(crate) fn figure(b: &mut Bench) -> Result<Figure> {
+pub(crate) fn figures(b: &mut Bench) -> Result<Vec<Figure>> {
     let proxy = SocketAddrV4::new(b.node.pods[0].net.node_side_ipv4, PROXY_PORT).to_string();
     b.start_agent(&["--mode", "conceal", "--conceal-addr", &proxy])?;
     let (rounds, requests) = if b.quick { (3, 50) } else { (15, 400) };
@@ -55,23 +58,54 @@ pub(crate) fn figure(b: &mut Bench) -> Result<Figure> {
         ensure!(through.credentials_status == 404, "the pod was not filtered by the proxy");
         proxied.push(through.mean_us);
     }
+    let not_redirected = not_redirected(b)?;
     b.start_agent(&[])?;
-    Ok(Figure {
-        title: "8. Conceal mode: a metadata request the proxy passes".into(),
-        unit: "µs per request".into(),
-        rows: vec![Row {
-            case: "GET instance-id, new connection each".into(),
-            cols: vec![
-                Measured { label: "direct (host network)".into(), samples: direct },
-                Measured { label: "through the conceal proxy (pod)".into(), samples: proxied },
-            ],
-        }],
-        notes: vec![format!(
-            "Here the baseline is the host network's direct request, not \"no guard\". {requests} sequential \
+    Ok(vec![
+        Figure {
+            title: "8. Conceal mode: a metadata request the proxy passes".into(),
+            unit: "µs per request".into(),
+            rows: vec![Row {
+                case: "GET instance-id, new connection each".into(),
+                cols: vec![
+                    Measured { label: "direct (host network)".into(), samples: direct },
+                    Measured { label: "through the conceal proxy (pod)".into(), samples: proxied },
+                ],
+            }],
+            notes: vec![format!(
+                "Here the baseline is the host network's direct request, not \"no guard\". {requests} sequential \
              requests per round and variant. Through the proxy a request costs two TCP connections (pod → \
              proxy, proxy → service), the kernel's redirect and peer record, and the path decision; the \
              stand-in answers on the node itself, so the figure is the proxy's own overhead, without the \
              network round trip to a real metadata service (about 0.1–1 ms on clouds)."
+            )],
+            ..Default::default()
+        },
+        not_redirected,
+    ])
+}
+
+/// Conceal mode's allowed path: a pod's TCP connect + close to the node, which the
+/// redirect leaves alone, but `mg_conceal_ops` (sock_ops) sees on every TCP event.
+fn not_redirected(b: &mut Bench) -> Result<Figure> {
+    const VARIANTS: [Variant; 3] = [Variant::None, Variant::Guard, Variant::Firewall];
+    let (rounds, count) = if b.quick { (3, 300) } else { (41, 1000) };
+    let dest = b.node_addr(TCP_PORT);
+    let rules = iptables_rules(&[]);
+    let samples = interleave(b, &VARIANTS, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
+        let r = b.run(v, Op::TcpConnect { dest, count })?;
+        all_ok(&r, count, &format!("TCP connect to {dest} in conceal mode ({})", label(v)))?;
+        Ok(r.ns as f64 / count as f64)
+    })?;
+    let row = row("connect + close, conceal mode", &VARIANTS, samples);
+    Ok(Figure {
+        title: "8c. Conceal mode: a connect that is not redirected".into(),
+        unit: "µs per connect".into(),
+        targets: targets("8c. conceal mode, TCP connect+close", &row, 1.01, true),
+        rows: vec![scale_row(row, 1e-3)],
+        notes: vec![format!(
+            "As figure 1 with the agent in conceal mode: {count} connects per sample from the pod to the node, none to \
+             a metadata address, so none is redirected; besides figure 1's programs, `mg_conceal_ops` (sock_ops, \
+             attached only in this mode) runs on the connection's TCP events."
         )],
         ..Default::default()
     })

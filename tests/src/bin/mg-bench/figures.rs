@@ -92,7 +92,7 @@ pub(crate) fn ensure_guarded(b: &mut Bench) -> Result<()> {
 
 /// The targets every allowed-path figure has: its own limit, and the one-rule
 /// iptables ratio of the same run.
-fn targets(what: &str, row: &Row, limit: f64, at_most: bool) -> Vec<Target> {
+pub(crate) fn targets(what: &str, row: &Row, limit: f64, at_most: bool) -> Vec<Target> {
     let (guard, rule) = (row.ratio(1), row.ratio(2));
     if at_most {
         vec![

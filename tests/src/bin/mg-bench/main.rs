@@ -158,8 +158,9 @@ fn run_all(b: &mut Bench) -> Result<Vec<Figure>> {
     let f5 = scale::policy_scale(b)?;
     let f7 = scale::footprint(cold, warm, idle_rss);
     step("9. conceal proxy");
-    let f9 = conceal::figure(b)?;
-    let mut figures = vec![f1, f2, f2b, f3, f8, f4, f5, f6, f7, f9, profile_fig];
+    let mut figures = vec![f1, f2, f2b, f3, f8, f4, f5, f6, f7];
+    figures.extend(conceal::figures(b)?);
+    figures.push(profile_fig);
     explain(&mut figures, &profile);
     Ok(figures)
 }
