@@ -108,6 +108,7 @@ pub const NFT_LOOKUP_F_INV: u32 = 1;
 
 /// Key types nft(8) uses to print set elements (its `datatypes.h`); the kernel
 /// stores them without looking.
+pub const TYPE_INTEGER: u32 = 4;
 pub const TYPE_IPADDR: u32 = 7;
 pub const TYPE_IP6ADDR: u32 = 8;
 pub const TYPE_INET_SERVICE: u32 = 13;

@@ -120,6 +120,39 @@ pub(super) struct Covered {
     pub v6: Vec<(u128, u128)>,
 }
 
+/// The most leads a prefilter set holds. Destinations spread wider (a prefix shorter
+/// than /4, or thousands of prefixes in different /16s) leave that family without a
+/// lead prefilter: its packets go to the interval check in `judge`.
+const MAX_LEADS: usize = 4096;
+
+impl Covered {
+    /// The first 16 bits of every covered IPv4 address (as the socket hooks'
+    /// `Prefilter`); `None` beyond [`MAX_LEADS`].
+    pub(super) fn leads_v4(&self) -> Option<Vec<u16>> {
+        leads(self.v4.iter().map(|&(a, b)| ((a >> 16) as u16, (b >> 16) as u16)))
+    }
+
+    /// The same for IPv6.
+    pub(super) fn leads_v6(&self) -> Option<Vec<u16>> {
+        leads(self.v6.iter().map(|&(a, b)| ((a >> 112) as u16, (b >> 112) as u16)))
+    }
+}
+
+fn leads(ranges: impl Iterator<Item = (u16, u16)>) -> Option<Vec<u16>> {
+    let mut out: Vec<u16> = Vec::new();
+    for (first, last) in ranges {
+        if out.len() + usize::from(last - first) >= MAX_LEADS {
+            return None;
+        }
+        // Sorted, disjoint ranges: only the previous range's last lead can repeat.
+        let from = if out.last() == Some(&first) { first.checked_add(1) } else { Some(first) };
+        if let Some(from) = from.filter(|f| *f <= last) {
+            out.extend(from..=last);
+        }
+    }
+    Some(out)
+}
+
 /// Sorts and joins overlapping or adjacent ranges: an interval set must not hold
 /// overlapping ones, and a wider prefix's rule also covers the narrower prefixes
 /// that the compiled policy lists separately.
@@ -186,6 +219,29 @@ mod tests {
         assert_eq!(v4, [(a("100.100.100.200"), a("100.100.100.200")), (a("169.254.0.0"), a("169.254.255.255"))]);
         let fd = u128::from("fd00:ec2::254".parse::<Ipv6Addr>().unwrap());
         assert_eq!(v6, [(fd, fd)]);
+    }
+
+    #[test]
+    fn leads_are_the_first_16_bits_of_every_covered_address_once() {
+        let s = rules(&[
+            BlockRule::all("169.254.169.254/32".parse().unwrap()),
+            BlockRule::all("169.254.0.0/16".parse().unwrap()),
+            BlockRule::all("169.255.1.0/24".parse().unwrap()),
+            BlockRule::all("100.64.0.0/10".parse().unwrap()),
+            BlockRule::all("fd00:ec2::254/128".parse().unwrap()),
+        ]);
+        let c = covered(&s);
+        let mut want: Vec<u16> = (0x6440..=0x647f).collect();
+        want.extend([0xa9fe, 0xa9ff]);
+        assert_eq!(c.leads_v4(), Some(want));
+        assert_eq!(c.leads_v6(), Some(vec![0xfd00]));
+    }
+
+    #[test]
+    fn a_prefix_too_wide_for_a_lead_set_leaves_the_family_without_one() {
+        let c = covered(&rules(&[BlockRule::all("0.0.0.0/0".parse().unwrap())]));
+        assert_eq!(c.leads_v4(), None);
+        assert_eq!(c.leads_v6(), Some(vec![]));
     }
 
     #[test]
