@@ -237,9 +237,11 @@ pub(crate) fn refused(b: &mut Bench) -> Result<Figure> {
     })?;
     // DROP: one attempt, bounded; a real client waits far longer (see the note).
     let fw = b.firewall()?;
+    let entered = b.enter(Variant::None, &fw)?;
     fw.nft(&nft_input_rule("ip daddr 169.254.169.254 drop"))?;
     let probe = b.run(Variant::None, Op::Probe { dest, timeout_ms: drop_wait });
     fw.clear()?;
+    b.leave(entered, &fw)?;
     let probe = probe?;
     ensure!(
         probe.errors.get("ETIMEDOUT") == Some(&1),
