@@ -168,8 +168,9 @@ fn run_all(b: &mut Bench) -> Result<Vec<Figure>> {
 /// Why a target was missed, from the profile: the guard's time per hook beside the
 /// empty program's on the same hook.
 fn explain(figures: &mut [Figure], profile: &scale::Profile) {
-    let hooks = |what: &str| -> String {
-        let Some((_, g, e)) = profile.ops.iter().find(|(w, _, _)| *w == what) else { return String::new() };
+    // The profile's sentence for an operation, and the programs' own ns in it.
+    let hooks = |what: &str| -> (String, f64) {
+        let Some((_, g, e)) = profile.ops.iter().find(|(w, _, _)| *w == what) else { return (String::new(), 0.0) };
         let mut parts = Vec::new();
         let mut own = 0.0;
         for (name, (runs, ns)) in g {
@@ -186,12 +187,13 @@ fn explain(figures: &mut [Figure], profile: &scale::Profile) {
                 }
             }
         }
-        format!(
+        let text = format!(
             "The BPF profile of this operation: {}; the guard's programs' own work beyond the empty programs in \
              the same links is {own:.0} ns per operation, the rest is the kernel's cost of running any program on \
              these hooks.",
             parts.join(", ")
-        )
+        );
+        (text, own)
     };
     for f in figures.iter_mut() {
         let op = match f.title.split('.').next().unwrap_or("") {
@@ -206,24 +208,29 @@ fn explain(figures: &mut [Figure], profile: &scale::Profile) {
                      and base chains, nothing done in them), and with the round ratios' p25–p75: what the floor \
                      costs too is the kernel's hook overhead, not the guard's work; where the spread covers the \
                      limit, it is this shared machine's noise.";
-        // Per-operation figures (µs): how far the medians are apart, in ns, beside the
-        // programs' time above — a gap far larger than all the programs' time together
-        // cannot be theirs.
+        let (profile_text, own) = hooks(op);
+        // Per-operation figures (µs): the medians' distances in ns, split at the floor —
+        // below it the kernel's hooks, above it the guard's own work, of which the
+        // profile accounts for the programs' share.
         let observed = match f.rows.first() {
             Some(row) if f.unit.starts_with("µs") && row.cols.len() > 3 => {
                 let m = |i: usize| report::median(&row.cols[i].samples) * 1e3;
                 format!(
-                    " Observed in this run: the guard's median is {:+.0} ns from no guard's per operation, the \
-                     floor's (the guard's hooks, empty) {:+.0} ns, one iptables rule's {:+.0} ns.",
-                    m(1) - m(0),
+                    " Where the time goes in this run (medians per operation): the floor — the guard's hooks with \
+                     nothing in them — is {:+.0} ns from no guard: the kernel's own overhead for the cgroup BPF \
+                     hooks and the host-side table's base chains, paid by anything on those hooks (one iptables \
+                     rule, on one netfilter hook: {:+.0} ns). The guard is {:+.0} ns from the floor: its own work \
+                     — {own:.0} ns of it in its programs per the profile, the rest the host-side table's \
+                     prefilter and this machine's noise.",
                     m(3) - m(0),
-                    m(2) - m(0)
+                    m(2) - m(0),
+                    m(1) - m(3)
                 )
             }
             _ => String::new(),
         };
         for t in &mut f.targets {
-            t.explain = format!("{}{observed} {noise}", hooks(op));
+            t.explain = format!("{profile_text}{observed} {noise}");
         }
     }
     if let Some(p) = figures.last_mut() {

@@ -138,8 +138,10 @@ pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
          prefilter cannot answer and each connect takes the policy's longest-prefix lookup: the worst case, at every \
          size alike, so the ratio between sizes is the lookup's growth with the policy. A destination whose first 16 \
          bits no blocked prefix shares — the usual case: metadata addresses are link-local — leaves after the \
-         prefilter whatever the policy's size. Allowlist: fake cgroup ids written straight into the pinned map while \
-         the agent is stopped (the pins keep enforcing); flatness is the ratio of the largest to the smallest \
+         prefilter whatever the policy's size; the same holds for the host-side table (its lead bitmap, then one \
+         interval lookup in `judge`), which judges every packet of these connects. Allowlist: fake cgroup ids \
+         written straight into the pinned map while the agent is stopped (the pins keep enforcing, with the \
+         10 000-CIDR policy still in force: the worst case again); flatness is the ratio of the largest to the smallest \
          guard/no-guard ratio across the three sizes."
     ));
     fig.notes.push(format!(
