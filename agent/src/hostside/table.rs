@@ -10,10 +10,10 @@
 //!   set any4, any6    { interval }                every shape's destinations
 //!   set d4_N, d6_N    { interval }                destinations of rule shape N
 //!   set p_N           { type inet_service }       ports of rule shape N (when it lists some)
-//!   chain input   { hook input   priority 101 }   daddr's lead in lead4/lead6: jump judge
-//!   chain forward { hook forward priority 0 }     daddr's lead in lead4/lead6: jump judge
-//!   chain output  { hook output  priority 0 }     packets with a socket: accept;
-//!                                                 else daddr's lead in lead4/lead6: jump judge
+//!   chain input   { hook input   priority 101 }   daddr's lead not in lead4/lead6: accept;
+//!                                                 jump judge
+//!   chain forward { hook forward priority 0 }     the same
+//!   chain output  { hook output  priority 0 }     packets with a socket: accept; then the same
 //!   chain judge                                   from lo: accept; daddr not in any4/any6:
 //!                                                 return; per shape: match → jump refuse
 //!   chain refuse                                  allowlisted (by iif, or iif . saddr):
@@ -231,20 +231,30 @@ fn add_prefilter_sets(b: &mut Batch, t: &str, shapes: &[Shape]) {
     }
 }
 
-/// A destination whose lead some shape covers goes on to `judge`; every other packet
-/// leaves the base chain here.
+/// A packet whose destination's lead no shape covers leaves the base chain at its
+/// family's rule (accept ends only this chain: other tables still see the packet, as
+/// when it falls off the end); the rest go on to `judge`. Accepting on a miss, not
+/// jumping on a hit, spares the common packet the other family's rule.
 fn prefilter_rules(b: &mut Batch, t: &str, chain: &str, c: &Content) {
     let covered = covered(&c.shapes);
     let has_leads = [covered.leads_v4().is_some(), covered.leads_v6().is_some()];
     for ((family, offset, _, _, lead), has_lead) in FAMILIES.into_iter().zip(has_leads) {
-        let mut rule = vec![meta(NFT_META_NFPROTO), cmp_eq(&[family])];
+        // Without a lead set every packet of the family goes on to `judge`.
         if has_lead {
-            rule.push(Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset, len: LEAD_LEN, dreg: NFT_REG_1 });
-            rule.push(Expr::Lookup { set: lead.into(), sreg: NFT_REG_1, invert: false });
+            b.add_rule(
+                t,
+                chain,
+                &[
+                    meta(NFT_META_NFPROTO),
+                    cmp_eq(&[family]),
+                    Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset, len: LEAD_LEN, dreg: NFT_REG_1 },
+                    Expr::Lookup { set: lead.into(), sreg: NFT_REG_1, invert: true },
+                    Expr::verdict(NF_ACCEPT),
+                ],
+            );
         }
-        rule.push(Expr::jump("judge"));
-        b.add_rule(t, chain, &rule);
     }
+    b.add_rule(t, chain, &[Expr::jump("judge")]);
 }
 
 /// In `judge`: a destination no shape covers (it only shares its lead with one)
