@@ -87,7 +87,7 @@ pub(crate) fn figures(b: &mut Bench) -> Result<Vec<Figure>> {
 /// Conceal mode's allowed path: a pod's TCP connect + close to the node, which the
 /// redirect leaves alone, but `mg_conceal_ops` (sock_ops) sees on every TCP event.
 fn not_redirected(b: &mut Bench) -> Result<Figure> {
-    const VARIANTS: [Variant; 3] = [Variant::None, Variant::Guard, Variant::Firewall];
+    const VARIANTS: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
     let (rounds, count) = if b.quick { (3, 300) } else { (41, 1000) };
     let dest = b.node_addr(TCP_PORT);
     let rules = iptables_rules(&[]);
@@ -105,7 +105,8 @@ fn not_redirected(b: &mut Bench) -> Result<Figure> {
         notes: vec![format!(
             "As figure 1 with the agent in conceal mode: {count} connects per sample from the pod to the node, none to \
              a metadata address, so none is redirected; besides figure 1's programs, `mg_conceal_ops` (sock_ops, \
-             attached only in this mode) runs on the connection's TCP events."
+             attached only in this mode) runs on the connection's TCP events. For the floor, its link runs an \
+             empty program too."
         )],
         ..Default::default()
     })

@@ -20,8 +20,8 @@ use metadata_guard_tests::bpf::{self, bpf_attach_type, bpf_prog_type};
 use crate::bench::Firewall;
 
 /// The guard's hooks: (its link and program pin name, program type, attach type, the
-/// empty program's name).
-const HOOKS: [(&str, bpf_prog_type, bpf_attach_type, &str); 6] = [
+/// empty program's name). The last, conceal mode's, is swapped only while attached.
+const HOOKS: [(&str, bpf_prog_type, bpf_attach_type, &str); 7] = [
     (
         "sock_create",
         bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK,
@@ -53,7 +53,9 @@ const HOOKS: [(&str, bpf_prog_type, bpf_attach_type, &str); 6] = [
         "mg_empty_send6",
     ),
     ("egress", bpf_prog_type::BPF_PROG_TYPE_CGROUP_SKB, bpf_attach_type::BPF_CGROUP_INET_EGRESS, "mg_empty_egress"),
+    ("conceal_ops", bpf_prog_type::BPF_PROG_TYPE_SOCK_OPS, bpf_attach_type::BPF_CGROUP_SOCK_OPS, "mg_empty_ops"),
 ];
+const ONLY_IN_CONCEAL_MODE: &str = "conceal_ops";
 
 /// The host-side table (the agent's `inet metadata_guard`) and its base chains.
 const HOST_TABLE: &str = "inet metadata_guard";
@@ -104,6 +106,9 @@ pub(crate) fn swap_in(bpffs: &Path, empty: &EmptyPrograms) -> Result<Swapped> {
     let mut swapped = Swapped { links: Vec::new() };
     for ((pin, ..), empty_fd) in HOOKS.iter().zip(&empty.fds) {
         let (link_pin, prog_pin) = (dir.join("links").join(pin), dir.join("programs").join(pin));
+        if *pin == ONLY_IN_CONCEAL_MODE && !link_pin.exists() {
+            continue;
+        }
         let link = bpf::obj_get(&link_pin).with_context(|| format!("could not open {}", link_pin.display()))?;
         let guard = bpf::obj_get(&prog_pin).with_context(|| format!("could not open {}", prog_pin.display()))?;
         let running = bpf::link_info(link.as_fd())?.prog_id;

@@ -219,12 +219,19 @@ fn explain(figures: &mut [Figure], profile: &scale::Profile) {
                     " Where the time goes in this run (medians per operation): the floor — the guard's hooks with \
                      nothing in them — is {:+.0} ns from no guard: the kernel's own overhead for the cgroup BPF \
                      hooks and the host-side table's base chains, paid by anything on those hooks (one iptables \
-                     rule, on one netfilter hook: {:+.0} ns). The guard is {:+.0} ns from the floor: its own work \
-                     — {own:.0} ns of it in its programs per the profile, the rest the host-side table's \
-                     prefilter and this machine's noise.",
+                     rule, on one netfilter hook: {:+.0} ns). The guard is {:+.0} ns from the floor: its own \
+                     work{}.",
                     m(3) - m(0),
                     m(2) - m(0),
-                    m(1) - m(3)
+                    m(1) - m(3),
+                    if op.is_empty() {
+                        " (the profile does not cover this mode's programs) and this machine's noise".to_string()
+                    } else {
+                        format!(
+                            " — {own:.0} ns of it in its programs per the profile, the rest the host-side table's \
+                             prefilter and this machine's noise"
+                        )
+                    }
                 )
             }
             _ => String::new(),
