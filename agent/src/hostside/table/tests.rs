@@ -48,3 +48,20 @@ fn concatenated_key_types_read_as_nft_prints_them() {
     // nft(8): `ifindex . ipv4_addr` is type 20 << 6 | 7.
     assert_eq!(concat_type(&[TYPE_IFINDEX, TYPE_IPADDR]), (20 << 6) | 7);
 }
+
+#[test]
+fn the_prefilter_holds_each_blocked_lead_once_in_network_order_and_every_range_joined() {
+    let shapes = crate::hostside::ruleset::shapes(
+        &crate::policy::compile(&[
+            crate::policy::BlockRule::all("169.254.169.254/32".parse().unwrap()),
+            crate::policy::BlockRule::except("169.254.0.0/16".parse().unwrap(), &[53]),
+            crate::policy::BlockRule::all("fd00:ec2::254/128".parse().unwrap()),
+        ])
+        .unwrap(),
+    );
+    let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
+    assert_eq!(keys_of(replace(&content), LEAD4), vec![vec![169, 254]]);
+    assert_eq!(keys_of(replace(&content), LEAD6), vec![vec![0xfd, 0x00]]);
+    // One interval: the /16 holds the /32 (start, and the first address after it).
+    assert_eq!(keys_of(replace(&content), ANY4), vec![vec![169, 254, 0, 0], vec![169, 255, 0, 0]]);
+}
