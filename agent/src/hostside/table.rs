@@ -40,7 +40,7 @@ use metadata_guard_netfilter::nftables::*;
 
 use super::{
     pods::Allowed,
-    ruleset::{covered, interval_keys_v4, interval_keys_v6, Ports, Shape},
+    ruleset::{covered, interval_keys_v4, interval_keys_v6, Covered, Ports, Shape},
 };
 
 pub const TABLE: &str = "metadata_guard";
@@ -160,7 +160,8 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
     if !e6.is_empty() {
         b.add_elements(t, ALLOW_SRC6, &e6);
     }
-    add_prefilter_sets(b, t, &c.shapes);
+    let covered = covered(&c.shapes);
+    add_prefilter_sets(b, t, &covered);
     for (n, shape) in c.shapes.iter().enumerate() {
         add_shape_sets(b, t, n, shape);
     }
@@ -177,7 +178,7 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
         shape_rules(b, t, n, shape);
     }
     for chain in ["input", "forward"] {
-        prefilter_rules(b, t, chain, c);
+        prefilter_rules(b, t, chain, &covered);
     }
     // IPVS sends the packets it balances through LOCAL_OUT without a socket; host
     // processes' own packets have one (loading the socket's uid fails without).
@@ -190,7 +191,7 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
             Expr::verdict(NF_ACCEPT),
         ],
     );
-    prefilter_rules(b, t, "output", c);
+    prefilter_rules(b, t, "output", &covered);
 }
 
 const ANY4: &str = "any4";
@@ -204,11 +205,10 @@ const LEAD_LEN: u32 = 2;
 const FAMILIES: [(u8, u32, u32, &str, &str); 2] =
     [(NFPROTO_IPV4, IPV4_DADDR_OFFSET, 4, ANY4, LEAD4), (NFPROTO_IPV6, IPV6_DADDR_OFFSET, 16, ANY6, LEAD6)];
 
-fn add_prefilter_sets(b: &mut Batch, t: &str, shapes: &[Shape]) {
+fn add_prefilter_sets(b: &mut Batch, t: &str, covered: &Covered) {
     let v4 = SetSpec { name: ANY4.into(), key_type: TYPE_IPADDR, key_len: 4, interval: true };
     let v6 = SetSpec { name: ANY6.into(), key_type: TYPE_IP6ADDR, key_len: 16, interval: true };
     b.add_set(t, &v4).add_set(t, &v6);
-    let covered = covered(shapes);
     for (name, leads) in [(LEAD4, covered.leads_v4()), (LEAD6, covered.leads_v6())] {
         // Without a lead set (too many leads), the base chains send every packet of
         // the family on to `judge`.
@@ -221,8 +221,8 @@ fn add_prefilter_sets(b: &mut Batch, t: &str, shapes: &[Shape]) {
             b.add_elements(t, name, &keys);
         }
     }
-    let e4: Vec<Element> = covered.v4.into_iter().flat_map(|r| elements(interval_keys_v4(r))).collect();
-    let e6: Vec<Element> = covered.v6.into_iter().flat_map(|r| elements(interval_keys_v6(r))).collect();
+    let e4: Vec<Element> = covered.v4.iter().flat_map(|r| elements(interval_keys_v4(*r))).collect();
+    let e6: Vec<Element> = covered.v6.iter().flat_map(|r| elements(interval_keys_v6(*r))).collect();
     if !e4.is_empty() {
         b.add_elements(t, ANY4, &e4);
     }
@@ -235,8 +235,7 @@ fn add_prefilter_sets(b: &mut Batch, t: &str, shapes: &[Shape]) {
 /// family's rule (accept ends only this chain: other tables still see the packet, as
 /// when it falls off the end); the rest go on to `judge`. Accepting on a miss, not
 /// jumping on a hit, spares the common packet the other family's rule.
-fn prefilter_rules(b: &mut Batch, t: &str, chain: &str, c: &Content) {
-    let covered = covered(&c.shapes);
+fn prefilter_rules(b: &mut Batch, t: &str, chain: &str, covered: &Covered) {
     let has_leads = [covered.leads_v4().is_some(), covered.leads_v6().is_some()];
     for ((family, offset, _, _, lead), has_lead) in FAMILIES.into_iter().zip(has_leads) {
         // Without a lead set every packet of the family goes on to `judge`.

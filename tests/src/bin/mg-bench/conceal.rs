@@ -15,10 +15,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    bench::{iptables_rules, Bench, Variant, METADATA, TCP_PORT},
-    figures::{all_ok, interleave, label, row, scale_row, targets},
+    bench::{Bench, METADATA},
+    figures::{scale_row, targets, tcp_connect_row},
     report::{Figure, Measured, Row},
-    worker::Op,
 };
 
 const PROXY_PORT: u16 = 8775;
@@ -87,16 +86,8 @@ pub(crate) fn figures(b: &mut Bench) -> Result<Vec<Figure>> {
 /// Conceal mode's allowed path: a pod's TCP connect + close to the node, which the
 /// redirect leaves alone, but `mg_conceal_ops` (sock_ops) sees on every TCP event.
 fn not_redirected(b: &mut Bench) -> Result<Figure> {
-    const VARIANTS: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
     let (rounds, count) = if b.quick { (3, 300) } else { (41, 1000) };
-    let dest = b.node_addr(TCP_PORT);
-    let rules = iptables_rules(&[]);
-    let samples = interleave(b, &VARIANTS, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
-        let r = b.run(v, Op::TcpConnect { dest, count })?;
-        all_ok(&r, count, &format!("TCP connect to {dest} in conceal mode ({})", label(v)))?;
-        Ok(r.ns as f64 / count as f64)
-    })?;
-    let row = row("connect + close, conceal mode", &VARIANTS, samples);
+    let row = tcp_connect_row(b, "connect + close, conceal mode", rounds, count)?;
     Ok(Figure {
         title: "8c. Conceal mode: a connect that is not redirected".into(),
         unit: "µs per connect".into(),

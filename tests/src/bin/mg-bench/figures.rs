@@ -110,15 +110,8 @@ pub(crate) fn targets(what: &str, row: &Row, limit: f64, at_most: bool) -> Vec<T
 /// Figure 1: socket + connect + close from the pod to the node.
 pub(crate) fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (3, 300) } else { (101, 1000) };
-    let dest = b.node_addr(TCP_PORT);
     ensure_guarded(b)?;
-    let rules = iptables_rules(&[]);
-    let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
-        let r = b.run(v, Op::TcpConnect { dest, count })?;
-        all_ok(&r, count, &format!("TCP connect to {dest} ({})", label(v)))?;
-        Ok(r.ns as f64 / count as f64)
-    })?;
-    let row = row("connect + close", &ALL, samples);
+    let row = tcp_connect_row(b, "connect + close", rounds, count)?;
     Ok(Figure {
         title: "1. Allowed TCP path".into(),
         unit: "µs per connect".into(),
@@ -133,6 +126,19 @@ pub(crate) fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
         )],
         ..Default::default()
     })
+}
+
+/// `count` TCP connects + closes from the pod to the node per sample, every variant
+/// of [`ALL`] once a round: the row of figures 1 and 8c.
+pub(crate) fn tcp_connect_row(b: &mut Bench, case: &str, rounds: usize, count: u64) -> Result<Row> {
+    let dest = b.node_addr(TCP_PORT);
+    let rules = iptables_rules(&[]);
+    let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
+        let r = b.run(v, Op::TcpConnect { dest, count })?;
+        all_ok(&r, count, &format!("TCP connect to {dest}, {case} ({})", label(v)))?;
+        Ok(r.ns as f64 / count as f64)
+    })?;
+    Ok(row(case, &ALL, samples))
 }
 
 /// Figure 2: unconnected sendto, one datagram at a time.
