@@ -15,9 +15,10 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    bench::{Bench, METADATA},
-    figures::{scale_row, targets, tcp_connect_row},
+    bench::{Bench, METADATA, TCP_PORT},
+    figures::{per_op_row, scale_row, targets},
     report::{Figure, Measured, Row},
+    worker::Op,
 };
 
 const PROXY_PORT: u16 = 8775;
@@ -87,7 +88,8 @@ pub(crate) fn figures(b: &mut Bench) -> Result<Vec<Figure>> {
 /// redirect leaves alone, but `mg_conceal_ops` (sock_ops) sees on every TCP event.
 fn not_redirected(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (3, 300) } else { (41, 1000) };
-    let row = tcp_connect_row(b, "connect + close, conceal mode", rounds, count)?;
+    let dest = b.node_addr(TCP_PORT);
+    let row = per_op_row(b, "connect + close, conceal mode", rounds, count, Op::TcpConnect { dest, count })?;
     Ok(Figure {
         title: "8c. Conceal mode: a connect that is not redirected".into(),
         unit: "µs per connect".into(),

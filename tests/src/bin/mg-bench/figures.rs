@@ -111,7 +111,8 @@ pub(crate) fn targets(what: &str, row: &Row, limit: f64, at_most: bool) -> Vec<T
 pub(crate) fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (3, 300) } else { (101, 1000) };
     ensure_guarded(b)?;
-    let row = tcp_connect_row(b, "connect + close", rounds, count)?;
+    let dest = b.node_addr(TCP_PORT);
+    let row = per_op_row(b, "connect + close", rounds, count, Op::TcpConnect { dest, count })?;
     Ok(Figure {
         title: "1. Allowed TCP path".into(),
         unit: "µs per connect".into(),
@@ -128,14 +129,13 @@ pub(crate) fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
     })
 }
 
-/// `count` TCP connects + closes from the pod to the node per sample, every variant
-/// of [`ALL`] once a round: the row of figures 1 and 8c.
-pub(crate) fn tcp_connect_row(b: &mut Bench, case: &str, rounds: usize, count: u64) -> Result<Row> {
-    let dest = b.node_addr(TCP_PORT);
+/// `count` operations (`op` carries the same count) per sample, every variant of
+/// [`ALL`] once a round, in ns per operation: the row of figures 1, 2, 2b and 8c.
+pub(crate) fn per_op_row(b: &mut Bench, case: &str, rounds: usize, count: u64, op: Op) -> Result<Row> {
     let rules = iptables_rules(&[]);
     let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
-        let r = b.run(v, Op::TcpConnect { dest, count })?;
-        all_ok(&r, count, &format!("TCP connect to {dest}, {case} ({})", label(v)))?;
+        let r = b.run(v, op)?;
+        all_ok(&r, count, &format!("{case} ({})", label(v)))?;
         Ok(r.ns as f64 / count as f64)
     })?;
     Ok(row(case, &ALL, samples))
@@ -145,13 +145,7 @@ pub(crate) fn tcp_connect_row(b: &mut Bench, case: &str, rounds: usize, count: u
 pub(crate) fn udp_allowed(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (3, 2000) } else { (101, 5000) };
     let dest = b.node_addr(UDP_PORT);
-    let rules = iptables_rules(&[]);
-    let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
-        let r = b.run(v, Op::UdpSendto { dest, count })?;
-        all_ok(&r, count, &format!("UDP sendto {dest} ({})", label(v)))?;
-        Ok(r.ns as f64 / count as f64)
-    })?;
-    let row = row("sendto, 32 bytes", &ALL, samples);
+    let row = per_op_row(b, "sendto, 32 bytes", rounds, count, Op::UdpSendto { dest, count })?;
     Ok(Figure {
         title: "2. Allowed UDP path".into(),
         unit: "µs per datagram".into(),
@@ -170,13 +164,7 @@ pub(crate) fn udp_allowed(b: &mut Bench) -> Result<Figure> {
 pub(crate) fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
     let (rounds, count) = if b.quick { (3, 1000) } else { (101, 2000) };
     let dest = b.node_addr(UDP_PORT);
-    let rules = iptables_rules(&[]);
-    let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
-        let r = b.run(v, Op::UdpConnectSend { dest, count })?;
-        all_ok(&r, count, &format!("UDP connect + send to {dest} ({})", label(v)))?;
-        Ok(r.ns as f64 / count as f64)
-    })?;
-    let row = row("socket + connect + send + close", &ALL, samples);
+    let row = per_op_row(b, "socket + connect + send + close", rounds, count, Op::UdpConnectSend { dest, count })?;
     Ok(Figure {
         title: "2b. Allowed UDP path, connected".into(),
         unit: "µs per operation".into(),
