@@ -104,6 +104,12 @@ pub struct EnforceArgs {
     /// kernel has it (5.14+) and the probe program otherwise.
     #[arg(long, value_enum, default_value = "auto")]
     pub netns_cookie_from: CookieSource,
+    /// How the packet backstop tells a host socket's packet from a pod's: `auto` asks
+    /// the kernel where its cgroup_skb programs can (bpf_get_netns_cookie, kernels
+    /// from 2025) and marks host sockets at creation otherwise; `marks` forces the
+    /// marks, `helper` the kernel's answer (failing where the kernel has none).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub packet_netns_from: PacketNetnsSource,
     /// Mount bpffs on the parent of --bpffs when it is missing. Set to false in a
     /// container: a mount made there dies with the container, and the pins with it.
     #[arg(long, env = "METADATA_GUARD_MOUNT_BPFFS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -131,6 +137,13 @@ pub enum CookieSource {
     Auto,
     Sockopt,
     Probe,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PacketNetnsSource {
+    Auto,
+    Helper,
+    Marks,
 }
 
 /// Runs one command; the exit code for a command that ran (a failed `check` is 1).

@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     cgroup,
-    cli::{CookieSource, EnforceArgs},
+    cli::{CookieSource, EnforceArgs, PacketNetnsSource},
     config::{self, Config},
     hostside::{self, HostSide},
     http::Condition,
@@ -21,7 +21,7 @@ use crate::{
         health::Fault,
         origin::{self, Origin},
         pins::{self, AgentLock, PinLayout},
-        Guard, InstallOptions, InstallReport, LinkAction, Mechanism,
+        Backstop, Guard, InstallOptions, InstallReport, LinkAction, Mechanism,
     },
     policy::CompiledPolicy,
     preflight,
@@ -69,7 +69,12 @@ pub fn install(args: &EnforceArgs, command: &str) -> Result<Installed> {
     pins::ensure_on_bpffs(&args.pins.bpffs, args.mount_bpffs)?;
     let lock = AgentLock::acquire(&args.pins.bpffs)?;
     let layout = PinLayout::new(&args.pins.bpffs);
-    let loaded = loader::load(Some(&layout)).map_err(|e| {
+    let backstop = match args.packet_netns_from {
+        PacketNetnsSource::Auto => Backstop::detect(),
+        PacketNetnsSource::Helper => Backstop::NetnsHelper,
+        PacketNetnsSource::Marks => Backstop::SocketMarks,
+    };
+    let loaded = loader::load(Some(&layout), backstop).map_err(|e| {
         preflight::print_human(&preflight::object_refused(facts, &args.pins.bpffs, &e));
         debug!("the kernel refused the object: {e:#}");
         anyhow!(CANNOT_ENFORCE)
@@ -93,6 +98,7 @@ pub fn install(args: &EnforceArgs, command: &str) -> Result<Installed> {
         destinations = policy.v4.len() + policy.v6.len(),
         host_netns_cookie = report.host_netns_cookie,
         netns_cookie_from = report.cookie_mechanism.describe(),
+        packet_netns_from = report.backstop.describe(),
         links = ?report.links,
         pins = %layout.dir.display(),
         "attached: pods are blocked from the metadata service"
@@ -168,8 +174,7 @@ impl Enforcement {
                 }
             }
             let detached = faults.iter().filter(|f| matches!(f, Fault::LinkUnpinned(_) | Fault::LinkElsewhere { .. }));
-            ctx.metrics
-                .set_programs_attached((loader::attachments_for(guard.mode()).count() - detached.count()) as i64);
+            ctx.metrics.set_programs_attached((guard.plan().attachments().count() - detached.count()) as i64);
             if faults.is_empty() {
                 self.condition.ready();
             } else {

@@ -171,6 +171,8 @@ pub fn judge(f: &Facts) -> Vec<Check> {
         ),
         Err(e) => Check::fail("host netns cookie", e, "run the agent in the host network namespace"),
     });
+    // Both are complete; the marks cost a program run on every socket any process creates.
+    checks.push(Check::pass("packet backstop", f.backstop.describe()));
     checks
 }
 

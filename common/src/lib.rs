@@ -67,6 +67,9 @@ pub mod program_names {
     pub const SOCK_CREATE: &str = "mg_sock_create";
     /// The packet backstop on cgroup egress.
     pub const EGRESS: &str = "mg_egress";
+    /// The packet backstop on kernels whose cgroup_skb programs can ask a socket's
+    /// netns cookie (`bpf_get_netns_cookie`, from 2025): no `sock_create` needed.
+    pub const EGRESS_NETNS: &str = "mg_egress_netns";
     /// Only loaded for a moment, on kernels without `SO_NETNS_COOKIE`, to learn the
     /// host network namespace's cookie.
     pub const NETNS_PROBE: &str = "mg_netns_probe";

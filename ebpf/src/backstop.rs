@@ -8,6 +8,10 @@
 //! installed — both treated as not the host's (fail-closed; such a host client
 //! reconnects once and its new socket is marked).
 //!
+//! On kernels whose cgroup_skb programs have `bpf_get_netns_cookie` (from 2025) the
+//! agent attaches `mg_egress_netns` instead, which asks the kernel, and no
+//! `sock_create` program at all: what follows is the older kernels' way.
+//!
 //! Every host socket is marked at creation (`sock_create`). The socket hooks mark too,
 //! where they see a host socket reach an address the policy covers; that alone is not
 //! enough for TCP and UDP: a host process's connection to a Service that the node
@@ -85,11 +89,44 @@ unsafe fn mark(sk: *mut bpf_sock, cookie: u64) {
 
 #[cgroup_skb(egress)]
 pub fn mg_egress(ctx: SkBuffContext) -> i32 {
+    backstop(&ctx, marked_netns)
+}
+
+/// The same backstop on kernels whose cgroup_skb programs have `bpf_get_netns_cookie`
+/// (from 2025): it reads the socket's namespace itself, so no `sock_create` program
+/// runs on any socket, and host sockets created before the guard, or accepted ones,
+/// are known as the host's too.
+#[cgroup_skb(egress)]
+pub fn mg_egress_netns(ctx: SkBuffContext) -> i32 {
+    backstop(&ctx, helper_netns)
+}
+
+/// The netns cookie `sock_create` (or a socket hook) recorded for a host socket; 0 for
+/// every other socket.
+#[inline(always)]
+fn marked_netns(_ctx: &SkBuffContext, full: *mut bpf_sock) -> u64 {
+    // SAFETY: a full socket; the storage lookup does not create.
+    let mark = unsafe { bpf_sk_storage_get(sock_mark_map(), full.cast(), ptr::null_mut(), 0) }.cast::<u64>();
+    // SAFETY: null-checked map value.
+    if mark.is_null() { 0 } else { unsafe { *mark } }
+}
+
+/// The namespace cookie of the packet's socket, from the kernel.
+#[inline(always)]
+fn helper_netns(ctx: &SkBuffContext, _full: *mut bpf_sock) -> u64 {
+    // SAFETY: the program's own context (the helper reads `skb->sk`'s namespace).
+    unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast()) }
+}
+
+/// The packet backstop's one decision; `netns_of` tells the namespace of the packet's
+/// (full) socket, 0 when it cannot be told (treated as not the host's).
+#[inline(always)]
+fn backstop(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf_sock) -> u64) -> i32 {
     // Every packet of every pod passes here: a destination outside the policy leaves
     // after two reads of the packet and the prefilter. That is also how a socket a
     // socket hook already judged goes free: its destination is outside the policy, or
     // it is a host socket (the rare traffic that goes on below).
-    let settings = match packet::lead(&ctx) {
+    let settings = match packet::lead(ctx) {
         Some((family, lead)) => match may_be_blocked(family, lead) {
             Some(settings) => settings,
             None => return PASS,
@@ -99,7 +136,7 @@ pub fn mg_egress(ctx: SkBuffContext) -> i32 {
             None => return PASS,
         },
     };
-    let Some(dest) = packet::destination(&ctx) else { return PASS };
+    let Some(dest) = packet::destination(ctx) else { return PASS };
     if !is_blocked(settings, &dest) {
         return PASS;
     }
@@ -114,10 +151,7 @@ pub fn mg_egress(ctx: SkBuffContext) -> i32 {
         // Request and time-wait sockets only answer connections others opened.
         return PASS;
     }
-    // SAFETY: a full socket; the storage lookup does not create.
-    let mark = unsafe { bpf_sk_storage_get(sock_mark_map(), full.cast(), ptr::null_mut(), 0) }.cast::<u64>();
-    // SAFETY: null-checked map value.
-    let netns_cookie = if mark.is_null() { 0 } else { unsafe { *mark } };
+    let netns_cookie = netns_of(ctx, full);
     if netns_cookie != 0 && netns_cookie == settings.host_netns_cookie {
         return PASS;
     }

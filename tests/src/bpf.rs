@@ -69,6 +69,34 @@ pub fn prog_load(
     sys_bpf_fd(bpf_cmd::BPF_PROG_LOAD, &mut attr)
 }
 
+/// `r0 = bpf_get_netns_cookie(ctx); r0 = 1; exit`: whether a program type may ask a
+/// socket's namespace cookie (cgroup_skb programs may from 2025 kernels on).
+pub const CALL_NETNS_COOKIE: [u64; 3] = [0x0000_007a_0000_0085, 0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+
+/// Whether this kernel's cgroup_skb programs have `bpf_get_netns_cookie`, asked
+/// independently of the agent's own probe.
+pub fn cgroup_skb_has_netns_cookie() -> bool {
+    prog_load(
+        bpf_prog_type::BPF_PROG_TYPE_CGROUP_SKB,
+        bpf_attach_type::BPF_CGROUP_INET_EGRESS,
+        &CALL_NETNS_COOKIE,
+        "mg_probe_netns",
+    )
+    .is_ok()
+}
+
+/// The hooks an agent in enforce or audit mode keeps attached on this kernel:
+/// `sock_create` only where the packet backstop reads socket marks (its cgroup_skb
+/// programs lack `bpf_get_netns_cookie`).
+pub fn enforcement_hooks() -> Vec<&'static str> {
+    let mut hooks = vec!["connect4", "connect6", "sendmsg4", "sendmsg6"];
+    if !cgroup_skb_has_netns_cookie() {
+        hooks.push("sock_create");
+    }
+    hooks.push("egress");
+    hooks
+}
+
 /// Opens a pinned object (link, program or map): `BPF_OBJ_GET`.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;

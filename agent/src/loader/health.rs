@@ -6,7 +6,7 @@ use std::{fs, os::fd::AsFd, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::MapData;
 
-use super::{bpf_sys, programs::attachments_for, Guard, PINNED_MAPS};
+use super::{bpf_sys, Guard, PINNED_MAPS};
 
 /// One thing missing from the enforcement in the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +34,7 @@ impl std::fmt::Display for Fault {
 }
 
 impl Guard {
-    /// What is missing from the enforcement on `cgroup`, for the mode in force; empty when whole.
+    /// What is missing from the enforcement on `cgroup`, for the plan in force; empty when whole.
     pub fn faults(&self, cgroup: &Path) -> Vec<Fault> {
         let mut faults = Vec::new();
         let cgroup_id = crate::cgroup::id(cgroup).ok();
@@ -46,7 +46,7 @@ impl Guard {
                 faults.push(Fault::MapUnpinned(name));
             }
         }
-        for a in attachments_for(self.mode) {
+        for a in self.plan.attachments() {
             let Ok(link) = bpf_sys::obj_get(&self.pins.link(a.pin)) else {
                 faults.push(Fault::LinkUnpinned(a.pin));
                 continue;
@@ -88,7 +88,7 @@ impl Guard {
         let cgroup_id = crate::cgroup::id(cgroup)?;
         let cgroup_dir =
             fs::File::open(cgroup).with_context(|| format!("could not open cgroup {}", cgroup.display()))?;
-        for a in attachments_for(self.mode) {
+        for a in self.plan.attachments() {
             if let Err(e) = self.link_program(a, &cgroup_dir, cgroup_id) {
                 failed.push(format!("{e:#}"));
             }

@@ -11,6 +11,7 @@
 //! program pinned beside it (compared by id with the link's, then by tag with ours),
 //! never by opening a program by id.
 
+mod backstop;
 mod bpf_sys;
 mod conceal_maps;
 pub mod health;
@@ -36,6 +37,7 @@ use aya::{
     programs::ProgramInfo,
     Ebpf,
 };
+pub use backstop::Backstop;
 pub use conceal_maps::{sock_addr, sock_key, ConcealPeers};
 use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES, MODE_CONCEAL};
 pub use netns_cookie::Mechanism;
@@ -57,7 +59,8 @@ pub const PINNED_MAPS: [&str; 15] = [
     map_names::POLICY6_B,
     map_names::EVENTS,
     map_names::ALLOWED_CGROUPS,
-    // Losing it would unmark every live socket: pinned like the rest.
+    // Losing it would unmark every live socket: pinned like the rest (created with
+    // either backstop, so that switching between them keeps one map layout).
     map_names::SOCK_MARK,
     // Conceal mode (conceal_maps.rs): a restarted agent's proxy reads the records the
     // kernel kept writing meanwhile.
@@ -69,7 +72,7 @@ pub const PINNED_MAPS: [&str; 15] = [
 ];
 
 pub use object::{load, verify_object, Loaded};
-pub use programs::{attachments_for, ATTACHMENTS};
+pub use programs::{Plan, ATTACHMENTS};
 
 pub struct InstallOptions<'a> {
     pub cgroup: &'a Path,
@@ -97,8 +100,10 @@ pub struct InstallReport {
     pub host_netns_cookie: u64,
     pub cookie_mechanism: Mechanism,
     pub links: Vec<(&'static str, LinkAction)>,
-    /// Pinned links this mode does not use (`conceal_ops` outside conceal mode), detached.
+    /// Pinned links this plan does not use (`conceal_ops` outside conceal mode,
+    /// `sock_create` where the backstop asks the kernel), detached.
     pub detached: Vec<&'static str>,
+    pub backstop: Backstop,
     pub removed_versions: Vec<PathBuf>,
 }
 
@@ -107,8 +112,8 @@ pub struct Guard {
     ebpf: Ebpf,
     pins: PinLayout,
     host_netns_cookie: u64,
-    /// The mode (`MODE_*`) in force: which attachments are kept ([`attachments_for`]).
-    mode: u32,
+    /// The mode in force and the backstop: which attachments are kept ([`Plan`]).
+    plan: Plan,
     /// The event ring buffer once the reader took it, to pin it again (`repair`).
     events: Option<MapData>,
 }
@@ -126,7 +131,7 @@ impl Guard {
         for dir in [pins.links_dir(), pins.programs_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("could not create pin directory {}", dir.display()))?;
         }
-        let mut ebpf = loaded.ebpf;
+        let (mut ebpf, backstop) = (loaded.ebpf, loaded.backstop);
         let cgroup_id = crate::cgroup::id(opts.cgroup)?;
 
         let sockopt = match opts.cookie_mechanism {
@@ -140,7 +145,8 @@ impl Guard {
             }
             (None, _) => (netns_cookie::via_probe(&mut ebpf, opts.cgroup, opts.host_netns)?, Mechanism::ProbeProgram),
         };
-        let mut guard = Guard { ebpf, pins: pins.clone(), host_netns_cookie, mode, events: None };
+        let plan = Plan { mode, backstop };
+        let mut guard = Guard { ebpf, pins: pins.clone(), host_netns_cookie, plan, events: None };
         guard.write_maps(policy, mode)?;
 
         let cgroup_dir =
@@ -148,12 +154,14 @@ impl Guard {
         let mut links = Vec::new();
         // Every program was loaded (verified) whatever the mode (`load`): conceal mode
         // can be switched on by a reload.
-        for attachment in attachments_for(mode) {
+        // The backstop's egress link is swapped before `sock_create` goes: a pinned
+        // `mg_egress` reads marks until `mg_egress_netns` replaces it.
+        for attachment in plan.attachments() {
             let action = guard.link_program(attachment, &cgroup_dir, cgroup_id)?;
             links.push((attachment.pin, action));
         }
         let mut detached = Vec::new();
-        for attachment in ATTACHMENTS.iter().filter(|a| !a.needed_in(mode)) {
+        for attachment in plan.unused() {
             if guard.unlink(attachment)? {
                 detached.push(attachment.pin);
             }
@@ -164,19 +172,27 @@ impl Guard {
                 .with_context(|| format!("could not remove the old version's pins in {}", old.display()))?;
             removed_versions.push(old);
         }
-        let report =
-            InstallReport { cgroup_id, host_netns_cookie, cookie_mechanism, links, detached, removed_versions };
+        let report = InstallReport {
+            cgroup_id,
+            host_netns_cookie,
+            cookie_mechanism,
+            links,
+            detached,
+            backstop,
+            removed_versions,
+        };
         Ok((guard, report))
     }
 
     /// Loads the program and makes the pinned link of its attachment on `cgroup` run it.
     fn link_program(&mut self, a: &programs::Attachment, cgroup: &File, cgroup_id: u64) -> Result<LinkAction> {
-        let new_fd = programs::load(&mut self.ebpf, a)?;
-        let new_tag = programs::info(&self.ebpf, a)?.tag();
+        let plan = self.plan;
+        let new_fd = programs::load(&mut self.ebpf, a, plan)?;
+        let new_tag = programs::info(&self.ebpf, a, plan)?.tag();
         let pin = self.pins.link(a.pin);
 
         let Some(link) = open_link(&pin)? else {
-            let fresh = programs::attach(&mut self.ebpf, a, cgroup)?;
+            let fresh = programs::attach(&mut self.ebpf, a, plan, cgroup)?;
             fresh.pin(&pin).with_context(|| format!("could not pin link at {}", pin.display()))?;
             self.pin_program(a)?;
             return Ok(LinkAction::Attached);
@@ -185,7 +201,7 @@ impl Guard {
             .with_context(|| format!("could not inspect link {}", pin.display()))?;
         if info.cgroup_id != cgroup_id {
             // Attached elsewhere (the --cgroup changed): ours first, then theirs goes.
-            let fresh = programs::attach(&mut self.ebpf, a, cgroup)?;
+            let fresh = programs::attach(&mut self.ebpf, a, plan, cgroup)?;
             let tmp = staging(&pin);
             let _ = fs::remove_file(&tmp);
             fresh.pin(&tmp).with_context(|| format!("could not pin link at {}", tmp.display()))?;
@@ -213,7 +229,7 @@ impl Guard {
         let path = self.pins.program(a.pin);
         let tmp = staging(&path);
         let _ = fs::remove_file(&tmp);
-        programs::pin(&mut self.ebpf, a, &tmp)?;
+        programs::pin(&mut self.ebpf, a, self.plan, &tmp)?;
         fs::rename(&tmp, &path).with_context(|| format!("could not replace program pin {}", path.display()))
     }
 
@@ -262,7 +278,7 @@ impl Guard {
     fn write_maps(&mut self, policy: &CompiledPolicy, mode: u32) -> Result<()> {
         policy_maps::apply(&mut self.ebpf, policy, mode, self.host_netns_cookie)
             .context("could not write the policy into the kernel maps")?;
-        self.mode = mode;
+        self.plan.mode = mode;
         Ok(())
     }
 
@@ -271,8 +287,9 @@ impl Guard {
     fn link_mode(&mut self, mode: u32, cgroup: &Path) -> Result<()> {
         let cgroup_id = crate::cgroup::id(cgroup)?;
         let cgroup_dir = File::open(cgroup).with_context(|| format!("could not open cgroup {}", cgroup.display()))?;
+        let plan = Plan { mode, ..self.plan };
         for a in ATTACHMENTS.iter().filter(|a| a.depends_on_mode()) {
-            if a.needed_in(mode) {
+            if plan.needs(a) {
                 self.link_program(a, &cgroup_dir, cgroup_id)?;
             } else {
                 self.unlink(a)?;
@@ -283,7 +300,12 @@ impl Guard {
 
     /// The mode (`MODE_*`) in force.
     pub fn mode(&self) -> u32 {
-        self.mode
+        self.plan.mode
+    }
+
+    /// The mode in force and the backstop: what is attached.
+    pub fn plan(&self) -> Plan {
+        self.plan
     }
 
     /// Makes the kernel's allowlist exactly `wanted`; returns (added, removed).

@@ -7,20 +7,22 @@ use std::{fs, path::PathBuf};
 use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
 
-use super::{pins::PinLayout, programs, remove_pins, OBJECT, PINNED_MAPS};
+use super::{pins::PinLayout, programs, remove_pins, Backstop, Plan, OBJECT, PINNED_MAPS};
 
 /// The kernel object in the kernel: its maps created (or reused from their pins) and
-/// every program of [`ATTACHMENTS`](super::ATTACHMENTS) verified; nothing attached yet.
+/// every program the backstop's plans attach verified; nothing attached yet.
 pub struct Loaded {
     pub(super) ebpf: Ebpf,
+    pub(super) backstop: Backstop,
 }
 
 /// Loads the embedded object: the maps, pinned under `pins` (reusing pinned ones)
-/// when given, and every program the guard attaches, verified by the kernel. An error
+/// when given, and every program the guard attaches with `backstop` (in any mode),
+/// verified by the kernel. An error
 /// here is the kernel refusing the object or its maps: `check` and a starting agent
 /// explain it alike (`preflight`). A failed first load leaves nothing pinned.
-pub fn load(pins: Option<&PinLayout>) -> Result<Loaded> {
-    let Some(pins) = pins else { return load_programs(EbpfLoader::new().load(OBJECT)) };
+pub fn load(pins: Option<&PinLayout>, backstop: Backstop) -> Result<Loaded> {
+    let Some(pins) = pins else { return load_programs(EbpfLoader::new().load(OBJECT), backstop) };
     let first = !pins.dir.exists();
     let maps = pins.maps_dir();
     fs::create_dir_all(&maps).with_context(|| format!("could not create pin directory {}", maps.display()))?;
@@ -29,7 +31,7 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Loaded> {
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let loaded = load_programs(loader.load(OBJECT));
+    let loaded = load_programs(loader.load(OBJECT), backstop);
     if loaded.is_err() && first {
         // The maps pinned so far would make `check` report an installed guard.
         if let Err(e) = remove_pins(&pins.dir) {
@@ -39,19 +41,21 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Loaded> {
     loaded
 }
 
-fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>) -> Result<Loaded> {
+fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>, backstop: Backstop) -> Result<Loaded> {
     let mut ebpf = ebpf.context("could not create the guard's maps")?;
-    for attachment in programs::load_order() {
-        programs::load(&mut ebpf, attachment)?;
+    // The mode does not matter here: every mode's programs are loaded.
+    let plan = Plan { mode: metadata_guard_common::MODE_ENFORCE, backstop };
+    for attachment in plan.loaded() {
+        programs::load(&mut ebpf, attachment, plan)?;
     }
-    Ok(Loaded { ebpf })
+    Ok(Loaded { ebpf, backstop })
 }
 
 /// Loads the embedded object as `run` does (maps created, every program verified, the
 /// netns probe's too) without pinning or attaching anything; all of it is freed on
 /// return. `check` uses it to prove this process's privileges are enough.
 pub fn verify_object() -> Result<()> {
-    let Loaded { mut ebpf } = load(None)?;
+    let Loaded { mut ebpf, .. } = load(None, Backstop::detect())?;
     let probe: &mut aya::programs::CgroupSockAddr = ebpf
         .program_mut(metadata_guard_common::program_names::NETNS_PROBE)
         .context("the kernel object has no netns probe program")?

@@ -17,11 +17,13 @@ use aya::{
 };
 use metadata_guard_common::{program_names, MODE_CONCEAL};
 
+use super::Backstop;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// connect4/6, sendmsg4/6: refuse at the socket call.
     SockAddr,
-    /// sock_create: mark each socket's namespace for the backstop.
+    /// sock_create: mark host sockets for the backstop (`Backstop::SocketMarks` only).
     SockCreate,
     /// cgroup_skb egress: the packet backstop.
     Egress,
@@ -32,8 +34,57 @@ pub enum Kind {
 /// One attachment: its pin name (also how status names it), program and kind.
 pub struct Attachment {
     pub pin: &'static str,
-    pub program: &'static str,
+    /// The program; egress runs the one of the backstop in use ([`Plan::program`]).
+    program: &'static str,
     pub kind: Kind,
+}
+
+/// What a guard attaches: its mode and its packet backstop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// `MODE_*`.
+    pub mode: u32,
+    pub backstop: Backstop,
+}
+
+impl Plan {
+    /// The program `a` runs under this plan.
+    pub fn program(self, a: &Attachment) -> &'static str {
+        match a.kind {
+            Kind::Egress => self.backstop.egress_program(),
+            _ => a.program,
+        }
+    }
+
+    /// Whether a guard under this plan keeps `a` attached: `conceal_ops` only in
+    /// conceal mode (the kernel runs sock_ops programs on about five events of every
+    /// TCP connection, whatever the program does, and only conceal mode needs it);
+    /// `sock_create` only where the backstop reads marks (it runs on every socket
+    /// any process creates).
+    pub fn needs(self, a: &Attachment) -> bool {
+        match a.kind {
+            Kind::SockOps => self.mode == MODE_CONCEAL,
+            Kind::SockCreate => self.backstop == Backstop::SocketMarks,
+            Kind::SockAddr | Kind::Egress => true,
+        }
+    }
+
+    /// The attachments this plan keeps attached, in attach order.
+    pub fn attachments(self) -> impl Iterator<Item = &'static Attachment> {
+        ATTACHMENTS.iter().filter(move |a| self.needs(a))
+    }
+
+    /// The attachments this plan does not use, whose pins are detached.
+    pub fn unused(self) -> impl Iterator<Item = &'static Attachment> {
+        ATTACHMENTS.iter().filter(move |a| !self.needs(a))
+    }
+
+    /// The programs loaded (verified) for this plan, in load order: those of every
+    /// mode, so that a reload can switch to conceal mode, but only this backstop's
+    /// (the other's may not load on this kernel).
+    pub(super) fn loaded(self) -> impl Iterator<Item = &'static Attachment> {
+        load_order().filter(move |a| a.kind != Kind::SockCreate || self.backstop == Backstop::SocketMarks)
+    }
 }
 
 impl Attachment {
@@ -47,24 +98,10 @@ impl Attachment {
         }
     }
 
-    /// Whether a guard in `mode` (`MODE_*`) keeps this attached. `conceal_ops` only in
-    /// conceal mode: the kernel runs sock_ops programs on about five events of every
-    /// TCP connection, whatever the program does, and only conceal mode needs it.
-    pub fn needed_in(&self, mode: u32) -> bool {
-        !self.depends_on_mode() || mode == MODE_CONCEAL
-    }
-
-    /// Whether it is attached in some modes only (see [`Attachment::needed_in`]).
+    /// Whether it is attached in some modes only (see [`Plan::needs`]).
     pub fn depends_on_mode(&self) -> bool {
         self.kind == Kind::SockOps
     }
-}
-
-/// The attachments a guard in `mode` keeps attached, in attach order. Every program
-/// of [`ATTACHMENTS`] is still loaded (verified) in every mode, so that a reload can
-/// switch to conceal mode.
-pub fn attachments_for(mode: u32) -> impl Iterator<Item = &'static Attachment> {
-    ATTACHMENTS.iter().filter(move |a| a.needed_in(mode))
 }
 
 /// In attach (and replace) order: sockets are marked before the backstop reads marks,
@@ -89,20 +126,20 @@ pub const ATTACHMENTS: [Attachment; 7] = [
 /// attach order ran `connect4` 15–25 ns slower per call (kernel BPF statistics,
 /// `mg-bench --profile-only`), an effect of where the kernel places the compiled
 /// code; the attach order stays as [`ATTACHMENTS`] explains.
-pub(super) fn load_order() -> impl Iterator<Item = &'static Attachment> {
+fn load_order() -> impl Iterator<Item = &'static Attachment> {
     let sock_create = ATTACHMENTS.iter().filter(|a| a.kind == Kind::SockCreate);
     sock_create.chain(ATTACHMENTS.iter().filter(|a| a.kind != Kind::SockCreate))
 }
 
 /// Loads (verifies) the program and returns an fd to it.
-pub(super) fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
-    let program =
-        ebpf.program_mut(a.program).with_context(|| format!("the kernel object has no program {}", a.program))?;
+pub(super) fn load(ebpf: &mut Ebpf, a: &Attachment, plan: Plan) -> Result<OwnedFd> {
+    let name = plan.program(a);
+    let program = ebpf.program_mut(name).with_context(|| format!("the kernel object has no program {name}"))?;
     // Loaded already (the agent re-attaching after its links were removed): reuse it.
     if let Ok(fd) = program.fd() {
         return Ok(fd.as_fd().try_clone_to_owned()?);
     }
-    let refused = || format!("the kernel's verifier refused program {}", a.program);
+    let refused = || format!("the kernel's verifier refused program {name}");
     let fd = match a.kind {
         Kind::SockAddr => {
             let p: &mut CgroupSockAddr = program.try_into()?;
@@ -129,23 +166,26 @@ pub(super) fn load(ebpf: &mut Ebpf, a: &Attachment) -> Result<OwnedFd> {
 }
 
 /// What the kernel says about our loaded program of `a` (its tag above all).
-pub(super) fn info(ebpf: &Ebpf, a: &Attachment) -> Result<ProgramInfo> {
-    let program = ebpf.program(a.program).with_context(|| format!("no program {}", a.program))?;
-    program.info().with_context(|| format!("could not read what the kernel has of program {}", a.program))
+pub(super) fn info(ebpf: &Ebpf, a: &Attachment, plan: Plan) -> Result<ProgramInfo> {
+    let name = plan.program(a);
+    let program = ebpf.program(name).with_context(|| format!("no program {name}"))?;
+    program.info().with_context(|| format!("could not read what the kernel has of program {name}"))
 }
 
 /// Pins our loaded program of `a` at `path`.
-pub(super) fn pin(ebpf: &mut Ebpf, a: &Attachment, path: &Path) -> Result<()> {
-    let program = ebpf.program_mut(a.program).with_context(|| format!("no program {}", a.program))?;
-    program.pin(path).with_context(|| format!("could not pin program {} at {}", a.program, path.display()))
+pub(super) fn pin(ebpf: &mut Ebpf, a: &Attachment, plan: Plan, path: &Path) -> Result<()> {
+    let name = plan.program(a);
+    let program = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?;
+    program.pin(path).with_context(|| format!("could not pin program {name} at {}", path.display()))
 }
 
 /// Attaches the (loaded) program to `cgroup` with a new bpf_link.
-pub(super) fn attach(ebpf: &mut Ebpf, a: &Attachment, cgroup: &File) -> Result<FdLink> {
-    let program = ebpf.program_mut(a.program).with_context(|| format!("no program {}", a.program))?;
-    let failed = || format!("could not attach program {} to the cgroup", a.program);
+pub(super) fn attach(ebpf: &mut Ebpf, a: &Attachment, plan: Plan, cgroup: &File) -> Result<FdLink> {
+    let name = plan.program(a);
+    let program = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?;
+    let failed = || format!("could not attach program {name} to the cgroup");
     let no_link =
-        || format!("program {} was attached without a bpf_link; the guard needs kernel 5.7+ cgroup links", a.program);
+        || format!("program {name} was attached without a bpf_link; the guard needs kernel 5.7+ cgroup links");
     let mode = CgroupAttachMode::Single;
     match a.kind {
         Kind::SockAddr => {
@@ -173,17 +213,35 @@ pub(super) fn attach(ebpf: &mut Ebpf, a: &Attachment, cgroup: &File) -> Result<F
 
 #[cfg(test)]
 mod tests {
-    use metadata_guard_common::{MODE_AUDIT, MODE_CONCEAL, MODE_ENFORCE};
+    use metadata_guard_common::{program_names, MODE_AUDIT, MODE_CONCEAL, MODE_ENFORCE};
 
-    use super::attachments_for;
+    use super::{Backstop, Plan, ATTACHMENTS};
+
+    fn pins(mode: u32, backstop: Backstop) -> Vec<&'static str> {
+        Plan { mode, backstop }.attachments().map(|a| a.pin).collect()
+    }
 
     #[test]
     fn conceal_ops_is_attached_in_conceal_mode_only() {
-        let pins = |mode| attachments_for(mode).map(|a| a.pin).collect::<Vec<_>>();
         for mode in [MODE_ENFORCE, MODE_AUDIT] {
-            assert_eq!(pins(mode), ["connect4", "connect6", "sendmsg4", "sendmsg6", "sock_create", "egress"]);
+            let marks = pins(mode, Backstop::SocketMarks);
+            assert_eq!(marks, ["connect4", "connect6", "sendmsg4", "sendmsg6", "sock_create", "egress"]);
         }
-        assert_eq!(pins(MODE_CONCEAL).last(), Some(&"conceal_ops"));
-        assert_eq!(pins(MODE_CONCEAL).len(), 7);
+        assert_eq!(pins(MODE_CONCEAL, Backstop::SocketMarks).last(), Some(&"conceal_ops"));
+        assert_eq!(pins(MODE_CONCEAL, Backstop::SocketMarks).len(), 7);
+    }
+
+    #[test]
+    fn sock_create_runs_only_where_the_backstop_reads_marks() {
+        let helper = pins(MODE_ENFORCE, Backstop::NetnsHelper);
+        assert_eq!(helper, ["connect4", "connect6", "sendmsg4", "sendmsg6", "egress"]);
+        let plan = Plan { mode: MODE_ENFORCE, backstop: Backstop::NetnsHelper };
+        assert_eq!(plan.unused().map(|a| a.pin).collect::<Vec<_>>(), ["sock_create", "conceal_ops"]);
+        assert!(plan.loaded().all(|a| a.pin != "sock_create"));
+        let egress = ATTACHMENTS.iter().find(|a| a.pin == "egress").unwrap();
+        assert_eq!(plan.program(egress), program_names::EGRESS_NETNS);
+        let marks = Plan { backstop: Backstop::SocketMarks, ..plan };
+        assert_eq!(marks.program(egress), program_names::EGRESS);
+        assert_eq!(marks.loaded().next().map(|a| a.pin), Some("sock_create"));
     }
 }

@@ -19,7 +19,7 @@ use super::{
     pins::PinLayout,
     policy_maps, read_counters,
     status_conceal::{self, ConcealStatus},
-    ATTACHMENTS, PINNED_MAPS,
+    Backstop, Plan, ATTACHMENTS, PINNED_MAPS,
 };
 
 /// What `metadata-guard status --json` prints; the scenarios read it through this type.
@@ -44,6 +44,10 @@ pub struct Status {
     pub agent_running: bool,
     pub mode: Option<String>,
     pub host_netns_cookie: Option<u64>,
+    /// How the packet backstop knows a host socket (`Backstop::name`), read from the
+    /// egress program the link runs; None when it is not pinned.
+    #[serde(default)] // absent from older agents' status
+    pub packet_netns_from: Option<String>,
     pub programs: Vec<ProgramStatus>,
     pub destinations: Vec<String>,
     pub counters: Vec<CounterStatus>,
@@ -88,6 +92,7 @@ pub fn read(root: &Path) -> Result<Status> {
         agent_running: AgentLock::is_held(root),
         mode: None,
         host_netns_cookie: None,
+        packet_netns_from: None,
         programs: Vec::new(),
         destinations: Vec::new(),
         counters: Vec::new(),
@@ -97,12 +102,15 @@ pub fn read(root: &Path) -> Result<Status> {
         conceal: None,
     };
     let mut missing = Vec::new();
-    // The attachments the pinned mode uses are expected; the others are listed when pinned.
-    let mode = pinned_mode(&layout);
+    // The attachments the pinned mode and backstop use are expected; the others are
+    // listed when pinned.
+    let backstop = pinned_backstop(&layout);
+    status.packet_netns_from = backstop.map(|b| b.name().to_string());
+    let plan = Plan { mode: pinned_mode(&layout), backstop: backstop.unwrap_or(Backstop::SocketMarks) };
     for attachment in &ATTACHMENTS {
         let hook = match super::pinned_hook(&layout, attachment.pin) {
             Ok(Some(hook)) => hook,
-            Ok(None) if !attachment.needed_in(mode) => continue,
+            Ok(None) if !plan.needs(attachment) => continue,
             Ok(None) => {
                 missing.push(format!("link {} is not pinned (detached)", attachment.pin));
                 continue;
@@ -187,6 +195,12 @@ pub fn read(root: &Path) -> Result<Status> {
     Ok(status)
 }
 
+/// The backstop of the egress program pinned beside its link; None when unknown.
+fn pinned_backstop(layout: &PinLayout) -> Option<Backstop> {
+    let hook = super::pinned_hook(layout, "egress").ok()??;
+    hook.program.map(|(name, _)| Backstop::of_egress_program(&name))
+}
+
 /// The mode the pinned settings hold; enforce's when they cannot be read (the
 /// attachments every mode uses), which `read` reports on its own.
 fn pinned_mode(layout: &PinLayout) -> u32 {
@@ -236,6 +250,10 @@ pub fn print_human(s: &Status) {
     println!("agent running:  {}", if s.agent_running { "yes" } else { "no" });
     if let Some(mode) = &s.mode {
         println!("mode:           {mode}");
+    }
+    if let Some(from) = &s.packet_netns_from {
+        let how = if from == Backstop::NetnsHelper.name() { Backstop::NetnsHelper } else { Backstop::SocketMarks };
+        println!("packets judged: by socket namespace, from {}", how.describe());
     }
     for p in &s.programs {
         let place = match p.cgroup_id {

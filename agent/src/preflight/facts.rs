@@ -111,6 +111,8 @@ pub struct Facts {
     pub pins: Pins,
     /// SO_NETNS_COOKIE: Ok(true) present, Ok(false) absent (probe program), Err why.
     pub netns_sockopt: Result<bool, String>,
+    /// How the packet backstop would know a host socket here.
+    pub backstop: loader::Backstop,
 }
 
 /// What the node offers; with `load_object`, the embedded object loaded too.
@@ -136,6 +138,7 @@ pub(super) fn gather(inputs: &Inputs<'_>, load_object: bool) -> Facts {
         object: load_object.then(|| loader::verify_object().map_err(|e| refusal(&e))),
         pins: pins(inputs.bpffs),
         netns_sockopt: loader::netns_cookie::via_sockopt(None).map(|c| c.is_some()).map_err(|e| format!("{e:#}")),
+        backstop: loader::Backstop::detect(),
     }
 }
 
@@ -195,7 +198,12 @@ fn probes() -> Vec<(Feature, Found)> {
         .filter(|(key, _)| !entries.contains(key))
         .flat_map(|(_, f)| helper_calls(&f.instructions).0)
         .collect();
-    for program in object.programs.values() {
+    let backstop = loader::Backstop::detect();
+    for (name, program) in &object.programs {
+        // The other backstop's egress program is neither loaded nor needed here.
+        if name == metadata_guard_common::program_names::EGRESS_NETNS && backstop == loader::Backstop::SocketMarks {
+            continue;
+        }
         let kind = match program.section {
             ProgramSection::CgroupSockAddr { .. } => ProgramKind::SockAddr,
             ProgramSection::CgroupSock { .. } => ProgramKind::Sock,

@@ -35,6 +35,7 @@ fn daemonset_node() -> Facts {
         object: Some(Ok(())),
         pins: Pins::Readable(vec![("connect4", 1, true), ("egress", 1, true)]),
         netns_sockopt: Ok(true),
+        backstop: crate::loader::Backstop::SocketMarks,
     }
 }
 
@@ -214,7 +215,9 @@ fn a_refused_load_of_run_reads_as_the_kernel_object_check() {
         let inputs = super::Inputs { cgroup: None, bpffs: &bpffs, mount_bpffs: true };
         let (facts, before) = super::before_load(&inputs);
         assert!(before.iter().all(|c| c.name != "kernel object"), "{before:#?}");
-        let refused = crate::loader::load(None).err().expect("the object loaded without CAP_PERFMON");
+        let refused = crate::loader::load(None, crate::loader::Backstop::detect())
+            .err()
+            .expect("the object loaded without CAP_PERFMON");
         (super::run(&inputs), super::object_refused(facts, &bpffs, &refused))
     })
     .join()

@@ -121,7 +121,7 @@ pub(crate) fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
         notes: vec![format!(
             "{count} connects per sample, {} in all. Each is `socket` + `connect` to the node end of the pod's veth + \
              `close` with `SO_LINGER` 0 (a RST, no TIME_WAIT: tens of thousands of connects would otherwise run out of \
-             ephemeral ports). The guard runs `sock_create` and `connect4` once and `egress` on each of the 3 packets; on the node, the host-side \
+             ephemeral ports). The guard runs `connect4` once (and `sock_create`, on kernels where the packet backstop reads socket marks) and `egress` on each of the 3 packets; on the node, the host-side \
              table's `input` chain sees those 3 and its `output` chain the SYN-ACK.",
             count * (rounds as u64 + 1) * ALL.len() as u64
         )],
@@ -172,7 +172,7 @@ pub(crate) fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
         rows: vec![scale_row(row, 1e-3)],
         notes: vec![format!(
             "{count} operations per sample, each a new UDP socket connected to the node and sending one 32-byte \
-             datagram (a DNS client's pattern): the guard runs `sock_create`, `connect4` and `egress` once each, and the host-side table's `input` chain on \
+             datagram (a DNS client's pattern): the guard runs `connect4` and `egress` once each (and `sock_create` where the packet backstop reads socket marks), and the host-side table's `input` chain on \
              the node once."
         )],
         ..Default::default()

@@ -20,7 +20,8 @@ use metadata_guard_tests::bpf::{self, bpf_attach_type, bpf_prog_type};
 use crate::bench::Firewall;
 
 /// The guard's hooks: (its link and program pin name, program type, attach type, the
-/// empty program's name). The last, conceal mode's, is swapped only while attached.
+/// empty program's name). Those in [`ATTACHED_ONLY_SOMETIMES`] are swapped only while
+/// attached.
 const HOOKS: [(&str, bpf_prog_type, bpf_attach_type, &str); 7] = [
     (
         "sock_create",
@@ -55,7 +56,10 @@ const HOOKS: [(&str, bpf_prog_type, bpf_attach_type, &str); 7] = [
     ("egress", bpf_prog_type::BPF_PROG_TYPE_CGROUP_SKB, bpf_attach_type::BPF_CGROUP_INET_EGRESS, "mg_empty_egress"),
     ("conceal_ops", bpf_prog_type::BPF_PROG_TYPE_SOCK_OPS, bpf_attach_type::BPF_CGROUP_SOCK_OPS, "mg_empty_ops"),
 ];
-const ONLY_IN_CONCEAL_MODE: &str = "conceal_ops";
+/// `conceal_ops` runs only in conceal mode; `sock_create` only where the packet
+/// backstop reads socket marks (kernels whose cgroup_skb programs lack
+/// `bpf_get_netns_cookie`).
+const ATTACHED_ONLY_SOMETIMES: [&str; 2] = ["conceal_ops", "sock_create"];
 
 /// The host-side table (the agent's `inet metadata_guard`) and its base chains.
 const HOST_TABLE: &str = "inet metadata_guard";
@@ -106,7 +110,7 @@ pub(crate) fn swap_in(bpffs: &Path, empty: &EmptyPrograms) -> Result<Swapped> {
     let mut swapped = Swapped { links: Vec::new() };
     for ((pin, ..), empty_fd) in HOOKS.iter().zip(&empty.fds) {
         let (link_pin, prog_pin) = (dir.join("links").join(pin), dir.join("programs").join(pin));
-        if *pin == ONLY_IN_CONCEAL_MODE && !link_pin.exists() {
+        if ATTACHED_ONLY_SOMETIMES.contains(pin) && !link_pin.exists() {
             continue;
         }
         let link = bpf::obj_get(&link_pin).with_context(|| format!("could not open {}", link_pin.display()))?;

@@ -35,7 +35,7 @@ pub(crate) fn empty_twin(guard_program: &str) -> &'static str {
         "mg_connect6" => "mg_empty_conn6",
         "mg_sendmsg4" => "mg_empty_send4",
         "mg_sendmsg6" => "mg_empty_send6",
-        "mg_egress" => "mg_empty_egress",
+        "mg_egress" | "mg_egress_netns" => "mg_empty_egress",
         _ => "?",
     }
 }

@@ -14,7 +14,7 @@ use crate::{
     packets::PacketTap,
 };
 
-pub(crate) const SCENARIOS: [crate::Scenario; 7] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 8] = [
     ("backstop: raw ICMP, raw TCP SYN and raw UDP from a pod never reach the node", pod_raw_packets_dropped),
     ("backstop: the same raw packets from a host-network process arrive", host_raw_packets_arrive),
     ("backstop: TCP Fast Open from a pod is refused", pod_fast_open_refused),
@@ -24,6 +24,10 @@ pub(crate) const SCENARIOS: [crate::Scenario; 7] = [
     (
         "backstop: a host socket handed to a pod over a unix socket keeps the host's access",
         handed_socket_keeps_host_access,
+    ),
+    (
+        "backstop: from socket marks to the kernel's netns cookie (where it has one) in place, no sock_create left",
+        marks_then_kernel_netns,
     ),
 ];
 
@@ -181,4 +185,36 @@ fn handed_socket_keeps_host_access(ctx: &mut Ctx) -> Result<()> {
     ensure!(out.ok == 1, "a host socket handed to the pod did not reach the metadata service: {out:?}");
     // A socket the pod makes itself, in the same process and cgroup, is refused.
     ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)
+}
+
+/// Each packet's namespace, from marks made by sock_create (forced) and then from what
+/// the kernel offers: where its cgroup_skb programs have `bpf_get_netns_cookie`, the
+/// egress link is swapped in place and sock_create detached; the block holds in both.
+fn marks_then_kernel_netns(ctx: &mut Ctx) -> Result<()> {
+    let raw_ok = |ctx: &Ctx, how: &str| -> Result<()> {
+        let (out, arrived) = arrivals_of(ctx, Who::Pod(0), Kind::RawUdp, libc::IPPROTO_UDP, METADATA_V4)?;
+        ensure!(out.ok == 0 && arrived == 0, "{how}: raw UDP from a pod got through ({out:?}, {arrived} arrived)");
+        let (out, arrived) = arrivals_of(ctx, Who::HostInPodCgroup(0), Kind::RawUdp, libc::IPPROTO_UDP, METADATA_V4)?;
+        ensure!(out.ok == 1 && arrived >= 1, "{how}: raw UDP from the host: sent {out:?}, {arrived} arrived");
+        Ok(())
+    };
+    let hooks = |status: &crate::agent::Status| status.programs.iter().map(|p| p.hook.clone()).collect::<Vec<_>>();
+    let egress_link =
+        |status: &crate::agent::Status| status.programs.iter().find(|p| p.hook == "egress").map(|p| p.link_id);
+
+    ctx.ensure_agent(&["--packet-netns-from", "marks"])?;
+    let marks = ctx.status()?;
+    ensure!(marks.packet_netns_from.as_deref() == Some("marks"), "forced marks, status says {marks:?}");
+    ensure!(hooks(&marks).iter().any(|h| h == "sock_create"), "marks without sock_create: {:?}", hooks(&marks));
+    raw_ok(ctx, "with socket marks")?;
+
+    ctx.default_agent()?;
+    let auto = ctx.status()?;
+    let expected = if metadata_guard_tests::bpf::cgroup_skb_has_netns_cookie() { "helper" } else { "marks" };
+    ensure!(auto.packet_netns_from.as_deref() == Some(expected), "expected {expected} here, status says {auto:?}");
+    ensure!(auto.enforcing && auto.problems.is_empty(), "not enforcing after the switch: {auto:?}");
+    ensure!(egress_link(&auto) == egress_link(&marks), "the egress link was replaced, not swapped in place");
+    let sock_create = hooks(&auto).iter().any(|h| h == "sock_create");
+    ensure!(sock_create == (expected == "marks"), "sock_create attached: {sock_create} with {expected}");
+    raw_ok(ctx, &format!("with {expected}"))
 }

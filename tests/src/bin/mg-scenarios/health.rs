@@ -82,8 +82,10 @@ fn pins_removed(ctx: &mut Ctx) -> Result<()> {
     wait_readyz(agent, 200, NOTICE)?;
     ensure!(metric(agent, "metadata_guard_enforcement_restores_total")? >= 1.0, "no restore counted");
     let status = ctx.status()?;
-    // The six enforcement programs; conceal mode's sockops recorder only in conceal mode.
-    ensure!(status.enforcing && status.programs.len() == 6, "not whole after the restore: {status:?}");
+    // The enforcement programs; conceal mode's sockops recorder only in conceal mode.
+    let hooks: Vec<&str> = status.programs.iter().map(|p| p.hook.as_str()).collect();
+    let expected = metadata_guard_tests::bpf::enforcement_hooks();
+    ensure!(status.enforcing && hooks == expected, "not whole after the restore (expected {expected:?}): {status:?}");
     ctx.expect_refused(Who::Pod(0), Kind::Http, METADATA_V4, 80, false)?;
     ctx.expect_refused(Who::Pod(0), Kind::UdpSendto, METADATA_V4, 80, false)
 }

@@ -121,8 +121,10 @@ fn status_after_kill(ctx: &mut Ctx) -> Result<()> {
     ctx.agent.take().context("no agent")?.kill()?;
     let status = ctx.status()?;
     ensure!(status.enforcing && !status.agent_running, "status after SIGKILL: {status:?}");
-    // The six enforcement programs; conceal mode's sockops recorder is not attached in enforce mode.
-    ensure!(status.programs.len() == 6, "expected 6 attached programs: {status:?}");
+    // The enforcement programs; conceal mode's sockops recorder is not attached in enforce mode.
+    let hooks: Vec<&str> = status.programs.iter().map(|p| p.hook.as_str()).collect();
+    let expected = metadata_guard_tests::bpf::enforcement_hooks();
+    ensure!(hooks == expected, "expected the hooks {expected:?} attached: {status:?}");
     ensure!(status.mode.as_deref() == Some("enforce"), "mode missing from status: {status:?}");
     ensure!(status.destinations.iter().any(|d| d.starts_with("169.254.169.254/32")), "{status:?}");
     block_in_force(ctx, "SIGKILL")?;

@@ -1,0 +1,86 @@
+//! How the packet backstop tells a host socket's packet from a pod's: the choice
+//! decides which programs are loaded and attached (see `programs::Attachment`).
+
+use aya::{
+    programs::ProgramType,
+    sys::{is_helper_supported, BpfHelper},
+};
+use metadata_guard_common::program_names;
+
+/// The packet backstop's way of knowing a packet's socket's network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backstop {
+    /// `mg_egress_netns` asks the kernel (`bpf_get_netns_cookie` in cgroup_skb
+    /// programs, kernels from 2025): no program runs at socket creation.
+    NetnsHelper,
+    /// `mg_sock_create` marks every host socket at its creation and `mg_egress` reads
+    /// the mark back (every kernel from 5.10).
+    SocketMarks,
+}
+
+impl Backstop {
+    /// The best this kernel has. A probe that fails for another reason than the
+    /// helper's absence (privileges) picks the marks, which every kernel has: loading
+    /// then says what is missing.
+    pub fn detect() -> Backstop {
+        match is_helper_supported(ProgramType::CgroupSkb, BpfHelper::BPF_FUNC_get_netns_cookie) {
+            Ok(true) => Backstop::NetnsHelper,
+            _ => Backstop::SocketMarks,
+        }
+    }
+
+    /// `forced`, or the detected one.
+    pub fn resolve(forced: Option<Backstop>) -> Backstop {
+        forced.unwrap_or_else(Backstop::detect)
+    }
+
+    /// The egress program this backstop runs.
+    pub fn egress_program(self) -> &'static str {
+        match self {
+            Backstop::NetnsHelper => program_names::EGRESS_NETNS,
+            Backstop::SocketMarks => program_names::EGRESS,
+        }
+    }
+
+    /// Which backstop a pinned egress program belongs to, by its name (the kernel
+    /// keeps 15 bytes of a name: both fit).
+    pub fn of_egress_program(name: &str) -> Backstop {
+        if name == program_names::EGRESS_NETNS {
+            Backstop::NetnsHelper
+        } else {
+            Backstop::SocketMarks
+        }
+    }
+
+    /// For logs, `status` and `check`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Backstop::NetnsHelper => {
+                "the kernel's netns cookie of each packet's socket (bpf_get_netns_cookie in cgroup_skb)"
+            }
+            Backstop::SocketMarks => "host sockets marked at creation (sock_create and socket storage)",
+        }
+    }
+
+    /// The short name `status --json` shows and `--packet-netns-from` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backstop::NetnsHelper => "helper",
+            Backstop::SocketMarks => "marks",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backstop;
+
+    #[test]
+    fn a_pinned_egress_program_names_its_backstop() {
+        // Kernel program names are cut to 15 bytes: "mg_egress_netns" fits exactly.
+        assert_eq!(metadata_guard_common::program_names::EGRESS_NETNS.len(), 15);
+        assert_eq!(Backstop::of_egress_program("mg_egress_netns"), Backstop::NetnsHelper);
+        assert_eq!(Backstop::of_egress_program("mg_egress"), Backstop::SocketMarks);
+        assert_eq!(Backstop::of_egress_program("unknown"), Backstop::SocketMarks);
+    }
+}
