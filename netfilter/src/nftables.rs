@@ -37,6 +37,9 @@ pub const NF_INET_FORWARD: u32 = 2;
 pub const NF_INET_LOCAL_OUT: u32 = 3;
 
 pub const NFTA_TABLE_NAME: u16 = 1;
+pub const NFTA_TABLE_FLAGS: u16 = 2;
+/// A dormant table's base chains are unregistered from their hooks: it judges nothing.
+pub const NFT_TABLE_F_DORMANT: u32 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
 pub const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_CHAIN_HOOK: u16 = 4;
@@ -164,6 +167,14 @@ impl Batch {
         let mut w = AttrWriter::new();
         w.str(NFTA_TABLE_NAME, table);
         self.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, &w);
+        self
+    }
+
+    /// Sets the flags of an existing table, e.g. [`NFT_TABLE_F_DORMANT`] (0 wakes it).
+    pub fn set_table_flags(&mut self, table: &str, flags: u32) -> &mut Self {
+        let mut w = AttrWriter::new();
+        w.str(NFTA_TABLE_NAME, table).be32(NFTA_TABLE_FLAGS, flags);
+        self.push(NFT_MSG_NEWTABLE, 0, &w);
         self
     }
 

@@ -6,14 +6,16 @@
 //!   set allow_if      { type ifindex }            host-side interfaces of allowlisted pods
 //!   set allow_src4    { type ifindex . ipv4_addr } (bridge, address) of allowlisted pods behind one
 //!   set allow_src6    { type ifindex . ipv6_addr }
-//!   set lead4, lead6  { 16-bit keys: a bitmap }   first 16 bits of those (the prefilter)
+//!   set lead4, lead6  { 16-bit keys: a bitmap }   first 16 bits of those, when more than
+//!                                                 the prefilter rule compares (prefilter.rs)
 //!   set any4, any6    { interval }                every shape's destinations
 //!   set d4_N, d6_N    { interval }                destinations of rule shape N
 //!   set p_N           { type inet_service }       ports of rule shape N (when it lists some)
-//!   chain input   { hook input   priority 101 }   daddr's lead not in lead4/lead6: accept;
+//!   chain input   { hook input   priority 101 }   daddr's lead not a covered one: accept;
 //!                                                 jump judge
 //!   chain forward { hook forward priority 0 }     the same
-//!   chain output  { hook output  priority 0 }     packets with a socket: accept; then the same
+//!   chain output  { hook output  priority 0 }     the same, but packets with a socket are
+//!                                                 accepted before the jump
 //!   chain judge                                   from lo: accept; daddr not in any4/any6:
 //!                                                 return; per shape: match → jump refuse
 //!   chain refuse                                  allowlisted (by iif, or iif . saddr):
@@ -29,18 +31,16 @@
 //! `output`, socket-less, where the output chain judges it.)
 //!
 //! Every packet the node receives, forwards or sends passes a base chain, so each
-//! leaves after one bit test when no shape covers the first 16 bits of its
-//! destination — nearly all do (a 2-byte key makes the kernel choose its bitmap set).
-//! The shapes' rules, an interval lookup each, ran on every packet before: ~15 % on a
-//! pod's connect to the node in the bench; one interval lookup still cost a UDP
-//! datagram ~90 ns. A destination that shares its lead with a blocked one (NodeLocal
-//! DNSCache's 169.254.20.10) takes one interval lookup more, in `judge`.
+//! leaves at the head of it, after a few inline compares, when no shape covers the
+//! first 16 bits of its destination — nearly all do (prefilter.rs). The shapes' rules,
+//! an interval lookup each, ran on every packet before: ~15 % on a pod's connect to
+//! the node in the bench.
 
 use metadata_guard_netfilter::nftables::*;
 
 use super::{
     pods::Allowed,
-    ruleset::{covered, interval_keys_v4, interval_keys_v6, Covered, Ports, Shape},
+    ruleset::{covered, interval_keys_v4, interval_keys_v6, Ports, Shape},
 };
 
 pub const TABLE: &str = "metadata_guard";
@@ -67,9 +67,9 @@ pub(super) const BASE_CHAINS: [(&str, u32, i32); 3] = [
 /// The loopback device has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 const IPV4_SADDR_OFFSET: u32 = 12;
-const IPV4_DADDR_OFFSET: u32 = 16;
+pub(super) const IPV4_DADDR_OFFSET: u32 = 16;
 const IPV6_SADDR_OFFSET: u32 = 8;
-const IPV6_DADDR_OFFSET: u32 = 24;
+pub(super) const IPV6_DADDR_OFFSET: u32 = 24;
 /// Allowlisted pods behind a shared interface: keyed by `iif . saddr`.
 const ALLOW_SRC4: &str = "allow_src4";
 const ALLOW_SRC6: &str = "allow_src6";
@@ -161,7 +161,7 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
         b.add_elements(t, ALLOW_SRC6, &e6);
     }
     let covered = covered(&c.shapes);
-    add_prefilter_sets(b, t, &covered);
+    prefilter::add_sets(b, t, &covered);
     for (n, shape) in c.shapes.iter().enumerate() {
         add_shape_sets(b, t, n, shape);
     }
@@ -173,104 +173,28 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
     }
     refuse_rules(b, t, c.audit);
     b.add_rule(t, "judge", &[meta(NFT_META_IIF), cmp_eq(&LOOPBACK_IFINDEX.to_ne_bytes()), Expr::verdict(NF_ACCEPT)]);
-    not_covered_returns(b, t);
+    prefilter::not_covered_returns(b, t);
     for (n, shape) in c.shapes.iter().enumerate() {
         shape_rules(b, t, n, shape);
     }
-    for chain in ["input", "forward"] {
-        prefilter_rules(b, t, chain, &covered);
-    }
-    // IPVS sends the packets it balances through LOCAL_OUT without a socket; host
-    // processes' own packets have one (loading the socket's uid fails without).
-    b.add_rule(
-        t,
-        "output",
-        &[
-            meta(NFT_META_SKUID),
-            Expr::Cmp { op: CmpOp::Gte, sreg: NFT_REG_1, data: 0u32.to_ne_bytes().to_vec() },
-            Expr::verdict(NF_ACCEPT),
-        ],
-    );
-    prefilter_rules(b, t, "output", &covered);
-}
-
-const ANY4: &str = "any4";
-const ANY6: &str = "any6";
-const LEAD4: &str = "lead4";
-const LEAD6: &str = "lead6";
-/// Bytes of a destination's lead, the prefilter's key.
-const LEAD_LEN: u32 = 2;
-
-/// Per family: (nfproto, destination offset, address length, interval set, lead set).
-const FAMILIES: [(u8, u32, u32, &str, &str); 2] =
-    [(NFPROTO_IPV4, IPV4_DADDR_OFFSET, 4, ANY4, LEAD4), (NFPROTO_IPV6, IPV6_DADDR_OFFSET, 16, ANY6, LEAD6)];
-
-fn add_prefilter_sets(b: &mut Batch, t: &str, covered: &Covered) {
-    let v4 = SetSpec { name: ANY4.into(), key_type: TYPE_IPADDR, key_len: 4, interval: true };
-    let v6 = SetSpec { name: ANY6.into(), key_type: TYPE_IP6ADDR, key_len: 16, interval: true };
-    b.add_set(t, &v4).add_set(t, &v6);
-    for (name, leads) in [(LEAD4, covered.leads_v4()), (LEAD6, covered.leads_v6())] {
-        // Without a lead set (too many leads), the base chains send every packet of
-        // the family on to `judge`.
-        let Some(leads) = leads else { continue };
-        let set = SetSpec { name: name.into(), key_type: TYPE_INTEGER, key_len: LEAD_LEN, interval: false };
-        b.add_set(t, &set);
-        let keys: Vec<Element> =
-            leads.iter().map(|l| Element { key: l.to_be_bytes().to_vec(), interval_end: false }).collect();
-        if !keys.is_empty() {
-            b.add_elements(t, name, &keys);
-        }
-    }
-    let e4: Vec<Element> = covered.v4.iter().flat_map(|r| elements(interval_keys_v4(*r))).collect();
-    let e6: Vec<Element> = covered.v6.iter().flat_map(|r| elements(interval_keys_v6(*r))).collect();
-    if !e4.is_empty() {
-        b.add_elements(t, ANY4, &e4);
-    }
-    if !e6.is_empty() {
-        b.add_elements(t, ANY6, &e6);
-    }
-}
-
-/// A packet whose destination's lead no shape covers leaves the base chain at its
-/// family's rule (accept ends only this chain: other tables still see the packet, as
-/// when it falls off the end); the rest go on to `judge`. Accepting on a miss, not
-/// jumping on a hit, spares the common packet the other family's rule.
-fn prefilter_rules(b: &mut Batch, t: &str, chain: &str, covered: &Covered) {
-    let has_leads = [covered.leads_v4().is_some(), covered.leads_v6().is_some()];
-    for ((family, offset, _, _, lead), has_lead) in FAMILIES.into_iter().zip(has_leads) {
-        // Without a lead set every packet of the family goes on to `judge`.
-        if has_lead {
+    for chain in ["input", "forward", "output"] {
+        prefilter::accept_rules(b, t, chain, &covered);
+        if chain == "output" {
+            // IPVS sends the packets it balances through LOCAL_OUT without a socket;
+            // host processes' own packets have one (loading the socket's uid fails
+            // without). After the prefilter: `meta` is a function call, the prefilter's
+            // expressions run inline.
             b.add_rule(
                 t,
                 chain,
                 &[
-                    meta(NFT_META_NFPROTO),
-                    cmp_eq(&[family]),
-                    Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset, len: LEAD_LEN, dreg: NFT_REG_1 },
-                    Expr::Lookup { set: lead.into(), sreg: NFT_REG_1, invert: true },
+                    meta(NFT_META_SKUID),
+                    Expr::Cmp { op: CmpOp::Gte, sreg: NFT_REG_1, data: 0u32.to_ne_bytes().to_vec() },
                     Expr::verdict(NF_ACCEPT),
                 ],
             );
         }
-    }
-    b.add_rule(t, chain, &[Expr::jump("judge")]);
-}
-
-/// In `judge`: a destination no shape covers (it only shares its lead with one)
-/// returns after one interval lookup instead of going through every shape's rules.
-fn not_covered_returns(b: &mut Batch, t: &str) {
-    for (family, offset, len, any, _) in FAMILIES {
-        b.add_rule(
-            t,
-            "judge",
-            &[
-                meta(NFT_META_NFPROTO),
-                cmp_eq(&[family]),
-                Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset, len, dreg: NFT_REG_1 },
-                Expr::Lookup { set: any.into(), sreg: NFT_REG_1, invert: true },
-                Expr::verdict(NFT_RETURN),
-            ],
-        );
+        b.add_rule(t, chain, &[Expr::jump("judge")]);
     }
 }
 
@@ -295,7 +219,7 @@ fn add_shape_sets(b: &mut Batch, t: &str, n: usize, shape: &Shape) {
     }
 }
 
-fn elements((start, end): (Vec<u8>, Option<Vec<u8>>)) -> Vec<Element> {
+pub(super) fn elements((start, end): (Vec<u8>, Option<Vec<u8>>)) -> Vec<Element> {
     let mut out = vec![Element { key: start, interval_end: false }];
     out.extend(end.map(|key| Element { key, interval_end: true }));
     out
@@ -462,5 +386,6 @@ fn cmp_eq(data: &[u8]) -> Expr {
     Expr::Cmp { op: CmpOp::Eq, sreg: NFT_REG_1, data: data.to_vec() }
 }
 
+mod prefilter;
 #[cfg(test)]
 mod tests;

@@ -50,7 +50,7 @@ fn concatenated_key_types_read_as_nft_prints_them() {
 }
 
 #[test]
-fn the_prefilter_holds_each_blocked_lead_once_in_network_order_and_every_range_joined() {
+fn the_prefilter_compares_each_blocked_lead_once_in_network_order_and_every_range_joined() {
     let shapes = crate::hostside::ruleset::shapes(
         &crate::policy::compile(&[
             crate::policy::BlockRule::all("169.254.169.254/32".parse().unwrap()),
@@ -60,8 +60,55 @@ fn the_prefilter_holds_each_blocked_lead_once_in_network_order_and_every_range_j
         .unwrap(),
     );
     let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
-    assert_eq!(keys_of(replace(&content), LEAD4), vec![vec![169, 254]]);
-    assert_eq!(keys_of(replace(&content), LEAD6), vec![vec![0xfd, 0x00]]);
+    // Few leads: compared in the rule, no lead set.
+    assert!(keys_of(replace(&content), prefilter::LEAD4).is_empty());
+    let compared = lead_compares(replace(&content), "input");
+    assert_eq!(compared, vec![vec![vec![169, 254]], vec![vec![0xfd, 0x00]]]);
     // One interval: the /16 holds the /32 (start, and the first address after it).
-    assert_eq!(keys_of(replace(&content), ANY4), vec![vec![169, 254, 0, 0], vec![169, 255, 0, 0]]);
+    assert_eq!(keys_of(replace(&content), prefilter::ANY4), vec![vec![169, 254, 0, 0], vec![169, 255, 0, 0]]);
+}
+
+#[test]
+fn more_leads_than_the_rule_compares_go_to_a_set() {
+    let blocked: Vec<_> = (0..=prefilter::MAX_LEAD_COMPARES as u8)
+        .map(|i| crate::policy::BlockRule::all(format!("10.{i}.0.1/32").parse().unwrap()))
+        .collect();
+    let shapes = crate::hostside::ruleset::shapes(&crate::policy::compile(&blocked).unwrap());
+    let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
+    let leads = keys_of(replace(&content), prefilter::LEAD4);
+    assert_eq!(leads.len(), prefilter::MAX_LEAD_COMPARES + 1);
+    assert_eq!(leads[0], vec![10, 0]);
+    assert_eq!(lead_compares(replace(&content), "input")[0], Vec::<Vec<u8>>::new());
+}
+
+/// Per prefilter rule of `chain` (those that mask the version word), the values its
+/// `!=` compares hold.
+fn lead_compares(batch: Batch, chain: &str) -> Vec<Vec<Vec<u8>>> {
+    let rules = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE;
+    let mut out = Vec::new();
+    for m in batch.finish().iter().filter(|m| m.kind == rules) {
+        let attrs = Attrs::new(&m.body[4..]);
+        if attrs.find(NFTA_RULE_CHAIN).map(|a| a.str()).as_deref() != Some(chain) {
+            continue;
+        }
+        let mut neq = Vec::new();
+        let mut masks_version = false;
+        for e in attrs.find(NFTA_RULE_EXPRESSIONS).unwrap().nested() {
+            let e = e.nested();
+            let name = e.find(NFTA_EXPR_NAME).unwrap().str();
+            let data = e.find(NFTA_EXPR_DATA).map(|d| d.nested());
+            match (name.as_str(), data) {
+                // NFTA_CMP_OP (2) is NFT_CMP_NEQ (1); NFTA_CMP_DATA (3) holds the value.
+                ("cmp", Some(d)) if d.find(2).map(|o| o.value.to_vec()) == Some(1u32.to_be_bytes().to_vec()) => {
+                    neq.push(d.find(3).unwrap().nested().find(NFTA_DATA_VALUE).unwrap().value.to_vec());
+                }
+                ("bitwise", _) => masks_version = true,
+                _ => {}
+            }
+        }
+        if masks_version {
+            out.push(neq);
+        }
+    }
+    out
 }

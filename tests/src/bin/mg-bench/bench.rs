@@ -25,9 +25,10 @@ use metadata_guard_tests::{
 
 use crate::{
     agent::{self, Agent, AgentSpec},
-    floor::{self, EmptyPrograms, Swapped},
+    floor::EmptyPrograms,
     forwarded::Beyond,
     node::Node,
+    variant::{Switch, Variant, FLOOR_TABLE, HOST_TABLE},
     worker::{Op, Reply, Worker},
 };
 
@@ -35,29 +36,6 @@ pub(crate) const TCP_PORT: u16 = 9100;
 pub(crate) const UDP_PORT: u16 = 9101;
 pub(crate) const BULK_PORT: u16 = 9102;
 pub(crate) const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-
-/// The ways a node can be set up for one sample.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Variant {
-    /// No guard: the pod's cgroup is outside the attach point and the host-side table
-    /// is dormant.
-    None,
-    /// The whole guard: its programs run for the pod (its cgroup is under the attach
-    /// point) and the host-side table judges the node's packets.
-    Guard,
-    /// No guard (as `None`); a firewall rule set is in force in the node namespace.
-    Firewall,
-    /// The guard's hooks with nothing to do (see `floor`): the kernel's own cost of
-    /// running a program or a base chain there, the floor under the guard's.
-    Empty,
-}
-
-/// What [`Bench::enter`] changed, for [`Bench::leave`] to undo.
-pub(crate) enum Entered {
-    Nothing,
-    Dormant,
-    Floor { links: Swapped, chains: Vec<(&'static str, u64)> },
-}
 
 pub(crate) struct Bench {
     pub agent: Option<Agent>,
@@ -67,6 +45,8 @@ pub(crate) struct Bench {
     pub plain: TestCgroup,
     /// Swapped into the guard's links for the floor's samples.
     pub empty_programs: EmptyPrograms,
+    /// Moves the node between variants; made once the agent's table exists.
+    switch: Option<Switch>,
     /// A network one hop beyond the node, for forwarded traffic.
     pub beyond: Beyond,
     pub node: Node,
@@ -93,7 +73,7 @@ impl Bench {
         let servers = Servers::start(node.sim.node())?;
         let beyond = Beyond::build(&node)?;
         let worker = Worker::start(&pod.net.ns.path())?;
-        Ok(Bench { agent: None, worker, servers, plain, empty_programs, beyond, node, agent_bin, quick })
+        Ok(Bench { agent: None, worker, servers, plain, empty_programs, switch: None, beyond, node, agent_bin, quick })
     }
 
     /// Where the pod sends allowed traffic: its gateway, the node end of its veth.
@@ -102,37 +82,46 @@ impl Bench {
     }
 
     pub(crate) fn cgroup(&self, v: Variant) -> &Path {
-        match v {
-            Variant::Guard | Variant::Empty => self.node.pods[0].cgroup.path(),
-            Variant::None | Variant::Firewall => self.plain.path(),
+        if v.guarded_cgroup() {
+            self.node.pods[0].cgroup.path()
+        } else {
+            self.plain.path()
         }
     }
 
-    /// Sets the node up for a sample of `v` (the firewall's own rules aside).
-    pub(crate) fn enter(&self, v: Variant, fw: &Firewall) -> Result<Entered> {
-        Ok(match v {
-            Variant::Guard => Entered::Nothing,
-            Variant::None | Variant::Firewall => {
-                floor::host_table_dormant(fw, true)?;
-                Entered::Dormant
-            }
-            Variant::Empty => {
-                let links = floor::swap_in(&self.node.bpffs, &self.empty_programs)?;
-                Entered::Floor { links, chains: floor::host_chains_accept(fw)? }
-            }
-        })
+    /// Sets the node up for samples of `v` (the firewall's rules are loaded by
+    /// [`Bench::load_firewall`]); `Variant::Guard` is the whole guard in force.
+    pub(crate) fn set(&mut self, v: Variant) -> Result<()> {
+        self.switch()?;
+        let switch = self.switch.as_mut().context("no switch")?;
+        switch.set(v, &self.node.bpffs, &self.empty_programs)
     }
 
-    /// Undoes [`Bench::enter`]: the whole guard in force again.
-    pub(crate) fn leave(&self, entered: Entered, fw: &Firewall) -> Result<()> {
-        match entered {
-            Entered::Nothing => Ok(()),
-            Entered::Dormant => floor::host_table_dormant(fw, false),
-            Entered::Floor { links, chains } => {
-                links.restore()?;
-                floor::host_chains_restore(fw, &chains)
-            }
+    /// Loads the firewall variant's rules (asleep until its samples).
+    pub(crate) fn load_firewall(&mut self, rules: &dyn Fn(&Firewall) -> Result<()>) -> Result<()> {
+        self.switch()?;
+        let fw = self.firewall()?;
+        fw.clear()?;
+        rules(&fw)?;
+        self.switch.as_mut().context("no switch")?.adopt_firewall(&fw)
+    }
+
+    /// Removes the firewall variant's rules; the whole guard in force.
+    pub(crate) fn unload_firewall(&mut self) -> Result<()> {
+        self.set(Variant::Guard)?;
+        if let Some(s) = self.switch.as_mut() {
+            s.forget_firewall();
         }
+        self.firewall()?.clear()
+    }
+
+    /// Creates the switch (and the floor's table) on first use.
+    fn switch(&mut self) -> Result<()> {
+        if self.switch.is_none() {
+            let fw = self.firewall()?;
+            self.switch = Some(Switch::new(&self.node.node_netns(), &fw)?);
+        }
+        Ok(())
     }
 
     pub(crate) fn run(&mut self, v: Variant, op: Op) -> Result<Reply> {
@@ -270,9 +259,32 @@ impl Firewall {
         self.exec("nft", &["-f", "-"], script).map(drop)
     }
 
-    /// Loads an nft script and returns what nft echoes of it, with rule handles.
-    pub(crate) fn nft_echo(&self, script: &str) -> Result<String> {
-        self.exec("nft", &["--echo", "--handle", "-f", "-"], script)
+    /// `nft -j ARGS`, parsed.
+    pub(crate) fn nft_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.exec("nft", &[&["-j"], args].concat(), "")?;
+        serde_json::from_str(&out).with_context(|| format!("`nft -j {}` printed no JSON: {out}", args.join(" ")))
+    }
+
+    /// Every table in the node namespace, as (nfproto family, name).
+    pub(crate) fn tables(&self) -> Result<Vec<(u8, String)>> {
+        use metadata_guard_netfilter::nftables::{NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6};
+        let listed = self.exec("nft", &["list", "tables"], "")?;
+        listed
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("table "))
+            .map(|t| {
+                let (family, name) = t.split_once(' ').with_context(|| format!("`nft list tables` printed {t:?}"))?;
+                let family = match family {
+                    "inet" => NFPROTO_INET,
+                    "ip" => NFPROTO_IPV4,
+                    "ip6" => NFPROTO_IPV6,
+                    other => {
+                        bail!("a firewall table of family {other} ({name}): the bench switches only ip, ip6 and inet")
+                    }
+                };
+                Ok((family, name.to_string()))
+            })
+            .collect()
     }
 
     /// Loads iptables rules for the filter table (iptables-nft backend).
@@ -280,14 +292,14 @@ impl Firewall {
         self.exec("iptables-nft-restore", &[], rules).map(drop)
     }
 
-    /// Removes every table in the node namespace but the agent's host-side table:
-    /// iptables-nft's too, hooks and all.
+    /// Removes every table in the node namespace but the agent's host-side table and
+    /// the floor's: iptables-nft's too, hooks and all.
     pub(crate) fn clear(&self) -> Result<()> {
         let tables = self.exec("nft", &["list", "tables"], "")?;
         let script: String = tables
             .lines()
             .filter_map(|l| l.trim().strip_prefix("table "))
-            .filter(|t| *t != "inet metadata_guard")
+            .filter(|t| *t != format!("inet {HOST_TABLE}") && *t != format!("inet {FLOOR_TABLE}"))
             .map(|t| format!("delete table {t}\n"))
             .collect();
         if script.is_empty() {

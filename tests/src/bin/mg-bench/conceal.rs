@@ -1,5 +1,5 @@
-//! Conceal mode's figures: what it costs a connect it does not redirect (8c), and a
-//! request it lets through (8). The same metadata GET,
+//! Conceal mode's figures: what it costs a connect it does not redirect (9b), and a
+//! request it lets through (9). The same metadata GET,
 //! each on a new connection, from the host network (straight to the stand-in) and
 //! from the pod (redirected by the kernel to the agent's proxy, judged, and sent on a
 //! new upstream connection), interleaved round by round.
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bench::{Bench, METADATA, TCP_PORT},
     figures::{per_op_row, scale_row, targets},
+    profile::{self, Profile},
     report::{Figure, Measured, Row},
     worker::Op,
 };
@@ -41,7 +42,9 @@ struct Done {
     credentials_status: u16,
 }
 
-pub(crate) fn figures(b: &mut Bench) -> Result<Vec<Figure>> {
+/// Both figures, and the BPF profile of a connect in conceal mode (the profile's
+/// figure holds it).
+pub(crate) fn figures(b: &mut Bench) -> Result<(Vec<Figure>, Profile)> {
     let proxy = SocketAddrV4::new(b.node.pods[0].net.node_side_ipv4, PROXY_PORT).to_string();
     b.start_agent(&["--mode", "conceal", "--conceal-addr", &proxy])?;
     let (rounds, requests) = if b.quick { (3, 50) } else { (15, 400) };
@@ -59,10 +62,13 @@ pub(crate) fn figures(b: &mut Bench) -> Result<Vec<Figure>> {
         proxied.push(through.mean_us);
     }
     let not_redirected = not_redirected(b)?;
+    let per_chunk = profile::operations(b) / profile::CHUNKS;
+    let op = Op::TcpConnect { dest: b.node_addr(TCP_PORT), count: per_chunk };
+    let measured = profile::measure(b, vec![(profile::TCP_CONNECT_CONCEAL, op)])?;
     b.start_agent(&[])?;
-    Ok(vec![
+    let figures = vec![
         Figure {
-            title: "8. Conceal mode: a metadata request the proxy passes".into(),
+            title: "9. Conceal mode: a metadata request the proxy passes".into(),
             unit: "µs per request".into(),
             rows: vec![Row {
                 case: "GET instance-id, new connection each".into(),
@@ -81,19 +87,20 @@ pub(crate) fn figures(b: &mut Bench) -> Result<Vec<Figure>> {
             ..Default::default()
         },
         not_redirected,
-    ])
+    ];
+    Ok((figures, measured))
 }
 
 /// Conceal mode's allowed path: a pod's TCP connect + close to the node, which the
 /// redirect leaves alone, but `mg_conceal_ops` (sock_ops) sees on every TCP event.
 fn not_redirected(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count) = if b.quick { (3, 300) } else { (41, 1000) };
+    let (rounds, count) = if b.quick { (3, 300) } else { (301, 200) };
     let dest = b.node_addr(TCP_PORT);
     let row = per_op_row(b, "connect + close, conceal mode", rounds, count, Op::TcpConnect { dest, count })?;
     Ok(Figure {
-        title: "8c. Conceal mode: a connect that is not redirected".into(),
+        title: "9b. Conceal mode: a connect that is not redirected".into(),
         unit: "µs per connect".into(),
-        targets: targets("8c. conceal mode, TCP connect+close", &row, 1.01, true),
+        targets: targets("9b. conceal mode, TCP connect+close", &row, 1.01, true),
         rows: vec![scale_row(row, 1e-3)],
         notes: vec![format!(
             "As figure 1 with the agent in conceal mode: {count} connects per sample from the pod to the node, none to \

@@ -6,15 +6,17 @@ use std::{net::SocketAddrV4, time::Duration};
 use anyhow::{bail, ensure, Result};
 
 use crate::{
-    bench::{iptables_rules, Bench, Firewall, Variant, BULK_PORT, METADATA, TCP_PORT, UDP_PORT},
+    bench::{iptables_rules, Bench, Firewall, BULK_PORT, METADATA, TCP_PORT, UDP_PORT},
     interrupted,
     report::{median, Figure, Measured, Row, Target},
+    variant::Variant,
     worker::{Op, Reply},
 };
 
 /// Columns of every allowed-path figure: the baseline first, the guard second, one
 /// iptables rule third, the guard's hooks empty (the kernel's hook cost) fourth.
-pub(crate) const ALL: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
+pub(crate) const ALL: [Variant; 6] =
+    [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty, Variant::Programs, Variant::Table];
 
 pub(crate) fn label(v: Variant) -> &'static str {
     match v {
@@ -22,6 +24,8 @@ pub(crate) fn label(v: Variant) -> &'static str {
         Variant::Guard => "guard",
         Variant::Firewall => "iptables DROP rule",
         Variant::Empty => "the guard's hooks, empty",
+        Variant::Programs => "the guard's programs, base chains empty",
+        Variant::Table => "the host-side table, programs empty",
     }
 }
 
@@ -35,7 +39,23 @@ pub(crate) fn interleave(
     rules: &dyn Fn(&Firewall) -> Result<()>,
     sample: &mut dyn FnMut(&mut Bench, Variant) -> Result<f64>,
 ) -> Result<Vec<Vec<f64>>> {
-    let fw = b.firewall()?;
+    if variants.contains(&Variant::Firewall) {
+        b.load_firewall(rules)?;
+    }
+    let out = rotate(b, variants, rounds, sample);
+    // The whole guard in force again, whatever happened.
+    let restored = if variants.contains(&Variant::Firewall) { b.unload_firewall() } else { b.set(Variant::Guard) };
+    let out = out?;
+    restored?;
+    Ok(out)
+}
+
+fn rotate(
+    b: &mut Bench,
+    variants: &[Variant],
+    rounds: usize,
+    sample: &mut dyn FnMut(&mut Bench, Variant) -> Result<f64>,
+) -> Result<Vec<Vec<f64>>> {
     let mut out = vec![Vec::with_capacity(rounds); variants.len()];
     for round in 0..=rounds {
         for k in 0..variants.len() {
@@ -43,14 +63,8 @@ pub(crate) fn interleave(
                 bail!("interrupted");
             }
             let i = (k + round) % variants.len();
-            let v = variants[i];
-            let entered = b.enter(v, &fw)?;
-            let value = if v == Variant::Firewall { rules(&fw).and_then(|()| sample(b, v)) } else { sample(b, v) };
-            if v == Variant::Firewall {
-                fw.clear()?;
-            }
-            b.leave(entered, &fw)?;
-            let value = value?;
+            b.set(variants[i])?;
+            let value = sample(b, variants[i])?;
             if round > 0 {
                 out[i].push(value);
             }
@@ -93,7 +107,7 @@ pub(crate) fn ensure_guarded(b: &mut Bench) -> Result<()> {
 /// The targets every allowed-path figure has: its own limit, and the one-rule
 /// iptables ratio of the same run.
 pub(crate) fn targets(what: &str, row: &Row, limit: f64, at_most: bool) -> Vec<Target> {
-    let (guard, rule) = (row.ratio(1), row.ratio(2));
+    let (guard, rule) = (row.paired(1), row.paired(2));
     if at_most {
         vec![
             Target::at_most(&format!("{what}, guard / no guard"), guard, limit),
@@ -109,7 +123,7 @@ pub(crate) fn targets(what: &str, row: &Row, limit: f64, at_most: bool) -> Vec<T
 
 /// Figure 1: socket + connect + close from the pod to the node.
 pub(crate) fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count) = if b.quick { (3, 300) } else { (101, 1000) };
+    let (rounds, count) = if b.quick { (3, 300) } else { (301, 200) };
     ensure_guarded(b)?;
     let dest = b.node_addr(TCP_PORT);
     let row = per_op_row(b, "connect + close", rounds, count, Op::TcpConnect { dest, count })?;
@@ -130,20 +144,20 @@ pub(crate) fn tcp_allowed(b: &mut Bench) -> Result<Figure> {
 }
 
 /// `count` operations (`op` carries the same count) per sample, every variant of
-/// [`ALL`] once a round, in ns per operation: the row of figures 1, 2, 2b and 8c.
+/// [`ALL`] once a round, in ns per operation: the row of figures 1, 2, 2b and 9b.
 pub(crate) fn per_op_row(b: &mut Bench, case: &str, rounds: usize, count: u64, op: Op) -> Result<Row> {
     let rules = iptables_rules(&[]);
     let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
         let r = b.run(v, op)?;
         all_ok(&r, count, &format!("{case} ({})", label(v)))?;
-        Ok(r.ns as f64 / count as f64)
+        Ok(r.per_op_ns())
     })?;
     Ok(row(case, &ALL, samples))
 }
 
 /// Figure 2: unconnected sendto, one datagram at a time.
 pub(crate) fn udp_allowed(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count) = if b.quick { (3, 2000) } else { (101, 5000) };
+    let (rounds, count) = if b.quick { (3, 2000) } else { (301, 1000) };
     let dest = b.node_addr(UDP_PORT);
     let row = per_op_row(b, "sendto, 32 bytes", rounds, count, Op::UdpSendto { dest, count })?;
     Ok(Figure {
@@ -162,7 +176,7 @@ pub(crate) fn udp_allowed(b: &mut Bench) -> Result<Figure> {
 
 /// Figure 2b: socket + connect + send + close, each time (every hook once).
 pub(crate) fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count) = if b.quick { (3, 1000) } else { (101, 2000) };
+    let (rounds, count) = if b.quick { (3, 1000) } else { (301, 500) };
     let dest = b.node_addr(UDP_PORT);
     let row = per_op_row(b, "socket + connect + send + close", rounds, count, Op::UdpConnectSend { dest, count })?;
     Ok(Figure {
@@ -181,14 +195,14 @@ pub(crate) fn udp_connect_send(b: &mut Bench) -> Result<Figure> {
 
 /// Figure 3: TCP throughput pod → node.
 pub(crate) fn bulk(b: &mut Bench) -> Result<Figure> {
-    let (rounds, ms) = if b.quick { (3, 100) } else { (41, 200) };
+    let (rounds, ms) = if b.quick { (3, 100) } else { (151, 100) };
     let dest = b.node_addr(BULK_PORT);
     let rules = iptables_rules(&[]);
     let samples = interleave(b, &ALL, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
         let r = b.run(v, Op::Bulk { dest, ms })?;
         all_ok(&r, 1, &format!("bulk TCP to {dest} ({})", label(v)))?;
         ensure!(r.bytes > 0, "bulk TCP to {dest} ({}): no bytes sent", label(v));
-        Ok(r.bytes as f64 * 8.0 / r.ns as f64) // Gbit/s
+        Ok(r.gbit_per_s())
     })?;
     let row = row("64 KiB writes", &ALL, samples);
     Ok(Figure {
@@ -230,12 +244,10 @@ pub(crate) fn refused(b: &mut Bench) -> Result<Figure> {
         Ok(median(&us))
     })?;
     // DROP: one attempt, bounded; a real client waits far longer (see the note).
-    let fw = b.firewall()?;
-    let entered = b.enter(Variant::None, &fw)?;
-    fw.nft(&nft_input_rule("ip daddr 169.254.169.254 drop"))?;
-    let probe = b.run(Variant::None, Op::Probe { dest, timeout_ms: drop_wait });
-    fw.clear()?;
-    b.leave(entered, &fw)?;
+    b.load_firewall(&|fw| fw.nft(&nft_input_rule("ip daddr 169.254.169.254 drop")))?;
+    let probe =
+        b.set(Variant::Firewall).and_then(|()| b.run(Variant::Firewall, Op::Probe { dest, timeout_ms: drop_wait }));
+    b.unload_firewall()?;
     let probe = probe?;
     ensure!(
         probe.errors.get("ETIMEDOUT") == Some(&1),

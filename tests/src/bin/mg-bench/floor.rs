@@ -1,13 +1,10 @@
 //! The floor under the guard: its own hooks with nothing to do. For a sample of
-//! [`Variant::Empty`](crate::bench::Variant) the guard's pinned links run programs that
-//! only `return 1` (swapped in with `BPF_LINK_UPDATE`, so the cgroup, the links and their
-//! order stay the guard's), and each base chain of the host-side table accepts before
-//! its first rule. What is left is the kernel's cost of running anything on those hooks;
-//! the guard's own work is the difference to the guard's samples.
-//!
-//! For "no guard" and the firewall the host-side table is made dormant (its hooks
-//! unregistered, its contents kept), so those samples pay for neither enforcement
-//! point.
+//! [`Variant::Empty`](crate::variant::Variant) the guard's pinned links run programs
+//! that only `return 1` (swapped in with `BPF_LINK_UPDATE`, so the cgroup, the links
+//! and their order stay the guard's), and the host-side table sleeps while a twin of
+//! its base chains — same hooks, same priorities, no rules — runs in its place. What is
+//! left is the kernel's cost of running anything on those hooks; the guard's own work
+//! is the difference to the guard's samples.
 
 use std::{
     os::fd::{AsFd, OwnedFd},
@@ -60,10 +57,6 @@ const HOOKS: [(&str, bpf_prog_type, bpf_attach_type, &str); 7] = [
 /// backstop reads socket marks (kernels whose cgroup_skb programs lack
 /// `bpf_get_netns_cookie`).
 const ATTACHED_ONLY_SOMETIMES: [&str; 2] = ["conceal_ops", "sock_create"];
-
-/// The host-side table (the agent's `inet metadata_guard`) and its base chains.
-const HOST_TABLE: &str = "inet metadata_guard";
-const HOST_BASE_CHAINS: [&str; 3] = ["input", "forward", "output"];
 
 /// Programs that only `return 1`, one per guard hook, loaded once; the bench swaps
 /// them into the guard's links for the floor's samples.
@@ -143,26 +136,26 @@ impl Drop for Swapped {
     }
 }
 
-/// Unregisters (or registers again) the host-side table's hooks.
-pub(crate) fn host_table_dormant(fw: &Firewall, dormant: bool) -> Result<()> {
-    // `add table` with no flags clears them: the hooks come back.
-    let flags = if dormant { " { flags dormant; }" } else { "" };
-    fw.nft(&format!("add table {HOST_TABLE}{flags}\n"))
-        .with_context(|| format!("could not switch the host-side table `{HOST_TABLE}` (dormant: {dormant})"))
-}
-
-/// An `accept` before the first rule of each host-side base chain, its handles.
-pub(crate) fn host_chains_accept(fw: &Firewall) -> Result<Vec<(&'static str, u64)>> {
-    let script: String = HOST_BASE_CHAINS.iter().map(|c| format!("insert rule {HOST_TABLE} {c} accept\n")).collect();
-    let out = fw.nft_echo(&script)?;
-    let handles: Vec<u64> =
-        out.lines().filter_map(|l| l.rsplit_once("# handle ").and_then(|(_, h)| h.trim().parse().ok())).collect();
-    ensure!(handles.len() == HOST_BASE_CHAINS.len(), "nft did not report the inserted rules' handles: {out}");
-    Ok(HOST_BASE_CHAINS.iter().copied().zip(handles).collect())
-}
-
-/// Removes what [`host_chains_accept`] inserted.
-pub(crate) fn host_chains_restore(fw: &Firewall, inserted: &[(&str, u64)]) -> Result<()> {
-    let script: String = inserted.iter().map(|(c, h)| format!("delete rule {HOST_TABLE} {c} handle {h}\n")).collect();
-    fw.nft(&script).context("could not remove the floor's accept rules from the host-side table")
+/// Creates `floor` (dormant) in the node namespace: one base chain, with no rules,
+/// for every base chain of the agent's `host` table, on the same hook at the same
+/// priority.
+pub(crate) fn create_floor_table(fw: &Firewall, host: &str, floor: &str) -> Result<()> {
+    let listed = fw.nft_json(&["list", "table", "inet", host])?;
+    let items = listed["nftables"].as_array().context("`nft -j list table` printed no `nftables` array")?;
+    let mut script = format!("table inet {floor} {{\n  flags dormant;\n");
+    let mut chains = 0;
+    for chain in items.iter().filter_map(|i| i.get("chain")) {
+        let (Some(name), Some(hook), Some(prio)) =
+            (chain["name"].as_str(), chain["hook"].as_str(), chain["prio"].as_i64())
+        else {
+            continue; // a regular chain, jumped to
+        };
+        script.push_str(&format!("  chain {name} {{ type filter hook {hook} priority {prio}; policy accept; }}\n"));
+        chains += 1;
+    }
+    ensure!(chains > 0, "the host-side table `inet {host}` has no base chains to mirror: {listed}");
+    script.push_str("}\n");
+    // Added first so that the delete cannot fail: one left by an interrupted run goes.
+    fw.nft(&format!("add table inet {floor}\ndelete table inet {floor}\n{script}"))
+        .with_context(|| format!("could not create the floor's table `inet {floor}`"))
 }

@@ -3,9 +3,8 @@
 //! local address). The guard's programs run in the pod; a node firewall judges the
 //! same packets on its FORWARD hook.
 //!
-//! The variants are one list, [`VARIANTS`], each with the rule set it loads for its
-//! samples: the host-side enforcement point (issue 11) is added as one more entry
-//! (its agent flag or table) when it lands.
+//! The variants are figure 1's ([`ALL`]): here the host-side table's `forward` chain
+//! judges each packet of the pod's, where figure 1's `input` chain does.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -16,9 +15,10 @@ use anyhow::{ensure, Context, Result};
 use metadata_guard_tests::{netlink::Netlink, netns::NetNs};
 
 use crate::{
-    bench::{Bench, Servers, Variant, BULK_PORT, TCP_PORT},
-    figures::{all_ok, interleave, label, row, scale_row},
+    bench::{Bench, Servers, BULK_PORT, TCP_PORT},
+    figures::{all_ok, interleave, label, row, scale_row, ALL},
     report::{Figure, Target},
+    variant::Variant,
     worker::Op,
 };
 
@@ -27,9 +27,6 @@ const NODE_SIDE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const BEYOND: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
 const PREFIX: u8 = 24;
 const NODE_LINK: &str = "vb0";
-
-/// What each variant loads for its samples (nothing for the guard and no guard).
-pub(crate) const VARIANTS: [Variant; 4] = [Variant::None, Variant::Guard, Variant::Firewall, Variant::Empty];
 
 /// The node firewall a cloud's node image adds instead of a guard (EKS's
 /// `FORWARD -i eni+ -d 169.254.169.254 -j DROP`).
@@ -88,25 +85,25 @@ fn enable_forwarding(node_ns: &NetNs) -> Result<()> {
 
 /// Forwarded connects and throughput, every variant interleaved.
 pub(crate) fn forwarded(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count, ms) = if b.quick { (3, 300, 100) } else { (101, 1000, 200) };
+    let (rounds, count, ms) = if b.quick { (3, 300, 100) } else { (301, 200, 50) };
     let tcp = b.beyond.addr(TCP_PORT);
     let bulk = b.beyond.addr(BULK_PORT);
     let rules = |fw: &crate::bench::Firewall| fw.iptables_restore(FORWARD_RULE);
-    let connects = interleave(b, &VARIANTS, rounds, &rules, &mut |b, v| {
+    let connects = interleave(b, &ALL, rounds, &rules, &mut |b, v| {
         let r = b.run(v, Op::TcpConnect { dest: tcp, count })?;
         all_ok(&r, count, &format!("forwarded TCP connect to {tcp} ({})", label(v)))?;
-        Ok(r.ns as f64 / count as f64)
+        Ok(r.per_op_ns())
     })?;
-    let throughput = interleave(b, &VARIANTS, rounds.min(41), &rules, &mut |b, v| {
+    let throughput = interleave(b, &ALL, rounds.min(151), &rules, &mut |b, v| {
         let r = b.run(v, Op::Bulk { dest: bulk, ms })?;
         all_ok(&r, 1, &format!("forwarded bulk TCP to {bulk} ({})", label(v)))?;
         ensure!(r.bytes > 0, "forwarded bulk TCP to {bulk} ({}): no bytes sent", label(v));
-        Ok(r.bytes as f64 * 8.0 / r.ns as f64)
+        Ok(r.gbit_per_s())
     })?;
-    let connect_row = scale_row(row("connect + close, forwarded", &VARIANTS, connects), 1e-3);
-    let bulk_row = row("64 KiB writes, forwarded (Gbit/s)", &VARIANTS, throughput);
-    let (c_guard, c_fw) = (connect_row.ratio(1), connect_row.ratio(2));
-    let (t_guard, t_fw) = (bulk_row.ratio(1), bulk_row.ratio(2));
+    let connect_row = scale_row(row("connect + close, forwarded", &ALL, connects), 1e-3);
+    let bulk_row = row("64 KiB writes, forwarded (Gbit/s)", &ALL, throughput);
+    let (c_guard, c_fw) = (connect_row.paired(1), connect_row.paired(2));
+    let (t_guard, t_fw) = (bulk_row.paired(1), bulk_row.paired(2));
     Ok(Figure {
         title: "8. Forwarded pod traffic (pod → a network beyond the node)".into(),
         unit: "µs per connect; Gbit/s".into(),

@@ -2,21 +2,25 @@
 //! iptables/nftables rules, on the scenarios' simulated node (real kernel, real
 //! agent, namespaces and cgroups of its own).
 //!
-//! Usage: mg-bench --agent PATH [--quick] [--profile-only] [--out DIR]   (root; `cargo xtask bench`)
+//! Usage: mg-bench --agent PATH [--quick] [--profile-only] [--only LIST] [--out DIR]   (root; `cargo xtask bench`)
 //! `--quick` runs every figure briefly and fails only on broken measurements (a guard
 //! that does not block, zero iterations, unaccounted attempts), never on timings.
 //! `--profile-only` measures only the BPF profile (full size unless `--quick`): the
 //! kernel's per-program nanoseconds, in seconds, for work on the programs themselves.
+//! `--only 1,2b,8` runs just those figures (by the number in their title), for work on
+//! one measurement; the published results come from a run of every figure.
 
 mod bench;
 mod bpf;
 mod conceal;
+mod explain;
 mod figures;
 mod floor;
 mod forwarded;
 mod profile;
 mod report;
 mod scale;
+mod variant;
 mod worker;
 
 use metadata_guard_tests::{agent, node};
@@ -46,19 +50,30 @@ struct Args {
     agent: PathBuf,
     quick: bool,
     profile_only: bool,
+    /// Figure numbers to run (`--only`); empty: all.
+    only: Vec<String>,
     out: PathBuf,
 }
 
 fn parse_args() -> Result<Args> {
-    let usage = "usage: mg-bench --agent PATH [--quick] [--profile-only] [--out DIR]";
+    let usage = "usage: mg-bench --agent PATH [--quick] [--profile-only] [--only 1,2b,...] [--out DIR]";
     let mut it = std::env::args().skip(1);
-    let mut args =
-        Args { agent: PathBuf::new(), quick: false, profile_only: false, out: PathBuf::from("docs/benchmarks") };
+    let mut args = Args {
+        agent: PathBuf::new(),
+        quick: false,
+        profile_only: false,
+        only: Vec::new(),
+        out: PathBuf::from("docs/benchmarks"),
+    };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--agent" => args.agent = it.next().context("--agent needs a path")?.into(),
             "--quick" => args.quick = true,
             "--profile-only" => args.profile_only = true,
+            "--only" => {
+                let list = it.next().context("--only needs figure numbers, e.g. --only 1,2b")?;
+                args.only = list.split(',').map(|f| f.trim().to_string()).filter(|f| !f.is_empty()).collect();
+            }
             "--out" => args.out = it.next().context("--out needs a directory")?.into(),
             other => bail!("unknown argument {other}; {usage}"),
         }
@@ -116,11 +131,11 @@ fn real_main() -> Result<()> {
     let started = Instant::now();
     let load_before = load_average();
     let mut b = Bench::new(args.agent.canonicalize()?, args.quick)?;
-    let figures = if args.profile_only { profile_only(&mut b)? } else { run_all(&mut b)? };
+    let figures = if args.profile_only { profile_only(&mut b)? } else { run_all(&mut b, &args.only)? };
     drop(b);
     let machine = machine(args.quick, started.elapsed(), (load_before, load_average()))?;
     let md = report::markdown(&machine, &figures);
-    report::write(&args.out, &md, &report::svg(&chart_bars(&figures)))?;
+    report::write(&args.out, &md, &report::svg(&explain::chart_bars(&figures)))?;
     println!("{md}");
     eprintln!("mg-bench: wrote {}/results.md and chart.svg in {:.0?}", args.out.display(), started.elapsed());
     Ok(())
@@ -128,153 +143,65 @@ fn real_main() -> Result<()> {
 
 fn profile_only(b: &mut Bench) -> Result<Vec<Figure>> {
     b.start_agent(&[])?;
-    Ok(vec![scale::profile(b)?.0])
+    let ops = profile::enforce_ops(b, profile::operations(b) / profile::CHUNKS);
+    let measured = profile::measure(b, ops)?;
+    Ok(vec![profile::figure(&measured, profile::operations(b))])
 }
 
-fn run_all(b: &mut Bench) -> Result<Vec<Figure>> {
+fn run_all(b: &mut Bench, only: &[String]) -> Result<Vec<Figure>> {
     let step = |name: &str| eprintln!("mg-bench: {name}");
+    let wanted = |n: &str| only.is_empty() || only.iter().any(|o| o == n);
     step("starting the agent (first install)");
     let cold = b.start_agent(&[])?;
     std::thread::sleep(Duration::from_secs(if b.quick { 1 } else { 3 }));
     let idle_rss = scale::rss_kib(b.agent()?.pid(), "VmRSS:").unwrap_or(0);
     let warm = b.start_agent(&[])?;
-    step("1. allowed TCP path");
-    let f1 = figures::tcp_allowed(b)?;
-    step("2. allowed UDP path");
-    let f2 = figures::udp_allowed(b)?;
-    step("2b. allowed UDP path, connected");
-    let f2b = figures::udp_connect_send(b)?;
-    step("8. forwarded pod traffic");
-    let f8 = forwarded::forwarded(b)?;
-    step("profile");
-    let (profile_fig, profile) = scale::profile(b)?;
-    step("3. bulk throughput");
-    let f3 = figures::bulk(b)?;
-    step("4. refused path");
-    let f4 = figures::refused(b)?;
-    step("6. event storm");
-    let f6 = scale::storm(b)?;
-    step("5. policy scale");
-    let f5 = scale::policy_scale(b)?;
-    let f7 = scale::footprint(cold, warm, idle_rss);
-    step("9. conceal proxy");
-    let mut figures = vec![f1, f2, f2b, f3, f8, f4, f5, f6, f7];
-    figures.extend(conceal::figures(b)?);
-    figures.push(profile_fig);
-    explain(&mut figures, &profile);
+    // Run in this order (the profile, which every explanation reads, always runs), then
+    // published in `PUBLISHED` order.
+    type Run = fn(&mut Bench) -> Result<Figure>;
+    let steps: [(&str, &str, Run); 8] = [
+        ("1", "1. allowed TCP path", figures::tcp_allowed),
+        ("2", "2. allowed UDP path", figures::udp_allowed),
+        ("2b", "2b. allowed UDP path, connected", figures::udp_connect_send),
+        ("8", "8. forwarded pod traffic", forwarded::forwarded),
+        ("3", "3. bulk throughput", figures::bulk),
+        ("4", "4. refused path", figures::refused),
+        ("6", "6. event storm", scale::storm),
+        ("5", "5. policy scale", scale::policy_scale),
+    ];
+    const PUBLISHED: [&str; 10] = ["1", "2", "2b", "3", "8", "4", "5", "6", "7", "9"];
+    let mut done: Vec<(&str, Vec<Figure>)> = Vec::new();
+    let mut measured = None;
+    for (n, name, run) in steps {
+        if n == "3" {
+            step("profile");
+            let ops = profile::enforce_ops(b, profile::operations(b) / profile::CHUNKS);
+            measured = Some(profile::measure(b, ops)?);
+        }
+        if wanted(n) {
+            step(name);
+            done.push((n, vec![run(b)?]));
+        }
+    }
+    let mut measured = measured.context("the profile did not run")?;
+    if wanted("7") {
+        done.push(("7", vec![scale::footprint(cold, warm, idle_rss)]));
+    }
+    if wanted("9") {
+        step("9. conceal proxy");
+        let (figures, conceal_profile) = conceal::figures(b)?;
+        measured.ops.extend(conceal_profile.ops);
+        done.push(("9", figures));
+    }
+    let mut figures: Vec<Figure> = Vec::new();
+    for n in PUBLISHED {
+        if let Some(i) = done.iter().position(|(d, _)| *d == n) {
+            figures.append(&mut done.swap_remove(i).1);
+        }
+    }
+    figures.push(profile::figure(&measured, profile::operations(b)));
+    explain::explain(&mut figures, &measured);
     Ok(figures)
-}
-
-/// Why a target was missed, from the profile: the guard's time per hook beside the
-/// empty program's on the same hook.
-fn explain(figures: &mut [Figure], profile: &scale::Profile) {
-    // The profile's sentence for an operation, and the programs' own ns in it.
-    let hooks = |what: &str| -> (String, f64) {
-        let Some((_, g, e)) = profile.ops.iter().find(|(w, _, _)| *w == what) else { return (String::new(), 0.0) };
-        let mut parts = Vec::new();
-        let mut own = 0.0;
-        for (name, (runs, ns)) in g {
-            match e.get(scale::empty_twin(name)) {
-                Some((_, empty_ns)) => {
-                    own += runs * (ns - empty_ns);
-                    parts.push(format!("{name} {runs:.1}×{ns:.0} ns (empty program on that hook: {empty_ns:.0} ns)"));
-                }
-                // The sockops hook has no empty twin among the bench's programs: all of
-                // its time is counted as the guard's (an upper bound).
-                None => {
-                    own += runs * ns;
-                    parts.push(format!("{name} {runs:.1}×{ns:.0} ns (no empty program on that hook: all counted)"));
-                }
-            }
-        }
-        let text = format!(
-            "The BPF profile of this operation: {}; the guard's programs' own work beyond the empty programs in \
-             the same links is {own:.0} ns per operation, the rest is the kernel's cost of running any program on \
-             these hooks.",
-            parts.join(", ")
-        );
-        (text, own)
-    };
-    for f in figures.iter_mut() {
-        let op = match f.title.split('.').next().unwrap_or("") {
-            "1" | "5" => "TCP connect + close",
-            "2" => "UDP sendto",
-            "2b" => "UDP connect + send",
-            "8" => "forwarded TCP connect + close",
-            "3" => "TCP connect + close",
-            _ => "",
-        };
-        let noise = "Compare the guard's ratio with the floor's, \"the guard's hooks, empty\" (same run, same links \
-                     and base chains, nothing done in them), and with the round ratios' p25–p75: what the floor \
-                     costs too is the kernel's hook overhead, not the guard's work; where the spread covers the \
-                     limit, it is this shared machine's noise.";
-        let (profile_text, own) = hooks(op);
-        // Per-operation figures (µs): the medians' distances in ns, split at the floor —
-        // below it the kernel's hooks, above it the guard's own work, of which the
-        // profile accounts for the programs' share.
-        let observed = match f.rows.first() {
-            Some(row) if f.unit.starts_with("µs") && row.cols.len() > 3 => {
-                let m = |i: usize| report::median(&row.cols[i].samples) * 1e3;
-                format!(
-                    " Where the time goes in this run (medians per operation): the floor — the guard's hooks with \
-                     nothing in them — is {:+.0} ns from no guard: the kernel's own overhead for the cgroup BPF \
-                     hooks and the host-side table's base chains, paid by anything on those hooks (one iptables \
-                     rule, on one netfilter hook: {:+.0} ns). The guard is {:+.0} ns from the floor: its own \
-                     work{}.",
-                    m(3) - m(0),
-                    m(2) - m(0),
-                    m(1) - m(3),
-                    if op.is_empty() {
-                        " (the profile does not cover this mode's programs) and this machine's noise".to_string()
-                    } else {
-                        format!(
-                            " — {own:.0} ns of it in its programs per the profile, the rest the host-side table's \
-                             prefilter and this machine's noise"
-                        )
-                    }
-                )
-            }
-            _ => String::new(),
-        };
-        for t in &mut f.targets {
-            t.explain = format!("{profile_text}{observed} {noise}");
-        }
-    }
-    if let Some(p) = figures.last_mut() {
-        for t in &mut p.targets {
-            t.explain = "See the per-hook lines above: each guard program beside the empty program swapped into the \
-                         same link. The difference is the guard's own work; the empty program's time is the \
-                         statistics' clock reads and the dispatch, which no program can avoid."
-                .into();
-        }
-    }
-}
-
-fn chart_bars(figs: &[Figure]) -> Vec<(String, f64, Option<f64>)> {
-    let mut bars = Vec::new();
-    for f in figs.iter().filter(|f| !f.rows.is_empty() && !f.title.starts_with('5')) {
-        let short = f.title.split_once(". ").map_or(f.title.as_str(), |x| x.1).to_lowercase();
-        let limit = f.targets.first().map(|t| t.limit);
-        for row in &f.rows {
-            let name = if f.rows.len() > 1 { row.case.clone() } else { short.clone() };
-            for i in 1..row.cols.len() {
-                bars.push((
-                    format!("{name}: {}", row.cols[i].label),
-                    row.ratio(i),
-                    (i == 1).then_some(limit).flatten(),
-                ));
-            }
-        }
-    }
-    if let Some(f5) = figs.iter().find(|f| f.title.starts_with('5')) {
-        for row in &f5.rows {
-            bars.push((format!("{}: guard", row.case), row.ratio(1), None));
-            if row.cols.len() > 2 {
-                bars.push((format!("{}: iptables", row.cols[2].label), row.ratio(2), None));
-            }
-        }
-    }
-    bars
 }
 
 fn load_average() -> String {

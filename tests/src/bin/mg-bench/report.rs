@@ -86,9 +86,16 @@ impl Row {
         median(&self.cols[i].samples) / median(&self.cols[0].samples)
     }
 
-    /// The round-by-round ratios' quartiles (p25, median, p75): how much noise the
-    /// drift left over, and an estimate that pairs each sample with its own round's.
-    fn paired_spread(&self, i: usize) -> (f64, f64, f64) {
+    /// The median of column `i`'s round-by-round ratios to the baseline: what the
+    /// targets judge. Each sample is compared with the baseline of its own round,
+    /// taken within milliseconds of it, so a step in the machine's speed between
+    /// rounds cancels out; a ratio of medians across rounds would carry it.
+    pub(crate) fn paired(&self, i: usize) -> f64 {
+        self.paired_spread(i).1
+    }
+
+    /// The round-by-round ratios' quartiles (p25, median, p75): how much noise is left.
+    pub(crate) fn paired_spread(&self, i: usize) -> (f64, f64, f64) {
         let pairs: Vec<f64> = self.cols[i].samples.iter().zip(&self.cols[0].samples).map(|(a, b)| a / b).collect();
         (quantile(&pairs, 0.25), median(&pairs), quantile(&pairs, 0.75))
     }
@@ -142,14 +149,14 @@ pub(crate) fn markdown(machine: &Machine, figures: &[Figure]) -> String {
         if !f.rows.is_empty() {
             let _ = writeln!(
                 md,
-                "| case | variant | median ({}) | ratio to no guard | round ratios p25 / p50 / p75 | rounds |",
+                "| case | variant | median ({}) | ratio of medians | round ratios p25 / **p50** / p75 | rounds |",
                 f.unit
             );
             md.push_str("|---|---|---|---|---|---|\n");
             for row in &f.rows {
                 for (i, col) in row.cols.iter().enumerate() {
                     let (lo, mid, hi) = row.paired_spread(i);
-                    let spread = if i == 0 { "—".to_string() } else { format!("{lo:.3} / {mid:.3} / {hi:.3}") };
+                    let spread = if i == 0 { "—".to_string() } else { format!("{lo:.3} / **{mid:.3}** / {hi:.3}") };
                     let _ = writeln!(
                         md,
                         "| {} | {} | {} | {:.3} | {spread} | {} |",
@@ -187,23 +194,31 @@ fn fmt_value(v: f64) -> String {
 }
 
 const METHOD: &str = "\
-Each figure compares the same pod process with **no guard** (its cgroup is outside the
-guard's attach point, and the host-side table is dormant: its hooks unregistered), with
-**the guard** (the pod's cgroup is under it and the host-side table judges the node's
-packets: the real programs, maps and table of a running agent), with **the usual
-alternative**: iptables (nft backend) or nftables rules in the node's network
-namespace, host-side table dormant, and with **the guard's hooks, empty**: the
-guard's own links running programs that only `return 1` (swapped in with
-`BPF_LINK_UPDATE` for that sample) and each of the host-side table's base chains
-accepting before its first rule — what the kernel charges for the guard's hooks by
-themselves, so that the guard's own work is its distance from this floor. The samples
-alternate — every round runs each variant once, in a rotating order — so machine drift
-(other jobs share this machine) hits all variants alike. Medians are over rounds;
-\"ratio to no guard\" is the ratio of medians (what the targets judge); the quartiles of
-the round-by-round ratios show how much noise is left, and their median is a second
-estimate that pairs each sample with the baseline of its own round. Everything runs in network namespaces and
-cgroups the bench creates (the scenarios' simulated node); nothing touches the
-machine's own network namespace.
+Each figure compares the same pod process in the same run with **no guard** (its cgroup is
+outside the guard's attach point, and the host-side table is dormant: its hooks
+unregistered), with **the guard** (the pod's cgroup is under it and the host-side table
+judges the node's packets: the real programs, maps and table of a running agent), with
+**the usual alternative**: iptables (nft backend) or nftables rules in the node's network
+namespace, host-side table dormant, and with three variants that split the guard's cost:
+**the guard's hooks, empty** — its own links running programs that only `return 1`
+(swapped in with `BPF_LINK_UPDATE`), and in place of the host-side table a twin of its
+base chains, same hooks and priorities, with no rules: what the kernel charges for the
+guard's hooks by themselves, the *floor*; **the guard's programs, base chains empty** — the
+programs at work over that floor; and **the host-side table, programs empty** — the table
+at work over it. The guard's own work is its distance from the floor, the programs' and
+the table's shares of it are theirs.
+
+Every round runs each variant once, in a rotating order. Switching variants takes a few
+syscalls from the bench itself (one nf_tables transaction that wakes or puts to sleep
+whole tables, and `BPF_LINK_UPDATE`), so samples are a few milliseconds long and rounds
+are many: this shared machine's speed moves in steps tens of milliseconds long, and a
+round is over before most steps. A sample's value is the median over its batches of 10
+operations (timed together), so a batch with an interrupt or a preemption in it does not
+move it. **The targets judge the median of the round-by-round ratios** (each sample over
+the no-guard sample of its own round: bold in the tables); the ratio of the variants'
+medians across rounds is shown beside it, and the ratios' quartiles show how much noise is
+left. Everything runs in network namespaces and cgroups the bench creates (the scenarios'
+simulated node); nothing touches the machine's own network namespace.
 ";
 
 /// A horizontal bar per headline ratio, with 1.0 and the target marked.

@@ -11,14 +11,14 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
-    bench::{Bench, Variant, METADATA, TCP_PORT},
+    bench::{Bench, METADATA, TCP_PORT},
     bpf,
     figures::{all_ok, interleave, label},
     report::{Figure, Measured, Row, Target},
+    variant::Variant,
     worker::Op,
 };
 
-pub(crate) use crate::profile::{empty_twin, profile, Profile};
 use crate::profile::{guard_programs, prog_stats};
 
 /// `n` blocked /32s in 10.200.128.0/17: inside the pods' 10.200.0.0/16 but not
@@ -49,7 +49,7 @@ const SCALE: [Variant; 3] = [Variant::None, Variant::Guard, Variant::Firewall];
 /// Figure 5: the allowed TCP path with 1, 100 and 10 000 blocked CIDRs (beside as
 /// many iptables rules), and with 0, 1 000 and 10 000 allowlisted cgroups.
 pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
-    let (rounds, count) = if b.quick { (2, 200) } else { (31, 1000) };
+    let (rounds, count) = if b.quick { (2, 200) } else { (151, 200) };
     let dest = b.node_addr(TCP_PORT);
     let config = b.node.config_path();
     let mut fig = Figure {
@@ -78,13 +78,13 @@ pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
         let samples = interleave(b, &SCALE, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
             let r = b.run(v, Op::TcpConnect { dest, count })?;
             all_ok(&r, count, &format!("TCP connect with {n} blocked CIDRs ({})", label(v)))?;
-            Ok(r.ns as f64 / count as f64 / 1e3)
+            Ok(r.per_op_ns() / 1e3)
         })?;
         let per_run = bpf_ns_per_run(b, Op::TcpConnect { dest, count })?;
         lookups.push(format!("{n}: {:.0} ns", per_run.get("mg_connect4").copied().unwrap_or(f64::NAN)));
         let mut row = row(&format!("{n} blocked CIDRs"), &SCALE, samples);
         row.cols[2].label = format!("{n} iptables rules");
-        guard_ratios.push(row.ratio(1));
+        guard_ratios.push(row.paired(1));
         fig.rows.push(row);
     }
     // The allowlist is only read for blocked destinations from pods, never on the
@@ -104,10 +104,10 @@ pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
         let samples = interleave(b, &variants, rounds, &|_| Ok(()), &mut |b, v| {
             let r = b.run(v, Op::TcpConnect { dest, count })?;
             all_ok(&r, count, &format!("TCP connect with {n} allowlisted cgroups ({})", label(v)))?;
-            Ok(r.ns as f64 / count as f64 / 1e3)
+            Ok(r.per_op_ns() / 1e3)
         })?;
         let row = row(&format!("{n} allowlisted cgroups"), &variants, samples);
-        allow_ratios.push(row.ratio(1));
+        allow_ratios.push(row.paired(1));
         fig.rows.push(row);
     }
     for k in 0..filled {
@@ -138,7 +138,7 @@ pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
          prefilter cannot answer and each connect takes the policy's longest-prefix lookup: the worst case, at every \
          size alike, so the ratio between sizes is the lookup's growth with the policy. A destination whose first 16 \
          bits no blocked prefix shares — the usual case: metadata addresses are link-local — leaves after the \
-         prefilter whatever the policy's size; the same holds for the host-side table (its lead bitmap, then one \
+         prefilter whatever the policy's size; the same holds for the host-side table (its lead compares, then one \
          interval lookup in `judge`), which judges every packet of these connects. Allowlist: fake cgroup ids \
          written straight into the pinned map while the agent is stopped (the pins keep enforcing, with the \
          10 000-CIDR policy still in force: the worst case again); flatness is the ratio of the largest to the smallest \
