@@ -45,6 +45,8 @@ pub mod map_names {
     pub const SOCK_MARK: &str = "MG_SOCK_MARK";
     /// Which 16-bit leading parts of an address any policy prefix covers.
     pub const PREFILTER: &str = "MG_PREFILTER";
+    /// Which values of an address's next 16 bits (16 to 31) any policy prefix covers.
+    pub const PREFILTER2: &str = "MG_PREFILTER2";
     /// Conceal mode: the proxy's address ([`ConcealSettings`](super::ConcealSettings)).
     pub const CONCEAL: &str = "MG_CONCEAL";
     /// Conceal mode: the metadata HTTP endpoints redirected to the proxy.

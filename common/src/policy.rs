@@ -154,22 +154,28 @@ pub const ALLOWED_CGROUPS_MAX_ENTRIES: u32 = 16_384;
 /// Bits in a [`Prefilter`]: one per value of an address's first 16 bits.
 pub const PREFILTER_BITS: usize = 1 << 16;
 pub const PREFILTER_WORDS: usize = PREFILTER_BITS / 64;
-/// Entries of `MG_PREFILTER`: one per family; see [`prefilter_index`].
+/// Entries of `MG_PREFILTER` and `MG_PREFILTER2`: one per family; see [`prefilter_index`].
 pub const PREFILTER_ENTRIES: u32 = 2;
 
-/// Index in `MG_PREFILTER` of the filter for `family`.
+/// Index in `MG_PREFILTER` and `MG_PREFILTER2` of the filter for `family`.
 #[inline(always)]
 pub const fn prefilter_index(family: u8) -> u32 {
     (family == AF_INET6) as u32
 }
 
-/// The cheap first question every hook asks: could any prefix of the policy contain an
-/// address starting with these 16 bits? A clear bit answers "no" for sure, and the hook
-/// returns before any other map lookup, any helper call or counter. A set bit only
-/// means "look it up", so a superset is always safe: that is how the agent changes it
-/// without a gap — old ∪ new before it flips the policy tries, new after. Any mix of
-/// the bytes of two supersets of the policy in force is one too, so a reader racing a
-/// write never sees a mark missing.
+/// The cheap first questions every hook asks: could any prefix of the policy contain
+/// an address whose first 16 bits (its *lead*, in `MG_PREFILTER`) are these, and whose
+/// next 16 bits (in `MG_PREFILTER2`) are these? A clear bit in either answers "no" for
+/// sure, and the hook returns before any other map lookup, any helper call or counter.
+/// The second question spares the destinations that share a lead with a blocked one
+/// (NodeLocal DNSCache's 169.254.20.10 beside 169.254.169.254; ULA pod addresses
+/// beside `fd00:ec2::254`) the policy's longest-prefix lookup.
+///
+/// Set bits only mean "look it up", so a superset is always safe: that is how the agent
+/// changes them without a gap — old ∪ new before it flips the policy tries, new after,
+/// each filter on its own (an address the policy in force covers is marked in both at
+/// every moment). Any mix of the bytes of two supersets of the policy in force is one
+/// too, so a reader racing a write never sees a mark missing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prefilter {
@@ -183,11 +189,12 @@ impl Default for Prefilter {
 }
 
 impl Prefilter {
-    /// Whether an address whose first two bytes are `lead` (big-endian) may be covered.
+    /// Whether an address whose 16 bits this filter indexes are `bits` (big-endian)
+    /// may be covered.
     #[inline(always)]
-    pub fn covers(&self, lead: u16) -> bool {
-        let word = self.words[(lead as usize >> 6) & (PREFILTER_WORDS - 1)];
-        (word >> (lead & 63)) & 1 != 0
+    pub fn covers(&self, bits: u16) -> bool {
+        let word = self.words[(bits as usize >> 6) & (PREFILTER_WORDS - 1)];
+        (word >> (bits & 63)) & 1 != 0
     }
 
     /// Adds every mark of `other`.
@@ -197,11 +204,29 @@ impl Prefilter {
         }
     }
 
-    /// Marks every lead a prefix of `prefix_len` bits starting with `address` covers.
+    /// Marks every lead (first 16 bits) a prefix of `prefix_len` bits starting with
+    /// `address` covers.
     pub fn add(&mut self, address: &[u8], prefix_len: u8) {
-        let lead = u16::from_be_bytes([address.first().copied().unwrap_or(0), address.get(1).copied().unwrap_or(0)]);
+        self.mark(address, prefix_len, 0);
+    }
+
+    /// Marks every value of the next 16 bits (bits 16 to 31) that addresses in the
+    /// prefix can have: all of them for a prefix shorter than 16 bits.
+    pub fn add_next(&mut self, address: &[u8], prefix_len: u8) {
+        if prefix_len < 16 {
+            self.words = [u64::MAX; PREFILTER_WORDS];
+            return;
+        }
+        self.mark(address, prefix_len - 16, 2);
+    }
+
+    /// Marks the 16-bit values at byte `offset` of `address` under a prefix of
+    /// `prefix_len` bits counted from that offset.
+    fn mark(&mut self, address: &[u8], prefix_len: u8, offset: usize) {
+        let byte = |i: usize| address.get(offset + i).copied().unwrap_or(0);
+        let bits = u16::from_be_bytes([byte(0), byte(1)]);
         let free_bits = 16u32.saturating_sub(u32::from(prefix_len));
-        let first = (u32::from(lead) >> free_bits) << free_bits;
+        let first = (u32::from(bits) >> free_bits) << free_bits;
         for v in first..first + (1 << free_bits) {
             self.words[v as usize >> 6] |= 1 << (v & 63);
         }

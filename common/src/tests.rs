@@ -70,6 +70,30 @@ fn prefilter_covers_exactly_the_prefixes_leads() {
 }
 
 #[test]
+fn the_second_filter_marks_the_next_16_bits_a_prefix_allows() {
+    let next = |a: &[u8]| u16::from_be_bytes([a[2], a[3]]);
+    let mut f = Prefilter::default();
+    f.add_next(&[169, 254, 169, 254], 32);
+    assert!(f.covers(next(&[169, 254, 169, 254])));
+    // NodeLocal DNSCache shares the lead, not the next bits.
+    assert!(!f.covers(next(&[169, 254, 20, 10])));
+    f.add_next(&[100, 100, 0, 0], 20);
+    assert!(f.covers(next(&[100, 100, 0, 0])) && f.covers(next(&[100, 100, 15, 255])));
+    assert!(!f.covers(next(&[100, 100, 16, 0])));
+    // fd00:ec2::254: the next bits are 0x0ec2; a ULA pod range fd00:10:244:: is 0x0010.
+    let mut v6 = Prefilter::default();
+    v6.add_next(&[0xfd, 0x00, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54], 128);
+    assert!(v6.covers(0x0ec2) && !v6.covers(0x0010));
+    // Shorter than 16 bits: every value of the next bits is possible.
+    let mut wide = Prefilter::default();
+    wide.add_next(&[10, 0, 0, 0], 8);
+    assert!(wide.words.iter().all(|&w| w == u64::MAX));
+    let mut sixteen = Prefilter::default();
+    sixteen.add_next(&[10, 1, 0, 0], 16);
+    assert!(sixteen.words.iter().all(|&w| w == u64::MAX));
+}
+
+#[test]
 fn counter_slots_are_distinct_and_in_range() {
     let mut seen = std::collections::BTreeSet::new();
     for h in Hook::ALL {

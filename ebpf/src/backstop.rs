@@ -127,7 +127,7 @@ fn backstop(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf_sock
     // socket hook already judged goes free: its destination is outside the policy, or
     // it is a host socket (the rare traffic that goes on below).
     let settings = match packet::lead(ctx) {
-        Some((family, lead)) => match may_be_blocked(family, lead) {
+        Some((family, lead, next)) => match may_be_blocked(family, lead, next) {
             Some(settings) => settings,
             None => return PASS,
         },

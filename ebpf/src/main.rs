@@ -55,7 +55,7 @@ fn judge_v4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let ip = unsafe { (*sa).user_ip4 };
     // Almost every call is to a destination outside the policy: one field read and
     // the prefilter, nothing else.
-    let Some(settings) = may_be_blocked(AF_INET, lead(ip)) else { return SOCK_ADDR_ALLOW };
+    let Some(settings) = may_be_blocked(AF_INET, lead(ip), next(ip)) else { return SOCK_ADDR_ALLOW };
     // SAFETY: as above.
     let (port, protocol) = unsafe { ((*sa).user_port, (*sa).protocol) };
     let dest = Destination {
@@ -79,7 +79,7 @@ fn judge_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // exactly as the IPv4 address, or `::ffff:169.254.169.254` would be a way around.
     let mapped = w0 == 0 && w1 == 0 && u32::from_be(w2) == V4_MAPPED_WORD2;
     let (family, first) = if mapped { (AF_INET, w3) } else { (AF_INET6, w0) };
-    let Some(settings) = may_be_blocked(family, lead(first)) else { return SOCK_ADDR_ALLOW };
+    let Some(settings) = may_be_blocked(family, lead(first), next(first)) else { return SOCK_ADDR_ALLOW };
     // SAFETY: as above.
     let (port, protocol) = unsafe { ((*sa).user_port, (*sa).protocol) };
     let port = port_from_ctx(port);
@@ -102,6 +102,12 @@ fn judge_v6(ctx: &SockAddrContext, hook: Hook) -> i32 {
 fn lead(word_be: u32) -> u16 {
     // One byte swap and a shift (reassembling the two bytes took eight instructions).
     (u32::from_be(word_be) >> 16) as u16
+}
+
+/// The third and fourth bytes of an address word as the kernel stores it.
+#[inline(always)]
+fn next(word_be: u32) -> u16 {
+    u32::from_be(word_be) as u16
 }
 
 /// The address bytes in network order, in the first four bytes.

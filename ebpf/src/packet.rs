@@ -1,5 +1,5 @@
-//! Reading a packet's destination for the backstop: a fast look at the first bytes of
-//! the destination address (direct packet access, for the prefilter), and the full
+//! Reading a packet's destination for the backstop: a fast look at the first four bytes
+//! of the destination address (direct packet access, for the prefilters), and the full
 //! destination — address, transport protocol and port — past IPv4 options and IPv6
 //! extension headers (helper loads, only for packets the prefilter could not pass).
 
@@ -20,8 +20,8 @@ const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IPV6_NEXTHDR_OFFSET: usize = 6;
 const IPV6_DADDR_OFFSET: usize = 24;
 const IPV6_HEADER_LEN: usize = 40;
-/// Enough of the packet to hold the first two bytes of either family's destination.
-const LEAD_BYTES: usize = IPV6_DADDR_OFFSET + 2;
+/// Enough of the packet to hold the first four bytes of either family's destination.
+const LEAD_BYTES: usize = IPV6_DADDR_OFFSET + 4;
 
 /// IPv6 extension headers the walk steps over (RFC 8200 §4, RFC 4302 for AH).
 const NEXTHDR_HOP: u8 = 0;
@@ -49,10 +49,11 @@ const IPPROTO_UDPLITE: u8 = 136;
 /// Destination port offset within those headers.
 const L4_DPORT_OFFSET: usize = 2;
 
-/// The destination's family and first two bytes (big-endian), read straight from the
-/// packet; `None` when the linear data is too short (the caller then reads it all).
+/// The destination's family, first two bytes and next two (each big-endian), read
+/// straight from the packet; `None` when the linear data is too short (the caller
+/// then reads it all).
 #[inline(always)]
-pub fn lead(ctx: &SkBuffContext) -> Option<(u8, u16)> {
+pub fn lead(ctx: &SkBuffContext) -> Option<(u8, u16, u16)> {
     // SAFETY: `data`/`data_end` of the program's own context; every read below is of
     // bytes the bounds check proved inside the packet, as the verifier demands.
     unsafe {
@@ -64,8 +65,8 @@ pub fn lead(ctx: &SkBuffContext) -> Option<(u8, u16)> {
         let at =
             |offset: usize| u16::from_be_bytes([*((data + offset) as *const u8), *((data + offset + 1) as *const u8)]);
         match *(data as *const u8) >> 4 {
-            IPV4_VERSION => Some((AF_INET, at(IPV4_DADDR_OFFSET))),
-            IPV6_VERSION => Some((AF_INET6, at(IPV6_DADDR_OFFSET))),
+            IPV4_VERSION => Some((AF_INET, at(IPV4_DADDR_OFFSET), at(IPV4_DADDR_OFFSET + 2))),
+            IPV6_VERSION => Some((AF_INET6, at(IPV6_DADDR_OFFSET), at(IPV6_DADDR_OFFSET + 2))),
             _ => None,
         }
     }

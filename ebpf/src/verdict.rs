@@ -26,10 +26,13 @@ const IPV6_BITS: u32 = 128;
 #[map]
 static MG_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-/// One [`Prefilter`] per family, covering the policy in force (see its doc for how the
-/// agent keeps it so while it changes the policy).
+/// One [`Prefilter`] per family over an address's first 16 bits, and one over its next
+/// 16, covering the policy in force (see its doc for how the agent keeps them so while
+/// it changes the policy).
 #[map]
 static MG_PREFILTER: Array<Prefilter> = Array::with_max_entries(PREFILTER_ENTRIES, 0);
+#[map]
+static MG_PREFILTER2: Array<Prefilter> = Array::with_max_entries(PREFILTER_ENTRIES, 0);
 
 #[map]
 static MG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::SLOTS, 0);
@@ -64,15 +67,20 @@ pub struct Destination {
     pub mapped: bool,
 }
 
-/// The settings, when an address of `family` starting with `lead` (its first two
-/// bytes, big-endian) may be in the policy; `None` when it surely is not — the answer
-/// for almost every connect and packet on a node, reached with one inlined array
-/// lookup and no helper call.
+/// The settings, when an address of `family` whose first two bytes are `lead` and
+/// next two `next` (both big-endian) may be in the policy; `None` when it surely is
+/// not — the answer for almost every connect and packet on a node, reached with one
+/// inlined array lookup (two for a destination that shares a lead with a blocked one)
+/// and no helper call.
 #[inline(always)]
-pub fn may_be_blocked(family: u8, lead: u16) -> Option<&'static Settings> {
-    // Both lookups always find their element (array maps); `None` would be a bug.
+pub fn may_be_blocked(family: u8, lead: u16, next: u16) -> Option<&'static Settings> {
+    // The lookups always find their element (array maps); `None` would be a bug.
     let filter = MG_PREFILTER.get(prefilter_index(family))?;
     if !filter.covers(lead) {
+        return None;
+    }
+    let second = MG_PREFILTER2.get(prefilter_index(family))?;
+    if !second.covers(next) {
         return None;
     }
     MG_SETTINGS.get(0)

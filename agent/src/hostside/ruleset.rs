@@ -136,6 +136,38 @@ impl Covered {
     pub(super) fn leads_v6(&self) -> Option<Vec<u16>> {
         leads(self.v6.iter().map(|&(a, b)| ((a >> 112) as u16, (b >> 112) as u16)))
     }
+
+    /// Every value of the next 16 bits (bits 16 to 31) that a covered IPv4 address
+    /// has (as the socket hooks' second `Prefilter`), sorted; `None` when there are
+    /// more than `max`.
+    pub(super) fn nexts_v4(&self, max: usize) -> Option<Vec<u16>> {
+        nexts(self.v4.iter().map(|&(a, b)| (a, b)), max)
+    }
+
+    /// The same for IPv6.
+    pub(super) fn nexts_v6(&self, max: usize) -> Option<Vec<u16>> {
+        nexts(self.v6.iter().map(|&(a, b)| ((a >> 96) as u32, (b >> 96) as u32)), max)
+    }
+}
+
+/// The low 16 bits of every value in the ranges (of an address's first 32 bits).
+fn nexts(ranges: impl Iterator<Item = (u32, u32)>, max: usize) -> Option<Vec<u16>> {
+    let mut out = std::collections::BTreeSet::new();
+    for (first, last) in ranges {
+        if last - first >= u32::from(u16::MAX) {
+            return None; // every value
+        }
+        let (lo, hi) = (first as u16, last as u16);
+        // A range across a boundary of the first 16 bits wraps around.
+        let pieces = if lo <= hi { [(lo, hi), (1, 0)] } else { [(lo, u16::MAX), (0, hi)] };
+        for (from, to) in pieces.into_iter().filter(|(from, to)| from <= to) {
+            if out.len() + usize::from(to - from) >= max {
+                return None;
+            }
+            out.extend(from..=to);
+        }
+    }
+    Some(out.into_iter().collect())
 }
 
 fn leads(ranges: impl Iterator<Item = (u16, u16)>) -> Option<Vec<u16>> {
@@ -235,6 +267,29 @@ mod tests {
         want.extend([0xa9fe, 0xa9ff]);
         assert_eq!(c.leads_v4(), Some(want));
         assert_eq!(c.leads_v6(), Some(vec![0xfd00]));
+    }
+
+    #[test]
+    fn the_next_16_bits_of_narrow_prefixes_are_listed_wide_ones_are_not() {
+        let s = rules(&[
+            BlockRule::all("169.254.169.254/32".parse().unwrap()),
+            BlockRule::all("100.100.96.0/20".parse().unwrap()),
+            BlockRule::all("fd00:ec2::254/128".parse().unwrap()),
+            BlockRule::all("fe80::a9fe:a9fe/128".parse().unwrap()),
+        ]);
+        let c = covered(&s);
+        let mut want: Vec<u16> = (0x6000..=0x6fff).collect();
+        want.push(0xa9fe);
+        assert_eq!(c.nexts_v4(1 << 16), Some(want));
+        assert_eq!(c.nexts_v4(16), None, "a /20 has 4096 values");
+        assert_eq!(c.nexts_v6(16), Some(vec![0x0000, 0x0ec2]));
+        let wide = covered(&rules(&[BlockRule::all("10.1.0.0/16".parse().unwrap())]));
+        assert_eq!(wide.nexts_v4(1 << 16), None);
+        let across = covered(&rules(&[
+            BlockRule::all("10.1.255.255/32".parse().unwrap()),
+            BlockRule::all("10.2.0.0/32".parse().unwrap()),
+        ]));
+        assert_eq!(across.nexts_v4(16), Some(vec![0x0000, 0xffff]), "a range across a lead boundary wraps");
     }
 
     #[test]

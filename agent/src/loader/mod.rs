@@ -49,9 +49,10 @@ use crate::policy::CompiledPolicy;
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
 
 /// Maps that are pinned: all but the start-up probe's scratch map.
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
     map_names::SETTINGS,
     map_names::PREFILTER,
+    map_names::PREFILTER2,
     map_names::COUNTERS,
     map_names::POLICY4_A,
     map_names::POLICY4_B,

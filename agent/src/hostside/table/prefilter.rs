@@ -1,8 +1,10 @@
 //! The prefilter every packet the node receives, forwards or sends goes through: one
 //! rule per family at the head of each base chain that accepts the packet when no
 //! shape covers the first 16 bits (the lead) of its destination — nearly every packet
-//! — and the interval check in `judge` for the rare one that shares a lead with a
-//! blocked destination (NodeLocal DNSCache's 169.254.20.10).
+//! — then, for a packet that shares a lead with a blocked destination (NodeLocal
+//! DNSCache's 169.254.20.10 beside 169.254.169.254), one that accepts it when no shape
+//! covers its next 16 bits either (as the socket hooks' second prefilter); the rest
+//! go on to the interval check in `judge`.
 //!
 //! The rule is made of the expressions nf_tables runs inline, without a function call
 //! (`payload` of 1, 2 or 4 aligned bytes, `cmp` of equality on at most 4 bytes,
@@ -39,6 +41,8 @@ struct Family {
     /// The version nibble, in place in the header's first byte.
     version: u8,
     daddr_offset: u32,
+    /// Where the destination's next 16 bits are.
+    next_offset: u32,
     address_len: u32,
     any: &'static str,
     lead_set: &'static str,
@@ -49,6 +53,7 @@ const FAMILIES: [Family; 2] = [
         nfproto: NFPROTO_IPV4,
         version: 0x40,
         daddr_offset: IPV4_DADDR_OFFSET,
+        next_offset: IPV4_DADDR_OFFSET + LEAD_LEN,
         address_len: 4,
         any: ANY4,
         lead_set: LEAD4,
@@ -57,6 +62,7 @@ const FAMILIES: [Family; 2] = [
         nfproto: NFPROTO_IPV6,
         version: 0x60,
         daddr_offset: IPV6_DADDR_OFFSET,
+        next_offset: IPV6_DADDR_OFFSET + LEAD_LEN,
         address_len: 16,
         any: ANY6,
         lead_set: LEAD6,
@@ -120,16 +126,47 @@ pub(super) fn accept_rules(b: &mut Batch, t: &str, chain: &str, covered: &Covere
             b.add_rule(t, chain, &rule);
         }
     }
+    let nexts = [covered.nexts_v4(MAX_LEAD_COMPARES), covered.nexts_v6(MAX_LEAD_COMPARES)];
+    for (family, nexts) in FAMILIES.iter().zip(nexts) {
+        // Too many values (a prefix shorter than /28 or so): `judge` answers.
+        if let Some(nexts) = nexts {
+            b.add_rule(t, chain, &next_rule(family, &nexts));
+        }
+    }
+}
+
+/// Accepts a packet of the family whose destination's next 16 bits no shape covers.
+fn next_rule(family: &Family, nexts: &[u16]) -> Vec<Expr> {
+    let mut rule = version_test(family);
+    rule.push(Expr::Payload {
+        base: NFT_PAYLOAD_NETWORK_HEADER,
+        offset: family.next_offset,
+        len: LEAD_LEN,
+        dreg: NFT_REG_1,
+    });
+    rule.extend(nexts.iter().map(|n| Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: n.to_be_bytes().to_vec() }));
+    rule.push(Expr::verdict(NF_ACCEPT));
+    rule
+}
+
+/// Whether the packet is of the family: the IP version in the header's first word.
+fn version_test(family: &Family) -> Vec<Expr> {
+    vec![
+        Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: 0, len: VERSION_WORD_LEN, dreg: NFT_REG_1 },
+        Expr::Bitwise { sreg: NFT_REG_1, dreg: NFT_REG_1, mask: VERSION_MASK.to_vec() },
+        Expr::Cmp { op: CmpOp::Eq, sreg: NFT_REG_1, data: vec![family.version, 0, 0, 0] },
+    ]
 }
 
 /// The family's prefilter rule; none when its leads are too many to list.
 fn accept_rule(family: &Family, leads: &Leads) -> Option<Vec<Expr>> {
-    let mut rule = vec![
-        Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: 0, len: VERSION_WORD_LEN, dreg: NFT_REG_1 },
-        Expr::Bitwise { sreg: NFT_REG_1, dreg: NFT_REG_1, mask: VERSION_MASK.to_vec() },
-        Expr::Cmp { op: CmpOp::Eq, sreg: NFT_REG_1, data: vec![family.version, 0, 0, 0] },
-        Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: family.daddr_offset, len: LEAD_LEN, dreg: NFT_REG_1 },
-    ];
+    let mut rule = version_test(family);
+    rule.push(Expr::Payload {
+        base: NFT_PAYLOAD_NETWORK_HEADER,
+        offset: family.daddr_offset,
+        len: LEAD_LEN,
+        dreg: NFT_REG_1,
+    });
     match leads {
         Leads::Compared(leads) => rule.extend(leads.iter().map(|l| Expr::Cmp {
             op: CmpOp::Neq,
@@ -199,7 +236,7 @@ mod tests {
         // payload: 1, 2 or 4 bytes at an offset aligned to its length; cmp: == or != on
         // at most 4 bytes; bitwise: 4 bytes (nft_payload/cmp/bitwise_select_ops).
         let rule = accept_rule(&FAMILIES[0], &Leads::Compared(vec![0xa9fe, 0x6464])).unwrap();
-        for e in &rule {
+        for e in rule.iter().chain(&next_rule(&FAMILIES[1], &[0x0ec2])) {
             match e {
                 Expr::Payload { offset, len, .. } => assert!([1, 2, 4].contains(len) && offset % len == 0, "{e:?}"),
                 Expr::Cmp { op, data, .. } => assert!(*op != CmpOp::Gte && data.len() <= 4, "{e:?}"),

@@ -60,10 +60,11 @@ fn the_prefilter_compares_each_blocked_lead_once_in_network_order_and_every_rang
         .unwrap(),
     );
     let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
-    // Few leads: compared in the rule, no lead set.
+    // Few leads: compared in the rule, no lead set. Then the next 16 bits, where few
+    // values are covered: not for IPv4 (the /16), for IPv6 (fd00:ec2::254's 0x0ec2).
     assert!(keys_of(replace(&content), prefilter::LEAD4).is_empty());
     let compared = lead_compares(replace(&content), "input");
-    assert_eq!(compared, vec![vec![vec![169, 254]], vec![vec![0xfd, 0x00]]]);
+    assert_eq!(compared, vec![vec![vec![169, 254]], vec![vec![0xfd, 0x00]], vec![vec![0x0e, 0xc2]]]);
     // One interval: the /16 holds the /32 (start, and the first address after it).
     assert_eq!(keys_of(replace(&content), prefilter::ANY4), vec![vec![169, 254, 0, 0], vec![169, 255, 0, 0]]);
 }
@@ -78,7 +79,23 @@ fn more_leads_than_the_rule_compares_go_to_a_set() {
     let leads = keys_of(replace(&content), prefilter::LEAD4);
     assert_eq!(leads.len(), prefilter::MAX_LEAD_COMPARES + 1);
     assert_eq!(leads[0], vec![10, 0]);
-    assert_eq!(lead_compares(replace(&content), "input")[0], Vec::<Vec<u8>>::new());
+    let compared = lead_compares(replace(&content), "input");
+    assert_eq!(compared[0], Vec::<Vec<u8>>::new(), "the v4 lead rule looks the lead up in the set");
+    assert_eq!(compared[2], vec![vec![0, 1]], "every /32 ends in .0.1: one value of the next 16 bits");
+}
+
+#[test]
+fn a_destination_sharing_a_blocked_lead_meets_a_second_rule_in_every_base_chain() {
+    let blocked = ["169.254.169.254/32", "169.254.42.42/32", "fd00:ec2::254/128"];
+    let rules: Vec<_> = blocked.iter().map(|n| crate::policy::BlockRule::all(n.parse().unwrap())).collect();
+    let shapes = crate::hostside::ruleset::shapes(&crate::policy::compile(&rules).unwrap());
+    let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
+    for chain in ["input", "forward", "output"] {
+        let compared = lead_compares(replace(&content), chain);
+        assert_eq!(compared.len(), 4, "{chain}: two lead rules, two next rules");
+        assert_eq!(compared[2], vec![vec![42, 42], vec![169, 254]], "{chain}: the v4 next bits, sorted");
+        assert_eq!(compared[3], vec![vec![0x0e, 0xc2]], "{chain}");
+    }
 }
 
 /// Per prefilter rule of `chain` (those that mask the version word), the values its

@@ -36,6 +36,8 @@ pub(crate) const TCP_PORT: u16 = 9100;
 pub(crate) const UDP_PORT: u16 = 9101;
 pub(crate) const BULK_PORT: u16 = 9102;
 pub(crate) const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// NodeLocal DNSCache's address: the metadata address's first 16 bits, not its next.
+pub(crate) const LEAD_NEIGHBOUR: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 10);
 
 pub(crate) struct Bench {
     pub agent: Option<Agent>,
@@ -72,6 +74,11 @@ impl Bench {
         let empty_programs = EmptyPrograms::load()?;
         let servers = Servers::start(node.sim.node())?;
         let beyond = Beyond::build(&node)?;
+        // Inside the node namespace only, as the stand-in's addresses are.
+        let mut nl = metadata_guard_tests::netlink::Netlink::open_in(node.sim.node())?;
+        let lo = nl.link_index("lo")?;
+        nl.add_address(lo, LEAD_NEIGHBOUR.into(), 32).context("could not add the lead neighbour's address")?;
+        drop(nl);
         let worker = Worker::start(&pod.net.ns.path())?;
         Ok(Bench { agent: None, worker, servers, plain, empty_programs, switch: None, beyond, node, agent_bin, quick })
     }

@@ -22,6 +22,7 @@ fn operation(figure: &str) -> Option<&'static str> {
     match figure {
         "1" | "3" | "5" => Some(profile::TCP_CONNECT),
         "2" => Some("UDP sendto"),
+        "2c" => Some(profile::UDP_SENDTO_NEIGHBOUR),
         "2b" => Some("UDP connect + send"),
         "8" => Some("forwarded TCP connect + close"),
         "9b" => Some(profile::TCP_CONNECT_CONCEAL),
@@ -53,7 +54,7 @@ fn table_passes(figure: &str, row: &Row) -> Option<f64> {
     }
     match figure {
         "1" | "8" | "9b" => Some(4.0),
-        "2" | "2b" => Some(1.0),
+        "2" | "2c" | "2b" => Some(1.0),
         _ => None,
     }
 }

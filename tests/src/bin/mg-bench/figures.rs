@@ -6,7 +6,7 @@ use std::{net::SocketAddrV4, time::Duration};
 use anyhow::{bail, ensure, Result};
 
 use crate::{
-    bench::{iptables_rules, Bench, Firewall, BULK_PORT, METADATA, TCP_PORT, UDP_PORT},
+    bench::{iptables_rules, Bench, Firewall, BULK_PORT, LEAD_NEIGHBOUR, METADATA, TCP_PORT, UDP_PORT},
     interrupted,
     report::{median, Figure, Measured, Row, Target},
     variant::Variant,
@@ -169,6 +169,28 @@ pub(crate) fn udp_allowed(b: &mut Bench) -> Result<Figure> {
             "{count} datagrams per sample from one unconnected socket; the guard runs `sendmsg4` and `egress` on every one, \
              and the host-side table's `input` chain judges each on the node. \
              The node's receiving socket is never read, so after its queue fills every datagram is dropped at the same point."
+        )],
+        ..Default::default()
+    })
+}
+
+/// Figure 2c: figure 2's datagrams to an address that shares the metadata address's
+/// first 16 bits (NodeLocal DNSCache's 169.254.20.10): the second prefilter's case.
+pub(crate) fn udp_lead_neighbour(b: &mut Bench) -> Result<Figure> {
+    let (rounds, count) = if b.quick { (3, 2000) } else { (301, 1000) };
+    let dest = SocketAddrV4::new(LEAD_NEIGHBOUR, UDP_PORT);
+    let row = per_op_row(b, "sendto to 169.254.20.10, 32 bytes", rounds, count, Op::UdpSendto { dest, count })?;
+    Ok(Figure {
+        title: "2c. Allowed UDP path beside the metadata address".into(),
+        unit: "µs per datagram".into(),
+        targets: targets("2c. UDP sendto beside the metadata address", &row, 1.02, true),
+        rows: vec![scale_row(row, 1e-3)],
+        notes: vec![format!(
+            "As figure 2, to {LEAD_NEIGHBOUR} (NodeLocal DNSCache's address, on the node's `lo`), which shares \
+             169.254.169.254's first 16 bits: each prefilter's first look (the lead) says \"maybe\", its second \
+             (the next 16 bits) says no, so the datagram leaves before the policy's longest-prefix lookup in \
+             `sendmsg4` and `egress`, and before `judge` in the host-side table. Every DNS query of every pod \
+             on a node with NodeLocal DNSCache takes this path."
         )],
         ..Default::default()
     })

@@ -1,12 +1,12 @@
 //! The BPF profile: where the guard's nanoseconds go, per operation, beside empty
 //! programs on the same hooks (kernel BPF statistics).
 
-use std::{collections::BTreeMap, process::Command};
+use std::{collections::BTreeMap, net::SocketAddrV4, process::Command};
 
 use anyhow::{ensure, Context, Result};
 
 use crate::{
-    bench::{Bench, TCP_PORT, UDP_PORT},
+    bench::{Bench, LEAD_NEIGHBOUR, TCP_PORT, UDP_PORT},
     bpf,
     figures::label,
     report::{Figure, Target},
@@ -47,12 +47,15 @@ pub(crate) fn enforce_ops(b: &Bench, per_chunk: u64) -> Vec<(&'static str, Op)> 
     vec![
         (TCP_CONNECT, Op::TcpConnect { dest: b.node_addr(TCP_PORT), count: per_chunk }),
         ("UDP sendto", Op::UdpSendto { dest: b.node_addr(UDP_PORT), count: per_chunk }),
+        (UDP_SENDTO_NEIGHBOUR, Op::UdpSendto { dest: SocketAddrV4::new(LEAD_NEIGHBOUR, UDP_PORT), count: per_chunk }),
         ("UDP connect + send", Op::UdpConnectSend { dest: b.node_addr(UDP_PORT), count: per_chunk }),
         ("forwarded TCP connect + close", Op::TcpConnect { dest: b.beyond.addr(TCP_PORT), count: per_chunk }),
     ]
 }
 
 pub(crate) const TCP_CONNECT: &str = "TCP connect + close";
+/// Figure 2c's operation.
+pub(crate) const UDP_SENDTO_NEIGHBOUR: &str = "UDP sendto beside the metadata address";
 /// Figure 9b's operation: as [`TCP_CONNECT`], the agent in conceal mode.
 pub(crate) const TCP_CONNECT_CONCEAL: &str = "TCP connect + close, conceal mode";
 

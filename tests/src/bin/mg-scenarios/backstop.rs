@@ -14,7 +14,7 @@ use crate::{
     packets::PacketTap,
 };
 
-pub(crate) const SCENARIOS: [crate::Scenario; 8] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 9] = [
     ("backstop: raw ICMP, raw TCP SYN and raw UDP from a pod never reach the node", pod_raw_packets_dropped),
     ("backstop: the same raw packets from a host-network process arrive", host_raw_packets_arrive),
     ("backstop: TCP Fast Open from a pod is refused", pod_fast_open_refused),
@@ -29,6 +29,10 @@ pub(crate) const SCENARIOS: [crate::Scenario; 8] = [
         "backstop: from socket marks to the kernel's netns cookie (where it has one) in place, no sock_create left",
         marks_then_kernel_netns,
     ),
+    (
+        "backstop: addresses sharing the metadata address's first 16 bits are served on every path, raw packets too",
+        lead_neighbours_served,
+    ),
 ];
 
 const METADATA_V4_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
@@ -37,7 +41,8 @@ const METADATA_V4_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// a pod, counted once a barrier sent after it has arrived; for the host, polled until
 /// one arrives (within the budget).
 fn arrivals_of(ctx: &Ctx, who: Who, kind: Kind, protocol: i32, dest: &str) -> Result<(attempt::Outcome, u64)> {
-    let mut tap = PacketTap::open(ctx.node.sim.node(), protocol, METADATA_V4_ADDR)?;
+    let addr = dest.parse().unwrap_or(METADATA_V4_ADDR);
+    let mut tap = PacketTap::open(ctx.node.sim.node(), protocol, addr)?;
     let before = tap.count();
     let out = ctx.try_once(who, kind, dest, 80, false)?;
     match who {
@@ -217,4 +222,24 @@ fn marks_then_kernel_netns(ctx: &mut Ctx) -> Result<()> {
     let sock_create = hooks(&auto).iter().any(|h| h == "sock_create");
     ensure!(sock_create == (expected == "marks"), "sock_create attached: {sock_create} with {expected}");
     raw_ok(ctx, &format!("with {expected}"))
+}
+
+/// The prefilters look at an address's first 16 bits, then at its next 16: neighbours
+/// of the metadata address on the same /16 (the EKS Pod Identity agent, Amazon's VPC
+/// resolver at .253, NodeLocal DNSCache) leave at the second look. Served by TCP, UDP
+/// and raw packets alike (through the egress backstop and the node's table), while
+/// the metadata address itself stays refused.
+fn lead_neighbours_served(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    for neighbour in ["169.254.170.23", "169.254.169.253"] {
+        ctx.expect_served(Who::Pod(0), Kind::Http, neighbour, 80, false)?;
+        ctx.expect_served(Who::Pod(0), Kind::UdpSendto, neighbour, 80, false)?;
+        for (kind, protocol) in [(Kind::RawUdp, libc::IPPROTO_UDP), (Kind::RawTcpSyn, libc::IPPROTO_TCP)] {
+            let (out, arrived) = arrivals_of(ctx, Who::Pod(0), kind, protocol, neighbour)?;
+            ensure!(out.ok == 1 && arrived >= 1, "{kind:?} from a pod to {neighbour}: sent {out:?}, {arrived} arrived");
+        }
+    }
+    let (out, arrived) = arrivals_of(ctx, Who::Pod(0), Kind::RawUdp, libc::IPPROTO_UDP, METADATA_V4)?;
+    ensure!(out.ok == 0 && arrived == 0, "raw UDP to the metadata address got through ({out:?}, {arrived} arrived)");
+    ctx.expect_refused(Who::Pod(0), Kind::UdpSendto, METADATA_V4, 80, false)
 }
