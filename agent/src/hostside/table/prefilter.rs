@@ -34,6 +34,10 @@ pub(super) const MAX_LEAD_COMPARES: usize = 16;
 /// masked, compared with the version shifted up.
 const VERSION_WORD_LEN: u32 = 4;
 const VERSION_MASK: [u8; 4] = [0xf0, 0, 0, 0];
+/// Nearly every IPv4 header's first byte: version 4, five 32-bit words (no options).
+/// One byte compared, where the version alone takes a mask too; a header with
+/// options fails the test and goes on to be judged in full.
+const IPV4_WITHOUT_OPTIONS: u8 = 0x45;
 
 /// One family's prefilter inputs.
 struct Family {
@@ -149,8 +153,15 @@ fn next_rule(family: &Family, nexts: &[u16]) -> Vec<Expr> {
     rule
 }
 
-/// Whether the packet is of the family: the IP version in the header's first word.
+/// Whether the packet is of the family, from the header's first byte or word.
 fn version_test(family: &Family) -> Vec<Expr> {
+    if family.nfproto == NFPROTO_IPV4 {
+        return vec![
+            Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: 0, len: 1, dreg: NFT_REG_1 },
+            Expr::Cmp { op: CmpOp::Eq, sreg: NFT_REG_1, data: vec![IPV4_WITHOUT_OPTIONS] },
+        ];
+    }
+    // IPv6's first byte also holds half the traffic class: the version is masked out.
     vec![
         Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: 0, len: VERSION_WORD_LEN, dreg: NFT_REG_1 },
         Expr::Bitwise { sreg: NFT_REG_1, dreg: NFT_REG_1, mask: VERSION_MASK.to_vec() },
@@ -229,6 +240,9 @@ mod tests {
         assert_eq!(rule[4], Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: vec![0xfd, 0x00] });
         assert_eq!(rule[5], Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: vec![0xfe, 0x80] });
         assert_eq!(rule.last(), Some(&Expr::verdict(NF_ACCEPT)));
+        let v4 = accept_rule(&FAMILIES[0], &Leads::Compared(vec![0xa9fe])).unwrap();
+        let Expr::Payload { offset: 0, len: 1, .. } = v4[0] else { panic!("no first-byte load: {v4:?}") };
+        assert_eq!(v4[1], Expr::Cmp { op: CmpOp::Eq, sreg: NFT_REG_1, data: vec![IPV4_WITHOUT_OPTIONS] });
     }
 
     #[test]

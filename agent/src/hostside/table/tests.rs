@@ -98,8 +98,8 @@ fn a_destination_sharing_a_blocked_lead_meets_a_second_rule_in_every_base_chain(
     }
 }
 
-/// Per prefilter rule of `chain` (those that mask the version word), the values its
-/// `!=` compares hold.
+/// Per prefilter rule of `chain` (those that start with the version test, a load of
+/// the header's first bytes), the values its `!=` compares hold.
 fn lead_compares(batch: Batch, chain: &str) -> Vec<Vec<Vec<u8>>> {
     let rules = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE;
     let mut out = Vec::new();
@@ -109,7 +109,7 @@ fn lead_compares(batch: Batch, chain: &str) -> Vec<Vec<Vec<u8>>> {
             continue;
         }
         let mut neq = Vec::new();
-        let mut masks_version = false;
+        let mut tests_version = false;
         for e in attrs.find(NFTA_RULE_EXPRESSIONS).unwrap().nested() {
             let e = e.nested();
             let name = e.find(NFTA_EXPR_NAME).unwrap().str();
@@ -119,11 +119,14 @@ fn lead_compares(batch: Batch, chain: &str) -> Vec<Vec<Vec<u8>>> {
                 ("cmp", Some(d)) if d.find(2).map(|o| o.value.to_vec()) == Some(1u32.to_be_bytes().to_vec()) => {
                     neq.push(d.find(3).unwrap().nested().find(NFTA_DATA_VALUE).unwrap().value.to_vec());
                 }
-                ("bitwise", _) => masks_version = true,
+                // NFTA_PAYLOAD_OFFSET (3) of 0: the IP header's first byte or word.
+                ("payload", Some(d)) if neq.is_empty() && d.find(3).map(|o| o.value.to_vec()) == Some(vec![0; 4]) => {
+                    tests_version = true;
+                }
                 _ => {}
             }
         }
-        if masks_version {
+        if tests_version {
             out.push(neq);
         }
     }
