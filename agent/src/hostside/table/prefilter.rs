@@ -141,16 +141,22 @@ pub(super) fn accept_rules(b: &mut Batch, t: &str, chain: &str, covered: &Covere
 
 /// Accepts a packet of the family whose destination's next 16 bits no shape covers.
 fn next_rule(family: &Family, nexts: &[u16]) -> Vec<Expr> {
-    let mut rule = version_test(family);
-    rule.push(Expr::Payload {
-        base: NFT_PAYLOAD_NETWORK_HEADER,
-        offset: family.next_offset,
-        len: LEAD_LEN,
-        dreg: NFT_REG_1,
-    });
-    rule.extend(nexts.iter().map(|n| Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: n.to_be_bytes().to_vec() }));
+    let mut rule = family_then_load(family, family.next_offset);
+    rule.extend(none_of(nexts));
     rule.push(Expr::verdict(NF_ACCEPT));
     rule
+}
+
+/// The family's test, then the 16 bits at `offset` into the register the compares read.
+fn family_then_load(family: &Family, offset: u32) -> Vec<Expr> {
+    let mut exprs = version_test(family);
+    exprs.push(Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset, len: LEAD_LEN, dreg: NFT_REG_1 });
+    exprs
+}
+
+/// The register holds none of `values` (16 bits each, compared in network order).
+fn none_of(values: &[u16]) -> impl Iterator<Item = Expr> + '_ {
+    values.iter().map(|v| Expr::Cmp { op: CmpOp::Neq, sreg: NFT_REG_1, data: v.to_be_bytes().to_vec() })
 }
 
 /// Whether the packet is of the family, from the header's first byte or word.
@@ -171,19 +177,9 @@ fn version_test(family: &Family) -> Vec<Expr> {
 
 /// The family's prefilter rule; none when its leads are too many to list.
 fn accept_rule(family: &Family, leads: &Leads) -> Option<Vec<Expr>> {
-    let mut rule = version_test(family);
-    rule.push(Expr::Payload {
-        base: NFT_PAYLOAD_NETWORK_HEADER,
-        offset: family.daddr_offset,
-        len: LEAD_LEN,
-        dreg: NFT_REG_1,
-    });
+    let mut rule = family_then_load(family, family.daddr_offset);
     match leads {
-        Leads::Compared(leads) => rule.extend(leads.iter().map(|l| Expr::Cmp {
-            op: CmpOp::Neq,
-            sreg: NFT_REG_1,
-            data: l.to_be_bytes().to_vec(),
-        })),
+        Leads::Compared(leads) => rule.extend(none_of(leads)),
         Leads::InSet(_) => rule.push(Expr::Lookup { set: family.lead_set.into(), sreg: NFT_REG_1, invert: true }),
         Leads::Unlisted => return None,
     }
