@@ -13,7 +13,7 @@ use crate::{
 /// `iptables-nft-restore` comes with Debian's iptables package.
 const IPTABLES: packages::Tool = packages::Tool { program: "iptables-nft-restore", package: "iptables" };
 
-pub(crate) fn run(quick: bool) -> Result<()> {
+pub(crate) fn run(quick: bool, only: Option<&str>) -> Result<()> {
     artifacts::build_ebpf(Variant::Default)?;
     let agent = artifacts::build_agent(Profile::Release, Variant::Default)?;
     packages::ensure(&[packages::BPFTOOL, packages::NFT, IPTABLES])?;
@@ -29,11 +29,18 @@ pub(crate) fn run(quick: bool) -> Result<()> {
     .context("building the bench (mg-bench) failed")?;
     // A quick run (CI) checks that every measurement works; only a full run
     // rewrites the published results.
-    let out = if quick { root.join("target/bench-quick") } else { root.join("docs/benchmarks") };
+    let out = match (quick, only) {
+        (_, Some(_)) => root.join("target/bench-only"),
+        (true, None) => root.join("target/bench-quick"),
+        (false, None) => root.join("docs/benchmarks"),
+    };
     let mut bench = Command::new(root.join("target/release/mg-bench"));
     bench.arg("--agent").arg(&agent).arg("--out").arg(&out).current_dir(&root);
     if quick {
         bench.arg("--quick");
+    }
+    if let Some(figures) = only {
+        bench.arg("--only").arg(figures);
     }
     cmd::run(&mut bench).context("the bench failed (a broken measurement, not a slow one; see above)")
 }

@@ -67,6 +67,10 @@ enum Cmd {
         /// Every figure briefly, failing only on broken measurements (for CI).
         #[arg(long)]
         quick: bool,
+        /// Only these figures, by the number in their title (e.g. `1,2c`), written to
+        /// target/bench-only/ (the published results come from a run of every figure).
+        #[arg(long, value_name = "FIGURES")]
+        only: Option<String>,
     },
     /// Run the real-kernel scenarios on Debian's 5.10 and 6.1 cloud kernels, amd64 and
     /// arm64, under QEMU; writes docs/kernels.md when every kernel ran.
@@ -123,7 +127,7 @@ fn real_main() -> Result<()> {
         Cmd::Lint => test::lint()?,
         Cmd::Image => drop(image::build()?),
         Cmd::Smoke => image::smoke()?,
-        Cmd::Bench { quick } => bench::run(quick)?,
+        Cmd::Bench { quick, only } => bench::run(quick, only.as_deref())?,
         Cmd::VmTest { kernel, arch, filter } => vm::run(&vm::select(&kernel, &arch)?, filter.as_deref())?,
     }
     Ok(())

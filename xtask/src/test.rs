@@ -36,7 +36,7 @@ pub(crate) fn run() -> Result<()> {
     }
     cmd::run(&mut run_scenarios).context("real-kernel scenarios failed")?;
     crate::image::smoke().context("the image smoke test (cargo xtask smoke) failed")?;
-    crate::bench::run(true).context("the quick benchmark (cargo xtask bench --quick) failed")?;
+    crate::bench::run(true, None).context("the quick benchmark (cargo xtask bench --quick) failed")?;
     crate::vm::run(&crate::vm::select("all", "all")?, None)
         .context("the kernel matrix (cargo xtask vm-test) failed")?;
     Ok(())
