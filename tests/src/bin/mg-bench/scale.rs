@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     process::Command,
     time::{Duration, Instant},
 };
@@ -21,16 +21,19 @@ use crate::{
 
 use crate::profile::{guard_programs, prog_stats};
 
-/// `n` blocked /32s in 10.200.128.0/17: inside the pods' 10.200.0.0/16 but not
-/// covering the addresses it uses (10.200.N.* for the first few N), so the
-/// destination shares its first 16 bits with a blocked prefix at every size: the
-/// prefilter cannot answer and every connect takes the full policy lookup — the worst
+/// `n` blocked /32s in 10.200.128.0/17, inside the pods' 10.200.0.0/16 but not
+/// covering the addresses it uses (10.200.N.* for the first few N), and one more, the
+/// destination's *twin*: its next 16 bits under the lead 10.201. So the destination
+/// shares its first 16 bits with the /32s and its next 16 with the twin: neither
+/// prefilter can answer and every connect takes the full policy lookup — the worst
 /// case, and the same path at 1 as at 10 000, so the sizes compare the lookup alone.
-/// (With the metadata address as the one CIDR of the smallest policy, as an earlier
-/// bench had it, the prefilter answered there and nowhere else: the "scale" ratio
-/// was the policy lookup's whole cost.)
-fn fake_cidrs(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("10.200.{}.{}/32", 128 + i / 256, i % 256)).collect()
+/// (With one prefix the prefilters always answer for an address it does not cover; a
+/// policy whose prefilters answered at one size and not at another would measure the
+/// lookup's whole cost, not its growth.)
+fn fake_cidrs(n: usize, dest: Ipv4Addr) -> Vec<String> {
+    let [a, b, c, d] = dest.octets();
+    let twin = format!("{a}.{}.{c}.{d}/32", b.wrapping_add(1));
+    std::iter::once(twin).chain((0..n).map(|i| format!("10.200.{}.{}/32", 128 + i / 256, i % 256))).collect()
 }
 
 /// The same destinations as linear iptables rules, as a node firewall would have them.
@@ -60,7 +63,7 @@ pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
     let mut guard_ratios = Vec::new();
     let mut lookups = Vec::new();
     for (i, &n) in [1usize, 100, 10_000].iter().enumerate() {
-        let blocked = fake_cidrs(n);
+        let blocked = fake_cidrs(n, *dest.ip());
         let mut yaml = String::from("destinations:\n  presets: []\n  block:\n");
         for c in &blocked {
             yaml.push_str(&format!("    - cidr: {c}\n"));
@@ -73,17 +76,17 @@ pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
         } else {
             b.agent()?.signal(libc::SIGHUP);
         }
-        wait_for_policy(b, n)?;
+        wait_for_policy(b, blocked.len())?;
         let rules = scale_rules(&blocked);
         let samples = interleave(b, &SCALE, rounds, &|fw| fw.iptables_restore(&rules), &mut |b, v| {
             let r = b.run(v, Op::TcpConnect { dest, count })?;
-            all_ok(&r, count, &format!("TCP connect with {n} blocked CIDRs ({})", label(v)))?;
+            all_ok(&r, count, &format!("TCP connect with {n} + 1 blocked CIDRs ({})", label(v)))?;
             Ok(r.per_op_ns() / 1e3)
         })?;
         let per_run = bpf_ns_per_run(b, Op::TcpConnect { dest, count })?;
         lookups.push(format!("{n}: {:.0} ns", per_run.get("mg_connect4").copied().unwrap_or(f64::NAN)));
-        let mut row = row(&format!("{n} blocked CIDRs"), &SCALE, samples);
-        row.cols[2].label = format!("{n} iptables rules");
+        let mut row = row(&format!("{n} + 1 blocked CIDRs"), &SCALE, samples);
+        row.cols[2].label = format!("{} iptables rules", n + 1);
         guard_ratios.push(row.paired(1));
         fig.rows.push(row);
     }
@@ -130,16 +133,18 @@ pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
             explain: String::new(),
         },
     ];
+    let (node, twin) = (dest.ip(), fake_cidrs(0, *dest.ip()).remove(0));
     fig.notes.push(format!(
-        "{count} connects per sample. Blocked CIDRs: a config file with `presets: []` and n /32s in 10.200.128.0/17, \
-         inside the pods' 10.200.0.0/16 (never covering the addresses the bench uses), applied by SIGHUP; the \
-         iptables column has the same n destinations as linear `-A INPUT -s 10.200.0.0/16 -d CIDR -j DROP` rules. \
-         The destination (the node, 10.200.0.x) shares its first 16 bits with every size's prefixes, so the guard's \
-         prefilter cannot answer and each connect takes the policy's longest-prefix lookup: the worst case, at every \
-         size alike, so the ratio between sizes is the lookup's growth with the policy. A destination whose first 16 \
-         bits no blocked prefix shares — the usual case: metadata addresses are link-local — leaves after the \
-         prefilter whatever the policy's size; the same holds for the host-side table (its lead compares, then one \
-         interval lookup in `judge`), which judges every packet of these connects. Allowlist: fake cgroup ids \
+        "{count} connects per sample. Blocked CIDRs: a config file with `presets: []`, n /32s in 10.200.128.0/17 \
+         (inside the pods' 10.200.0.0/16, never covering the addresses the bench uses) and one more whose next 16 \
+         bits are the destination's ({twin}), applied by SIGHUP; the iptables column has the same destinations as \
+         linear `-A INPUT -s 10.200.0.0/16 -d CIDR -j DROP` rules. The destination (the node, {node}) shares its \
+         first 16 bits with the /32s and its next 16 with the extra one, so neither of the guard's prefilters can \
+         answer and each connect takes the policy's longest-prefix lookup: the worst case, at every size alike, so \
+         the ratio between sizes is the lookup's growth with the policy; in the host-side table, the interval \
+         lookup in `judge`, which judges every packet of these connects. A destination whose first 16 or next 16 \
+         bits no blocked prefix shares — the usual case — leaves after the prefilters whatever the policy's size. \
+         Allowlist: fake cgroup ids \
          written straight into the pinned map while the agent is stopped (the pins keep enforcing, with the \
          10 000-CIDR policy still in force: the worst case again); flatness is the ratio of the largest to the smallest \
          guard/no-guard ratio across the three sizes."
