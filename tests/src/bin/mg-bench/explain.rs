@@ -172,10 +172,14 @@ fn split(t: &Target, row: &Row, precise: &Precise, throughput: bool) -> String {
             t.limit
         );
     } else {
+        let room = (t.limit - floor_ratio).abs();
         let _ = write!(
             s,
-            "The floor ({floor_ratio:.3}) is within the limit ({:.3}): the guard's own work is what misses it.",
-            t.limit
+            "The floor ({floor_ratio:.3}) is within the limit ({:.3}) by {:.1} %{}: the guard's own work is what \
+             misses it.",
+            t.limit,
+            room * 100.0,
+            base_ns.map_or(String::new(), |b| format!(", {:.0} ns", room * b)),
         );
     }
     s

@@ -202,8 +202,9 @@ judges the node's packets: the real programs, maps and table of a running agent)
 namespace, host-side table dormant, and with three variants that split the guard's cost:
 **the guard's hooks, empty** — its own links running programs that only `return 1`
 (swapped in with `BPF_LINK_UPDATE`), and in place of the host-side table a twin of its
-base chains, same hooks and priorities, with no rules: what the kernel charges for the
-guard's hooks by themselves, the *floor*; **the guard's programs, base chains empty** — the
+base chains, same hooks and priorities, each with one rule that only accepts (nf_tables'
+counterpart of a program that only returns 1): what the kernel charges for the guard's
+hooks by themselves, the *floor*; **the guard's programs, base chains empty** — the
 programs at work over that floor; and **the host-side table, programs empty** — the table
 at work over it. The guard's own work is its distance from the floor, the programs' and
 the table's shares of it are theirs.

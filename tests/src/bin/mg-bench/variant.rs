@@ -9,8 +9,9 @@
 //!
 //! Every table a variant needs is loaded before the rounds and only switched during
 //! them: the agent's host-side table, the floor's table (base chains on the same hooks
-//! and priorities as the agent's, with no rules: what the kernel charges for a base
-//! chain by itself) and the firewall variant's rules.
+//! and priorities as the agent's, each with one rule that only accepts: what the
+//! kernel charges for a base chain running the least a rule can do) and the firewall
+//! variant's rules.
 
 use std::path::Path;
 
@@ -41,9 +42,9 @@ pub(crate) enum Variant {
     /// No guard (as `None`); a firewall rule set is in force in the node namespace.
     Firewall,
     /// The guard's hooks with nothing to do: its links running programs that only
-    /// `return 1`, and base chains with no rules on the host-side table's hooks. The
-    /// kernel's own cost of running a program or a base chain there: the floor under
-    /// the guard's.
+    /// `return 1`, and base chains on the host-side table's hooks whose one rule only
+    /// accepts. The kernel's own cost of running a program or a rule there: the floor
+    /// under the guard's.
     Empty,
     /// The guard's programs at work, the host side as in the floor: with
     /// [`Variant::Empty`], the programs' own share of the guard's work.
