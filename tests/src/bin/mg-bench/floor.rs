@@ -152,7 +152,9 @@ pub(crate) fn create_floor_table(fw: &Firewall, host: &str, floor: &str) -> Resu
         else {
             continue; // a regular chain, jumped to
         };
-        script.push_str(&format!("  chain {name} {{ type filter hook {hook} priority {prio}; policy accept; accept; }}\n"));
+        script.push_str(&format!(
+            "  chain {name} {{ type filter hook {hook} priority {prio}; policy accept; accept; }}\n"
+        ));
         chains += 1;
     }
     ensure!(chains > 0, "the host-side table `inet {host}` has no base chains to mirror: {listed}");
