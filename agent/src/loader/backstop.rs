@@ -29,11 +29,6 @@ impl Backstop {
         }
     }
 
-    /// `forced`, or the detected one.
-    pub fn resolve(forced: Option<Backstop>) -> Backstop {
-        forced.unwrap_or_else(Backstop::detect)
-    }
-
     /// The egress program this backstop runs.
     pub fn egress_program(self) -> &'static str {
         match self {
