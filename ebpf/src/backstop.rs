@@ -123,7 +123,7 @@ fn helper_netns(ctx: &SkBuffContext, _full: *mut bpf_sock) -> u64 {
 #[inline(always)]
 fn backstop(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf_sock) -> u64) -> i32 {
     // Every packet of every pod passes here: a destination outside the policy leaves
-    // after two reads of the packet and the prefilter. That is also how a socket a
+    // after a look at its first four bytes in the packet and the prefilters. That is also how a socket a
     // socket hook already judged goes free: its destination is outside the policy, or
     // it is a host socket (the rare traffic that goes on below).
     let settings = match packet::lead(ctx) {
