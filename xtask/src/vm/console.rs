@@ -16,6 +16,17 @@ pub(super) struct Console {
     pub end: Option<String>,
     /// Init script lines reporting a failed setup step (mount, insmod).
     pub setup_failures: Vec<String>,
+    /// The guest kernel's own reports of a fault: soft lockups, BUGs, oopses, panics.
+    pub kernel_faults: Vec<String>,
+}
+
+/// What the kernel prints, after its timestamp, when it faults.
+const KERNEL_FAULTS: &[&str] = &["watchdog: BUG:", "BUG:", "Oops:", "Kernel panic - not syncing:"];
+
+/// `[   44.708990] watchdog: BUG: soft lockup - …` → `watchdog: BUG: soft lockup - …`.
+fn kernel_fault(line: &str) -> Option<&str> {
+    let text = line.strip_prefix('[')?.split_once("] ")?.1;
+    KERNEL_FAULTS.iter().any(|f| text.starts_with(f)).then_some(text)
 }
 
 #[derive(Debug, PartialEq)]
@@ -53,6 +64,8 @@ impl Console {
                 }
             } else if let Some(r) = scenario_result(line) {
                 c.results.push(r);
+            } else if let Some(f) = kernel_fault(line) {
+                c.kernel_faults.push(f.to_string());
             }
         }
         c
@@ -129,6 +142,24 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_soft_lockup_and_the_panic_it_ends_in_are_kernel_faults() {
+        let log = "ok   lifecycle: check names a missing bpffs (40 ms)\r\n\
+            [   44.708990] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [metadata-guard:542]\r\n\
+            [   44.711690] RIP: 0010:inet_release+0x1c/0x80\r\n\
+            [   44.720000] Kernel panic - not syncing: softlockup: hung tasks\r\n\
+            [    2.603901] bridge: filtering via arp/ip/ip6tables is no longer available\r\n";
+        let c = Console::parse(log);
+        assert_eq!(
+            c.kernel_faults,
+            [
+                "watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [metadata-guard:542]",
+                "Kernel panic - not syncing: softlockup: hung tasks"
+            ]
+        );
+        assert_eq!(c.results.len(), 1);
     }
 
     #[test]

@@ -43,6 +43,10 @@ impl KernelRun {
             p.push(format!("qemu failed ({status}); its errors end the console log"));
         }
         p.extend(self.console.setup_failures.iter().cloned());
+        // The first fault names the stuck or crashing task; the rest follow from it.
+        if let Some(fault) = self.console.kernel_faults.first() {
+            p.push(format!("the guest kernel reported `{fault}` (the trace follows it in the console log)"));
+        }
         let failed = self.console.results.iter().filter(|r| !r.passed).count();
         if failed > 0 {
             p.push(format!("{failed} scenario(s) failed"));
