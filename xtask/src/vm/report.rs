@@ -195,7 +195,9 @@ pub(super) fn document(runs: &[KernelRun], scenarios: &[String], date: &str) -> 
          Each kernel is a Debian cloud kernel package ({kernels}) booted under QEMU with an \
          initramfs holding busybox, the agent (and its test variant) and `mg-scenarios`; \
          the guest runs `metadata-guard check` and then the real-kernel scenarios. amd64 \
-         guests are `qemu-system-x86_64`, arm64 guests `qemu-system-aarch64 -machine virt \
+         guests are `qemu-system-x86_64 -accel tcg,thread=single` (one host thread for \
+         both vCPUs: with one each, a jump label the guest kernel patched could stay stale \
+         in the other vCPU's translated code), arm64 guests `qemu-system-aarch64 -machine virt \
          -cpu neoverse-n1` (the core of Graviton2 and Ampere Altra). The agent in each guest \
          is the release binary copied out of that architecture's image in the \
          `localhost/metadata-guard:dev` manifest list (its sha256 below). A \
