@@ -55,7 +55,7 @@ pub fn apply(args: &EnforceArgs) -> Result<()> {
     let host_side = hostside::status(args.host_netns.as_deref())?;
     // The host side has two modes: in conceal mode it refuses as in enforce mode.
     let host_mode = if installed.config.mode == Mode::Audit { "audit" } else { "enforce" };
-    if !host_side.installed || host_side.mode.as_deref() != Some(host_mode) {
+    if !host_side.installed || host_side.dormant || host_side.mode.as_deref() != Some(host_mode) {
         bail!(
             "the host-side table `{}` is not in force after writing it ({host_side:?}); see `metadata-guard check`",
             host_side.table

@@ -177,6 +177,10 @@ pub fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
                     host_side.table
                 ));
             }
+            if status.installed && host_side.dormant {
+                status.enforcing = false;
+                status.problems.push(hostside::dormant_problem());
+            }
             if json {
                 let mut value = serde_json::to_value(&status)?;
                 value["host_side"] = serde_json::to_value(&host_side)?;

@@ -22,6 +22,9 @@ pub struct HostStatus {
     pub blocked_packets: u64,
     pub audited_packets: u64,
     pub exempt_packets: u64,
+    /// The table is there with `flags dormant`: off its hooks, judging nothing.
+    #[serde(default)]
+    pub dormant: bool,
     /// Why the table could not be read (it may still be there).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unreadable: Option<String>,
@@ -44,6 +47,7 @@ pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
         blocked_packets: s.as_ref().map_or(0, |s| s.counters.blocked),
         audited_packets: s.as_ref().map_or(0, |s| s.counters.audited),
         exempt_packets: s.as_ref().map_or(0, |s| s.counters.exempt),
+        dormant: s.as_ref().is_some_and(|s| s.dormant),
         chains: s.as_ref().map(|s| s.chains.clone()).unwrap_or_default(),
         sets: s.map(|s| s.sets).unwrap_or_default(),
     })
@@ -69,6 +73,22 @@ pub fn print_status(s: &HostStatus) {
         s.allowed_addresses
     );
     println!("  packets: {} blocked, {} audited, {} exempt", s.blocked_packets, s.audited_packets, s.exempt_packets);
+    if s.dormant {
+        println!("  DORMANT: {}", dormant_problem());
+    }
+}
+
+/// What a dormant table means and how it ends, for `status` and the agent's health.
+pub fn dormant_problem() -> String {
+    // Nothing the agent writes is dormant (every write replaces the table), and no
+    // firewall manager sets the flag: someone put it to sleep by hand, perhaps on
+    // purpose, so the agent reports it rather than overriding them at once.
+    format!(
+        "the host-side table `inet {TABLE}` is dormant (`flags dormant`): its chains are off their hooks and judge \
+         no packet entering the node (AF_PACKET frames, Service addresses DNATed to a metadata address); the \
+         agent's next write (a policy or allowlist change) replaces it awake, or wake it now with \
+         `nft add table inet {TABLE}` in the host network namespace"
+    )
 }
 
 /// What `uninstall` did about the table.

@@ -28,7 +28,7 @@ use metadata_guard_netfilter::{
     NetlinkError, NlSocket,
 };
 
-pub use commands::{check, print_status, status, uninstall, HostStatus, Removal};
+pub use commands::{check, dormant_problem, print_status, status, uninstall, HostStatus, Removal};
 pub use pods::{Allowed, PodNets};
 pub use refusals::RefusalReader;
 pub use ruleset::shapes;
@@ -67,6 +67,8 @@ pub struct TableStatus {
     /// Allowlisted pods' (bridge, source address) pairs in force.
     pub allowed_addresses: usize,
     pub audit: bool,
+    /// `flags dormant`: the table is there but judges nothing.
+    pub dormant: bool,
 }
 
 /// A handle on the host namespace's nf_tables (and rtnetlink, to find pods' interfaces).
@@ -182,9 +184,25 @@ impl HostSide {
     }
 
     pub fn exists(&mut self) -> Result<bool> {
+        Ok(self.flags()?.is_some())
+    }
+
+    /// Whether the table is dormant (`flags dormant`): nf_tables has taken its base
+    /// chains off their hooks, so it judges no packet. False without the table.
+    pub fn dormant(&mut self) -> Result<bool> {
+        Ok(self.flags()?.is_some_and(|f| f & nftables::NFT_TABLE_F_DORMANT != 0))
+    }
+
+    /// The table's flags; `None` without the table.
+    fn flags(&mut self) -> Result<Option<u32>> {
         match self.nft.query(msg_type(nftables::NFT_MSG_GETTABLE), &table_request(NFPROTO_INET, TABLE)) {
-            Ok(_) => Ok(true),
-            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(false),
+            Ok(r) => Ok(Some(
+                Attrs::new(r.body.get(4..).unwrap_or_default())
+                    .find(nftables::NFTA_TABLE_FLAGS)
+                    .and_then(|a| a.be32())
+                    .unwrap_or(0),
+            )),
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(explain(e)).context("could not look for the host-side table"),
         }
     }
@@ -221,7 +239,8 @@ impl HostSide {
             }
         }
         let audit = self.refuse_chain_accepts()?;
-        Ok(Some(TableStatus { chains, sets, counters, allowed_interfaces, allowed_addresses, audit }))
+        let dormant = self.dormant()?;
+        Ok(Some(TableStatus { chains, sets, counters, allowed_interfaces, allowed_addresses, audit, dormant }))
     }
 
     /// The number of elements in one of the table's sets.

@@ -1,7 +1,8 @@
 //! The host side in the running agent: keeps the table equal to the policy in force,
 //! restores it when it is deleted from the kernel (`nft delete table`, a firewall
 //! reload that flushes every table), publishes its counters and turns its NFLOG
-//! refusals into attempts for the audit pipeline.
+//! refusals into attempts for the audit pipeline. A table put to sleep by hand
+//! (`flags dormant`) is reported, not woken: see [`super::dormant_problem`].
 //!
 //! The allowlist is not followed here but by the `allowlist` subsystem itself, which
 //! opens the host side for a new pod before the socket hooks let it through and
@@ -9,7 +10,7 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use metadata_guard_common::{Hook, Verdict};
 use tracing::{error, info, warn};
 
@@ -24,7 +25,7 @@ use crate::{
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The `host side` subsystem. Its readiness condition holds while the table is in the
-/// kernel with the policy in force.
+/// kernel, awake, with the policy in force.
 pub struct Hostside {
     condition: Condition,
     refusals: RefusalReader,
@@ -110,6 +111,10 @@ fn check(host: &mut HostSide, ctx: &Context, pending: &mut bool) -> Result<Healt
             ctx.metrics.set_kernel_verdicts(Hook::Host, Verdict::Blocked, c.blocked);
             ctx.metrics.set_kernel_verdicts(Hook::Host, Verdict::Audited, c.audited);
             ctx.metrics.set_kernel_verdicts(Hook::Host, Verdict::Exempt, c.exempt);
+            // A table that is there can still judge nothing.
+            if host.dormant()? {
+                bail!(super::dormant_problem());
+            }
         }
         Ok(None) => {
             warn!("the host-side table `inet {TABLE}` is gone from the host network namespace; restoring it");

@@ -1,6 +1,7 @@
 //! The host-side table under the running agent's health check: deleted by hand
 //! (`nft delete table inet metadata_guard`, a firewall manager flushing the ruleset),
-//! it turns /readyz 503 and `status` says so until the agent has put it back.
+//! it turns /readyz 503 and `status` says so until the agent has put it back; put to
+//! sleep by hand (`flags dormant`), the same until someone wakes it.
 
 use std::{
     sync::{
@@ -10,8 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use metadata_guard::hostside::{self, Removal};
+use metadata_guard_netfilter::{
+    nftables::{wants_ack, Batch, NFPROTO_INET, NFT_TABLE_F_DORMANT},
+    NlSocket,
+};
 use metadata_guard_tests::world::IMDS_V4;
 
 use crate::{
@@ -20,10 +25,17 @@ use crate::{
     hostside::{host_status, syn_over_af_packet},
 };
 
-pub(crate) const SCENARIOS: [crate::Scenario; 1] = [(
-    "health: the host-side table deleted by hand turns /readyz 503 and status says so until the agent restores it",
-    table_deleted,
-)];
+pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
+    (
+        "health: the host-side table deleted by hand turns /readyz 503 and status says so until the agent restores it",
+        table_deleted,
+    ),
+    (
+        "health: the host-side table put to sleep by hand (flags dormant) lets frames through, turns /readyz 503 and \
+         status says so until it is woken",
+        table_dormant,
+    ),
+];
 
 /// How often the scenario deletes the table while it wants it gone: much more often
 /// than the agent checks (every second), so the agent finds it missing at every check.
@@ -94,4 +106,42 @@ fn observe_outage(ctx: &Ctx) -> Result<()> {
         ensure!(Instant::now() < deadline, "status never said the table is missing: {status:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn table_dormant(ctx: &mut Ctx) -> Result<()> {
+    ctx.default_agent()?;
+    wait_readyz(ctx.agent()?, 200, NOTICE)?;
+    set_dormant(ctx, true)?;
+    // Asleep, the table really judges nothing: what the health check reports is real.
+    let (arrived, _) = syn_over_af_packet(ctx, IMDS_V4, 44101)?;
+    ensure!(arrived > 0, "a SYN frame from the pod did not arrive with the table dormant: is it judging still?");
+    let body = wait_readyz(ctx.agent()?, 503, NOTICE)?;
+    ensure!(body.contains("host side") && body.contains("dormant"), "/readyz does not say the table sleeps: {body}");
+    let status = ctx.status()?;
+    ensure!(
+        !status.enforcing && status.problems.iter().any(|p| p.contains("dormant") && p.contains("nft add table")),
+        "status does not say the table sleeps, nor how to wake it: {status:?}"
+    );
+    ensure!(host_status(ctx)?.dormant, "status --json has no `dormant: true`: {:?}", host_status(ctx)?);
+
+    set_dormant(ctx, false)?;
+    wait_readyz(ctx.agent()?, 200, NOTICE)?;
+    let status = ctx.status()?;
+    ensure!(status.enforcing && status.problems.is_empty(), "not whole once woken: {status:?}");
+    let (arrived, answered) = syn_over_af_packet(ctx, IMDS_V4, 44102)?;
+    ensure!(arrived == 0 && !answered, "the woken table let a SYN through: arrived {arrived}, answered {answered}");
+    Ok(())
+}
+
+/// Puts the agent's table to sleep or wakes it, as `nft add table inet metadata_guard
+/// { flags dormant; }` and `nft add table inet metadata_guard` do.
+fn set_dormant(ctx: &Ctx, dormant: bool) -> Result<()> {
+    let netns = ctx.node.node_netns();
+    let mut nft = NlSocket::open_in(Some(&netns), libc::NETLINK_NETFILTER)
+        .with_context(|| format!("could not open a netfilter socket in {}", netns.display()))?;
+    let mut batch = Batch::new(NFPROTO_INET);
+    batch.set_table_flags(hostside::TABLE, if dormant { NFT_TABLE_F_DORMANT } else { 0 });
+    nft.request(&batch.finish(), wants_ack)
+        .with_context(|| format!("could not set the host-side table's dormant flag to {dormant}"))?;
+    Ok(())
 }
