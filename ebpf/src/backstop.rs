@@ -123,9 +123,9 @@ fn helper_netns(ctx: &SkBuffContext, _full: *mut bpf_sock) -> u64 {
 #[inline(always)]
 fn backstop(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf_sock) -> u64) -> i32 {
     // Every packet of every pod passes here: a destination outside the policy leaves
-    // after a look at its first four bytes in the packet and the prefilters. That is also how a socket a
-    // socket hook already judged goes free: its destination is outside the policy, or
-    // it is a host socket (the rare traffic that goes on below).
+    // after a look at its first four bytes in the packet and the prefilters. That is
+    // also how a socket a socket hook already judged goes free: its destination is
+    // outside the policy, or it is a host socket (the rare traffic that goes on below).
     let settings = match packet::lead(ctx) {
         Some((family, lead, next)) => match may_be_blocked(family, lead, next) {
             Some(settings) => settings,

@@ -56,6 +56,15 @@ pub struct HostCounters {
     pub exempt: u64,
 }
 
+/// What the health check reads every round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reading {
+    pub counters: HostCounters,
+    /// `flags dormant`: nf_tables has taken the table's base chains off their hooks,
+    /// so it judges no packet.
+    pub dormant: bool,
+}
+
 /// The table as read back from the kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableStatus {
@@ -132,7 +141,7 @@ impl HostSide {
                 return Ok(());
             }
         }
-        content.counters = self.raw_counters()?.unwrap_or_default();
+        content.counters = self.raw_counters()?.map(|(c, _)| c).unwrap_or_default();
         self.nft.request(&table::replace(&content).finish(), wants_ack).map_err(explain).with_context(|| {
             format!("could not write the host-side table `inet {TABLE}` (is nf_tables available? see `metadata-guard check`)")
         })?;
@@ -153,20 +162,23 @@ impl HostSide {
         Ok(true)
     }
 
-    pub fn counters(&mut self) -> Result<Option<HostCounters>> {
-        Ok(self.raw_counters()?.map(|c| HostCounters { blocked: c[0].0, audited: c[1].0, exempt: c[2].0 }))
+    /// The counters, and whether the table is dormant; `None` without the table.
+    pub fn read(&mut self) -> Result<Option<Reading>> {
+        Ok(self.raw_counters()?.map(|(c, flags)| Reading {
+            counters: HostCounters { blocked: c[0].0, audited: c[1].0, exempt: c[2].0 },
+            dormant: flags & nftables::NFT_TABLE_F_DORMANT != 0,
+        }))
     }
 
-    /// (packets, bytes) per counter of [`COUNTERS`]; `None` without the table.
-    fn raw_counters(&mut self) -> Result<Option<[(u64, u64); 3]>> {
+    /// The counters and the table's flags; `None` without the table.
+    fn raw_counters(&mut self) -> Result<Option<(table::RawCounters, u32)>> {
         let replies = match self.nft.dump(msg_type(nftables::NFT_MSG_GETOBJ), &table_request(NFPROTO_INET, TABLE)) {
             Ok(r) => r,
             Err(e) if errno(&e) == Some(libc::ENOENT) => return Ok(None),
             Err(e) => return Err(explain(e)).context("could not read the host-side table's counters"),
         };
-        if !self.exists()? {
-            return Ok(None);
-        }
+        // The dump of a table's objects is empty, not an error, when there is no table.
+        let Some(flags) = self.flags()? else { return Ok(None) };
         let mut out = [(0, 0); 3];
         for r in replies {
             let attrs = Attrs::new(r.body.get(4..).unwrap_or_default());
@@ -180,17 +192,11 @@ impl HostSide {
             let bytes = data.nested().find(nftables::NFTA_COUNTER_BYTES).and_then(|a| a.be64()).unwrap_or(0);
             out[slot] = (packets, bytes);
         }
-        Ok(Some(out))
+        Ok(Some((out, flags)))
     }
 
     pub fn exists(&mut self) -> Result<bool> {
         Ok(self.flags()?.is_some())
-    }
-
-    /// Whether the table is dormant (`flags dormant`): nf_tables has taken its base
-    /// chains off their hooks, so it judges no packet. False without the table.
-    pub fn dormant(&mut self) -> Result<bool> {
-        Ok(self.flags()?.is_some_and(|f| f & nftables::NFT_TABLE_F_DORMANT != 0))
     }
 
     /// The table's flags; `None` without the table.
@@ -217,7 +223,7 @@ impl HostSide {
     }
 
     fn read_status(&mut self) -> Result<Option<TableStatus>> {
-        let Some(counters) = self.counters()? else { return Ok(None) };
+        let Some(Reading { counters, dormant }) = self.read()? else { return Ok(None) };
         let names = |sock: &mut NlSocket, msg: u16, attr: u16| -> Result<Vec<String>> {
             let replies = sock.dump(msg_type(msg), &table_request(NFPROTO_INET, TABLE)).map_err(explain)?;
             Ok(replies
@@ -239,7 +245,6 @@ impl HostSide {
             }
         }
         let audit = self.refuse_chain_accepts()?;
-        let dormant = self.dormant()?;
         Ok(Some(TableStatus { chains, sets, counters, allowed_interfaces, allowed_addresses, audit, dormant }))
     }
 

@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 use metadata_guard_common::{Hook, Verdict};
 use tracing::{error, info, warn};
 
-use super::{HostSide, RefusalReader, TABLE};
+use super::{HostSide, Reading, RefusalReader, TABLE};
 use crate::{
     http::Condition,
     supervise::{Context, Shutdown},
@@ -106,13 +106,13 @@ fn check(host: &mut HostSide, ctx: &Context, pending: &mut bool) -> Result<Healt
         host.set_policy(&policy, in_force.config.mode == crate::config::Mode::Audit)?;
         *pending = false;
     }
-    match host.counters() {
-        Ok(Some(c)) => {
+    match host.read() {
+        Ok(Some(Reading { counters: c, dormant })) => {
             ctx.metrics.set_kernel_verdicts(Hook::Host, Verdict::Blocked, c.blocked);
             ctx.metrics.set_kernel_verdicts(Hook::Host, Verdict::Audited, c.audited);
             ctx.metrics.set_kernel_verdicts(Hook::Host, Verdict::Exempt, c.exempt);
             // A table that is there can still judge nothing.
-            if host.dormant()? {
+            if dormant {
                 bail!(super::dormant_problem());
             }
         }

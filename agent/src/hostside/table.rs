@@ -84,6 +84,9 @@ const TCP_FLAGS_OFFSET: u32 = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
+/// (packets, bytes) per counter of [`COUNTERS`], in its order.
+pub(super) type RawCounters = [(u64, u64); 3];
+
 /// Everything the table holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Content {
@@ -91,8 +94,8 @@ pub(super) struct Content {
     pub audit: bool,
     /// Allowlisted pods, as the host side sees them.
     pub allowed: Allowed,
-    /// Carried over from the table being replaced: (packets, bytes) per counter.
-    pub counters: [(u64, u64); 3],
+    /// Carried over from the table being replaced.
+    pub counters: RawCounters,
 }
 
 /// One transaction that replaces the table (or creates it) with `content`: it is

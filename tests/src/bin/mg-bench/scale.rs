@@ -31,9 +31,13 @@ use crate::profile::{guard_programs, prog_stats};
 /// policy whose prefilters answered at one size and not at another would measure the
 /// lookup's whole cost, not its growth.)
 fn fake_cidrs(n: usize, dest: Ipv4Addr) -> Vec<String> {
+    std::iter::once(twin(dest)).chain((0..n).map(|i| format!("10.200.{}.{}/32", 128 + i / 256, i % 256))).collect()
+}
+
+/// The /32 with `dest`'s next 16 bits under the following lead.
+fn twin(dest: Ipv4Addr) -> String {
     let [a, b, c, d] = dest.octets();
-    let twin = format!("{a}.{}.{c}.{d}/32", b.wrapping_add(1));
-    std::iter::once(twin).chain((0..n).map(|i| format!("10.200.{}.{}/32", 128 + i / 256, i % 256))).collect()
+    format!("{a}.{}.{c}.{d}/32", b.wrapping_add(1))
 }
 
 /// The same destinations as linear iptables rules, as a node firewall would have them.
@@ -133,7 +137,7 @@ pub(crate) fn policy_scale(b: &mut Bench) -> Result<Figure> {
             explain: String::new(),
         },
     ];
-    let (node, twin) = (dest.ip(), fake_cidrs(0, *dest.ip()).remove(0));
+    let (node, twin) = (dest.ip(), twin(*dest.ip()));
     fig.notes.push(format!(
         "{count} connects per sample. Blocked CIDRs: a config file with `presets: []`, n /32s in 10.200.128.0/17 \
          (inside the pods' 10.200.0.0/16, never covering the addresses the bench uses) and one more whose next 16 \
