@@ -86,6 +86,7 @@ pub async fn run(args: RunArgs, mut signals: Signals) -> Result<()> {
     let outcome = supervisor.supervise(signals.stop_requested()).await;
     if args.detach_on_exit {
         loader::remove_pins(&layout.dir).context("could not remove the guard from the kernel")?;
+        loader::pins::remove_root_if_empty(&layout.root)?;
         ctx.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove()?;
         info!("detached (--detach-on-exit): pods can reach the metadata service again");
     } else {

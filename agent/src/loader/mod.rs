@@ -335,5 +335,6 @@ pub fn uninstall(root: &Path) -> Result<Vec<PathBuf>> {
             removed.push(dir);
         }
     }
+    pins::remove_root_if_empty(root)?;
     Ok(removed)
 }

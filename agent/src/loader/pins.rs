@@ -103,6 +103,25 @@ pub fn ensure_on_bpffs(root: &Path, may_mount: bool) -> Result<()> {
     Ok(())
 }
 
+/// Removes the pin root once nothing is pinned under it: the agent created it, and
+/// an empty directory left in `/sys/fs/bpf` after `uninstall` reads as something
+/// still installed. A root that still holds anything (another version's pins, files
+/// of someone else's), or is a mount point, stays.
+pub fn remove_root_if_empty(root: &Path) -> Result<()> {
+    match fs::remove_dir(root) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::ResourceBusy
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("could not remove the empty pin root {}", root.display())),
+    }
+}
+
 /// The one-agent-per-node lock: an exclusive flock on the pin root directory. Held
 /// for the agent's life; the kernel drops it when the process dies, however it dies.
 pub struct AgentLock {
@@ -142,5 +161,23 @@ fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pin_root_goes_once_empty_and_stays_while_anything_is_in_it() {
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("metadata-guard");
+        fs::create_dir_all(root.join("v1/maps")).unwrap();
+        remove_root_if_empty(&root).unwrap();
+        assert!(root.join("v1/maps").exists(), "another version's pins stay, and the root with them");
+        fs::remove_dir_all(root.join("v1")).unwrap();
+        remove_root_if_empty(&root).unwrap();
+        assert!(!root.exists(), "an empty root is removed");
+        remove_root_if_empty(&root).unwrap();
     }
 }
