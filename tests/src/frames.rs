@@ -44,6 +44,20 @@ impl Wire {
 
 /// A frame carrying a TCP SYN from `src:sport` to `dst:dport`.
 pub fn tcp_syn_frame(wire: &Wire, src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    tcp_syn_frame_with_ip_options(wire, src, dst, sport, dport, &[])
+}
+
+/// The same, with `options` (a multiple of 4 bytes) in an IPv4 header: its first byte
+/// is then not 0x45, the value the host side's fast test passes on.
+pub fn tcp_syn_frame_with_ip_options(
+    wire: &Wire,
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    options: &[u8],
+) -> Vec<u8> {
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40, "IPv4 options come in words, at most 10");
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -57,9 +71,14 @@ pub fn tcp_syn_frame(wire: &Wire, src: IpAddr, dst: IpAddr, sport: u16, dport: u
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
-            let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, libc::IPPROTO_TCP as u8, 0, 0];
+            let header_len = 20 + options.len();
+            let total = (header_len + tcp.len()) as u16;
+            let mut ip = vec![0x40 | (header_len / 4) as u8, 0];
+            ip.extend_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, libc::IPPROTO_TCP as u8, 0, 0]);
             ip.extend_from_slice(&s.octets());
             ip.extend_from_slice(&d.octets());
+            ip.extend_from_slice(options);
             let sum = checksum(&ip);
             ip[10..12].copy_from_slice(&sum.to_be_bytes());
             let mut pseudo = s.octets().to_vec();
@@ -71,6 +90,7 @@ pub fn tcp_syn_frame(wire: &Wire, src: IpAddr, dst: IpAddr, sport: u16, dport: u
             frame.extend_from_slice(&ip);
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
+            assert!(options.is_empty(), "IPv6 has extension headers, not options");
             frame.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
             let mut ip = vec![0x60, 0, 0, 0, 0, 20, libc::IPPROTO_TCP as u8, 64];
             ip.extend_from_slice(&s.octets());

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use metadata_guard_tests::{
-    frames::{tcp_syn_frame, PacketSocket, Wire},
+    frames::{tcp_syn_frame_with_ip_options, PacketSocket, Wire},
     nat::Dnat,
     netns::NetNs,
     world::{PodNet, AWS_DNS_NEIGHBOUR, AZURE_WIRESERVER, IMDS_V4, IMDS_V6},
@@ -23,8 +23,12 @@ use crate::{
     harness::{Ctx, Who, METADATA_V4},
 };
 
-pub(crate) const SCENARIOS: [crate::Scenario; 6] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 7] = [
     ("hostside: AF_PACKET SYNs from a pod (IPv4, IPv6) never arrive and get no SYN-ACK", packet_frames_stopped),
+    (
+        "hostside: an AF_PACKET SYN whose IPv4 header carries options (past the prefilter's 0x45 test) never arrives",
+        options_frame_stopped,
+    ),
     ("hostside: a Service address DNATed in the node to 168.63.129.16:80 is refused, TCP and UDP", dnat_refused),
     ("hostside: DNS on port 53 through the node and host-network processes are served", open_paths_served),
     ("hostside: status shows the table, audit mode drops nothing, uninstall removes it", status_audit_uninstall),
@@ -99,10 +103,22 @@ pub(crate) fn syn_seen_in(ctx: &Ctx, tap_ns: &NetNs, pod: usize, dest: IpAddr, s
 
 /// The same from any pod network (one behind a bridge, too).
 pub(crate) fn syn_from_net(ctx: &Ctx, tap_ns: &NetNs, pod: &PodNet, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+    syn_with_ip_options(ctx, tap_ns, pod, dest, sport, &[])
+}
+
+/// The same, with `options` in the SYN's IPv4 header.
+fn syn_with_ip_options(
+    ctx: &Ctx,
+    tap_ns: &NetNs,
+    pod: &PodNet,
+    dest: IpAddr,
+    sport: u16,
+    options: &[u8],
+) -> Result<(u64, bool)> {
     let wire = Wire::of(&pod.ns, ctx.node.sim.node(), &pod.node_side_link)?;
     let src = if dest.is_ipv4() { IpAddr::V4(pod.ipv4) } else { IpAddr::V6(pod.ipv6) };
     let tap = ArrivalTap::open(tap_ns, dest.is_ipv6(), sport)?;
-    let frame = tcp_syn_frame(&wire, src, dest, sport, 80);
+    let frame = tcp_syn_frame_with_ip_options(&wire, src, dest, sport, 80, options);
     let mut arrived = 0;
     let answered = pod.ns.run(|| -> Result<bool> {
         let sock = PacketSocket::open(wire.ifindex).context("AF_PACKET socket in the pod")?;
@@ -121,6 +137,29 @@ pub(crate) fn syn_from_net(ctx: &Ctx, tap_ns: &NetNs, pod: &PodNet, dest: IpAddr
     })?;
     std::thread::sleep(SETTLE);
     Ok((arrived + tap.count(), answered))
+}
+
+/// Three no-operation options and the end of the list: a header of six words, whose
+/// first byte is 0x46. The host side's fast test passes only 0x45 headers on; any
+/// other goes to the full judgement, which must find the destination all the same.
+const NOP_OPTIONS: [u8; 4] = [1, 1, 1, 0];
+
+fn options_frame_stopped(ctx: &mut Ctx) -> Result<()> {
+    let send = |ctx: &Ctx, sport| {
+        syn_with_ip_options(ctx, ctx.node.sim.node(), &ctx.node.pods[0].net, IMDS_V4, sport, &NOP_OPTIONS)
+    };
+    ctx.uninstall()?;
+    let (arrived, answered) = send(ctx, 41010)?;
+    ensure!(
+        arrived >= 1 && answered,
+        "without the guard the SYN with IP options should arrive and be answered (arrived {arrived}, answered \
+         {answered})"
+    );
+    ctx.default_agent()?;
+    let (arrived, answered) = send(ctx, 42010)?;
+    ensure!(arrived == 0, "a pod's AF_PACKET SYN with IP options arrived in the node {arrived} time(s)");
+    ensure!(!answered, "a pod's AF_PACKET SYN with IP options got a SYN-ACK");
+    Ok(())
 }
 
 fn packet_frames_stopped(ctx: &mut Ctx) -> Result<()> {
