@@ -82,7 +82,12 @@ impl Node {
         let mut left = Vec::new();
         // Only the guard's own directory: the bpffs root also holds the kernel's
         // preloaded iterators (maps.debug, progs.debug).
-        let mut dirs = vec![self.bpffs.join("metadata-guard")];
+        let root = self.bpffs.join("metadata-guard");
+        // Uninstall removes the directory itself once nothing is pinned in it.
+        if !root.exists() {
+            return Ok(left);
+        }
+        let mut dirs = vec![root];
         while let Some(dir) = dirs.pop() {
             for entry in fs::read_dir(&dir).with_context(|| format!("could not list {}", dir.display()))? {
                 let path = entry?.path();
