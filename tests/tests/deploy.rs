@@ -1,6 +1,6 @@
 //! The shipped manifests: every overlay renders, validates strictly against the
 //! newest Kubernetes schemas kubernetes-validate knows, and keeps the security
-//! posture the README promises.
+//! posture docs/install.md promises.
 //!
 //! Needs `kubectl` (for `kubectl kustomize`) and Python; installs
 //! kubernetes-validate with pip when missing. Without a tool these tests say so
