@@ -145,3 +145,58 @@ fn profile(release: bool) -> Profile {
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use super::Cli;
+
+    /// README.md and the pages under docs/ (not its generated subdirectories).
+    fn pages() -> Vec<(String, String)> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut paths = vec![root.join("README.md")];
+        for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "md") {
+                paths.push(path);
+            }
+        }
+        paths.into_iter().map(|p| (p.display().to_string(), std::fs::read_to_string(&p).unwrap())).collect()
+    }
+
+    /// Every `cargo xtask ...` command line the docs give: in shell blocks, and in
+    /// inline code that is not a synopsis (`[--flag]`, `a|b`).
+    #[test]
+    fn every_documented_xtask_command_line_parses() {
+        let mut lines = Vec::new();
+        for (page, text) in pages() {
+            let mut in_shell = false;
+            for line in text.lines() {
+                if let Some(info) = line.trim_start().strip_prefix("```") {
+                    in_shell = !in_shell && info.trim() == "sh";
+                    continue;
+                }
+                let spans: Vec<&str> = if in_shell {
+                    vec![line.split('#').next().unwrap()]
+                } else {
+                    line.split('`').skip(1).step_by(2).filter(|s| !s.contains(['[', '|', '<'])).collect()
+                };
+                for span in spans {
+                    if let Some(args) = span.trim().strip_prefix("cargo xtask ") {
+                        lines.push((page.clone(), args.to_string()));
+                    }
+                }
+            }
+        }
+        assert!(lines.iter().any(|(_, a)| a.trim() == "run") && lines.iter().any(|(_, a)| a.trim() == "test"));
+        for (page, args) in lines {
+            let argv = std::iter::once("cargo-xtask").chain(args.split_whitespace());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{page}: `cargo xtask {args}` does not parse:\n{e}");
+            }
+        }
+    }
+}

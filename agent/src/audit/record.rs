@@ -22,40 +22,11 @@ pub const SCHEMA: &str = "metadata-guard.audit/v1";
 /// up to its attempts, except for attempts the node could not afford to write as
 /// records, which the next record names in `suppressed_since_last`.
 ///
-/// Every field is always present; an unknown value is `null`, never `""`.
+/// Every field is always present but `source` (host-side attempts only) and `method`,
+/// `path`, `rule` (concealed requests only); an unknown value is `null`, never `""`.
 ///
-/// | field | type | meaning |
-/// |---|---|---|
-/// | `schema` | string | `"metadata-guard.audit/v1"` |
-/// | `kind` | string | `"attempts"`; see [`GapRecord`] for `"gap"` |
-/// | `time` | string | when the record was written, RFC 3339 UTC with milliseconds |
-/// | `node` | string | the node the agent runs on |
-/// | `verdict` | string | `"blocked"` (refused) or `"audited"` (would have been refused) |
-/// | `mode` | string | the agent's mode when the record was written: `"enforce"` or `"audit"` |
-/// | `workload` | string | `"pod"`, `"host"` (a host process outside the host network namespace) or `"unknown"` (cgroup not recognised) |
-/// | `namespace` | string or null | the pod's namespace |
-/// | `pod` | string or null | the pod's name |
-/// | `pod_uid` | string or null | the pod's UID |
-/// | `container` | string or null | the container's name |
-/// | `container_id` | string or null | the container's runtime id |
-/// | `runtime` | string or null | `"containerd"`, `"cri-o"` or `"docker"` |
-/// | `qos` | string or null | the pod's QoS class: `"guaranteed"`, `"burstable"`, `"besteffort"` |
-/// | `cgroup` | string or null | cgroup v2 path of a host process; null for pods |
-/// | `cgroup_id` | number | cgroup v2 id the kernel reported |
-/// | `pid` | number or null | process id (initial pid namespace) of the latest attempt |
-/// | `comm` | string or null | command name of the latest attempt's task |
-/// | `protocol` | string | `"tcp"`, `"udp"`, `"icmp"`, `"icmpv6"` or `"ip-proto-<n>"` |
-/// | `family` | string | `"ipv4"` or `"ipv6"` |
-/// | `destination` | string | the blocked address; an IPv4-mapped IPv6 address appears as IPv4 |
-/// | `port` | number | destination port (0 when the protocol has none) |
-/// | `hook` | string | where the latest attempt was judged: `"connect4"`, `"connect6"`, `"sendmsg4"`, `"sendmsg6"`, `"egress"` |
-/// | `mapped` | bool | the latest attempt used the IPv4-mapped IPv6 form |
-/// | `source` | string | only when `hook` is `"host"`: the packet's source address |
-/// | `count` | number | attempts this record stands for (at least 1) |
-/// | `first_seen` | string | time of the first of them, RFC 3339 |
-/// | `last_seen` | string | time of the last of them, RFC 3339 |
-/// | `suppressed_since_last` | number | attempts, by any workload, that no record counts because the rate cap, the limit on tracked workloads or a failed write kept them out, since the previous record |
-/// | `lost_since_last` | number | events the kernel could not deliver (its ring buffer was full) since the previous record |
+/// The schema, field by field, is docs/audit.md; the tests hold its table to the fields
+/// this type writes and its samples to what it writes for them.
 ///
 /// A sample, pretty-printed (the log has one compact object per line):
 ///

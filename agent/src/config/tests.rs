@@ -337,3 +337,24 @@ fn conceal_mode_needs_an_address_and_takes_extra_paths() {
     let bad = "conceal:\n  extra_paths:\n    - {namespace: a, pod: b, paths: [/latest/../iam]}\n";
     assert!(load_error(bad).contains("conceal.extra_paths[0]"), "{}", load_error(bad));
 }
+
+#[test]
+fn every_yaml_sample_in_the_docs_loads() {
+    let pages = [
+        ("docs/conceal.md", include_str!("../../../docs/conceal.md")),
+        ("docs/configuration.md", include_str!("../../../docs/configuration.md")),
+    ];
+    let mut samples = 0;
+    for (name, text) in pages {
+        let mut lines = text.lines();
+        while lines.any(|l| l == "```yaml") {
+            let sample = lines.by_ref().take_while(|l| *l != "```").collect::<Vec<_>>().join("\n");
+            let args = ConfigArgs { node_name: Some("n".into()), ..ConfigArgs::default() };
+            if let Err(e) = load_yaml(&sample, args) {
+                panic!("{name}: this sample does not load: {e:#}\n{sample}");
+            }
+            samples += 1;
+        }
+    }
+    assert!(samples > 0, "no YAML sample found in the docs");
+}

@@ -170,3 +170,49 @@ fn a_rejected_reload_shows() {
     m.config_reloaded(false);
     assert!(m.encode().contains("metadata_guard_config_last_reload_success 0"));
 }
+
+#[test]
+fn the_metrics_page_lists_every_metric_with_its_type() {
+    use crate::conceal::{decide::Decision, metrics::ConcealMetrics, proxy::Outcome};
+    let m = Metrics::new();
+    // Every labelled family needs a series to be written at all.
+    m.attempt(&attempt(), &pod("p"));
+    m.set_kernel_verdicts(Hook::ALL[0], Verdict::ALL[0], 1);
+    m.set_audit_stats(&AuditStats { attempts_rate_limited: 1, ..AuditStats::default() });
+    m.config_reloaded(true);
+    let conceal = ConcealMetrics::register(&m);
+    conceal.kernel_counters(&[0; metadata_guard_common::conceal_counters::SLOTS as usize]);
+    conceal.request(&Outcome {
+        cgroup_id: 1,
+        workload: Workload::Unknown,
+        destination: "169.254.169.254:80".parse().unwrap(),
+        method: "GET".into(),
+        path: "/latest/user-data".into(),
+        decision: Decision::Refuse { status: 404, rule: "aws-user-data".into(), reason: String::new() },
+        status: 404,
+        elapsed: std::time::Duration::ZERO,
+    });
+    let written: Vec<(String, String)> = m
+        .encode()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split_once(' ').map(|(n, t)| (n.to_string(), t.to_string())).unwrap())
+        .collect();
+
+    let page = include_str!("../../../docs/metrics.md");
+    let table =
+        &page[page.find("| metric | type | labels | meaning |").expect("docs/metrics.md has a metrics table")..];
+    let mut documented: Vec<(String, String)> = table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|row| {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_string(), cells[2].to_string())
+        })
+        .collect();
+    let mut written = written;
+    written.sort();
+    documented.sort();
+    assert_eq!(documented, written, "docs/metrics.md's table against the metrics the agent writes");
+}

@@ -70,21 +70,20 @@ fn a_concealed_request_names_method_path_and_rule_and_others_do_not() {
     assert_eq!(record["rule"], "aws-iam-credentials");
 }
 
-/// The JSON blocks of this file's documentation, in order.
-fn documented_samples() -> Vec<String> {
+/// The JSON blocks of a Markdown text, in order.
+fn json_blocks<'a>(mut lines: impl Iterator<Item = &'a str>) -> Vec<String> {
     let mut samples = Vec::new();
-    let mut lines = include_str!("../record.rs")
-        .lines()
-        .filter_map(|l| l.trim_start().strip_prefix("///"))
-        .map(|l| l.strip_prefix(' ').unwrap_or(l));
     while lines.any(|l| l == "```json") {
         samples.push(lines.by_ref().take_while(|l| *l != "```").collect::<Vec<_>>().join("\n"));
     }
     samples
 }
 
-#[test]
-fn the_documented_samples_are_what_the_serializer_writes() {
+/// The audit trail's page for users.
+const AUDIT_PAGE: &str = include_str!("../../../../docs/audit.md");
+
+/// The record and the gap record of the samples, pretty-printed.
+fn serialized_samples() -> [String; 2] {
     let workload = sample_workload();
     let attempt = sample_attempt();
     let tally = Tally {
@@ -96,10 +95,52 @@ fn the_documented_samples_are_what_the_serializer_writes() {
     };
     let record = AuditRecord::new(at("2024-05-01T12:00:10.250Z"), "node-a", "enforce", &workload, &attempt, tally);
     let gap = GapRecord::new(at("2024-05-01T12:00:20.250Z"), "node-a", "enforce", 0, 1024);
-    assert_eq!(
-        documented_samples(),
-        [serde_json::to_string_pretty(&record).unwrap(), serde_json::to_string_pretty(&gap).unwrap()]
-    );
+    [serde_json::to_string_pretty(&record).unwrap(), serde_json::to_string_pretty(&gap).unwrap()]
+}
+
+#[test]
+fn the_documented_samples_are_what_the_serializer_writes() {
+    let rustdoc = include_str!("../record.rs")
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("///"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l));
+    assert_eq!(json_blocks(rustdoc), serialized_samples(), "the samples in record.rs");
+    assert_eq!(json_blocks(AUDIT_PAGE.lines()), serialized_samples(), "docs/audit.md's samples");
+}
+
+#[test]
+fn the_documented_schema_lists_every_field_written() {
+    // A record with every optional field: a host-side attempt and a concealed request.
+    let mut attempt = sample_attempt();
+    attempt.source = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)));
+    attempt.request = Some(crate::attempt::ConcealedRequest {
+        method: "GET".into(),
+        path: "/latest/user-data".into(),
+        rule: "aws-user-data".into(),
+    });
+    let tally = Tally {
+        count: 1,
+        first_seen: attempt.time,
+        last_seen: attempt.time,
+        suppressed_since_last: 0,
+        lost_since_last: 0,
+    };
+    let workload = sample_workload();
+    let record = AuditRecord::new(attempt.time, "n", "conceal", &workload, &attempt, tally);
+    let written: Vec<String> = serde_json::to_value(&record).unwrap().as_object().unwrap().keys().cloned().collect();
+    // The first column of the schema table: `field`, or `a`, `b`, `c` for fields
+    // documented together.
+    let table = &AUDIT_PAGE[AUDIT_PAGE.find("| field | type | meaning |").expect("docs/audit.md has a schema table")..];
+    let mut documented: Vec<String> = table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .flat_map(|row| row.split('|').nth(1).unwrap().split(',').map(|f| f.trim().trim_matches('`').to_string()))
+        .collect();
+    let mut written = written;
+    written.sort();
+    documented.sort();
+    assert_eq!(documented, written, "docs/audit.md's schema table against the serializer");
 }
 
 #[test]
