@@ -28,8 +28,9 @@ pub fn allowed_cgroups(rules: &[AllowRule], pods: &[(u64, PodIdentity)]) -> BTre
 /// sync walks the cgroup tree and the kubelet's log directories. Its readiness
 /// condition, `allowlist`, holds once a sync has succeeded and while syncs succeed.
 pub struct AllowlistSync {
-    publish: tokio::sync::watch::Sender<std::sync::Arc<BTreeSet<u64>>>,
-    condition: crate::http::Condition,
+    /// The host-side table, which the allowlist opens for allowed pods too.
+    host: std::sync::Arc<std::sync::Mutex<crate::hostside::HostTable>>,
+    condition: crate::supervise::Condition,
 }
 
 /// How often the pod allowlist is recomputed even without a cgroup event (names that
@@ -37,12 +38,12 @@ pub struct AllowlistSync {
 pub const ALLOWLIST_RESYNC: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl AllowlistSync {
-    /// Publishes each synced set on `publish` (what `ctx.allowed` receives).
+    /// Keeps the kernel guard's allowlist (`ctx.guard`) and the host-side table's (`host`).
     pub fn new(
         ctx: &crate::supervise::Context,
-        publish: tokio::sync::watch::Sender<std::sync::Arc<BTreeSet<u64>>>,
+        host: std::sync::Arc<std::sync::Mutex<crate::hostside::HostTable>>,
     ) -> AllowlistSync {
-        AllowlistSync { publish, condition: ctx.readiness.condition("allowlist", "not synced yet") }
+        AllowlistSync { host, condition: ctx.readiness.condition("allowlist", "not synced yet") }
     }
 
     pub async fn run(
@@ -67,17 +68,18 @@ impl AllowlistSync {
             .ok();
         let mut resync = tokio::time::interval(ALLOWLIST_RESYNC);
         let mut rules = config.allow_pods.clone();
+        // The set last put in force in the kernel.
+        let mut current = BTreeSet::new();
         loop {
             let wanted =
                 if rules.is_empty() { BTreeSet::new() } else { allowed_cgroups(&rules, &resolver.rescan_pods()) };
             resolver.forget_vanished();
             // The host side opens for a new pod before the socket hooks let it through
             // (it must find the node open), and closes for a removed one after them.
-            let before = self.publish.borrow().clone();
-            let opening: BTreeSet<u64> = before.union(&wanted).copied().collect();
-            let host_opened = set_host_allowed(&ctx, &opening);
+            let opening: BTreeSet<u64> = current.union(&wanted).copied().collect();
+            let host_opened = self.set_host_allowed(&opening);
             let synced = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sync_allowed(&wanted);
-            let host_closed = if opening == wanted { Ok(()) } else { set_host_allowed(&ctx, &wanted) };
+            let host_closed = if opening == wanted { Ok(()) } else { self.set_host_allowed(&wanted) };
             let host_synced = host_opened.and(host_closed);
             if let Err(e) = &host_synced {
                 error!("could not update the host side's pod allowlist: {e:#}");
@@ -87,13 +89,7 @@ impl AllowlistSync {
                     if added + removed > 0 {
                         info!(added, removed, allowed = wanted.len(), "pod allowlist updated");
                     }
-                    self.publish.send_if_modified(|current| {
-                        let changed = **current != wanted;
-                        if changed {
-                            *current = std::sync::Arc::new(wanted);
-                        }
-                        changed
-                    });
+                    current = wanted;
                     match &host_synced {
                         Ok(()) => condition.ready(),
                         Err(e) => condition.missing(format!("the host side's pod allowlist: {e:#}")),
@@ -123,8 +119,10 @@ impl AllowlistSync {
     }
 }
 
-fn set_host_allowed(ctx: &crate::supervise::Context, allowed: &BTreeSet<u64>) -> anyhow::Result<()> {
-    ctx.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner).set_allowed(allowed)
+impl AllowlistSync {
+    fn set_host_allowed(&self, allowed: &BTreeSet<u64>) -> anyhow::Result<()> {
+        self.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner).set_allowed(allowed)
+    }
 }
 
 #[cfg(test)]

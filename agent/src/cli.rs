@@ -1,10 +1,16 @@
-//! The command line.
+//! The command line: clap's definitions, and dispatch to [`crate::commands`].
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::ConfigArgs;
+use crate::{
+    commands,
+    config::ConfigArgs,
+    enforce,
+    loader::{Backstop, Mechanism},
+    preflight,
+};
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/metadata-guard";
 
@@ -146,86 +152,42 @@ pub enum PacketNetnsSource {
     Marks,
 }
 
-/// Runs one command; the exit code for a command that ran (a failed `check` is 1).
-pub fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
-    use std::process::ExitCode;
+impl EnforceArgs {
+    /// What `run` and `apply` install, as the enforcement code takes it.
+    fn request(&self) -> enforce::Request {
+        enforce::Request {
+            config: self.config.clone(),
+            bpffs: self.pins.bpffs.clone(),
+            cgroup: self.cgroup.clone(),
+            host_netns: self.host_netns.clone(),
+            netns_cookie_from: match self.netns_cookie_from {
+                CookieSource::Auto => None,
+                CookieSource::Sockopt => Some(Mechanism::SoNetnsCookie),
+                CookieSource::Probe => Some(Mechanism::ProbeProgram),
+            },
+            packet_netns_from: match self.packet_netns_from {
+                PacketNetnsSource::Auto => None,
+                PacketNetnsSource::Helper => Some(Backstop::NetnsHelper),
+                PacketNetnsSource::Marks => Some(Backstop::SocketMarks),
+            },
+            mount_bpffs: self.mount_bpffs,
+        }
+    }
+}
 
-    use crate::{hostside, loader, policy, preflight};
+/// Runs one command; the exit code for a command that ran (a failed `check` is 1).
+pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            runtime.block_on(async {
-                // First, so that a signal during start-up is queued, not fatal.
-                let signals = crate::supervise::Signals::install()?;
-                crate::run::run(*args, signals).await
-            })?;
-        }
-        Command::Apply(args) => crate::apply::apply(&args)?,
+        Command::Run(args) => commands::run::run(args.enforce.request(), args.detach_on_exit)?,
+        Command::Apply(args) => commands::apply::apply(&args.request())?,
         Command::Status { pins, host, json } => {
-            let mut status = loader::status::read(&pins.bpffs)?;
-            if let Some(conceal) = status.conceal.as_mut() {
-                loader::status_conceal::check_listening(conceal, host.host_netns.as_deref());
-            }
-            let host_side = hostside::status(host.host_netns.as_deref())?;
-            // Enforcement is the pinned programs and the table together.
-            if status.installed && host_side.unreadable.is_none() && !host_side.installed {
-                status.enforcing = false;
-                status.problems.push(format!(
-                    "the host-side table `{}` is missing from the host network namespace: packets entering the \
-                     node (AF_PACKET frames, Service addresses DNATed to a metadata address) are not judged there; \
-                     a running agent restores it within seconds, without one run `metadata-guard apply`",
-                    host_side.table
-                ));
-            }
-            if status.installed && host_side.dormant {
-                status.enforcing = false;
-                status.problems.push(hostside::dormant_problem());
-            }
-            if json {
-                let mut value = serde_json::to_value(&status)?;
-                value["host_side"] = serde_json::to_value(&host_side)?;
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            } else {
-                loader::status::print_human(&status);
-                hostside::print_status(&host_side);
-            }
+            commands::status::status(&pins.bpffs, host.host_netns.as_deref(), json)?;
         }
-        Command::Uninstall { pins, host } => {
-            let removed = loader::uninstall(&pins.bpffs)?;
-            match hostside::uninstall(host.host_netns.as_deref())? {
-                hostside::Removal::Removed => println!("removed the host-side table `inet {}`", hostside::TABLE),
-                hostside::Removal::NotThere => {}
-                hostside::Removal::NotPermitted(why) => eprintln!(
-                    "metadata-guard: warning: the host-side table `inet {}` was not checked: {why}; run uninstall \
-                     in the host network namespace with CAP_NET_ADMIN to remove it",
-                    hostside::TABLE
-                ),
-            }
-            if removed.is_empty() {
-                println!("nothing to remove under {}: the guard is not installed", pins.bpffs.display());
-            }
-            for dir in removed {
-                println!("removed {} (links detached, maps unpinned)", dir.display());
-            }
-        }
-        Command::Presets => {
-            for preset in policy::Preset::ALL {
-                println!("{}\n  {}", preset.name(), preset.describe());
-                for rule in preset.rules() {
-                    println!("    block {rule}");
-                }
-            }
-        }
+        Command::Uninstall { pins, host } => commands::uninstall::uninstall(&pins.bpffs, host.host_netns.as_deref())?,
+        Command::Presets => commands::presets::presets(),
         Command::Check { pins, host, cgroup, mount_bpffs, json } => {
-            let mut checks =
-                preflight::run(&preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs, mount_bpffs });
-            checks.push(preflight::Check::host_side(hostside::check(host.host_netns.as_deref())));
-            if json {
-                println!("{}", serde_json::to_string_pretty(&checks)?);
-            } else {
-                preflight::print_human(&checks);
-            }
-            if preflight::has_failure(&checks) {
+            let inputs = preflight::Inputs { cgroup: cgroup.as_deref(), bpffs: &pins.bpffs, mount_bpffs };
+            if !commands::check::check(&inputs, host.host_netns.as_deref(), json)? {
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -6,6 +6,7 @@
 //! later step could trip on (the policy included), so a loaded [`Config`] can always be
 //! applied and a bad edit leaves the running one in force.
 
+mod conceal;
 mod file;
 mod values;
 
@@ -21,8 +22,8 @@ use ipnet::IpNet;
 use metadata_guard_common::{MODE_AUDIT, MODE_CONCEAL, MODE_ENFORCE};
 use serde::Deserialize;
 
+pub use self::conceal::{is_aws_date, known_metadata_tree, ConcealConfig, ExtraPaths};
 use crate::audit::{AuditSettings, AuditSettingsError};
-use crate::conceal::ConcealConfig;
 use crate::policy::{compile, parse_cidr, AllowRule, BlockRule, CompiledPolicy, PolicyError, Preset};
 
 const DEFAULT_POD_LOGS_DIR: &str = "/var/log/pods";

@@ -1,7 +1,8 @@
 //! The configuration subsystem: reloads on SIGHUP and when the file changes (a
-//! ConfigMap update swaps a symlink; checked every second), puts the new policy in
-//! force in the kernel and hands it to the other subsystems. An invalid file keeps
-//! the previous policy in force.
+//! ConfigMap update swaps a symlink; checked every second) and publishes the new
+//! policy on `ctx.policy`, the one road to every enforcement point: each (the kernel
+//! guard's `enforcement` subsystem, the `host side`, `conceal`, `allowlist`) puts it
+//! in force itself. An invalid file keeps the previous policy in force.
 
 use std::{path::PathBuf, sync::Arc, time::SystemTime};
 
@@ -44,16 +45,11 @@ impl ConfigWatch {
     }
 
     async fn reload(&self, ctx: &Context) {
-        let (args, guard, cgroup) = (self.args.clone(), ctx.guard.clone(), ctx.cgroup.clone());
-        // Reading the file and writing the maps block: off the async workers.
+        let args = self.args.clone();
+        // Reading the file blocks: off the async workers.
         let attempt = tokio::task::spawn_blocking(move || -> Result<InForce> {
             let config = config::load(&args)?;
-            let new = InForce { policy: config.compile_policy()?, config };
-            let mut guard = guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Also attaches conceal_ops before a switch to conceal mode (the conceal service
-            // turns the redirect on only after this is published), detaches it after one away.
-            guard.apply(&new.policy, new.config.mode.as_kernel(), &cgroup)?;
-            Ok(new)
+            Ok(InForce { policy: config.compile_policy()?, config })
         })
         .await
         .unwrap_or_else(|e| Err(anyhow::anyhow!("reloading the configuration panicked: {e}")));

@@ -6,19 +6,22 @@
 //! the benchmark use its typed [`loader::status::Status`], [`audit::AuditRecord`] and
 //! [`config::Config`] too.
 //!
-//! The running agent (`run`) is a set of supervised subsystems ([`supervise`]); each
-//! owns its task: [`enforce`] (the kernel guard's health, counters), [`hostside`]
-//! (the host-side nf_tables table: its health, counters, NFLOG refusals),
-//! [`config_watch`] (reloads), [`allowlist`] (pod allowlist sync), [`events`] (event →
-//! audit pipeline), [`conceal`] (conceal mode's filtering proxy) and [`http`]
-//! (/metrics, /healthz, /readyz).
+//! [`cli`] is clap's definitions and dispatch; each command is a file of
+//! [`commands`]. The running agent (`commands::run`) is a set of supervised
+//! subsystems ([`supervise`], which also holds the readiness registry); each owns its
+//! task: [`enforce`] (the kernel guard: the policy in force, its health, counters),
+//! [`hostside`] (the host-side nf_tables table: the policy in force, its health,
+//! counters, NFLOG refusals), [`config_watch`] (reloads; publishes each new policy,
+//! which every enforcement point puts in force itself), [`allowlist`] (pod allowlist
+//! sync), [`events`] (event → audit pipeline), [`conceal`] (conceal mode's filtering
+//! proxy) and [`http`] (/metrics, /healthz, /readyz).
 
 pub mod allowlist;
-pub mod apply;
 pub mod attempt;
 pub mod audit;
 pub mod cgroup;
 pub mod cli;
+pub mod commands;
 pub mod conceal;
 pub mod config;
 pub mod config_watch;
@@ -33,5 +36,4 @@ pub mod metrics;
 pub mod pod_identity;
 pub mod policy;
 pub mod preflight;
-pub mod run;
 pub mod supervise;

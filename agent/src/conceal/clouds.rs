@@ -212,8 +212,4 @@ pub fn route(first_segment: &str) -> Option<&'static CloudRules> {
     }
 }
 
-/// `2021-07-15`: the dated API versions IMDS serves beside `latest`.
-pub fn is_aws_date(segment: &str) -> bool {
-    let b = segment.as_bytes();
-    b.len() == 10 && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
-}
+pub use crate::config::is_aws_date;

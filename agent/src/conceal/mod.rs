@@ -19,17 +19,9 @@ pub mod service;
 use std::net::SocketAddr;
 
 use metadata_guard_common::PROTO_TCP;
-use serde::Deserialize;
 
-use crate::policy::{BlockRule, Pattern, PortMatch};
-
-/// Conceal mode's settings, beside the mode itself.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ConcealConfig {
-    /// Where the proxy listens, in the host's network namespace; required in conceal mode.
-    pub addr: Option<SocketAddr>,
-    pub extra_paths: Vec<ExtraPaths>,
-}
+pub use crate::config::{ConcealConfig, ExtraPaths};
+use crate::policy::{BlockRule, PortMatch};
 
 /// The metadata HTTP endpoints to redirect: those of [`peers::METADATA_HTTP`] that the
 /// policy blocks for TCP port 80.
@@ -50,58 +42,6 @@ pub fn endpoints(block: &[BlockRule]) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// Extra paths some pods may read, beyond the built-in rules: `namespace` and `pod`
-/// are globs as in `allow_pods`; `paths` use the rule syntax of [`clouds`] (literal
-/// segments, `*` for one segment, a final `**` for a whole tree), GET and HEAD only.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExtraPaths {
-    pub namespace: Pattern,
-    pub pod: Pattern,
-    pub paths: Vec<String>,
-}
-
-impl ExtraPaths {
-    pub fn applies_to(&self, namespace: &str, pod: &str) -> bool {
-        self.namespace.matches(namespace) && self.pod.matches(pod)
-    }
-
-    /// How refusals, audit records and metrics name this rule.
-    pub fn rule_name(&self) -> String {
-        format!("extra:{}/{}", self.namespace, self.pod)
-    }
-
-    /// Each path must be absolute and hold only segments the proxy can ever match.
-    pub fn validate(&self) -> Result<(), String> {
-        for path in &self.paths {
-            if !path.starts_with('/') {
-                return Err(format!("path `{path}` must start with `/`"));
-            }
-            let segments: Vec<&str> = path[1..].split('/').filter(|s| !s.is_empty()).collect();
-            if segments.is_empty() {
-                return Err(format!("path `{path}` names no metadata path"));
-            }
-            for (i, s) in segments.iter().enumerate() {
-                if *s == "**" && i + 1 != segments.len() {
-                    return Err(format!("path `{path}`: `**` may only be the last segment"));
-                }
-                if *s == "." || *s == ".." || s.contains('%') {
-                    return Err(format!(
-                        "path `{path}`: write the path in its plain form, without `.`, `..` or escapes"
-                    ));
-                }
-            }
-            if clouds::route(segments[0]).is_none() {
-                return Err(format!(
-                    "path `{path}` is in no known metadata tree (AWS /latest/ or /<date>/, GCP /computeMetadata/, \
-                     Azure /metadata/)"
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,18 +57,9 @@ mod tests {
     }
 
     #[test]
-    fn extra_paths_must_be_plain_paths_in_a_known_tree() {
-        let extra = |paths: &[&str]| ExtraPaths {
-            namespace: "*".parse().unwrap(),
-            pod: "*".parse().unwrap(),
-            paths: paths.iter().map(std::string::ToString::to_string).collect(),
-        };
-        assert!(extra(&["/latest/meta-data/iam/info", "/computeMetadata/v1/instance/attributes/**"])
-            .validate()
-            .is_ok());
-        assert!(extra(&["latest/meta-data"]).validate().unwrap_err().contains("must start with `/`"));
-        assert!(extra(&["/latest/**/iam"]).validate().unwrap_err().contains("last segment"));
-        assert!(extra(&["/latest/meta-data/../iam"]).validate().unwrap_err().contains("plain form"));
-        assert!(extra(&["/openstack/latest"]).validate().unwrap_err().contains("no known metadata tree"));
+    fn the_config_knows_every_tree_the_proxy_has_rules_for() {
+        for segment in ["latest", "2021-07-15", "computeMetadata", "metadata", "METADATA", "openstack", "v1", ""] {
+            assert_eq!(clouds::route(segment).is_some(), crate::config::known_metadata_tree(segment), "{segment}");
+        }
     }
 }

@@ -36,9 +36,8 @@ use super::{
 use crate::{
     attempt::{Attempt, ConcealedRequest, Hook, Protocol, Verdict},
     config::{Config, Mode},
-    http::Condition,
     pod_identity::PodResolver,
-    supervise::{Context, Shutdown},
+    supervise::{Condition, Context, Shutdown},
 };
 
 /// How often the kernel's counters are published (and a failed bind retried).

@@ -14,9 +14,8 @@ use serde::Deserialize;
 
 use super::{
     values::{ByteSize, Cidr, ListenAddr, Parsed, Port},
-    ConfigError, Mode, Origin,
+    ConcealConfig, ConfigError, ExtraPaths, Mode, Origin,
 };
-use crate::conceal::{ConcealConfig, ExtraPaths};
 use crate::policy::{AllowRule, BlockRule, PortMatch, Preset};
 
 /// What a config file sets, checked; `None` where the file is silent.

@@ -14,9 +14,8 @@ use super::EventReader;
 use crate::{
     attempt::Attempt,
     audit::Auditor,
-    http::Condition,
     pod_identity::PodResolver,
-    supervise::{Context, Shutdown},
+    supervise::{Condition, Context, Shutdown},
 };
 
 /// How often audit windows are flushed.

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use super::{HostSide, TABLE};
+use super::{HostTable, TABLE};
 
 /// The host-side part of `status` (its JSON key `host_side`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -31,7 +31,7 @@ pub struct HostStatus {
 }
 
 pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
-    let read = HostSide::open(host_netns, Path::new("/")).and_then(|mut h| h.status());
+    let read = HostTable::open(host_netns, Path::new("/")).and_then(|mut h| h.status());
     let (s, unreadable) = match read {
         Ok(s) => (s, None),
         Err(e) if super::errno_in(&e) == Some(libc::EPERM) => (None, Some(format!("{e:#}"))),
@@ -100,7 +100,7 @@ pub enum Removal {
 }
 
 pub fn uninstall(host_netns: Option<&Path>) -> Result<Removal> {
-    match HostSide::open(host_netns, Path::new("/")).and_then(|mut h| h.remove()) {
+    match HostTable::open(host_netns, Path::new("/")).and_then(|mut h| h.remove()) {
         Ok(true) => Ok(Removal::Removed),
         Ok(false) => Ok(Removal::NotThere),
         Err(e) if super::errno_in(&e) == Some(libc::EPERM) => Ok(Removal::NotPermitted(format!("{e:#}"))),
@@ -110,7 +110,7 @@ pub fn uninstall(host_netns: Option<&Path>) -> Result<Removal> {
 
 /// `check`: can this kernel hold the table? (name, passed, detail, fix)
 pub fn check(host_netns: Option<&Path>) -> (bool, String) {
-    let result = HostSide::open(host_netns, Path::new("/")).and_then(|mut h| h.probe());
+    let result = HostTable::open(host_netns, Path::new("/")).and_then(|mut h| h.probe());
     match result {
         Ok(()) => (true, format!("nf_tables accepts the host-side table `inet {TABLE}` (probed under another name)")),
         Err(e) => (false, format!("nf_tables refused the host-side table: {e:#}")),

@@ -32,7 +32,7 @@ pub use commands::{check, dormant_problem, print_status, status, uninstall, Host
 pub use pods::{Allowed, PodNets};
 pub use refusals::RefusalReader;
 pub use ruleset::shapes;
-pub use subsystem::Hostside;
+pub use subsystem::HostSide;
 pub use table::{COUNTERS, TABLE};
 
 use crate::{
@@ -81,7 +81,7 @@ pub struct TableStatus {
 }
 
 /// A handle on the host namespace's nf_tables (and rtnetlink, to find pods' interfaces).
-pub struct HostSide {
+pub struct HostTable {
     nft: NlSocket,
     route: NlSocket,
     cgroup_root: PathBuf,
@@ -90,9 +90,9 @@ pub struct HostSide {
     allowed: BTreeSet<u64>,
 }
 
-impl HostSide {
+impl HostTable {
     /// Opens netlink sockets in `host_netns` (the agent's own when `None`).
-    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<HostSide> {
+    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<HostTable> {
         let nft = NlSocket::open_in(host_netns, libc::NETLINK_NETFILTER).with_context(|| {
             format!("could not open an nf_tables netlink socket in the host network namespace {}", ns_name(host_netns))
         })?;
@@ -100,7 +100,7 @@ impl HostSide {
         let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE).with_context(|| {
             format!("could not open an rtnetlink socket in the host network namespace {}", ns_name(host_netns))
         })?;
-        Ok(HostSide {
+        Ok(HostTable {
             nft,
             route,
             cgroup_root: cgroup_root.to_path_buf(),

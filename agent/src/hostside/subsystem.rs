@@ -8,17 +8,18 @@
 //! opens the host side for a new pod before the socket hooks let it through and
 //! closes it after them (see [`crate::allowlist::AllowlistSync`]).
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{bail, Result};
 use metadata_guard_common::{Hook, Verdict};
 use tracing::{error, info, warn};
 
-use super::{HostSide, Reading, RefusalReader, TABLE};
-use crate::{
-    http::Condition,
-    supervise::{Context, Shutdown},
-};
+use super::{HostTable, Reading, RefusalReader, TABLE};
+use crate::supervise::{Condition, Context, Shutdown};
 
 /// How often the table's presence is checked and its counters published; the same
 /// as the socket hooks' health check.
@@ -26,16 +27,18 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The `host side` subsystem. Its readiness condition holds while the table is in the
 /// kernel, awake, with the policy in force.
-pub struct Hostside {
+pub struct HostSide {
+    /// The table, shared with the `allowlist` subsystem.
+    host: Arc<Mutex<HostTable>>,
     condition: Condition,
     refusals: RefusalReader,
 }
 
-impl Hostside {
+impl HostSide {
     /// Binds the table's NFLOG group in `host_netns` (one agent per node holds it).
-    pub fn new(ctx: &Context, host_netns: Option<&Path>) -> Result<Hostside> {
+    pub fn new(ctx: &Context, host: Arc<Mutex<HostTable>>, host_netns: Option<&Path>) -> Result<HostSide> {
         let refusals = RefusalReader::open(host_netns, &ctx.cgroup)?;
-        Ok(Hostside { condition: ctx.readiness.condition("host side", "not checked yet"), refusals })
+        Ok(HostSide { host, condition: ctx.readiness.condition("host side", "not checked yet"), refusals })
     }
 
     pub async fn run(mut self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
@@ -62,7 +65,7 @@ impl Hostside {
                 }
                 _ = tick.tick() => {}
             }
-            let mut host = ctx.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut host = self.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let outcome = check(&mut host, &ctx, &mut pending);
             drop(host);
             match outcome {
@@ -99,7 +102,7 @@ enum Health {
 
 /// One round: the policy in force written, the table present (restored when not),
 /// its counters published.
-fn check(host: &mut HostSide, ctx: &Context, pending: &mut bool) -> Result<Health> {
+fn check(host: &mut HostTable, ctx: &Context, pending: &mut bool) -> Result<Health> {
     if *pending {
         let in_force = ctx.policy.borrow().clone();
         let policy = super::policy(&in_force.config)?;

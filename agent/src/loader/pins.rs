@@ -136,11 +136,12 @@ pub struct AgentLock {
 pub struct AlreadyRunning(pub PathBuf);
 
 impl AgentLock {
-    pub fn acquire(root: &Path) -> Result<AgentLock> {
+    /// The lock, or (inner `Err`) the agent that holds it.
+    pub fn acquire(root: &Path) -> Result<Result<AgentLock, AlreadyRunning>> {
         let dir = File::open(root).with_context(|| format!("could not open {}", root.display()))?;
         match flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(()) => Ok(AgentLock { _dir: dir }),
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Err(AlreadyRunning(root.to_path_buf()).into()),
+            Ok(()) => Ok(Ok(AgentLock { _dir: dir })),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(Err(AlreadyRunning(root.to_path_buf()))),
             Err(e) => Err(e).with_context(|| format!("could not lock {}", root.display())),
         }
     }

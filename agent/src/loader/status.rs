@@ -29,7 +29,8 @@ pub struct Status {
     pub abi_version: u32,
     /// Any link of this version is pinned.
     pub installed: bool,
-    /// Every hook's link is pinned and attached to a live cgroup, every map pinned.
+    /// The guard enforces (see `enforce::enforcing`): the kernel guard whole and the
+    /// host-side table in force. Set by `status` and `apply`, false as read here.
     #[serde(default)] // absent from older agents' status
     pub enforcing: bool,
     /// What keeps it from enforcing fully (empty when `enforcing`).
@@ -147,7 +148,6 @@ pub fn read(root: &Path) -> Result<Status> {
             status.problems.push(format!("map {name} is not pinned"));
         }
     }
-    status.enforcing = status.installed && status.problems.is_empty();
     if !layout.map(map_names::SETTINGS).exists() {
         return Ok(status);
     }

@@ -11,19 +11,19 @@
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    cli::EnforceArgs,
     config::Mode,
-    enforce, hostside,
+    enforce::{self, InstallError},
+    hostside,
     loader::{origin, status},
 };
 
-pub fn apply(args: &EnforceArgs) -> Result<()> {
-    let mut installed = enforce::install(args, "apply").map_err(|e| {
-        enforce::describe_lock_error(
-            e,
+pub fn apply(req: &enforce::Request) -> Result<()> {
+    let mut installed = enforce::install(req, "apply").map_err(|e| match e {
+        InstallError::AlreadyRunning(held) => anyhow::Error::new(held).context(
             "apply changed nothing: an agent already runs on this node and keeps its own configuration in force \
              (see `metadata-guard status`)",
-        )
+        ),
+        InstallError::Failed(e) => e,
     })?;
     // No proxy runs before the agent: a redirect left in the pins by an agent that
     // died would send pods to a port nobody answers. Off, the kernel refuses pods'
@@ -37,11 +37,15 @@ pub fn apply(args: &EnforceArgs) -> Result<()> {
         );
     }
     let faults = installed.guard.faults(&installed.cgroup);
-    if !faults.is_empty() {
-        let what = faults.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    let host_side = hostside::status(req.host_netns.as_deref())?;
+    let verdict = enforce::enforcing(true, faults.iter().map(ToString::to_string).collect(), Some(&host_side));
+    if !verdict.enforcing {
+        let what = verdict.problems.join("; ");
         bail!("the enforcement is not whole after installing it: {what}; see `metadata-guard check`");
     }
-    let in_force = status::read(&installed.layout.root)?;
+    let mut in_force = status::read(&installed.layout.root)?;
+    let read = enforce::enforcing(in_force.installed, std::mem::take(&mut in_force.problems), Some(&host_side));
+    (in_force.enforcing, in_force.problems) = (read.enforcing, read.problems);
     let expected = installed.policy.v4.len() + installed.policy.v6.len();
     if in_force.destinations.len() != expected {
         bail!(
@@ -52,10 +56,9 @@ pub fn apply(args: &EnforceArgs) -> Result<()> {
     if in_force.mode.as_deref() != Some(installed.config.mode.name()) {
         bail!("the kernel's mode is {:?} where the configuration says {}", in_force.mode, installed.config.mode.name());
     }
-    let host_side = hostside::status(args.host_netns.as_deref())?;
     // The host side has two modes: in conceal mode it refuses as in enforce mode.
     let host_mode = if installed.config.mode == Mode::Audit { "audit" } else { "enforce" };
-    if !host_side.installed || host_side.dormant || host_side.mode.as_deref() != Some(host_mode) {
+    if host_side.mode.as_deref() != Some(host_mode) {
         bail!(
             "the host-side table `{}` is not in force after writing it ({host_side:?}); see `metadata-guard check`",
             host_side.table

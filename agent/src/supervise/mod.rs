@@ -17,17 +17,17 @@
 //!
 //! - `ctx.policy`: the configuration and compiled policy in force (a `watch`; a new
 //!   value after every successful reload),
-//! - `ctx.allowed`: the cgroup ids of the allowlisted pods' containers (a `watch`:
-//!   empty at first, then a new value whenever a sync changes it; the `allowlist`
-//!   readiness condition says whether a first sync happened),
 //! - `ctx.attempts`: where refused attempts go to become audit records and metrics,
-//! - `ctx.readiness`: [`crate::http::Readiness::condition`] registers a named
+//! - `ctx.readiness`: [`Readiness::condition`] registers a named
 //!   condition that keeps `/readyz` at 503 until the subsystem sets it. Register it
 //!   in the subsystem's constructor, which `run.rs` calls before the supervisor
 //!   starts anything, so that `/readyz` never answers 200 before every subsystem has
 //!   had its say,
-//! - `ctx.metrics`, `ctx.guard` (the pinned kernel guard, behind a mutex), `ctx.host`
-//!   (the host-side nf_tables table, behind a mutex of its own; never hold both).
+//! - `ctx.metrics`, `ctx.guard` (the pinned kernel guard, behind a mutex).
+//!
+//! What only some subsystems share is handed to their constructors instead: the
+//! host-side nf_tables table (`HostSide` and `AllowlistSync`, behind a mutex of its
+//! own; never hold it and `ctx.guard` at once).
 //!
 //! It returns only when `shutdown` fires (then `Ok`) or when it cannot go on (then
 //! `Err` with what failed). Anything else — an early `Ok`, an error, a panic — makes
@@ -36,21 +36,23 @@
 //! recover by itself does not return; it clears its readiness condition (saying what
 //! is missing) until it has recovered.
 //!
-//! Plugging a new subsystem in (e.g. host-side enforcement) is two lines in `run.rs`,
-//! next to the others:
+//! Plugging a new subsystem in is two lines in `commands/run.rs`, next to the others
+//! (the host side, for one, is plugged in so):
 //!
 //! ```text
-//! let hostside = Hostside::new(&ctx)?;      // reads ctx.policy.borrow(), registers its condition
-//! supervisor.spawn_on_thread("hostside", { let (c, s) = (ctx.clone(), supervisor.shutdown());
-//!     move || hostside.run(c, s) });
+//! let hostside = HostSide::new(&ctx, host.clone(), req.host_netns.as_deref())?; // registers its condition
+//! let (c, s) = (ctx.clone(), supervisor.shutdown());
+//! supervisor.spawn_on_thread("host side", move || hostside.run(c, s));
 //! ```
 //!
-//! It follows `ctx.policy` and `ctx.allowed` with `changed().await`, and sends what it
-//! refuses as [`Attempt`]s into `ctx.attempts` (with `hook`/`verdict` as the audit
-//! trail should name them), which the event pipeline audits like the kernel's own.
+//! An enforcement point follows `ctx.policy` with `changed().await` and puts each new
+//! policy in force itself (the configuration subsystem only publishes it), and sends
+//! what it refuses as [`Attempt`]s into `ctx.attempts` (with `hook`/`verdict` as the
+//! audit trail should name them), which the event pipeline audits like the kernel's
+//! own.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     future::Future,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -65,10 +67,10 @@ use tokio::{
 };
 use tracing::{error, info};
 
-use crate::{
-    attempt::Attempt, config::Config, hostside::HostSide, http::Readiness, loader::Guard, metrics::Metrics,
-    policy::CompiledPolicy,
-};
+pub use self::readiness::{Condition, Readiness};
+use crate::{attempt::Attempt, config::Config, loader::Guard, metrics::Metrics, policy::CompiledPolicy};
+
+mod readiness;
 
 /// How long subsystems get to finish (flush the audit trail) after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -85,13 +87,10 @@ pub struct InForce {
 #[derive(Clone)]
 pub struct Context {
     pub policy: watch::Receiver<Arc<InForce>>,
-    pub allowed: watch::Receiver<Arc<BTreeSet<u64>>>,
     pub attempts: mpsc::Sender<Attempt>,
     pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
     pub guard: Arc<Mutex<Guard>>,
-    /// The host-side table in the host's network namespace.
-    pub host: Arc<Mutex<HostSide>>,
     /// The cgroup v2 directory enforcement is attached to.
     pub cgroup: PathBuf,
 }

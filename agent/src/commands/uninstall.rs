@@ -1,0 +1,28 @@
+//! `metadata-guard uninstall`: detaches and unpins everything the guard put in the
+//! kernel, and removes the host-side table. Idempotent.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::{hostside, loader};
+
+pub fn uninstall(bpffs: &Path, host_netns: Option<&Path>) -> Result<()> {
+    let removed = loader::uninstall(bpffs)?;
+    match hostside::uninstall(host_netns)? {
+        hostside::Removal::Removed => println!("removed the host-side table `inet {}`", hostside::TABLE),
+        hostside::Removal::NotThere => {}
+        hostside::Removal::NotPermitted(why) => eprintln!(
+            "metadata-guard: warning: the host-side table `inet {}` was not checked: {why}; run uninstall \
+             in the host network namespace with CAP_NET_ADMIN to remove it",
+            hostside::TABLE
+        ),
+    }
+    if removed.is_empty() {
+        println!("nothing to remove under {}: the guard is not installed", bpffs.display());
+    }
+    for dir in removed {
+        println!("removed {} (links detached, maps unpinned)", dir.display());
+    }
+    Ok(())
+}
