@@ -14,15 +14,22 @@ pub enum Hook {
     Sendmsg6 = 3,
     /// The packet-level backstop on cgroup egress.
     Egress = 4,
-    /// The host-side nf_tables table (no kernel program: never in [`Hook::ALL`], which
-    /// lists the slots of the programs' counters).
+    /// The host-side nf_tables table (no kernel program: never in [`Hook::PROGRAMS`],
+    /// which lists the slots of the programs' counters).
     Host = 5,
 }
 
-pub const HOOK_COUNT: u32 = 5;
+/// Every hook: the last variant's value plus one (hooks are numbered from 0 without
+/// gaps), so that [`Hook::from_u8`] knows each of them.
+pub const HOOK_COUNT: u32 = Hook::Host as u32 + 1;
+/// The hooks that are kernel programs, with counters in `MG_COUNTERS`.
+pub const PROGRAM_HOOK_COUNT: u32 = 5;
 
 impl Hook {
     pub const ALL: [Hook; HOOK_COUNT as usize] =
+        [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Sendmsg6, Hook::Egress, Hook::Host];
+    /// The hooks that are kernel programs: the hooks of [`counters`]' slots.
+    pub const PROGRAMS: [Hook; PROGRAM_HOOK_COUNT as usize] =
         [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Sendmsg6, Hook::Egress];
 
     pub fn from_u8(v: u8) -> Option<Hook> {
@@ -80,10 +87,10 @@ impl Verdict {
 /// Slots of the per-CPU `MG_COUNTERS` array: first one per (hook, verdict), then the
 /// loss counters.
 pub mod counters {
-    use super::{Hook, Verdict, HOOK_COUNT, VERDICT_COUNT};
+    use super::{Hook, Verdict, PROGRAM_HOOK_COUNT, VERDICT_COUNT};
 
     /// Events that could not be reserved in the ring buffer (it was full).
-    pub const EVENTS_LOST: u32 = HOOK_COUNT * VERDICT_COUNT;
+    pub const EVENTS_LOST: u32 = PROGRAM_HOOK_COUNT * VERDICT_COUNT;
     pub const SLOTS: u32 = EVENTS_LOST + 1;
 
     #[inline(always)]

@@ -18,7 +18,7 @@ mod tests;
 pub use conceal::{
     conceal_counters, ConcealOrigin, ConcealSettings, SockKey, CONCEAL_ENDPOINTS_MAX, CONCEAL_MAX_ENTRIES,
 };
-pub use events::{counters, Event, Hook, Verdict, EVENTS_RING_BYTES, HOOK_COUNT, VERDICT_COUNT};
+pub use events::{counters, Event, Hook, Verdict, EVENTS_RING_BYTES, HOOK_COUNT, PROGRAM_HOOK_COUNT, VERDICT_COUNT};
 pub use policy::{
     prefilter_index, protocol_bit, DestRules, Ipv4Key, Ipv6Key, PortRule, Prefilter, Settings,
     ALLOWED_CGROUPS_MAX_ENTRIES, IPPROTO_TCP, IPPROTO_UDP, MAX_PORTS, MAX_RULES, MODE_AUDIT, MODE_CONCEAL,

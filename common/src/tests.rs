@@ -94,9 +94,21 @@ fn the_second_filter_marks_the_next_16_bits_a_prefix_allows() {
 }
 
 #[test]
+fn every_hook_round_trips_through_its_number() {
+    assert_eq!(Hook::ALL.len(), HOOK_COUNT as usize);
+    for (i, h) in Hook::ALL.into_iter().enumerate() {
+        assert_eq!(h as usize, i);
+        assert_eq!(Hook::from_u8(h as u8), Some(h), "{h:?}");
+    }
+    assert_eq!(Hook::from_u8(Hook::Host as u8), Some(Hook::Host));
+    assert_eq!(Hook::from_u8(HOOK_COUNT as u8), None);
+    assert!(Hook::PROGRAMS.iter().all(|h| *h != Hook::Host));
+}
+
+#[test]
 fn counter_slots_are_distinct_and_in_range() {
     let mut seen = std::collections::BTreeSet::new();
-    for h in Hook::ALL {
+    for h in Hook::PROGRAMS {
         for v in Verdict::ALL {
             let s = counters::slot(h, v);
             assert!(s < counters::EVENTS_LOST);

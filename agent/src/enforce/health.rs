@@ -116,7 +116,7 @@ fn describe(faults: &[Fault]) -> String {
 fn publish_counters(guard: &Guard, ctx: &Context) {
     match guard.counters() {
         Ok(values) => {
-            for hook in Hook::ALL {
+            for hook in Hook::PROGRAMS {
                 for verdict in Verdict::ALL {
                     ctx.metrics.set_kernel_verdicts(hook, verdict, values[counters::slot(hook, verdict) as usize]);
                 }

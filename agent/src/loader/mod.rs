@@ -1,6 +1,12 @@
-//! The only place (with the event reader) that touches BPF: loads the kernel object,
-//! fills its maps, attaches its programs to the cgroup, and keeps all of it pinned so
-//! enforcement outlives the agent.
+//! The kernel guard in the kernel: the code that holds the cgroup programs' BPF
+//! objects. It loads the kernel object, fills its maps, attaches its programs to the
+//! cgroup and keeps all of it pinned so enforcement outlives the agent; and, for the
+//! commands around that, finds what a pin root holds ([`health`]'s faults and repair,
+//! [`status`] and [`status_conceal`] for `status`, [`uninstall`], [`origin`]: who
+//! installed it). Elsewhere BPF is touched only read-only: the event reader takes the
+//! ring buffer from [`Guard::take_events`], and `preflight` loads the object once to
+//! check that the kernel accepts it ([`verify_object`]). The host-side table is
+//! nf_tables, not BPF: see `hostside`.
 //!
 //! Start-up never leaves a gap: maps are reused from their pins and refreshed in
 //! place, a pinned link keeps running its program until `BPF_LINK_UPDATE` swaps in

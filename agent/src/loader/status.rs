@@ -178,7 +178,7 @@ pub fn read(root: &Path) -> Result<Status> {
         status.destinations.push(describe(IpAddr::from(key.data()), key.prefix_len(), &rules));
     }
     let values = read_counters(&open(map_names::COUNTERS)?)?;
-    for hook in Hook::ALL {
+    for hook in Hook::PROGRAMS {
         for verdict in Verdict::ALL {
             let count = values[counters::slot(hook, verdict) as usize];
             status.counters.push(CounterStatus { hook: hook.name().into(), verdict: verdict.name().into(), count });

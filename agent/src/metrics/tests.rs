@@ -126,7 +126,7 @@ fn every_family_passes_promtool() {
     let mut odd = PodIdentity { namespace: Some(r#"a"b\c"#.into()), ..pod_identity("p\nq") };
     odd.container = Some("app".into());
     m.attempt(&attempt(), &Workload::Pod(odd));
-    for hook in Hook::ALL {
+    for hook in Hook::PROGRAMS {
         for verdict in Verdict::ALL {
             m.set_kernel_verdicts(hook, verdict, 3);
         }

@@ -141,8 +141,11 @@ impl Signals {
 
 pub struct Supervisor {
     tasks: JoinSet<Result<()>>,
+    /// The subsystems still running, by task.
     names: HashMap<tokio::task::Id, &'static str>,
     stop: watch::Sender<bool>,
+    /// How long subsystems get to stop ([`SHUTDOWN_GRACE`]).
+    grace: Duration,
 }
 
 impl Default for Supervisor {
@@ -153,7 +156,12 @@ impl Default for Supervisor {
 
 impl Supervisor {
     pub fn new() -> Supervisor {
-        Supervisor { tasks: JoinSet::new(), names: HashMap::new(), stop: watch::channel(false).0 }
+        Supervisor {
+            tasks: JoinSet::new(),
+            names: HashMap::new(),
+            stop: watch::channel(false).0,
+            grace: SHUTDOWN_GRACE,
+        }
     }
 
     pub fn shutdown(&self) -> Shutdown {
@@ -196,7 +204,8 @@ impl Supervisor {
 
     /// Waits for `stop` (then stops every subsystem and returns `Ok`) or for a
     /// subsystem to end on its own (then stops the others and returns why, so the
-    /// agent exits non-zero).
+    /// agent exits non-zero). A subsystem that does not stop within the grace period
+    /// is an error too, naming it.
     pub async fn supervise(mut self, stop: impl Future<Output = ()>) -> Result<()> {
         let ended = tokio::select! {
             () = stop => None,
@@ -209,7 +218,8 @@ impl Supervisor {
             }
         }
         let _ = self.stop.send(true);
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let grace = self.grace;
+        let drained = tokio::time::timeout(grace, async {
             while let Some(joined) = self.tasks.join_next_with_id().await {
                 let (name, result) = self.describe(joined);
                 if let Err(e) = result {
@@ -218,11 +228,15 @@ impl Supervisor {
             }
         })
         .await;
-        if drained.is_err() {
-            error!("subsystems did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
-        }
+        let hung = drained.is_err().then(|| {
+            let mut names: Vec<&str> = self.names.values().copied().collect();
+            names.sort_unstable();
+            let names = names.join(", ");
+            error!(subsystems = names, "did not stop within {grace:?}; exiting anyway");
+            anyhow!("subsystems that did not stop within {grace:?}: {names}")
+        });
         match ended {
-            None => Ok(()),
+            None => hung.map_or(Ok(()), Err),
             Some((name, Ok(()))) => {
                 Err(anyhow!("the {name} subsystem stopped unexpectedly; exiting so that it restarts"))
             }
@@ -232,13 +246,14 @@ impl Supervisor {
 }
 
 impl Supervisor {
+    /// The name of a subsystem that ended (no longer counted as running) and how it ended.
     fn describe(
-        &self,
+        &mut self,
         joined: Result<(tokio::task::Id, Result<()>), tokio::task::JoinError>,
     ) -> (&'static str, Result<()>) {
         match joined {
-            Ok((id, result)) => (self.names.get(&id).copied().unwrap_or("unnamed"), result),
-            Err(e) => (self.names.get(&e.id()).copied().unwrap_or("unnamed"), Err(anyhow!("it panicked: {e}"))),
+            Ok((id, result)) => (self.names.remove(&id).unwrap_or("unnamed"), result),
+            Err(e) => (self.names.remove(&e.id()).unwrap_or("unnamed"), Err(anyhow!("it panicked: {e}"))),
         }
     }
 }
@@ -289,5 +304,21 @@ mod tests {
             });
         }
         supervisor.supervise(async {}).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_that_does_not_stop_in_time_is_an_error_naming_it() {
+        let mut supervisor = Supervisor::new();
+        supervisor.grace = Duration::from_millis(200);
+        let mut shutdown = supervisor.shutdown();
+        supervisor.spawn("steady", async move {
+            shutdown.wait().await;
+            Ok(())
+        });
+        // Ignores shutdown: never returns.
+        supervisor.spawn("events", std::future::pending());
+        let e = supervisor.supervise(async {}).await.unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("did not stop within") && text.contains("events") && !text.contains("steady"), "{text}");
     }
 }
