@@ -34,7 +34,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{attempt::Attempt, pod_identity::Workload};
-pub use record::{AuditRecord, RecordLine};
+pub use record::RecordLine;
 use sink::Sink;
 use window::{Key, Windows};
 use writer::{Suppression, Writer};

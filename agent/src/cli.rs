@@ -9,6 +9,7 @@ use crate::{
     config::ConfigArgs,
     enforce,
     loader::{Backstop, Mechanism},
+    logging::{self, LogFormat},
     preflight,
 };
 
@@ -26,11 +27,23 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/metadata-guard";
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    command: Command,
     /// Operational log format on stderr (audit records are separate and always JSON
     /// lines). Colours only when stderr is a terminal.
     #[arg(long, global = true, env = "METADATA_GUARD_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    log_format: LogFormat,
+}
+
+impl Cli {
+    /// Operational logs to stderr, in the format asked for.
+    pub fn init_logging(&self) {
+        logging::init(self.log_format);
+    }
+
+    /// Runs the command; the exit code for a command that ran (a failed `check` is 1).
+    pub fn dispatch(self) -> anyhow::Result<ExitCode> {
+        dispatch(self.command)
+    }
 }
 
 #[derive(Subcommand)]
@@ -132,12 +145,6 @@ pub struct RunArgs {
     pub detach_on_exit: bool,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CookieSource {
     Auto,
@@ -175,8 +182,7 @@ impl EnforceArgs {
     }
 }
 
-/// Runs one command; the exit code for a command that ran (a failed `check` is 1).
-pub fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => commands::run::run(args.enforce.request(), args.detach_on_exit)?,
         Command::Apply(args) => commands::apply::apply(&args.request())?,

@@ -22,7 +22,9 @@ use ipnet::IpNet;
 use metadata_guard_common::{MODE_AUDIT, MODE_CONCEAL, MODE_ENFORCE};
 use serde::Deserialize;
 
-pub use self::conceal::{is_aws_date, known_metadata_tree, ConcealConfig, ExtraPaths};
+#[cfg(test)]
+pub(crate) use self::conceal::known_metadata_tree;
+pub use self::conceal::{is_aws_date, ConcealConfig, ExtraPaths};
 use crate::audit::{AuditSettings, AuditSettingsError};
 use crate::policy::{compile, parse_cidr, AllowRule, BlockRule, CompiledPolicy, PolicyError, Preset};
 

@@ -3,7 +3,12 @@
 
 use std::io::IsTerminal;
 
-use crate::cli::LogFormat;
+/// The operational log's format (`--log-format`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 pub fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("METADATA_GUARD_LOG")

@@ -3,15 +3,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use metadata_guard::{cli, logging};
+use metadata_guard::Cli;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    logging::init(cli.log_format);
-    match cli::dispatch(cli.command) {
+    let cli = Cli::parse();
+    cli.init_logging();
+    match cli.dispatch() {
         Ok(code) => code,
         Err(e) => {
-            logging::fatal(&e);
+            metadata_guard::fatal(&e);
             ExitCode::FAILURE
         }
     }

@@ -227,7 +227,7 @@ fn oneshot_with(mut cmd: Command, binary: &Path, args: &[&str]) -> Result<(bool,
     ))
 }
 
-pub use metadata_guard::{audit::RecordLine, hostside::HostStatus, loader::status::Status};
+pub use metadata_guard::{HostStatus, RecordLine, Status};
 
 /// `metadata-guard status --json` for the pins under `bpffs`.
 /// The host-side table as `status --json` shows it (key `host_side`).

@@ -122,8 +122,8 @@ pub struct Record<S, T> {
 /// A record as the agent writes it.
 pub type AuditRecord<'a> = Record<&'a str, SystemTime>;
 
-/// One line of the trail as a reader gets it back: an [`AuditRecord`] (`kind:
-/// "attempts"`) or a [`GapRecord`] (`kind: "gap"`, whose attempt fields are absent:
+/// One line of the trail as a reader gets it back: an `AuditRecord` (`kind:
+/// "attempts"`) or a `GapRecord` (`kind: "gap"`, whose attempt fields are absent:
 /// their defaults here). For tools and tests that read the trail.
 pub type RecordLine = Record<String, String>;
 

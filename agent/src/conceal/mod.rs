@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 
 use metadata_guard_common::PROTO_TCP;
 
-pub use crate::config::{ConcealConfig, ExtraPaths};
+pub use crate::config::ExtraPaths;
 use crate::policy::{BlockRule, PortMatch};
 
 /// The metadata HTTP endpoints to redirect: those of [`peers::METADATA_HTTP`] that the

@@ -120,10 +120,6 @@ impl Proxy {
         }
     }
 
-    pub fn endpoints(&self) -> Vec<SocketAddr> {
-        self.endpoints.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
-    }
-
     pub fn set_endpoints(&self, endpoints: Vec<SocketAddr>) {
         *self.endpoints.write().unwrap_or_else(std::sync::PoisonError::into_inner) = endpoints;
     }

@@ -6,4 +6,4 @@ mod pipeline;
 mod reader;
 
 pub use pipeline::Pipeline;
-pub use reader::{decode, Clock, EventReader};
+pub use reader::EventReader;

@@ -59,12 +59,6 @@ pub struct Allowed {
     pub v6: Vec<(u32, Ipv6Addr)>,
 }
 
-impl Allowed {
-    pub fn is_empty(&self) -> bool {
-        self.interfaces.is_empty() && self.v4.is_empty() && self.v6.is_empty()
-    }
-}
-
 impl PodNets {
     /// Walks the cgroup tree under `cgroup_root` and the host's links; with `only`,
     /// reads the processes of those cgroups alone (an allowlist update stays cheap).

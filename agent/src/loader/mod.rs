@@ -45,7 +45,7 @@ use aya::{
 };
 pub use backstop::Backstop;
 pub use conceal_maps::{sock_addr, sock_key, ConcealPeers};
-pub use links::{pinned_hook, PinnedHook};
+pub use links::pinned_hook;
 use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES, MODE_CONCEAL};
 pub use netns_cookie::Mechanism;
 use pins::PinLayout;
@@ -234,11 +234,6 @@ impl Guard {
         Ok(())
     }
 
-    /// The mode (`MODE_*`) in force.
-    pub fn mode(&self) -> u32 {
-        self.plan.mode
-    }
-
     /// The mode in force and the backstop: what is attached.
     pub fn plan(&self) -> Plan {
         self.plan
@@ -276,13 +271,6 @@ impl Guard {
         let map = self.ebpf.take_map(map_names::EVENTS).context("the event ring buffer was already taken")?;
         self.events = Some(health::second_handle(&map)?);
         Ok(RingBuf::try_from(map)?)
-    }
-
-    /// Removes every pin of this layout: the links detach once no fd holds them.
-    pub fn detach(self) -> Result<()> {
-        let dir = self.pins.dir.clone();
-        drop(self.ebpf);
-        remove_pins(&dir)
     }
 }
 

@@ -104,10 +104,6 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
-
-    pub fn is_set(&self) -> bool {
-        *self.0.borrow()
-    }
 }
 
 /// The signals the agent reacts to, registered before anything is loaded so that a

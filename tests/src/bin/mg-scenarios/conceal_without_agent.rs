@@ -46,7 +46,7 @@ fn without_agent(ctx: &mut Ctx) -> Result<()> {
     ctx.agent.take().context("no agent")?.kill()?;
     ctx.running_args.clear();
     let proxy = proxy_addr(ctx);
-    let conceal = |ctx: &Ctx| -> Result<metadata_guard::loader::status_conceal::ConcealStatus> {
+    let conceal = |ctx: &Ctx| -> Result<metadata_guard::ConcealStatus> {
         ctx.status()?.conceal.context("status shows no conceal part")
     };
     let shown = conceal(ctx)?;

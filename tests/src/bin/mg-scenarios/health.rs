@@ -57,7 +57,7 @@ pub(crate) fn metric(agent: &Agent, name: &str) -> Result<f64> {
 
 fn pins_removed(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
-    let version_dir = metadata_guard::loader::pins::PinLayout::new(&ctx.node.bpffs).dir;
+    let version_dir = metadata_guard::PinLayout::new(&ctx.node.bpffs).dir;
     // Everything pinned goes, as `rm -r` by hand would do; then a directory where
     // the connect4 link's pin belongs keeps the agent from pinning it again.
     let blocker = version_dir.join("links/connect4");

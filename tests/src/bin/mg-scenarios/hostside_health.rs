@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use metadata_guard::hostside::{self, Removal};
+use metadata_guard::{remove_host_table, Removal, HOST_TABLE};
 use metadata_guard_netfilter::{
     nftables::{wants_ack, Batch, NFPROTO_INET, NFT_TABLE_F_DORMANT},
     NlSocket,
@@ -53,7 +53,7 @@ fn table_deleted(ctx: &mut Ctx) -> Result<()> {
         std::thread::spawn(move || -> Result<u32> {
             let mut deleted = 0;
             while !stop.load(Ordering::Relaxed) {
-                if let Removal::Removed = hostside::uninstall(Some(&netns))? {
+                if let Removal::Removed = remove_host_table(Some(&netns))? {
                     deleted += 1;
                 }
                 std::thread::sleep(DELETE_EVERY);
@@ -140,7 +140,7 @@ fn set_dormant(ctx: &Ctx, dormant: bool) -> Result<()> {
     let mut nft = NlSocket::open_in(Some(&netns), libc::NETLINK_NETFILTER)
         .with_context(|| format!("could not open a netfilter socket in {}", netns.display()))?;
     let mut batch = Batch::new(NFPROTO_INET);
-    batch.set_table_flags(hostside::TABLE, if dormant { NFT_TABLE_F_DORMANT } else { 0 });
+    batch.set_table_flags(HOST_TABLE, if dormant { NFT_TABLE_F_DORMANT } else { 0 });
     nft.request(&batch.finish(), wants_ack)
         .with_context(|| format!("could not set the host-side table's dormant flag to {dormant}"))?;
     Ok(())

@@ -228,9 +228,7 @@ fn daemonset_capabilities_suffice(ctx: &mut Ctx) -> Result<()> {
     // The test variant differs only in what the verdict programs report: the others
     // (which report nothing) are the same code in both builds, kept as they are.
     let same_in_variant = |t: &String| {
-        metadata_guard::loader::ATTACHMENTS
-            .iter()
-            .any(|a| !a.reports_verdicts() && t.starts_with(&format!("{}=", a.pin)))
+        metadata_guard::ATTACHMENTS.iter().any(|a| !a.reports_verdicts() && t.starts_with(&format!("{}=", a.pin)))
     };
     ensure!(upgraded.iter().all(|t| !tags.contains(t) || same_in_variant(t)), "not swapped: {upgraded:?}");
     ensure!(upgraded != tags, "the upgrade swapped no program: {upgraded:?}");

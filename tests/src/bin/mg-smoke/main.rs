@@ -118,7 +118,7 @@ fn smoke(args: &Args) -> Result<()> {
     expect(pod_try(1)?, Outcome { eperm: 1, ..Default::default() }, "a pod's connect to 169.254.169.254:80")?;
     expect(host_try()?, Outcome { ok: 1, ..Default::default() }, "a host process's GET of 169.254.169.254:80")?;
     ensure!(node.standin.arrivals().tcp(80).from(pod_ip) == 0, "a pod connection reached the stand-in");
-    let table = metadata_guard::hostside::status(Some(&node.netns_path()))?;
+    let table = metadata_guard::host_table_status(Some(&node.netns_path()))?;
     ensure!(table.installed, "the agent wrote no host-side table in the node's namespace: {table:?}");
     std::thread::sleep(Duration::from_secs(2));
     let (idle_rss, _) = podman::memory_kib(first.pid()?)?;
@@ -147,7 +147,7 @@ fn smoke(args: &Args) -> Result<()> {
     println!("smoke: stopped cleanly; the pinned block held with no agent");
 
     // 5. A new agent adopts the pins (restart), keeping what runs the same code...
-    let pins = metadata_guard::loader::pins::PinLayout::new(&node.bpffs.join(agent_bpffs(agent)?));
+    let pins = metadata_guard::PinLayout::new(&node.bpffs.join(agent_bpffs(agent)?));
     let (link, program) = (pins.link("connect4"), pins.program("connect4"));
     let before = upgrade::linked_program(&link)?;
     let t = Instant::now();
@@ -195,7 +195,7 @@ fn smoke(args: &Args) -> Result<()> {
     );
     let left = node.pins_left()?;
     ensure!(left.is_empty(), "pins left after the uninstall: {left:?}");
-    let table = metadata_guard::hostside::status(Some(&node.netns_path()))?;
+    let table = metadata_guard::host_table_status(Some(&node.netns_path()))?;
     ensure!(!table.installed, "the host-side table outlived the uninstall container: {table:?}");
     expect(pod_try(1)?, Outcome { ok: 1, ..Default::default() }, "a pod's GET after the uninstall")?;
     println!("smoke: the uninstall container removed every pin and the host-side table; pods reach the stand-in again");
@@ -236,10 +236,10 @@ fn expect(got: Outcome, want: Outcome, what: &str) -> Result<()> {
 /// the downward API).
 fn check_audit(output: &str) -> Result<()> {
     // The container log holds the operational log lines too (JSON, without `kind`).
-    let records: Vec<metadata_guard::audit::RecordLine> = output
+    let records: Vec<metadata_guard::RecordLine> = output
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|r: &metadata_guard::audit::RecordLine| r.kind == "attempts")
+        .filter(|r: &metadata_guard::RecordLine| r.kind == "attempts")
         .collect();
     let named = records.iter().find(|r| {
         r.pod.as_deref() == Some(node::POD_NAME)
