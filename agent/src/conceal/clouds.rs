@@ -9,6 +9,8 @@
 //! number of further segments (none included), which also permits GCP's
 //! `?recursive=true` on the pattern's directory.
 
+use super::grammar::{Param, Value};
+
 /// A cloud whose metadata paths the proxy knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cloud {
@@ -83,8 +85,9 @@ pub struct CloudRules {
     pub missing_header_status: u16,
     /// Request headers copied upstream; every other header is dropped.
     pub forward_headers: &'static [&'static str],
-    /// Query parameters passed upstream; any other parameter refuses the request.
-    pub query_params: &'static [&'static str],
+    /// Query parameters passed upstream, each with its value's grammar; any other
+    /// parameter refuses the request (`grammar::Query`).
+    pub query_params: &'static [Param],
     pub allow: &'static [Rule],
     pub deny: &'static [Rule],
 }
@@ -98,7 +101,9 @@ pub static AWS: CloudRules = CloudRules {
     required_header: None,
     refuse_status: 404,
     missing_header_status: 404,
-    forward_headers: &["x-aws-ec2-metadata-token", "x-aws-ec2-metadata-token-ttl-seconds", "accept", "user-agent"],
+    // Never the IMDSv2 token headers: the proxy answers the token PUT itself and
+    // checks pods' tokens; upstream it uses a token of its own (`tokens`).
+    forward_headers: &["accept", "user-agent"],
     query_params: &[],
     allow: &[
         Rule { name: "aws-token", class: "token", methods: Methods::Put, pattern: "{aws-version}/api/token" },
@@ -134,7 +139,13 @@ pub static GCP: CloudRules = CloudRules {
     refuse_status: 404,
     missing_header_status: 403,
     forward_headers: &["metadata-flavor", "accept", "user-agent"],
-    query_params: &["alt", "recursive", "wait_for_change", "timeout_sec", "last_etag"],
+    query_params: &[
+        Param { name: "alt", value: Value::OneOf(&["json", "text"]) },
+        Param { name: "recursive", value: Value::True },
+        Param { name: "wait_for_change", value: Value::True },
+        Param { name: "timeout_sec", value: Value::Seconds },
+        Param { name: "last_etag", value: Value::Hex },
+    ],
     allow: &[
         read("gcp-listing", "listing", "computeMetadata/v1"),
         read("gcp-listing", "listing", "computeMetadata/v1/instance"),
@@ -170,7 +181,10 @@ pub static AZURE: CloudRules = CloudRules {
     refuse_status: 400,
     missing_header_status: 400,
     forward_headers: &["metadata", "accept", "user-agent"],
-    query_params: &["api-version", "format"],
+    query_params: &[
+        Param { name: "api-version", value: Value::ApiDate },
+        Param { name: "format", value: Value::OneOf(&["json", "text"]) },
+    ],
     allow: &[
         read("azure-versions", "listing", "metadata/versions"),
         read("azure-location", "placement", "metadata/instance/compute/location"),

@@ -3,7 +3,8 @@
 //! normalised request; no I/O.
 
 use super::{
-    clouds::{self, Cloud, CloudRules, Methods, Rule},
+    clouds::{self, Cloud, Methods, Rule},
+    grammar::Query,
     normalise::NormalPath,
     ExtraPaths,
 };
@@ -25,6 +26,8 @@ pub enum Decision {
         /// For metrics: listing, placement, instance, token, extra, ...
         class: &'static str,
         rule: String,
+        /// The query to send upstream, rebuilt from the parsed parameters.
+        query: Query,
     },
     Refuse {
         status: u16,
@@ -48,7 +51,7 @@ pub fn decide(req: &Request<'_>, extras: &[&ExtraPaths]) -> Decision {
     if req.path.segments.is_empty() {
         // `GET /` lists the API trees; google-auth pings it to detect GCE.
         return if Methods::Read.covers(req.method) && req.query.is_none() {
-            Decision::Pass { cloud: None, class: "listing", rule: "root-listing".into() }
+            Decision::Pass { cloud: None, class: "listing", rule: "root-listing".into(), query: Query::default() }
         } else {
             refuse(UNKNOWN_STATUS, "root-listing", "only GET / without a query is served at the root")
         };
@@ -72,20 +75,26 @@ pub fn decide(req: &Request<'_>, extras: &[&ExtraPaths]) -> Decision {
             );
         }
     }
-    let recursive = match check_query(rules, req.query) {
-        Ok(recursive) => recursive,
+    let query = match Query::parse(req.query, rules.query_params) {
+        Ok(query) => query,
         Err(reason) => return refuse(rules.refuse_status, &format!("{}-query", rules.cloud.name()), &reason),
     };
+    let recursive = query.recursive();
     let passes = |rule: &Rule| rule.methods.covers(req.method) && (!recursive || is_subtree(rule.pattern));
     if let Some(rule) = rules.allow.iter().find(|r| matches(r.pattern, &path.segments, false) && passes(r)) {
-        return Decision::Pass { cloud: Some(rules.cloud), class: rule.class, rule: rule.name.into() };
+        return Decision::Pass { cloud: Some(rules.cloud), class: rule.class, rule: rule.name.into(), query };
     }
     for extra in extras {
         for pattern in &extra.paths {
             let segments: Vec<&str> = pattern.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).collect();
             let matched = matches_segments(&segments, &path.segments, rules.case_insensitive);
             if matched && Methods::Read.covers(req.method) && (!recursive || segments.last() == Some(&"**")) {
-                return Decision::Pass { cloud: Some(rules.cloud), class: "extra", rule: extra.rule_name() };
+                return Decision::Pass {
+                    cloud: Some(rules.cloud),
+                    class: "extra",
+                    rule: extra.rule_name(),
+                    query: query.clone(),
+                };
             }
         }
     }
@@ -104,22 +113,6 @@ pub fn decide(req: &Request<'_>, extras: &[&ExtraPaths]) -> Decision {
 
 fn refuse(status: u16, rule: &str, reason: &str) -> Decision {
     Decision::Refuse { status, rule: rule.to_owned(), reason: reason.to_owned() }
-}
-
-/// Every parameter must be one the cloud knows; returns whether `recursive=true`.
-fn check_query(rules: &CloudRules, query: Option<&str>) -> Result<bool, String> {
-    let mut recursive = false;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name_lc = name.to_ascii_lowercase();
-        if !rules.query_params.contains(&name_lc.as_str()) {
-            return Err(format!("query parameter `{name}` is not passed to the {} service", rules.cloud.name()));
-        }
-        if name_lc == "recursive" && !value.eq_ignore_ascii_case("false") {
-            recursive = true;
-        }
-    }
-    Ok(recursive)
 }
 
 fn is_subtree(pattern: &str) -> bool {

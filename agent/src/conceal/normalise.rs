@@ -3,12 +3,17 @@
 //!
 //! Percent-escapes are decoded once; an escape that decodes to a separator, a `%`,
 //! a control character or a backslash is refused outright (no metadata client needs
-//! one, and each is a classic way of making a filter and a server disagree). Empty
-//! segments (`//`) and `.` are dropped, `..` removes the segment before it, and a
-//! trailing slash is kept only as a flag: it means "list this directory" to the
-//! metadata services but never changes which rule applies.
+//! one, and each is a classic way of making a filter and a server disagree). Every
+//! decoded segment must then fit the strict grammar (`grammar`): `.` and `..` are
+//! refused, not resolved (no client sends them; resolving them is where servers
+//! differ), as are segments ending in `.`, `;` or a space and any character outside
+//! the grammar's set. Empty segments (`//`) are dropped, and a trailing slash is kept
+//! only as a flag: it means "list this directory" to the metadata services but never
+//! changes which rule applies.
 
 use std::fmt;
+
+use super::grammar::segment_problem;
 
 /// A path reduced to its segments.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,8 +34,8 @@ pub enum PathError {
     EscapedSeparator,
     #[error("a `\\` or control character")]
     ForbiddenCharacter,
-    #[error("`..` climbs above the root")]
-    AboveRoot,
+    #[error("{0}")]
+    Segment(&'static str),
     #[error("more than {MAX_SEGMENTS} segments")]
     TooDeep,
 }
@@ -49,14 +54,11 @@ impl NormalPath {
         for piece in rest.split('/') {
             trailing_slash = piece.is_empty();
             let segment = decode(piece)?;
+            if let Some(problem) = (!segment.is_empty()).then(|| segment_problem(&segment)).flatten() {
+                return Err(PathError::Segment(problem));
+            }
             match segment.as_str() {
-                "" | "." => trailing_slash = true,
-                ".." => {
-                    if segments.pop().is_none() {
-                        return Err(PathError::AboveRoot);
-                    }
-                    trailing_slash = true;
-                }
+                "" => trailing_slash = true,
                 _ => {
                     segments.push(segment);
                     if segments.len() > MAX_SEGMENTS {
@@ -65,7 +67,7 @@ impl NormalPath {
                 }
             }
         }
-        // `/` alone is the root listing; `/a/.` is `/a/`.
+        // `/` alone is the root listing.
         Ok(NormalPath { trailing_slash: trailing_slash && !segments.is_empty(), segments })
     }
 
@@ -142,16 +144,26 @@ mod tests {
     }
 
     #[test]
-    fn dots_doubled_slashes_and_escapes_collapse() {
+    fn doubled_slashes_and_harmless_escapes_collapse() {
         assert_eq!(norm("/latest/meta-data/placement/region"), "/latest/meta-data/placement/region");
         assert_eq!(norm("/latest//meta-data///iam/"), "/latest/meta-data/iam/");
-        assert_eq!(norm("/latest/meta-data/placement/../iam/info"), "/latest/meta-data/iam/info");
-        assert_eq!(norm("/latest/meta-data/./iam"), "/latest/meta-data/iam");
         assert_eq!(norm("/latest/meta-data/%69am/info"), "/latest/meta-data/iam/info");
-        assert_eq!(norm("/latest/meta-data/placement/%2e%2e/iam"), "/latest/meta-data/iam");
-        assert_eq!(norm("/latest/meta-data/placement/%2E./iam/x"), "/latest/meta-data/iam/x");
         assert_eq!(norm("/"), "/");
         assert_eq!(norm("//"), "/");
+    }
+
+    #[test]
+    fn dot_segments_are_refused_not_resolved() {
+        for raw in [
+            "/latest/meta-data/placement/../iam/info",
+            "/latest/meta-data/./iam",
+            "/latest/meta-data/placement/%2e%2e/iam",
+            "/latest/meta-data/placement/%2E./iam/x",
+            "/latest/meta-data/.",
+            "/../latest",
+        ] {
+            assert!(matches!(NormalPath::parse(raw), Err(PathError::Segment(_))), "{raw}");
+        }
     }
 
     #[test]
@@ -160,7 +172,6 @@ mod tests {
         assert_eq!(p.segments, ["latest", "meta-data", "placement", "availability-zone"]);
         assert!(p.trailing_slash);
         assert!(!NormalPath::parse("/latest/meta-data").unwrap().trailing_slash);
-        assert!(NormalPath::parse("/latest/meta-data/.").unwrap().trailing_slash);
     }
 
     #[test]
@@ -170,17 +181,10 @@ mod tests {
         }
         assert_eq!(NormalPath::parse("/a\\b"), Err(PathError::ForbiddenCharacter));
         assert_eq!(NormalPath::parse("/a/%2"), Err(PathError::BadEscape));
-        assert_eq!(NormalPath::parse("/../latest"), Err(PathError::AboveRoot));
         assert_eq!(NormalPath::parse("http://x/latest"), Err(PathError::NotOriginForm));
         assert_eq!(NormalPath::parse("*"), Err(PathError::NotOriginForm));
         let deep = "/a".repeat(MAX_SEGMENTS + 1);
         assert_eq!(NormalPath::parse(&deep), Err(PathError::TooDeep));
-    }
-
-    #[test]
-    fn upstream_form_escapes_what_it_must() {
-        let p = NormalPath::parse("/a%20b/c").unwrap();
-        assert_eq!(p.segments[0], "a b");
-        assert_eq!(p.to_upstream(), "/a%20b/c");
+        assert!(matches!(NormalPath::parse("/a%20b/c"), Err(PathError::Segment(_))), "a space is not in the grammar");
     }
 }

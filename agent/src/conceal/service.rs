@@ -272,7 +272,8 @@ mod tests {
 
     #[test]
     fn only_refusals_become_attempts_and_they_are_concealed() {
-        let pass = Decision::Pass { cloud: None, class: "listing", rule: "root-listing".into() };
+        let pass =
+            Decision::Pass { cloud: None, class: "listing", rule: "root-listing".into(), query: Default::default() };
         assert!(refusal_attempt(&outcome(pass, "169.254.169.254:80")).is_none());
         let refuse = Decision::Refuse { status: 404, rule: "aws-iam-credentials".into(), reason: String::new() };
         let attempt = refusal_attempt(&outcome(refuse.clone(), "169.254.169.254:80")).unwrap();
