@@ -9,12 +9,14 @@
 
 pub mod clouds;
 pub mod decide;
+pub mod grammar;
 pub mod host_sockets;
 pub mod metrics;
 pub mod normalise;
 pub mod peers;
 pub mod proxy;
 pub mod service;
+pub mod tokens;
 
 use std::net::SocketAddr;
 

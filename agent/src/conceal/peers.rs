@@ -18,7 +18,11 @@ impl Peers for KernelPeers {
     fn origin(&self, peer: SocketAddr) -> Option<Origin> {
         let map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let record = map.get(&sock_key(&peer), 0).ok()?;
-        Some(Origin { cgroup_id: record.cgroup_id, destination: sock_addr(&record.destination) })
+        Some(Origin {
+            cgroup_id: record.cgroup_id,
+            netns_cookie: record.netns_cookie,
+            destination: sock_addr(&record.destination),
+        })
     }
 }
 

@@ -1,12 +1,18 @@
 //! The filtering proxy pods are redirected to (hyper, HTTP/1.1).
 //!
 //! Who asks comes from the kernel (the peer table), never from the request. Each
-//! request is normalised and judged (`decide`); a refusal is answered at once; a pass
-//! is re-built from scratch for the original metadata address — method, normalised
-//! path, the cloud's known query parameters and an allowlist of headers — and sent on
-//! a fresh host-namespace connection, so nothing the client sends beyond that
-//! (`X-Forwarded-For`, hop-by-hop headers, `Host`, a body) reaches the service, and
-//! no answer (IMDSv2 tokens included) is kept or shared between connections.
+//! request must fit the strict grammar (`grammar`, `normalise`) and is judged
+//! (`decide`); a refusal is answered at once; a pass is re-built from scratch for the
+//! original metadata address — method, normalised path, the query rebuilt from its
+//! parsed parameters and an allowlist of headers — and sent on a fresh host-namespace
+//! connection, so nothing the client sends beyond that (`X-Forwarded-For`, hop-by-hop
+//! headers, `Host`, a body) reaches the service.
+//!
+//! IMDSv2 (`tokens`): the proxy answers `PUT /latest/api/token` itself and checks the
+//! tokens it minted; a request with a good token goes upstream with the agent's own
+//! token. IMDSv1 mirrors the node: a request with no token goes upstream with no token,
+//! so a pod gets what a token-less GET gets on this node (served where the instance
+//! allows IMDSv1, 401 where it requires IMDSv2), and never more.
 
 use std::{
     collections::HashMap,
@@ -33,9 +39,12 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
+    clouds::{self, Cloud},
     decide::{decide, Decision, Request as Judged, UNKNOWN_STATUS},
+    grammar::{raw_target_problem, Query},
     host_sockets::HostSockets,
     normalise::NormalPath,
+    tokens::{requested_ttl, Holder, PodTokens, UpstreamToken, TOKEN_HEADER, TTL_HEADER, UPSTREAM_TTL},
     ExtraPaths,
 };
 use crate::pod_identity::Workload;
@@ -62,6 +71,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Origin {
     pub cgroup_id: u64,
+    /// The pod's network namespace (0 where the kernel could not tell).
+    pub netns_cookie: u64,
     /// The metadata address and port the pod connected to.
     pub destination: SocketAddr,
 }
@@ -98,6 +109,10 @@ pub struct Proxy {
     pub extras: RwLock<Vec<ExtraPaths>>,
     pub sockets: HostSockets,
     per_pod: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// The IMDSv2 tokens minted for pods.
+    pub tokens: PodTokens,
+    /// The agent's own IMDSv2 token, per metadata endpoint.
+    upstream_tokens: tokio::sync::Mutex<HashMap<SocketAddr, UpstreamToken>>,
 }
 
 impl Proxy {
@@ -117,6 +132,8 @@ impl Proxy {
             extras: RwLock::new(extras),
             sockets,
             per_pod: Mutex::default(),
+            tokens: PodTokens::default(),
+            upstream_tokens: tokio::sync::Mutex::default(),
         }
     }
 
@@ -214,12 +231,24 @@ impl ConnCtx {
         let started = Instant::now();
         let method = req.method().as_str().to_owned();
         let target = req.uri().to_string();
-        let (decision, path) = self.judge(&req);
+        let (mut decision, path) = self.judge(&req);
+        let aws = path.as_ref().and_then(|p| p.segments.first()).and_then(|s| clouds::route(s));
+        let aws = aws.is_some_and(|rules| rules.cloud == Cloud::Aws);
+        // As IMDS: a token that is not good is answered 401 whatever the path.
+        let token = req.headers().get(TOKEN_HEADER).map(|v| v.to_str().unwrap_or(""));
+        let holder = Holder::of(self.origin.netns_cookie, self.origin.cgroup_id);
+        if let (true, Some(token), false) = (aws, token, req.method() == hyper::Method::PUT) {
+            if !self.proxy.tokens.valid(holder, token, Instant::now()) {
+                let reason = "the IMDSv2 token is not one this proxy gave this pod, or it expired".into();
+                decision = Decision::Refuse { status: 401, rule: "aws-token".into(), reason };
+            }
+        }
         let response = match &decision {
             Decision::Refuse { status, rule, reason } => refusal(*status, rule, reason, &req),
-            Decision::Pass { .. } => {
+            Decision::Pass { class: "token", .. } => self.mint(&req, holder),
+            Decision::Pass { query, .. } => {
                 let path = path.as_ref().expect("a passed request has a normal path");
-                match self.forward(&req, path).await {
+                match self.forward(&req, path, query, aws && token.is_some()).await {
                     Ok(r) => r,
                     Err(e) => {
                         warn!(destination = %self.origin.destination, "conceal proxy: upstream failed: {e:#}");
@@ -241,6 +270,31 @@ impl ConnCtx {
         response
     }
 
+    /// Answers an IMDSv2 token PUT as IMDS does, with a token of the proxy's own.
+    fn mint(&self, req: &Request<Incoming>, holder: Holder) -> Response<Body> {
+        // IMDS refuses a token PUT that went through a proxy.
+        if req.headers().contains_key("x-forwarded-for") {
+            return text(StatusCode::FORBIDDEN, "metadata-guard: a token PUT with X-Forwarded-For is refused\n");
+        }
+        let ttl_header = req.headers().get(TTL_HEADER).map(|v| v.to_str().unwrap_or(""));
+        let ttl = match requested_ttl(ttl_header) {
+            Ok(ttl) => ttl,
+            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("metadata-guard: {e}\n")),
+        };
+        match self.proxy.tokens.mint(holder, ttl, Instant::now()) {
+            Ok(token) => {
+                let mut r = Response::new(Full::new(Bytes::from(token)));
+                r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                r.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl.as_secs()));
+                r
+            }
+            Err(e) => {
+                warn!("conceal proxy: could not draw random bytes for a token: {e}");
+                text(StatusCode::INTERNAL_SERVER_ERROR, "metadata-guard: could not make a token\n")
+            }
+        }
+    }
+
     fn judge(&self, req: &Request<Incoming>) -> (Decision, Option<NormalPath>) {
         let refuse = |status: u16, rule: &str, reason: String| Decision::Refuse { status, rule: rule.into(), reason };
         // No metadata request has a body (the token PUT included); refusing every body
@@ -253,6 +307,9 @@ impl ConnCtx {
         let uri = req.uri();
         if uri.scheme().is_some() || uri.authority().is_some() {
             return (refuse(400, "request-form", "absolute-form and authority-form targets are refused".into()), None);
+        }
+        if let Some(problem) = raw_target_problem(uri.path_and_query().map_or("", |p| p.as_str())) {
+            return (refuse(UNKNOWN_STATUS, "bad-target", problem.into()), None);
         }
         let path = match NormalPath::parse(uri.path()) {
             Ok(p) => p,
@@ -271,57 +328,6 @@ impl ConnCtx {
         let decision =
             decide(&Judged { method: req.method().as_str(), path: &path, query: uri.query(), header: &lookup }, &mine);
         (decision, Some(path))
-    }
-
-    async fn forward(&self, req: &Request<Incoming>, path: &NormalPath) -> anyhow::Result<Response<Body>> {
-        let destination = self.origin.destination;
-        let mut target = path.to_upstream();
-        if let Some(q) = req.uri().query() {
-            target.push('?');
-            target.push_str(q);
-        }
-        let mut upstream = Request::builder().method(req.method().clone()).uri(target);
-        let host = match destination {
-            SocketAddr::V4(a) if a.port() == 80 => a.ip().to_string(),
-            SocketAddr::V6(a) if a.port() == 80 => format!("[{}]", a.ip()),
-            other => other.to_string(),
-        };
-        upstream = upstream.header(HOST, host);
-        let forwarded = super::clouds::ALL.iter().flat_map(|c| c.forward_headers.iter()).collect::<Vec<_>>();
-        for (name, value) in req.headers() {
-            if forwarded.iter().any(|f| **f == name.as_str()) {
-                upstream = upstream.header(name, value);
-            }
-        }
-        let upstream = upstream.body(Empty::<Bytes>::new())?;
-
-        let exchange = async {
-            let socket = self.proxy.sockets.tcp(&destination).await?;
-            let stream = socket.connect(destination).await?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            let response = sender.send_request(upstream).await?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
-                .to_bytes();
-            anyhow::Ok((parts, body))
-        };
-        let (parts, body) = tokio::time::timeout(UPSTREAM_TIMEOUT, exchange)
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer within {UPSTREAM_TIMEOUT:?}"))??;
-        let mut response = Response::new(Full::new(body));
-        *response.status_mut() = parts.status;
-        // The body is re-framed here, except that a HEAD answer keeps the service's length.
-        let head = req.method() == hyper::Method::HEAD;
-        for (name, value) in &parts.headers {
-            if !is_hop_by_hop(name) && (name != CONTENT_LENGTH || head) {
-                response.headers_mut().append(name, value.clone());
-            }
-        }
-        Ok(response)
     }
 }
 
@@ -377,3 +383,6 @@ async fn serve_one_refusal(mut stream: TcpStream, status: StatusCode, why: &str)
 #[cfg(test)]
 #[path = "proxy_tests.rs"]
 mod tests;
+
+#[path = "upstream.rs"]
+mod upstream;

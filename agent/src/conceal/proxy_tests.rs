@@ -10,11 +10,13 @@ use super::*;
 /// Every request head the upstream received.
 type Seen = Arc<StdMutex<Vec<String>>>;
 
-struct AnyPeer(Option<Origin>);
+/// The kernel's record for every connection: one origin, switchable mid-test (as if
+/// another pod connected).
+struct AnyPeer(StdMutex<Option<Origin>>);
 
 impl Peers for AnyPeer {
     fn origin(&self, _peer: SocketAddr) -> Option<Origin> {
-        self.0
+        *self.0.lock().unwrap()
     }
 }
 
@@ -37,10 +39,14 @@ async fn upstream() -> (SocketAddr, Seen) {
                     }
                     head.extend_from_slice(&buf[..n]);
                 }
-                sink.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nKeep-Alive: x\r\nX-Up: 1\r\n\r\nupstream")
-                    .await;
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let answer: &[u8] = if head.starts_with("PUT /latest/api/token ") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\nagent-token-42"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nKeep-Alive: x\r\nX-Up: 1\r\n\r\nupstream"
+                };
+                sink.lock().unwrap().push(head);
+                let _ = s.write_all(answer).await;
             });
         }
     });
@@ -49,6 +55,7 @@ async fn upstream() -> (SocketAddr, Seen) {
 
 struct Harness {
     proxy_addr: SocketAddr,
+    peer: Arc<AnyPeer>,
     seen: Seen,
     outcomes: Arc<StdMutex<Vec<Outcome>>>,
 }
@@ -57,9 +64,10 @@ async fn harness(record: bool) -> Harness {
     let (up, seen) = upstream().await;
     let outcomes: Arc<StdMutex<Vec<Outcome>>> = Arc::default();
     let sink = outcomes.clone();
-    let origin = record.then_some(Origin { cgroup_id: 7, destination: up });
+    let origin = record.then_some(Origin { cgroup_id: 7, netns_cookie: 70, destination: up });
+    let peer = Arc::new(AnyPeer(StdMutex::new(origin)));
     let proxy = Arc::new(Proxy::new(
-        Arc::new(AnyPeer(origin)),
+        peer.clone(),
         Arc::new(|_| Workload::Unknown),
         Arc::new(move |o| sink.lock().unwrap().push(o)),
         vec![up],
@@ -73,7 +81,7 @@ async fn harness(record: bool) -> Harness {
         let _keep = keep_open;
         proxy.serve(listener, rx).await;
     });
-    Harness { proxy_addr, seen, outcomes }
+    Harness { proxy_addr, peer, seen, outcomes }
 }
 
 impl Harness {
@@ -104,8 +112,8 @@ async fn a_passed_request_is_rebuilt_for_the_metadata_service() {
     let h = harness(true).await;
     let r = h
         .get(
-            "/latest//meta-data/placement/./availability-zone/",
-            "X-Forwarded-For: 1.2.3.4\r\nX-aws-ec2-metadata-token: tok\r\nProxy-Authorization: x\r\nX-Custom: y\r\n",
+            "/latest//meta-data/placement/availability-zone/",
+            "X-Forwarded-For: 1.2.3.4\r\nX-aws-ec2-metadata-token-ttl-seconds: 5\r\nProxy-Authorization: x\r\nX-Custom: y\r\n",
         )
         .await;
     assert_eq!(status(&r), 200, "{r}");
@@ -116,8 +124,7 @@ async fn a_passed_request_is_rebuilt_for_the_metadata_service() {
     assert_eq!(heads.len(), 1);
     let head = heads[0].to_ascii_lowercase();
     assert!(head.starts_with("get /latest/meta-data/placement/availability-zone/ http/1.1\r\n"), "{head}");
-    assert!(head.contains("x-aws-ec2-metadata-token: tok"), "{head}");
-    for dropped in ["x-forwarded-for", "proxy-authorization", "x-custom", "host: 169.254.169.254"] {
+    for dropped in ["x-forwarded-for", "proxy-authorization", "x-custom", "host: 169.254.169.254", "x-aws-ec2"] {
         assert!(!head.contains(dropped), "{dropped} reached upstream: {head}");
     }
     let outcomes = h.outcomes.lock().unwrap();
@@ -134,13 +141,14 @@ async fn credentials_are_refused_at_once_and_nothing_reaches_upstream() {
     ] {
         let r = h.get(target, "").await;
         assert_eq!(status(&r), 404, "{target}: {r}");
-        assert!(r.contains("concealed by rule aws-"), "{target}: {r}");
+        assert!(r.contains("concealed by rule aws-") || r.contains("concealed by rule bad-path"), "{target}: {r}");
     }
     assert!(h.upstream_heads().is_empty(), "{:?}", h.upstream_heads());
     let outcomes = h.outcomes.lock().unwrap();
     assert_eq!(outcomes.len(), 3);
-    assert_eq!(outcomes[1].path, "/latest/meta-data/iam/security-credentials/x");
-    assert_eq!(outcomes[1].decision.rule(), "aws-iam-credentials");
+    assert_eq!(outcomes[0].decision.rule(), "aws-iam-credentials");
+    assert_eq!(outcomes[1].path, "/latest/meta-data/placement/%2e%2e/iam/security-credentials/x");
+    assert_eq!(outcomes[1].decision.rule(), "bad-path");
 }
 
 #[tokio::test]
@@ -160,16 +168,77 @@ async fn smuggling_forms_and_bodies_are_refused_and_close_the_connection() {
     assert!(h.upstream_heads().is_empty(), "{:?}", h.upstream_heads());
 }
 
+fn body(response: &str) -> &str {
+    response.split("\r\n\r\n").nth(1).unwrap_or("")
+}
+
+impl Harness {
+    async fn put_token(&self, headers: &str) -> String {
+        self.raw(&format!(
+            "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ))
+        .await
+    }
+}
+
 #[tokio::test]
-async fn the_token_put_passes_with_its_ttl_header() {
+async fn the_proxy_answers_the_token_put_itself_and_checks_its_tokens() {
     let h = harness(true).await;
-    let r = h
-        .raw("PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        .await;
+    let r = h.put_token("X-aws-ec2-metadata-token-ttl-seconds: 21600\r\n").await;
     assert_eq!(status(&r), 200, "{r}");
-    let head = h.upstream_heads()[0].to_ascii_lowercase();
-    assert!(head.starts_with("put /latest/api/token"), "{head}");
-    assert!(head.contains("x-aws-ec2-metadata-token-ttl-seconds: 21600"), "{head}");
+    assert!(r.to_ascii_lowercase().contains("x-aws-ec2-metadata-token-ttl-seconds: 21600"), "{r}");
+    let token = body(&r).to_owned();
+    assert_eq!(token.len(), 64, "{r}");
+    assert!(h.upstream_heads().is_empty(), "the pod's PUT went upstream: {:?}", h.upstream_heads());
+
+    // The pod's own token: served, upstream with the agent's token and never the pod's.
+    let zone = "/latest/meta-data/placement/availability-zone";
+    let r = h.get(zone, &format!("X-aws-ec2-metadata-token: {token}\r\n")).await;
+    assert_eq!(status(&r), 200, "{r}");
+    let heads = h.upstream_heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].starts_with("PUT /latest/api/token "), "the agent fetched its own token: {heads:?}");
+    assert!(heads[0].to_ascii_lowercase().contains("x-aws-ec2-metadata-token-ttl-seconds: 21600"));
+    assert!(heads[1].contains("agent-token-42") && !heads[1].contains(&token), "{heads:?}");
+    // The agent's token is kept: one PUT upstream for many requests.
+    let _ = h.get(zone, &format!("X-aws-ec2-metadata-token: {token}\r\n")).await;
+    assert_eq!(h.upstream_heads().len(), 3);
+
+    // A wrong token, or this pod's token from another pod: 401, nothing upstream.
+    let r = h.get(zone, &format!("X-aws-ec2-metadata-token: {}\r\n", "0".repeat(64))).await;
+    assert_eq!(status(&r), 401, "{r}");
+    let other = Origin { netns_cookie: 71, ..h.peer.0.lock().unwrap().unwrap() };
+    *h.peer.0.lock().unwrap() = Some(other);
+    let r = h.get(zone, &format!("X-aws-ec2-metadata-token: {token}\r\n")).await;
+    assert_eq!(status(&r), 401, "another pod replayed it: {r}");
+    assert_eq!(h.upstream_heads().len(), 3);
+    assert_eq!(h.outcomes.lock().unwrap().last().unwrap().decision.rule(), "aws-token");
+    // No token: IMDSv1, sent upstream without one (the service answers as it would).
+    let r = h.get(zone, "").await;
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(!h.upstream_heads()[3].to_ascii_lowercase().contains("x-aws-ec2-metadata-token"));
+}
+
+#[tokio::test]
+async fn a_token_put_is_refused_as_imds_refuses_it() {
+    let h = harness(true).await;
+    assert_eq!(status(&h.put_token("").await), 400, "no TTL");
+    assert_eq!(status(&h.put_token("X-aws-ec2-metadata-token-ttl-seconds: 21601\r\n").await), 400);
+    assert_eq!(status(&h.put_token("X-aws-ec2-metadata-token-ttl-seconds: 0\r\n").await), 400);
+    let xff = "X-aws-ec2-metadata-token-ttl-seconds: 60\r\nX-Forwarded-For: 10.0.0.1\r\n";
+    assert_eq!(status(&h.put_token(xff).await), 403);
+    assert!(h.upstream_heads().is_empty());
+}
+
+#[tokio::test]
+async fn a_token_expires_after_its_ttl() {
+    let h = harness(true).await;
+    let r = h.put_token("X-aws-ec2-metadata-token-ttl-seconds: 1\r\n").await;
+    let token = body(&r).to_owned();
+    let header = format!("X-aws-ec2-metadata-token: {token}\r\n");
+    assert_eq!(status(&h.get("/latest/meta-data/instance-id", &header).await), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(status(&h.get("/latest/meta-data/instance-id", &header).await), 401);
 }
 
 #[tokio::test]
