@@ -79,6 +79,9 @@ pub enum Expr {
         addr_reg: u32,
         port_reg: Option<u32>,
     },
+    /// Exempts the packet from connection tracking (`notrack`, of `nft_ct`): it gets
+    /// no conntrack entry, so no NAT rule can apply to it.
+    Notrack,
 }
 
 impl Expr {
@@ -108,6 +111,7 @@ impl Expr {
             Expr::Limit { .. } => "limit",
             Expr::Reject { .. } => "reject",
             Expr::Nat { .. } => "nat",
+            Expr::Notrack => "notrack",
         }
     }
 
@@ -179,6 +183,7 @@ impl Expr {
                     w.be32(5, *p).be32(6, *p);
                 }
             }
+            Expr::Notrack => {}
         }
     }
 }

@@ -123,6 +123,7 @@ pub fn install(req: &Request, command: &str) -> Result<Installed, InstallError> 
     }
     // The second enforcement point: packets entering the host, by final destination.
     let mut host = HostTable::open(req.host_netns.as_deref(), &cgroup)?;
+    host.set_conceal(hostside::conceal_target(&config));
     host.set_policy(&hostside::policy(&config)?, config.mode == config::Mode::Audit)?;
     info!(table = hostside::TABLE, "host side: packets entering the node are judged after DNAT");
     Ok(Installed { config, policy, cgroup, layout, guard, host, report, lock })

@@ -48,6 +48,12 @@ pub fn policy(config: &Config) -> Result<CompiledPolicy> {
     compile(&rules).map_err(anyhow::Error::from)
 }
 
+/// Where conceal mode's proxy listens, when pods are redirected to it: the table keeps
+/// its connections out of connection tracking (and so out of NAT).
+pub fn conceal_target(config: &Config) -> Option<std::net::SocketAddr> {
+    config.conceal.addr.filter(|_| config.mode == crate::config::Mode::Conceal)
+}
+
 /// Packets the table counted, by verdict.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostCounters {
@@ -88,6 +94,8 @@ pub struct HostTable {
     applied: Option<table::Content>,
     wanted: Option<(CompiledPolicy, bool)>,
     allowed: BTreeSet<u64>,
+    /// Conceal mode's proxy ([`conceal_target`]), put in force with the next policy.
+    conceal: Option<std::net::SocketAddr>,
 }
 
 impl HostTable {
@@ -107,7 +115,13 @@ impl HostTable {
             applied: None,
             wanted: None,
             allowed: BTreeSet::new(),
+            conceal: None,
         })
+    }
+
+    /// The conceal proxy's address the next [`set_policy`](Self::set_policy) writes.
+    pub fn set_conceal(&mut self, proxy: Option<std::net::SocketAddr>) {
+        self.conceal = proxy;
     }
 
     /// Puts a new policy and mode in force (with the allowlist last given).
@@ -135,9 +149,16 @@ impl HostTable {
         } else {
             PodNets::scan(&self.cgroup_root, &mut self.route, Some(allowed_cgroups))?.allowed(allowed_cgroups)
         };
-        let mut content = table::Content { shapes: shapes(policy), audit, allowed, counters: Default::default() };
+        let mut content = table::Content {
+            shapes: shapes(policy),
+            audit,
+            allowed,
+            counters: Default::default(),
+            conceal: self.conceal,
+        };
         if let Some(applied) = &self.applied {
-            if applied.shapes == content.shapes && applied.audit == audit && applied.allowed == content.allowed {
+            let same = applied.shapes == content.shapes && applied.audit == audit && applied.allowed == content.allowed;
+            if same && applied.conceal == content.conceal {
                 return Ok(());
             }
         }
@@ -307,6 +328,7 @@ impl HostTable {
                 v6: vec![(1, std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))],
             },
             counters: Default::default(),
+            conceal: Some(std::net::SocketAddr::from(([192, 0, 2, 1], 8775))),
         };
         self.nft.request(&table::probe(&content).finish(), wants_ack).map_err(explain)?;
         Ok(())

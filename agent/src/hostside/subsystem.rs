@@ -106,6 +106,7 @@ fn check(host: &mut HostTable, ctx: &Context, pending: &mut bool) -> Result<Heal
     if *pending {
         let in_force = ctx.policy.borrow().clone();
         let policy = super::policy(&in_force.config)?;
+        host.set_conceal(super::conceal_target(&in_force.config));
         host.set_policy(&policy, in_force.config.mode == crate::config::Mode::Audit)?;
         *pending = false;
     }

@@ -18,6 +18,8 @@
 //!                                                 accepted before the jump
 //!   chain judge                                   from lo: accept; daddr not in any4/any6:
 //!                                                 return; per shape: match → jump refuse
+//!   chain conceal_pre, conceal_out                in conceal mode: the proxy's connections
+//!                                                 untracked, so NAT cannot take them (conceal.rs)
 //!   chain refuse                                  allowlisted (by iif, or iif . saddr):
 //!                                                 count exempt, accept;
 //!                                                 count, log (rate-limited), reject / accept
@@ -96,6 +98,9 @@ pub(super) struct Content {
     pub allowed: Allowed,
     /// Carried over from the table being replaced.
     pub counters: RawCounters,
+    /// Conceal mode's proxy, when pods are redirected to it: its connections are
+    /// kept out of connection tracking, and so out of every NAT rule (`conceal`).
+    pub conceal: Option<std::net::SocketAddr>,
 }
 
 /// One transaction that replaces the table (or creates it) with `content`: it is
@@ -198,6 +203,9 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
             );
         }
         b.add_rule(t, chain, &[Expr::jump("judge")]);
+    }
+    if let Some(proxy) = c.conceal {
+        conceal::add(b, t, proxy);
     }
 }
 
@@ -389,6 +397,7 @@ fn cmp_eq(data: &[u8]) -> Expr {
     Expr::Cmp { op: CmpOp::Eq, sreg: NFT_REG_1, data: data.to_vec() }
 }
 
+mod conceal;
 mod prefilter;
 #[cfg(test)]
 mod tests;

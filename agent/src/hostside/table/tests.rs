@@ -33,6 +33,7 @@ fn pods_behind_a_bridge_are_keyed_by_bridge_then_source_address() {
             v6: vec![(bridge, Ipv6Addr::new(0xfd43, 1, 0, 0, 0, 0, 0, 2))],
         },
         counters: Default::default(),
+        conceal: None,
     };
     assert_eq!(keys_of(replace(&content), "allow_if"), vec![4u32.to_ne_bytes().to_vec()]);
     let v4 = keys_of(replace(&content), ALLOW_SRC4);
@@ -59,7 +60,8 @@ fn the_prefilter_compares_each_blocked_lead_once_in_network_order_and_every_rang
         ])
         .unwrap(),
     );
-    let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
+    let content =
+        Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
     // Few leads: compared in the rule, no lead set. Then the next 16 bits, where few
     // values are covered: not for IPv4 (the /16), for IPv6 (fd00:ec2::254's 0x0ec2).
     assert!(keys_of(replace(&content), prefilter::LEAD4).is_empty());
@@ -75,7 +77,8 @@ fn more_leads_than_the_rule_compares_go_to_a_set() {
         .map(|i| crate::policy::BlockRule::all(format!("10.{i}.0.1/32").parse().unwrap()))
         .collect();
     let shapes = crate::hostside::ruleset::shapes(&crate::policy::compile(&blocked).unwrap());
-    let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
+    let content =
+        Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
     let leads = keys_of(replace(&content), prefilter::LEAD4);
     assert_eq!(leads.len(), prefilter::MAX_LEAD_COMPARES + 1);
     assert_eq!(leads[0], vec![10, 0]);
@@ -89,7 +92,8 @@ fn a_destination_sharing_a_blocked_lead_meets_a_second_rule_in_every_base_chain(
     let blocked = ["169.254.169.254/32", "169.254.42.42/32", "fd00:ec2::254/128"];
     let rules: Vec<_> = blocked.iter().map(|n| crate::policy::BlockRule::all(n.parse().unwrap())).collect();
     let shapes = crate::hostside::ruleset::shapes(&crate::policy::compile(&rules).unwrap());
-    let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
+    let content =
+        Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
     for chain in ["input", "forward", "output"] {
         let compared = lead_compares(replace(&content), chain);
         assert_eq!(compared.len(), 4, "{chain}: two lead rules, two next rules");
@@ -131,4 +135,47 @@ fn lead_compares(batch: Batch, chain: &str) -> Vec<Vec<Vec<u8>>> {
         }
     }
     out
+}
+
+#[test]
+fn in_conceal_mode_the_proxys_connections_are_untracked_before_any_nat() {
+    let mut content = Content {
+        shapes: Vec::new(),
+        audit: false,
+        allowed: Allowed::default(),
+        counters: Default::default(),
+        conceal: None,
+    };
+    let chains = |content: &Content| -> Vec<(String, Option<i32>)> {
+        let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN;
+        let batch = replace(content).finish();
+        batch
+            .iter()
+            .filter(|m| m.kind == kind)
+            .map(|m| {
+                let attrs = Attrs::new(&m.body[4..]);
+                let name = attrs.find(NFTA_CHAIN_NAME).unwrap().str();
+                let priority = attrs.find(NFTA_CHAIN_HOOK).and_then(|h| {
+                    h.nested().find(NFTA_HOOK_PRIORITY).map(|p| i32::from_be_bytes(p.value.try_into().unwrap()))
+                });
+                (name, priority)
+            })
+            .collect()
+    };
+    assert!(chains(&content).iter().all(|(n, _)| !n.starts_with("conceal")));
+    content.conceal = Some("10.200.0.1:8775".parse().unwrap());
+    let all = chains(&content);
+    for name in ["conceal_pre", "conceal_out"] {
+        assert!(all.contains(&(name.to_string(), Some(-300))), "{name} at raw priority: {all:?}");
+    }
+    let rules = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE;
+    let batch = replace(&content).finish();
+    let notracks = batch
+        .iter()
+        .filter(|m| m.kind == rules && m.body.windows(8).any(|w| w == b"notrack\0"))
+        .filter(|m| {
+            m.body.windows(4).any(|w| w == [10, 200, 0, 1]) && m.body.windows(2).any(|w| w == 8775u16.to_be_bytes())
+        })
+        .count();
+    assert_eq!(notracks, 3, "to the proxy (prerouting, output) and from it (output)");
 }
