@@ -73,7 +73,7 @@ impl Cloud {
 
 /// `/proc/sys/net` shows the namespace of the thread that opens it: written from a
 /// thread inside `node`, and read back there, never in the caller's namespace.
-fn set_forwarding(node: &NetNs, on: bool) -> Result<()> {
+pub fn set_forwarding(node: &NetNs, on: bool) -> Result<()> {
     let value = if on { "1" } else { "0" };
     const KNOBS: [&str; 2] = ["/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"];
     let own_before: Vec<String> = KNOBS.iter().map(|k| std::fs::read_to_string(k).unwrap_or_default()).collect();

@@ -19,7 +19,28 @@ use serde::Serialize;
 use crate::netns::NetNs;
 use server::{open_sockets, Server};
 
+mod imds;
 mod server;
+
+/// Requests the log keeps (the oldest go first).
+const MAX_LOGGED: usize = 4096;
+
+/// One HTTP request the stand-in received, and the status it answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Logged {
+    pub source: IpAddr,
+    pub method: String,
+    pub target: String,
+    /// Lower-case names, in the order sent.
+    pub headers: Vec<(String, String)>,
+    pub status: u16,
+}
+
+impl Logged {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
 
 /// The ports served over both TCP and UDP.
 pub const STANDIN_PORTS: [u16; 3] = [80, 53, BARRIER_PORT];
@@ -73,6 +94,8 @@ pub struct Arrivals {
     pub echo_requests: Tally,
     /// Socket errors the stand-in hit, by text; expected to stay empty.
     pub errors: BTreeMap<String, u64>,
+    /// Every HTTP request received, in order (the last [`MAX_LOGGED`]).
+    pub requests: Vec<Logged>,
 }
 
 impl Arrivals {
@@ -82,6 +105,13 @@ impl Arrivals {
 
     pub fn udp(&self, port: u16) -> &Tally {
         self.udp_received.get(&port).unwrap_or(&NOTHING)
+    }
+
+    fn log(&mut self, request: Logged) {
+        if self.requests.len() >= MAX_LOGGED {
+            self.requests.remove(0);
+        }
+        self.requests.push(request);
     }
 
     /// Connections, datagrams and echo requests, all together.
@@ -102,6 +132,8 @@ pub struct Standin {
 struct Shared {
     state: Mutex<State>,
     synced: Condvar,
+    /// Token-less requests of the AWS tree are answered 401 (`imds`).
+    require_imdsv2: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -120,7 +152,11 @@ impl Standin {
             ns.run(open_sockets).with_context(|| format!("could not start the metadata stand-in in {}", ns.name()))?;
         let (wake, woken) = UnixDatagram::pair().context("could not create the stand-in's wake-up socket pair")?;
         woken.set_nonblocking(true)?;
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), synced: Condvar::new() });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            synced: Condvar::new(),
+            require_imdsv2: std::sync::atomic::AtomicBool::new(false),
+        });
         let server = Server::new(sockets, woken);
         let for_server = shared.clone();
         let thread = thread::Builder::new()
@@ -135,6 +171,13 @@ impl Standin {
     /// in flight are not: to prove nothing arrived, wait a little first.
     pub fn arrivals(&self) -> Arrivals {
         self.synced().arrivals.clone()
+    }
+
+    /// Whether a request of the AWS tree needs an IMDSv2 token the stand-in issued
+    /// (as `HttpTokens: required`); off, token-less requests are served (`optional`).
+    /// Either way a token it did not issue is answered 401.
+    pub fn require_imdsv2(&self, on: bool) {
+        self.shared.require_imdsv2.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Forgets everything seen so far.

@@ -16,6 +16,8 @@ pub(crate) struct Tool {
 pub(crate) const BPFTOOL: Tool = Tool { program: "bpftool", package: "bpftool" };
 pub(crate) const PROMTOOL: Tool = Tool { program: "promtool", package: "prometheus" };
 pub(crate) const NFT: Tool = Tool { program: "nft", package: "nftables" };
+/// The conceal NAT scenario writes kube-proxy's iptables rules with it.
+pub(crate) const IPTABLES: Tool = Tool { program: "iptables", package: "iptables" };
 
 pub(crate) fn find(program: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -18,7 +18,7 @@ pub(crate) fn run() -> Result<()> {
     artifacts::build_ebpf(Variant::Test)?;
     let agent = artifacts::build_agent(Profile::Debug, Variant::Default)?;
     let variant_agent = artifacts::build_agent(Profile::Debug, Variant::Test)?;
-    packages::ensure(&[packages::BPFTOOL, packages::PROMTOOL])?;
+    packages::ensure(&[packages::BPFTOOL, packages::PROMTOOL, packages::IPTABLES])?;
 
     lint()?;
     cmd::run(Command::new("cargo").current_dir(workspace_root()).args(["test", "--workspace"]))

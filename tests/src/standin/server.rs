@@ -18,10 +18,13 @@ use nix::sys::socket::{
     SockProtocol, SockType, SockaddrIn6, SockaddrStorage,
 };
 
-use super::{Arrivals, Shared, STANDIN_PORTS};
+use super::{
+    imds::{Head, Imds},
+    Arrivals, Logged, Shared, STANDIN_PORTS,
+};
 
-const RESPONSE: &[u8] =
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 17\r\nConnection: close\r\n\r\nmetadata-standin\n";
+/// What the stand-in answers to every request it serves.
+pub(super) const STANDIN_BODY: &str = "metadata-standin\n";
 /// A client that connects and then says nothing is dropped after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REQUEST: usize = 8192;
@@ -78,6 +81,7 @@ fn raw_socket(family: AddressFamily, protocol: SockProtocol) -> Result<OwnedFd> 
 /// An accepted connection waiting for its request.
 struct Conn {
     stream: TcpStream,
+    peer: IpAddr,
     request: Vec<u8>,
     deadline: Instant,
 }
@@ -88,11 +92,12 @@ pub(super) struct Server {
     conns: Vec<Conn>,
     /// Receive buffer, big enough for any datagram.
     buf: Vec<u8>,
+    imds: Imds,
 }
 
 impl Server {
     pub(super) fn new(sockets: Sockets, woken: UnixDatagram) -> Server {
-        Server { sockets, woken, conns: Vec::new(), buf: vec![0; 65536] }
+        Server { sockets, woken, conns: Vec::new(), buf: vec![0; 65536], imds: Imds::default() }
     }
 
     pub(super) fn run(mut self, shared: &Shared) {
@@ -109,7 +114,7 @@ impl Server {
             state.sync_done = ticket;
             shared.synced.notify_all();
             drop(state);
-            self.serve_connections();
+            self.serve_connections(shared);
             self.wait();
         }
     }
@@ -144,7 +149,8 @@ impl Server {
                         seen.tcp_accepted.entry(*port).or_default().record(peer.ip(), local);
                         if stream.set_nonblocking(true).is_ok() {
                             let deadline = Instant::now() + REQUEST_TIMEOUT;
-                            self.conns.push(Conn { stream, request: Vec::new(), deadline });
+                            let peer = peer.ip().to_canonical();
+                            self.conns.push(Conn { stream, peer, request: Vec::new(), deadline });
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -175,9 +181,11 @@ impl Server {
         }
     }
 
-    /// Answers every connection whose request is complete, drops stale ones.
-    fn serve_connections(&mut self) {
+    /// Answers every connection whose request is complete (logging it first), drops
+    /// stale ones.
+    fn serve_connections(&mut self, shared: &Shared) {
         let now = Instant::now();
+        let imds = &mut self.imds;
         self.conns.retain_mut(|conn| {
             let mut buf = [0u8; 2048];
             loop {
@@ -187,8 +195,9 @@ impl Server {
                     Ok(n) => {
                         conn.request.extend_from_slice(&buf[..n]);
                         if conn.request.windows(4).any(|w| w == b"\r\n\r\n") || conn.request.len() > MAX_REQUEST {
+                            let response = answer(imds, shared, conn.peer, &conn.request);
                             // Small enough for any send buffer; a failure means the client left.
-                            let _ = conn.stream.write_all(RESPONSE);
+                            let _ = conn.stream.write_all(&response);
                             let _ = conn.stream.shutdown(Shutdown::Write);
                             return false;
                         }
@@ -200,6 +209,33 @@ impl Server {
             }
         });
     }
+}
+
+/// The answer to one request, logged before it is sent.
+fn answer(imds: &mut Imds, shared: &Shared, source: IpAddr, request: &[u8]) -> Vec<u8> {
+    let require_v2 = shared.require_imdsv2.load(std::sync::atomic::Ordering::Relaxed);
+    let (status, body, logged) = match Head::parse(request) {
+        Some(head) => {
+            let a = imds.answer(&head, require_v2);
+            let logged =
+                Logged { source, method: head.method, target: head.target, headers: head.headers, status: a.status };
+            (a.status, a.body, Some(logged))
+        }
+        None => (200, STANDIN_BODY.to_owned(), None),
+    };
+    if let Some(logged) = logged {
+        shared.state.lock().unwrap().arrivals.log(logged);
+    }
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        _ => "Unauthorized",
+    };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 struct Datagram<'a> {

@@ -233,11 +233,15 @@ impl Ctx {
     /// Called after each passing scenario: nothing to undo by design, scenarios set up
     /// the agent they need.
     pub(crate) fn after_scenario(&mut self) -> Result<()> {
+        // The conceal scenarios make the stand-in require IMDSv2; the others expect
+        // token-less requests served.
+        self.node.standin.require_imdsv2(false);
         Ok(())
     }
 
     /// After a failure: a clean slate (no agent, nothing pinned) for the next scenario.
     pub(crate) fn recover(&mut self) {
+        self.node.standin.require_imdsv2(false);
         if let Some(a) = self.agent.take() {
             let _ = a.kill();
         }

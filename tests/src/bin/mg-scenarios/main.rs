@@ -11,6 +11,8 @@ mod block;
 mod boot;
 mod conceal;
 mod conceal_moto;
+mod conceal_nat;
+mod conceal_tokens;
 mod conceal_without_agent;
 mod frames;
 mod harness;
@@ -54,6 +56,8 @@ fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
     all.extend(boot::SCENARIOS);
     all.extend(conceal::SCENARIOS);
     all.extend(conceal_without_agent::SCENARIOS);
+    all.extend(conceal_tokens::SCENARIOS);
+    all.extend(conceal_nat::SCENARIOS);
     // Real SDK clients need Python (the VM guests carry one: `--python`).
     if !without_python {
         all.extend(conceal_moto::SCENARIOS);
