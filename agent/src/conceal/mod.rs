@@ -11,6 +11,7 @@ pub mod clouds;
 pub mod decide;
 pub mod grammar;
 pub mod host_sockets;
+pub mod ipvs;
 pub mod metrics;
 pub mod normalise;
 pub mod peers;

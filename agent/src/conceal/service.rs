@@ -46,6 +46,8 @@ const TICK: Duration = Duration::from_secs(1);
 pub struct Conceal {
     host_netns: Option<PathBuf>,
     condition: Condition,
+    /// Asks IPVS whether a virtual service claims the proxy's address (`ipvs`).
+    ipvs: Mutex<Option<metadata_guard_netfilter::NlSocket>>,
 }
 
 /// The proxy, once its listener is bound.
@@ -59,7 +61,7 @@ struct Bound {
 impl Conceal {
     /// `host_netns`: where the proxy's sockets live (`--host-netns`; None: the agent's own).
     pub fn new(ctx: &Context, host_netns: Option<PathBuf>) -> Conceal {
-        Conceal { host_netns, condition: ctx.readiness.condition("conceal", "not started") }
+        Conceal { host_netns, condition: ctx.readiness.condition("conceal", "not started"), ipvs: Mutex::default() }
     }
 
     /// Follows the policy in force until shutdown. In conceal mode, a proxy that cannot
@@ -96,7 +98,14 @@ impl Conceal {
             tokio::select! {
                 _ = shutdown.wait() => break,
                 Ok(()) = policy.changed() => settled = false,
-                _ = tick.tick() => publish_counters(&ctx, &metrics),
+                _ = tick.tick() => {
+                    publish_counters(&ctx, &metrics);
+                    // A virtual service that appears later turns the redirect off.
+                    let redirecting = bound.as_ref().filter(|_| policy.borrow().config.mode == Mode::Conceal);
+                    if settled && redirecting.is_some_and(|b| self.ipvs_claims(b.addr)) {
+                        settled = false;
+                    }
+                }
             }
         }
         if let Some(b) = bound {
@@ -141,7 +150,11 @@ impl Conceal {
             b.proxy.set_endpoints(endpoints.clone());
             b.proxy.set_extras(config.conceal.extra_paths.clone());
         }
-        let redirect_to = bound.as_ref().filter(|_| config.mode == Mode::Conceal).map(|b| b.addr);
+        let mut redirect_to = bound.as_ref().filter(|_| config.mode == Mode::Conceal).map(|b| b.addr);
+        let claimed = redirect_to.filter(|addr| self.ipvs_claims(*addr));
+        if claimed.is_some() {
+            redirect_to = None;
+        }
         {
             let mut guard = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             guard
@@ -150,6 +163,13 @@ impl Conceal {
         }
         if let Some(proxy) = redirect_to {
             info!(%proxy, ?endpoints, "conceal mode: pods' metadata HTTP requests are filtered");
+        }
+        if let Some(addr) = claimed {
+            anyhow::bail!(
+                "an IPVS virtual service claims the proxy's address {addr} (a Service with externalIPs or a \
+                 hostPort on it?); it would take pods' metadata connections, so they are refused until it goes \
+                 (or give conceal.addr a port no Service uses)"
+            );
         }
         match bind_failed {
             Some(e) if config.mode == Mode::Conceal => {
@@ -211,6 +231,29 @@ impl Conceal {
         let serving = tokio::spawn(proxy.clone().serve(listener, stopped));
         info!(%addr, "conceal proxy listening");
         Ok(Bound { addr, proxy, stop, serving })
+    }
+}
+
+impl Conceal {
+    /// Whether IPVS has a virtual service on the proxy's address; a failed check says
+    /// so in the log and counts as no claim (IPVS being absent is the common case).
+    fn ipvs_claims(&self, proxy: SocketAddr) -> bool {
+        let mut sock = self.ipvs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sock.is_none() {
+            match metadata_guard_netfilter::NlSocket::open_in(self.host_netns.as_deref(), libc::NETLINK_GENERIC) {
+                Ok(s) => *sock = Some(s),
+                Err(e) => {
+                    warn!("conceal mode: could not open a generic netlink socket to ask IPVS: {e}");
+                    return false;
+                }
+            }
+        }
+        let result = super::ipvs::claims(sock.as_mut().expect("opened above"), proxy);
+        result.unwrap_or_else(|e| {
+            warn!("conceal mode: could not ask IPVS for its services: {e:#}");
+            *sock = None;
+            false
+        })
     }
 }
 

@@ -26,7 +26,7 @@ use metadata_guard_tests::{forwarded::set_forwarding, netns::NetNs};
 
 use crate::{
     conceal::{conceal_agent, expect, get, metadata, pod_token, proxy_addr},
-    harness::{ci, Ctx, Who, METADATA_V4},
+    harness::{self, budget, ci, Ctx, Who, METADATA_V4},
 };
 
 pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
@@ -39,6 +39,12 @@ pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
         nftables_dnat,
     ),
 ];
+
+/// Needs the kernel's IPVS (left out with `--without-ipvs`).
+pub(crate) const IPVS_SCENARIOS: [crate::Scenario; 1] = [(
+    "conceal NAT: an IPVS virtual service on the proxy's address turns the redirect off: pods refused, never served",
+    ipvs_service,
+)];
 
 const ATTACKER_POD: usize = 2;
 const ATTACKER_PORT: u16 = 8080;
@@ -251,4 +257,43 @@ fn find(program: &str) -> Option<std::path::PathBuf> {
         .iter()
         .map(|d| std::path::Path::new(d).join(program))
         .find(|p| p.exists())
+}
+
+/// IPVS keeps connections of its own, untouched by `notrack`: the agent asks IPVS and,
+/// while a virtual service claims the proxy's address, keeps the redirect off.
+fn ipvs_service(ctx: &mut Ctx) -> Result<()> {
+    use metadata_guard_tests::ipvs::VirtualService;
+    conceal_agent(ctx, None)?;
+    let attacker = Attacker::start(ctx)?;
+    let node = ctx.node.sim.node();
+    let _forwarding = Forwarding::on(node)?;
+    let node_ip = ctx.node.pods[0].net.node_side_ipv4;
+    let SocketAddr::V4(real) = attacker.addr else { bail!("the attacker listens on IPv4") };
+    let control = std::net::SocketAddrV4::new(node_ip, CONTROL_PORT);
+    let _control = VirtualService::add(node, control, real)?;
+    let before = attacker.seen();
+    let a = crate::conceal::exchange(ctx, Who::Pod(1), SocketAddr::V4(control), &get("/", ""))?;
+    ensure!(a.text.contains("ATTACKER") && attacker.seen() == before + 1, "IPVS does not work here: {a:?}");
+
+    let imds = metadata(METADATA_V4);
+    let zone = get("/latest/meta-data/placement/availability-zone", "");
+    let claim = VirtualService::add(node, std::net::SocketAddrV4::new(node_ip, proxy_port(ctx)?), real)?;
+    let before = attacker.seen();
+    let agent = ctx.agent()?;
+    harness::wait_until(budget(Duration::from_secs(5)), || {
+        Ok(agent.http_get("/readyz").is_ok_and(|(status, text)| status == 503 && text.contains("IPVS")))
+    })
+    .context("the agent did not report the IPVS service on the proxy's address")?;
+    for _ in 0..3 {
+        let a = crate::conceal::exchange(ctx, Who::Pod(0), imds, &zone)?;
+        ensure!(a.status == 0 && a.error.as_deref().is_some_and(|e| e.contains("not permitted")), "{a:?}");
+    }
+    ensure!(attacker.seen() == before, "the attacker got {} connection(s)", attacker.seen() - before);
+    drop(claim);
+    harness::wait_until(budget(Duration::from_secs(5)), || {
+        Ok(crate::conceal::exchange(ctx, Who::Pod(0), imds, &zone)?.status == 200)
+    })
+    .context("the redirect did not come back once the IPVS service went")?;
+    ensure!(attacker.seen() == before);
+    Ok(())
 }

@@ -71,6 +71,7 @@ fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
     // Debian's, in the VM matrix, do.
     if !without_ipvs {
         all.extend(hostside_ipvs::SCENARIOS);
+        all.extend(conceal_nat::IPVS_SCENARIOS);
     }
     all
 }
