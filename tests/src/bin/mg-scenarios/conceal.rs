@@ -146,25 +146,6 @@ pub(crate) fn arrivals(ctx: &Ctx, who: Who) -> u64 {
     sources.iter().map(|s| tally.from(*s)).sum::<u64>() - agent_tokens
 }
 
-/// A token PUT with this TTL header line (or none), as the SDKs send it.
-pub(crate) fn token_put(ttl: Option<&str>) -> String {
-    let ttl = ttl.map_or(String::new(), |t| format!("X-aws-ec2-metadata-token-ttl-seconds: {t}\r\n"));
-    format!("PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n{ttl}Content-Length: 0\r\nConnection: close\r\n\r\n")
-}
-
-/// The body of an answer.
-pub(crate) fn body(a: &Answer) -> &str {
-    a.text.split("\r\n\r\n").nth(1).unwrap_or("")
-}
-
-/// A pod's IMDSv2 token, from the proxy (which answers the PUT itself: nothing arrives).
-pub(crate) fn pod_token(ctx: &Ctx, pod: Who, ttl: &str) -> Result<String> {
-    let a = expect(ctx, pod, metadata(METADATA_V4), &token_put(Some(ttl)), 200, 0)?;
-    let token = body(&a).to_owned();
-    ensure!(token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()), "not a token of the proxy's: {a:?}");
-    Ok(token)
-}
-
 /// Sends the request and checks the status, and that exactly `arrive` connections
 /// reached the stand-in's port 80 meanwhile.
 pub(crate) fn expect(ctx: &Ctx, who: Who, to: SocketAddr, request: &str, status: u16, arrive: u64) -> Result<Answer> {
@@ -185,7 +166,7 @@ fn aws_paths(ctx: &mut Ctx) -> Result<()> {
     conceal_agent(ctx, None)?;
     let imds = metadata(METADATA_V4);
     for pod in [Who::Pod(0), Who::Pod(1)] {
-        let token = pod_token(ctx, pod, "21600")?;
+        let token = crate::conceal_tokens::pod_token(ctx, pod, "21600")?;
         for path in [
             "/latest/meta-data/placement/availability-zone/",
             "/latest/meta-data/placement/region",
@@ -228,27 +209,6 @@ fn path_tricks(ctx: &mut Ctx) -> Result<()> {
     ] {
         expect(ctx, Who::Pod(0), imds, &get(path, ""), 404, 0)?;
     }
-    // What a lenient server could read as a concealed path, under trees that pass
-    // whole (issue 25): refused at the proxy, nothing reaches the service.
-    let google = "Metadata-Flavor: Google\r\n";
-    let azure = "Metadata: true\r\n";
-    for (path, headers) in [
-        ("/latest/meta-data/placement/..;/iam/security-credentials/", ""),
-        ("/latest/meta-data/placement/..%20/iam/security-credentials/", ""),
-        ("/latest/meta-data/placement/region;/../../iam/info", ""),
-        ("/latest/meta-data/placement/region.", ""),
-        ("/latest/meta-data/spot/..%3b/iam/info", ""),
-        ("/computeMetadata/v1/instance/network-interfaces/..;/service-accounts/default/token", google),
-        ("/computeMetadata/v1/instance/network-interfaces/?alt=json;recursive=true", google),
-        ("/computeMetadata/v1/instance/network-interfaces/?recursive=False", google),
-        ("/computeMetadata/v1/instance/network-interfaces/?recursive=FALSE", google),
-        ("/computeMetadata/v1/instance/?recursive=true&recursive=false", google),
-    ] {
-        expect(ctx, Who::Pod(0), imds, &get(path, headers), 404, 0)?;
-    }
-    let network = "/metadata/instance/network/..;/identity/oauth2/token?api-version=2018-02-01";
-    expect(ctx, Who::Pod(0), imds, &get(network, azure), 404, 0)?;
-    expect(ctx, Who::Pod(0), imds, &get("/metadata/instance/network/interface?api-version=x", azure), 400, 0)?;
     // Absolute-form and authority-form never pick the upstream or the path.
     expect(ctx, Who::Pod(0), imds, &get("http://169.254.169.254/latest/meta-data/iam/info", ""), 400, 0)?;
     expect(ctx, Who::Pod(0), imds, "CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: x\r\n\r\n", 400, 0)?;

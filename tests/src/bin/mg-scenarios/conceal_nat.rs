@@ -25,7 +25,8 @@ use metadata_guard_netfilter::{
 use metadata_guard_tests::{forwarded::set_forwarding, netns::NetNs};
 
 use crate::{
-    conceal::{conceal_agent, expect, get, metadata, pod_token, proxy_addr},
+    conceal::{conceal_agent, expect, get, metadata, proxy_addr},
+    conceal_tokens::pod_token,
     harness::{self, budget, ci, Ctx, Who, METADATA_V4},
 };
 

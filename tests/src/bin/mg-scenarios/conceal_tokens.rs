@@ -8,7 +8,7 @@ use std::{net::IpAddr, time::Duration};
 use anyhow::{ensure, Result};
 
 use crate::{
-    conceal::{arrivals, body, conceal_agent, exchange, expect, get, metadata, pod_token, token_put},
+    conceal::{arrivals, conceal_agent, exchange, expect, get, metadata, Answer},
     harness::{Ctx, Who, METADATA_V4, METADATA_V6},
 };
 
@@ -27,6 +27,25 @@ pub(crate) const SCENARIOS: [crate::Scenario; 4] = [
         imdsv1_mirrors_the_node,
     ),
 ];
+
+/// A token PUT with this TTL header line (or none), as the SDKs send it.
+pub(crate) fn token_put(ttl: Option<&str>) -> String {
+    let ttl = ttl.map_or(String::new(), |t| format!("X-aws-ec2-metadata-token-ttl-seconds: {t}\r\n"));
+    format!("PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n{ttl}Content-Length: 0\r\nConnection: close\r\n\r\n")
+}
+
+/// The body of an answer.
+pub(crate) fn body(a: &Answer) -> &str {
+    a.text.split("\r\n\r\n").nth(1).unwrap_or("")
+}
+
+/// A pod's IMDSv2 token, from the proxy (which answers the PUT itself: nothing arrives).
+pub(crate) fn pod_token(ctx: &Ctx, pod: Who, ttl: &str) -> Result<String> {
+    let a = expect(ctx, pod, metadata(METADATA_V4), &token_put(Some(ttl)), 200, 0)?;
+    let token = body(&a).to_owned();
+    ensure!(token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()), "not a token of the proxy's: {a:?}");
+    Ok(token)
+}
 
 const ZONE: &str = "/latest/meta-data/placement/availability-zone";
 const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";

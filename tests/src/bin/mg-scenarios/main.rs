@@ -10,6 +10,7 @@ mod backstop;
 mod block;
 mod boot;
 mod conceal;
+mod conceal_grammar;
 mod conceal_moto;
 mod conceal_nat;
 mod conceal_tokens;
@@ -57,6 +58,7 @@ fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
     all.extend(conceal::SCENARIOS);
     all.extend(conceal_without_agent::SCENARIOS);
     all.extend(conceal_tokens::SCENARIOS);
+    all.extend(conceal_grammar::SCENARIOS);
     all.extend(conceal_nat::SCENARIOS);
     // Real SDK clients need Python (the VM guests carry one: `--python`).
     if !without_python {
