@@ -39,6 +39,8 @@ const MODULES: &[&str] = &[
     "nft_nat",
     "nf_nat",
     "nf_conntrack",
+    // `notrack`, which keeps conceal mode's proxy connections out of NAT.
+    "nft_ct",
     // The transport protocols the protocols scenarios open from a pod.
     "sctp",
     "dccp_ipv4",
