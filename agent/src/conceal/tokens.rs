@@ -129,13 +129,10 @@ impl PodTokens {
         inner.by_token.get(&secret).is_some_and(|m| m.holder == holder && now < m.expires)
     }
 
-    /// Live tokens held, for tests and metrics.
-    pub fn len(&self) -> usize {
+    /// Tokens held (live or not yet swept).
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).by_token.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -38,11 +38,11 @@ fn memory_is_bounded_per_pod_and_expired_tokens_are_swept() {
     for _ in 0..TOKENS_PER_POD {
         tokens.mint(POD_A, Duration::from_secs(100), now).unwrap();
     }
-    assert_eq!(tokens.len(), TOKENS_PER_POD);
+    assert_eq!(tokens.held(), TOKENS_PER_POD);
     assert!(!tokens.valid(POD_A, &first, now), "the oldest was retired");
     let later = now + Duration::from_secs(101);
     tokens.mint(POD_B, Duration::from_secs(5), later).unwrap();
-    assert_eq!(tokens.len(), 1, "the expired tokens of every pod were swept");
+    assert_eq!(tokens.held(), 1, "the expired tokens of every pod were swept");
 }
 
 #[test]
@@ -54,7 +54,7 @@ fn a_full_table_of_pods_makes_room_by_the_soonest_to_expire() {
     }
     let fresh = tokens.mint(POD_A, Duration::from_secs(10), now).unwrap();
     assert!(tokens.valid(POD_A, &fresh, now));
-    assert_eq!(tokens.len(), MAX_HOLDERS);
+    assert_eq!(tokens.held(), MAX_HOLDERS);
 }
 
 #[test]
