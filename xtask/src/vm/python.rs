@@ -79,17 +79,70 @@ const SITE_DROP: &[&str] = &["bin", "cryptography", "cffi", "pycparser", "_cffi_
 /// Parts of the standard library nothing here imports.
 const STDLIB_DROP: &[&str] = &["pydoc_data", "test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip"];
 
-/// Everything the cached tree depends on: a change rebuilds it.
+/// Debian's documentation and data no guest reads.
+const SHARE_DROP: &[&str] =
+    &["usr/share/doc", "usr/share/man", "usr/share/lintian", "usr/share/locale", "usr/share/gdb"];
+
+/// Wheels name the oldest glibc they need; bookworm's 2.36 runs any of these.
+const WHEEL_PLATFORMS: &[&str] = &["manylinux2014", "manylinux_2_28", "manylinux_2_34"];
+
+/// Everything the cached tree depends on: a change to any of it rebuilds the tree.
+struct Recipe<'a> {
+    suite: &'a str,
+    version: &'a str,
+    debian_packages: &'a [&'a str],
+    pip_packages: &'a [&'a str],
+    wheel_platforms: &'a [&'a str],
+    moto_keep: &'a [&'a str],
+    site_drop: &'a [&'a str],
+    stdlib_drop: &'a [&'a str],
+    share_drop: &'a [&'a str],
+}
+
+const RECIPE: Recipe<'static> = Recipe {
+    suite: SUITE,
+    version: VERSION,
+    debian_packages: DEBIAN_PACKAGES,
+    pip_packages: PIP_PACKAGES,
+    wheel_platforms: WHEEL_PLATFORMS,
+    moto_keep: MOTO_KEEP,
+    site_drop: SITE_DROP,
+    stdlib_drop: STDLIB_DROP,
+    share_drop: SHARE_DROP,
+};
+
+impl Recipe<'_> {
+    /// The stamp kept beside the cached tree. Destructured without `..`, so a field
+    /// added to [`Recipe`] and left out of the stamp is an unused variable (an error
+    /// under the lints) instead of a cache that never rebuilds.
+    fn stamp(&self, arch: Arch) -> String {
+        let Recipe {
+            suite,
+            version,
+            debian_packages,
+            pip_packages,
+            wheel_platforms,
+            moto_keep,
+            site_drop,
+            stdlib_drop,
+            share_drop,
+        } = self;
+        format!(
+            "python {version} from Debian {suite} {}: {}\npip: {} for {}\nmoto: {}\ndropped: {} / {} / {}\n",
+            arch.name(),
+            debian_packages.join(" "),
+            pip_packages.join(" "),
+            wheel_platforms.join(" "),
+            moto_keep.join(" "),
+            site_drop.join(" "),
+            stdlib_drop.join(" "),
+            share_drop.join(" ")
+        )
+    }
+}
+
 fn recipe(arch: Arch) -> String {
-    format!(
-        "python {VERSION} from Debian {SUITE} {}: {}\npip: {}\nmoto: {}\ndropped: {} / {}\n",
-        arch.name(),
-        DEBIAN_PACKAGES.join(" "),
-        PIP_PACKAGES.join(" "),
-        MOTO_KEEP.join(" "),
-        SITE_DROP.join(" "),
-        STDLIB_DROP.join(" ")
-    )
+    RECIPE.stamp(arch)
 }
 
 /// The guest's Python as a cpio archive, built on first use.
@@ -126,7 +179,7 @@ fn tree(cache: &Path, arch: Arch) -> Result<PathBuf> {
     for deb in fs::read_dir(&debs)? {
         cmd::run(Command::new("dpkg-deb").arg("-x").arg(deb?.path()).arg(&root))?;
     }
-    for d in ["usr/share/doc", "usr/share/man", "usr/share/lintian", "usr/share/locale", "usr/share/gdb"] {
+    for d in SHARE_DROP {
         remove(&root.join(d))?;
     }
     // glibc's character set converters (8 MB): Python's codecs are its own.
@@ -142,8 +195,7 @@ fn tree(cache: &Path, arch: Arch) -> Result<PathBuf> {
         .arg(&site)
         .args(["--only-binary=:all:", "--implementation", "cp", "--python-version", VERSION])
         .args(["--abi", &format!("cp{}", VERSION.replace('.', ""))]);
-    // Wheels name the oldest glibc they need; bookworm's 2.36 runs any of these.
-    for tag in ["manylinux2014", "manylinux_2_28", "manylinux_2_34"] {
+    for tag in WHEEL_PLATFORMS {
         pip.arg("--platform").arg(format!("{tag}_{}", wheel_arch(arch)));
     }
     cmd::run(pip.args(PIP_PACKAGES))
@@ -281,7 +333,33 @@ mod tests {
     }
 
     #[test]
-    fn the_recipe_names_the_architecture() {
-        assert_ne!(recipe(Arch::Amd64), recipe(Arch::Arm64));
+    fn every_ingredient_of_the_tree_changes_its_stamp() {
+        let base = RECIPE.stamp(Arch::Amd64);
+        let other: &[&str] = &["something-else"];
+        let changed = [
+            ("suite", Recipe { suite: "trixie", ..RECIPE }),
+            ("version", Recipe { version: "3.12", ..RECIPE }),
+            ("debian packages", Recipe { debian_packages: other, ..RECIPE }),
+            ("pip packages", Recipe { pip_packages: other, ..RECIPE }),
+            ("wheel platforms", Recipe { wheel_platforms: other, ..RECIPE }),
+            ("moto's kept modules", Recipe { moto_keep: other, ..RECIPE }),
+            ("dropped site packages", Recipe { site_drop: other, ..RECIPE }),
+            ("dropped stdlib", Recipe { stdlib_drop: other, ..RECIPE }),
+            ("dropped share", Recipe { share_drop: other, ..RECIPE }),
+        ];
+        let mut seen = std::collections::BTreeSet::from([base.clone()]);
+        for (what, recipe) in changed {
+            let stamp = recipe.stamp(Arch::Amd64);
+            assert!(seen.insert(stamp.clone()), "changing the {what} left the stamp as another recipe's:\n{stamp}");
+        }
+        assert_ne!(RECIPE.stamp(Arch::Arm64), base, "each architecture's tree has a stamp of its own");
+    }
+
+    #[test]
+    fn an_entry_moved_between_lists_changes_the_stamp() {
+        let (last, kept) = SITE_DROP.split_last().unwrap();
+        let stdlib: Vec<&str> = std::iter::once(*last).chain(STDLIB_DROP.iter().copied()).collect();
+        let moved = Recipe { site_drop: kept, stdlib_drop: &stdlib, ..RECIPE };
+        assert_ne!(moved.stamp(Arch::Amd64), RECIPE.stamp(Arch::Amd64));
     }
 }
