@@ -3,7 +3,6 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
@@ -59,7 +58,7 @@ impl Agent {
             .env_remove("NODE_NAME")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        start_in_cgroup(&mut cmd, &spec.own_cgroup)?;
+        crate::placed::start_in(&mut cmd, &spec.own_cgroup, None)?;
         let mut child = cmd.spawn().with_context(|| format!("could not start {}", spec.binary.display()))?;
         let audit = collect_lines(child.stdout.take().unwrap(), false);
         let log = collect_lines(child.stderr.take().unwrap(), std::env::var_os("MG_SCENARIO_VERBOSE").is_some());
@@ -181,29 +180,6 @@ fn free_local_port() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
-/// Has `cmd`'s process join `cgroup` before it execs.
-fn start_in_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<()> {
-    let procs = cgroup.join("cgroup.procs");
-    let procs_c = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())?;
-    // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-            libc::close(fd);
-            if ok {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    Ok(())
-}
-
 /// Runs a one-shot agent subcommand (`status`, `uninstall`, `check`) and returns
 /// (success, stdout, stderr).
 pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
@@ -214,7 +190,7 @@ pub fn oneshot(binary: &Path, args: &[&str]) -> Result<(bool, String, String)> {
 /// root, which kernels before 5.14 need to learn the host namespace's cookie.
 pub fn oneshot_in(binary: &Path, cgroup: &Path, args: &[&str]) -> Result<(bool, String, String)> {
     let mut cmd = Command::new(binary);
-    start_in_cgroup(&mut cmd, cgroup)?;
+    crate::placed::start_in(&mut cmd, cgroup, None)?;
     oneshot_with(cmd, binary, args)
 }
 

@@ -4,28 +4,17 @@
 //!
 //! Needs root. Without it the test skips, unless CI=true, where it fails.
 
-use std::{fs::File, io::Write, os::fd::AsFd};
+use std::{fs::File, os::fd::AsFd};
 
 use metadata_guard_tests::{
     bpf::{self, bpf_attach_type, bpf_prog_type, BPF_F_ALLOW_MULTI},
     cgroups::{find_cgroup2_mount, TestCgroup},
+    gate,
 };
-
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "this test needs root (bpf(2), cgroups), and CI=true forbids skipping it"
-    );
-    let _ = writeln!(std::io::stderr(), "skipped: needs root (bpf(2), cgroups)");
-    false
-}
 
 #[test]
 fn programs_attach_both_ways_and_a_link_runs_what_it_was_swapped_to() {
-    if !privileged() {
+    if !gate::root_or_skip("bpf(2), cgroups") {
         return;
     }
     let cgroup =

@@ -2,8 +2,8 @@
 //! newest Kubernetes schemas kubernetes-validate knows, and keeps the security
 //! posture docs/install.md promises.
 //!
-//! Needs `kubectl` (for `kubectl kustomize`) and Python; installs
-//! kubernetes-validate with pip when missing. Without a tool these tests say so
+//! Needs `kubectl` (for `kubectl kustomize`) and Python with kubernetes-validate
+//! (`cargo xtask test` installs it with pip). Without a tool these tests say so
 //! loudly and pass, unless CI=true, where they fail.
 
 use std::{
@@ -12,6 +12,7 @@ use std::{
     sync::OnceLock,
 };
 
+use metadata_guard_tests::gate;
 use serde::Deserialize;
 use serde_norway::Value;
 
@@ -25,19 +26,12 @@ const AGENT_CAPS: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
 const BPFFS_ARG: &str = "--bpffs=/sys/fs/bpf/metadata-guard";
 
 fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").canonicalize().expect("the deploy/ directory")
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+    gate::workspace_root().join("deploy")
 }
 
 /// Whether the tool is usable; when not, fails under CI and skips loudly elsewhere.
 fn have(tool: &str, problem: Option<String>) -> bool {
-    let Some(problem) = problem else { return true };
-    assert!(!ci(), "CI=true: {tool} is needed to test the manifests: {problem}");
-    eprintln!("\n!!!!! SKIPPED: {tool} is not usable ({problem}); the manifests were NOT tested !!!!!\n");
-    false
+    gate::tool_or_skip(tool, problem, "the manifests")
 }
 
 fn kubectl() -> bool {
@@ -55,19 +49,12 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
-/// The newest Kubernetes version kubernetes-validate has schemas for, after
-/// installing it when missing; None (after [`have`]) when it cannot be had.
+/// The newest Kubernetes version kubernetes-validate (which `cargo xtask test`
+/// installs) has schemas for; None (after [`have`]) when it is missing.
 fn validator() -> Option<&'static str> {
     static VERSION: OnceLock<Result<String, String>> = OnceLock::new();
-    let latest = || {
-        run(Command::new("python3").args(["-c", "import kubernetes_validate.utils as u; print(u.latest_version())"]))
-    };
     let version = VERSION.get_or_init(|| {
-        latest().or_else(|_| {
-            eprintln!("deploy tests: installing kubernetes-validate with pip");
-            run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]))?;
-            latest()
-        })
+        run(Command::new("python3").args(["-c", "import kubernetes_validate.utils as u; print(u.latest_version())"]))
     });
     match version {
         Ok(v) => Some(v.trim()),

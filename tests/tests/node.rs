@@ -4,10 +4,10 @@
 //! recipe (cloud-init, Cluster API, EKS user data, Bottlerocket) parses and runs the
 //! agent with flags its command line has.
 //!
-//! Needs systemd's `systemd-analyze` and `systemctl` (installed with apt-get when
-//! missing) and the agent built at target/debug/metadata-guard (`cargo xtask build`,
-//! or METADATA_GUARD_AGENT). Without one these tests say so loudly and pass, unless
-//! CI=true, where they fail.
+//! Needs systemd's `systemd-analyze` and the agent built at
+//! target/debug/metadata-guard (or METADATA_GUARD_AGENT); `cargo xtask test` installs
+//! the one and builds the other before it runs the tests. Without one these tests say
+//! so loudly and pass, unless CI=true, where they fail.
 
 use std::{
     collections::BTreeSet,
@@ -16,6 +16,7 @@ use std::{
     process::Command,
 };
 
+use metadata_guard_tests::gate;
 use serde_norway::Value;
 
 const UNIT: &str = "metadata-guard-apply.service";
@@ -25,7 +26,7 @@ const BEFORE: [&str; 4] = ["containerd.service", "crio.service", "docker.service
 const CLI_OF_APPLY: &str = "apply";
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+    gate::workspace_root()
 }
 
 fn node_dir() -> PathBuf {
@@ -36,30 +37,19 @@ fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_else(|e| panic!("could not read {}: {e}", path.display()))
 }
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
 /// Whether the tool is usable; when not, fails under CI and skips loudly elsewhere.
 fn have(tool: &str, problem: Option<String>) -> bool {
-    let Some(problem) = problem else { return true };
-    assert!(!ci(), "CI=true: {tool} is needed to test the node recipes: {problem}");
-    eprintln!("\n!!!!! SKIPPED: {tool} is not usable ({problem}); the node recipes were NOT fully tested !!!!!\n");
-    false
+    gate::tool_or_skip(tool, problem, "the node recipes")
 }
 
-/// `systemd-analyze` and `systemctl`, installing Debian's systemd package when missing.
+/// `systemd-analyze` (Debian's systemd package, which `cargo xtask test` installs).
 fn systemd_tools() -> bool {
-    let works = || Command::new("systemd-analyze").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !works() {
-        eprintln!("node tests: installing systemd (for systemd-analyze) with apt-get");
-        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-        let _ = Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", "systemd"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status();
-    }
-    have("systemd-analyze", (!works()).then(|| "not installed, and `apt-get install systemd` failed".to_string()))
+    let problem = match Command::new("systemd-analyze").arg("--version").output() {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!("`systemd-analyze --version` failed ({})", out.status)),
+        Err(e) => Some(format!("could not run systemd-analyze ({e}); install Debian's systemd package")),
+    };
+    have("systemd-analyze", problem)
 }
 
 /// A unit file as (key, value) pairs in order, continuation lines joined.

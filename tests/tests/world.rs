@@ -15,6 +15,7 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use metadata_guard_tests::{
     cgroups::{find_cgroup2_mount, TestCgroup},
+    gate,
     netns::NetNs,
     standin::{Standin, STANDIN_PORTS},
     world::{SimNode, IMDS_V4, IMDS_V6, STANDIN_ADDRS},
@@ -35,19 +36,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "these tests need root (network namespaces, raw sockets, cgroups), and CI=true forbids skipping them"
-    );
-    // Straight to stderr: libtest swallows eprintln! from passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "skipped: needs root (network namespaces, raw sockets, cgroups); run as root to test the simulated node"
-    );
-    false
+    gate::root_or_skip("network namespaces, raw sockets, cgroups")
 }
 
 #[test]

@@ -18,6 +18,33 @@ pub(crate) const PROMTOOL: Tool = Tool { program: "promtool", package: "promethe
 pub(crate) const NFT: Tool = Tool { program: "nft", package: "nftables" };
 /// The conceal NAT scenario writes kube-proxy's iptables rules with it.
 pub(crate) const IPTABLES: Tool = Tool { program: "iptables", package: "iptables" };
+/// The node recipes' test verifies the boot unit with it (tests/tests/node.rs).
+pub(crate) const SYSTEMD_ANALYZE: Tool = Tool { program: "systemd-analyze", package: "systemd" };
+
+/// A Python module and the PyPI package that provides it.
+pub(crate) struct PythonModule {
+    pub module: &'static str,
+    pub package: &'static str,
+}
+
+/// The manifests' test validates them against Kubernetes' schemas with it (tests/tests/deploy.rs).
+pub(crate) const KUBERNETES_VALIDATE: PythonModule =
+    PythonModule { module: "kubernetes_validate", package: "kubernetes-validate" };
+
+/// Installs, with `python3 -m pip`, the packages of the modules `python3` cannot import.
+pub(crate) fn ensure_python(modules: &[PythonModule]) -> Result<()> {
+    let imports = |m: &PythonModule| {
+        Command::new("python3").args(["-c", &format!("import {}", m.module)]).output().is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<&str> = modules.iter().filter(|m| !imports(m)).map(|m| m.package).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Python packages with pip: {}", missing.join(" "));
+    cmd::run(Command::new("python3").args(["-m", "pip", "install", "--quiet"]).args(&missing)).with_context(|| {
+        format!("could not install {} with `python3 -m pip`; install them and retry", missing.join(" "))
+    })
+}
 
 pub(crate) fn find(program: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -18,7 +18,9 @@ pub(crate) fn run() -> Result<()> {
     artifacts::build_ebpf(Variant::Test)?;
     let agent = artifacts::build_agent(Profile::Debug, Variant::Default)?;
     let variant_agent = artifacts::build_agent(Profile::Debug, Variant::Test)?;
-    packages::ensure(&[packages::BPFTOOL, packages::PROMTOOL, packages::IPTABLES])?;
+    // What the tests need but cannot install themselves (`cargo test` installs nothing).
+    packages::ensure(&[packages::BPFTOOL, packages::PROMTOOL, packages::IPTABLES, packages::SYSTEMD_ANALYZE])?;
+    packages::ensure_python(&[packages::KUBERNETES_VALIDATE])?;
 
     lint()?;
     cmd::run(Command::new("cargo").current_dir(workspace_root()).args(["test", "--workspace"]))

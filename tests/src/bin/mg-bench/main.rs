@@ -23,7 +23,7 @@ mod scale;
 mod variant;
 mod worker;
 
-use metadata_guard_tests::{agent, node};
+use metadata_guard_tests::{agent, gate, node, reexec};
 
 use std::{
     path::PathBuf,
@@ -86,28 +86,14 @@ fn parse_args() -> Result<Args> {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
-    // The simulated node's pods hold their namespace with a sandbox process: this one.
-    if argv.get(1).map(String::as_str) == Some(metadata_guard_tests::sandbox::SANDBOX_ARG) {
-        if let Err(e) = metadata_guard_tests::sandbox::child_main(&argv[2..]) {
-            eprintln!("sandbox: {e:#}");
-            std::process::exit(2);
-        }
-        return;
-    }
-    if argv.get(1).map(String::as_str) == Some("conceal-worker") {
-        if let Err(e) = conceal::child_main(argv.get(2).map_or("", String::as_str)) {
-            eprintln!("mg-bench conceal worker: {e:#}");
-            std::process::exit(2);
-        }
-        return;
-    }
-    if argv.get(1).map(String::as_str) == Some("worker") {
-        if let Err(e) = worker::child_main(argv.get(2).map_or("", String::as_str)) {
-            eprintln!("mg-bench worker: {e:#}");
-            std::process::exit(2);
-        }
-        return;
-    }
+    reexec::run_role(
+        "mg-bench",
+        &argv,
+        &[
+            ("conceal-worker", |args| conceal::child_main(reexec::first(args))),
+            ("worker", |args| worker::child_main(reexec::first(args))),
+        ],
+    );
     if let Err(e) = real_main() {
         eprintln!("mg-bench: error: {e:#}");
         std::process::exit(1);
@@ -116,8 +102,7 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let args = parse_args()?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !gate::is_root() {
         bail!("the bench needs root (it loads BPF programs and makes namespaces and cgroups); run it with sudo");
     }
     if !args.agent.exists() {

@@ -10,7 +10,6 @@ use std::{
     fs,
     io::{Read, Write},
     net::TcpStream,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::OnceLock,
@@ -20,6 +19,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use metadata_guard_tests::{
     cgroups::{find_cgroup2_mount, TestCgroup},
+    placed,
     sandbox::PodSandbox,
     world::{PodNet, SimNode},
 };
@@ -227,7 +227,7 @@ impl MotoNode {
             .env("PATH", "/usr/bin:/bin")
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log_path)?);
-        in_netns_and_cgroup(&mut cmd, &netns, &own_cgroup()?)?;
+        placed::start_in(&mut cmd, &own_cgroup()?, Some(&netns))?;
         self.moto =
             Some(cmd.spawn().with_context(|| format!("could not start moto's server with {}", python.display()))?);
         let within = budget(Duration::from_secs(30));
@@ -255,7 +255,7 @@ impl MotoNode {
         let mut cmd = Command::new(python);
         cmd.args(["-c", CLIENT, version, &timeout]).env_clear().env("HOME", &home).env("PATH", "/usr/bin:/bin");
         cmd.env("AWS_METADATA_SERVICE_TIMEOUT", &timeout).env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "1");
-        in_netns_and_cgroup(&mut cmd, netns, cgroup)?;
+        placed::start_in(&mut cmd, cgroup, Some(netns))?;
         let out = cmd.output().context("could not run the botocore client")?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         let last = stderr.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
@@ -291,28 +291,6 @@ fn own_cgroup() -> Result<PathBuf> {
     let text = fs::read_to_string("/proc/self/cgroup")?;
     let rel = text.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 line in /proc/self/cgroup")?;
     Ok(find_cgroup2_mount()?.join(rel.trim_start_matches('/')))
-}
-
-/// Makes `cmd` start inside `netns` and `cgroup`, as a pod's or a host unit's process.
-fn in_netns_and_cgroup(cmd: &mut Command, netns: &Path, cgroup: &Path) -> Result<()> {
-    let ns = fs::File::open(netns).with_context(|| format!("could not open {}", netns.display()))?;
-    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
-    // SAFETY: only async-signal-safe calls (open, write, close, setns) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::os::fd::AsRawFd;
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(())
 }
 
 impl Drop for MotoNode {

@@ -36,10 +36,7 @@ pub(crate) fn budget(d: Duration) -> Duration {
     d * TIME_SCALE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Whether CI=true: then nothing may be skipped.
-pub(crate) fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
+pub(crate) use metadata_guard_tests::gate::ci;
 
 /// Polls `ok` until it holds, failing after `within` (pass a [`budget`]); returns how
 /// long it took. The readiness signal that replaces a fixed sleep.

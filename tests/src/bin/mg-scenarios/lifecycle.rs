@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
+use metadata_guard_tests::placed;
 
 use crate::{
     agent::Agent,
@@ -246,10 +247,6 @@ fn run_with_daemonset_caps(ctx: &Ctx, binary: &std::path::Path, step: &str) -> R
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], 9965));
     let log = ctx.node.work.join("daemonset-caps.log");
     let mut cmd = std::process::Command::new(&spec.binary);
-    // As with hostNetwork: the agent lives in the node's namespace (no --host-netns,
-    // which would have it open another process's namespace, a ptrace-level access).
-    let node_netns = fs::File::open(&spec.host_netns)?;
-    let node_netns_fd = std::os::fd::AsRawFd::as_raw_fd(&node_netns);
     cmd.arg("run")
         .arg("--cgroup")
         .arg(&spec.attach_cgroup)
@@ -264,19 +261,13 @@ fn run_with_daemonset_caps(ctx: &Ctx, binary: &std::path::Path, step: &str) -> R
         .env_remove("METADATA_GUARD_HOST_NETNS")
         .stdout(std::process::Stdio::null())
         .stderr(fs::File::create(&log)?);
-    let procs = std::ffi::CString::new(spec.own_cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
-    // SAFETY: only async-signal-safe calls (open, write, close, setns, prctl) between fork
-    // and exec; `node_netns` outlives the spawn.
+    // As with hostNetwork: the agent lives in the node's namespace (no --host-netns,
+    // which would have it open another process's namespace, a ptrace-level access).
+    placed::start_in(&mut cmd, &spec.own_cgroup, Some(&spec.host_netns))?;
+    // SAFETY: only async-signal-safe calls (prctl) between fork and exec; this runs
+    // after the cgroup and namespace are joined.
     unsafe {
         cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-            if libc::setns(node_netns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             for cap in (0..64).filter(|c| !DAEMONSET_CAPS.contains(c)) {
                 // EINVAL past the last capability this kernel knows: nothing to drop.
                 if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 && *libc::__errno_location() != libc::EINVAL {
@@ -287,7 +278,6 @@ fn run_with_daemonset_caps(ctx: &Ctx, binary: &std::path::Path, step: &str) -> R
         });
     }
     let mut child = cmd.spawn().with_context(|| format!("could not start {}", binary.display()))?;
-    drop(node_netns);
     let log_text = || fs::read_to_string(&log).unwrap_or_default();
     let ready = wait_until(budget(Duration::from_secs(30)), || {
         if let Some(status) = child.try_wait()? {

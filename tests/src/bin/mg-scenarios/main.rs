@@ -32,7 +32,7 @@ mod protocols;
 mod raw;
 mod trail;
 
-use metadata_guard_tests::{agent, node};
+use metadata_guard_tests::{agent, gate, node, reexec};
 
 use std::{
     path::PathBuf,
@@ -114,27 +114,14 @@ struct Args {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some(metadata_guard_tests::sandbox::SANDBOX_ARG) {
-        if let Err(e) = metadata_guard_tests::sandbox::child_main(&argv[2..]) {
-            eprintln!("sandbox: {e:#}");
-            std::process::exit(2);
-        }
-        return;
-    }
-    if argv.get(1).map(String::as_str) == Some("attempt") {
-        if let Err(e) = attempt::child_main(argv.get(2).map_or("", String::as_str)) {
-            eprintln!("attempt: {e:#}");
-            std::process::exit(2);
-        }
-        return;
-    }
-    if argv.get(1).map(String::as_str) == Some("conceal-client") {
-        if let Err(e) = conceal::client_main(argv.get(2).map_or("", String::as_str)) {
-            eprintln!("conceal-client: {e:#}");
-            std::process::exit(2);
-        }
-        return;
-    }
+    reexec::run_role(
+        "mg-scenarios",
+        &argv,
+        &[
+            ("attempt", |args| attempt::child_main(reexec::first(args))),
+            ("conceal-client", |args| conceal::client_main(reexec::first(args))),
+        ],
+    );
     match real_main() {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
@@ -157,11 +144,9 @@ fn real_main() -> Result<bool> {
         }
         return Ok(true);
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !gate::is_root() {
         eprintln!("mg-scenarios: the real-kernel scenarios need root (they load BPF and make namespaces)");
-        if ci {
+        if gate::ci() {
             bail!("CI=true: refusing to skip {} kernel scenarios; run as root", selected.len());
         }
         println!("scenarios: 0 passed, 0 failed, {} skipped", selected.len());

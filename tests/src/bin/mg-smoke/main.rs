@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use metadata_guard_tests::world::IMDS_V4;
+use metadata_guard_tests::{gate, reexec, world::IMDS_V4};
 use node::{attempt, Node, Outcome};
 use podman::{Host, Overrides, Running};
 
@@ -61,19 +61,15 @@ fn parse_args(args: &[String]) -> Result<Args> {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
-    let result = match argv.get(1).map(String::as_str) {
-        Some("attempt") => node::attempt_main(&argv[2..]),
-        _ => parse_args(&argv[1..]).and_then(|args| smoke(&args)),
-    };
-    if let Err(e) = result {
+    reexec::run_role("mg-smoke", &argv, &[("attempt", node::attempt_main)]);
+    if let Err(e) = parse_args(&argv[1..]).and_then(|args| smoke(&args)) {
         eprintln!("mg-smoke: error: {e:#}");
         std::process::exit(1);
     }
 }
 
 fn smoke(args: &Args) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    ensure!(unsafe { libc::geteuid() } == 0, "mg-smoke needs root: it makes namespaces and cgroups and runs podman");
+    ensure!(gate::is_root(), "mg-smoke needs root: it makes namespaces and cgroups and runs podman");
     let guard = manifest::daemonset(&args.manifests)?;
     let uninstall = manifest::daemonset(&args.uninstall)?;
     ensure!(guard.host_network, "DaemonSet {} must use hostNetwork: the agent's netns is the host's", guard.name);

@@ -1,0 +1,66 @@
+//! Whether a test can run here: root, the tools it needs, and CI's rule that nothing
+//! may be skipped. Without what it needs a test skips loudly, unless CI=true, where it
+//! fails naming the missing piece; `cargo xtask test` installs the tools and builds the
+//! binaries first, so there nothing is missing.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+/// Whether CI=true (or 1): then nothing may be skipped.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// For a `#[test]` that needs root for `why` (e.g. "network namespaces, cgroups"):
+/// true as root; otherwise panics under CI and says it skipped elsewhere.
+pub fn root_or_skip(why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(!ci(), "this test needs root ({why}), and CI=true forbids skipping it");
+    // Straight to stderr: libtest swallows eprintln! from passing tests.
+    let _ = writeln!(std::io::stderr(), "skipped: needs root ({why}); run as root to run it");
+    false
+}
+
+/// For a `#[test]` that needs `tool`: true when `problem` is None; otherwise panics
+/// under CI and says loudly elsewhere that `what` was not tested.
+pub fn tool_or_skip(tool: &str, problem: Option<String>, what: &str) -> bool {
+    let Some(problem) = problem else { return true };
+    assert!(
+        !ci(),
+        "CI=true: {tool} is needed to test {what}, and it is not usable: {problem}. Run the tests with `cargo xtask \
+         test`, which installs and builds what they need."
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n!!!!! SKIPPED: {tool} is not usable ({problem}); {what} were NOT fully tested. `cargo xtask test` \
+         installs and builds what the tests need. !!!!!\n"
+    );
+    false
+}
+
+/// A program on PATH (or in the sbin directories root's PATH has), if any.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The workspace's root directory (the test crate's parent).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("the workspace root above tests/")
+}
