@@ -34,7 +34,7 @@ pub fn find_cgroup2_mount() -> Result<PathBuf> {
 }
 
 /// mountinfo writes space, tab, newline and backslash in paths as `\ooo`.
-fn unescape(field: &str) -> Option<PathBuf> {
+pub(crate) fn unescape(field: &str) -> Option<PathBuf> {
     let mut out = Vec::with_capacity(field.len());
     let mut bytes = field.bytes();
     while let Some(b) = bytes.next() {

@@ -14,6 +14,7 @@ pub mod forwarded;
 pub mod frames;
 pub mod gate;
 pub mod ipvs;
+pub mod leftovers;
 pub mod nat;
 pub mod netlink;
 pub mod netns;

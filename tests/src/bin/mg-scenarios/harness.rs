@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 
-use metadata_guard_tests::standin::{Arrivals, BARRIER_PORT};
+use metadata_guard_tests::{
+    leftovers::{Footprint, Kept},
+    standin::{Arrivals, BARRIER_PORT},
+};
 
 use crate::{
     agent::{self, Agent, AgentSpec},
@@ -59,6 +62,9 @@ pub(crate) struct Ctx {
     pub running_args: Vec<String>,
     /// Check /metrics in-process instead of with promtool.
     pub without_promtool: bool,
+    /// What existed when the running scenario began: anything beyond it afterwards,
+    /// other than the agent and its pins, the scenario leaked.
+    baseline: Option<Footprint>,
 }
 
 /// Who makes an attempt.
@@ -78,7 +84,15 @@ impl Ctx {
         // Every `metadata-guard` command run from here (status, uninstall, check) acts
         // on the simulated node's host-side table, never on this machine's namespace.
         std::env::set_var("METADATA_GUARD_HOST_NETNS", node.node_netns());
-        Ok(Ctx { node, agent_bin, variant_bin, agent: None, running_args: Vec::new(), without_promtool: false })
+        Ok(Ctx {
+            node,
+            agent_bin,
+            variant_bin,
+            agent: None,
+            running_args: Vec::new(),
+            without_promtool: false,
+            baseline: None,
+        })
     }
 
     pub(crate) fn spec(&self, binary: &std::path::Path, extra: &[&str]) -> AgentSpec {
@@ -227,12 +241,36 @@ impl Ctx {
         Ok(())
     }
 
-    /// Called after each passing scenario: nothing to undo by design, scenarios set up
-    /// the agent they need.
+    /// What the harness keeps across scenarios on purpose: the agent under test and
+    /// the guard's pins (fail-closed: they stay while no agent runs).
+    fn kept(&self) -> Kept {
+        Kept { processes: self.agent.iter().map(Agent::pid).collect(), pin_dirs: vec![self.node.bpffs.clone()] }
+    }
+
+    /// Called before each scenario: notes what exists, for [`Ctx::after_scenario`].
+    pub(crate) fn before_scenario(&mut self) -> Result<()> {
+        self.baseline = Some(Footprint::take(&self.kept())?);
+        Ok(())
+    }
+
+    /// Called after each passing scenario: fails when it left processes, network
+    /// namespaces, cgroups, bpffs mounts or pins behind (beyond the agent it may leave
+    /// running and the guard's pins), and kills the processes it left.
     pub(crate) fn after_scenario(&mut self) -> Result<()> {
         // The conceal scenarios make the stand-in require IMDSv2; the others expect
         // token-less requests served.
         self.node.standin.require_imdsv2(false);
+        let Some(before) = self.baseline.take() else { return Ok(()) };
+        // Drops kill and reap at once, but the kernel may list a process, a thread's
+        // namespace or a cgroup for a moment longer.
+        let mut left = Footprint::take(&self.kept())?.since(&before);
+        let deadline = Instant::now() + budget(Duration::from_secs(2));
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            left = Footprint::take(&self.kept())?.since(&before);
+        }
+        left.kill_processes();
+        ensure!(left.is_empty(), "the scenario left behind {left}; drop or remove what it made before it returns");
         Ok(())
     }
 
@@ -241,6 +279,12 @@ impl Ctx {
         self.node.standin.require_imdsv2(false);
         if let Some(a) = self.agent.take() {
             let _ = a.kill();
+        }
+        // Processes the failed scenario started and left (by pid: its descendants only).
+        if let Some(before) = self.baseline.take() {
+            if let Ok(now) = Footprint::take(&self.kept()) {
+                now.since(&before).kill_processes();
+            }
         }
         self.running_args.clear();
         let _ = self.oneshot(&["uninstall"]);

@@ -170,7 +170,7 @@ fn real_main() -> Result<bool> {
     let (mut passed, mut failed) = (0, 0);
     for (name, scenario) in &selected {
         let t = Instant::now();
-        let result = scenario(&mut ctx).and_then(|()| ctx.after_scenario());
+        let result = ctx.before_scenario().and_then(|()| scenario(&mut ctx)).and_then(|()| ctx.after_scenario());
         match result {
             Ok(()) => {
                 passed += 1;
