@@ -22,5 +22,6 @@ pub mod node;
 pub mod placed;
 pub mod reexec;
 pub mod sandbox;
+pub mod scratch;
 pub mod standin;
 pub mod world;

@@ -13,6 +13,7 @@ use crate::{
     cgroups::{find_cgroup2_mount, TestCgroup},
     netns::NetNs,
     sandbox::PodSandbox,
+    scratch::Scratch,
     standin::Standin,
     world::{PodNet, SimNode},
 };
@@ -39,6 +40,9 @@ pub struct Pod {
 }
 
 pub struct Node {
+    /// First, so that it goes first: the pins (and the links they hold) before the
+    /// namespaces and cgroups.
+    _scratch: Scratch,
     pub sim: SimNode,
     pub standin: Standin,
     pub pods: Vec<Pod>,
@@ -59,13 +63,11 @@ pub struct Node {
 
 impl Node {
     pub fn build() -> Result<Node> {
-        let work = std::env::temp_dir().join(format!("metadata-guard-test-{}", std::process::id()));
+        let scratch = Scratch::new("metadata-guard-test")?;
+        let work = scratch.dir.clone();
         fs::create_dir_all(work.join("pods"))?;
         fs::create_dir_all(work.join("containers"))?;
-        let bpffs = work.join("bpffs");
-        fs::create_dir_all(&bpffs)?;
-        nix::mount::mount(Some("bpf"), &bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .context("could not mount a private bpffs for the test")?;
+        let bpffs = scratch.bpffs.join("metadata-guard");
 
         let mount = find_cgroup2_mount()?;
         let root = TestCgroup::create(&mount, &format!("metadata-guard-test-{}", std::process::id()))?;
@@ -81,6 +83,7 @@ impl Node {
         let standin = Standin::start(sim.node())?;
         let sandboxed_net = NetNs::new("mg-sandboxed")?;
         let mut node = Node {
+            _scratch: scratch,
             sim,
             standin,
             pods: Vec::new(),
@@ -89,7 +92,7 @@ impl Node {
             sandboxed_unit,
             sandboxed_net,
             work,
-            bpffs: bpffs.join("metadata-guard"),
+            bpffs,
             kubepods,
             burstable,
             cgroupfs_besteffort,
@@ -202,14 +205,6 @@ impl Node {
 
     pub fn config_path(&self) -> PathBuf {
         self.work.join("config.yaml")
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // Unmounting the private bpffs drops every pin in it; links then detach.
-        let _ = nix::mount::umount2(&self.work.join("bpffs"), nix::mount::MntFlags::MNT_DETACH);
-        let _ = fs::remove_dir_all(&self.work);
     }
 }
 

@@ -21,6 +21,7 @@ use metadata_guard_tests::{
     cgroups::{find_cgroup2_mount, TestCgroup},
     placed,
     sandbox::PodSandbox,
+    scratch::Scratch,
     world::{PodNet, SimNode},
 };
 
@@ -129,6 +130,8 @@ fn venv() -> Result<PathBuf> {
 /// A node of its own: namespaces, kubelet-named cgroups, a private bpffs, an agent in
 /// conceal mode and moto_server on 169.254.169.254:80. Removed on drop.
 struct MotoNode {
+    /// Its directory and private bpffs; first, so that the pins go before the namespaces.
+    _scratch: Scratch,
     sim: SimNode,
     pods: Vec<(PodNet, TestCgroup)>,
     /// A process in each pod's namespace and cgroup, as a pause container is: the host
@@ -137,7 +140,6 @@ struct MotoNode {
     agent: Option<Agent>,
     moto: Option<Child>,
     work: PathBuf,
-    bpffs: PathBuf,
     // Declared last: dropped after the agent and pods above.
     root: TestCgroup,
     cgroups: Vec<TestCgroup>,
@@ -146,23 +148,20 @@ struct MotoNode {
 impl MotoNode {
     fn build(agent_bin: &Path, python: &Path) -> Result<MotoNode> {
         let pid = std::process::id();
-        let work = std::env::temp_dir().join(format!("metadata-guard-moto-{pid}"));
-        let bpffs = work.join("bpffs");
-        fs::create_dir_all(&bpffs)?;
-        nix::mount::mount(Some("bpf"), &bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .context("could not mount a private bpffs")?;
+        let scratch = Scratch::new("metadata-guard-moto")?;
+        let (work, bpffs) = (scratch.dir.clone(), scratch.bpffs.clone());
         let root = TestCgroup::create(&find_cgroup2_mount()?, &format!("metadata-guard-moto-{pid}"))?;
         let agent_cg = root.child("system.slice")?.child("metadata-guard.service")?;
         let burstable = root.child("kubepods.slice")?.child("kubepods-burstable.slice")?;
         let sim = SimNode::new("mg-moto-node")?;
         let mut node = MotoNode {
+            _scratch: scratch,
             sim,
             pods: Vec::new(),
             sandboxes: Vec::new(),
             agent: None,
             moto: None,
             work: work.clone(),
-            bpffs: bpffs.clone(),
             root,
             cgroups: vec![agent_cg.clone(), burstable.clone()],
         };
@@ -302,8 +301,6 @@ impl Drop for MotoNode {
             let _ = m.kill();
             let _ = m.wait();
         }
-        let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
-        let _ = fs::remove_dir_all(&self.work);
     }
 }
 

@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use metadata_guard_tests::{
     cgroups::{find_cgroup2_mount, TestCgroup},
     netns::NetNs,
+    scratch::Scratch,
     standin::Standin,
     world::{PodNet, SimNode},
 };
@@ -27,6 +28,9 @@ const POD_UID: &str = "5a0e0000-1111-2222-3333-000000000001";
 const CONTAINER_ID: &str = "00000000000000000000000000000000000000000000000000000000005a0e01";
 
 pub(crate) struct Node {
+    /// First, so that it goes first: the pins (and the links they hold) before the
+    /// namespaces and cgroups.
+    _scratch: Scratch,
     pub sim: SimNode,
     pub standin: Standin,
     pub pod: PodNet,
@@ -41,12 +45,8 @@ pub(crate) struct Node {
 
 impl Node {
     pub(crate) fn build() -> Result<Node> {
-        let work = std::env::temp_dir().join(format!("mg-smoke-{}", std::process::id()));
-        let bpffs = work.join("bpffs");
-        fs::create_dir_all(&bpffs).with_context(|| format!("could not create {}", bpffs.display()))?;
-        // A bpffs of our own, so the test's pins never meet a real guard's.
-        nix::mount::mount(Some("bpf"), &bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .context("could not mount a private bpffs for the smoke test")?;
+        let scratch = Scratch::new("mg-smoke")?;
+        let (work, bpffs) = (scratch.dir.clone(), scratch.bpffs.clone());
 
         let root = TestCgroup::create(&find_cgroup2_mount()?, &format!("mg-smoke-{}", std::process::id()))?;
         let host_cgroup = root.child("system.slice")?.child("host-client.service")?;
@@ -71,7 +71,7 @@ impl Node {
         let mut sim = SimNode::new("mg-smoke-node")?;
         let standin = Standin::start(sim.node())?;
         let pod = sim.add_pod("mg-smoke-pod")?;
-        Ok(Node { sim, standin, pod, root, pod_cgroup, host_cgroup, work, bpffs })
+        Ok(Node { _scratch: scratch, sim, standin, pod, root, pod_cgroup, host_cgroup, work, bpffs })
     }
 
     pub(crate) fn netns_path(&self) -> PathBuf {
@@ -112,14 +112,6 @@ impl Node {
             let status = answer.get(9..12).and_then(|c| c.parse().ok()).context("the agent sent no HTTP status")?;
             Ok((status, answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
         })
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // Unmounting the private bpffs drops every pin in it; the links detach.
-        let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
-        let _ = fs::remove_dir_all(&self.work);
     }
 }
 
