@@ -6,7 +6,8 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    io::{Read, Write},
+    net::{IpAddr, TcpStream},
     os::unix::net::UnixDatagram,
     sync::{Arc, Condvar, Mutex, MutexGuard},
     thread::{self, JoinHandle},
@@ -201,6 +202,20 @@ impl Standin {
             state = self.shared.synced.wait_timeout(state, left).unwrap().0;
         }
         state
+    }
+}
+
+/// Asks for /latest/meta-data/ on `stream` (connected to the stand-in's HTTP port), as
+/// an SDK's first request does, and expects `HTTP/1.x 200` within `timeout`.
+pub fn ask_metadata(mut stream: TcpStream, timeout: Duration) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: metadata\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    if head.starts_with(b"HTTP/1.") && &head[9..12] == b"200" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("unexpected answer {:?}", String::from_utf8_lossy(&head))))
     }
 }
 

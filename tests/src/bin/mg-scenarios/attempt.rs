@@ -7,7 +7,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
@@ -256,16 +255,8 @@ fn held_http(to: SocketAddr, ready: Option<&std::path::Path>, go: Option<&std::p
     request_on(stream)
 }
 
-pub(crate) fn request_on(mut stream: std::net::TcpStream) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
-    stream.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: metadata\r\nConnection: close\r\n\r\n")?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head)?;
-    if head.starts_with(b"HTTP/1.") && &head[9..12] == b"200" {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!("unexpected answer {:?}", String::from_utf8_lossy(&head))))
-    }
+pub(crate) fn request_on(stream: std::net::TcpStream) -> std::io::Result<()> {
+    metadata_guard_tests::standin::ask_metadata(stream, CONNECT_TIMEOUT)
 }
 
 /// Runs one request as a child process of this very program.
@@ -289,4 +280,37 @@ pub(crate) fn wait(child: std::process::Child) -> Result<Outcome> {
 
 pub(crate) fn run(req: &Request) -> Result<Outcome> {
     wait(spawn(req)?)
+}
+
+/// A process making `req`'s attempt over and over until [`Prober::finish`] stops it:
+/// proof that a block never opens. Killed and reaped when dropped unfinished.
+pub(crate) struct Prober {
+    child: Option<std::process::Child>,
+    stop: PathBuf,
+}
+
+impl Prober {
+    /// Starts `req` repeating every `interval_us` until a stop file (which `stop`
+    /// names; any left from before is removed) appears.
+    pub(crate) fn start(mut req: Request, interval_us: u64, stop: PathBuf) -> Result<Prober> {
+        let _ = std::fs::remove_file(&stop);
+        req.interval_us = interval_us;
+        req.stop_file = Some(stop.clone());
+        Ok(Prober { child: Some(spawn(&req)?), stop })
+    }
+
+    /// Stops the attempts and returns what they met.
+    pub(crate) fn finish(mut self) -> Result<Outcome> {
+        std::fs::write(&self.stop, "").with_context(|| format!("could not write {}", self.stop.display()))?;
+        wait(self.child.take().context("the prober has finished already")?)
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

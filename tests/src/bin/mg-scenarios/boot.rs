@@ -1,7 +1,7 @@
 //! Closed from the first second: `metadata-guard apply` at the node's boot puts the
 //! block in the kernel before any pod exists; the DaemonSet's agent adopts it.
 
-use std::{fs, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 
@@ -68,12 +68,7 @@ fn links(status: &Status) -> Vec<(String, u32, u32)> {
 /// returns the prober's outcome and checks that nothing succeeded once apply returned.
 fn probe_around_apply(ctx: &mut Ctx, after: impl FnOnce(&mut Ctx) -> Result<()>) -> Result<()> {
     ctx.uninstall()?;
-    let stop = ctx.node.work.join("stop-boot-prober");
-    let _ = fs::remove_file(&stop);
-    let mut prober = ctx.request(Who::Pod(2), Kind::Http, METADATA_V4, 80, false)?;
-    prober.interval_us = 1000;
-    prober.stop_file = Some(stop.clone());
-    let prober = attempt::spawn(&prober)?;
+    let prober = ctx.pod_prober("stop-boot-prober")?;
     // The prober must be seen succeeding before apply, or it proves nothing.
     let arrivals = ctx.node.standin.arrivals();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -82,8 +77,7 @@ fn probe_around_apply(ctx: &mut Ctx, after: impl FnOnce(&mut Ctx) -> Result<()>)
         std::thread::sleep(Duration::from_millis(5));
     }
     let result = applied(ctx).map(|_| attempt::unix_us()).and_then(|returned| after(ctx).map(|()| returned));
-    fs::write(&stop, "")?;
-    let out = attempt::wait(prober)?;
+    let out = prober.finish()?;
     let apply_returned = result?;
     ensure!(out.ok > 0, "the prober never succeeded before apply: {out:?}");
     ensure!(

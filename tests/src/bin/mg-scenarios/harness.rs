@@ -16,7 +16,7 @@ use metadata_guard_tests::{
 
 use crate::{
     agent::{self, Agent, AgentSpec},
-    attempt::{self, Kind, Outcome, Request},
+    attempt::{self, Kind, Outcome, Prober, Request},
     node::Node,
 };
 
@@ -182,6 +182,13 @@ impl Ctx {
         })
     }
 
+    /// Pod 2 asking the metadata service over HTTP once a millisecond until the
+    /// prober is finished; `stop_name` names its stop file in the node's directory.
+    pub(crate) fn pod_prober(&self, stop_name: &str) -> Result<Prober> {
+        let request = self.request(Who::Pod(2), Kind::Http, METADATA_V4, 80, false)?;
+        Prober::start(request, 1000, self.node.work.join(stop_name))
+    }
+
     pub(crate) fn try_once(&self, from: Who, kind: Kind, dest: &str, port: u16, mapped: bool) -> Result<Outcome> {
         attempt::run(&self.request(from, kind, dest, port, mapped)?)
     }
@@ -296,6 +303,18 @@ impl Ctx {
         let (ok, out, err) = self.oneshot(&["uninstall"])?;
         ensure!(ok, "uninstall failed: {out}{err}");
         Ok(())
+    }
+
+    /// Writes a configuration that allowlists the payments namespace's `api-*` pods
+    /// (pod 1, `payments/api-5f6c8`) to `file` in the node's directory; returns its path.
+    pub(crate) fn allow_api_pods_config(&self, file: &str) -> Result<String> {
+        let path = self.node.work.join(file);
+        std::fs::write(
+            &path,
+            "destinations:\n  presets: [default]\nallow_pods:\n  - namespace: payments\n    pod: \"api-*\"\n",
+        )
+        .with_context(|| format!("could not write {}", path.display()))?;
+        Ok(path.display().to_string())
     }
 
     pub(crate) fn variant_bin(&self) -> Result<PathBuf> {

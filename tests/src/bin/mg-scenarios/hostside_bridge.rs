@@ -80,15 +80,6 @@ impl BridgedNode {
     }
 }
 
-fn allow_config(ctx: &Ctx) -> Result<String> {
-    let path = ctx.node.work.join("hostside-bridge-allow.yaml");
-    std::fs::write(
-        &path,
-        "destinations:\n  presets: [default]\nallow_pods:\n  - namespace: payments\n    pod: \"api-*\"\n",
-    )?;
-    Ok(path.display().to_string())
-}
-
 /// Waits until the table holds `n` (bridge, address) pairs.
 fn await_allowed_addresses(ctx: &Ctx, n: usize) -> Result<()> {
     let mut last = usize::MAX;
@@ -115,7 +106,7 @@ fn bridged_pod_allowed(ctx: &mut Ctx) -> Result<()> {
         let (arrived, answered) = syn(ctx, pod, IMDS_V4, 47000 + n as u16)?;
         ensure!(arrived >= 1 && answered, "without the guard, pod {n} behind the bridge should be served");
     }
-    let config = allow_config(ctx)?;
+    let config = ctx.allow_api_pods_config("hostside-bridge-allow.yaml")?;
     ctx.ensure_agent(&["--config", &config])?;
     await_allowed_addresses(ctx, 2)?;
     let exempt_before = host_status(ctx)?.exempt_packets;
@@ -140,7 +131,7 @@ fn bridged_pod_allowed(ctx: &mut Ctx) -> Result<()> {
 
 fn bridged_allowance_withdrawn(ctx: &mut Ctx) -> Result<()> {
     let mut pods = BridgedNode::build(ctx)?;
-    let config = allow_config(ctx)?;
+    let config = ctx.allow_api_pods_config("hostside-bridge-allow.yaml")?;
     ctx.ensure_agent(&["--config", &config])?;
     await_allowed_addresses(ctx, 2)?;
     let (arrived, _) = syn(ctx, &pods.allowed, IMDS_V4, 47100)?;
@@ -170,7 +161,7 @@ fn bridged_audit(ctx: &mut Ctx) -> Result<()> {
     // Where br_netfilter is loaded the log names the bridge port the packet came
     // from (the first scenario); without it only the source address tells: off here.
     let _off = BridgeNetfilterOff::set(NetNs::from_path(&ctx.node.node_netns())?)?;
-    let config = allow_config(ctx)?;
+    let config = ctx.allow_api_pods_config("hostside-bridge-allow.yaml")?;
     ctx.ensure_agent(&["--config", &config, "--mode", "audit"])?;
     await_allowed_addresses(ctx, 2)?;
     let before = host_status(ctx)?;

@@ -20,19 +20,10 @@ pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
     ("hostside: a refusal in the node is audited with hook host, naming the pod and its address", refusal_names_pod),
 ];
 
-fn allow_config(ctx: &Ctx) -> Result<String> {
-    let path = ctx.node.work.join("hostside-allow.yaml");
-    std::fs::write(
-        &path,
-        "destinations:\n  presets: [default]\nallow_pods:\n  - namespace: payments\n    pod: \"api-*\"\n",
-    )?;
-    Ok(path.display().to_string())
-}
-
 fn allowlisted_pod(ctx: &mut Ctx) -> Result<()> {
     let IpAddr::V4(wireserver) = AZURE_WIRESERVER else { unreachable!() };
     let _dnat = Dnat::add(ctx.node.sim.node(), &[(VIRTUAL_IP, wireserver, None)])?;
-    let config = allow_config(ctx)?;
+    let config = ctx.allow_api_pods_config("hostside-allow.yaml")?;
     ctx.ensure_agent(&["--config", &config])?;
     let api = ctx.node.pod_index("payments", "api-5f6c8")?;
     let ledger = ctx.node.pod_index("payments", "ledger-9k2x1")?;

@@ -11,7 +11,7 @@ use metadata_guard_tests::placed;
 
 use crate::{
     agent::Agent,
-    attempt::{self, Kind},
+    attempt::Kind,
     harness::{budget, wait_until, Ctx, Who, METADATA_V4},
 };
 
@@ -51,12 +51,7 @@ fn never_opens(ctx: &mut Ctx) -> Result<()> {
     let config = write_config(ctx, None)?;
     ctx.stop_agent()?;
     ctx.ensure_agent(&["--config", &config])?;
-    let stop = ctx.node.work.join("stop-prober");
-    let _ = fs::remove_file(&stop);
-    let mut prober = ctx.request(Who::Pod(2), Kind::Http, METADATA_V4, 80, false)?;
-    prober.interval_us = 1000;
-    prober.stop_file = Some(stop.clone());
-    let prober = attempt::spawn(&prober)?;
+    let prober = ctx.pod_prober("stop-prober")?;
 
     let spec = ctx.spec(&ctx.agent_bin.clone(), &["--config", &config]);
     ctx.agent.take().context("no agent")?.kill()?;
@@ -78,8 +73,7 @@ fn never_opens(ctx: &mut Ctx) -> Result<()> {
     agent.stop()?;
     block_in_force(ctx, "SIGTERM")?;
 
-    fs::write(&stop, "")?;
-    let out = attempt::wait(prober)?;
+    let out = prober.finish()?;
     ensure!(out.ok == 0, "{} of {} attempts reached the metadata service during the lifecycle", out.ok, out.total());
     ensure!(out.eperm > 100, "the prober made too few attempts to prove anything: {out:?}");
     ensure!(out.other.is_empty(), "attempts failed other than with EPERM: {out:?}");

@@ -1,10 +1,7 @@
 //! Destination policy: each preset blocks what it lists and nothing else, and the pod
 //! allowlist lets the chosen pods through while their neighbours stay blocked.
 
-use std::{
-    fs,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
@@ -70,17 +67,8 @@ fn presets_block_what_they_list(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-fn allow_config(ctx: &Ctx) -> Result<String> {
-    let path = ctx.node.work.join("allow.yaml");
-    fs::write(
-        &path,
-        "destinations:\n  presets: [default]\nallow_pods:\n  - namespace: payments\n    pod: \"api-*\"\n",
-    )?;
-    Ok(path.display().to_string())
-}
-
 fn allowlisted_pod_served(ctx: &mut Ctx) -> Result<()> {
-    let config = allow_config(ctx)?;
+    let config = ctx.allow_api_pods_config("allow.yaml")?;
     ctx.ensure_agent(&["--config", &config])?;
     let api = ctx.node.pod_index("payments", "api-5f6c8")?;
     let ledger = ctx.node.pod_index("payments", "ledger-9k2x1")?;
@@ -99,7 +87,7 @@ fn allowlisted_ids(ctx: &Ctx) -> Result<Vec<u64>> {
 }
 
 fn allowlist_follows_new_pods(ctx: &mut Ctx) -> Result<()> {
-    let config = allow_config(ctx)?;
+    let config = ctx.allow_api_pods_config("allow.yaml")?;
     ctx.ensure_agent(&["--config", &config])?;
     let started = Instant::now();
     let pod = ctx.node.kubelet_pod("payments", "api-new", Layout::SystemdContainerd, 9001)?;
@@ -118,7 +106,7 @@ fn allowlist_follows_new_pods(ctx: &mut Ctx) -> Result<()> {
 const CHURN: u32 = 200;
 
 fn churn_leaves_no_trace(ctx: &mut Ctx) -> Result<()> {
-    let config = allow_config(ctx)?;
+    let config = ctx.allow_api_pods_config("allow.yaml")?;
     ctx.ensure_agent(&["--config", &config])?;
     // The first sync is done once the node's allowlisted pod is in the kernel's list.
     let api = ctx.node.pod_index("payments", "api-5f6c8")?;

@@ -17,7 +17,7 @@ use metadata_guard_tests::{
     cgroups::{find_cgroup2_mount, TestCgroup},
     netns::NetNs,
     scratch::Scratch,
-    standin::Standin,
+    standin::{ask_metadata, Standin},
     world::{PodNet, SimNode},
 };
 
@@ -169,14 +169,6 @@ pub(crate) fn attempt_main(args: &[String]) -> Result<()> {
 }
 
 fn http_get(to: SocketAddr) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: metadata\r\nConnection: close\r\n\r\n")?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head)?;
-    if head.starts_with(b"HTTP/1.") && &head[9..12] == b"200" {
-        Ok(())
-    } else {
-        Err(std::io::Error::other("not a 200 answer"))
-    }
+    let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    ask_metadata(s, Duration::from_secs(2))
 }
