@@ -65,6 +65,20 @@ pub(crate) enum Profile {
     Release,
 }
 
+impl Profile {
+    /// Selects the profile on a `cargo build`; returns the directory under the target
+    /// directory that its binaries land in.
+    fn select(self, build: &mut Command) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => {
+                build.arg("--release");
+                "release"
+            }
+        }
+    }
+}
+
 /// Builds the agent embedding the given object; returns the binary's path.
 pub(crate) fn build_agent(profile: Profile, variant: Variant) -> Result<PathBuf> {
     let root = workspace_root();
@@ -80,13 +94,7 @@ pub(crate) fn build_agent(profile: Profile, variant: Variant) -> Result<PathBuf>
         .arg("--target-dir")
         .arg(&target_dir)
         .env("METADATA_GUARD_EBPF_OBJECT", &object);
-    let dir = match profile {
-        Profile::Debug => "debug",
-        Profile::Release => {
-            build.arg("--release");
-            "release"
-        }
-    };
+    let dir = profile.select(&mut build);
     cmd::run(&mut build).context("building the agent failed")?;
     Ok(target_dir.join(dir).join("metadata-guard"))
 }
@@ -112,19 +120,15 @@ pub(crate) fn build_agent_static(arch: Arch) -> Result<PathBuf> {
     Ok(root.join("target").join(target).join("release/metadata-guard"))
 }
 
-/// Builds one program of the `tests` crate (mg-scenarios, mg-smoke, ...) in debug;
+/// Builds one program of the `tests` crate (mg-scenarios, mg-smoke, mg-bench);
 /// returns its path.
-pub(crate) fn build_test_program(name: &str) -> Result<PathBuf> {
+pub(crate) fn build_test_program(name: &str, profile: Profile) -> Result<PathBuf> {
     let root = workspace_root();
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--package",
-        "metadata-guard-tests",
-        "--bin",
-        name,
-    ]))
-    .with_context(|| format!("building {name} failed"))?;
-    Ok(root.join("target/debug").join(name))
+    let mut build = Command::new("cargo");
+    build.current_dir(&root).args(["build", "--package", "metadata-guard-tests", "--bin", name]);
+    let dir = profile.select(&mut build);
+    cmd::run(&mut build).with_context(|| format!("building {name} failed"))?;
+    Ok(root.join("target").join(dir).join(name))
 }
 
 pub(crate) fn relative(p: &Path) -> String {

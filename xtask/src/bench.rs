@@ -18,15 +18,7 @@ pub(crate) fn run(quick: bool, only: Option<&str>) -> Result<()> {
     let agent = artifacts::build_agent(Profile::Release, Variant::Default)?;
     packages::ensure(&[packages::BPFTOOL, packages::NFT, IPTABLES])?;
     let root = workspace_root();
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "metadata-guard-tests",
-        "--bin",
-        "mg-bench",
-    ]))
-    .context("building the bench (mg-bench) failed")?;
+    let mg_bench = artifacts::build_test_program("mg-bench", Profile::Release)?;
     // A quick run (CI) checks that every measurement works; only a full run
     // rewrites the published results.
     let out = match (quick, only) {
@@ -34,7 +26,7 @@ pub(crate) fn run(quick: bool, only: Option<&str>) -> Result<()> {
         (true, None) => root.join("target/bench-quick"),
         (false, None) => root.join("docs/benchmarks"),
     };
-    let mut bench = Command::new(root.join("target/release/mg-bench"));
+    let mut bench = Command::new(mg_bench);
     bench.arg("--agent").arg(&agent).arg("--out").arg(&out).current_dir(&root);
     if quick {
         bench.arg("--quick");

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    artifacts::{self, Variant},
+    artifacts::{self, Profile, Variant},
     cmd, packages,
     toolchain::Arch,
     workspace_root,
@@ -165,7 +165,7 @@ pub(crate) fn smoke() -> Result<()> {
         return Ok(());
     }
     let root = workspace_root();
-    let smoke = artifacts::build_test_program("mg-smoke")?;
+    let smoke = artifacts::build_test_program("mg-smoke", Profile::Debug)?;
     cmd::run(
         Command::new(&smoke)
             .arg("--image")

@@ -26,7 +26,7 @@ pub(crate) fn run() -> Result<()> {
     cmd::run(Command::new("cargo").current_dir(workspace_root()).args(["test", "--workspace"]))
         .context("unit tests failed")?;
 
-    let scenarios = artifacts::build_test_program("mg-scenarios")?;
+    let scenarios = artifacts::build_test_program("mg-scenarios", Profile::Debug)?;
     let mut run_scenarios = Command::new(&scenarios);
     run_scenarios.arg("--agent").arg(&agent).arg("--variant-agent").arg(&variant_agent);
     if !kernel_has_ipvs() {

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
-    artifacts::{self, Variant},
+    artifacts::{self, Profile, Variant},
     cmd, image,
     toolchain::{self, Arch},
     workspace_root,
@@ -66,7 +66,7 @@ pub(super) fn build(image: &image::Instance) -> Result<Binaries> {
 
 /// mg-scenarios for this machine, which lists the scenarios every guest should report.
 pub(super) fn host_scenarios() -> Result<PathBuf> {
-    artifacts::build_test_program("mg-scenarios")
+    artifacts::build_test_program("mg-scenarios", Profile::Debug)
 }
 
 /// Builds each (package, binary) of `bins` with the eBPF object of `variant` embedded.
