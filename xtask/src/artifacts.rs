@@ -41,22 +41,40 @@ pub(crate) fn build_ebpf(variant: Variant) -> Result<PathBuf> {
     let path = std::env::join_paths(
         std::iter::once(linker_dir).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
     )?;
-    let mut build = Command::new("cargo");
-    build
+    let mut build = ebpf_cargo("build", variant);
+    build.env("PATH", path);
+    cmd::run(&mut build).context("building the eBPF programs failed (see the compiler output above)")?;
+    Ok(ebpf_object(variant))
+}
+
+/// `cargo xtask lint`'s clippy on the eBPF crate, with its warnings as errors: it is
+/// outside the workspace (its own target and `core`), so the workspace's clippy run
+/// does not see it.
+pub(crate) fn clippy_ebpf() -> Result<()> {
+    toolchain::ensure_rust_src(&toolchain::Rustc::detect()?)?;
+    let mut clippy = ebpf_cargo("clippy", Variant::Default);
+    clippy.args(["--", "-D", "warnings"]);
+    cmd::run(&mut clippy)
+        .context("clippy found the problems shown above in the eBPF crate (ebpf/); fix them and run again")
+}
+
+/// `cargo <subcommand>` on the eBPF crate for the BPF target, building `core` from
+/// source. Build and clippy share the flags, so neither invalidates the other's `core`.
+fn ebpf_cargo(subcommand: &str, variant: Variant) -> Command {
+    let mut cargo = Command::new("cargo");
+    cargo
         .current_dir(workspace_root().join("ebpf"))
-        .args(["build", "--release", "--target", BPF_TARGET, "-Z", "build-std=core"])
+        .args([subcommand, "--release", "--target", BPF_TARGET, "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(variant.target_dir())
         // The stable toolchain builds `core` for BPF only with unstable flags allowed.
         .env("RUSTC_BOOTSTRAP", "1")
-        .env("PATH", path)
         // BTF lets the kernel and bpftool show the maps' and programs' types.
         .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"));
     if variant == Variant::Test {
-        build.args(["--features", "test-variant"]);
+        cargo.args(["--features", "test-variant"]);
     }
-    cmd::run(&mut build).context("building the eBPF programs failed (see the compiler output above)")?;
-    Ok(ebpf_object(variant))
+    cargo
 }
 
 #[derive(Clone, Copy)]

@@ -45,8 +45,9 @@ pub(crate) fn run() -> Result<()> {
 }
 
 /// `cargo xtask lint`: the workspace's lints (`[workspace.lints]` in Cargo.toml) as
-/// errors, and rustfmt's layout. The eBPF crate is outside the workspace (its own
-/// target and `core`); the kernel's verifier and its own build check it.
+/// errors, rustfmt's layout, clippy on the eBPF crate (outside the workspace: its own
+/// target and `core`), and cargo-deny's license and duplicate checks (deny.toml),
+/// offline, on both lock files.
 pub(crate) fn lint() -> Result<()> {
     crate::toolchain::ensure_lint_tools()?;
     cmd::run(Command::new("cargo").current_dir(workspace_root()).args(["fmt", "--all", "--check"]))
@@ -59,7 +60,35 @@ pub(crate) fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))
-    .context("clippy found the problems shown above; fix them (or `cargo clippy --fix`) and run again")
+    .context("clippy found the problems shown above; fix them (or `cargo clippy --fix`) and run again")?;
+    artifacts::clippy_ebpf()?;
+    deny()
+}
+
+/// `cargo deny check licenses bans` without the network: the licenses are those deny.toml
+/// allows, and a crate in two versions is reported (as a warning).
+fn deny() -> Result<()> {
+    let deny = crate::toolchain::ensure_cargo_deny()?;
+    let root = workspace_root();
+    for manifest in [root.join("Cargo.toml"), root.join("ebpf/Cargo.toml")] {
+        cmd::run(
+            Command::new(&deny)
+                .current_dir(&root)
+                .args(["deny", "--offline", "--locked", "--manifest-path"])
+                .arg(&manifest)
+                .arg("--config")
+                .arg(root.join("deny.toml"))
+                .args(["check", "licenses", "bans"]),
+        )
+        .with_context(|| {
+            format!(
+                "cargo deny found the problems shown above in {}'s dependencies; allow a license in deny.toml \
+                 only when it suits the crate's own license",
+                artifacts::relative(&manifest)
+            )
+        })?;
+    }
+    Ok(())
 }
 
 const PROC_IPVS: &str = "/proc/net/ip_vs";

@@ -16,6 +16,8 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::{cmd, workspace_root};
 
 pub(crate) const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The lint step's license and duplicate check; 0.20 builds with rustc 1.88 and newer.
+pub(crate) const CARGO_DENY_VERSION: &str = "0.20.2";
 
 /// Facts about the active rustc that decide what bpf-linker must be built against.
 pub(crate) struct Rustc {
@@ -84,9 +86,30 @@ pub(crate) fn ensure_lint_tools() -> Result<()> {
 /// The directory holding bpf-linker's `bin/`; keyed by versions so a rustc upgrade
 /// (a new libLLVM) gets a fresh build instead of a linker that cannot load.
 pub(crate) fn tools_dir(rustc: &Rustc) -> PathBuf {
-    let base = std::env::var_os("METADATA_GUARD_TOOLS_DIR")
-        .map_or_else(|| workspace_root().join("target/tools"), PathBuf::from);
-    base.join(format!("bpf-linker-{BPF_LINKER_VERSION}-rustc-{}", rustc.release))
+    tools_base().join(format!("bpf-linker-{BPF_LINKER_VERSION}-rustc-{}", rustc.release))
+}
+
+/// Where the tools the project builds for itself live: target/tools, or
+/// METADATA_GUARD_TOOLS_DIR (to share one build between checkouts).
+fn tools_base() -> PathBuf {
+    std::env::var_os("METADATA_GUARD_TOOLS_DIR").map_or_else(|| workspace_root().join("target/tools"), PathBuf::from)
+}
+
+/// cargo-deny, built once into the tools directory; returns the binary.
+pub(crate) fn ensure_cargo_deny() -> Result<PathBuf> {
+    let root = tools_base().join(format!("cargo-deny-{CARGO_DENY_VERSION}"));
+    let deny = root.join("bin/cargo-deny");
+    if runs(&deny) {
+        return Ok(deny);
+    }
+    eprintln!("xtask: building cargo-deny {CARGO_DENY_VERSION} into {} (once; takes a few minutes)", root.display());
+    let mut install = Command::new("cargo");
+    install.args(["install", "cargo-deny", "--locked", "--version", CARGO_DENY_VERSION]).arg("--root").arg(&root);
+    cmd::run(&mut install).with_context(|| {
+        format!("building cargo-deny {CARGO_DENY_VERSION} failed; check that crates.io is reachable and retry")
+    })?;
+    ensure!(runs(&deny), "cargo-deny was installed to {} but does not run", deny.display());
+    Ok(deny)
 }
 
 /// Returns the directory to put first on PATH so rustc finds `bpf-linker`.
@@ -94,7 +117,7 @@ pub(crate) fn ensure_bpf_linker(rustc: &Rustc) -> Result<PathBuf> {
     let root = tools_dir(rustc);
     let bin_dir = root.join("bin");
     let linker = bin_dir.join("bpf-linker");
-    if linker_works(&linker) {
+    if runs(&linker) {
         return Ok(bin_dir);
     }
     let llvm_prefix = root.join("llvm-prefix");
@@ -119,12 +142,13 @@ pub(crate) fn ensure_bpf_linker(rustc: &Rustc) -> Result<PathBuf> {
             llvm_prefix.display()
         )
     })?;
-    ensure!(linker_works(&linker), "bpf-linker was installed to {} but does not run", linker.display());
+    ensure!(runs(&linker), "bpf-linker was installed to {} but does not run", linker.display());
     Ok(bin_dir)
 }
 
-fn linker_works(linker: &Path) -> bool {
-    Command::new(linker).arg("--version").output().is_ok_and(|o| o.status.success())
+/// Whether a tool the project built answers `--version`.
+fn runs(tool: &Path) -> bool {
+    Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 /// bpf-linker's build finds LLVM through `LLVM_PREFIX/lib`; rustc ships its libLLVM as
