@@ -1,6 +1,7 @@
 //! Brings a machine with only rustup's stable toolchain to where it can build eBPF:
 //! the `rust-src` component (for `-Z build-std=core`) and bpf-linker built against
-//! rustc's own libLLVM, in a project-local tools directory.
+//! rustc's own libLLVM, in a project-local tools directory; and to where it can lint:
+//! clippy, rustfmt and cargo-deny (built into the same tools directory).
 //!
 //! Every check here is cheap when things are present, so `build-ebpf` stays fast.
 
