@@ -95,3 +95,27 @@ impl Attempt {
         }
     }
 }
+
+#[cfg(test)]
+impl Attempt {
+    /// For tests: `curl` (pid 4242) in cgroup 12345 connecting over TCP to
+    /// `destination:port`, refused at connect4.
+    pub(crate) fn sample(time: SystemTime, destination: IpAddr, port: u16) -> Attempt {
+        Attempt {
+            time,
+            cgroup_id: 12345,
+            netns_cookie: 7,
+            pid: 4242,
+            tid: 4243,
+            comm: "curl".into(),
+            destination,
+            port,
+            protocol: Protocol::Tcp,
+            hook: Hook::Connect4,
+            verdict: Verdict::Blocked,
+            mapped: false,
+            request: None,
+            source: None,
+        }
+    }
+}

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{rotate::RotatingFile, sink::Sink, AuditSettings, Auditor, MAX_OPEN_WINDOWS};
 use crate::{
-    attempt::{Attempt, Hook, Protocol, Verdict},
+    attempt::{Attempt, Protocol, Verdict},
     pod_identity::{PodIdentity, Qos, Runtime, Workload},
 };
 
@@ -71,20 +71,10 @@ fn pod(uid: &str, container: &str) -> Workload {
 
 fn connect(destination: IpAddr, port: u16) -> Attempt {
     Attempt {
-        time: SystemTime::UNIX_EPOCH,
         cgroup_id: 4711,
         netns_cookie: 9,
-        pid: 4242,
         tid: 4242,
-        comm: "curl".into(),
-        destination,
-        port,
-        protocol: Protocol::Tcp,
-        hook: Hook::Connect4,
-        verdict: Verdict::Blocked,
-        mapped: false,
-        request: None,
-        source: None,
+        ..Attempt::sample(SystemTime::UNIX_EPOCH, destination, port)
     }
 }
 

@@ -12,22 +12,7 @@ use crate::{
 };
 
 fn attempt() -> Attempt {
-    Attempt {
-        time: SystemTime::now(),
-        cgroup_id: 1,
-        netns_cookie: 2,
-        pid: 3,
-        tid: 3,
-        comm: "curl".into(),
-        destination: "169.254.169.254".parse::<IpAddr>().unwrap(),
-        port: 80,
-        protocol: Protocol::Tcp,
-        hook: Hook::Connect4,
-        verdict: Verdict::Blocked,
-        mapped: false,
-        request: None,
-        source: None,
-    }
+    Attempt::sample(SystemTime::now(), "169.254.169.254".parse::<IpAddr>().unwrap(), 80)
 }
 
 fn pod_identity(name: &str) -> PodIdentity {

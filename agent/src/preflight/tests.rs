@@ -167,15 +167,24 @@ fn a_verifier_refusal_is_reported_by_its_last_word() {
     assert!(c.detail.ends_with("R0 pointer arithmetic prohibited for !root") && !c.detail.contains("85:"), "{c:?}");
 }
 
+/// Whether the kernel probes can run: as root. Elsewhere they skip loudly, unless
+/// CI=true, where they fail.
+fn root_or_skip() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: the kernel probes need root");
+    eprintln!("\n!!!!! SKIPPED: the kernel probes need root !!!!!\n");
+    false
+}
+
 /// The real probes on this machine's kernel: as root everything the agent needs is
 /// there; the same probes in a thread without CAP_PERFMON (nor CAP_SYS_ADMIN) name
 /// CAP_PERFMON.
 #[test]
 fn this_kernel_as_root_passes_and_without_cap_perfmon_fails_on_it() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: the kernel probes need root");
-        eprintln!("\n!!!!! SKIPPED: the kernel probes need root !!!!!\n");
+    if !root_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -201,10 +210,7 @@ fn this_kernel_as_root_passes_and_without_cap_perfmon_fails_on_it() {
 /// the kernel refuses it, they show the check `check` shows.
 #[test]
 fn a_refused_load_of_run_reads_as_the_kernel_object_check() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: the kernel probes need root");
-        eprintln!("\n!!!!! SKIPPED: the kernel probes need root !!!!!\n");
+    if !root_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

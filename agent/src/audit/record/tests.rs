@@ -3,10 +3,7 @@
 use std::net::Ipv4Addr;
 
 use super::*;
-use crate::{
-    attempt::{Hook, Protocol, Verdict},
-    pod_identity::{PodIdentity, Qos, Runtime},
-};
+use crate::pod_identity::{PodIdentity, Qos, Runtime};
 
 fn at(rfc3339: &str) -> SystemTime {
     humantime::parse_rfc3339(rfc3339).unwrap()
@@ -25,22 +22,7 @@ fn sample_workload() -> Workload {
 }
 
 fn sample_attempt() -> Attempt {
-    Attempt {
-        time: at("2024-05-01T12:00:04.900Z"),
-        cgroup_id: 12345,
-        netns_cookie: 7,
-        pid: 4242,
-        tid: 4243,
-        comm: "curl".into(),
-        destination: IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
-        port: 80,
-        protocol: Protocol::Tcp,
-        hook: Hook::Connect4,
-        verdict: Verdict::Blocked,
-        mapped: false,
-        request: None,
-        source: None,
-    }
+    Attempt::sample(at("2024-05-01T12:00:04.900Z"), IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)), 80)
 }
 
 #[test]
