@@ -60,6 +60,16 @@ fn is_executable(p: &Path) -> bool {
     p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// For a `#[test]` that runs the agent to test `what`: the binary at
+/// METADATA_GUARD_AGENT, else target/debug/metadata-guard (which `cargo xtask build`
+/// and `cargo xtask test` build); None (skipped loudly, failing under CI) when missing.
+pub fn agent_or_skip(what: &str) -> Option<PathBuf> {
+    let agent = std::env::var_os("METADATA_GUARD_AGENT")
+        .map_or_else(|| workspace_root().join("target/debug/metadata-guard"), PathBuf::from);
+    let problem = (!agent.is_file()).then(|| format!("no {}; build it with `cargo xtask build`", agent.display()));
+    tool_or_skip("the agent", problem, what).then_some(agent)
+}
+
 /// The workspace's root directory (the test crate's parent).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("the workspace root above tests/")

@@ -17,11 +17,13 @@ use std::{
     process::Command,
 };
 
+use metadata_guard_tests::gate;
+
 /// What a newcomer reads in minutes.
 const README_MAX_LINES: usize = 300;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+    gate::workspace_root()
 }
 
 fn read(path: &Path) -> String {
@@ -164,14 +166,7 @@ fn the_readme_gives_the_two_set_up_commands() {
 /// The agent's output for `args`, or None (skipped loudly, failing under CI) when the
 /// agent is not built.
 fn agent(args: &[&str]) -> Option<String> {
-    let agent = std::env::var_os("METADATA_GUARD_AGENT")
-        .map_or_else(|| root().join("target/debug/metadata-guard"), PathBuf::from);
-    if !agent.is_file() {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        assert!(!ci, "CI=true: the docs tests need the agent at {}; run `cargo xtask build`", agent.display());
-        eprintln!("\n!!!!! SKIPPED: no {}; the docs' command-line samples were NOT checked !!!!!\n", agent.display());
-        return None;
-    }
+    let agent = gate::agent_or_skip("the docs' command-line samples")?;
     let out = Command::new(&agent).args(args).output().unwrap();
     assert!(out.status.success(), "metadata-guard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     Some(String::from_utf8(out.stdout).unwrap())

@@ -249,11 +249,7 @@ fn bottlerocket_user_data_runs_an_essential_bootstrap_container_with_a_policy() 
 
 #[test]
 fn recipe_commands_use_flags_the_agent_has() {
-    let agent = std::env::var_os("METADATA_GUARD_AGENT")
-        .map_or_else(|| root().join("target/debug/metadata-guard"), PathBuf::from);
-    if !have("the agent", (!agent.is_file()).then(|| format!("no {}; run `cargo xtask build`", agent.display()))) {
-        return;
-    }
+    let Some(agent) = gate::agent_or_skip("the node recipes") else { return };
     let help = run(Command::new(&agent).args([CLI_OF_APPLY, "--help"]));
     let bottlerocket = bottlerocket_command();
     for (recipe, command) in [(UNIT, unit_command()), ("bottlerocket/Containerfile", bottlerocket)] {
