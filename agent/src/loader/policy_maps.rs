@@ -30,20 +30,16 @@ pub(super) fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_ne
     let idle = 1 - (current.active_policy & 1);
     let (v4_name, v6_name) = pair(idle);
 
-    let mut v4: LpmTrie<&mut MapData, Ipv4Key, DestRules> =
-        LpmTrie::try_from(ebpf.map_mut(v4_name).context("no v4 policy map")?)?;
-    clear(&mut v4).with_context(|| format!("could not clear {v4_name}"))?;
-    for (net, rules) in &policy.v4 {
-        v4.insert(&Key::new(u32::from(net.prefix_len()), net.network().octets()), rules, 0)
-            .with_context(|| format!("could not write {net} into {v4_name}"))?;
-    }
-    let mut v6: LpmTrie<&mut MapData, Ipv6Key, DestRules> =
-        LpmTrie::try_from(ebpf.map_mut(v6_name).context("no v6 policy map")?)?;
-    clear(&mut v6).with_context(|| format!("could not clear {v6_name}"))?;
-    for (net, rules) in &policy.v6 {
-        v6.insert(&Key::new(u32::from(net.prefix_len()), net.network().octets()), rules, 0)
-            .with_context(|| format!("could not write {net} into {v6_name}"))?;
-    }
+    rewrite::<Ipv4Key>(
+        ebpf,
+        v4_name,
+        policy.v4.iter().map(|(net, r)| (net, net.prefix_len(), net.network().octets(), r)),
+    )?;
+    rewrite::<Ipv6Key>(
+        ebpf,
+        v6_name,
+        policy.v6.iter().map(|(net, r)| (net, net.prefix_len(), net.network().octets(), r)),
+    )?;
 
     let new = Settings { host_netns_cookie, mode, active_policy: idle };
     settings(ebpf)?.set(0, new, 0).context("could not switch the kernel to the new policy")?;
@@ -96,6 +92,23 @@ pub(super) fn pair(index: u32) -> (&'static str, &'static str) {
     } else {
         (map_names::POLICY4_B, map_names::POLICY6_B)
     }
+}
+
+/// Empties policy trie `name` and writes `entries` into it: each prefix, its length,
+/// its network's address (the key's data) and its rules.
+fn rewrite<'r, K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    entries: impl Iterator<Item = (impl std::fmt::Display, u8, K, &'r DestRules)>,
+) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, K, DestRules> =
+        LpmTrie::try_from(ebpf.map_mut(name).with_context(|| format!("no policy map {name}"))?)?;
+    clear(&mut trie).with_context(|| format!("could not clear {name}"))?;
+    for (net, len, address, rules) in entries {
+        trie.insert(&Key::new(u32::from(len), address), rules, 0)
+            .with_context(|| format!("could not write {net} into {name}"))?;
+    }
+    Ok(())
 }
 
 fn clear<K: aya::Pod>(trie: &mut LpmTrie<&mut MapData, K, DestRules>) -> Result<()> {
