@@ -140,27 +140,19 @@ pub(super) fn load(ebpf: &mut Ebpf, a: &Attachment, plan: Plan) -> Result<OwnedF
         return Ok(fd.as_fd().try_clone_to_owned()?);
     }
     let refused = || format!("the kernel's verifier refused program {name}");
+    // aya's program types share no trait for `load`: the same three steps for each.
+    macro_rules! load_as {
+        ($program_type:ty) => {{
+            let p: &mut $program_type = program.try_into()?;
+            p.load().with_context(refused)?;
+            p.fd()?.as_fd().try_clone_to_owned()?
+        }};
+    }
     let fd = match a.kind {
-        Kind::SockAddr => {
-            let p: &mut CgroupSockAddr = program.try_into()?;
-            p.load().with_context(refused)?;
-            p.fd()?.as_fd().try_clone_to_owned()?
-        }
-        Kind::SockCreate => {
-            let p: &mut CgroupSock = program.try_into()?;
-            p.load().with_context(refused)?;
-            p.fd()?.as_fd().try_clone_to_owned()?
-        }
-        Kind::Egress => {
-            let p: &mut CgroupSkb = program.try_into()?;
-            p.load().with_context(refused)?;
-            p.fd()?.as_fd().try_clone_to_owned()?
-        }
-        Kind::SockOps => {
-            let p: &mut SockOps = program.try_into()?;
-            p.load().with_context(refused)?;
-            p.fd()?.as_fd().try_clone_to_owned()?
-        }
+        Kind::SockAddr => load_as!(CgroupSockAddr),
+        Kind::SockCreate => load_as!(CgroupSock),
+        Kind::Egress => load_as!(CgroupSkb),
+        Kind::SockOps => load_as!(SockOps),
     };
     Ok(fd)
 }
