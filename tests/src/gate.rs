@@ -46,20 +46,6 @@ pub fn tool_or_skip(tool: &str, problem: Option<String>, what: &str) -> bool {
     false
 }
 
-/// A program on PATH (or in the sbin directories root's PATH has), if any.
-pub fn find_program(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 /// For a `#[test]` that runs the agent to test `what`: the binary at
 /// METADATA_GUARD_AGENT, else target/debug/metadata-guard (which `cargo xtask build`
 /// and `cargo xtask test` build); None (skipped loudly, failing under CI) when missing.
