@@ -88,25 +88,24 @@ fn program_tags(ctx: &Ctx) -> Result<Vec<String>> {
 
 /// Polls until a pod's attempt on `dest` is refused.
 fn wait_refused(ctx: &Ctx, dest: &str, within: Duration) -> Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let out = ctx.try_once(Who::Pod(0), Kind::UdpSendto, dest, 80, false)?;
-        if out.eperm == 1 {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "{dest} was still reachable after {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_pod(ctx, dest, within, true)
 }
 
+/// Polls until a pod's attempt on `dest` is served.
 fn wait_served(ctx: &Ctx, dest: &str, within: Duration) -> Result<()> {
+    wait_for_pod(ctx, dest, within, false)
+}
+
+fn wait_for_pod(ctx: &Ctx, dest: &str, within: Duration, refused: bool) -> Result<()> {
     let deadline = Instant::now() + within;
     loop {
         let out = ctx.try_once(Who::Pod(0), Kind::UdpSendto, dest, 80, false)?;
-        if out.ok == 1 {
+        if (refused && out.eperm == 1) || (!refused && out.ok == 1) {
             return Ok(());
         }
-        ensure!(Instant::now() < deadline, "{dest} was still refused after {within:?}");
+        let still = if refused { "reachable" } else { "refused" };
+        ensure!(Instant::now() < deadline, "{dest} was still {still} after {within:?}");
+        // Each try is a process of its own: no need to spin.
         std::thread::sleep(Duration::from_millis(50));
     }
 }
