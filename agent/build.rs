@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Embeds the kernel object that `cargo xtask build-ebpf` produced.
 //!
 //! `METADATA_GUARD_EBPF_OBJECT` names another object (the xtask uses it for the

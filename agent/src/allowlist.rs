@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Which pods may reach the metadata service without hostNetwork (a metadata proxy,
 //! a cloud node agent): the allow rules matched against the pods on this node, as
 //! the set of cgroup ids the kernel lets through.

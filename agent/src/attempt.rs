@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! One attempt a kernel hook reported, decoded into plain data.
 //!
 //! The event reader turns raw ring-buffer records into [`Attempt`]s; everything after

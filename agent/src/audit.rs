@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The node's audit trail of refused (or, in audit mode, would-be refused) attempts.
 //!
 //! Records are JSON lines (schema: [`record::AuditRecord`]) on stdout or in a rotating file,

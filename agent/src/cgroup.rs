@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Finding the cgroup v2 hierarchy the guard attaches to.
 
 use std::{

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The command line: clap's definitions, and dispatch to [`crate::commands`].
 
 use std::{path::PathBuf, process::ExitCode};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The agent's configuration: a YAML file, flags and environment variables, resolved
 //! into one checked [`Config`].
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The configuration subsystem: reloads on SIGHUP and when the file changes (a
 //! ConfigMap update swaps a symlink; checked every second) and publishes the new
 //! policy on `ctx.policy`, the one road to every enforcement point: each (the kernel

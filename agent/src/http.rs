@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The agent's HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the process
 //! answers) and `/readyz` (every readiness condition holds; 503 naming what is
 //! missing otherwise). HTTP/1.1 by hyper; one request per connection.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Notices containers starting and stopping: inotify on the kubelet's cgroup trees,
 //! so the pod allowlist follows within milliseconds instead of a resync period.
 

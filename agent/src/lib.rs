@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! metadata-guard: blocks pods from the cloud instance metadata service, in the kernel.
 //!
 //! Data flow, one module per step: config → policy → loader (maps, links, pins) →

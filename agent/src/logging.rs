@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Operational logs: stderr, text or JSON lines, colours only for a terminal (a
 //! container's stderr is a pipe into the node's log files).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The `metadata-guard` command: clap, then one library call per command.
 
 use std::process::ExitCode;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Prometheus metrics: what the guard did (from the kernel's own counters), which
 //! pods tried (from the events), and how the trail and the configuration fare.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Who made an attempt: the kernel names a task by its cgroup v2 id, and this turns
 //! the id into a pod (namespace, name, container) or a host cgroup.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Which destinations pods may not reach, as plain data, and its compilation into
 //! the kernel's lookup tables.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `metadata-guard check`: can the guard enforce on this node? Each check says what it
 //! found and, when it fails, how to fix it. `run` and `apply` perform the same checks
 //! and refuse to start half-working; the kernel object they verify by their own load

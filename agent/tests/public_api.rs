@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The library's public surface is what `agent/public-api.txt` lists, no more: a new
 //! `pub` item reachable from outside the crate (a re-export in lib.rs, a public
 //! field or method of a re-exported type, a `pub mod`) fails this test until the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode's maps: where redirected connections go, the endpoints redirected, who
 //! connected, and the counters.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The events ABI: where and how an attempt was judged, the counters of each, and the
 //! event record the kernel sends the agent.
 

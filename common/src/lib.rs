@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The one ABI between metadata-guard's kernel programs and its agent.
 //!
 //! Every map name, map key and value layout, event record and counter slot that both

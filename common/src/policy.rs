@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The policy layout: the mode and settings, the rules of a blocked destination as the
 //! policy tries hold them, their keys and capacities, and the prefilter before them.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The layouts' sizes, the rules' verdicts, the prefilter and the counter slots.
 
 extern crate std;

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0
 # Copies the static agent out of its image, for one architecture, without running
 # it: the binary a node's boot unit runs is then the very file the DaemonSet's image
 # holds. Uses podman, or containerd's ctr where podman is absent.

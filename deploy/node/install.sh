@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0
 # Installs metadata-guard's boot enforcement into a node image (or a running node):
 # the static binary, the policy and the systemd unit, enabled so that it runs before
 # the container runtime and kubelet. Run it where the node image is built (Packer,

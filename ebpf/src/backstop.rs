@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0-only
 //! The packet-level backstop, for what never passes a socket hook: raw sockets (hand
 //! made TCP/UDP, ICMP), ping sockets, and connections opened before the guard.
 //!

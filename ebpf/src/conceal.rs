@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0-only
 //! Conceal mode's kernel part: send a pod's HTTP connections to a metadata endpoint to
 //! the agent's filtering proxy, and tell the proxy who each connection is.
 //!

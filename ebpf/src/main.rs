@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0-only
 //! metadata-guard's kernel side: refuse sockets outside the host's network namespace
 //! that try to reach a blocked (metadata) destination.
 //!

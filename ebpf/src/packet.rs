@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0-only
 //! Reading a packet's destination for the backstop: a fast look at the first four bytes
 //! of the destination address (direct packet access, for the prefilters), and the full
 //! destination — address, transport protocol and port — past IPv4 options and IPv6

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0-only
 //! The one decision every hook shares, and the maps it reads and writes.
 
 use aya_ebpf::{

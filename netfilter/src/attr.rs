@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Netlink attributes (type-length-value, 4-byte aligned): a writer that nests, and a
 //! reader over a byte slice.
 

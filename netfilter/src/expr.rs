@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The expressions an nf_tables rule is made of, and their attributes
 //! (`NFTA_<EXPR>_*` in `include/uapi/linux/netfilter/nf_tables.h`).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Just enough netlink for the host-side guard: nf_tables transactions (one atomic
 //! batch per change), dumps to read a table back, NFLOG to receive the refused
 //! packets, and the rtnetlink queries that map a host interface to a pod's network

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! NFLOG (`nfnetlink_log`): binding a socket to a log group and decoding the packets
 //! the kernel copies to it. Numbers from `include/uapi/linux/netfilter/nfnetlink_log.h`.
 

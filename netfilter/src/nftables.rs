@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! nf_tables messages: a transaction (batch) builder and the expressions a rule is
 //! made of. Numbers from `include/uapi/linux/netfilter/nf_tables.h`; nf_tables
 //! integers are big-endian on the wire.

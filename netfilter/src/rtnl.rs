@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The rtnetlink queries that tie a host interface to a pod: the host's links with
 //! the namespace id of their peer (`IFLA_LINK_NETNSID`) and the device they are
 //! enslaved to (a bridge), the id the host gives a process's network namespace

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A netlink socket bound to one network namespace, with the three exchanges the
 //! guard needs: a request whose every message is acknowledged (a batch), a dump, and
 //! reading multicast messages (NFLOG).

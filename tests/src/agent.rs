@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The real `metadata-guard` binary, started and stopped as a scenario needs.
 
 use std::{

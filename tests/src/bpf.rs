@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The bpf(2) calls the tests make themselves, on aya-obj's generated kernel types (as
 //! the agent's `loader/bpf_sys.rs` does): loading and attaching tiny programs beside
 //! the guard, opening pins, reading what the kernel says of a program or link, map

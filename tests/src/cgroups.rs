@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Throwaway cgroup v2 trees.
 //!
 //! A [`TestCgroup`] keeps its parent alive, so a chain like

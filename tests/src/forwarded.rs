@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The metadata service one hop beyond the node, as on AWS (IMDS is not an address
 //! of the node: the node routes and forwards pods' packets to it). A "cloud"
 //! namespace holds the metadata addresses and a stand-in; a veth joins it to the node

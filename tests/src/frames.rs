@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Whole Ethernet frames written with an `AF_PACKET` socket, as a pod with
 //! `CAP_NET_RAW` can: they enter the node below any IP stack or socket hook of the
 //! pod. Here: a TCP SYN (IPv4 or IPv6) with correct checksums, and a wait for the

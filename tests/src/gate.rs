@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Whether a test can run here: root, the tools it needs, and CI's rule that nothing
 //! may be skipped. Without what it needs a test skips loudly, unless CI=true, where it
 //! fails naming the missing piece; `cargo xtask test` installs the tools and builds the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A kube-proxy-like IPVS virtual service in the node namespace, over generic netlink
 //! (what `ipvsadm -A -t VIP:PORT -s rr; ipvsadm -a -t VIP:PORT -r REAL:PORT -m` does),
 //! with no `ipvsadm` binary in the VM guests.

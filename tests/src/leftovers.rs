@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What a test made and left behind: processes, network namespaces, cgroups, bpffs
 //! mounts and pins. A [`Footprint`] taken before a scenario and another taken after it
 //! differ exactly by what the scenario leaked.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A simulated Kubernetes node for real-kernel tests of metadata-guard.
 //!
 //! Network namespaces stand in for the node and its pods, a stand-in server

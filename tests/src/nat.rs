@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A kube-proxy-like DNAT in the node namespace, over netlink (no `nft` binary in
 //! the VM): a virtual address rewritten to a metadata address at prerouting.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Just enough rtnetlink to wire up a simulated node: veth pairs, links up,
 //! addresses and routes. The socket and the attribute encoding are the workspace's
 //! own (`metadata-guard-netfilter`); the messages here are the tests' alone.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Network namespaces owned by a file descriptor.
 //!
 //! Nothing is bind-mounted under `/run/netns`: a namespace made here lives exactly

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The simulated node every scenario runs on: node and pod namespaces, a metadata
 //! stand-in, a kubelet-like cgroup tree and log directories, and a private bpffs.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Child processes started where a test needs them: in a cgroup (a pod's container,
 //! the agent's DaemonSet pod, a host unit) and, optionally, a network namespace.
 

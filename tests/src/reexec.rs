@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The test programs re-execute themselves for their helper processes: a pod's
 //! sandbox, an attempt made from inside a pod, a benchmark worker. `<exe> <role>
 //! <args...>` runs the role and exits; nothing else of the program runs.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A pod's sandbox process (what the `pause` container is on a real node): it holds
 //! the pod's network namespace and sits in the pod's cgroup, so that the host side
 //! can tell which pod is behind a host interface (namespace → process → cgroup).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A test's own directory, with a bpffs of its own mounted in it so that the test's
 //! pins never meet a real guard's.
 

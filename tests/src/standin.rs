@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The metadata stand-in: what answers on the node's metadata addresses.
 //!
 //! HTTP on TCP 80 and 53, UDP echo on 80 and 53 (all dual-stack), and raw ICMP

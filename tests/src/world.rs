@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A simulated node: a "node" network namespace that answers on the metadata
 //! addresses, and pods wired to it by veth pairs.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The tests' own bpf(2) calls on the real kernel: a program loaded, attached to a
 //! throwaway cgroup both ways, a link swapped to another program, and what the kernel
 //! says of each read back.

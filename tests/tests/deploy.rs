@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The shipped manifests: every overlay renders, validates strictly against the
 //! newest Kubernetes schemas kubernetes-validate knows, and keeps the security
 //! posture docs/install.md promises.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The user docs stay true: README.md stays a short page that links every page under
 //! docs/, every relative link and anchor in them resolves, and the samples that
 //! describe the agent's command line (the command list, the options table, the presets

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The node bootstrap recipes of deploy/node/: the boot unit verifies with
 //! `systemd-analyze verify` after install.sh put it in a node root, is ordered before
 //! the container runtimes and kubelet, runs the DaemonSet's own arguments, and every

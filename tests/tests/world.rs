@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The simulated node on the real kernel: pods reach the stand-in over TCP, UDP
 //! and ICMP, and nothing (namespace, thread, fd, cgroup) outlives its handle.
 //!

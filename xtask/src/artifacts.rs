@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Building the kernel object and the binaries that embed or exercise it.
 
 use std::{

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `cargo xtask bench [--quick]`: release builds of the agent and of mg-bench, the
 //! tools it drives (nft, iptables-nft, bpftool), then the bench itself (root).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Running other programs, with errors that show the command that failed.
 
 use std::process::{Command, Stdio};

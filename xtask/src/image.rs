@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `cargo xtask image`: the agent's container image, and `cargo xtask smoke`: that
 //! image run on a simulated node exactly as the DaemonSet runs it.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `cargo xtask <command>`: the developer commands of metadata-guard.
 
 mod artifacts;

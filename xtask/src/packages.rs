@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Debian packages the developer commands need, installed on demand: a fresh machine
 //! has none of what a developer once installed by hand.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `cargo xtask test`: every test, in the order that fails fastest.
 
 use std::process::Command;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Brings a machine with only rustup's stable toolchain to where it can build eBPF:
 //! the `rust-src` component (for `-Z build-std=core`) and bpf-linker built against
 //! rustc's own libLLVM, in a project-local tools directory; and to where it can lint:

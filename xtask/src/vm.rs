@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `cargo xtask vm-test [--kernel 5.10|6.1|all]`: the real-kernel scenarios on other
 //! kernels than this machine's. Each kernel is a Debian cloud kernel package booted
 //! under QEMU with an initramfs of busybox, static builds of the agent and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The node-wide cap on audit records per second.
 
 use std::time::Instant;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The audit record: one JSON object per line, in a schema that only grows.
 
 use std::{

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! An append-only log file that rotates by size: `audit.log`, `audit.log.1` (newest
 //! rotated) … `audit.log.N` (oldest).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Where audit records go: stdout (the default) or a rotating file.
 
 use std::{

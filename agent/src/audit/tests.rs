@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Scenarios for the whole auditor: attempts in, records out, books balanced.
 
 use std::{

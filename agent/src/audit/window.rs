@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Deduplication windows: identical attempts within a window share one record.
 
 use std::{

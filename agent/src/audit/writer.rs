@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Turns closed-over attempts into written records, under the node-wide rate cap,
 //! and keeps the books on whatever could not be written.
 

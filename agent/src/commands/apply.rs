@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `metadata-guard apply`: the enforcement `run` would put in the kernel (the pinned
 //! programs and the host-side table), installed
 //! (or adopted and updated) once, verified, printed — then exit. Meant for the node's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `metadata-guard check`: whether this kernel and these privileges can enforce.
 
 use std::path::Path;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The commands, one file each; `cli.rs` parses the command line and calls them.
 
 pub mod apply;

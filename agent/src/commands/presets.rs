@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `metadata-guard presets`: the destination presets, what each blocks and what it
 //! leaves open.
 

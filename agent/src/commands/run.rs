@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `metadata-guard run`: installs the guard, then wires the subsystems together and
 //! hands them to the supervisor; no subsystem's logic lives here. Each subsystem owns its task (see `supervise`):
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `metadata-guard uninstall`: detaches and unpins everything the guard put in the
 //! kernel, and removes the host-side table. Idempotent.
 

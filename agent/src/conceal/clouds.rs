@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What each cloud's metadata service may tell a pod, as plain data.
 //!
 //! Deny by default: a request passes only when an `allow` rule (or one of the pod's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The proxy's decision about one request: pass it upstream, or refuse it naming the
 //! rule. Plain logic over the rules in `clouds`, the pod's extra paths and the
 //! normalised request; no I/O.

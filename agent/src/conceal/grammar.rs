@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The strict grammar every request target must fit before any rule sees it.
 //!
 //! A filter and a server that read one target two ways is how a concealed path gets

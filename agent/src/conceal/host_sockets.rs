@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Sockets in the host's network namespace, whatever namespace the agent runs in.
 //!
 //! A socket belongs to the namespace it was created in. The proxy's listener must sit

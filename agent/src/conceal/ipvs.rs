@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Whether IPVS would take the proxy's connections.
 //!
 //! The host-side table keeps the proxy's connections out of connection tracking, so no

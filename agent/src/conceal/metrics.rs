@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode's metrics: proxied requests by result, cloud, path class and pod, and
 //! the kernel's redirect counters.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode: pods keep the harmless metadata (region, zone, instance id) and never
 //! get what makes them the node (credentials, identity tokens, user data).
 //!

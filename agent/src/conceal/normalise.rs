@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! One canonical form of a request's path, so that rules see what the metadata service
 //! will serve and not what the client spelled.
 //!

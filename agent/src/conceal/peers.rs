@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Who is behind a connection the proxy accepted: the kernel's record, looked up by the
 //! connection's peer address and port (the pod's end).
 

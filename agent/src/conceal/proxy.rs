@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The filtering proxy pods are redirected to (hyper, HTTP/1.1).
 //!
 //! Who asks comes from the kernel (the peer table), never from the request. Each

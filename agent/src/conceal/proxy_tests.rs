@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The proxy over real sockets on loopback, with a fake kernel record and a recording
 //! upstream: what a pod gets back, and what reached the "metadata service".
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode as one supervised subsystem of the agent, `conceal`: the proxy's
 //! listener, the kernel's redirect to it, and what it reports (refused requests as
 //! [`Attempt`]s into the audit pipeline, every request and the kernel's redirect

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The proxy's own IMDSv2 session tokens.
 //!
 //! IMDSv2 rests on two things: the token PUT's answer does not leave the instance's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 use super::*;
 
 const POD_A: Holder = Holder::Netns(11);

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The proxy's side towards the metadata service: the rebuilt request, sent on a
 //! fresh host-namespace connection, with the agent's own IMDSv2 token when the pod
 //! proved IMDSv2 with one of the proxy's.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The `conceal` section: conceal mode's settings, beside the mode itself.
 
 use std::net::SocketAddr;

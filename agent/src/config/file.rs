@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The YAML config file: its schema, and its translation into checked plain values.
 //!
 //! Every field is optional so that flags and built-in defaults can fill the gaps;

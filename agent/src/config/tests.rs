@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 use std::{net::IpAddr, path::Path};
 
 use clap::Parser;

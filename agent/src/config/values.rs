@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Value syntaxes shared by the config file and the flags, so both accept the same
 //! spellings and explain a mistake the same way.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The enforcement subsystem of the running agent (`enforcement`): puts each new
 //! policy in force in the kernel guard, publishes the kernel's counters into metrics
 //! and, every second, checks that the pins and the attached cgroup are still there,

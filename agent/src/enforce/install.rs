@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Putting the guard in the kernel — the pinned programs and the host-side table —
 //! for `run` and `apply`: configuration, preflight checks, the node lock, load,
 //! attach, pin, and the table written with the same policy and mode.

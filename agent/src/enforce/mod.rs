@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Enforcement: the guard put in the kernel ([`install`], shared by `run` and
 //! `apply`), the running agent's subsystem that keeps the kernel guard whole and in
 //! force ([`Enforcement`]), and the one answer to "is the guard enforcing?"

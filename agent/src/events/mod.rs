@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Refused attempts → audit records and metrics: the kernel's ring buffer (and any
 //! other enforcement point, through [`crate::supervise::Context::attempts`]) read,
 //! each attempt named after its pod, deduplicated and written.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The event → audit subsystem. It runs on a thread of its own: naming a pod walks
 //! the cgroup tree and reads the kubelet's log directories, and records go to stdout
 //! or a file, all of which block.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Reads the kernel's event ring buffer and decodes each record into an [`Attempt`].
 
 use std::{

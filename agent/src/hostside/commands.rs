@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What `status`, `uninstall` and `check` do for the host-side table.
 
 use std::path::Path;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The second enforcement point: an nf_tables table of the agent's own in the host's
 //! network namespace, judging every packet that enters the host from anything but
 //! its loopback — a pod's veth, another interface, the wire — by the destination it

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the host side sees of a pod: the host end of its veth, or — behind a bridge,
 //! where every pod enters the host's stack through the same device — the bridge and
 //! the pod's source addresses. A pod's network namespace has an id in the host's

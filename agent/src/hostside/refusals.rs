@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Packets the host-side table refused (or, in audit mode, let through), copied to
 //! the agent through NFLOG and turned into [`Attempt`]s for the same audit trail and
 //! metrics as the socket hooks' events.

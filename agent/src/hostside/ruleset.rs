@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! From the compiled policy to the host-side table's content, as plain data: which
 //! destination ranges, for which protocols and ports, lead to the refusal chain.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The host side in the running agent: keeps the table equal to the policy in force,
 //! restores it when it is deleted from the kernel (`nft delete table`, a firewall
 //! reload that flushes every table), publishes its counters and turns its NFLOG

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The host-side table's layout, written as one nf_tables transaction.
 //!
 //! ```text

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

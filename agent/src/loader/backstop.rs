@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! How the packet backstop tells a host socket's packet from a pod's: the choice
 //! decides which programs are loaded and attached (see `programs::Attachment`).
 

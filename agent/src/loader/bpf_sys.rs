@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The bpf(2) commands aya 0.14 does not expose, on aya-obj's generated kernel
 //! types: an fd for a pinned link (aya keeps a link's fd private), the cgroup a link
 //! is attached to (aya's `LinkInfo` has no cgroup member), swapping the program of a

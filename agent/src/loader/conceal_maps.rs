@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode's maps: where the kernel redirects to, which endpoints it redirects,
 //! and the kernel-written records the proxy reads (see ebpf/src/conceal.rs).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Whether the pinned enforcement is still whole (pins removed by hand, the attached
 //! cgroup gone), and restoring what can be restored from what the agent holds.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The guard's pinned links and the programs pinned beside them: attach, swap
 //! (`BPF_LINK_UPDATE`, no gap), move to another cgroup, detach, and read back.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The kernel guard in the kernel: the code that holds the cgroup programs' BPF
 //! objects. It loads the kernel object, fills its maps, attaches its programs to the
 //! cgroup and keeps all of it pinned so enforcement outlives the agent; and, for the

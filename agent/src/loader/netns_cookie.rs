@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Learning the cookie of the host's network namespace, which the kernel programs
 //! compare every socket's namespace against.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Loading the kernel object: its maps created (or reused from their pins) and every
 //! program verified, before anything is attached. What `check` proves possible and
 //! what `run` and `apply` continue from (`Guard::install`).

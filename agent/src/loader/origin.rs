@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Which command of which version put the enforcement in the kernel, and which last
 //! updated it, so that `status` and `check` can say "installed by apply 0.1.0".
 //!

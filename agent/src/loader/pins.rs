@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Where the guard's kernel state lives on bpffs, and who may touch it.
 //!
 //! `<bpffs dir>/v<ABI_VERSION>/maps/<map>`, `.../links/<hook>` and `.../programs/<hook>`

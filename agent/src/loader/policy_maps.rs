@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Writing a policy into the kernel all at once.
 //!
 //! The kernel reads one of two trie pairs, chosen by `Settings::active_policy`. A new

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The guard's programs and how each kind attaches to a cgroup.
 
 use std::{

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `metadata-guard status`: what is in the kernel, read from the pins alone, so it
 //! answers the same whether an agent runs, crashed, or was never restarted.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `status`'s conceal part, read from the pins: where the kernel redirects pods'
 //! metadata HTTP connections (nowhere: they are refused as in enforce mode), which
 //! endpoints, whether anything listens at that address in the host's network

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A map keyed by cgroup id that forgets its oldest entries past a capacity.
 
 use std::collections::{BTreeMap, HashMap};

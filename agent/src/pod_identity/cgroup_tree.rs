@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The cgroup v2 hierarchy as a plain directory tree, where a cgroup's id is the
 //! inode number of its directory.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The kubelet's cgroup names: which pod, QoS class and container a cgroup path
 //! belongs to, under the systemd and the cgroupfs cgroup drivers.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Names the cgroup tree does not hold, from the kubelet's log directories:
 //! `<pods>/<namespace>_<pod>_<uid>/<container>/` and the symlinks
 //! `<containers>/<pod>_<namespace>_<container>-<container id>.log`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Scenarios on a node imitated in a temporary directory: a plain directory tree
 //! stands in for cgroupfs, since a cgroup's id is just its directory's inode number.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Pods that may reach blocked destinations without running on the host network,
 //! such as a metadata proxy that filters what other pods get to see.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! From block rules to the values of the kernel's longest-prefix-match tries.
 //!
 //! An LPM lookup returns only the longest matching prefix, so the value stored for a

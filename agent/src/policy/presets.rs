@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Named sets of block rules, one per cloud, and `default` for all of them at once.
 //!
 //! Port 53 stays open wherever a metadata address also serves DNS (GCE, OCI, some

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The capability checks: what the agent holds, against what loading and attaching
 //! cgroup programs take on this kernel.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What `check` finds on this node: every program type, map type and helper the
 //! embedded kernel object uses, probed with this process's privileges; the object
 //! itself loaded (maps created, programs verified) and thrown away; the pins a

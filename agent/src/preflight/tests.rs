@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `judge`, set-up by set-up: what a node reports decides pass, warn or fail, and the
 //! fix names the real cause.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Supervision: the running agent is a set of named subsystems, none of which may die
 //! silently.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The readiness registry: each subsystem registers a named condition (in its
 //! constructor, before the supervisor starts anything) and says whether it holds;
 //! `/readyz` (see [`crate::http`]) answers 200 only when every one does.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The stand-in's IMDS behaviour on the AWS tree (`/latest/…`, `/<date>/…`), so a
 //! scenario can tell a token the service issued from one it did not:
 //! `PUT /latest/api/token` issues a token (TTL 1 to 21600 s, else 400); a request

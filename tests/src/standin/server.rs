@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The stand-in's serving side: its sockets, and the thread that accepts, answers,
 //! echoes and tallies what arrives.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the guests run: the agent copied out of the image's instance for the guest's
 //! architecture, and static builds of the test-variant agent and mg-scenarios (the
 //! guest has no libc, only what the initramfs holds).

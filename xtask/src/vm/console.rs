@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Reading a guest console log: the kernel release, `metadata-guard check`'s lines,
 //! each scenario's result and the end marker with mg-scenarios' exit code.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The Debian packages the VM matrix boots: cloud kernels and busybox-static, fetched
 //! with apt-get through a private apt state under target/vm/cache (the machine's own
 //! apt configuration and lists stay untouched) and cached there: a package whose

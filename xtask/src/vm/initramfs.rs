@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The guest's whole userspace, as one initramfs: busybox, the agent (both eBPF
 //! variants), mg-scenarios, the kernel modules the scenarios need, and an init script
 //! that prepares the node, runs `check` and the scenarios, and powers off.

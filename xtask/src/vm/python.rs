@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A Python for the guests. The real-SDK conceal scenario (mg-scenarios'
 //! conceal_moto.rs: moto's IMDS emulator as the metadata service, botocore and boto3
 //! as the clients) needs one, and the initramfs holds only busybox and static binaries.

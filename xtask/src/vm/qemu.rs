@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Boots one kernel with the initramfs under QEMU, saving the guest's serial console
 //! to a log, with a deadline after which the VM is killed.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The matrix's results: each scenario per kernel, and what each kernel supports,
 //! derived only from which scenarios passed and what `check` said — printed, and
 //! written to docs/kernels.md when every kernel ran.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The record as written: its documented samples, nulls, clamped times, reading it back.
 
 use std::net::Ipv4Addr;

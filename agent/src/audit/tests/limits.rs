@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Scenarios at the limits: storms, the rate cap, the key limit, losses, failed
 //! writes and shutdown. Whatever happens, every attempt is accounted for.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode's part of the host-side table: the connections the kernel redirects to
 //! the proxy are exempt from connection tracking, so no NAT rule can take them.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The prefilter every packet the node receives, forwards or sends goes through: one
 //! rule per family at the head of each base chain that accepts the packet when no
 //! shape covers the first 16 bits (the lead) of its destination — nearly every packet

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Each preset blocks what it says, leaves DNS open, and compiles.
 
 use metadata_guard_common::{PROTO_OTHER, PROTO_TCP, PROTO_UDP};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The bench's world: the simulated node of the scenarios (its first pod is the one
 //! that measures), a second cgroup of the same depth outside the guard's attach
 //! point (the "no guard" case, with the host-side table dormant), sink servers in the node namespace, the agent, and

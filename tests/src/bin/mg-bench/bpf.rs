@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the bench does with bpf(2) (through the tests' own calls, `metadata_guard_tests::bpf`):
 //! add and remove allowlist entries and switch on the kernel's run-time statistics
 //! (the empty programs are in `floor`).

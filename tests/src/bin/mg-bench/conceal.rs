@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode's figures: what it costs a connect it does not redirect (9b), and a
 //! request it lets through (9). The same metadata GET,
 //! each on a new connection, from the host network (straight to the stand-in) and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Why a target was missed: each allowed-path figure's time split at the floor (the
 //! guard's hooks with nothing in them) into the kernel's hook overhead below it and
 //! the guard's own work above it, the latter split again into the programs' share

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Figures 1–4: the allowed TCP and UDP paths, bulk throughput and the refused path,
 //! each with no guard, the guard, and firewall rules, interleaved.
 

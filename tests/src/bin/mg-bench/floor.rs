@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The floor under the guard: its own hooks with nothing to do. For a sample of
 //! [`Variant::Empty`](crate::variant::Variant) the guard's pinned links run programs
 //! that only `return 1` (swapped in with `BPF_LINK_UPDATE`, so the cgroup, the links

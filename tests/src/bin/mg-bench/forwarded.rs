@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Figure 8: forwarded pod traffic — a pod talking to a network one hop beyond the
 //! node, through the node (as pods reach other nodes, or IMDS where it is not a
 //! local address). The guard's programs run in the pod; a node firewall judges the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! mg-bench: what metadata-guard costs, side by side with no guard and with
 //! iptables/nftables rules, on the scenarios' simulated node (real kernel, real
 //! agent, namespaces and cgroups of its own).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The BPF profile: where the guard's nanoseconds go, per operation, beside empty
 //! programs on the same hooks (kernel BPF statistics).
 

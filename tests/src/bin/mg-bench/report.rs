@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the figures produce, and how it is written: docs/benchmarks/results.md and
 //! an SVG chart of the headline ratios (drawn by hand: a few rectangles need no
 //! plotting library, nor fonts).

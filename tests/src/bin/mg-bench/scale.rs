@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Figures 5–7: policy scale, the event storm and the agent's footprint (the BPF
 //! profile, where the guard's nanoseconds go, is `profile`).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The ways a node can be set up for one sample, and the switch between them.
 //!
 //! Every switch is a few syscalls from this process — one nf_tables transaction that

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The pod side of every measurement: a child process that joins a pod's network
 //! namespace once, then takes one JSON command a line on stdin and answers each with
 //! one JSON line on stdout.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A pod (or host) process trying to reach an address: the child side.
 //!
 //! The runner re-executes itself as `mg-scenarios attempt ...`; the child joins the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! No way around it: every path a pod might take to the metadata address, including
 //! those the socket hooks never see, is stopped before anything reaches the node.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The block itself: pods are refused the metadata service by every socket route,
 //! host-network processes and everything else are served.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Closed from the first second: `metadata-guard apply` at the node's boot puts the
 //! block in the kernel before any pod exists; the DaemonSet's agent adopts it.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode: a pod's HTTP requests to the metadata service go through the agent's
 //! filtering proxy. Raw HTTP from pod processes (no Python needed, so these also run
 //! in the VM guests); what arrives at the stand-in is counted, so a refusal is proven

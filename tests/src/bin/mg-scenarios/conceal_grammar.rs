@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode's strict grammar on the real kernel: the request targets a lenient
 //! server could read as a concealed path, under the trees that pass whole, are
 //! refused at the proxy and nothing reaches the service (the unit tests judge the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode with real clients: moto's IMDS emulator as the metadata service and
 //! botocore/boto3 as the SDK, in a simulated node of their own (the shared node's
 //! stand-in holds port 80 on every metadata address).

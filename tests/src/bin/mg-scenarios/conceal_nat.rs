@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode against a node whose NAT would take the proxy's place: a kube-proxy
 //! style DNAT of the proxy's address and port (a Service with `externalIPs:
 //! [NODE_IP]`, a `hostPort`) to an attacker's pod, written with iptables and with

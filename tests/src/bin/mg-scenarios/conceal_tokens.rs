@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode's IMDSv2 tokens against a stand-in that requires IMDSv2 (as an
 //! instance with `HttpTokens: required`) and logs every request: a pod's token is the
 //! proxy's, good for that pod only and for its TTL; it never reaches the service, and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode with no agent: no proxy runs before the DaemonSet's agent (`apply` at
 //! the node's boot) or after it stops, and pods must then be refused as in enforce
 //! mode, never sent to a port nobody answers.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the protocol scenarios send and count: hand-made IPv6 packets, and taps in
 //! the node that count frames on a pod's veth and datagrams of any protocol.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What every scenario shares: the node, the agent under test, and the ways to try
 //! a destination from a pod or from the host and to judge the outcome.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Honest health: /readyz says what is missing when enforcement or the audit trail
 //! breaks under the running agent, the agent restores what it can, liveness cannot
 //! be starved, and logs are fit for machines.

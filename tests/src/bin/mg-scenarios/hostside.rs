@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The host side: what enters the node from a pod is judged by its final destination
 //! in the node, whatever the pod's own kernel did or did not see — frames written
 //! with `AF_PACKET`, and Service addresses the node rewrites to a metadata address.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Pods behind a bridge (kubenet's `cbr0`, the `bridge` CNI plugin's `cni0`): every
 //! pod enters the node's stack through the bridge, so the host side tells an
 //! allowlisted pod from its neighbours by source address, on that bridge only.

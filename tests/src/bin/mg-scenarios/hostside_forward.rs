@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The forwarded topology: the metadata service one hop beyond the node (as on AWS),
 //! reached through the node's forwarding. Every bypass path is tried against it;
 //! arrivals are counted in the namespace beyond the node.

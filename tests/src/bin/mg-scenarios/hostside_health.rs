@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The host-side table under the running agent's health check: deleted by hand
 //! (`nft delete table inet metadata_guard`, a firewall manager flushing the ruleset),
 //! it turns /readyz 503 and `status` says so until the agent has put it back; put to

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! kube-proxy in IPVS mode: a Service (here a NodePort-like service on the node's own
 //! address) whose endpoint is a metadata address. IPVS rewrites in the node's
 //! `input` path itself and, for a real server that is not local, sends the packet on

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The host side knows pods by the host end of their interface: an allowlisted pod
 //! passes it on every path, and its refusals name the pod in the audit trail.
 

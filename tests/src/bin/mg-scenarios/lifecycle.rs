@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Fail-closed lifecycle: the block outlives the agent through kills, restarts,
 //! upgrades and reconfiguration; operators can see and remove what is in the kernel.
 

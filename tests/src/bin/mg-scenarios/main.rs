@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! mg-scenarios: metadata-guard's real-kernel scenarios, as one self-contained
 //! program (no tools beyond itself and the agent binary), so the very same scenarios
 //! run on this machine and inside a VM with another kernel.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Another cgroup program on the guard's cgroup, as Cilium's socket load balancer
 //! would attach: a connect4 program that allows everything. Loaded with the tests' own
 //! bpf(2) calls so the scenarios need no second BPF toolchain; its run count (kernel

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Counts IPv4 packets of one protocol arriving in the node namespace, whatever
 //! socket (if any) would take them: the proof that a raw packet was stopped, not
 //! just ignored by a server.

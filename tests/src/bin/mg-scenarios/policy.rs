@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Destination policy: each preset blocks what it lists and nothing else, and the pod
 //! allowlist lets the chosen pods through while their neighbours stay blocked.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Headers and protocols a pod might hide behind: raw IPv6 packets with extension
 //! headers or in fragments, to a destination blocked on one port only, and the
 //! transport protocols beside TCP and UDP (UDP-Lite, SCTP, DCCP). Every case counts

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Ways around the socket hooks that a hostile pod would try: raw packets and TCP Fast
 //! Open. Each returns the send's own result; arrival is judged at the stand-in.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The audit trail: who tried, when, how often, and was it stopped — from the audit
 //! records and from /metrics.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! mg-smoke: the agent's container image, run on a simulated node the way the
 //! DaemonSet runs it (exactly its capabilities, its seccomp type, mounts, probes and
 //! limits, read from the rendered manifests), then checked from a pod and from the

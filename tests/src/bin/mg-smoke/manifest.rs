@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The DaemonSet's container, read from the rendered kustomization, as what a
 //! container runtime needs: image-independent settings the smoke test replays
 //! with podman. Reading them from the manifest (instead of repeating them here)

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The simulated node the image runs on: the node's network namespace with the
 //! metadata stand-in, one pod wired to it, a cgroup subtree standing in for the
 //! host's cgroup root, the kubelet's log directories and a private bpffs.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A manifest's container run with podman the way a kubelet would run it, on the
 //! simulated node: the node's namespace as the host network, the simulated node's
 //! directories in place of the host paths.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `seccompProfile: RuntimeDefault` as the Kubernetes runtimes give it today.
 //!
 //! containerd (1.6.9+, 1.7+) and CRI-O (1.31+, whose default is containers-common's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! An upgrade under the manifest's capabilities: the pinned `connect4` link is made to
 //! run another program (as an agent of another version would have left it), so the
 //! next agent container, holding exactly the manifest's capabilities, must recognise
