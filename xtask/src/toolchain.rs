@@ -91,10 +91,20 @@ pub(crate) fn tools_dir(rustc: &Rustc) -> PathBuf {
     tools_base().join(format!("bpf-linker-{BPF_LINKER_VERSION}-rustc-{}", rustc.release))
 }
 
-/// Where the tools the project builds for itself live: target/tools, or
-/// METADATA_GUARD_TOOLS_DIR (to share one build between checkouts).
+/// Where the tools the project builds for itself live: METADATA_GUARD_TOOLS_DIR, else
+/// the user's cache (`$XDG_CACHE_HOME` or `~/.cache`, `metadata-guard/tools`), so that
+/// every checkout of one machine shares one build of each (a fresh clone does not spend
+/// minutes rebuilding cargo-deny and bpf-linker); target/tools where there is no home.
+/// Each tool's directory is keyed by its version (bpf-linker's also by rustc's).
 fn tools_base() -> PathBuf {
-    std::env::var_os("METADATA_GUARD_TOOLS_DIR").map_or_else(|| workspace_root().join("target/tools"), PathBuf::from)
+    if let Some(dir) = std::env::var_os("METADATA_GUARD_TOOLS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
+    cache.map_or_else(|| workspace_root().join("target/tools"), |c| c.join("metadata-guard/tools"))
 }
 
 /// cargo-deny, built once into the tools directory; returns the binary.
