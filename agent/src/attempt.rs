@@ -77,12 +77,16 @@ pub struct ConcealedRequest {
     /// The normalised path (the raw target when it had no normal form).
     pub path: String,
     pub rule: String,
+    /// Set when a pod's own identity answered (or its token was refused).
+    pub identity: Option<crate::identity::IdentityNote>,
 }
 
 impl Attempt {
     /// The verdict as records and metrics name it: `concealed` for a refused request.
     pub fn verdict_name(&self) -> &'static str {
-        if self.request.is_some() {
+        if self.request.as_ref().is_some_and(|r| r.identity.is_some()) {
+            "identity"
+        } else if self.request.is_some() {
             "concealed"
         } else {
             self.verdict.name()

@@ -27,6 +27,7 @@ use serde::Deserialize;
 pub(crate) use self::conceal::known_metadata_tree;
 pub use self::conceal::{is_aws_date, ConcealConfig, ExtraPaths};
 use crate::audit::{AuditSettings, AuditSettingsError};
+use crate::identity::DEFAULT_KUBELET_DIR;
 use crate::policy::{compile, parse_cidr, AllowRule, BlockRule, CompiledPolicy, PolicyError, Preset};
 
 const DEFAULT_POD_LOGS_DIR: &str = "/var/log/pods";
@@ -106,6 +107,10 @@ pub struct ConfigArgs {
     /// Where the kubelet links container logs [default: /var/log/containers].
     #[arg(long, value_name = "DIR")]
     pub container_logs_dir: Option<PathBuf>,
+    /// Where the kubelet keeps its state; conceal mode's identities read each pod's
+    /// service-account token from its pods/ directory [default: /var/lib/kubelet].
+    #[arg(long, value_name = "DIR")]
+    pub kubelet_dir: Option<PathBuf>,
     /// Write audit records to this file, rotated by size [default: stdout].
     #[arg(long = "audit-log", value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
@@ -150,6 +155,7 @@ pub struct Config {
     pub node_name: String,
     pub pod_logs_dir: PathBuf,
     pub container_logs_dir: PathBuf,
+    pub kubelet_dir: PathBuf,
     pub metrics_addr: SocketAddr,
     pub conceal: ConcealConfig,
 }
@@ -245,8 +251,9 @@ fn resolve(args: &ConfigArgs, file: file::FileValues) -> Result<Config, ConfigEr
             .clone()
             .or(file.container_logs_dir)
             .unwrap_or_else(|| DEFAULT_CONTAINER_LOGS_DIR.into()),
+        kubelet_dir: args.kubelet_dir.clone().or(file.kubelet_dir).unwrap_or_else(|| DEFAULT_KUBELET_DIR.into()),
         metrics_addr: args.metrics_addr.or(file.metrics_addr).unwrap_or(DEFAULT_METRICS_ADDR),
-        conceal: ConcealConfig { addr: args.conceal_addr.or(file.conceal.addr), extra_paths: file.conceal.extra_paths },
+        conceal: ConcealConfig { addr: args.conceal_addr.or(file.conceal.addr), ..file.conceal },
     };
     if config.mode == Mode::Conceal && config.conceal.addr.is_none() {
         return Err(ConfigError::Invalid {

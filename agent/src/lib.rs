@@ -18,7 +18,7 @@
 //! counters, NFLOG refusals), `config_watch` (reloads; publishes each new policy,
 //! which every enforcement point puts in force itself), `allowlist` (pod allowlist
 //! sync), `events` (event → audit pipeline), `conceal` (conceal mode's filtering
-//! proxy) and `http` (/metrics, /healthz, /readyz).
+//! proxy, with pods' own cloud identities from `identity`) and `http` (/metrics, /healthz, /readyz).
 
 #![expect(
     unreachable_pub,
@@ -39,6 +39,7 @@ pub(crate) mod enforce;
 pub(crate) mod events;
 pub(crate) mod hostside;
 pub(crate) mod http;
+pub(crate) mod identity;
 pub(crate) mod kubepods_watch;
 pub(crate) mod loader;
 pub(crate) mod logging;

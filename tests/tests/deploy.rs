@@ -207,6 +207,16 @@ fn agent_posture(overlay: &str, docs: &[Value]) {
     assert_eq!(mount("/var/log/pods"), (Some("/var/log/pods"), true, None), "{overlay}");
     assert_eq!(mount("/var/log/containers"), (Some("/var/log/containers"), true, None), "{overlay}");
     assert!(mount("/etc/metadata-guard").1, "{overlay}: config read-only");
+    // Pods' tokens, for their own identities: conceal mode only, read-only, and seeing
+    // the token volumes of pods started after the agent.
+    let kubelet_pods =
+        c["volumeMounts"].as_sequence().unwrap().iter().any(|m| m["mountPath"] == "/var/lib/kubelet/pods");
+    if overlay == "overlays/conceal" {
+        let expected = (Some("/var/lib/kubelet/pods"), true, Some("HostToContainer"));
+        assert_eq!(mount("/var/lib/kubelet/pods"), expected, "{overlay}");
+    } else {
+        assert!(!kubelet_pods, "{overlay}: only conceal mode reads the kubelet's pods directory");
+    }
 
     // The policy file is the repository's, byte for byte, and parses.
     let config = one(docs, "ConfigMap")["data"]["config.yaml"].as_str().expect("config.yaml in the ConfigMap");

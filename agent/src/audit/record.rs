@@ -118,6 +118,15 @@ pub struct Record<S, T> {
     /// The rule that refused it (e.g. `aws-iam-credentials`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<S>,
+    /// `verdict: "identity"` only: the role (ARN) the pod was given or asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<S>,
+    /// `verdict: "identity"` only: `served`, `token_refused` or `sts_error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_result: Option<S>,
+    /// `verdict: "identity"` only: why the pod got no credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_reason: Option<S>,
 }
 
 /// A record as the agent writes it.
@@ -191,6 +200,7 @@ impl<'a> Record<&'a str, SystemTime> {
         latest: &'a Attempt,
         tally: Tally,
     ) -> AuditRecord<'a> {
+        let identity = latest.request.as_ref().and_then(|r| r.identity.as_ref());
         let (workload_kind, pod, cgroup) = match workload {
             Workload::Pod(pod) => ("pod", Some(pod), None),
             Workload::Host { cgroup_path } => ("host", None, Some(cgroup_path.as_str())),
@@ -230,6 +240,9 @@ impl<'a> Record<&'a str, SystemTime> {
             method: latest.request.as_ref().map(|r| r.method.as_str()),
             path: latest.request.as_ref().map(|r| r.path.as_str()),
             rule: latest.request.as_ref().map(|r| r.rule.as_str()),
+            role: identity.and_then(|i| i.role.as_deref()),
+            identity_result: identity.map(|i| i.result.name()),
+            identity_reason: identity.and_then(|i| i.reason.as_deref()),
         }
     }
 }

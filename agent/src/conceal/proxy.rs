@@ -96,6 +96,8 @@ pub struct Outcome {
     /// Status the pod got.
     pub status: u16,
     pub elapsed: Duration,
+    /// Set when a pod's own identity answered (or was refused) on a credential path.
+    pub identity: Option<crate::identity::IdentityNote>,
 }
 
 pub type Identify = Arc<dyn Fn(u64) -> Workload + Send + Sync>;
@@ -114,6 +116,8 @@ pub struct Proxy {
     pub tokens: PodTokens,
     /// The agent's own IMDSv2 token, per metadata endpoint.
     upstream_tokens: tokio::sync::Mutex<HashMap<SocketAddr, UpstreamToken>>,
+    /// Pods' own identities on the credential paths; None: those stay concealed.
+    identity: RwLock<Option<Arc<dyn crate::identity::IdentitySource>>>,
 }
 
 impl Proxy {
@@ -135,6 +139,7 @@ impl Proxy {
             per_pod: Mutex::default(),
             tokens: PodTokens::default(),
             upstream_tokens: tokio::sync::Mutex::default(),
+            identity: RwLock::default(),
         }
     }
 
@@ -244,10 +249,12 @@ impl ConnCtx {
                 decision = Decision::Refuse { status: 401, rule: "aws-token".into(), reason };
             }
         }
-        let response = match &decision {
-            Decision::Refuse { status, rule, reason } => refusal(*status, rule, reason, &req),
-            Decision::Pass { class: "token", .. } => self.mint(&req, holder),
-            Decision::Pass { query, .. } => {
+        let (answered, identity) = self.own_identity(&mut decision, path.as_ref(), &req, token.is_some()).await;
+        let response = match (answered, &decision) {
+            (Some(r), _) => r,
+            (None, Decision::Refuse { status, rule, reason }) => refusal(*status, rule, reason, &req),
+            (None, Decision::Pass { class: "token", .. }) => self.mint(&req, holder),
+            (None, Decision::Pass { query, .. }) => {
                 let path = path.as_ref().expect("a passed request has a normal path");
                 match self.forward(&req, path, query, aws && token.is_some()).await {
                     Ok(r) => r,
@@ -267,6 +274,7 @@ impl ConnCtx {
             decision,
             status: response.status().as_u16(),
             elapsed: started.elapsed(),
+            identity,
         });
         response
     }
@@ -387,3 +395,6 @@ mod tests;
 
 #[path = "upstream.rs"]
 mod upstream;
+
+#[path = "own_identity.rs"]
+mod own_identity;

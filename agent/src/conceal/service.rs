@@ -34,6 +34,7 @@ use super::{
     peers::KernelPeers,
     proxy::{Outcome, Proxy},
 };
+use crate::identity::{aws::AwsSource, metrics::IdentityMetrics, IdentitySource as _};
 use crate::{
     attempt::{Attempt, ConcealedRequest, Hook, Protocol, Verdict},
     config::{Config, Mode},
@@ -43,6 +44,8 @@ use crate::{
 
 /// How often the kernel's counters are published (and a failed bind retried).
 const TICK: Duration = Duration::from_secs(1);
+/// How often pods' kept credentials are checked against the pods still running.
+const FORGET_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Conceal {
     host_netns: Option<PathBuf>,
@@ -55,6 +58,9 @@ pub struct Conceal {
 struct Bound {
     addr: SocketAddr,
     proxy: Arc<Proxy>,
+    resolver: Arc<Mutex<PodResolver>>,
+    /// Pods' own AWS identities, while configured.
+    aws: Option<Arc<AwsSource>>,
     stop: watch::Sender<bool>,
     serving: JoinHandle<()>,
 }
@@ -70,6 +76,8 @@ impl Conceal {
     /// meanwhile pods' metadata connections are refused as in enforce mode.
     pub async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
         let metrics = Arc::new(ConcealMetrics::register(&ctx.metrics));
+        let identity_metrics = Arc::new(IdentityMetrics::register(&ctx.metrics));
+        let mut forgot_at = std::time::Instant::now();
         let mut policy = ctx.policy.clone();
         let mut bound: Option<Bound> = None;
         let mut tick = tokio::time::interval(TICK);
@@ -78,7 +86,9 @@ impl Conceal {
         loop {
             if !settled {
                 let config = policy.borrow_and_update().config.clone();
-                match self.put_in_force(&ctx, &config, &mut bound, &metrics).await {
+                let put = self.put_in_force(&ctx, &config, &mut bound, &metrics).await;
+                let put = put.and_then(|()| self.identities_in_force(&config, bound.as_mut(), &identity_metrics));
+                match put {
                     Ok(()) => {
                         settled = true;
                         if reported.take().is_some() {
@@ -105,6 +115,12 @@ impl Conceal {
                     let redirecting = bound.as_ref().filter(|_| policy.borrow().config.mode == Mode::Conceal);
                     if settled && redirecting.is_some_and(|b| self.ipvs_claims(b.addr)) {
                         settled = false;
+                    }
+                    if forgot_at.elapsed() >= FORGET_INTERVAL {
+                        forgot_at = std::time::Instant::now();
+                        if let Some(b) = bound.as_ref() {
+                            forget_gone_pods(b);
+                        }
                     }
                 }
             }
@@ -185,6 +201,44 @@ impl Conceal {
         }
     }
 
+    /// Gives the proxy the pods' own identities `config` asks for, keeping the kept
+    /// credentials of pods across reloads (a pod whose role changed starts afresh).
+    fn identities_in_force(
+        &self,
+        config: &Config,
+        bound: Option<&mut Bound>,
+        metrics: &Arc<IdentityMetrics>,
+    ) -> Result<()> {
+        let Some(b) = bound else { return Ok(()) };
+        match (&config.conceal.identity.aws, &b.aws) {
+            (None, _) => {
+                if b.aws.take().is_some() {
+                    info!("identity: pods' own AWS credentials are off; their credential paths are concealed");
+                }
+                b.proxy.set_identity(None);
+            }
+            (Some(aws), Some(source)) => source.set(config.kubelet_dir.clone(), aws.clone()),
+            (Some(aws), None) => {
+                let sockets = HostSockets::new(self.host_netns.as_deref())?;
+                let source = Arc::new(AwsSource::new(
+                    config.kubelet_dir.clone(),
+                    aws.clone(),
+                    sockets,
+                    metrics.clone(),
+                    Arc::new(SystemTime::now),
+                ));
+                b.proxy.set_identity(Some(source.clone()));
+                b.aws = Some(source);
+                info!(
+                    roles = aws.roles.len(),
+                    kubelet_dir = %config.kubelet_dir.display(),
+                    "identity: mapped pods get their own role's credentials"
+                );
+            }
+        }
+        Ok(())
+    }
+
     async fn bind(
         &self,
         ctx: &Context,
@@ -195,11 +249,12 @@ impl Conceal {
         let sockets = HostSockets::new(self.host_netns.as_deref())?;
         let listener = sockets.listen(addr).await?;
         let peers = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).conceal_peers()?;
-        let resolver = Mutex::new(PodResolver::new(
+        let resolver = Arc::new(Mutex::new(PodResolver::new(
             ctx.cgroup.clone(),
             config.pod_logs_dir.clone(),
             config.container_logs_dir.clone(),
-        ));
+        )));
+        let identify = resolver.clone();
         let (attempts, metrics) = (ctx.attempts.clone(), metrics.clone());
         let report = move |outcome: Outcome| {
             debug!(
@@ -212,7 +267,7 @@ impl Conceal {
                 "conceal proxy request"
             );
             metrics.request(&outcome);
-            if let Some(attempt) = refusal_attempt(&outcome) {
+            if let Some(attempt) = audit_attempt(&outcome) {
                 if attempts.try_send(attempt).is_err() {
                     warn!("the audit queue is full; a concealed request goes unrecorded");
                 }
@@ -221,7 +276,7 @@ impl Conceal {
         let proxy = Arc::new(Proxy::new(
             Arc::new(KernelPeers::new(peers)),
             Arc::new(move |cgroup_id| {
-                resolver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).resolve(cgroup_id)
+                identify.lock().unwrap_or_else(std::sync::PoisonError::into_inner).resolve(cgroup_id)
             }),
             Arc::new(report),
             endpoints(&config.block),
@@ -231,7 +286,7 @@ impl Conceal {
         let (stop, stopped) = watch::channel(false);
         let serving = tokio::spawn(proxy.clone().serve(listener, stopped));
         info!(%addr, "conceal proxy listening");
-        Ok(Bound { addr, proxy, stop, serving })
+        Ok(Bound { addr, proxy, resolver, aws: None, stop, serving })
     }
 }
 
@@ -267,10 +322,24 @@ fn publish_counters(ctx: &Context, metrics: &ConcealMetrics) {
     }
 }
 
-/// A refused request as an attempt for the audit pipeline, which names its pod from
-/// the cgroup id like any other attempt.
-fn refusal_attempt(outcome: &Outcome) -> Option<Attempt> {
-    let Decision::Refuse { rule, .. } = &outcome.decision else { return None };
+/// Drops the kept credentials of pods whose cgroups are gone.
+fn forget_gone_pods(bound: &Bound) {
+    let Some(aws) = bound.aws.as_ref().filter(|a| a.keeps_any()) else { return };
+    let live: std::collections::HashSet<String> = {
+        let mut resolver = bound.resolver.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        resolver.forget_vanished();
+        resolver.rescan_pods().into_iter().map(|(_, pod)| pod.pod_uid).collect()
+    };
+    aws.forget(&|uid| live.contains(uid));
+}
+
+/// A refused request, or one a pod's own identity answered, as an attempt for the
+/// audit pipeline, which names its pod from the cgroup id like any other attempt.
+fn audit_attempt(outcome: &Outcome) -> Option<Attempt> {
+    let rule = match (&outcome.decision, &outcome.identity) {
+        (Decision::Refuse { rule, .. }, _) | (Decision::Pass { rule, .. }, Some(_)) => rule,
+        (Decision::Pass { .. }, None) => return None,
+    };
     let destination = outcome.destination.ip().to_canonical();
     Some(Attempt {
         time: SystemTime::now(),
@@ -290,6 +359,7 @@ fn refusal_attempt(outcome: &Outcome) -> Option<Attempt> {
             method: outcome.method.clone(),
             path: outcome.path.clone(),
             rule: rule.clone(),
+            identity: outcome.identity.clone(),
         }),
     })
 }
@@ -311,6 +381,7 @@ mod tests {
             decision,
             status: 404,
             elapsed: Duration::ZERO,
+            identity: None,
         }
     }
 
@@ -318,14 +389,14 @@ mod tests {
     fn only_refusals_become_attempts_and_they_are_concealed() {
         let pass =
             Decision::Pass { cloud: None, class: "listing", rule: "root-listing".into(), query: Default::default() };
-        assert!(refusal_attempt(&outcome(pass, "169.254.169.254:80")).is_none());
+        assert!(audit_attempt(&outcome(pass, "169.254.169.254:80")).is_none());
         let refuse = Decision::Refuse { status: 404, rule: "aws-iam-credentials".into(), reason: String::new() };
-        let attempt = refusal_attempt(&outcome(refuse.clone(), "169.254.169.254:80")).unwrap();
+        let attempt = audit_attempt(&outcome(refuse.clone(), "169.254.169.254:80")).unwrap();
         assert_eq!(attempt.verdict_name(), "concealed");
         assert_eq!(attempt.hook, Hook::Connect4);
         let request = attempt.request.unwrap();
         assert_eq!((request.method.as_str(), request.rule.as_str()), ("GET", "aws-iam-credentials"));
-        let v6 = refusal_attempt(&outcome(refuse, "[fd00:ec2::254]:80")).unwrap();
+        let v6 = audit_attempt(&outcome(refuse, "[fd00:ec2::254]:80")).unwrap();
         assert_eq!((v6.hook, v6.family()), (Hook::Connect6, "ipv6"));
     }
 }

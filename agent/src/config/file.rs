@@ -17,6 +17,11 @@ use super::{
     values::{ByteSize, Cidr, ListenAddr, Parsed, Port},
     ConcealConfig, ConfigError, ExtraPaths, Mode, Origin,
 };
+use crate::identity::{
+    https::Endpoint,
+    roles::{first_duplicate, RoleArn, RoleMapping},
+    AwsIdentityConfig, IdentityConfig, MAX_SESSION_DURATION, MIN_SESSION_DURATION,
+};
 use crate::policy::{AllowRule, BlockRule, PortMatch, Preset};
 
 /// What a config file sets, checked; `None` where the file is silent.
@@ -33,6 +38,7 @@ pub(super) struct FileValues {
     pub node_name: Option<String>,
     pub pod_logs_dir: Option<PathBuf>,
     pub container_logs_dir: Option<PathBuf>,
+    pub kubelet_dir: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
     pub conceal: ConcealConfig,
 }
@@ -71,6 +77,7 @@ struct FileConfig {
     node_name: Option<String>,
     pod_logs_dir: Option<PathBuf>,
     container_logs_dir: Option<PathBuf>,
+    kubelet_dir: Option<PathBuf>,
     metrics: Option<MetricsFile>,
     conceal: Option<ConcealFile>,
 }
@@ -80,6 +87,31 @@ struct FileConfig {
 struct ConcealFile {
     addr: Option<Parsed<ListenAddr>>,
     extra_paths: Option<Vec<ExtraPaths>>,
+    identity: Option<IdentityFile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct IdentityFile {
+    aws: Option<AwsFile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AwsFile {
+    sts_endpoint: Option<Parsed<Endpoint>>,
+    token_volume: Option<String>,
+    roles: Option<Vec<RoleFile>>,
+    session_duration: Option<Parsed<humantime::Duration>>,
+    refresh_before: Option<Parsed<humantime::Duration>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleFile {
+    namespace: String,
+    service_account: String,
+    role_arn: Parsed<RoleArn>,
 }
 
 #[derive(Deserialize)]
@@ -146,8 +178,91 @@ impl FileConfig {
             node_name: self.node_name.filter(|name| !name.is_empty()),
             pod_logs_dir: non_empty("pod_logs_dir", self.pod_logs_dir)?,
             container_logs_dir: non_empty("container_logs_dir", self.container_logs_dir)?,
+            kubelet_dir: non_empty("kubelet_dir", self.kubelet_dir)?,
             metrics_addr: self.metrics.and_then(|m| m.addr).map(|a| a.0 .0),
-            conceal: ConcealConfig { addr: conceal.addr.map(|a| a.0 .0), extra_paths },
+            conceal: ConcealConfig {
+                addr: conceal.addr.map(|a| a.0 .0),
+                extra_paths,
+                identity: IdentityConfig { aws: conceal.identity.and_then(|i| i.aws).map(AwsFile::check).transpose()? },
+            },
+        })
+    }
+}
+
+impl AwsFile {
+    fn check(self) -> Result<AwsIdentityConfig, FieldError> {
+        const AT: &str = "conceal.identity.aws";
+        let defaults = AwsIdentityConfig::default();
+        let roles: Vec<RoleMapping> = self
+            .roles
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| RoleMapping { namespace: r.namespace, service_account: r.service_account, role_arn: r.role_arn.0 })
+            .collect();
+        for (i, role) in roles.iter().enumerate() {
+            // Kubernetes names: DNS labels (namespaces) and subdomains (service accounts).
+            let name_ok = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 253
+                    && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            };
+            if !name_ok(&role.namespace) {
+                return Err(field(
+                    &format!("{AT}.roles[{i}].namespace"),
+                    &format!("`{}` is not a Kubernetes namespace name", role.namespace),
+                ));
+            }
+            if !name_ok(&role.service_account) {
+                return Err(field(
+                    &format!("{AT}.roles[{i}].service_account"),
+                    &format!("`{}` is not a Kubernetes service account name", role.service_account),
+                ));
+            }
+        }
+        if let Some(i) = first_duplicate(&roles) {
+            return Err(field(
+                &format!("{AT}.roles[{i}]"),
+                &format!(
+                    "service account {}/{} already has a role; give each service account one role",
+                    roles[i].namespace, roles[i].service_account
+                ),
+            ));
+        }
+        if let Some(volume) = &self.token_volume {
+            let ok = !volume.is_empty()
+                && volume.len() <= 63
+                && volume.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return Err(field(
+                    &format!("{AT}.token_volume"),
+                    &format!("`{volume}` is not a volume name (a DNS label)"),
+                ));
+            }
+        }
+        let session_duration = self.session_duration.map_or(defaults.session_duration, |d| d.0.into());
+        if !(MIN_SESSION_DURATION..=MAX_SESSION_DURATION).contains(&session_duration) {
+            return Err(field(
+                &format!("{AT}.session_duration"),
+                "STS issues credentials for 15m to 12h; pick a duration in that range",
+            ));
+        }
+        let refresh_before = self.refresh_before.map_or(defaults.refresh_before, |d| d.0.into());
+        if refresh_before >= session_duration {
+            return Err(field(
+                &format!("{AT}.refresh_before"),
+                &format!(
+                    "{} is not shorter than session_duration ({}): credentials would be refreshed on every request",
+                    humantime::format_duration(refresh_before),
+                    humantime::format_duration(session_duration)
+                ),
+            ));
+        }
+        Ok(AwsIdentityConfig {
+            sts_endpoint: self.sts_endpoint.map(|e| e.0),
+            token_volume: self.token_volume,
+            roles,
+            session_duration,
+            refresh_before,
         })
     }
 }

@@ -339,11 +339,74 @@ fn conceal_mode_needs_an_address_and_takes_extra_paths() {
     assert!(load_error(bad).contains("conceal.extra_paths[0]"), "{}", load_error(bad));
 }
 
+const IDENTITY: &str = r#"
+mode: conceal
+kubelet_dir: /host/var/lib/kubelet
+conceal:
+  addr: 10.0.0.5:8775
+  identity:
+    aws:
+      sts_endpoint: https://sts.us-east-1.amazonaws.com
+      token_volume: aws-iam-token
+      session_duration: 2h
+      refresh_before: 20m
+      roles:
+        - namespace: payments
+          service_account: api
+          role_arn: arn:aws:iam::111122223333:role/payments-api
+"#;
+
+#[test]
+fn identities_map_service_accounts_to_roles() {
+    let config = load_yaml(IDENTITY, ConfigArgs::default()).unwrap();
+    assert_eq!(config.kubelet_dir, Path::new("/host/var/lib/kubelet"));
+    let aws = config.conceal.identity.aws.unwrap();
+    assert_eq!(aws.sts_endpoint.unwrap().to_string(), "https://sts.us-east-1.amazonaws.com/");
+    assert_eq!(aws.token_volume.as_deref(), Some("aws-iam-token"));
+    assert_eq!((aws.session_duration, aws.refresh_before), (Duration::from_secs(7200), Duration::from_secs(1200)));
+    assert_eq!(aws.roles[0].role_arn.name(), "payments-api");
+    assert_eq!((aws.roles[0].namespace.as_str(), aws.roles[0].service_account.as_str()), ("payments", "api"));
+    let defaults = load(&ConfigArgs::default()).unwrap();
+    assert_eq!(defaults.kubelet_dir, Path::new("/var/lib/kubelet"));
+    assert!(defaults.conceal.identity.aws.is_none());
+    let flag = ConfigArgs { kubelet_dir: Some("/k".into()), ..ConfigArgs::default() };
+    assert_eq!(load_yaml(IDENTITY, flag).unwrap().kubelet_dir, Path::new("/k"), "the flag wins");
+    let minimal = load_yaml("conceal:\n  identity:\n    aws: {}\n", ConfigArgs::default()).unwrap();
+    let aws = minimal.conceal.identity.aws.unwrap();
+    assert!(aws.sts_endpoint.is_none() && aws.token_volume.is_none() && aws.roles.is_empty());
+    assert_eq!((aws.session_duration, aws.refresh_before), (Duration::from_secs(3600), Duration::from_secs(900)));
+}
+
+#[test]
+fn a_wrong_identity_setting_is_refused_with_its_path() {
+    let with = |from: &str, to: &str| load_error(&IDENTITY.replace(from, to));
+    let err = with("arn:aws:iam::111122223333:role/payments-api", "payments-api");
+    assert!(err.contains("conceal.identity.aws.roles[0].role_arn") && err.contains("not an IAM role ARN"), "{err}");
+    let err = with("https://sts.us-east-1.amazonaws.com", "sts.us-east-1.amazonaws.com");
+    assert!(err.contains("conceal.identity.aws.sts_endpoint") && err.contains("not an endpoint URL"), "{err}");
+    let err = with("namespace: payments", "namespace: Payments_");
+    assert!(err.contains("conceal.identity.aws.roles[0].namespace"), "{err}");
+    let err = with("token_volume: aws-iam-token", "token_volume: ../x");
+    assert!(err.contains("conceal.identity.aws.token_volume"), "{err}");
+    let err = with("session_duration: 2h", "session_duration: 5m");
+    assert!(err.contains("conceal.identity.aws.session_duration") && err.contains("15m to 12h"), "{err}");
+    let err = with("refresh_before: 20m", "refresh_before: 3h");
+    assert!(err.contains("conceal.identity.aws.refresh_before"), "{err}");
+    let twice = IDENTITY.to_owned()
+        + "        - namespace: payments\n          service_account: api\n          role_arn: arn:aws:iam::111122223333:role/other\n";
+    let err = load_error(&twice);
+    assert!(err.contains("conceal.identity.aws.roles[1]") && err.contains("already has a role"), "{err}");
+    let err = with("token_volume:", "token_volumes:");
+    assert!(err.contains("unknown field `token_volumes`"), "{err}");
+    assert!(load_error("kubelet_dir: ''\n").contains("kubelet_dir: an empty path"));
+}
+
 #[test]
 fn every_yaml_sample_in_the_docs_loads() {
     let pages = [
         ("docs/conceal.md", include_str!("../../../docs/conceal.md")),
         ("docs/configuration.md", include_str!("../../../docs/configuration.md")),
+        ("docs/identity.md", include_str!("../../../docs/identity.md")),
     ];
     let mut samples = 0;
     for (name, text) in pages {

@@ -57,8 +57,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
 /// Flask, flask-cors and PyYAML are the part of `moto[server]` its server imports.
 const PIP_PACKAGES: &[&str] = &["moto==5.2.5", "boto3==1.44.8", "flask", "flask-cors", "pyyaml"];
 
-/// moto's server loads a service's module on its first request for it: serving only
-/// IMDS, it imports these. The ~250 other services (45 MB) are left out.
+/// moto's server loads a service's module on its first request for it: serving IMDS,
+/// it imports these; serving STS for the identity scenarios (identity*.rs), also `sts`,
+/// `iam` (STS's roles), `s3` (whose errors IAM's access control raises), `cloudwatch`
+/// and `events` (its request dispatch). The ~250 other services (35 MB) are left out.
 const MOTO_KEEP: &[&str] = &[
     "__init__.py",
     "backend_index.py",
@@ -71,11 +73,16 @@ const MOTO_KEEP: &[&str] = &[
     "moto_api",
     "moto_server",
     "utilities",
+    "sts",
+    "iam",
+    "s3",
+    "cloudwatch",
+    "events",
 ];
 
-/// moto's core dependency on cryptography (and cffi through it) serves services that
-/// sign or encrypt; neither the IMDS server nor botocore's credential chain imports it.
-const SITE_DROP: &[&str] = &["bin", "cryptography", "cffi", "pycparser", "_cffi_backend"];
+/// pip's console scripts: the guest runs moto's server as `python -c`. (cryptography
+/// and cffi stay: moto's IAM, behind its STS, imports them.)
+const SITE_DROP: &[&str] = &["bin"];
 
 /// Parts of the standard library nothing here imports.
 const STDLIB_DROP: &[&str] = &["pydoc_data", "test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip"];
@@ -214,10 +221,11 @@ fn tree(cache: &Path, arch: Arch) -> Result<PathBuf> {
         }
     }
     // botocore's service models (28 MB): the region fetcher and the credential chain
-    // use none; the top-level files (endpoints, partitions, retry rules) stay.
+    // use none, the identity scenarios' GetCallerIdentity uses STS's; the top-level
+    // files (endpoints, partitions, retry rules) stay.
     for entry in fs::read_dir(site.join("botocore/data"))? {
         let path = entry?.path();
-        if path.is_dir() {
+        if path.is_dir() && path.file_name().is_some_and(|n| n != "sts") {
             remove(&path)?;
         }
     }
@@ -319,16 +327,17 @@ mod tests {
 
     #[test]
     fn drops_whole_packages_and_nothing_that_only_shares_a_prefix() {
-        for gone in [
+        assert!(dropped("bin"));
+        // moto's IAM (behind its STS) imports cryptography, through it cffi.
+        for kept in [
+            "certifi",
+            "binascii",
+            "binary_helpers",
+            "boto3",
             "cryptography",
-            "cryptography-50.0.2.dist-info",
             "cffi",
             "_cffi_backend.cpython-311-x86_64-linux-gnu.so",
-            "bin",
         ] {
-            assert!(dropped(gone), "{gone}");
-        }
-        for kept in ["certifi", "binascii", "boto3", "cffi_helpers", "pycparser_extra"] {
             assert!(!dropped(kept), "{kept}");
         }
     }

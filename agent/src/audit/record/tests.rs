@@ -44,6 +44,7 @@ fn a_concealed_request_names_method_path_and_rule_and_others_do_not() {
         method: "GET".into(),
         path: "/latest/meta-data/iam/info".into(),
         rule: "aws-iam-credentials".into(),
+        identity: None,
     });
     let record = AuditRecord::new(attempt.time, "n", "conceal", &workload, &attempt, tally);
     let record = serde_json::to_value(&record).unwrap();
@@ -51,6 +52,36 @@ fn a_concealed_request_names_method_path_and_rule_and_others_do_not() {
     assert_eq!(record["method"], "GET");
     assert_eq!(record["path"], "/latest/meta-data/iam/info");
     assert_eq!(record["rule"], "aws-iam-credentials");
+    assert!(record.get("role").is_none() && record.get("identity_result").is_none(), "{record}");
+}
+
+#[test]
+fn an_identity_answer_names_the_role_and_the_result() {
+    let workload = sample_workload();
+    let mut attempt = sample_attempt();
+    let tally = Tally {
+        count: 1,
+        first_seen: attempt.time,
+        last_seen: attempt.time,
+        suppressed_since_last: 0,
+        lost_since_last: 0,
+    };
+    attempt.request = Some(crate::attempt::ConcealedRequest {
+        method: "GET".into(),
+        path: "/latest/meta-data/iam/security-credentials/payments-api".into(),
+        rule: "aws-identity".into(),
+        identity: Some(crate::identity::IdentityNote {
+            role: Some("arn:aws:iam::111122223333:role/payments-api".into()),
+            result: crate::identity::IdentityResult::Served,
+            reason: None,
+        }),
+    });
+    let record =
+        serde_json::to_value(AuditRecord::new(attempt.time, "n", "conceal", &workload, &attempt, tally)).unwrap();
+    assert_eq!(record["verdict"], "identity");
+    assert_eq!(record["role"], "arn:aws:iam::111122223333:role/payments-api");
+    assert_eq!(record["identity_result"], "served");
+    assert!(record.get("identity_reason").is_none(), "{record}");
 }
 
 /// The JSON blocks of a Markdown text, in order.
@@ -93,13 +124,19 @@ fn the_documented_samples_are_what_the_serializer_writes() {
 
 #[test]
 fn the_documented_schema_lists_every_field_written() {
-    // A record with every optional field: a host-side attempt and a concealed request.
+    // A record with every optional field: a host-side attempt and a request a pod's
+    // own identity could not serve.
     let mut attempt = sample_attempt();
     attempt.source = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)));
     attempt.request = Some(crate::attempt::ConcealedRequest {
         method: "GET".into(),
-        path: "/latest/user-data".into(),
-        rule: "aws-user-data".into(),
+        path: "/latest/meta-data/iam/security-credentials/r".into(),
+        rule: "aws-identity".into(),
+        identity: Some(crate::identity::IdentityNote {
+            role: Some("arn:aws:iam::111122223333:role/r".into()),
+            result: crate::identity::IdentityResult::StsError,
+            reason: Some("AccessDenied: not authorized".into()),
+        }),
     });
     let tally = Tally {
         count: 1,

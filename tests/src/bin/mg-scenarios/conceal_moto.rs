@@ -49,7 +49,7 @@ pub(crate) fn set_python(interpreter: PathBuf) {
 }
 
 /// Runs moto's server as `python -c`, so only the interpreter needs to be known.
-const MOTO_SERVER: &str = "import sys; from moto.server import main; sys.exit(main())";
+pub(crate) const MOTO_SERVER: &str = "import sys; from moto.server import main; sys.exit(main())";
 
 /// Asks botocore what an SDK would: region and zone through IMDS (v2 by default; v1
 /// when told to skip the token), and boto3's credential chain. One JSON line out.
@@ -97,7 +97,7 @@ fn workspace_target() -> PathBuf {
 }
 
 /// The interpreter: `--python`, or the virtualenv's, made on first use.
-fn python() -> Result<PathBuf> {
+pub(crate) fn python() -> Result<PathBuf> {
     match PYTHON.get() {
         Some(p) => Ok(p.clone()),
         None => Ok(venv()?.join("bin/python")),
@@ -266,7 +266,7 @@ impl MotoNode {
 }
 
 /// Whether moto answers an IMDS request, asked from the calling thread's namespace.
-fn moto_serves() -> bool {
+pub(crate) fn moto_serves() -> bool {
     let ask = || -> std::io::Result<String> {
         let addr = "169.254.169.254:80".parse().expect("a socket address");
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
@@ -280,14 +280,14 @@ fn moto_serves() -> bool {
 }
 
 /// The last lines of a log, for an error message.
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(5)..].join(" / ")
 }
 
 /// The cgroup v2 directory this process runs in.
-fn own_cgroup() -> Result<PathBuf> {
+pub(crate) fn own_cgroup() -> Result<PathBuf> {
     let text = fs::read_to_string("/proc/self/cgroup")?;
     let rel = text.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 line in /proc/self/cgroup")?;
     Ok(find_cgroup2_mount()?.join(rel.trim_start_matches('/')))

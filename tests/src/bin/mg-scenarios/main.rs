@@ -25,6 +25,8 @@ mod hostside_forward;
 mod hostside_health;
 mod hostside_ipvs;
 mod hostside_pods;
+mod identity;
+mod identity_node;
 mod lifecycle;
 mod neighbour;
 mod packets;
@@ -64,6 +66,7 @@ fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
     // Real SDK clients need Python (the VM guests carry one: `--python`).
     if !without_python {
         all.extend(conceal_moto::SCENARIOS);
+        all.extend(identity::SCENARIOS);
     }
     all.extend(hostside::SCENARIOS);
     all.extend(hostside_pods::SCENARIOS);
