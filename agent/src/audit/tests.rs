@@ -85,6 +85,7 @@ fn connect(destination: IpAddr, port: u16) -> Attempt {
         mapped: false,
         request: None,
         source: None,
+        ingress_ifindex: 0,
     }
 }
 

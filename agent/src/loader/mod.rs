@@ -30,6 +30,7 @@ mod policy_maps;
 mod programs;
 pub mod status;
 pub mod status_conceal;
+pub mod uplink;
 
 use std::{
     collections::BTreeSet,
@@ -56,7 +57,7 @@ use crate::policy::CompiledPolicy;
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
 
 /// Maps that are pinned: all but the start-up probe's scratch map.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 21] = [
     map_names::SETTINGS,
     map_names::PREFILTER,
     map_names::PREFILTER2,
@@ -77,6 +78,12 @@ pub const PINNED_MAPS: [&str; 16] = [
     map_names::CONCEAL_PENDING,
     map_names::CONCEAL_PEERS,
     map_names::CONCEAL_COUNTERS,
+    // The uplink's (uplink.rs): its allowlist and the host side's extra rules.
+    map_names::UPLINK_ALLOW,
+    map_names::UPLINK4_A,
+    map_names::UPLINK4_B,
+    map_names::UPLINK6_A,
+    map_names::UPLINK6_B,
 ];
 
 pub use object::{load, verify_object, Loaded};

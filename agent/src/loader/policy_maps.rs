@@ -30,25 +30,33 @@ pub(super) fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_ne
     let idle = 1 - (current.active_policy & 1);
     let (v4_name, v6_name) = pair(idle);
 
+    write_tries(ebpf, policy, v4_name, v6_name)?;
+    let (v4_node, v6_node) = node_pair(idle);
+    write_tries(ebpf, policy.node_only.as_deref().unwrap_or(&CompiledPolicy::default()), v4_node, v6_node)?;
+
+    let new = Settings { host_netns_cookie, mode, active_policy: idle };
+    settings(ebpf)?.set(0, new, 0).context("could not switch the kernel to the new policy")?;
+    for (map, family, new) in &new_filters {
+        write_prefilter(ebpf, map, *family, new)?;
+    }
+    Ok(())
+}
+
+/// Makes the tries `v4_name` and `v6_name` hold exactly `policy` (not its node-only part).
+fn write_tries(ebpf: &mut Ebpf, policy: &CompiledPolicy, v4_name: &str, v6_name: &str) -> Result<()> {
     let mut v4: LpmTrie<&mut MapData, Ipv4Key, DestRules> =
-        LpmTrie::try_from(ebpf.map_mut(v4_name).context("no v4 policy map")?)?;
+        LpmTrie::try_from(ebpf.map_mut(v4_name).with_context(|| format!("no map {v4_name}"))?)?;
     clear(&mut v4).with_context(|| format!("could not clear {v4_name}"))?;
     for (net, rules) in &policy.v4 {
         v4.insert(&Key::new(u32::from(net.prefix_len()), net.network().octets()), rules, 0)
             .with_context(|| format!("could not write {net} into {v4_name}"))?;
     }
     let mut v6: LpmTrie<&mut MapData, Ipv6Key, DestRules> =
-        LpmTrie::try_from(ebpf.map_mut(v6_name).context("no v6 policy map")?)?;
+        LpmTrie::try_from(ebpf.map_mut(v6_name).with_context(|| format!("no map {v6_name}"))?)?;
     clear(&mut v6).with_context(|| format!("could not clear {v6_name}"))?;
     for (net, rules) in &policy.v6 {
         v6.insert(&Key::new(u32::from(net.prefix_len()), net.network().octets()), rules, 0)
             .with_context(|| format!("could not write {net} into {v6_name}"))?;
-    }
-
-    let new = Settings { host_netns_cookie, mode, active_policy: idle };
-    settings(ebpf)?.set(0, new, 0).context("could not switch the kernel to the new policy")?;
-    for (map, family, new) in &new_filters {
-        write_prefilter(ebpf, map, *family, new)?;
     }
     Ok(())
 }
@@ -68,14 +76,17 @@ fn write_prefilter(ebpf: &mut Ebpf, map: &str, family: u8, filter: &Prefilter) -
 /// `MG_PREFILTER2`.
 pub(super) fn prefilters(policy: &CompiledPolicy) -> [(&'static str, u8, Box<Prefilter>); 4] {
     let (mut lead4, mut next4) = (Box::<Prefilter>::default(), Box::<Prefilter>::default());
-    for (net, _) in &policy.v4 {
-        lead4.add(&net.network().octets(), net.prefix_len());
-        next4.add_next(&net.network().octets(), net.prefix_len());
-    }
     let (mut lead6, mut next6) = (Box::<Prefilter>::default(), Box::<Prefilter>::default());
-    for (net, _) in &policy.v6 {
-        lead6.add(&net.network().octets(), net.prefix_len());
-        next6.add_next(&net.network().octets(), net.prefix_len());
+    // The node-only rules pass the same prefilters (the uplink asks them first).
+    for part in std::iter::once(policy).chain(policy.node_only.as_deref()) {
+        for (net, _) in &part.v4 {
+            lead4.add(&net.network().octets(), net.prefix_len());
+            next4.add_next(&net.network().octets(), net.prefix_len());
+        }
+        for (net, _) in &part.v6 {
+            lead6.add(&net.network().octets(), net.prefix_len());
+            next6.add_next(&net.network().octets(), net.prefix_len());
+        }
     }
     [
         (map_names::PREFILTER, AF_INET, lead4),
@@ -95,6 +106,15 @@ pub(super) fn pair(index: u32) -> (&'static str, &'static str) {
         (map_names::POLICY4_A, map_names::POLICY6_A)
     } else {
         (map_names::POLICY4_B, map_names::POLICY6_B)
+    }
+}
+
+/// The (v4, v6) names of the node-only tries of pair `index`.
+pub(super) fn node_pair(index: u32) -> (&'static str, &'static str) {
+    if index == 0 {
+        (map_names::UPLINK4_A, map_names::UPLINK6_A)
+    } else {
+        (map_names::UPLINK4_B, map_names::UPLINK6_B)
     }
 }
 

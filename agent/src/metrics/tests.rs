@@ -27,6 +27,7 @@ fn attempt() -> Attempt {
         mapped: false,
         request: None,
         source: None,
+        ingress_ifindex: 0,
     }
 }
 

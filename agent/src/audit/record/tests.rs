@@ -40,6 +40,7 @@ fn sample_attempt() -> Attempt {
         mapped: false,
         request: None,
         source: None,
+        ingress_ifindex: 0,
     }
 }
 
