@@ -17,7 +17,8 @@
 //! counters, NFLOG refusals), `config_watch` (reloads; publishes each new policy,
 //! which every enforcement point puts in force itself), `allowlist` (pod allowlist
 //! sync), `events` (event → audit pipeline), `conceal` (conceal mode's filtering
-//! proxy) and `http` (/metrics, /healthz, /readyz).
+//! proxy), `uplink` (the tc program on the node's uplinks) and `http` (/metrics,
+//! /healthz, /readyz).
 
 #![expect(
     unreachable_pub,
@@ -46,6 +47,7 @@ pub(crate) mod pod_identity;
 pub(crate) mod policy;
 pub(crate) mod preflight;
 pub(crate) mod supervise;
+pub(crate) mod uplink;
 
 pub use crate::{
     audit::RecordLine,

@@ -103,6 +103,8 @@ pub fn parse_device(body: &[u8]) -> Option<Device> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub table: u32,
+    /// `rtm_type`: `RTN_UNICAST` (1) for a route that sends packets out.
+    pub kind: u8,
     /// The destination prefix (`0.0.0.0/0` or `::/0` for a default route).
     pub dst: IpAddr,
     pub prefix_len: u8,
@@ -129,7 +131,7 @@ fn parse_route(body: &[u8]) -> Option<Route> {
     if body.len() < RTMSG_LEN {
         return None;
     }
-    let (family, prefix_len, table) = (body[0], body[1], u32::from(body[4]));
+    let (family, prefix_len, table, kind) = (body[0], body[1], u32::from(body[4]), body[7]);
     let attrs = Attrs::new(&body[RTMSG_LEN..]);
     let dst = match (i32::from(family), attrs.find(RTA_DST).map(|a| a.value)) {
         (libc::AF_INET, Some(v)) => IpAddr::from(<[u8; 4]>::try_from(v.get(..4)?).ok()?),
@@ -151,7 +153,7 @@ fn parse_route(body: &[u8]) -> Option<Route> {
             rest = rest.get(crate::attr::align4(len)..).unwrap_or_default();
         }
     }
-    Some(Route { table, dst, prefix_len, devices })
+    Some(Route { table, kind, dst, prefix_len, devices })
 }
 
 /// A tc filter on a device's egress hook.
@@ -259,6 +261,7 @@ mod tests {
         body[0] = libc::AF_INET as u8;
         body[1] = 0;
         body[4] = 254;
+        body[7] = 1;
         let mut w = crate::AttrWriter::new();
         let mut nh = Vec::new();
         for ifindex in [3i32, 4] {
@@ -271,6 +274,6 @@ mod tests {
         let route = parse_route(&body).unwrap();
         assert_eq!(route.devices, [3, 4]);
         assert_eq!(route.dst, IpAddr::from([0u8; 4]));
-        assert_eq!((route.prefix_len, route.table), (0, 254));
+        assert_eq!((route.prefix_len, route.table, route.kind), (0, 254, 1));
     }
 }

@@ -241,6 +241,11 @@ impl Guard {
         Ok(())
     }
 
+    /// Where this guard's pins live.
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
     /// The mode in force and the backstop: what is attached.
     pub fn plan(&self) -> Plan {
         self.plan
@@ -308,6 +313,8 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         }
         fs::remove_dir(&sub).with_context(|| format!("could not remove {}", sub.display()))?;
     }
+    let spec = crate::uplink::spec_record::dir_of(dir);
+    crate::uplink::spec_record::clear(&spec).with_context(|| format!("could not remove {}", spec.display()))?;
     for record in [origin::INSTALLED_BY, origin::UPDATED_BY] {
         let record = dir.join(record);
         origin::clear(&record).with_context(|| format!("could not remove {}", record.display()))?;

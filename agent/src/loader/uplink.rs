@@ -27,6 +27,7 @@ use aya::{
     },
     util::KernelVersion,
 };
+use metadata_guard_common::{map_names, UplinkAllowKey, AF_INET, AF_INET6, UPLINK_ALLOW_MAX_ENTRIES};
 use metadata_guard_netfilter::{devices, NlSocket};
 
 use super::{bpf_sys, links::open_link, pins::PinLayout, Backstop, Guard};
@@ -222,6 +223,17 @@ impl Guard {
         fs::rename(&tmp, &path).with_context(|| format!("could not replace program pin {}", path.display()))
     }
 
+    /// Removes the tcx link pins of devices that no longer exist (`live`: the
+    /// indexes that do); their links detached with the device.
+    pub fn forget_vanished_uplinks(&self, live: &[u32]) -> Result<()> {
+        for (index, how) in pinned_links(&self.pins) {
+            if how == TcAttach::Tcx && !live.contains(&index) {
+                remove_link_pin(&link_pin(&self.pins, index))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes our program off `dev`'s egress hook (both ways); whether it was there.
     pub fn unguard_uplink(&self, dev: &UplinkDevice) -> Result<bool> {
         remove_uplink(&self.pins, dev.index)
@@ -269,8 +281,8 @@ pub fn remove_uplink(layout: &PinLayout, ifindex: u32) -> Result<bool> {
     Ok(true)
 }
 
-/// Every device with our program (by either way), as (ifindex, how).
-pub fn guarded(layout: &PinLayout) -> Result<Vec<(u32, TcAttach)>> {
+/// The devices with a pinned tcx link of ours, as (ifindex, Tcx).
+fn pinned_links(layout: &PinLayout) -> Vec<(u32, TcAttach)> {
     let mut out = Vec::new();
     if let Ok(entries) = fs::read_dir(layout.links_dir()) {
         for entry in entries.flatten() {
@@ -281,6 +293,12 @@ pub fn guarded(layout: &PinLayout) -> Result<Vec<(u32, TcAttach)>> {
             }
         }
     }
+    out
+}
+
+/// Every device with our program (by either way), as (ifindex, how).
+pub fn guarded(layout: &PinLayout) -> Result<Vec<(u32, TcAttach)>> {
+    let mut out = pinned_links(layout);
     let mut sock = NlSocket::open(libc::NETLINK_ROUTE).context("could not open a netlink socket")?;
     for dev in devices::devices(&mut sock).context("could not list the network devices")? {
         if our_filter(dev.index)?.is_some() {
@@ -336,4 +354,67 @@ pub fn uplink_hook(layout: &PinLayout, ifindex: u32) -> Result<UplinkHook> {
         program_name: name_of(id).or_else(|| ours.bpf_name.clone()),
         first,
     })
+}
+
+/// The keys of `MG_UPLINK_ALLOW` for the allowlisted pods' entries into the node.
+pub fn allow_keys(allowed: &crate::hostside::Allowed) -> std::collections::BTreeSet<UplinkAllowKey> {
+    let mut keys = std::collections::BTreeSet::new();
+    for ifindex in &allowed.interfaces {
+        keys.insert(UplinkAllowKey { ifindex: *ifindex, ..UplinkAllowKey::default() });
+    }
+    for (ifindex, addr) in &allowed.v4 {
+        let mut key = UplinkAllowKey { ifindex: *ifindex, family: AF_INET, ..UplinkAllowKey::default() };
+        key.addr[..4].copy_from_slice(&addr.octets());
+        keys.insert(key);
+    }
+    for (ifindex, addr) in &allowed.v6 {
+        keys.insert(UplinkAllowKey { ifindex: *ifindex, family: AF_INET6, _pad: [0; 3], addr: addr.octets() });
+    }
+    keys
+}
+
+impl Guard {
+    /// Makes the uplink's allowlist exactly the entries of `allowed` (the host side's
+    /// view of the allowlisted pods); returns (added, removed).
+    pub fn sync_uplink_allowed(&mut self, allowed: &crate::hostside::Allowed) -> Result<(usize, usize)> {
+        let wanted = allow_keys(allowed);
+        let map = self.ebpf.map_mut(map_names::UPLINK_ALLOW).context("no uplink allowlist map")?;
+        let mut map: aya::maps::HashMap<&mut aya::maps::MapData, UplinkAllowKey, u8> =
+            aya::maps::HashMap::try_from(map)?;
+        let present: std::collections::BTreeSet<UplinkAllowKey> = map.keys().collect::<Result<_, _>>()?;
+        let mut removed = 0;
+        for stale in present.difference(&wanted) {
+            map.remove(stale).context("could not remove an entry from the uplink allowlist")?;
+            removed += 1;
+        }
+        let mut added = 0;
+        for new in wanted.difference(&present) {
+            map.insert(new, 1, 0).with_context(|| {
+                format!("could not add to the uplink allowlist; it holds at most {UPLINK_ALLOW_MAX_ENTRIES} entries")
+            })?;
+            added += 1;
+        }
+        Ok((added, removed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowlisted_entries_become_whole_interface_and_address_keys() {
+        let allowed = crate::hostside::Allowed {
+            interfaces: vec![7],
+            v4: vec![(3, "10.244.0.9".parse().unwrap())],
+            v6: vec![(3, "fd00:10:244::9".parse().unwrap())],
+        };
+        let keys: Vec<UplinkAllowKey> = allow_keys(&allowed).into_iter().collect();
+        assert_eq!(keys.len(), 3);
+        assert!(keys.contains(&UplinkAllowKey { ifindex: 7, ..UplinkAllowKey::default() }));
+        let v4 = keys.iter().find(|k| k.family == AF_INET).unwrap();
+        assert_eq!((v4.ifindex, &v4.addr[..4], &v4.addr[4..]), (3, &[10, 244, 0, 9][..], &[0u8; 12][..]));
+        let v6 = keys.iter().find(|k| k.family == AF_INET6).unwrap();
+        assert_eq!(std::net::Ipv6Addr::from(v6.addr), "fd00:10:244::9".parse::<std::net::Ipv6Addr>().unwrap());
+    }
 }
