@@ -129,7 +129,7 @@ impl AllowlistSync {
     ) -> anyhow::Result<()> {
         let mut host = self.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         host.set_allowed(allowed)?;
-        let entries = host.allowed_entries();
+        let entries = crate::uplink::allow_keys(&host.allowed_entries());
         drop(host);
         guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sync_uplink_allowed(&entries).map(drop)
     }

@@ -31,6 +31,7 @@ mod programs;
 pub mod status;
 pub mod status_conceal;
 pub mod uplink;
+pub mod uplink_state;
 
 use std::{
     collections::BTreeSet,
@@ -313,8 +314,8 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         }
         fs::remove_dir(&sub).with_context(|| format!("could not remove {}", sub.display()))?;
     }
-    let spec = crate::uplink::spec_record::dir_of(dir);
-    crate::uplink::spec_record::clear(&spec).with_context(|| format!("could not remove {}", spec.display()))?;
+    uplink_state::clear_spec(dir)
+        .with_context(|| format!("could not remove the uplink choice in {}", dir.display()))?;
     for record in [origin::INSTALLED_BY, origin::UPDATED_BY] {
         let record = dir.join(record);
         origin::clear(&record).with_context(|| format!("could not remove {}", record.display()))?;

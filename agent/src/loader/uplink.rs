@@ -16,9 +16,9 @@
 //! restarted agent compares it with its own (by id, then tag) without opening
 //! programs by id.
 
-use std::{fs, os::fd::AsFd};
+use std::{collections::BTreeSet, fs, os::fd::AsFd};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::{
     programs::{
         links::{FdLink, LinkOrder},
@@ -27,15 +27,20 @@ use aya::{
     },
     util::KernelVersion,
 };
-use metadata_guard_common::{map_names, UplinkAllowKey, AF_INET, AF_INET6, UPLINK_ALLOW_MAX_ENTRIES};
-use metadata_guard_netfilter::{devices, NlSocket};
+use metadata_guard_common::{map_names, UplinkAllowKey, UPLINK_ALLOW_MAX_ENTRIES};
 
-use super::{bpf_sys, links::open_link, pins::PinLayout, Backstop, Guard};
+use super::{
+    bpf_sys,
+    links::open_link,
+    pins::PinLayout,
+    uplink_state::{our_filter, pinned_links, remove_link_pin, remove_uplink},
+    Backstop, Guard,
+};
 
 /// The program pin of the uplinks (`programs/uplink`).
 pub const PROGRAM_PIN: &str = "uplink";
 /// Prefix of the tcx link pins (`links/uplink_<ifindex>`).
-const LINK_PIN_PREFIX: &str = "uplink_";
+pub(super) const LINK_PIN_PREFIX: &str = "uplink_";
 /// cls_bpf priority: the first a filter can take (0 asks the kernel to choose).
 pub const FILTER_PRIORITY: u16 = 1;
 /// cls_bpf handle of our filter ("MG").
@@ -240,150 +245,16 @@ impl Guard {
     }
 }
 
-/// Our cls_bpf filter on device `ifindex`'s egress hook, if any.
-fn our_filter(ifindex: u32) -> Result<Option<devices::TcFilter>> {
-    let mut sock = NlSocket::open(libc::NETLINK_ROUTE).context("could not open a netlink socket")?;
-    let filters = devices::egress_filters(&mut sock, ifindex)
-        .with_context(|| format!("could not list the tc filters of interface {ifindex}"))?;
-    Ok(filters.into_iter().find(|f| f.priority == FILTER_PRIORITY && f.handle == FILTER_HANDLE && f.kind == "bpf"))
-}
-
-fn remove_link_pin(pin: &std::path::Path) -> Result<()> {
-    if let Ok(link) = bpf_sys::obj_get(pin) {
-        if let Err(e) = bpf_sys::link_detach(link.as_fd()) {
-            tracing::debug!("could not detach {} before unpinning it: {e}", pin.display());
-        }
-    }
-    match fs::remove_file(pin) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("could not remove link pin {}", pin.display())),
-    }
-}
-
-/// Removes our program from device `ifindex`: its tcx link pin and our cls_bpf filter
-/// (only ours: priority, handle and a program named `mg_uplink*`).
-pub fn remove_uplink(layout: &PinLayout, ifindex: u32) -> Result<bool> {
-    let pin = link_pin(layout, ifindex);
-    let had_link = pin.exists();
-    remove_link_pin(&pin)?;
-    let Some(filter) = our_filter(ifindex)? else { return Ok(had_link) };
-    if !filter.bpf_name.as_deref().is_some_and(|n| n.starts_with(metadata_guard_common::program_names::UPLINK)) {
-        bail!(
-            "the tc filter at priority {FILTER_PRIORITY}, handle {FILTER_HANDLE:#x} on interface {ifindex} runs {:?}, \
-             not metadata-guard's program: left in place",
-            filter.bpf_name
-        );
-    }
-    let mut sock = NlSocket::open(libc::NETLINK_ROUTE).context("could not open a netlink socket")?;
-    devices::delete_egress_filter(&mut sock, ifindex, FILTER_PRIORITY, FILTER_HANDLE)
-        .with_context(|| format!("could not remove the uplink filter from interface {ifindex}"))?;
-    Ok(true)
-}
-
-/// The devices with a pinned tcx link of ours, as (ifindex, Tcx).
-fn pinned_links(layout: &PinLayout) -> Vec<(u32, TcAttach)> {
-    let mut out = Vec::new();
-    if let Ok(entries) = fs::read_dir(layout.links_dir()) {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(index) = name.to_str().and_then(|n| n.strip_prefix(LINK_PIN_PREFIX)) else { continue };
-            if let Ok(index) = index.parse() {
-                out.push((index, TcAttach::Tcx));
-            }
-        }
-    }
-    out
-}
-
-/// Every device with our program (by either way), as (ifindex, how).
-pub fn guarded(layout: &PinLayout) -> Result<Vec<(u32, TcAttach)>> {
-    let mut out = pinned_links(layout);
-    let mut sock = NlSocket::open(libc::NETLINK_ROUTE).context("could not open a netlink socket")?;
-    for dev in devices::devices(&mut sock).context("could not list the network devices")? {
-        if our_filter(dev.index)?.is_some() {
-            out.push((dev.index, TcAttach::Clsact));
-        }
-    }
-    Ok(out)
-}
-
-/// One uplink as the kernel has it: what `status` shows.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct UplinkHook {
-    /// "tcx" or "clsact"; None: our program is not on the device.
-    pub attach: Option<String>,
-    /// The id of the program on the hook (ours), 0 when none.
-    pub program_id: u32,
-    /// Its name, when the program pinned at `programs/uplink` is that program.
-    pub program_name: Option<String>,
-    /// tcx: ours runs before every other program on the hook; clsact: ours is the
-    /// first filter (lowest priority) of the hook.
-    pub first: bool,
-}
-
-/// Reads whether device `ifindex` runs our program, without touching anything.
-pub fn uplink_hook(layout: &PinLayout, ifindex: u32) -> Result<UplinkHook> {
-    let pinned = super::links::pinned_program_info(&layout.program(PROGRAM_PIN))?;
-    let name_of = |id: u32| pinned.as_ref().filter(|(pid, _)| *pid == id).map(|(_, name)| name.clone());
-    if let Some(link) = open_link(&link_pin(layout, ifindex))? {
-        if let Ok(info) = bpf_sys::tcx_link_info(link.as_fd()) {
-            if info.ifindex == ifindex {
-                let order = bpf_sys::tcx_egress_programs(ifindex).unwrap_or_default();
-                return Ok(UplinkHook {
-                    attach: Some(TcAttach::Tcx.name().into()),
-                    program_id: info.prog_id,
-                    program_name: name_of(info.prog_id),
-                    first: order.first() == Some(&info.prog_id),
-                });
-            }
-        }
-    }
-    let mut sock = NlSocket::open(libc::NETLINK_ROUTE).context("could not open a netlink socket")?;
-    let filters = devices::egress_filters(&mut sock, ifindex)
-        .with_context(|| format!("could not list the tc filters of interface {ifindex}"))?;
-    let Some(ours) = filters.iter().find(|f| f.priority == FILTER_PRIORITY && f.handle == FILTER_HANDLE) else {
-        return Ok(UplinkHook::default());
-    };
-    let id = ours.bpf_id.unwrap_or(0);
-    // Filters run by priority; within one, the newest first (cls_bpf adds at the head).
-    let first = filters.first().is_some_and(|f| f.handle == FILTER_HANDLE && f.priority == FILTER_PRIORITY);
-    Ok(UplinkHook {
-        attach: Some(TcAttach::Clsact.name().into()),
-        program_id: id,
-        program_name: name_of(id).or_else(|| ours.bpf_name.clone()),
-        first,
-    })
-}
-
-/// The keys of `MG_UPLINK_ALLOW` for the allowlisted pods' entries into the node.
-pub fn allow_keys(allowed: &crate::hostside::Allowed) -> std::collections::BTreeSet<UplinkAllowKey> {
-    let mut keys = std::collections::BTreeSet::new();
-    for ifindex in &allowed.interfaces {
-        keys.insert(UplinkAllowKey { ifindex: *ifindex, ..UplinkAllowKey::default() });
-    }
-    for (ifindex, addr) in &allowed.v4 {
-        let mut key = UplinkAllowKey { ifindex: *ifindex, family: AF_INET, ..UplinkAllowKey::default() };
-        key.addr[..4].copy_from_slice(&addr.octets());
-        keys.insert(key);
-    }
-    for (ifindex, addr) in &allowed.v6 {
-        keys.insert(UplinkAllowKey { ifindex: *ifindex, family: AF_INET6, _pad: [0; 3], addr: addr.octets() });
-    }
-    keys
-}
-
 impl Guard {
-    /// Makes the uplink's allowlist exactly the entries of `allowed` (the host side's
-    /// view of the allowlisted pods); returns (added, removed).
-    pub fn sync_uplink_allowed(&mut self, allowed: &crate::hostside::Allowed) -> Result<(usize, usize)> {
-        let wanted = allow_keys(allowed);
+    /// Makes the uplink's allowlist exactly `wanted` (see `uplink::allow_keys`);
+    /// returns (added, removed).
+    pub fn sync_uplink_allowed(&mut self, wanted: &BTreeSet<UplinkAllowKey>) -> Result<(usize, usize)> {
         let map = self.ebpf.map_mut(map_names::UPLINK_ALLOW).context("no uplink allowlist map")?;
         let mut map: aya::maps::HashMap<&mut aya::maps::MapData, UplinkAllowKey, u8> =
             aya::maps::HashMap::try_from(map)?;
-        let present: std::collections::BTreeSet<UplinkAllowKey> = map.keys().collect::<Result<_, _>>()?;
+        let present: BTreeSet<UplinkAllowKey> = map.keys().collect::<Result<_, _>>()?;
         let mut removed = 0;
-        for stale in present.difference(&wanted) {
+        for stale in present.difference(wanted) {
             map.remove(stale).context("could not remove an entry from the uplink allowlist")?;
             removed += 1;
         }
@@ -395,26 +266,5 @@ impl Guard {
             added += 1;
         }
         Ok((added, removed))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn allowlisted_entries_become_whole_interface_and_address_keys() {
-        let allowed = crate::hostside::Allowed {
-            interfaces: vec![7],
-            v4: vec![(3, "10.244.0.9".parse().unwrap())],
-            v6: vec![(3, "fd00:10:244::9".parse().unwrap())],
-        };
-        let keys: Vec<UplinkAllowKey> = allow_keys(&allowed).into_iter().collect();
-        assert_eq!(keys.len(), 3);
-        assert!(keys.contains(&UplinkAllowKey { ifindex: 7, ..UplinkAllowKey::default() }));
-        let v4 = keys.iter().find(|k| k.family == AF_INET).unwrap();
-        assert_eq!((v4.ifindex, &v4.addr[..4], &v4.addr[4..]), (3, &[10, 244, 0, 9][..], &[0u8; 12][..]));
-        let v6 = keys.iter().find(|k| k.family == AF_INET6).unwrap();
-        assert_eq!(std::net::Ipv6Addr::from(v6.addr), "fd00:10:244::9".parse::<std::net::Ipv6Addr>().unwrap());
     }
 }

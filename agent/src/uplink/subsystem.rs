@@ -24,7 +24,7 @@ use prometheus::{IntGaugeVec, Opts};
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
-use super::{enter_netns, guard_all, scan::scan_with, spec_record, UplinkSpec};
+use super::{enter_netns, guard_all, scan::scan_with, UplinkSpec};
 use crate::{
     loader::uplink::{TcAttach, UplinkAction},
     supervise::{Condition, Context, Shutdown},
@@ -68,7 +68,7 @@ impl Uplinks {
         }
         {
             let guard = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            spec_record::write(guard.pins(), &self.spec)?;
+            crate::loader::uplink_state::record_spec(guard.pins(), &self.spec.to_string())?;
         }
         if self.spec == UplinkSpec::None {
             self.condition.ready();
