@@ -132,7 +132,7 @@ impl Pipeline {
     fn account(&mut self, ctx: &Context, attempt: &Attempt, now: Instant) {
         let mut named;
         let attempt = match &mut self.uplink_pods {
-            Some(pods) if attempt.hook == crate::attempt::Hook::Uplink && attempt.cgroup_id == 0 => {
+            Some(pods) if attempt.hook == crate::attempt::Hook::Uplink && attempt.ingress_ifindex != 0 => {
                 named = attempt.clone();
                 pods.attribute(&mut named);
                 &named

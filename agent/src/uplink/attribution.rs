@@ -34,10 +34,15 @@ impl UplinkPods {
         Ok(UplinkPods { route, cgroup_root: cgroup_root.to_path_buf(), pods: None, by_source: HashMap::new() })
     }
 
-    /// Fills in the pod (a cgroup of it, the lowest id, so that repeated attempts name
-    /// the same container) of an uplink attempt that names none.
+    /// Names the pod (a cgroup of it, the lowest id, so that repeated attempts name
+    /// the same container) of an uplink attempt whose packet entered the node through
+    /// a pod's interface. That names it even where the packet kept its socket: the
+    /// socket's cgroup can be the root one (the kernel stops telling sockets' cgroup v2
+    /// apart once net_cls or net_prio of cgroup v1 is used), while where a packet entered
+    /// is the kernel's own record that no pod can forge. A packet the node made (a
+    /// macvlan or ipvlan child's) keeps the socket's cgroup.
     pub fn attribute(&mut self, attempt: &mut Attempt) {
-        if attempt.hook != crate::attempt::Hook::Uplink || attempt.cgroup_id != 0 || attempt.ingress_ifindex == 0 {
+        if attempt.hook != crate::attempt::Hook::Uplink || attempt.ingress_ifindex == 0 {
             return;
         }
         if let Some(cgroup) = self.pod_of(attempt.ingress_ifindex, attempt.source) {
