@@ -143,7 +143,7 @@ pub struct EnforceArgs {
     pub uplinks: UplinkSpec,
     /// How the uplink program sits on a device: `auto` uses tcx links on kernels 6.6+
     /// and a clsact qdisc with a cls_bpf filter before them.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, env = "METADATA_GUARD_UPLINK_ATTACH", value_enum, default_value = "auto")]
     pub uplink_attach: UplinkAttach,
 }
 
