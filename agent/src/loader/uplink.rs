@@ -33,7 +33,7 @@ use super::{
     bpf_sys,
     links::open_link,
     pins::PinLayout,
-    uplink_state::{our_filter, pinned_links, remove_link_pin, remove_uplink},
+    uplink_state::{our_filter, pinned_links, remove_link_pin, remove_uplink, remove_uplink_filter},
     Backstop, Guard,
 };
 
@@ -214,6 +214,17 @@ impl Guard {
         };
         if action != UplinkAction::Kept {
             self.pin_uplink_program()?;
+        }
+        // Ours by the other way goes only now that this one is in place (an agent of
+        // another `--uplink-attach`, or one that chose otherwise): no gap, and never
+        // two of ours on one hook.
+        match how {
+            TcAttach::Tcx => {
+                if our_filter(dev.index)?.is_some() {
+                    remove_uplink_filter(dev.index)?;
+                }
+            }
+            TcAttach::Clsact => remove_link_pin(&link_pin(&pins, dev.index))?,
         }
         Ok(action)
     }

@@ -42,7 +42,13 @@ pub fn remove_uplink(layout: &PinLayout, ifindex: u32) -> Result<bool> {
     let pin = link_pin(layout, ifindex);
     let had_link = pin.exists();
     remove_link_pin(&pin)?;
-    let Some(filter) = our_filter(ifindex)? else { return Ok(had_link) };
+    Ok(remove_uplink_filter(ifindex)? || had_link)
+}
+
+/// Removes our cls_bpf filter from device `ifindex`; whether it was there. A filter
+/// at our priority and handle that runs another program is left in place (an error).
+pub(super) fn remove_uplink_filter(ifindex: u32) -> Result<bool> {
+    let Some(filter) = our_filter(ifindex)? else { return Ok(false) };
     if !filter.bpf_name.as_deref().is_some_and(|n| n.starts_with(metadata_guard_common::program_names::UPLINK)) {
         bail!(
             "the tc filter at priority {FILTER_PRIORITY}, handle {FILTER_HANDLE:#x} on interface {ifindex} runs {:?}, \
