@@ -12,10 +12,14 @@
 //!   or carries an allowlisted pod's socket (`MG_ALLOW_CG`).
 //!
 //! A packet without a socket is never the host's. Everything the host's stack sends
-//! carries one: its TCP resets and time-wait ACKs the netns's control socket, its
-//! ICMP errors the netns's ICMP socket, a SYN-ACK its request socket. A packet without
-//! one was forwarded (routing drops the socket at `ip_rcv`), bridged, or orphaned on
-//! the way: it is a pod's (or a stranger's), and only the allowlist lets it out.
+//! carries one: its TCP resets the control socket (or the time-wait or full socket
+//! they answer for), its ICMP errors the ICMP socket, a SYN-ACK its request socket. A
+//! packet without one was forwarded (routing drops the socket at `ip_rcv`), bridged,
+//! or orphaned on the way: it is a pod's (or a stranger's), and only the allowlist
+//! lets it out. Where the marks tell a host socket (before 2025 kernels), the kernel's
+//! own control and ICMP sockets have none (they are made without `sock_create`): a
+//! reset or ICMP error the node sends on its own to a blocked destination, answering
+//! nothing the node asked for, is dropped there.
 //!
 //! Return values follow tcx and cls_bpf's direct action alike: `TC_ACT_UNSPEC` (tcx's
 //! `TCX_NEXT`) hands the packet to the next program on the hook — never `TC_ACT_OK`,
@@ -71,18 +75,24 @@ fn helper_netns(ctx: &TcContext, _sk: *mut bpf_sock) -> u64 {
     unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast()) }
 }
 
-/// The mark of the packet's socket; 0 (not the host's) for sockets that are not full
-/// ones: the host sends none of those to a metadata address (it serves no metadata).
+/// The mark of the packet's socket. A socket that is not a full one (a request or
+/// time-wait socket) has no storage; it only sends the SYN-ACK, ACK or RST of a
+/// connection the kernel tracks — no payload of anyone's choosing — so it passes as
+/// the packet backstop lets it ([`REPLY_ONLY`]).
 #[inline(always)]
 fn marked_netns(_ctx: &TcContext, sk: *mut bpf_sock) -> u64 {
     // SAFETY: a non-null socket pointer from the context.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
-        0
+        REPLY_ONLY
     } else {
         socket_mark(full)
     }
 }
+
+/// What [`marked_netns`] answers for a request or time-wait socket: no namespace's
+/// cookie (cookies count up from 1), let through like the host's.
+const REPLY_ONLY: u64 = u64::MAX;
 
 /// Where the IP header starts and the prefilter's view of the destination, for
 /// Ethernet frames with up to two VLAN tags in the data (a tag the driver inserts
@@ -164,7 +174,7 @@ fn judge(
         (0, 0)
     } else {
         let cookie = netns_of(ctx, sk);
-        if cookie != 0 && cookie == settings.host_netns_cookie {
+        if cookie == REPLY_ONLY || (cookie != 0 && cookie == settings.host_netns_cookie) {
             count(Hook::Uplink, Verdict::Allowed);
             return PASS;
         }
