@@ -53,6 +53,6 @@ pub use crate::{
     audit::RecordLine,
     cli::Cli,
     hostside::{status as host_table_status, uninstall as remove_host_table, HostStatus, Removal, TABLE as HOST_TABLE},
-    loader::{pins::PinLayout, status::Status, status_conceal::ConcealStatus, ATTACHMENTS},
+    loader::{pins::PinLayout, status::Status, status_conceal::ConcealStatus, uplink_state::UplinkStatus, ATTACHMENTS},
     logging::fatal,
 };

@@ -43,7 +43,7 @@ pub fn run(req: enforce::Request, detach_on_exit: bool) -> Result<()> {
 }
 
 async fn wire(req: enforce::Request, detach_on_exit: bool, mut signals: Signals) -> Result<()> {
-    let enforce::Installed { config, policy, cgroup, layout, mut guard, host, report, uplinks: _, lock: _lock } =
+    let enforce::Installed { config, policy, cgroup, layout, mut guard, host, report, lock: _lock } =
         enforce::install(&req, "run")?;
 
     let metrics = Arc::new(Metrics::new());

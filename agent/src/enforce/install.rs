@@ -21,7 +21,7 @@ use crate::{
     },
     policy::CompiledPolicy,
     preflight,
-    uplink::{self, Guarded, UplinkSpec},
+    uplink::{self, UplinkSpec},
 };
 
 /// Why `run` and `apply` stop when a check (or the kernel object's load) fails.
@@ -69,8 +69,6 @@ pub struct Installed {
     /// The host-side table, written with the same policy and mode.
     pub host: HostTable,
     pub report: InstallReport,
-    /// The uplinks and how each got the program (or why not).
-    pub uplinks: Vec<Guarded>,
     pub lock: AgentLock,
 }
 
@@ -137,8 +135,8 @@ pub fn install(req: &Request, command: &str) -> Result<Installed, InstallError> 
     info!(table = hostside::TABLE, "host side: packets entering the node are judged after DNAT");
     // The third: every packet leaving the node, on its uplinks.
     let mut guard = guard;
-    let uplinks = uplink::install(&mut guard, req.host_netns.as_deref(), &req.uplinks, req.uplink_attach, &policy)?;
-    Ok(Installed { config, policy, cgroup, layout, guard, host, report, uplinks, lock })
+    uplink::install(&mut guard, req.host_netns.as_deref(), &req.uplinks, req.uplink_attach, &policy)?;
+    Ok(Installed { config, policy, cgroup, layout, guard, host, report, lock })
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, whose default is tiny.

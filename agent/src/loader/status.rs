@@ -19,6 +19,7 @@ use super::{
     pins::PinLayout,
     policy_maps, read_counters,
     status_conceal::{self, ConcealStatus},
+    uplink_state::UplinkStatus,
     Backstop, Plan, ATTACHMENTS, PINNED_MAPS,
 };
 
@@ -66,7 +67,7 @@ pub struct Status {
     /// The node's uplinks and the devices that run the uplink program (filled by the
     /// `status` command, which reads them in the host network namespace).
     #[serde(default)] // absent from older agents' status
-    pub uplinks: Vec<super::uplink_state::UplinkStatus>,
+    pub uplinks: Vec<UplinkStatus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -33,7 +33,7 @@ use super::{
     bpf_sys,
     links::open_link,
     pins::PinLayout,
-    uplink_state::{our_filter, pinned_links, remove_link_pin, remove_uplink, remove_uplink_filter},
+    uplink_state::{our_filter, pinned_links, remove_link_pin, remove_uplink_filter},
     Backstop, Guard,
 };
 
@@ -248,11 +248,6 @@ impl Guard {
             }
         }
         Ok(())
-    }
-
-    /// Takes our program off `dev`'s egress hook (both ways); whether it was there.
-    pub fn unguard_uplink(&self, dev: &UplinkDevice) -> Result<bool> {
-        remove_uplink(&self.pins, dev.index)
     }
 }
 

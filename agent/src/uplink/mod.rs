@@ -17,7 +17,7 @@ use metadata_guard_common::{UplinkAllowKey, AF_INET, AF_INET6};
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 
-pub use choice::{Reason, Uplink, UplinkSpec};
+pub use choice::{Uplink, UplinkSpec};
 pub use scan::{current, Scan};
 pub use subsystem::Uplinks;
 
@@ -142,11 +142,11 @@ pub fn install(
     spec: &UplinkSpec,
     how: TcAttach,
     policy: &CompiledPolicy,
-) -> Result<Vec<Guarded>> {
+) -> Result<()> {
     tc::record_spec(guard.pins(), &spec.to_string())?;
     if *spec == UplinkSpec::None {
         tracing::warn!("--uplinks none: packets that leave the node without passing its netfilter are not judged");
-        return Ok(Vec::new());
+        return Ok(());
     }
     let guarded = in_netns(host_netns, || {
         let scan = current(spec, policy)?;
@@ -165,7 +165,7 @@ pub fn install(
             Err(e) => tracing::error!(uplink = %g.uplink.name, "the uplink program is not on this uplink: {e}"),
         }
     }
-    Ok(guarded)
+    Ok(())
 }
 
 /// Removes our program from every device of the calling thread's namespace (tcx

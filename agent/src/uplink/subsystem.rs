@@ -20,7 +20,6 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use metadata_guard_netfilter::{devices, NlSocket};
-use prometheus::{IntGaugeVec, Opts};
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
@@ -42,22 +41,11 @@ pub struct Uplinks {
     spec: UplinkSpec,
     how: TcAttach,
     host_netns: Option<PathBuf>,
-    gauges: IntGaugeVec,
 }
 
 impl Uplinks {
     pub fn new(ctx: &Context, spec: UplinkSpec, how: TcAttach, host_netns: Option<PathBuf>) -> Uplinks {
-        let gauges = IntGaugeVec::new(
-            Opts::new(
-                "metadata_guard_uplinks",
-                "Uplinks (devices a packet can leave the node through) by state: guarded (running the uplink \
-                 program) or missing (without it)",
-            ),
-            &["state"],
-        )
-        .expect("valid metric definition");
-        let _ = ctx.metrics.registry().register(Box::new(gauges.clone()));
-        Uplinks { condition: ctx.readiness.condition("uplinks", "not checked yet"), spec, how, host_netns, gauges }
+        Uplinks { condition: ctx.readiness.condition("uplinks", "not checked yet"), spec, how, host_netns }
     }
 
     /// Runs on a thread of its own (`spawn_on_thread`), which it moves into the host's
@@ -151,8 +139,7 @@ impl Uplinks {
                 missing.push(format!("uplink {name} (named by --uplinks) {why}"));
             }
         }
-        self.gauges.with_label_values(&["guarded"]).set(guarded);
-        self.gauges.with_label_values(&["missing"]).set(missing.len() as i64);
+        ctx.metrics.set_uplinks(guarded, missing.len());
         Ok(missing)
     }
 }
