@@ -78,9 +78,9 @@ impl AllowlistSync {
             // The host side opens for a new pod before the socket hooks let it through
             // (it must find the node open), and closes for a removed one after them.
             let opening: BTreeSet<u64> = current.union(&wanted).copied().collect();
-            let host_opened = self.set_host_allowed(&opening);
+            let host_opened = self.set_host_allowed(&ctx.guard, &opening);
             let synced = ctx.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sync_allowed(&wanted);
-            let host_closed = if opening == wanted { Ok(()) } else { self.set_host_allowed(&wanted) };
+            let host_closed = if opening == wanted { Ok(()) } else { self.set_host_allowed(&ctx.guard, &wanted) };
             let host_synced = host_opened.and(host_closed);
             if let Err(e) = &host_synced {
                 error!("could not update the host side's pod allowlist: {e:#}");
@@ -121,8 +121,18 @@ impl AllowlistSync {
 }
 
 impl AllowlistSync {
-    fn set_host_allowed(&self, allowed: &BTreeSet<u64>) -> anyhow::Result<()> {
-        self.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner).set_allowed(allowed)
+    /// The host side's table and, from the same view of the pods' interfaces, the
+    /// uplink program's allowlist (`guard`).
+    fn set_host_allowed(
+        &self,
+        guard: &std::sync::Mutex<crate::loader::Guard>,
+        allowed: &BTreeSet<u64>,
+    ) -> anyhow::Result<()> {
+        let mut host = self.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        host.set_allowed(allowed)?;
+        let entries = crate::uplink::allow_keys(&host.allowed_entries());
+        drop(host);
+        guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sync_uplink_allowed(&entries).map(drop)
     }
 }
 

@@ -65,6 +65,9 @@ pub struct Attempt {
     /// The packet's source address, for attempts the host side judged (its packets
     /// may come from no socket, task or cgroup the agent can name).
     pub source: Option<IpAddr>,
+    /// The uplink only: the interface the packet entered the node through (0: the node
+    /// made it, or another hook), to name the pod when its socket did not survive.
+    pub ingress_ifindex: u32,
     /// Conceal mode: the HTTP request the proxy refused (the connection itself was
     /// redirected, not refused). None for every kernel verdict.
     pub request: Option<ConcealedRequest>,
@@ -121,6 +124,7 @@ impl Attempt {
             mapped: false,
             request: None,
             source: None,
+            ingress_ifindex: 0,
         }
     }
 }

@@ -9,9 +9,10 @@ use crate::{
     commands,
     config::ConfigArgs,
     enforce,
-    loader::{Backstop, Mechanism},
+    loader::{uplink::TcAttach, Backstop, Mechanism},
     logging::{self, LogFormat},
     preflight,
+    uplink::UplinkSpec,
 };
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/metadata-guard";
@@ -134,6 +135,24 @@ pub struct EnforceArgs {
     /// container: a mount made there dies with the container, and the pins with it.
     #[arg(long, env = "METADATA_GUARD_MOUNT_BPFFS", default_value_t = true, action = clap::ArgAction::Set)]
     pub mount_bpffs: bool,
+    /// The devices packets leave the node through, where the uplink program judges
+    /// every packet to a blocked destination whatever datapath brought it (tc egress):
+    /// `auto` (NICs, bonds, VLANs, macvlan/ipvlan lower devices, any device with a
+    /// route to a blocked destination; followed as devices come and go), `none`, or a
+    /// comma-separated list of interfaces of the host network namespace.
+    #[arg(long, env = "METADATA_GUARD_UPLINKS", default_value = "auto", value_parser = UplinkSpec::parse)]
+    pub uplinks: UplinkSpec,
+    /// How the uplink program sits on a device: `auto` uses tcx links on kernels 6.6+
+    /// and a clsact qdisc with a cls_bpf filter before them.
+    #[arg(long, env = "METADATA_GUARD_UPLINK_ATTACH", value_enum, default_value = "auto")]
+    pub uplink_attach: UplinkAttach,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UplinkAttach {
+    Auto,
+    Tcx,
+    Clsact,
 }
 
 #[derive(Args)]
@@ -179,6 +198,12 @@ impl EnforceArgs {
                 PacketNetnsSource::Marks => Some(Backstop::SocketMarks),
             },
             mount_bpffs: self.mount_bpffs,
+            uplinks: self.uplinks.clone(),
+            uplink_attach: match self.uplink_attach {
+                UplinkAttach::Auto => TcAttach::detect(),
+                UplinkAttach::Tcx => TcAttach::Tcx,
+                UplinkAttach::Clsact => TcAttach::Clsact,
+            },
         }
     }
 }

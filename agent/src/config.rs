@@ -162,7 +162,12 @@ pub struct Config {
 
 impl Config {
     pub fn compile_policy(&self) -> Result<CompiledPolicy, PolicyError> {
-        compile(&self.block)
+        let mut policy = compile(&self.block)?;
+        let node_only: Vec<BlockRule> = self.presets.iter().flat_map(|p| p.host_side_rules()).collect();
+        if !node_only.is_empty() {
+            policy.node_only = Some(Box::new(compile(&node_only)?));
+        }
+        Ok(policy)
     }
 }
 

@@ -18,7 +18,8 @@
 //! counters, NFLOG refusals), `config_watch` (reloads; publishes each new policy,
 //! which every enforcement point puts in force itself), `allowlist` (pod allowlist
 //! sync), `events` (event → audit pipeline), `conceal` (conceal mode's filtering
-//! proxy, with pods' own cloud identities from `identity`) and `http` (/metrics, /healthz, /readyz).
+//! proxy, with pods' own cloud identities from `identity`), `uplink` (the tc program on
+//! the node's uplinks) and `http` (/metrics, /healthz, /readyz).
 
 #![expect(
     unreachable_pub,
@@ -48,11 +49,12 @@ pub(crate) mod pod_identity;
 pub(crate) mod policy;
 pub(crate) mod preflight;
 pub(crate) mod supervise;
+pub(crate) mod uplink;
 
 pub use crate::{
     audit::RecordLine,
     cli::Cli,
     hostside::{status as host_table_status, uninstall as remove_host_table, HostStatus, Removal, TABLE as HOST_TABLE},
-    loader::{pins::PinLayout, status::Status, status_conceal::ConcealStatus, ATTACHMENTS},
+    loader::{pins::PinLayout, status::Status, status_conceal::ConcealStatus, uplink_state::UplinkStatus, ATTACHMENTS},
     logging::fatal,
 };

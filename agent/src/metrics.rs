@@ -37,6 +37,7 @@ pub struct Metrics {
     enforcing: IntGauge,
     config_reloads: IntCounterVec,
     config_last_reload_success: IntGauge,
+    uplinks: IntGaugeVec,
     state: Mutex<State>,
 }
 
@@ -149,6 +150,23 @@ impl Metrics {
                 "metadata_guard_config_last_reload_success",
                 "1 when the last configuration (re)load was applied, 0 when it was rejected",
             ),
+            uplinks: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "metadata_guard_uplinks",
+                        "Uplinks (devices a packet can leave the node through) by state: guarded (running the \
+                         uplink program) or missing (without it)",
+                    ),
+                    &["state"],
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone())).expect("metric registered once");
+                // Both series from the start: none yet is a count too.
+                for state in ["guarded", "missing"] {
+                    g.with_label_values(&[state]).set(0);
+                }
+                g
+            },
             registry: r,
             state: Mutex::new(State::default()),
         }
@@ -268,6 +286,12 @@ impl Metrics {
         self.policy_destinations.set((policy.v4.len() + policy.v6.len()) as i64);
         // Conceal mode enforces too: everything but the filtered HTTP requests is refused.
         self.enforcing.set(i64::from(mode != Mode::Audit));
+    }
+
+    /// The uplinks running the uplink program, and those without it.
+    pub fn set_uplinks(&self, guarded: usize, missing: usize) {
+        self.uplinks.with_label_values(&["guarded"]).set(guarded as i64);
+        self.uplinks.with_label_values(&["missing"]).set(missing as i64);
     }
 
     /// For subsystems that register metrics of their own (conceal/metrics.rs).

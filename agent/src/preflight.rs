@@ -50,6 +50,21 @@ impl Check {
     }
 
     /// The host-side table's probe (see `hostside::check`).
+    /// The uplink program: `detail` says how it would sit on the uplinks and which
+    /// devices those are; `ok` false when none could get it.
+    pub fn uplink((ok, detail): (bool, String)) -> Check {
+        if ok {
+            Check::pass("uplink (tc egress)", detail)
+        } else {
+            Check::fail(
+                "uplink (tc egress)",
+                detail,
+                "load sch_clsact (sch_ingress on older kernels) and cls_bpf (modprobe), give the agent CAP_NET_ADMIN \
+                 in the host network namespace (--host-netns), or pass --uplinks none to run without this point",
+            )
+        }
+    }
+
     pub fn host_side((ok, detail): (bool, String)) -> Check {
         if ok {
             Check::pass("host-side nf_tables", detail)

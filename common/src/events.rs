@@ -18,20 +18,23 @@ pub enum Hook {
     /// The host-side nf_tables table (no kernel program: never in [`Hook::PROGRAMS`],
     /// which lists the slots of the programs' counters).
     Host = 5,
+    /// The tc egress program on the node's uplinks (`mg_uplink`): every packet that
+    /// leaves the node, whatever datapath brought it there.
+    Uplink = 6,
 }
 
 /// Every hook: the last variant's value plus one (hooks are numbered from 0 without
 /// gaps), so that [`Hook::from_u8`] knows each of them.
-pub const HOOK_COUNT: u32 = Hook::Host as u32 + 1;
+pub const HOOK_COUNT: u32 = Hook::Uplink as u32 + 1;
 /// The hooks that are kernel programs, with counters in `MG_COUNTERS`.
-pub const PROGRAM_HOOK_COUNT: u32 = 5;
+pub const PROGRAM_HOOK_COUNT: u32 = 6;
 
 impl Hook {
     pub const ALL: [Hook; HOOK_COUNT as usize] =
-        [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Sendmsg6, Hook::Egress, Hook::Host];
-    /// The hooks that are kernel programs: the hooks of [`counters`]' slots.
+        [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Sendmsg6, Hook::Egress, Hook::Host, Hook::Uplink];
+    /// The hooks that are kernel programs: the hooks of [`counters`]' slots, in slot order.
     pub const PROGRAMS: [Hook; PROGRAM_HOOK_COUNT as usize] =
-        [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Sendmsg6, Hook::Egress];
+        [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Sendmsg6, Hook::Egress, Hook::Uplink];
 
     pub fn from_u8(v: u8) -> Option<Hook> {
         Self::ALL.get(v as usize).copied()
@@ -45,6 +48,7 @@ impl Hook {
             Hook::Sendmsg6 => "sendmsg6",
             Hook::Egress => "egress",
             Hook::Host => "host",
+            Hook::Uplink => "uplink",
         }
     }
 }
@@ -94,9 +98,15 @@ pub mod counters {
     pub const EVENTS_LOST: u32 = PROGRAM_HOOK_COUNT * VERDICT_COUNT;
     pub const SLOTS: u32 = EVENTS_LOST + 1;
 
+    /// The slot of a hook of [`Hook::PROGRAMS`] (the host side counts in nf_tables;
+    /// the uplink, numbered after it, takes the program slots' last row).
     #[inline(always)]
     pub const fn slot(hook: Hook, verdict: Verdict) -> u32 {
-        hook as u32 * VERDICT_COUNT + verdict as u32
+        let row = match hook {
+            Hook::Uplink => PROGRAM_HOOK_COUNT - 1,
+            other => other as u32,
+        };
+        row * VERDICT_COUNT + verdict as u32
     }
 }
 
@@ -131,4 +141,12 @@ pub struct Event {
     pub mapped: u8,
     pub _pad: u8,
     pub comm: [u8; 16],
+    /// [`Hook::Uplink`]: the interface the packet entered the node through
+    /// (`skb->skb_iif`), 0 for a packet the node made; 0 for the other hooks.
+    pub ingress_ifindex: u32,
+    /// [`Hook::Uplink`]: the uplink the packet was leaving through; 0 for the other hooks.
+    pub uplink_ifindex: u32,
+    /// [`Hook::Uplink`]: the packet's source address (network order, IPv4 in the first
+    /// four bytes, family as `family`); zero for the other hooks.
+    pub src_addr: [u8; 16],
 }

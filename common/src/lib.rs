@@ -15,6 +15,7 @@ mod events;
 mod policy;
 #[cfg(test)]
 mod tests;
+mod uplink;
 
 pub use conceal::{
     conceal_counters, ConcealOrigin, ConcealSettings, SockKey, CONCEAL_ENDPOINTS_MAX, CONCEAL_MAX_ENTRIES,
@@ -26,9 +27,11 @@ pub use policy::{
     MODE_ENFORCE, POLICY_MAX_ENTRIES, PORTS_ANY, PORTS_EXCEPT, PORTS_ONLY, PREFILTER_BITS, PREFILTER_ENTRIES,
     PREFILTER_WORDS, PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
 };
+pub use uplink::{UplinkAllowKey, UPLINK_ALLOW_MAX_ENTRIES, UPLINK_EXTRA_MAX_ENTRIES};
 
 /// Version of every layout in this crate. Pinned maps live under `v<ABI_VERSION>`.
-pub const ABI_VERSION: u32 = 2;
+/// 3: `Hook::Uplink` (more counter slots), the event's uplink fields, the uplink's maps.
+pub const ABI_VERSION: u32 = 3;
 
 /// Names of the maps, as declared in the kernel object. At most 15 bytes each
 /// (the kernel's `BPF_OBJ_NAME_LEN` minus the NUL).
@@ -58,6 +61,16 @@ pub mod map_names {
     pub const CONCEAL_PEERS: &str = "MG_CONCEAL_PEER";
     /// Conceal mode: per-CPU counters ([`conceal_counters`](super::conceal_counters)).
     pub const CONCEAL_COUNTERS: &str = "MG_CONCEAL_CNT";
+    /// The uplink: what entered the node through an allowlisted pod's interface
+    /// ([`UplinkAllowKey`](super::UplinkAllowKey) → unused u8).
+    pub const UPLINK_ALLOW: &str = "MG_UPLINK_ALLOW";
+    /// The uplink: rules only the node's own checks apply, on top of the policy (the
+    /// host side's extra rules, e.g. gke-workload-identity's TCP 80), in two pairs
+    /// flipped with the policy's (`Settings::active_policy`).
+    pub const UPLINK4_A: &str = "MG_UPLINK4_A";
+    pub const UPLINK4_B: &str = "MG_UPLINK4_B";
+    pub const UPLINK6_A: &str = "MG_UPLINK6_A";
+    pub const UPLINK6_B: &str = "MG_UPLINK6_B";
 }
 
 /// Names of the programs in the kernel object, one per hook.
@@ -78,6 +91,11 @@ pub mod program_names {
     pub const NETNS_PROBE: &str = "mg_netns_probe";
     /// Conceal mode: records each redirected connection's pod end (sockops).
     pub const CONCEAL_SOCKOPS: &str = "mg_conceal_ops";
+    /// The uplink (tc egress) on kernels whose tc programs can ask a socket's netns
+    /// cookie (`bpf_get_netns_cookie`, from 2025).
+    pub const UPLINK: &str = "mg_uplink";
+    /// The uplink on older kernels: reads the host sockets' marks (`mg_sock_create`).
+    pub const UPLINK_MARKS: &str = "mg_uplink_marks";
 }
 
 /// Address families as in `struct sockaddr`.
@@ -108,4 +126,5 @@ mod pod {
     unsafe impl aya::Pod for super::ConcealSettings {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::ConcealOrigin {}
+    unsafe impl aya::Pod for super::UplinkAllowKey {}
 }

@@ -116,7 +116,9 @@ fn counter_slots_are_distinct_and_in_range() {
             assert!(seen.insert(s));
         }
     }
-    assert_eq!(core::mem::size_of::<Event>(), 72);
+    assert_eq!(core::mem::size_of::<Event>(), 96);
+    assert_eq!(core::mem::size_of::<UplinkAllowKey>(), 24);
+    assert_eq!(Hook::PROGRAMS.last(), Some(&Hook::Uplink));
     assert_eq!(core::mem::size_of::<DestRules>(), 4 + MAX_RULES * 20);
     assert_eq!(core::mem::size_of::<ConcealSettings>(), 32);
     assert_eq!(core::mem::size_of::<SockKey>(), 20);

@@ -102,14 +102,23 @@ pub fn mg_egress_netns(ctx: SkBuffContext) -> i32 {
     backstop(&ctx, helper_netns)
 }
 
-/// The netns cookie `sock_create` (or a socket hook) recorded for a host socket; 0 for
-/// every other socket.
 #[inline(always)]
 fn marked_netns(_ctx: &SkBuffContext, full: *mut bpf_sock) -> u64 {
+    socket_mark(full)
+}
+
+/// The netns cookie `sock_create` (or a socket hook) recorded for a host socket; 0 for
+/// every other socket. `full` is a full socket (`bpf_sk_fullsock`).
+#[inline(always)]
+pub fn socket_mark(full: *mut bpf_sock) -> u64 {
     // SAFETY: a full socket; the storage lookup does not create.
     let mark = unsafe { bpf_sk_storage_get(sock_mark_map(), full.cast(), ptr::null_mut(), 0) }.cast::<u64>();
     // SAFETY: null-checked map value.
-    if mark.is_null() { 0 } else { unsafe { *mark } }
+    if mark.is_null() {
+        0
+    } else {
+        unsafe { *mark }
+    }
 }
 
 /// The namespace cookie of the packet's socket, from the kernel.
@@ -127,7 +136,7 @@ fn backstop(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf_sock
     // after a look at its first four bytes in the packet and the prefilters. That is
     // also how a socket a socket hook already judged goes free: its destination is
     // outside the policy, or it is a host socket (the rare traffic that goes on below).
-    let settings = match packet::lead(ctx) {
+    let settings = match packet::lead::<0>(&ctx.skb) {
         Some((family, lead, next)) => match may_be_blocked(family, lead, next) {
             Some(settings) => settings,
             None => return PASS,
@@ -137,7 +146,7 @@ fn backstop(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf_sock
             None => return PASS,
         },
     };
-    let Some(dest) = packet::destination(ctx) else { return PASS };
+    let Some(dest) = packet::destination(&ctx.skb, 0) else { return PASS };
     if !is_blocked(settings, &dest) {
         return PASS;
     }
@@ -158,7 +167,7 @@ fn backstop(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf_sock
     }
     // SAFETY: the program's own context.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let origin = Origin { netns_cookie, cgroup_id, task: false };
+    let origin = Origin { netns_cookie, cgroup_id, ..Origin::NONE };
     if settle(settings, Hook::Egress, &dest, &origin) {
         PASS
     } else {

@@ -10,6 +10,7 @@
 mod backstop;
 mod conceal;
 mod packet;
+mod uplink;
 mod verdict;
 
 use aya_ebpf::{

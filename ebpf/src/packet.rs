@@ -1,10 +1,14 @@
 // SPDX-License-Identifier: MIT OR GPL-2.0-only
-//! Reading a packet's destination for the backstop: a fast look at the first four bytes
-//! of the destination address (direct packet access, for the prefilters), and the full
-//! destination — address, transport protocol and port — past IPv4 options and IPv6
-//! extension headers (helper loads, only for packets the prefilter could not pass).
+//! Reading a packet's destination for the backstop and the uplink: a fast look at the
+//! first four bytes of the destination address (direct packet access, for the
+//! prefilters), and the full destination — address, transport protocol and port —
+//! past IPv4 options and IPv6 extension headers (helper loads, only for packets the
+//! prefilter could not pass).
+//!
+//! Every function takes the offset of the IP header: 0 in cgroup_skb programs (their
+//! data starts there), past the Ethernet header and its VLAN tags in tc programs.
 
-use aya_ebpf::programs::SkBuffContext;
+use aya_ebpf::programs::sk_buff::SkBuff;
 use metadata_guard_common::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::verdict::Destination;
@@ -12,6 +16,7 @@ use crate::verdict::Destination;
 const IPV4_VERSION: u8 = 4;
 const IPV6_VERSION: u8 = 6;
 const IPV4_PROTOCOL_OFFSET: usize = 9;
+const IPV4_SADDR_OFFSET: usize = 12;
 const IPV4_DADDR_OFFSET: usize = 16;
 const IPV4_FRAG_OFFSET: usize = 6;
 /// The fixed part of the IPv4 header (options follow; `ihl` says how many).
@@ -19,6 +24,7 @@ const IPV4_HEADER_LEN: usize = 20;
 /// Fragment offset bits of the IPv4 flags/fragment field (host order).
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IPV6_NEXTHDR_OFFSET: usize = 6;
+const IPV6_SADDR_OFFSET: usize = 8;
 const IPV6_DADDR_OFFSET: usize = 24;
 const IPV6_HEADER_LEN: usize = 40;
 /// Enough of the packet to hold the first four bytes of either family's destination.
@@ -51,15 +57,16 @@ const IPPROTO_UDPLITE: u8 = 136;
 const L4_DPORT_OFFSET: usize = 2;
 
 /// The destination's family, first two bytes and next two (each big-endian), read
-/// straight from the packet; `None` when the linear data is too short (the caller
-/// then reads it all).
+/// straight from the packet whose IP header starts at `L3`; `None` when the linear
+/// data is too short (the caller then reads it all). A constant offset keeps every
+/// packet access a constant one for the verifier.
 #[inline(always)]
-pub fn lead(ctx: &SkBuffContext) -> Option<(u8, u16, u16)> {
+pub fn lead<const L3: usize>(skb: &SkBuff) -> Option<(u8, u16, u16)> {
     // SAFETY: `data`/`data_end` of the program's own context; every read below is of
     // bytes the bounds check proved inside the packet, as the verifier demands.
     unsafe {
-        let data = (*ctx.skb.skb).data as usize;
-        let end = (*ctx.skb.skb).data_end as usize;
+        let data = (*skb.skb).data as usize + L3;
+        let end = (*skb.skb).data_end as usize;
         if data + LEAD_BYTES > end {
             return None;
         }
@@ -73,20 +80,20 @@ pub fn lead(ctx: &SkBuffContext) -> Option<(u8, u16, u16)> {
     }
 }
 
-/// The packet's destination, protocol and port, from its IP header and the headers
-/// behind it.
+/// The packet's destination, protocol and port, from its IP header (at `l3`) and the
+/// headers behind it.
 #[inline(always)]
-pub fn destination(ctx: &SkBuffContext) -> Option<Destination> {
-    let first = ctx.load::<u8>(0).ok()?;
+pub fn destination(ctx: &SkBuff, l3: usize) -> Option<Destination> {
+    let first = ctx.load::<u8>(l3).ok()?;
     let mut addr = [0u8; 16];
     if first >> 4 == IPV4_VERSION {
-        let header = ctx.load::<[u8; IPV4_HEADER_LEN]>(0).ok()?;
+        let header = ctx.load::<[u8; IPV4_HEADER_LEN]>(l3).ok()?;
         let ihl = ((first & 0x0f) as usize) * 4;
         let protocol = header[IPV4_PROTOCOL_OFFSET];
         addr[..4].copy_from_slice(&header[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4]);
         let frag = u16::from_be_bytes([header[IPV4_FRAG_OFFSET], header[IPV4_FRAG_OFFSET + 1]]) & IPV4_FRAG_OFFSET_MASK;
         // Later fragments carry no transport header: their port is unknown.
-        let port = if frag == 0 { l4_port(ctx, protocol, ihl) } else { None };
+        let port = if frag == 0 { l4_port(ctx, protocol, l3 + ihl) } else { None };
         Some(Destination {
             family: AF_INET,
             addr,
@@ -96,9 +103,9 @@ pub fn destination(ctx: &SkBuffContext) -> Option<Destination> {
             mapped: false,
         })
     } else if first >> 4 == IPV6_VERSION {
-        let header = ctx.load::<[u8; IPV6_HEADER_LEN]>(0).ok()?;
+        let header = ctx.load::<[u8; IPV6_HEADER_LEN]>(l3).ok()?;
         addr.copy_from_slice(&header[IPV6_DADDR_OFFSET..IPV6_DADDR_OFFSET + 16]);
-        let (protocol, l4_offset) = skip_extension_headers(ctx, header[IPV6_NEXTHDR_OFFSET]);
+        let (protocol, l4_offset) = skip_extension_headers(ctx, l3, header[IPV6_NEXTHDR_OFFSET]);
         let port = match l4_offset {
             Some(offset) => l4_port(ctx, protocol, offset),
             None => None,
@@ -120,8 +127,8 @@ pub fn destination(ctx: &SkBuffContext) -> Option<Destination> {
 /// and the offset of its header, or `None` as the offset where the packet does not
 /// show it (a later fragment, a chain longer than the walk, a truncated packet).
 #[inline(always)]
-fn skip_extension_headers(ctx: &SkBuffContext, mut next: u8) -> (u8, Option<usize>) {
-    let mut offset = IPV6_HEADER_LEN;
+fn skip_extension_headers(ctx: &SkBuff, l3: usize, mut next: u8) -> (u8, Option<usize>) {
+    let mut offset = l3 + IPV6_HEADER_LEN;
     let mut i = 0;
     while i < IPV6_MAX_EXT_HEADERS {
         if !is_extension_header(next) {
@@ -156,11 +163,26 @@ fn is_extension_header(next: u8) -> bool {
 /// The destination port; `Some(0)` for protocols without ports, `None` when the
 /// packet ends before it.
 #[inline(always)]
-fn l4_port(ctx: &SkBuffContext, protocol: u8, l4_offset: usize) -> Option<u16> {
+fn l4_port(ctx: &SkBuff, protocol: u8, l4_offset: usize) -> Option<u16> {
     match protocol {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_DCCP | IPPROTO_SCTP => {
             ctx.load::<u16>(l4_offset + L4_DPORT_OFFSET).map(u16::from_be).ok()
         }
         _ => Some(0),
     }
+}
+
+/// The packet's source address (network order, IPv4 in the first four bytes); zero
+/// when the packet ends before it.
+#[inline(always)]
+pub fn source(ctx: &SkBuff, l3: usize, family: u8) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        if let Ok(a) = ctx.load::<[u8; 4]>(l3 + IPV4_SADDR_OFFSET) {
+            addr[..4].copy_from_slice(&a);
+        }
+    } else if let Ok(a) = ctx.load::<[u8; 16]>(l3 + IPV6_SADDR_OFFSET) {
+        addr = a;
+    }
+    addr
 }

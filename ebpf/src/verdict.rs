@@ -14,7 +14,7 @@ use aya_ebpf::{
 use metadata_guard_common::{
     counters, prefilter_index, protocol_bit, DestRules, Event, Hook, Ipv4Key, Ipv6Key, Prefilter, Settings, Verdict,
     AF_INET, ALLOWED_CGROUPS_MAX_ENTRIES, EVENTS_RING_BYTES, MODE_AUDIT, MODE_CONCEAL, POLICY_MAX_ENTRIES,
-    PREFILTER_ENTRIES, PROTO_ALL,
+    PREFILTER_ENTRIES, PROTO_ALL, UPLINK_EXTRA_MAX_ENTRIES,
 };
 
 /// `bpf_sock_addr` return values: 1 lets the call proceed, 0 fails it with EPERM.
@@ -46,6 +46,17 @@ static MG_POLICY4_B: LpmTrie<Ipv4Key, DestRules> = LpmTrie::with_max_entries(POL
 static MG_POLICY6_A: LpmTrie<Ipv6Key, DestRules> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
 #[map]
 static MG_POLICY6_B: LpmTrie<Ipv6Key, DestRules> = LpmTrie::with_max_entries(POLICY_MAX_ENTRIES, 0);
+
+/// Rules only the node's own checks apply (the uplink here; the host-side table in
+/// nf_tables), flipped with the policy pair: see `map_names::UPLINK4_A`.
+#[map]
+static MG_UPLINK4_A: LpmTrie<Ipv4Key, DestRules> = LpmTrie::with_max_entries(UPLINK_EXTRA_MAX_ENTRIES, 0);
+#[map]
+static MG_UPLINK4_B: LpmTrie<Ipv4Key, DestRules> = LpmTrie::with_max_entries(UPLINK_EXTRA_MAX_ENTRIES, 0);
+#[map]
+static MG_UPLINK6_A: LpmTrie<Ipv6Key, DestRules> = LpmTrie::with_max_entries(UPLINK_EXTRA_MAX_ENTRIES, 0);
+#[map]
+static MG_UPLINK6_B: LpmTrie<Ipv6Key, DestRules> = LpmTrie::with_max_entries(UPLINK_EXTRA_MAX_ENTRIES, 0);
 
 /// Cgroup ids of allowlisted pods' containers (value unused).
 #[map]
@@ -118,7 +129,7 @@ pub fn judge(ctx: &SockAddrContext, settings: &Settings, hook: Hook, dest: &Dest
     {
         return ALLOW;
     }
-    let origin = Origin { netns_cookie, cgroup_id, task: true };
+    let origin = Origin { netns_cookie, cgroup_id, task: true, ..Origin::NONE };
     if settle(settings, hook, dest, &origin) {
         ALLOW
     } else {
@@ -133,6 +144,17 @@ pub struct Origin {
     /// The current task made the attempt (false in the packet backstop, which may run
     /// in another task's or in softirq context).
     pub task: bool,
+    /// The uplink only: where the packet entered the node (0: the node made it).
+    pub ingress_ifindex: u32,
+    /// The uplink only: the device it was leaving through.
+    pub uplink_ifindex: u32,
+    /// The uplink only: the packet's source address (network order).
+    pub src_addr: [u8; 16],
+}
+
+impl Origin {
+    pub const NONE: Origin =
+        Origin { netns_cookie: 0, cgroup_id: 0, task: false, ingress_ifindex: 0, uplink_ifindex: 0, src_addr: [0; 16] };
 }
 
 /// A blocked destination from outside the host's namespace: exempt, audited or
@@ -164,6 +186,39 @@ pub fn is_blocked(settings: &Settings, dest: &Destination) -> bool {
     match policy_rules(settings, dest) {
         Some(rules) => rules_block(rules, dest),
         None => false,
+    }
+}
+
+/// Whether the node's own checks block the destination: the policy, or the rules only
+/// they apply (`MG_UPLINK*`; a blocked rule is a blocked rule in either, so the union
+/// of two compiled rule sets answers as the compiled union would).
+#[inline(always)]
+pub fn is_blocked_at_node(settings: &Settings, dest: &Destination) -> bool {
+    if is_blocked(settings, dest) {
+        return true;
+    }
+    match node_rules(settings, dest) {
+        Some(rules) => rules_block(rules, dest),
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn node_rules(settings: &Settings, dest: &Destination) -> Option<&'static DestRules> {
+    if dest.family == AF_INET {
+        let key = Key::new(IPV4_BITS, [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]]);
+        if settings.active_policy == 0 {
+            MG_UPLINK4_A.get(&key)
+        } else {
+            MG_UPLINK4_B.get(&key)
+        }
+    } else {
+        let key = Key::new(IPV6_BITS, dest.addr);
+        if settings.active_policy == 0 {
+            MG_UPLINK6_A.get(&key)
+        } else {
+            MG_UPLINK6_B.get(&key)
+        }
     }
 }
 
@@ -239,6 +294,9 @@ fn report(hook: Hook, verdict: Verdict, dest: &Destination, origin: &Origin) {
         mapped: dest.mapped as u8,
         _pad: BUILD_VARIANT,
         comm,
+        ingress_ifindex: origin.ingress_ifindex,
+        uplink_ifindex: origin.uplink_ifindex,
+        src_addr: origin.src_addr,
     });
     entry.submit(0);
 }

@@ -11,6 +11,7 @@
 //! `rtnetlink.h`); every number used is a named constant there.
 
 pub mod attr;
+pub mod devices;
 pub mod expr;
 pub mod nflog;
 pub mod nftables;

@@ -23,7 +23,7 @@ pub const SCHEMA: &str = "metadata-guard.audit/v1";
 /// up to its attempts, except for attempts the node could not afford to write as
 /// records, which the next record names in `suppressed_since_last`.
 ///
-/// Every field is always present but `source` (host-side attempts only) and `method`,
+/// Every field is always present but `source` (host-side and uplink attempts only) and `method`,
 /// `path`, `rule` (concealed requests only); an unknown value is `null`, never `""`.
 ///
 /// The schema, field by field, is docs/audit.md; the tests hold its table to the fields

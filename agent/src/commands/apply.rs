@@ -16,6 +16,7 @@ use crate::{
     enforce::{self, InstallError},
     hostside,
     loader::{origin, status},
+    uplink,
 };
 
 pub fn apply(req: &enforce::Request) -> Result<()> {
@@ -45,7 +46,14 @@ pub fn apply(req: &enforce::Request) -> Result<()> {
         bail!("the enforcement is not whole after installing it: {what}; see `metadata-guard check`");
     }
     let mut in_force = status::read(&installed.layout.root)?;
-    let read = enforce::enforcing(in_force.installed, std::mem::take(&mut in_force.problems), Some(&host_side));
+    let problems = std::mem::take(&mut in_force.problems);
+    in_force.uplinks =
+        uplink::read(&installed.layout.root, req.host_netns.as_deref(), in_force.uplink_choice.as_deref())?;
+    let missing = uplink::problems(&in_force.uplinks);
+    if !missing.is_empty() {
+        bail!("the enforcement is not whole after installing it: {}; see `metadata-guard check`", missing.join("; "));
+    }
+    let read = enforce::enforcing(in_force.installed, problems, Some(&host_side));
     (in_force.enforcing, in_force.problems) = (read.enforcing, read.problems);
     let expected = installed.policy.v4.len() + installed.policy.v6.len();
     if in_force.destinations.len() != expected {
@@ -76,6 +84,7 @@ pub fn apply(req: &enforce::Request) -> Result<()> {
         origin::Origin::this("apply").version
     );
     status::print_human(&in_force);
+    uplink::print_status(&in_force.uplinks, in_force.uplink_choice.as_deref());
     hostside::print_status(&host_side);
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! | `config watch` | reloads; publishes the policy in force (`ctx.policy`) | — |
 //! | `conceal` | conceal mode's proxy and the kernel's redirect to it | `conceal` |
 //! | `host side` | the host-side table whole and in force, counters, NFLOG refusals | `host side` |
+//! | `uplinks` | the uplink program on every uplink, as devices come and go | `uplinks` |
 
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +29,7 @@ use crate::{
     http, loader,
     metrics::Metrics,
     supervise::{Context, InForce, Readiness, Signals, Supervisor, ATTEMPT_QUEUE},
+    uplink::{self, attribution::UplinkPods, Uplinks},
 };
 
 /// Runs the agent until SIGTERM or SIGINT (`Ok`) or until a subsystem fails; with
@@ -65,11 +67,13 @@ async fn wire(req: enforce::Request, detach_on_exit: bool, mut signals: Signals)
     };
     // Every subsystem is built (and registers its readiness condition) before any runs.
     let enforcement = Enforcement::new(&ctx);
-    let pipeline = events::Pipeline::new(ring, attempts_rx, &ctx)?;
+    let pipeline = events::Pipeline::new(ring, attempts_rx, &ctx)?
+        .with_uplink_pods(UplinkPods::open(req.host_netns.as_deref(), &ctx.cgroup)?);
     let host = Arc::new(Mutex::new(host));
     let allowlist = AllowlistSync::new(&ctx, host.clone());
     let conceal = Conceal::new(&ctx, req.host_netns.clone());
     let hostside = HostSide::new(&ctx, host.clone(), req.host_netns.as_deref())?;
+    let uplinks = Uplinks::new(&ctx, req.uplinks.clone(), req.uplink_attach, req.host_netns.clone());
     let hangup = signals.hangup.take().context("SIGHUP is already watched")?;
     let config_watch = ConfigWatch { args: req.config.clone(), hangup, publish: policy_tx };
     let server = http::Server { listener, metrics, readiness };
@@ -85,11 +89,15 @@ async fn wire(req: enforce::Request, detach_on_exit: bool, mut signals: Signals)
     supervisor.spawn_on_thread("conceal", move || conceal.run(c, s));
     let (c, s) = (ctx.clone(), supervisor.shutdown());
     supervisor.spawn_on_thread("host side", move || hostside.run(c, s));
+    let (c, s) = (ctx.clone(), supervisor.shutdown());
+    supervisor.spawn_on_thread("uplinks", move || uplinks.run(c, s));
     supervisor.spawn("config watch", config_watch.run(ctx.clone(), supervisor.shutdown()));
     supervisor.spawn("http", server.run(supervisor.shutdown()));
 
     let outcome = supervisor.supervise(signals.stop_requested()).await;
     if detach_on_exit {
+        let removed = uplink::in_netns(req.host_netns.as_deref(), || uplink::remove_all(&layout));
+        removed.context("could not remove the uplink program")?;
         loader::remove_pins(&layout.dir).context("could not remove the guard from the kernel")?;
         loader::pins::remove_root_if_empty(&layout.root)?;
         host.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove()?;

@@ -1,14 +1,24 @@
 // SPDX-License-Identifier: Apache-2.0
 //! `metadata-guard uninstall`: detaches and unpins everything the guard put in the
-//! kernel, and removes the host-side table. Idempotent.
+//! kernel (the uplink program on every device too), and removes the host-side table.
+//! Idempotent.
 
 use std::path::Path;
 
 use anyhow::Result;
 
-use crate::{hostside, loader};
+use crate::{hostside, loader, uplink};
 
 pub fn uninstall(bpffs: &Path, host_netns: Option<&Path>) -> Result<()> {
+    // Refused (before anything is touched) while an agent runs, as below.
+    if loader::pins::AgentLock::is_held(bpffs) {
+        loader::uninstall(bpffs)?;
+    }
+    // The uplink program first: our cls_bpf filters hold it without any pin.
+    let layout = loader::pins::PinLayout::new(bpffs);
+    for dev in uplink::in_netns(host_netns, || uplink::remove_all(&layout))? {
+        println!("removed the uplink program from {dev}");
+    }
     let removed = loader::uninstall(bpffs)?;
     match hostside::uninstall(host_netns)? {
         hostside::Removal::Removed => println!("removed the host-side table `inet {}`", hostside::TABLE),

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Where the proxy hands a pod its own identity (`crate::identity`): only on the
 //! paths the rules conceal as the node's credentials, only for a pod the kernel
 //! named, and only after the IMDSv2 token checks every other path gets.

@@ -355,6 +355,7 @@ fn audit_attempt(outcome: &Outcome) -> Option<Attempt> {
         verdict: Verdict::Blocked,
         mapped: false,
         source: None,
+        ingress_ifindex: 0,
         request: Some(ConcealedRequest {
             method: outcome.method.clone(),
             path: outcome.path.clone(),

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Putting the guard in the kernel — the pinned programs and the host-side table —
 //! for `run` and `apply`: configuration, preflight checks, the node lock, load,
-//! attach, pin, and the table written with the same policy and mode.
+//! attach, pin, the table written with the same policy and mode, and the uplink
+//! program on every uplink.
 
 use std::path::PathBuf;
 
@@ -16,10 +17,12 @@ use crate::{
         self,
         origin::{self, Origin},
         pins::{self, AgentLock, AlreadyRunning, PinLayout},
+        uplink::TcAttach,
         Backstop, Guard, InstallOptions, InstallReport, LinkAction, Mechanism,
     },
     policy::CompiledPolicy,
     preflight,
+    uplink::{self, UplinkSpec},
 };
 
 /// Why `run` and `apply` stop when a check (or the kernel object's load) fails.
@@ -41,6 +44,10 @@ pub struct Request {
     pub packet_netns_from: Option<Backstop>,
     /// Mount bpffs on the parent of `bpffs` when it is missing.
     pub mount_bpffs: bool,
+    /// Which devices get the uplink program.
+    pub uplinks: UplinkSpec,
+    /// How the uplink program sits on them.
+    pub uplink_attach: TcAttach,
 }
 
 /// Why [`install`] failed, where its callers tell the cases apart.
@@ -127,6 +134,9 @@ pub fn install(req: &Request, command: &str) -> Result<Installed, InstallError> 
     host.set_conceal(hostside::conceal_target(&config));
     host.set_policy(&hostside::policy(&config)?, config.mode == config::Mode::Audit)?;
     info!(table = hostside::TABLE, "host side: packets entering the node are judged after DNAT");
+    // The third: every packet leaving the node, on its uplinks.
+    let mut guard = guard;
+    uplink::install(&mut guard, req.host_netns.as_deref(), &req.uplinks, req.uplink_attach, &policy)?;
     Ok(Installed { config, policy, cgroup, layout, guard, host, report, lock })
 }
 

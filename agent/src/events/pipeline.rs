@@ -17,6 +17,7 @@ use crate::{
     audit::Auditor,
     pod_identity::PodResolver,
     supervise::{Condition, Context, Shutdown},
+    uplink::attribution::UplinkPods,
 };
 
 /// How often audit windows are flushed.
@@ -34,6 +35,8 @@ pub struct Pipeline {
     auditor: Auditor,
     reading: Condition,
     trail: Condition,
+    /// Names the pod of an uplink refusal whose packet carried no socket.
+    uplink_pods: Option<UplinkPods>,
 }
 
 impl Pipeline {
@@ -47,7 +50,13 @@ impl Pipeline {
             .context("could not open the audit log")?;
         let reading = ctx.readiness.condition("event reader", "not started");
         let trail = ctx.readiness.condition("audit trail", "not started");
-        Ok(Pipeline { ring: Some(ring), attempts, resolver, auditor, reading, trail })
+        Ok(Pipeline { ring: Some(ring), attempts, resolver, auditor, reading, trail, uplink_pods: None })
+    }
+
+    /// Names the pods of uplink refusals by the interface their packets entered through.
+    pub fn with_uplink_pods(mut self, pods: UplinkPods) -> Pipeline {
+        self.uplink_pods = Some(pods);
+        self
     }
 
     /// Runs until shutdown; fails when the ring buffer cannot be read. While audit
@@ -122,6 +131,15 @@ impl Pipeline {
     }
 
     fn account(&mut self, ctx: &Context, attempt: &Attempt, now: Instant) {
+        let mut named;
+        let attempt = match &mut self.uplink_pods {
+            Some(pods) if attempt.hook == crate::attempt::Hook::Uplink && attempt.ingress_ifindex != 0 => {
+                named = attempt.clone();
+                pods.attribute(&mut named);
+                &named
+            }
+            _ => attempt,
+        };
         let workload = self.resolver.resolve(attempt.cgroup_id);
         ctx.metrics.attempt(attempt, &workload);
         self.auditor.record(attempt, &workload, now);

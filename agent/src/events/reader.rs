@@ -106,8 +106,19 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Attempt> {
         verdict: Verdict::from_u8(e.verdict)?,
         mapped: e.mapped != 0,
         request: None,
-        source: None,
+        // The uplink's packets may come from no socket, task or cgroup: their source
+        // address and where they entered name the pod instead.
+        source: (e.hook == Hook::Uplink as u8).then(|| source_of(&e)),
+        ingress_ifindex: e.ingress_ifindex,
     })
+}
+
+fn source_of(e: &Event) -> IpAddr {
+    if e.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(e.src_addr[0], e.src_addr[1], e.src_addr[2], e.src_addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(e.src_addr))
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +148,9 @@ mod tests {
             mapped: 1,
             _pad: 0,
             comm,
+            ingress_ifindex: 0,
+            uplink_ifindex: 0,
+            src_addr: [0; 16],
         }
     }
 

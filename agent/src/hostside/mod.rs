@@ -132,6 +132,12 @@ impl HostTable {
         self.apply(policy, audit, &allowed)
     }
 
+    /// The allowlisted pods' entries into the node as the table has them now (the
+    /// uplink program lets the same through).
+    pub fn allowed_entries(&self) -> Allowed {
+        self.applied.as_ref().map(|c| c.allowed.clone()).unwrap_or_default()
+    }
+
     /// Lets the packets of these allowlisted containers' pods through (by the host
     /// end of their interfaces). Pods come and go: call again on every change.
     pub fn set_allowed(&mut self, allowed: &BTreeSet<u64>) -> Result<()> {

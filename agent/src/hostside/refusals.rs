@@ -119,6 +119,7 @@ impl RefusalReader {
             verdict,
             mapped: false,
             source,
+            ingress_ifindex: 0,
             request: None,
         })
     }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! AWS: a mapped pod's IMDS credential paths answered with its own role's credentials,
 //! from `AssumeRoleWithWebIdentity` with its own service-account token.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The AWS source over a fake kubelet directory and a fake STS on loopback: which pod
 //! gets what, and how many exchanges STS saw.
 

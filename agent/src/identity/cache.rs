@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Each pod's credentials, kept until shortly before they expire.
 //!
 //! Keyed by the pod's UID (from the kernel's record, never from the request), so no

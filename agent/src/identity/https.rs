@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The agent's own HTTP(S) client for the cloud's token service: hyper over a host
 //! socket, TLS by rustls (graviola's cryptography, no C) with the Mozilla roots built
 //! in (no CA files needed in the image), plain HTTP only where the endpoint says `http://` (a test's emulator).

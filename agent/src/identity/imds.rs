@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! IMDS's IAM paths and answers, in the service's own format, so that every SDK's
 //! instance-metadata credential provider reads them unchanged.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Identity metrics: requests by result, role and namespace, and STS's latency.
 
 use std::time::Duration;

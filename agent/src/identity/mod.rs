@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Workload identity behind conceal mode: a redirected pod that asks the metadata
 //! service for credentials gets its own role's, never the node's.
 //!

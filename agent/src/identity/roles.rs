@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Which role a pod's service account is given, and how the role and the session are
 //! named to the metadata clients and to the cloud.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `AssumeRoleWithWebIdentity`, as plain data: the query-API request and the XML
 //! answer. The call is unsigned: the web identity token is the credential.
 

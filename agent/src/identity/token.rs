@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! A pod's own service-account token: where the kubelet keeps it, and whether its
 //! claims name that same pod.
 //!

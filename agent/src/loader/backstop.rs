@@ -22,11 +22,15 @@ pub enum Backstop {
 impl Backstop {
     /// The best this kernel has. A probe that fails for another reason than the
     /// helper's absence (privileges) picks the marks, which every kernel has: loading
-    /// then says what is missing.
+    /// then says what is missing. The uplink (tc) reads the socket's namespace the
+    /// same way as the backstop, so the helper is used only where both program types
+    /// have it: otherwise the marks must be written, and `sock_create` runs anyway.
     pub fn detect() -> Backstop {
-        match is_helper_supported(ProgramType::CgroupSkb, BpfHelper::BPF_FUNC_get_netns_cookie) {
-            Ok(true) => Backstop::NetnsHelper,
-            _ => Backstop::SocketMarks,
+        let has = |kind| matches!(is_helper_supported(kind, BpfHelper::BPF_FUNC_get_netns_cookie), Ok(true));
+        if has(ProgramType::CgroupSkb) && has(ProgramType::SchedClassifier) {
+            Backstop::NetnsHelper
+        } else {
+            Backstop::SocketMarks
         }
     }
 

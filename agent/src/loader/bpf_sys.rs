@@ -103,3 +103,45 @@ pub(super) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     attr.link_detach.link_fd = link.as_raw_fd() as u32;
     sys_bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr).map(drop)
 }
+
+/// What a tcx link holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct TcxLink {
+    pub id: u32,
+    pub prog_id: u32,
+    /// 0 once the device is gone (the link stays, detached).
+    pub ifindex: u32,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link; fails with `EINVAL` when it is not a tcx link.
+pub(super) fn tcx_link_info(link: BorrowedFd<'_>) -> io::Result<TcxLink> {
+    // SAFETY: plain old data, all zeroes is valid.
+    let mut info: bpf_link_info = unsafe { mem::zeroed() };
+    let mut attr = zeroed_attr();
+    attr.info.bpf_fd = link.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<bpf_link_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_link_info as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    if info.type_ != bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("link type {} is not a tcx link", info.type_)));
+    }
+    // SAFETY: the kernel filled the tcx member, as the link type says.
+    let ifindex = unsafe { info.__bindgen_anon_1.tcx.ifindex };
+    Ok(TcxLink { id: info.id, prog_id: info.prog_id, ifindex })
+}
+
+/// The programs on a device's tcx egress hook, in the order they run
+/// (`BPF_PROG_QUERY`, 6.6+; needs no more than CAP_NET_ADMIN/CAP_BPF).
+pub(super) fn tcx_egress_programs(ifindex: u32) -> io::Result<Vec<u32>> {
+    const MAX_PROGRAMS: usize = 64;
+    let mut ids = [0u32; MAX_PROGRAMS];
+    let mut attr = zeroed_attr();
+    attr.query.__bindgen_anon_1.target_ifindex = ifindex;
+    attr.query.attach_type = aya_obj::generated::bpf_attach_type::BPF_TCX_EGRESS as u32;
+    attr.query.prog_ids = ids.as_mut_ptr() as u64;
+    attr.query.__bindgen_anon_2.count = MAX_PROGRAMS as u32;
+    sys_bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr)?;
+    // SAFETY: the kernel wrote the count back.
+    let count = unsafe { attr.query.__bindgen_anon_2.count } as usize;
+    Ok(ids[..count.min(MAX_PROGRAMS)].to_vec())
+}

@@ -94,7 +94,7 @@ impl Guard {
 
 /// Where a pin is staged before a rename puts it in place: beside it, without a dot
 /// (bpffs refuses names with dots, EPERM).
-fn staging(pin: &Path) -> PathBuf {
+pub(super) fn staging(pin: &Path) -> PathBuf {
     let mut name = pin.file_name().unwrap_or_default().to_os_string();
     name.push("_new");
     pin.with_file_name(name)
@@ -117,6 +117,16 @@ struct PinnedProgram {
     id: u32,
     tag: u64,
     name: String,
+}
+
+/// The id and tag of the program pinned at `pin`, if any.
+pub(super) fn pinned_program_id_tag(pin: &Path) -> Result<Option<(u32, u64)>> {
+    Ok(pinned_program(pin)?.map(|p| (p.id, p.tag)))
+}
+
+/// The id and name of the program pinned at `pin`, if any.
+pub(super) fn pinned_program_info(pin: &Path) -> Result<Option<(u32, String)>> {
+    Ok(pinned_program(pin)?.map(|p| (p.id, p.name)))
 }
 
 fn pinned_program(pin: &Path) -> Result<Option<PinnedProgram>> {

@@ -31,6 +31,8 @@ mod policy_maps;
 mod programs;
 pub mod status;
 pub mod status_conceal;
+pub mod uplink;
+pub mod uplink_state;
 
 use std::{
     collections::BTreeSet,
@@ -57,7 +59,7 @@ use crate::policy::CompiledPolicy;
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
 
 /// Maps that are pinned: all but the start-up probe's scratch map.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 21] = [
     map_names::SETTINGS,
     map_names::PREFILTER,
     map_names::PREFILTER2,
@@ -78,6 +80,12 @@ pub const PINNED_MAPS: [&str; 16] = [
     map_names::CONCEAL_PENDING,
     map_names::CONCEAL_PEERS,
     map_names::CONCEAL_COUNTERS,
+    // The uplink's (uplink.rs): its allowlist and the host side's extra rules.
+    map_names::UPLINK_ALLOW,
+    map_names::UPLINK4_A,
+    map_names::UPLINK4_B,
+    map_names::UPLINK6_A,
+    map_names::UPLINK6_B,
 ];
 
 pub use object::{load, verify_object, Loaded};
@@ -235,6 +243,11 @@ impl Guard {
         Ok(())
     }
 
+    /// Where this guard's pins live.
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
     /// The mode in force and the backstop: what is attached.
     pub fn plan(&self) -> Plan {
         self.plan
@@ -302,6 +315,8 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         }
         fs::remove_dir(&sub).with_context(|| format!("could not remove {}", sub.display()))?;
     }
+    uplink_state::clear_spec(dir)
+        .with_context(|| format!("could not remove the uplink choice in {}", dir.display()))?;
     for record in [origin::INSTALLED_BY, origin::UPDATED_BY] {
         let record = dir.join(record);
         origin::clear(&record).with_context(|| format!("could not remove {}", record.display()))?;

@@ -49,6 +49,12 @@ fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>, backstop: Backstop) -> Resu
     for attachment in plan.loaded() {
         programs::load(&mut ebpf, attachment, plan)?;
     }
+    // The uplink's tc program, of the same backstop: verified with the rest, so that
+    // `check` proves it too.
+    let name = super::uplink::program_name(backstop);
+    let uplink: &mut aya::programs::SchedClassifier =
+        ebpf.program_mut(name).with_context(|| format!("the kernel object has no program {name}"))?.try_into()?;
+    uplink.load().with_context(|| format!("the kernel's verifier refused program {name}"))?;
     Ok(Loaded { ebpf, backstop })
 }
 

@@ -31,6 +31,20 @@ pub(super) fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_ne
     let idle = 1 - (current.active_policy & 1);
     let (v4_name, v6_name) = pair(idle);
 
+    write_tries(ebpf, policy, v4_name, v6_name)?;
+    let (v4_node, v6_node) = node_pair(idle);
+    write_tries(ebpf, policy.node_only.as_deref().unwrap_or(&CompiledPolicy::default()), v4_node, v6_node)?;
+
+    let new = Settings { host_netns_cookie, mode, active_policy: idle };
+    settings(ebpf)?.set(0, new, 0).context("could not switch the kernel to the new policy")?;
+    for (map, family, new) in &new_filters {
+        write_prefilter(ebpf, map, *family, new)?;
+    }
+    Ok(())
+}
+
+/// Makes the tries `v4_name` and `v6_name` hold exactly `policy` (not its node-only part).
+fn write_tries(ebpf: &mut Ebpf, policy: &CompiledPolicy, v4_name: &str, v6_name: &str) -> Result<()> {
     rewrite::<Ipv4Key>(
         ebpf,
         v4_name,
@@ -41,12 +55,6 @@ pub(super) fn apply(ebpf: &mut Ebpf, policy: &CompiledPolicy, mode: u32, host_ne
         v6_name,
         policy.v6.iter().map(|(net, r)| (net, net.prefix_len(), net.network().octets(), r)),
     )?;
-
-    let new = Settings { host_netns_cookie, mode, active_policy: idle };
-    settings(ebpf)?.set(0, new, 0).context("could not switch the kernel to the new policy")?;
-    for (map, family, new) in &new_filters {
-        write_prefilter(ebpf, map, *family, new)?;
-    }
     Ok(())
 }
 
@@ -65,14 +73,17 @@ fn write_prefilter(ebpf: &mut Ebpf, map: &str, family: u8, filter: &Prefilter) -
 /// `MG_PREFILTER2`.
 pub(super) fn prefilters(policy: &CompiledPolicy) -> [(&'static str, u8, Box<Prefilter>); 4] {
     let (mut lead4, mut next4) = (Box::<Prefilter>::default(), Box::<Prefilter>::default());
-    for (net, _) in &policy.v4 {
-        lead4.add(&net.network().octets(), net.prefix_len());
-        next4.add_next(&net.network().octets(), net.prefix_len());
-    }
     let (mut lead6, mut next6) = (Box::<Prefilter>::default(), Box::<Prefilter>::default());
-    for (net, _) in &policy.v6 {
-        lead6.add(&net.network().octets(), net.prefix_len());
-        next6.add_next(&net.network().octets(), net.prefix_len());
+    // The node-only rules pass the same prefilters (the uplink asks them first).
+    for part in std::iter::once(policy).chain(policy.node_only.as_deref()) {
+        for (net, _) in &part.v4 {
+            lead4.add(&net.network().octets(), net.prefix_len());
+            next4.add_next(&net.network().octets(), net.prefix_len());
+        }
+        for (net, _) in &part.v6 {
+            lead6.add(&net.network().octets(), net.prefix_len());
+            next6.add_next(&net.network().octets(), net.prefix_len());
+        }
     }
     [
         (map_names::PREFILTER, AF_INET, lead4),
@@ -110,6 +121,15 @@ fn rewrite<'r, K: aya::Pod>(
             .with_context(|| format!("could not write {net} into {name}"))?;
     }
     Ok(())
+}
+
+/// The (v4, v6) names of the node-only tries of pair `index`.
+pub(super) fn node_pair(index: u32) -> (&'static str, &'static str) {
+    if index == 0 {
+        (map_names::UPLINK4_A, map_names::UPLINK6_A)
+    } else {
+        (map_names::UPLINK4_B, map_names::UPLINK6_B)
+    }
 }
 
 fn clear<K: aya::Pod>(trie: &mut LpmTrie<&mut MapData, K, DestRules>) -> Result<()> {

@@ -20,6 +20,7 @@ use super::{
     pins::PinLayout,
     policy_maps, read_counters,
     status_conceal::{self, ConcealStatus},
+    uplink_state::UplinkStatus,
     Backstop, Plan, ATTACHMENTS, PINNED_MAPS,
 };
 
@@ -61,6 +62,13 @@ pub struct Status {
     /// Conceal mode's redirect and counters (None: its maps are not pinned).
     #[serde(default)] // absent from older agents' status
     pub conceal: Option<ConcealStatus>,
+    /// The `--uplinks` choice in force (`auto`, `none` or a list), as recorded.
+    #[serde(default)] // absent from older agents' status
+    pub uplink_choice: Option<String>,
+    /// The node's uplinks and the devices that run the uplink program (filled by the
+    /// `status` command, which reads them in the host network namespace).
+    #[serde(default)] // absent from older agents' status
+    pub uplinks: Vec<UplinkStatus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -102,6 +110,8 @@ pub fn read(root: &Path) -> Result<Status> {
         allowlisted_cgroups: Vec::new(),
         other_versions: layout.other_versions().iter().map(|p| p.display().to_string()).collect(),
         conceal: None,
+        uplink_choice: super::uplink_state::recorded_spec(&layout),
+        uplinks: Vec::new(),
     };
     let mut missing = Vec::new();
     // The attachments the pinned mode and backstop use are expected; the others are
@@ -194,6 +204,32 @@ pub fn read(root: &Path) -> Result<Status> {
         status.conceal = Some(status_conceal::read(open)?);
     }
     Ok(status)
+}
+
+/// The policy in force as the pinned tries hold it (its node-only part too): what
+/// decides which devices are uplinks, for `status`.
+pub fn pinned_policy(layout: &PinLayout) -> Result<crate::policy::CompiledPolicy> {
+    use ipnet::{Ipv4Net, Ipv6Net};
+    let open = |name: &str| -> Result<Map> {
+        let data = MapData::from_pin(layout.map(name)).with_context(|| format!("could not open pinned map {name}"))?;
+        Ok(Map::from_map_data(data)?)
+    };
+    let settings: Settings = Array::<_, Settings>::try_from(&open(map_names::SETTINGS)?)?.get(&0, 0)?;
+    let read = |(v4_name, v6_name): (&str, &str)| -> Result<crate::policy::CompiledPolicy> {
+        let mut policy = crate::policy::CompiledPolicy::default();
+        for entry in &LpmTrie::<_, Ipv4Key, DestRules>::try_from(&open(v4_name)?)? {
+            let (key, rules) = entry?;
+            policy.v4.push((Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?, rules));
+        }
+        for entry in &LpmTrie::<_, Ipv6Key, DestRules>::try_from(&open(v6_name)?)? {
+            let (key, rules) = entry?;
+            policy.v6.push((Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?, rules));
+        }
+        Ok(policy)
+    };
+    let mut policy = read(policy_maps::pair(settings.active_policy))?;
+    policy.node_only = Some(Box::new(read(policy_maps::node_pair(settings.active_policy))?));
+    Ok(policy)
 }
 
 /// The backstop of the egress program pinned beside its link; None when unknown.

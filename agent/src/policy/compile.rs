@@ -18,6 +18,10 @@ use super::{distinct_ports, BlockRule, PolicyError, PortMatch};
 pub struct CompiledPolicy {
     pub v4: Vec<(Ipv4Net, DestRules)>,
     pub v6: Vec<(Ipv6Net, DestRules)>,
+    /// Rules only the node's own checks apply on top of these (the uplink program and
+    /// the host-side table; see `Preset::host_side_rules`), compiled on their own:
+    /// a destination is blocked there when either compiled set blocks it.
+    pub node_only: Option<Box<CompiledPolicy>>,
 }
 
 pub fn compile(rules: &[BlockRule]) -> Result<CompiledPolicy, PolicyError> {

@@ -53,6 +53,8 @@ pub enum ProgramKind {
     Skb,
     /// Conceal mode's recorder of redirected connections.
     SockOps,
+    /// The uplink's tc egress program.
+    Tc,
 }
 
 impl ProgramKind {
@@ -62,6 +64,7 @@ impl ProgramKind {
             ProgramKind::Sock => "cgroup sock (sock_create)",
             ProgramKind::Skb => "cgroup_skb",
             ProgramKind::SockOps => "sock_ops",
+            ProgramKind::Tc => "tc (sched_cls)",
         }
     }
 
@@ -71,6 +74,7 @@ impl ProgramKind {
             ProgramKind::Sock => ProgramType::CgroupSock,
             ProgramKind::Skb => ProgramType::CgroupSkb,
             ProgramKind::SockOps => ProgramType::SockOps,
+            ProgramKind::Tc => ProgramType::SchedClassifier,
         }
     }
 }
@@ -202,7 +206,9 @@ fn probes() -> Vec<(Feature, Found)> {
     let backstop = loader::Backstop::detect();
     for (name, program) in &object.programs {
         // The other backstop's egress program is neither loaded nor needed here.
-        if name == metadata_guard_common::program_names::EGRESS_NETNS && backstop == loader::Backstop::SocketMarks {
+        let helper_only =
+            [metadata_guard_common::program_names::EGRESS_NETNS, metadata_guard_common::program_names::UPLINK];
+        if helper_only.contains(&name.as_str()) && backstop == loader::Backstop::SocketMarks {
             continue;
         }
         let kind = match program.section {
@@ -210,6 +216,7 @@ fn probes() -> Vec<(Feature, Found)> {
             ProgramSection::CgroupSock { .. } => ProgramKind::Sock,
             ProgramSection::CgroupSkb { .. } => ProgramKind::Skb,
             ProgramSection::SockOps => ProgramKind::SockOps,
+            ProgramSection::SchedClassifier => ProgramKind::Tc,
             ref other => {
                 let what = Feature::Object(program.section_index.to_string());
                 out.push((what, Found::Failed(format!("a program of a type `check` does not know: {other:?}"))));

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Conceal mode's workload identity with real clients: moto as IMDS and as STS,
 //! unchanged boto3 in the pods, and STS itself (GetCallerIdentity) saying which role
 //! the credentials a pod got belong to. See identity_node.rs for the world.

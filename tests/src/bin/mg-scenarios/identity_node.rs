@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The world of the identity scenarios: a simulated node with moto as IMDS on
 //! 169.254.169.254:80 and a second moto as STS on the node's loopback, a fake kubelet
 //! directory holding each pod's service-account token, kubelet-named pod cgroups, and
