@@ -16,7 +16,9 @@ use std::{
     path::Path,
 };
 
-pub use aya_obj::generated::{bpf_attach_type, bpf_link_info, bpf_prog_info, bpf_prog_type, BPF_F_ALLOW_MULTI};
+pub use aya_obj::generated::{
+    bpf_attach_type, bpf_link_info, bpf_prog_info, bpf_prog_type, BPF_F_ALLOW_MULTI, BPF_F_BEFORE,
+};
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_stats_type};
 
 /// `r0 = 1; exit`: a program that lets everything through and does nothing else.
@@ -111,6 +113,22 @@ pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: bp
     attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
     attr.link_create.__bindgen_anon_2.target_fd = cgroup.as_raw_fd() as u32;
     attr.link_create.attach_type = attach_type as u32;
+    sys_bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+}
+
+/// Attaches `prog` to device `ifindex` of the calling thread's namespace with a tcx
+/// link (6.6+); `flags` place it among the device's others (`BPF_F_BEFORE`: first).
+pub fn tcx_link_create(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: bpf_attach_type,
+    flags: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr: bpf_attr = zeroed();
+    attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+    attr.link_create.__bindgen_anon_2.target_ifindex = ifindex;
+    attr.link_create.attach_type = attach_type as u32;
+    attr.link_create.flags = flags;
     sys_bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
 }
 

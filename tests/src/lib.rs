@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod cgroups;
+pub mod drops;
 pub mod forwarded;
 pub mod frames;
 pub mod ipvs;
@@ -19,4 +20,6 @@ pub mod netns;
 pub mod node;
 pub mod sandbox;
 pub mod standin;
+pub mod tc;
+pub mod uplink;
 pub mod world;
