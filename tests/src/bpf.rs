@@ -214,3 +214,24 @@ pub fn prog_count(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -> io::R
     // SAFETY: BPF_PROG_QUERY wrote the count into the query member the call used.
     Ok(unsafe { attr.query.__bindgen_anon_2.prog_cnt })
 }
+
+/// The ids of the programs on device `ifindex`'s tcx hook of the calling thread's
+/// namespace, in the order they run (`BPF_PROG_QUERY`; kernels before 6.6 refuse).
+pub fn tcx_prog_ids(ifindex: u32, attach_type: bpf_attach_type) -> io::Result<Vec<u32>> {
+    const MAX: usize = 64;
+    let mut ids = [0u32; MAX];
+    let mut attr: bpf_attr = zeroed();
+    attr.query.__bindgen_anon_1.target_ifindex = ifindex;
+    attr.query.attach_type = attach_type as u32;
+    attr.query.prog_ids = ids.as_mut_ptr() as u64;
+    attr.query.__bindgen_anon_2.prog_cnt = MAX as u32;
+    sys_bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr)?;
+    // SAFETY: BPF_PROG_QUERY wrote the count into the query member the call used.
+    let count = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
+    Ok(ids[..count.min(MAX)].to_vec())
+}
+
+/// The id of the program open at `prog`.
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(prog_info(prog)?.id)
+}

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use metadata_guard_netfilter::{
     socket::{Message, NetlinkError, NLM_F_CREATE, NLM_F_EXCL},
-    AttrWriter, NlSocket,
+    AttrWriter, Attrs, NlSocket,
 };
 
 use crate::{
@@ -35,6 +35,7 @@ const TCA_BPF_FLAG_ACT_DIRECT: u32 = 1;
 const ETH_P_ALL: u16 = 0x0003;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const TCMSG_LEN: usize = 20;
 /// The filter handle the tests' cls_bpf filters use.
 const FILTER_HANDLE: u32 = 1;
 
@@ -211,6 +212,61 @@ pub fn tcx_attach(ns: &NetNs, ifindex: u32, direction: Direction, prog: &OwnedFd
     };
     // The ifindex is the namespace's own: the link is made from inside it.
     ns.run(|| bpf::tcx_link_create(prog.as_fd(), ifindex, attach_type, flags))
+}
+
+/// What sits on one side of a device: tcx programs (ids, in run order), cls_bpf
+/// filters on a clsact qdisc (priority, program name), and whether that qdisc is there.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Attached {
+    pub tcx: Vec<u32>,
+    pub cls_bpf: Vec<(u16, String)>,
+    pub clsact: bool,
+}
+
+impl Attached {
+    pub fn is_empty(&self) -> bool {
+        self.tcx.is_empty() && self.cls_bpf.is_empty()
+    }
+}
+
+/// Reads what is attached to `direction` of device `ifindex` in `ns`.
+pub fn attached(ns: &NetNs, ifindex: u32, direction: Direction) -> Result<Attached> {
+    let attach_type = match direction {
+        Direction::Ingress => bpf_attach_type::BPF_TCX_INGRESS,
+        Direction::Egress => bpf_attach_type::BPF_TCX_EGRESS,
+    };
+    // Kernels before 6.6 have no tcx and refuse the query.
+    let tcx = ns.run(|| bpf::tcx_prog_ids(ifindex, attach_type)).unwrap_or_default();
+    let mut sock = NlSocket::open_in(Some(&ns.path()), libc::NETLINK_ROUTE)?;
+    let qdiscs = sock.dump(libc::RTM_GETQDISC, &tcmsg(0, 0, 0, 0)).context("could not list qdiscs")?;
+    let clsact = qdiscs.iter().any(|q| {
+        q.body.len() >= TCMSG_LEN
+            && u32::from_ne_bytes(q.body[4..8].try_into().unwrap()) == ifindex
+            && Attrs::new(&q.body[TCMSG_LEN..]).find(TCA_KIND).is_some_and(|k| k.str() == "clsact")
+    });
+    let mut cls_bpf = Vec::new();
+    if clsact {
+        let minor = if direction == Direction::Ingress { TC_H_MIN_INGRESS } else { TC_H_MIN_EGRESS };
+        let parent = (TC_H_CLSACT & 0xffff_0000) | minor;
+        let filters =
+            sock.dump(libc::RTM_GETTFILTER, &tcmsg(ifindex, 0, parent, 0)).context("could not list filters")?;
+        for f in filters.iter().filter(|f| f.kind == libc::RTM_NEWTFILTER && f.body.len() >= TCMSG_LEN) {
+            let handle = u32::from_ne_bytes(f.body[8..12].try_into().unwrap());
+            let info = u32::from_ne_bytes(f.body[16..20].try_into().unwrap());
+            let attrs = Attrs::new(&f.body[TCMSG_LEN..]);
+            // A filter's priority comes once bare, then once for each handle in it.
+            if handle == 0 || attrs.find(TCA_KIND).is_none_or(|k| k.str() != "bpf") {
+                continue;
+            }
+            let name = attrs
+                .find(TCA_OPTIONS)
+                .and_then(|o| o.nested().find(TCA_BPF_NAME))
+                .map(|n| n.str())
+                .unwrap_or_default();
+            cls_bpf.push(((info >> 16) as u16, name));
+        }
+    }
+    Ok(Attached { tcx, cls_bpf, clsact })
 }
 
 fn clsact(ifindex: u32) -> Vec<u8> {

@@ -32,6 +32,8 @@ mod protocols;
 mod raw;
 mod trail;
 mod uplink;
+mod uplink_ops;
+mod uplink_order;
 mod uplink_world;
 
 use metadata_guard_tests::{agent, node};
@@ -78,6 +80,8 @@ fn scenarios(without_python: bool, without_ipvs: bool, without_ipvlan: bool) -> 
         all.extend(conceal_nat::IPVS_SCENARIOS);
     }
     all.extend(uplink::SCENARIOS);
+    all.extend(uplink_ops::SCENARIOS);
+    all.extend(uplink_order::SCENARIOS);
     // Likewise ipvlan: missing here, in every guest of the VM matrix.
     if !without_ipvlan {
         all.extend(uplink::IPVLAN_SCENARIOS);

@@ -145,6 +145,39 @@ pub(crate) fn redirect_past_netfilter(ctx: &Ctx, uplinks: &Uplinks, pod: &mut Da
     Ok(())
 }
 
+/// One AF_PACKET SYN from the pod to `dest`:80: (segments that arrived in any cloud,
+/// whether a SYN-ACK came back).
+pub(crate) fn syn_through(uplinks: &Uplinks, pod: &UplinkPod, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
+    let taps: Vec<ArrivalTap> =
+        uplinks.beyond.iter().map(|b| ArrivalTap::open(&b.ns, dest.is_ipv6(), sport)).collect::<Result<_>>()?;
+    let frame = tcp_syn_frame(&pod.wire, pod.source_for(dest), dest, sport, 80);
+    let answered = pod.ns.run(|| -> Result<bool> {
+        let sock = PacketSocket::open(pod.wire.ifindex).context("AF_PACKET socket in the pod")?;
+        sock.send(&frame).context("sending the SYN frame")?;
+        sock.syn_ack_to(sport, ANSWER_WAIT)
+    })?;
+    std::thread::sleep(SETTLE);
+    Ok((taps.iter().map(ArrivalTap::count).sum(), answered))
+}
+
+/// The pod's AF_PACKET SYNs to both metadata addresses never arrive, at `step`.
+pub(crate) fn expect_syns_refused(uplinks: &Uplinks, pod: &UplinkPod, sport: u16, step: &str) -> Result<()> {
+    for (i, dest) in BEYOND.into_iter().enumerate() {
+        let (arrived, answered) = syn_through(uplinks, pod, dest, sport + i as u16)?;
+        ensure!(arrived == 0 && !answered, "{step}: {}'s AF_PACKET SYN to {dest} arrived {arrived} time(s)", pod.name);
+    }
+    Ok(())
+}
+
+/// The pod's AF_PACKET SYNs to both metadata addresses arrive and are answered, at `step`.
+pub(crate) fn expect_syns_arrive(uplinks: &Uplinks, pod: &UplinkPod, sport: u16, step: &str) -> Result<()> {
+    for (i, dest) in BEYOND.into_iter().enumerate() {
+        let (arrived, answered) = syn_through(uplinks, pod, dest, sport + i as u16)?;
+        ensure!(arrived >= 1 && answered, "{step}: {}'s AF_PACKET SYN to {dest} did not get through", pod.name);
+    }
+    Ok(())
+}
+
 /// One attempt and how much of it arrived beyond the node.
 #[derive(Debug)]
 pub(crate) struct Tried {

@@ -1,0 +1,131 @@
+//! The uplink next to others: another tc program on the uplink's egress (Cilium's
+//! `bpf_host`) that passes everything or redirects it to another uplink, and an
+//! `nft flush ruleset` in the node, which takes the host-side table but not the uplink.
+
+use anyhow::{ensure, Context, Result};
+use metadata_guard_tests::{
+    bpf::BPF_F_BEFORE,
+    drops::flush_ruleset,
+    tc::{self, ClsBpf, Direction, Handoff, TC_ACT_OK},
+    uplink::{Uplinks, BEYOND},
+};
+
+use crate::{
+    boot::apply,
+    harness::Ctx,
+    hostside::{host_status, syn_seen_in},
+    uplink_world::{expect_syns_arrive, expect_syns_refused, Datapath, DatapathPod},
+};
+
+pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
+    (
+        "uplink: another tc program on the uplink's egress that passes all or redirects to another uplink: still refused",
+        beside_bpf_host,
+    ),
+    ("uplink: after nft flush ruleset in the node the uplink still refuses, with an agent and with none", after_flush),
+];
+
+/// Where the stand-in for Cilium's `bpf_host` goes among the cls_bpf filters: after
+/// the guard's (a filter that ends the hook with `TC_ACT_OK` skips those behind it).
+const BPF_HOST_PRIO: u16 = 0xc000;
+
+/// Cilium's `bpf_host` stand-in on an uplink's egress, held while it lives: a tcx
+/// link where the kernel has tcx (Cilium 1.16+ attaches so on 6.6+), else a cls_bpf
+/// filter. `head`: ahead of every program already there (tcx only).
+enum BpfHost {
+    Tcx { _link: std::os::fd::OwnedFd },
+    Cls { _filter: ClsBpf },
+}
+
+impl BpfHost {
+    fn attach(ctx: &Ctx, uplink: u32, insns: &[u64], head: bool) -> Result<BpfHost> {
+        let node = ctx.node.sim.node();
+        let prog = tc::load(insns, "mg_test_host")?;
+        match tc::tcx_attach(node, uplink, Direction::Egress, &prog, if head { BPF_F_BEFORE } else { 0 }) {
+            Ok(link) => Ok(BpfHost::Tcx { _link: link }),
+            Err(e) if head => Err(e).context("could not put a tcx program ahead of the guard's"),
+            Err(_) => {
+                Ok(BpfHost::Cls { _filter: ClsBpf::attach(node, uplink, Direction::Egress, BPF_HOST_PRIO, prog)? })
+            }
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            BpfHost::Tcx { .. } => "tcx",
+            BpfHost::Cls { .. } => "cls_bpf",
+        }
+    }
+}
+
+fn beside_bpf_host(ctx: &mut Ctx) -> Result<()> {
+    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    uplinks.add_uplink(ctx.node.sim.node())?;
+    let mut pod = DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, "default", "web-bpfhost-6t1m", 40)?;
+    pod.redirect(ctx, &uplinks)?;
+    let (first, second) = (&uplinks.beyond[0], &uplinks.beyond[1]);
+    let to_second =
+        tc::redirect_program(second.index, Handoff::Plain { dst_mac: second.cloud_mac, src_mac: second.mac });
+
+    ctx.default_agent()?;
+    // A program that passes everything, attached after the guard's.
+    let passing = BpfHost::attach(ctx, first.index, &tc::verdict_program(TC_ACT_OK), false)?;
+    let kind = passing.kind();
+    expect_syns_refused(
+        &uplinks,
+        &pod.pod,
+        46500,
+        &format!("a passing {kind} program behind the guard on the uplink"),
+    )?;
+    drop(passing);
+
+    // One that redirects everything to the other uplink, ahead of the guard: the guard
+    // judges the packet where it leaves (without it, it arrives beyond the second).
+    ctx.uninstall()?;
+    let redirecting = BpfHost::attach(ctx, first.index, &to_second, false)?;
+    expect_syns_arrive(&uplinks, &pod.pod, 46510, "with the redirecting program and no guard")?;
+    let second_before = second.standin.arrivals().total();
+    drop(redirecting);
+    ctx.default_agent()?;
+    let redirecting = BpfHost::attach(ctx, first.index, &to_second, matches!(kind, "tcx"))?;
+    expect_syns_refused(&uplinks, &pod.pod, 46520, "redirected by another program to the other uplink")?;
+    for dest in BEYOND {
+        let out = pod.try_once(ctx, crate::attempt::Kind::Http, dest, 80)?;
+        ensure!(out.ok == 0, "the pod's connect to {dest} was served: {out:?}");
+    }
+    ensure!(second.standin.arrivals().total() == second_before, "something reached the cloud behind {}", second.name);
+    drop(redirecting);
+    ctx.stop_agent()
+}
+
+fn after_flush(ctx: &mut Ctx) -> Result<()> {
+    let uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let cloud = &uplinks.current().ns;
+    // Pod 0 is routed through the node (its netfilter, the host-side table), then out.
+    ctx.uninstall()?;
+    let (arrived, answered) = syn_seen_in(ctx, cloud, 0, BEYOND[0], 46600)?;
+    ensure!(arrived >= 1 && answered, "without the guard a routed pod's AF_PACKET SYN should arrive beyond the node");
+    ctx.default_agent()?;
+    flush_ruleset(ctx.node.sim.node())?;
+    for (i, dest) in BEYOND.into_iter().enumerate() {
+        let (arrived, answered) = syn_seen_in(ctx, cloud, 0, dest, 46610 + i as u16)?;
+        ensure!(arrived == 0 && !answered, "after nft flush ruleset, with an agent, a pod's SYN to {dest} arrived");
+    }
+    ctx.uninstall()?;
+    let (ok, out, err) = apply(ctx, &ctx.agent_bin, &[])?;
+    ensure!(ok, "apply failed:\n{out}{err}");
+    flush_ruleset(ctx.node.sim.node())?;
+    for (i, dest) in BEYOND.into_iter().enumerate() {
+        let (arrived, answered) = syn_seen_in(ctx, cloud, 0, dest, 46620 + i as u16)?;
+        ensure!(
+            arrived == 0 && !answered,
+            "after apply and nft flush ruleset, with no agent, a pod's SYN to {dest} arrived"
+        );
+    }
+    // Where the flush took the host-side table, the uplink alone refused them.
+    if !host_status(ctx)?.installed {
+        let blocked = ctx.kernel_count_at(Some("uplink"), "blocked")?;
+        ensure!(blocked >= 2, "the uplink counted {blocked} blocked packets, yet the host-side table is gone");
+    }
+    ctx.uninstall()
+}
