@@ -26,11 +26,11 @@ use crate::{
 const NODE_SIDE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const BEYOND: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
 const PREFIX: u8 = 24;
-const NODE_LINK: &str = "vb0";
+pub(crate) const NODE_LINK: &str = "vb0";
 
 /// The node firewall a cloud's node image adds instead of a guard (EKS's
 /// `FORWARD -i eni+ -d 169.254.169.254 -j DROP`).
-const FORWARD_RULE: &str =
+pub(crate) const FORWARD_RULE: &str =
     "*filter\n:FORWARD ACCEPT [0:0]\n-A FORWARD -s 10.200.0.0/16 -d 169.254.169.254/32 -j DROP\nCOMMIT\n";
 
 /// A namespace beyond the node, wired to it by a veth, with sink servers; the node

@@ -79,20 +79,23 @@ fn host_served(ctx: &mut Ctx) -> Result<()> {
 fn new_uplink_guarded(ctx: &mut Ctx) -> Result<()> {
     let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
     ctx.default_agent()?;
-    let appeared = Instant::now();
+    // A veth is an uplink once it carries a route to a blocked destination (a NIC,
+    // bond or VLAN from the moment it appears): time it from the route.
     let index = uplinks.add_uplink(ctx.node.sim.node())?.index;
+    let routed = Instant::now();
+    uplinks.route_via(ctx.node.sim.node(), 1)?;
     let mut took = None;
     let within = budget(NEW_UPLINK_WITHIN);
-    while appeared.elapsed() < within {
+    while routed.elapsed() < within {
         if guarded(ctx, index)? {
-            took = Some(appeared.elapsed());
+            took = Some(routed.elapsed());
             break;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let took = took.with_context(|| format!("uplink mgup1 carried no program {within:?} after it appeared"))?;
-    eprintln!("  new uplink mgup1 guarded {} µs after it appeared", took.as_micros());
-    uplinks.route_via(ctx.node.sim.node(), 1)?;
+    let took =
+        took.with_context(|| format!("uplink mgup1 carried no program {within:?} after the route through it"))?;
+    eprintln!("  new uplink mgup1 guarded {} µs after the metadata route went through it", took.as_micros());
     uplinks.wait_reachable(ctx.node.sim.node())?;
     expect_host_served(ctx, &uplinks)?;
     let mut pod =
@@ -208,7 +211,9 @@ fn lifecycle(ctx: &mut Ctx) -> Result<()> {
 
     ctx.uninstall()?;
     let left = tc::attached(ctx.node.sim.node(), uplink, Direction::Egress)?;
-    ensure!(left.is_empty() && !left.clsact, "uninstall left something on the uplink: {left:?}");
+    // A clsact qdisc with no filters (older kernels) is an empty hook: the agent cannot
+    // tell one it made from one another datapath shares, so it stays.
+    ensure!(left.is_empty(), "uninstall left a program on the uplink: {left:?}");
     expect_syns_arrive(&uplinks, &pod.pod, 46450, "after uninstall")?;
 
     let (ok, out, err) = apply(ctx, &ctx.agent_bin, &[])?;
