@@ -17,12 +17,16 @@ use crate::{
     uplink_world::{expect_syns_arrive, expect_syns_refused, Datapath, DatapathPod},
 };
 
-pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 3] = [
     (
         "uplink: another tc program on the uplink's egress that passes all or redirects to another uplink: still refused",
         beside_bpf_host,
     ),
     ("uplink: after nft flush ruleset in the node the uplink still refuses, with an agent and with none", after_flush),
+    (
+        "uplink: GKE Workload Identity: port 80, which only the node's DNAT makes safe, never leaves through the uplink",
+        gke_port_80,
+    ),
 ];
 
 /// Where the stand-in for Cilium's `bpf_host` goes among the cls_bpf filters: after
@@ -128,4 +132,34 @@ fn after_flush(ctx: &mut Ctx) -> Result<()> {
         ensure!(blocked >= 2, "the uplink counted {blocked} blocked packets, yet the host-side table is gone");
     }
     ctx.uninstall()
+}
+
+/// With `gke-workload-identity` the socket hooks let a pod's connects to
+/// 169.254.169.254:80 go, for the node's DNAT to the GKE metadata server; a datapath
+/// that skips netfilter skips that DNAT too, and the connect would reach the real
+/// metadata service: the uplink refuses port 80 as the host side does.
+fn gke_port_80(ctx: &mut Ctx) -> Result<()> {
+    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut pod = DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, "default", "web-gke-0p5d", 50)?;
+    pod.redirect(ctx, &uplinks)?;
+    let up = uplinks.current();
+    ctx.ensure_agent(&["--preset", "gke-workload-identity"])?;
+    let before = up.standin.arrivals().tcp(80).count;
+    let out = pod.try_once(ctx, crate::attempt::Kind::Http, BEYOND[0], 80)?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let after = up.standin.arrivals().tcp(80).count;
+    ensure!(
+        out.ok == 0 && after == before,
+        "the pod's connect to 169.254.169.254:80 reached the metadata service: {out:?}"
+    );
+    expect_syns_refused(&uplinks, &pod.pod, 46700, "port 80 under gke-workload-identity")?;
+    let out = ctx.try_once(
+        crate::harness::Who::HostInPodCgroup(0),
+        crate::attempt::Kind::Http,
+        "169.254.169.254",
+        80,
+        false,
+    )?;
+    ensure!(out.ok == 1, "a host-network process was not served 169.254.169.254:80 through the uplink: {out:?}");
+    ctx.stop_agent()
 }
