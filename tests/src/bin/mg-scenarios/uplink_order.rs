@@ -71,7 +71,9 @@ fn beside_bpf_host(ctx: &mut Ctx) -> Result<()> {
     let to_second =
         tc::redirect_program(second.index, Handoff::Plain { dst_mac: second.cloud_mac, src_mac: second.mac });
 
-    ctx.default_agent()?;
+    // The second uplink carries no metadata route: named, so that the guard is on it.
+    let both = ["--uplinks", "mgup0,mgup1"];
+    ctx.ensure_agent(&both)?;
     // A program that passes everything, attached after the guard's.
     let passing = BpfHost::attach(ctx, first.index, &tc::verdict_program(TC_ACT_OK), false)?;
     let kind = passing.kind();
@@ -90,7 +92,7 @@ fn beside_bpf_host(ctx: &mut Ctx) -> Result<()> {
     expect_syns_arrive(&uplinks, &pod.pod, 46510, "with the redirecting program and no guard")?;
     let second_before = second.standin.arrivals().total();
     drop(redirecting);
-    ctx.default_agent()?;
+    ctx.ensure_agent(&both)?;
     let redirecting = BpfHost::attach(ctx, first.index, &to_second, matches!(kind, "tcx"))?;
     expect_syns_refused(&uplinks, &pod.pod, 46520, "redirected by another program to the other uplink")?;
     for dest in BEYOND {

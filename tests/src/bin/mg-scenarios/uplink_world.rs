@@ -26,10 +26,21 @@ use crate::{
 const FIRST_KUBELET_NUMBER: u32 = 7400;
 /// The priority of the tests' redirect filters on a pod's veth.
 const REDIRECT_PRIO: u16 = 1;
-/// Long enough for a SYN-ACK from beyond the node to come back.
+/// Long enough for a SYN-ACK from beyond the node to come back (scaled, at most
+/// [`ANSWER_WAIT_MAX`]: every refused attempt waits it out).
 const ANSWER_WAIT: Duration = Duration::from_millis(1500);
+const ANSWER_WAIT_MAX: Duration = Duration::from_secs(5);
 /// Long enough for a packet that got through to have arrived beyond the node.
 const SETTLE: Duration = Duration::from_millis(200);
+const SETTLE_MAX: Duration = Duration::from_secs(1);
+
+fn answer_wait() -> Duration {
+    budget(ANSWER_WAIT).min(ANSWER_WAIT_MAX)
+}
+
+fn settle() {
+    std::thread::sleep(budget(SETTLE).min(SETTLE_MAX));
+}
 /// The source port raw.rs's hand-made SYN uses.
 const RAW_SYN_SPORT: u16 = 40000;
 
@@ -136,7 +147,7 @@ pub(crate) fn redirect_past_netfilter(ctx: &Ctx, uplinks: &Uplinks, pod: &mut Da
     let source = IpAddr::from(pod.pod.ipv4);
     let before = up.standin.arrivals().udp(BARRIER_PORT).from(source);
     pod.try_once(ctx, Kind::UdpSendto, up.cloud_v4.into(), BARRIER_PORT)?;
-    std::thread::sleep(budget(SETTLE));
+    settle();
     let after = up.standin.arrivals().udp(BARRIER_PORT).from(source);
     ensure!(after == before, "the node's forward rule dropping {link}'s packets did not hold on the routed path");
     pod.redirect(ctx, uplinks)?;
@@ -154,9 +165,9 @@ pub(crate) fn syn_through(uplinks: &Uplinks, pod: &UplinkPod, dest: IpAddr, spor
     let answered = pod.ns.run(|| -> Result<bool> {
         let sock = PacketSocket::open(pod.wire.ifindex).context("AF_PACKET socket in the pod")?;
         sock.send(&frame).context("sending the SYN frame")?;
-        sock.syn_ack_to(sport, ANSWER_WAIT)
+        sock.syn_ack_to(sport, answer_wait())
     })?;
-    std::thread::sleep(SETTLE);
+    settle();
     Ok((taps.iter().map(ArrivalTap::count).sum(), answered))
 }
 
@@ -197,7 +208,7 @@ pub(crate) fn attempts(ctx: &Ctx, uplinks: &Uplinks, pod: &DatapathPod, sport: u
         let accepted = || up.standin.arrivals().tcp(80).count;
         let before = accepted();
         let out = pod.try_once(ctx, Kind::Http, dest, 80)?;
-        std::thread::sleep(SETTLE);
+        settle();
         let (what, eperm) = (format!("plain connect to {dest} ({out:?})"), out.eperm == 1);
         tried.push(Tried { what, arrived: accepted() - before, eperm });
 
@@ -207,23 +218,23 @@ pub(crate) fn attempts(ctx: &Ctx, uplinks: &Uplinks, pod: &DatapathPod, sport: u
         let answered = pod.pod.ns.run(|| -> Result<bool> {
             let sock = PacketSocket::open(pod.pod.wire.ifindex).context("AF_PACKET socket in the pod")?;
             sock.send(&frame).context("sending the SYN frame")?;
-            sock.syn_ack_to(port, ANSWER_WAIT)
+            sock.syn_ack_to(port, answer_wait())
         })?;
-        std::thread::sleep(SETTLE);
+        settle();
         let what = format!("AF_PACKET SYN to {dest} (answered: {answered})");
         tried.push(Tried { what, arrived: tap.count(), eperm: false });
 
         let tap = ArrivalTap::open(&up.ns, dest.is_ipv6(), RAW_SYN_SPORT)?;
         let out = pod.try_once(ctx, Kind::RawTcpSyn, dest, 80)?;
-        std::thread::sleep(SETTLE);
+        settle();
         tried.push(Tried { what: format!("raw socket SYN to {dest} ({out:?})"), arrived: tap.count(), eperm: false });
 
         let before = accepted();
         let port = port + 1;
         let _resets = DropTable::kernel_resets(&pod.pod.ns)?;
         let (wire, src) = (&pod.pod.wire, pod.pod.source_for(dest));
-        let answered = pod.pod.ns.run(|| user_space_request(wire, src, dest, port, 80, ANSWER_WAIT))?;
-        std::thread::sleep(SETTLE);
+        let answered = pod.pod.ns.run(|| user_space_request(wire, src, dest, port, 80, answer_wait()))?;
+        settle();
         let what = format!("user-space TCP handshake to {dest} (SYN-ACK: {answered})");
         tried.push(Tried { what, arrived: accepted() - before, eperm: false });
     }
