@@ -150,7 +150,11 @@ pub fn user_space_request(
 ) -> Result<bool> {
     let sock = PacketSocket::open(wire.ifindex).context("AF_PACKET socket in the pod")?;
     let syn = Segment { sport, dport, seq: OWN_ISN, ack: 0, flags: TCP_SYN, payload: &[] };
-    sock.send(&tcp_frame(wire, src, dst, &syn, &[])).context("sending the SYN")?;
+    match sock.send(&tcp_frame(wire, src, dst, &syn, &[])) {
+        Ok(()) => {}
+        Err(e) if dropped_in_send(&e) => return Ok(false),
+        Err(e) => return Err(e).context("sending the SYN"),
+    }
     let Some(server_isn) = sock.syn_ack_seq(sport, wait)? else { return Ok(false) };
     let request = b"GET /latest/meta-data/ HTTP/1.0\r\n\r\n";
     let ack = Segment {
@@ -171,6 +175,13 @@ fn checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// Whether a frame's send failed because something on its way out dropped it within
+/// the send itself: a tc program on the device it was written to, or on the lower
+/// device of a macvlan/ipvlan child (`NET_XMIT_DROP` comes back as `ENOBUFS`).
+pub fn dropped_in_send(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOBUFS) | Some(libc::EPERM))
 }
 
 /// An `AF_PACKET` socket on the pod's interface; create it inside the pod namespace.

@@ -14,7 +14,7 @@ use crate::{
     boot::apply,
     harness::Ctx,
     hostside::{host_status, syn_seen_in},
-    uplink_world::{expect_syns_arrive, expect_syns_refused, Datapath, DatapathPod},
+    uplink_world::{expect_syns_arrive, expect_syns_refused, syn_through, Datapath, DatapathPod},
 };
 
 pub(crate) const SCENARIOS: [crate::Scenario; 3] = [
@@ -154,7 +154,12 @@ fn gke_port_80(ctx: &mut Ctx) -> Result<()> {
         out.ok == 0 && after == before,
         "the pod's connect to 169.254.169.254:80 reached the metadata service: {out:?}"
     );
-    expect_syns_refused(&uplinks, &pod.pod, 46700, "port 80 under gke-workload-identity")?;
+    // The preset names GKE's one metadata address: an AF_PACKET SYN to it, port 80.
+    let (arrived, answered) = syn_through(&uplinks, &pod.pod, BEYOND[0], 46700)?;
+    ensure!(
+        arrived == 0 && !answered,
+        "under gke-workload-identity a pod's AF_PACKET SYN to 169.254.169.254:80 arrived"
+    );
     let out = ctx.try_once(
         crate::harness::Who::HostInPodCgroup(0),
         crate::attempt::Kind::Http,

@@ -8,7 +8,7 @@ use std::{net::IpAddr, time::Duration};
 use anyhow::{ensure, Context, Result};
 use metadata_guard_tests::{
     drops::DropTable,
-    frames::{tcp_syn_frame, user_space_request, PacketSocket},
+    frames::{dropped_in_send, tcp_syn_frame, user_space_request, PacketSocket},
     netlink::LowerChild,
     node::Layout,
     standin::BARRIER_PORT,
@@ -156,17 +156,24 @@ pub(crate) fn redirect_past_netfilter(ctx: &Ctx, uplinks: &Uplinks, pod: &mut Da
     Ok(())
 }
 
+/// Writes a SYN frame on the pod's interface (run inside the pod) and waits for the
+/// SYN-ACK; a frame dropped within the send (on a macvlan's lower device) gets none.
+fn send_syn(pod: &UplinkPod, frame: &[u8], sport: u16) -> Result<bool> {
+    let sock = PacketSocket::open(pod.wire.ifindex).context("AF_PACKET socket in the pod")?;
+    match sock.send(frame) {
+        Ok(()) => sock.syn_ack_to(sport, answer_wait()),
+        Err(e) if dropped_in_send(&e) => Ok(false),
+        Err(e) => Err(e).context("sending the SYN frame"),
+    }
+}
+
 /// One AF_PACKET SYN from the pod to `dest`:80: (segments that arrived in any cloud,
 /// whether a SYN-ACK came back).
 pub(crate) fn syn_through(uplinks: &Uplinks, pod: &UplinkPod, dest: IpAddr, sport: u16) -> Result<(u64, bool)> {
     let taps: Vec<ArrivalTap> =
         uplinks.beyond.iter().map(|b| ArrivalTap::open(&b.ns, dest.is_ipv6(), sport)).collect::<Result<_>>()?;
     let frame = tcp_syn_frame(&pod.wire, pod.source_for(dest), dest, sport, 80);
-    let answered = pod.ns.run(|| -> Result<bool> {
-        let sock = PacketSocket::open(pod.wire.ifindex).context("AF_PACKET socket in the pod")?;
-        sock.send(&frame).context("sending the SYN frame")?;
-        sock.syn_ack_to(sport, answer_wait())
-    })?;
+    let answered = pod.ns.run(|| send_syn(pod, &frame, sport))?;
     settle();
     Ok((taps.iter().map(ArrivalTap::count).sum(), answered))
 }
@@ -215,11 +222,7 @@ pub(crate) fn attempts(ctx: &Ctx, uplinks: &Uplinks, pod: &DatapathPod, sport: u
         let port = sport + 10 * i as u16;
         let tap = ArrivalTap::open(&up.ns, dest.is_ipv6(), port)?;
         let frame = tcp_syn_frame(&pod.pod.wire, pod.pod.source_for(dest), dest, port, 80);
-        let answered = pod.pod.ns.run(|| -> Result<bool> {
-            let sock = PacketSocket::open(pod.pod.wire.ifindex).context("AF_PACKET socket in the pod")?;
-            sock.send(&frame).context("sending the SYN frame")?;
-            sock.syn_ack_to(port, answer_wait())
-        })?;
+        let answered = pod.pod.ns.run(|| send_syn(&pod.pod, &frame, port))?;
         settle();
         let what = format!("AF_PACKET SYN to {dest} (answered: {answered})");
         tried.push(Tried { what, arrived: tap.count(), eperm: false });
