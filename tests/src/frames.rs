@@ -181,7 +181,7 @@ fn checksum(data: &[u8]) -> u16 {
 /// the send itself: a tc program on the device it was written to, or on the lower
 /// device of a macvlan/ipvlan child (`NET_XMIT_DROP` comes back as `ENOBUFS`).
 pub fn dropped_in_send(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOBUFS) | Some(libc::EPERM))
+    matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EPERM))
 }
 
 /// An `AF_PACKET` socket on the pod's interface; create it inside the pod namespace.
