@@ -118,7 +118,9 @@ pub(crate) fn forwarded(b: &mut Bench) -> Result<Figure> {
             "The pod connects to {tcp} (and writes to {bulk}) in a namespace one veth beyond the node; the node forwards \
              (ip_forward=1 in the node namespace only). {count} connects per sample; bulk samples write for {ms} ms. \
              The {} column has one rule on the node's FORWARD hook (`-s 10.200.0.0/16 -d 169.254.169.254/32 -j DROP`, \
-             as EKS nodes do for IMDS). Throughput ratios are over no guard's Gbit/s, so higher is better.",
+             as EKS nodes do for IMDS). The packets leave through `vb0`: the guard's columns run `mg_uplink` on its \
+             egress, the floor's an empty program there (figure 10 takes that hook apart). Throughput ratios are over \
+             no guard's Gbit/s, so higher is better.",
             label(Variant::Firewall)
         )],
         ..Default::default()
