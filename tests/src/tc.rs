@@ -195,7 +195,11 @@ impl Drop for ClsBpf {
     fn drop(&mut self) {
         let Ok(mut sock) = NlSocket::open_in(Some(&self.ns), libc::NETLINK_ROUTE) else { return };
         if self.prio != 0 {
-            let _ = request(&mut sock, libc::RTM_DELTFILTER, 0, self.tcmsg(0));
+            // This filter alone, by handle and kind: the priority's others (another
+            // datapath's, the guard's) stay.
+            let mut body = self.tcmsg(FILTER_HANDLE);
+            body.extend_from_slice(&AttrWriter::new().str(TCA_KIND, "bpf").buf);
+            let _ = request(&mut sock, libc::RTM_DELTFILTER, 0, body);
         }
         if self.made_qdisc {
             let _ = request(&mut sock, libc::RTM_DELQDISC, 0, clsact(self.ifindex));

@@ -17,7 +17,11 @@ use crate::{
     uplink_world::{expect_syns_arrive, expect_syns_refused, syn_through, Datapath, DatapathPod},
 };
 
-pub(crate) const SCENARIOS: [crate::Scenario; 3] = [
+pub(crate) const SCENARIOS: [crate::Scenario; 4] = [
+    (
+        "uplink: a program that ends the hook, on the uplink before the agent came (Cilium first): the guard's runs ahead of it",
+        bpf_host_first,
+    ),
     (
         "uplink: another tc program on the uplink's egress that passes all or redirects to another uplink: still refused",
         beside_bpf_host,
@@ -32,6 +36,9 @@ pub(crate) const SCENARIOS: [crate::Scenario; 3] = [
 /// Where the stand-in for Cilium's `bpf_host` goes among the cls_bpf filters: after
 /// the guard's (a filter that ends the hook with `TC_ACT_OK` skips those behind it).
 const BPF_HOST_PRIO: u16 = 0xc000;
+/// Where Cilium's legacy tc attach puts `bpf_host`: priority 1 (handle 1), the
+/// guard's own priority.
+const CILIUM_PRIO: u16 = 1;
 
 /// Cilium's `bpf_host` stand-in on an uplink's egress, held while it lives: a tcx
 /// link where the kernel has tcx (Cilium 1.16+ attaches so on 6.6+), else a cls_bpf
@@ -43,14 +50,17 @@ enum BpfHost {
 
 impl BpfHost {
     fn attach(ctx: &Ctx, uplink: u32, insns: &[u64], head: bool) -> Result<BpfHost> {
+        BpfHost::attach_at(ctx, uplink, insns, head, BPF_HOST_PRIO)
+    }
+
+    /// The same, at cls_bpf priority `prio` where the kernel has no tcx.
+    fn attach_at(ctx: &Ctx, uplink: u32, insns: &[u64], head: bool, prio: u16) -> Result<BpfHost> {
         let node = ctx.node.sim.node();
         let prog = tc::load(insns, "mg_test_host")?;
         match tc::tcx_attach(node, uplink, Direction::Egress, &prog, if head { BPF_F_BEFORE } else { 0 }) {
             Ok(link) => Ok(BpfHost::Tcx { _link: link }),
             Err(e) if head => Err(e).context("could not put a tcx program ahead of the guard's"),
-            Err(_) => {
-                Ok(BpfHost::Cls { _filter: ClsBpf::attach(node, uplink, Direction::Egress, BPF_HOST_PRIO, prog)? })
-            }
+            Err(_) => Ok(BpfHost::Cls { _filter: ClsBpf::attach(node, uplink, Direction::Egress, prio, prog)? }),
         }
     }
 
@@ -101,6 +111,32 @@ fn beside_bpf_host(ctx: &mut Ctx) -> Result<()> {
     }
     ensure!(second.standin.arrivals().total() == second_before, "something reached the cloud behind {}", second.name);
     drop(redirecting);
+    ctx.stop_agent()
+}
+
+/// Cilium is on the node before the guard: its program (here one that ends the hook
+/// with `TC_ACT_OK`/`TCX_PASS`, skipping whatever runs behind it) already sits on the
+/// uplink's egress when the agent comes. The guard goes first (a tcx link at the
+/// head; in tc, a filter at priority 1 added after Cilium's runs first) and refuses.
+fn bpf_host_first(ctx: &mut Ctx) -> Result<()> {
+    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut pod =
+        DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, "default", "web-cilium-first-3v8b", 41)?;
+    pod.redirect(ctx, &uplinks)?;
+    let uplink = uplinks.current().index;
+    ctx.uninstall()?;
+    let ending = BpfHost::attach_at(ctx, uplink, &tc::verdict_program(TC_ACT_OK), false, CILIUM_PRIO)?;
+    expect_syns_arrive(&uplinks, &pod.pod, 46530, "with only the other program on the uplink")?;
+    ctx.default_agent()?;
+    let on = tc::attached(ctx.node.sim.node(), uplink, Direction::Egress)?;
+    ensure!(on.tcx.len() + on.cls_bpf.len() == 2, "expected the guard's program beside the other one: {on:?}");
+    expect_syns_refused(
+        &uplinks,
+        &pod.pod,
+        46540,
+        &format!("the guard beside a {} program that was there first", ending.kind()),
+    )?;
+    drop(ending);
     ctx.stop_agent()
 }
 
