@@ -34,6 +34,7 @@ mod trail;
 mod uplink;
 mod uplink_ops;
 mod uplink_order;
+mod uplink_replies;
 mod uplink_world;
 
 use metadata_guard_tests::{agent, node};
@@ -82,6 +83,7 @@ fn scenarios(without_python: bool, without_ipvs: bool, without_ipvlan: bool) -> 
     all.extend(uplink::SCENARIOS);
     all.extend(uplink_ops::SCENARIOS);
     all.extend(uplink_order::SCENARIOS);
+    all.extend(uplink_replies::SCENARIOS);
     // Likewise ipvlan: missing here, in every guest of the VM matrix.
     if !without_ipvlan {
         all.extend(uplink::IPVLAN_SCENARIOS);
