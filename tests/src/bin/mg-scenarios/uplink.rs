@@ -5,7 +5,6 @@
 //! stack's handshake (gVisor's way). Each scenario first shows every path open.
 
 use anyhow::{Context, Result};
-use metadata_guard_tests::uplink::Uplinks;
 
 use crate::{
     harness::Ctx,
@@ -51,7 +50,7 @@ fn ipvlan(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn datapath(ctx: &mut Ctx, datapath: Datapath, name: &str, n: u32) -> Result<()> {
-    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut uplinks = crate::uplink_world::uplinks(ctx)?;
     ctx.uninstall()?;
     let mut pod = DatapathPod::start(ctx, &mut uplinks, datapath, "default", name, n)?;
     if pod.is_tc() {

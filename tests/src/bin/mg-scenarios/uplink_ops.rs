@@ -58,7 +58,7 @@ fn guarded(ctx: &Ctx, uplink: u32) -> Result<bool> {
 }
 
 fn host_served(ctx: &mut Ctx) -> Result<()> {
-    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut uplinks = crate::uplink_world::uplinks(ctx)?;
     uplinks.add_uplink(ctx.node.sim.node())?;
     ctx.default_agent()?;
     for k in 0..uplinks.beyond.len() {
@@ -77,7 +77,7 @@ fn host_served(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn new_uplink_guarded(ctx: &mut Ctx) -> Result<()> {
-    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut uplinks = crate::uplink_world::uplinks(ctx)?;
     ctx.default_agent()?;
     // A veth is an uplink once it carries a route to a blocked destination (a NIC,
     // bond or VLAN from the moment it appears): time it from the route.
@@ -96,7 +96,7 @@ fn new_uplink_guarded(ctx: &mut Ctx) -> Result<()> {
     let took =
         took.with_context(|| format!("uplink mgup1 carried no program {within:?} after the route through it"))?;
     eprintln!("  new uplink mgup1 guarded {} µs after the metadata route went through it", took.as_micros());
-    uplinks.wait_reachable(ctx.node.sim.node())?;
+    crate::uplink_world::wait_served(ctx, &uplinks)?;
     expect_host_served(ctx, &uplinks)?;
     let mut pod =
         DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, "default", "web-late-uplink-2n6v", 10)?;
@@ -122,7 +122,7 @@ fn allow_config(ctx: &Ctx) -> Result<String> {
 }
 
 fn allowlisted(ctx: &mut Ctx) -> Result<()> {
-    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut uplinks = crate::uplink_world::uplinks(ctx)?;
     let mut allowed = DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, ALLOWED.0, ALLOWED.1, 20)?;
     let mut neighbour = DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, NEIGHBOUR.0, NEIGHBOUR.1, 21)?;
     allowed.redirect(ctx, &uplinks)?;
@@ -176,7 +176,7 @@ fn expect_uplink_record(ctx: &Ctx, pod: &DatapathPod, (namespace, name): (&str, 
 }
 
 fn lifecycle(ctx: &mut Ctx) -> Result<()> {
-    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut uplinks = crate::uplink_world::uplinks(ctx)?;
     let mut pod = DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, "default", "web-life-8j3r", 30)?;
     pod.redirect(ctx, &uplinks)?;
     let uplink = uplinks.current().index;

@@ -7,7 +7,7 @@ use metadata_guard_tests::{
     bpf::BPF_F_BEFORE,
     drops::flush_ruleset,
     tc::{self, ClsBpf, Direction, Handoff, TC_ACT_OK},
-    uplink::{Uplinks, BEYOND},
+    uplink::BEYOND,
 };
 
 use crate::{
@@ -73,7 +73,7 @@ impl BpfHost {
 }
 
 fn beside_bpf_host(ctx: &mut Ctx) -> Result<()> {
-    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut uplinks = crate::uplink_world::uplinks(ctx)?;
     uplinks.add_uplink(ctx.node.sim.node())?;
     let mut pod = DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, "default", "web-bpfhost-6t1m", 40)?;
     pod.redirect(ctx, &uplinks)?;
@@ -119,7 +119,7 @@ fn beside_bpf_host(ctx: &mut Ctx) -> Result<()> {
 /// uplink's egress when the agent comes. The guard goes first (a tcx link at the
 /// head; in tc, a filter at priority 1 added after Cilium's runs first) and refuses.
 fn bpf_host_first(ctx: &mut Ctx) -> Result<()> {
-    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut uplinks = crate::uplink_world::uplinks(ctx)?;
     let mut pod =
         DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, "default", "web-cilium-first-3v8b", 41)?;
     pod.redirect(ctx, &uplinks)?;
@@ -141,7 +141,7 @@ fn bpf_host_first(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn after_flush(ctx: &mut Ctx) -> Result<()> {
-    let uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let uplinks = crate::uplink_world::uplinks(ctx)?;
     let cloud = &uplinks.current().ns;
     // Pod 0 is routed through the node (its netfilter, the host-side table), then out.
     ctx.uninstall()?;
@@ -177,7 +177,7 @@ fn after_flush(ctx: &mut Ctx) -> Result<()> {
 /// that skips netfilter skips that DNAT too, and the connect would reach the real
 /// metadata service: the uplink refuses port 80 as the host side does.
 fn gke_port_80(ctx: &mut Ctx) -> Result<()> {
-    let mut uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let mut uplinks = crate::uplink_world::uplinks(ctx)?;
     let mut pod = DatapathPod::start(ctx, &mut uplinks, Datapath::RedirectNeigh, "default", "web-gke-0p5d", 50)?;
     pod.redirect(ctx, &uplinks)?;
     let up = uplinks.current();

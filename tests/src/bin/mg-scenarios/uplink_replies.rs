@@ -16,7 +16,7 @@ use metadata_guard_netfilter::{
     nftables::{self, Batch, NFPROTO_INET, NFT_TABLE_F_DORMANT},
     NlSocket,
 };
-use metadata_guard_tests::{netns::NetNs, uplink::Uplinks, world::IMDS_V4};
+use metadata_guard_tests::{netns::NetNs, world::IMDS_V4};
 
 use crate::harness::{budget, Ctx};
 
@@ -102,7 +102,7 @@ fn set_host_table_flags(node: &std::path::Path, flags: u32) -> Result<()> {
 }
 
 fn node_reset(ctx: &mut Ctx) -> Result<()> {
-    let uplinks = Uplinks::build(ctx.node.sim.node())?;
+    let uplinks = crate::uplink_world::uplinks(ctx)?;
     let up = uplinks.current();
     let IpAddr::V4(imds) = IMDS_V4 else { unreachable!() };
     let node = SocketAddrV4::new(up.node_v4, CLOSED_PORT);

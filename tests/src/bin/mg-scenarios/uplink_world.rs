@@ -41,6 +41,8 @@ fn answer_wait() -> Duration {
 fn settle() {
     std::thread::sleep(budget(SETTLE).min(SETTLE_MAX));
 }
+/// How long a new uplink may take to carry the node's traffic.
+const READY_WITHIN: Duration = Duration::from_secs(5);
 /// The source port raw.rs's hand-made SYN uses.
 const RAW_SYN_SPORT: u16 = 40000;
 
@@ -119,6 +121,30 @@ impl DatapathPod {
     pub(crate) fn try_once(&self, ctx: &Ctx, kind: Kind, dest: IpAddr, port: u16) -> Result<Outcome> {
         attempt::run(&self.request(ctx, kind, dest, port)?)
     }
+}
+
+/// The node's uplinks ([`Uplinks::build`]), once a host-network process is served
+/// through the current one: the world works.
+pub(crate) fn uplinks(ctx: &Ctx) -> Result<Uplinks> {
+    let uplinks = Uplinks::build(ctx.node.sim.node())?;
+    wait_served(ctx, &uplinks)?;
+    Ok(uplinks)
+}
+
+/// Waits until a host-network process (pod 0's cgroup, the node's namespace) is
+/// served both metadata addresses: a new link's IPv6 takes a moment.
+pub(crate) fn wait_served(ctx: &Ctx, uplinks: &Uplinks) -> Result<()> {
+    for dest in BEYOND {
+        let mut last = None;
+        wait_until(budget(READY_WITHIN), || {
+            let out = ctx.try_once(Who::HostInPodCgroup(0), Kind::Http, &dest.to_string(), 80, false)?;
+            let served = out.ok == 1;
+            last = Some(out);
+            Ok(served)
+        })
+        .with_context(|| format!("{dest} beyond {} is not served to the node ({last:?})", uplinks.current().name))?;
+    }
+    Ok(())
 }
 
 /// A datagram from the pod to the barrier port of the cloud behind the current
