@@ -27,6 +27,7 @@ use crate::{
     bench::{Bench, BULK_PORT, TCP_PORT},
     figures::{all_ok, interleave, label, row, scale_row},
     forwarded::{FORWARD_RULE, NODE_LINK},
+    profile::Profile,
     report::{Figure, Target},
     variant::Variant,
     worker::Op,
@@ -167,6 +168,37 @@ pub(crate) fn uplink(b: &mut Bench) -> Result<Figure> {
         ..Default::default()
     })
 }
+
+/// Sets figure 10's missed targets' explanations: the hook's floor and the program
+/// alone from the figure, `mg_uplink`'s own work from the kernel's statistics (the
+/// profile's forwarded connect).
+pub(crate) fn explain(f: &mut Figure, profile: &Profile) {
+    let own = profile.ops.iter().find(|(what, ..)| *what == FORWARDED_CONNECT).and_then(|(_, guard, empty)| {
+        let (runs, ns) = guard.get("mg_uplink").or_else(|| guard.get("mg_uplink_marks")).copied()?;
+        let (_, empty_ns) = empty.get("mg_empty_uplink").copied()?;
+        Some((runs, ns, empty_ns))
+    });
+    let rows: Vec<(f64, f64)> = f.rows.iter().map(|r| (r.paired(3), r.paired(4))).collect();
+    for (i, t) in f.targets.iter_mut().enumerate().filter(|(_, t)| !t.met()) {
+        let Some((alone, floor)) = rows.get(i / 2).copied() else { continue };
+        let mut text = format!(
+            "On this hook a program that only hands the packet on measures {floor:.3} of no guard and `mg_uplink` \
+             alone {alone:.3}: what lies between the two is its own work, what lies below the first the kernel's \
+             cost of running any program there (each within the row's spread of round ratios)."
+        );
+        if let Some((runs, ns, empty_ns)) = own {
+            text.push_str(&format!(
+                " By the kernel's statistics `mg_uplink` runs {runs:.1} times a forwarded connect at {ns:.0} ns against \
+                 the empty program's {empty_ns:.0} ns: {:.0} ns of its own per connect.",
+                runs * (ns - empty_ns)
+            ));
+        }
+        t.explain = text;
+    }
+}
+
+/// The profile's operation whose packets leave through the measured uplink.
+const FORWARDED_CONNECT: &str = "forwarded TCP connect + close";
 
 /// The uplink column really judges: a metadata-bound SYN forwarded out of `vb0`
 /// would be counted; here the program's presence on the hook is checked instead,
