@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! nf_tables tables the uplink scenarios put in their own namespaces, over netlink
 //! (no `nft` binary in the VM): a forward chain that drops what one interface brings
 //! in (proof that a datapath skips the node's netfilter), an output chain that drops a

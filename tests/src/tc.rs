@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Another datapath's tc programs, as the tests build them: raw-instruction redirect
 //! programs (what Cilium's `bpf_lxc` does with a pod's frames under BPF host
 //! routing), attached with a clsact qdisc and a direct-action `cls_bpf` filter over

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The node's uplinks, as on AWS: the metadata service on its real addresses
 //! (169.254.169.254, fd00:ec2::254) one hop beyond the node, in a "cloud" namespace
 //! behind an uplink veth; the node routes both addresses through the uplink and

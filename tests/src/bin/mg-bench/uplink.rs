@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Figure 10: traffic leaving the node through an uplink, which the guard's
 //! `mg_uplink` judges on the device's tc egress hook: every packet that leaves the
 //! node passes it, so it must leave at the prefilter for everything else.

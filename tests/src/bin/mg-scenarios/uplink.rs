@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The uplink: on datapaths that skip the node's netfilter — a pod's frames handed to
 //! the uplink in tc (Cilium's BPF host routing), macvlan and ipvlan pods on the
 //! uplink — nothing a pod sends reaches the metadata service one hop beyond the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The uplink in operation: host-network processes served through every uplink, a
 //! new uplink guarded under a running agent, an allowlisted pod served while its
 //! neighbour is refused and named, and the point's life: SIGKILL, restart, upgrade,

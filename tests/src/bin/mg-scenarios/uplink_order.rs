@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The uplink next to others: another tc program on the uplink's egress (Cilium's
 //! `bpf_host`) that passes everything or redirects it to another uplink, and an
 //! `nft flush ruleset` in the node, which takes the host-side table but not the uplink.

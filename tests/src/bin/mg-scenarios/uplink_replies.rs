@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! The node's own replies to the metadata address: a TCP reset for a SYN from the
 //! metadata service to a closed port of the node. The kernel sends it from its
 //! per-namespace control socket; where `mg_uplink` asks a packet's socket for its

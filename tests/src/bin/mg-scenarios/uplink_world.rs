@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the uplink scenarios share: pods on the datapaths that skip the node's
 //! netfilter (a tc program redirecting a pod's frames to the uplink, a macvlan or
 //! ipvlan child of the uplink), and every attempt a hostile pod makes, counted where
