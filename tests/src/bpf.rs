@@ -17,7 +17,9 @@ use std::{
     path::Path,
 };
 
-pub use aya_obj::generated::{bpf_attach_type, bpf_link_info, bpf_prog_info, bpf_prog_type, BPF_F_ALLOW_MULTI};
+pub use aya_obj::generated::{
+    bpf_attach_type, bpf_link_info, bpf_prog_info, bpf_prog_type, BPF_F_ALLOW_MULTI, BPF_F_BEFORE,
+};
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_stats_type};
 
 /// `r0 = 1; exit`: a program that lets everything through and does nothing else.
@@ -115,6 +117,22 @@ pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: bp
     sys_bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
 }
 
+/// Attaches `prog` to device `ifindex` of the calling thread's namespace with a tcx
+/// link (6.6+); `flags` place it among the device's others (`BPF_F_BEFORE`: first).
+pub fn tcx_link_create(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: bpf_attach_type,
+    flags: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr: bpf_attr = zeroed();
+    attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+    attr.link_create.__bindgen_anon_2.target_ifindex = ifindex;
+    attr.link_create.attach_type = attach_type as u32;
+    attr.link_create.flags = flags;
+    sys_bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+}
+
 /// Attaches `prog` to the cgroup open at `cgroup` the pre-link way (`BPF_PROG_ATTACH`):
 /// it stays attached until detached or the cgroup goes.
 pub fn prog_attach(
@@ -196,4 +214,25 @@ pub fn prog_count(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -> io::R
     sys_bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr)?;
     // SAFETY: BPF_PROG_QUERY wrote the count into the query member the call used.
     Ok(unsafe { attr.query.__bindgen_anon_2.prog_cnt })
+}
+
+/// The ids of the programs on device `ifindex`'s tcx hook of the calling thread's
+/// namespace, in the order they run (`BPF_PROG_QUERY`; kernels before 6.6 refuse).
+pub fn tcx_prog_ids(ifindex: u32, attach_type: bpf_attach_type) -> io::Result<Vec<u32>> {
+    const MAX: usize = 64;
+    let mut ids = [0u32; MAX];
+    let mut attr: bpf_attr = zeroed();
+    attr.query.__bindgen_anon_1.target_ifindex = ifindex;
+    attr.query.attach_type = attach_type as u32;
+    attr.query.prog_ids = ids.as_mut_ptr() as u64;
+    attr.query.__bindgen_anon_2.prog_cnt = MAX as u32;
+    sys_bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr)?;
+    // SAFETY: BPF_PROG_QUERY wrote the count into the query member the call used.
+    let count = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
+    Ok(ids[..count.min(MAX)].to_vec())
+}
+
+/// The id of the program open at `prog`.
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(prog_info(prog)?.id)
 }

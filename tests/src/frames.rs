@@ -21,6 +21,7 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_ALL: u16 = 0x0003;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_PSH: u8 = 0x08;
 
 /// Where a pod's frames go: its interface and the node end's MAC.
 pub struct Wire {
@@ -58,14 +59,35 @@ pub fn tcp_syn_frame_with_ip_options(
     dport: u16,
     options: &[u8],
 ) -> Vec<u8> {
+    let segment = Segment { sport, dport, seq: OWN_ISN, ack: 0, flags: TCP_SYN, payload: &[] };
+    tcp_frame(wire, src, dst, &segment, options)
+}
+
+/// The first sequence number of every connection the tests' frames open.
+const OWN_ISN: u32 = 0x1000_0000;
+
+/// One TCP segment's fields.
+struct Segment<'a> {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &'a [u8],
+}
+
+fn tcp_frame(wire: &Wire, src: IpAddr, dst: IpAddr, segment: &Segment<'_>, options: &[u8]) -> Vec<u8> {
     assert!(options.len().is_multiple_of(4) && options.len() <= 40, "IPv4 options come in words, at most 10");
     let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+    tcp[0..2].copy_from_slice(&segment.sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&segment.dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&segment.seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&segment.ack.to_be_bytes());
     tcp[12] = 5 << 4;
-    tcp[13] = TCP_SYN;
+    tcp[13] = segment.flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(segment.payload);
+    let tcp_len = tcp.len() as u16;
     let mut frame = Vec::new();
     frame.extend_from_slice(&wire.peer_mac);
     frame.extend_from_slice(&wire.own_mac);
@@ -73,7 +95,7 @@ pub fn tcp_syn_frame_with_ip_options(
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
             let header_len = 20 + options.len();
-            let total = (header_len + tcp.len()) as u16;
+            let total = header_len as u16 + tcp_len;
             let mut ip = vec![0x40 | (header_len / 4) as u8, 0];
             ip.extend_from_slice(&total.to_be_bytes());
             ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, libc::IPPROTO_TCP as u8, 0, 0]);
@@ -84,7 +106,8 @@ pub fn tcp_syn_frame_with_ip_options(
             ip[10..12].copy_from_slice(&sum.to_be_bytes());
             let mut pseudo = s.octets().to_vec();
             pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8, 0, 20]);
+            pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
+            pseudo.extend_from_slice(&tcp_len.to_be_bytes());
             pseudo.extend_from_slice(&tcp);
             let sum = checksum(&pseudo);
             tcp[16..18].copy_from_slice(&sum.to_be_bytes());
@@ -93,12 +116,15 @@ pub fn tcp_syn_frame_with_ip_options(
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             assert!(options.is_empty(), "IPv6 has extension headers, not options");
             frame.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
-            let mut ip = vec![0x60, 0, 0, 0, 0, 20, libc::IPPROTO_TCP as u8, 64];
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&tcp_len.to_be_bytes());
+            ip.extend_from_slice(&[libc::IPPROTO_TCP as u8, 64]);
             ip.extend_from_slice(&s.octets());
             ip.extend_from_slice(&d.octets());
             let mut pseudo = s.octets().to_vec();
             pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, libc::IPPROTO_TCP as u8]);
+            pseudo.extend_from_slice(&u32::from(tcp_len).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, libc::IPPROTO_TCP as u8]);
             pseudo.extend_from_slice(&tcp);
             let sum = checksum(&pseudo);
             tcp[16..18].copy_from_slice(&sum.to_be_bytes());
@@ -110,12 +136,53 @@ pub fn tcp_syn_frame_with_ip_options(
     frame
 }
 
+/// What a user-space TCP stack on AF_PACKET (gVisor's netstack; a Kata guest's
+/// kernel behind a tap) does to fetch `dst`:`dport`: its own SYN, and on the server's
+/// SYN-ACK the handshake's ACK carrying an HTTP request. Returns whether the SYN-ACK
+/// came back within `wait` (the server then has a connection to accept). Run it
+/// inside the pod, with the pod kernel's resets silenced.
+pub fn user_space_request(
+    wire: &Wire,
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    wait: Duration,
+) -> Result<bool> {
+    let sock = PacketSocket::open(wire.ifindex).context("AF_PACKET socket in the pod")?;
+    let syn = Segment { sport, dport, seq: OWN_ISN, ack: 0, flags: TCP_SYN, payload: &[] };
+    match sock.send(&tcp_frame(wire, src, dst, &syn, &[])) {
+        Ok(()) => {}
+        Err(e) if dropped_in_send(&e) => return Ok(false),
+        Err(e) => return Err(e).context("sending the SYN"),
+    }
+    let Some(server_isn) = sock.syn_ack_seq(sport, wait)? else { return Ok(false) };
+    let request = b"GET /latest/meta-data/ HTTP/1.0\r\n\r\n";
+    let ack = Segment {
+        sport,
+        dport,
+        seq: OWN_ISN.wrapping_add(1),
+        ack: server_isn.wrapping_add(1),
+        flags: TCP_ACK | TCP_PSH,
+        payload: request,
+    };
+    sock.send(&tcp_frame(wire, src, dst, &ack, &[])).context("sending the ACK with the request")?;
+    Ok(true)
+}
+
 fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// Whether a frame's send failed because something on its way out dropped it within
+/// the send itself: a tc program on the device it was written to, or on the lower
+/// device of a macvlan/ipvlan child (`NET_XMIT_DROP` comes back as `ENOBUFS`).
+pub fn dropped_in_send(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EPERM))
 }
 
 /// An `AF_PACKET` socket on the pod's interface; create it inside the pod namespace.
@@ -182,6 +249,11 @@ impl PacketSocket {
 
     /// Waits up to `wait` for a SYN-ACK to `sport`, as a user-space TCP would.
     pub fn syn_ack_to(&self, sport: u16, wait: Duration) -> Result<bool> {
+        Ok(self.syn_ack_seq(sport, wait)?.is_some())
+    }
+
+    /// The same, answering the SYN-ACK's sequence number.
+    pub fn syn_ack_seq(&self, sport: u16, wait: Duration) -> Result<Option<u32>> {
         let deadline = Instant::now() + wait;
         let mut buf = [0u8; 2048];
         while Instant::now() < deadline {
@@ -195,23 +267,25 @@ impl PacketSocket {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            if let Some(flags) = tcp_flags_to(&buf[..n as usize], sport) {
+            if let Some((flags, seq)) = tcp_to(&buf[..n as usize], sport) {
                 if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-                    return Ok(true);
+                    return Ok(Some(seq));
                 }
             }
         }
-        Ok(false)
+        Ok(None)
     }
 }
 
-/// The TCP flags of a frame whose destination port is `dport`.
-fn tcp_flags_to(frame: &[u8], dport: u16) -> Option<u8> {
+/// The TCP flags and sequence number of a frame whose destination port is `dport`.
+fn tcp_to(frame: &[u8], dport: u16) -> Option<(u8, u32)> {
     let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
     let tcp = match ethertype {
         ETH_P_IP if *frame.get(23)? == libc::IPPROTO_TCP as u8 => 14 + (*frame.get(14)? & 0x0f) as usize * 4,
         ETH_P_IPV6 if *frame.get(20)? == libc::IPPROTO_TCP as u8 => 14 + 40,
         _ => return None,
     };
-    (u16::from_be_bytes([*frame.get(tcp + 2)?, *frame.get(tcp + 3)?]) == dport).then(|| frame.get(tcp + 13).copied())?
+    let seq = u32::from_be_bytes(frame.get(tcp + 4..tcp + 8)?.try_into().ok()?);
+    (u16::from_be_bytes([*frame.get(tcp + 2)?, *frame.get(tcp + 3)?]) == dport)
+        .then(|| Some((*frame.get(tcp + 13)?, seq)))?
 }

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod cgroups;
+pub mod drops;
 pub mod forwarded;
 pub mod frames;
 pub mod gate;
@@ -25,4 +26,6 @@ pub mod reexec;
 pub mod sandbox;
 pub mod scratch;
 pub mod standin;
+pub mod tc;
+pub mod uplink;
 pub mod world;

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use metadata_guard_netfilter::{
-    socket::{Message, NLM_F_CREATE, NLM_F_EXCL},
+    socket::{Message, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE},
     AttrWriter, NlSocket,
 };
 
@@ -24,6 +24,20 @@ use crate::netns::NetNs;
 const VETH_INFO_PEER: u16 = 1;
 const IFA_F_NODAD: u8 = 0x02;
 const IFINFOMSG_LEN: usize = 16;
+const IFLA_MACVLAN_MODE: u16 = 1;
+const MACVLAN_MODE_BRIDGE: u32 = 4;
+const IFLA_IPVLAN_MODE: u16 = 1;
+const IPVLAN_MODE_L2: u16 = 0;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NUD_PERMANENT: u16 = 0x80;
+
+/// A device whose frames leave through its lower device.
+#[derive(Clone, Copy, Debug)]
+pub enum LowerChild {
+    Macvlan,
+    Ipvlan,
+}
 
 /// A NETLINK_ROUTE socket bound to one network namespace.
 pub struct Netlink {
@@ -94,6 +108,52 @@ impl Netlink {
         body.extend_from_slice(&AttrWriter::new().ne32(libc::IFLA_MASTER, master).buf);
         self.request(libc::RTM_NEWLINK, 0, body)
             .with_context(|| format!("could not make link {index} a port of {master}"))
+    }
+
+    /// Creates a child of `lower` (`kind`: "macvlan" in bridge mode, or "ipvlan" in L2
+    /// mode) called `name` inside `ns`: a pod whose frames leave through `lower`.
+    pub fn add_lower_child(&mut self, kind: LowerChild, name: &str, lower: u32, ns: BorrowedFd<'_>) -> Result<()> {
+        let mut w = AttrWriter::new();
+        w.str(libc::IFLA_IFNAME, name).ne32(libc::IFLA_LINK, lower).ne32(libc::IFLA_NET_NS_FD, ns.as_raw_fd() as u32);
+        w.nest(libc::IFLA_LINKINFO, |w| match kind {
+            LowerChild::Macvlan => {
+                w.bytes(libc::IFLA_INFO_KIND, b"macvlan").nest(libc::IFLA_INFO_DATA, |w| {
+                    w.ne32(IFLA_MACVLAN_MODE, MACVLAN_MODE_BRIDGE);
+                });
+            }
+            LowerChild::Ipvlan => {
+                w.bytes(libc::IFLA_INFO_KIND, b"ipvlan").nest(libc::IFLA_INFO_DATA, |w| {
+                    w.bytes(IFLA_IPVLAN_MODE, &IPVLAN_MODE_L2.to_ne_bytes());
+                });
+            }
+        });
+        let mut body = ifinfomsg(0, 0, 0).to_vec();
+        body.extend_from_slice(&w.buf);
+        self.request(libc::RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+            .with_context(|| format!("could not create {kind:?} {name} on link {lower}"))
+    }
+
+    /// Adds a permanent neighbour entry: `addr` is at `mac` on link `index`.
+    pub fn add_neighbour(&mut self, index: u32, addr: IpAddr, mac: [u8; 6]) -> Result<()> {
+        let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        // ndmsg: family, pads, ifindex, state, flags, type.
+        let mut body = vec![family as u8, 0, 0, 0];
+        body.extend_from_slice(&index.to_ne_bytes());
+        body.extend_from_slice(&NUD_PERMANENT.to_ne_bytes());
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&AttrWriter::new().bytes(NDA_DST, &ip_bytes(addr)).bytes(NDA_LLADDR, &mac).buf);
+        self.request(libc::RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body)
+            .with_context(|| format!("could not add neighbour {addr} on link {index}"))
+    }
+
+    /// Points the route to `dest/prefix_len` at `gateway` on link `index`, whatever it was.
+    pub fn replace_route(&mut self, dest: IpAddr, prefix_len: u8, gateway: IpAddr, index: u32) -> Result<()> {
+        let mut body = rtmsg(dest, prefix_len);
+        let mut w = AttrWriter::new();
+        w.bytes(libc::RTA_DST, &ip_bytes(dest)).bytes(libc::RTA_GATEWAY, &ip_bytes(gateway)).ne32(libc::RTA_OIF, index);
+        body.extend_from_slice(&w.buf);
+        self.request(libc::RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body)
+            .with_context(|| format!("could not route {dest}/{prefix_len} via {gateway}"))
     }
 
     pub fn delete_link(&mut self, index: u32) -> Result<()> {

@@ -53,7 +53,10 @@ const MODULES: &[&str] = &[
     "ip_vs_rr",
 ];
 /// Built into some kernels, modules in others (nft_counter: a module on 5.10 only).
-const MODULES_IF_MODULAR: &[&str] = &["nft_counter"];
+/// The uplink scenarios' pods on the uplink (Multus secondary networks, IPVLAN CNIs),
+/// and the tc datapath: a clsact qdisc with a direct-action cls_bpf filter; a kernel
+/// with none of them fails its scenario, naming what is missing.
+const MODULES_IF_MODULAR: &[&str] = &["nft_counter", "macvlan", "ipvlan", "sch_ingress", "cls_bpf"];
 
 /// Init script: mounts what a node has, loads the modules, runs `check` then the
 /// scenarios, prints the end marker with their exit code, and powers the VM off

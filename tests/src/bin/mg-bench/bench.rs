@@ -75,6 +75,7 @@ impl Bench {
         let empty_programs = EmptyPrograms::load()?;
         let servers = Servers::start(node.sim.node())?;
         let beyond = Beyond::build(&node)?;
+        crate::uplink::add_idle_uplink(node.sim.node())?;
         // Inside the node namespace only, as the stand-in's addresses are.
         let mut nl = metadata_guard_tests::netlink::Netlink::open_in(node.sim.node())?;
         let lo = nl.link_index("lo")?;
@@ -127,7 +128,7 @@ impl Bench {
     fn switch(&mut self) -> Result<()> {
         if self.switch.is_none() {
             let fw = self.firewall()?;
-            self.switch = Some(Switch::new(&self.node.node_netns(), &fw)?);
+            self.switch = Some(Switch::new(&self.node.node_netns(), &self.node.bpffs, &fw)?);
         }
         Ok(())
     }
@@ -141,8 +142,22 @@ impl Bench {
         Firewall::new(self.node.node_netns())
     }
 
+    /// The agent guards an idle uplink: the bench puts its program on the measured one
+    /// for the samples that want it (figure 10).
     pub(crate) fn spec(&self, extra: &[&str]) -> AgentSpec {
-        self.node.agent_spec(&self.agent_bin, "bench-node", extra)
+        let mut args = vec!["--uplinks", crate::uplink::IDLE_UPLINK];
+        args.extend_from_slice(extra);
+        self.node.agent_spec(&self.agent_bin, "bench-node", &args)
+    }
+
+    /// (The agent's uplink program, the empty one beside it), by program id, for the profile.
+    pub(crate) fn uplink_ids(&mut self) -> Result<(u64, u64)> {
+        self.switch()?;
+        let switch = self.switch.as_ref().context("no switch")?;
+        let guard = metadata_guard_tests::bpf::prog_id(std::os::fd::AsFd::as_fd(&crate::uplink::guard_program(
+            &self.node.bpffs,
+        )?))?;
+        Ok((u64::from(guard), switch.uplink.empty_id()?))
     }
 
     /// (Re)starts the agent; returns the time from spawn to `/readyz` 200.

@@ -78,6 +78,10 @@ pub(crate) fn explain(figures: &mut [Figure], profile: &Profile) {
             explain_flatness(f);
             continue;
         }
+        if number == "10" {
+            crate::uplink::explain(f, profile);
+            continue;
+        }
         let throughput = f.unit.starts_with("Gbit");
         for (t, row) in f.targets.iter_mut().zip(target_rows(&f.rows, &number)) {
             let Some(row) = row else { continue };

@@ -27,6 +27,8 @@ pub(crate) fn label(v: Variant) -> &'static str {
         Variant::Empty => "the guard's hooks, empty",
         Variant::Programs => "the guard's programs, base chains empty",
         Variant::Table => "the host-side table, programs empty",
+        Variant::Uplink => "the uplink's program alone",
+        Variant::UplinkEmpty => "the uplink's hook, empty",
     }
 }
 

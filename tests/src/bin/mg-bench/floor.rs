@@ -83,7 +83,7 @@ impl EmptyPrograms {
 }
 
 /// The guard's link and program pins under the agent's layout directory (`v<N>`).
-fn pin_dir(bpffs: &Path) -> Result<PathBuf> {
+pub(crate) fn pin_dir(bpffs: &Path) -> Result<PathBuf> {
     std::fs::read_dir(bpffs)
         .with_context(|| format!("could not list {}", bpffs.display()))?
         .filter_map(Result::ok)

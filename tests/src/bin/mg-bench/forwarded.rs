@@ -27,11 +27,11 @@ use crate::{
 const NODE_SIDE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const BEYOND: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 2);
 const PREFIX: u8 = 24;
-const NODE_LINK: &str = "vb0";
+pub(crate) const NODE_LINK: &str = "vb0";
 
 /// The node firewall a cloud's node image adds instead of a guard (EKS's
 /// `FORWARD -i eni+ -d 169.254.169.254 -j DROP`).
-const FORWARD_RULE: &str =
+pub(crate) const FORWARD_RULE: &str =
     "*filter\n:FORWARD ACCEPT [0:0]\n-A FORWARD -s 10.200.0.0/16 -d 169.254.169.254/32 -j DROP\nCOMMIT\n";
 
 /// A namespace beyond the node, wired to it by a veth, with sink servers; the node
@@ -119,7 +119,9 @@ pub(crate) fn forwarded(b: &mut Bench) -> Result<Figure> {
             "The pod connects to {tcp} (and writes to {bulk}) in a namespace one veth beyond the node; the node forwards \
              (ip_forward=1 in the node namespace only). {count} connects per sample; bulk samples write for {ms} ms. \
              The {} column has one rule on the node's FORWARD hook (`-s 10.200.0.0/16 -d 169.254.169.254/32 -j DROP`, \
-             as EKS nodes do for IMDS). Throughput ratios are over no guard's Gbit/s, so higher is better.",
+             as EKS nodes do for IMDS). The packets leave through `vb0`: the guard's columns run `mg_uplink` on its \
+             egress, the floor's an empty program there (figure 10 takes that hook apart). Throughput ratios are over \
+             no guard's Gbit/s, so higher is better.",
             label(Variant::Firewall)
         )],
         ..Default::default()

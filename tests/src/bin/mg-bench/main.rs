@@ -21,6 +21,7 @@ mod forwarded;
 mod profile;
 mod report;
 mod scale;
+mod uplink;
 mod variant;
 mod worker;
 
@@ -145,18 +146,19 @@ fn run_all(b: &mut Bench, only: &[String]) -> Result<Vec<Figure>> {
     // Run in this order (the profile, which every explanation reads, always runs), then
     // published in `PUBLISHED` order.
     type Run = fn(&mut Bench) -> Result<Figure>;
-    let steps: [(&str, &str, Run); 9] = [
+    let steps: [(&str, &str, Run); 10] = [
         ("1", "1. allowed TCP path", figures::tcp_allowed),
         ("2", "2. allowed UDP path", figures::udp_allowed),
         ("2c", "2c. allowed UDP path beside the metadata address", figures::udp_lead_neighbour),
         ("2b", "2b. allowed UDP path, connected", figures::udp_connect_send),
         ("8", "8. forwarded pod traffic", forwarded::forwarded),
+        ("10", "10. leaving through an uplink", uplink::uplink),
         ("3", "3. bulk throughput", figures::bulk),
         ("4", "4. refused path", figures::refused),
         ("6", "6. event storm", scale::storm),
         ("5", "5. policy scale", scale::policy_scale),
     ];
-    const PUBLISHED: [&str; 11] = ["1", "2", "2c", "2b", "3", "8", "4", "5", "6", "7", "9"];
+    const PUBLISHED: [&str; 12] = ["1", "2", "2c", "2b", "3", "8", "10", "4", "5", "6", "7", "9"];
     let mut done: Vec<(&str, Vec<Figure>)> = Vec::new();
     let mut measured = None;
     for (n, name, run) in steps {

@@ -39,6 +39,7 @@ pub(crate) fn empty_twin(guard_program: &str) -> &'static str {
         "mg_sendmsg6" => "mg_empty_send6",
         "mg_egress" | "mg_egress_netns" => "mg_empty_egress",
         "mg_conceal_ops" => "mg_empty_ops",
+        "mg_uplink" | "mg_uplink_marks" => "mg_empty_uplink",
         _ => "?",
     }
 }
@@ -74,8 +75,15 @@ pub(crate) fn operations(b: &Bench) -> u64 {
 /// this pass: they cost a clock read per run). `ops` carry [`operations`] / [`CHUNKS`].
 pub(crate) fn measure(b: &mut Bench, ops: Vec<(&'static str, Op)>) -> Result<Profile> {
     let per_chunk = operations(b) / CHUNKS;
-    let guard = guard_programs(b)?;
-    let empty = b.empty_programs.ids.clone();
+    let mut guard = guard_programs(b)?;
+    let mut empty = b.empty_programs.ids.clone();
+    // The uplink's program runs on the measured uplink for the guard's chunks, the
+    // empty one in its place for the empty programs' (figure 10).
+    let (uplink, empty_uplink) = b.uplink_ids()?;
+    if !guard.iter().any(|(_, id)| *id == uplink) {
+        guard.push(("mg_uplink".into(), uplink));
+    }
+    empty.push(("mg_empty_uplink".into(), empty_uplink));
     let stats = bpf::enable_stats()?;
     let mut profile = Profile { ops: Vec::new() };
     for (what, op) in ops {

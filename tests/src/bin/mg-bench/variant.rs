@@ -25,6 +25,7 @@ use metadata_guard_netfilter::{
 use crate::{
     bench::Firewall,
     floor::{self, EmptyPrograms, Swapped},
+    uplink::{OnUplink, UplinkHook},
 };
 
 /// The agent's host-side table (`table inet metadata_guard`).
@@ -53,6 +54,12 @@ pub(crate) enum Variant {
     /// The guard's links running empty programs, the host-side table at work: with
     /// [`Variant::Empty`], the table's own share.
     Table,
+    /// No guard, but the agent's `mg_uplink` on the measured uplink's egress: the
+    /// uplink's own cost.
+    Uplink,
+    /// As [`Variant::Uplink`] with a program that only hands the packet on in its
+    /// place: the uplink hook's floor.
+    UplinkEmpty,
 }
 
 /// What the node runs while a variant's sample is taken.
@@ -62,30 +69,35 @@ struct Setup {
     floor_table: bool,
     firewall: bool,
     empty_programs: bool,
+    uplink: OnUplink,
 }
 
 impl Variant {
     fn setup(self) -> Setup {
-        let s = |host_table, floor_table, firewall, empty_programs| Setup {
+        let s = |host_table, floor_table, firewall, empty_programs, uplink| Setup {
             host_table,
             floor_table,
             firewall,
             empty_programs,
+            uplink,
         };
+        use OnUplink::{Empty, Guard, Nothing};
         match self {
-            Variant::None => s(false, false, false, false),
-            Variant::Guard => s(true, false, false, false),
-            Variant::Firewall => s(false, false, true, false),
-            Variant::Empty => s(false, true, false, true),
-            Variant::Programs => s(false, true, false, false),
-            Variant::Table => s(true, false, false, true),
+            Variant::None => s(false, false, false, false, Nothing),
+            Variant::Guard => s(true, false, false, false, Guard),
+            Variant::Firewall => s(false, false, true, false, Nothing),
+            Variant::Empty => s(false, true, false, true, Empty),
+            Variant::Programs => s(false, true, false, false, Guard),
+            Variant::Table => s(true, false, false, true, Empty),
+            Variant::Uplink => s(false, false, false, false, Guard),
+            Variant::UplinkEmpty => s(false, false, false, false, Empty),
         }
     }
 
     /// Whether the sample runs from the pod's cgroup (under the guard's attach point);
     /// the others run from a cgroup of the same depth outside it.
     pub(crate) fn guarded_cgroup(self) -> bool {
-        !matches!(self, Variant::None | Variant::Firewall)
+        !matches!(self, Variant::None | Variant::Firewall | Variant::Uplink | Variant::UplinkEmpty)
     }
 }
 
@@ -96,15 +108,20 @@ pub(crate) struct Switch {
     /// The firewall variant's tables, (family, name), loaded for the current figure.
     firewall: Vec<(u8, String)>,
     swapped: Option<Swapped>,
+    /// The measured uplink's egress hook.
+    pub uplink: UplinkHook,
 }
 
 impl Switch {
     /// Creates the floor's table (dormant) in `netns`; the node is as `Guard` wants it.
-    pub(crate) fn new(netns: &Path, fw: &Firewall) -> Result<Switch> {
+    pub(crate) fn new(netns: &Path, bpffs: &Path, fw: &Firewall) -> Result<Switch> {
         floor::create_floor_table(fw, HOST_TABLE, FLOOR_TABLE)?;
         let netlink = NlSocket::open_in(Some(netns), libc::NETLINK_NETFILTER)
             .with_context(|| format!("could not open a netfilter socket in {}", netns.display()))?;
-        Ok(Switch { netlink, now: Variant::Guard.setup(), firewall: Vec::new(), swapped: None })
+        let mut uplink = UplinkHook::new(netns)?;
+        let now = Variant::Guard.setup();
+        uplink.set(now.uplink, bpffs)?;
+        Ok(Switch { netlink, now, firewall: Vec::new(), swapped: None, uplink })
     }
 
     /// Takes the tables that are neither the agent's nor the floor's as the firewall
@@ -130,6 +147,7 @@ impl Switch {
     /// Sets the node up for a sample of `v`.
     pub(crate) fn set(&mut self, v: Variant, bpffs: &Path, empty: &EmptyPrograms) -> Result<()> {
         let want = v.setup();
+        self.uplink.set(want.uplink, bpffs)?;
         if want.empty_programs != self.now.empty_programs {
             match self.swapped.take() {
                 Some(swapped) => swapped.restore()?,

@@ -49,14 +49,14 @@ const SYN_ACK_WAIT: Duration = Duration::from_millis(1500);
 /// Counts TCP segments from source port `sport` delivered in the node namespace (the
 /// SYN, and the pod kernel's reset when a SYN-ACK reaches it),
 /// after every filter there (raw sockets get their copy at local delivery).
-struct ArrivalTap {
+pub(crate) struct ArrivalTap {
     fd: OwnedFd,
     sport: u16,
     v6: bool,
 }
 
 impl ArrivalTap {
-    fn open(node: &NetNs, v6: bool, sport: u16) -> Result<ArrivalTap> {
+    pub(crate) fn open(node: &NetNs, v6: bool, sport: u16) -> Result<ArrivalTap> {
         let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
         let fd = node.run(|| {
             // SAFETY: plain socket(2); owned right away.
@@ -69,7 +69,7 @@ impl ArrivalTap {
         Ok(ArrivalTap { fd: fd.context("could not open a raw TCP tap in the node namespace")?, sport, v6 })
     }
 
-    fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         let mut n = 0;
         let mut buf = [0u8; 2048];
         loop {

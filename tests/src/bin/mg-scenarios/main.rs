@@ -34,6 +34,11 @@ mod policy;
 mod protocols;
 mod raw;
 mod trail;
+mod uplink;
+mod uplink_ops;
+mod uplink_order;
+mod uplink_replies;
+mod uplink_world;
 
 use metadata_guard_tests::{agent, gate, node, reexec};
 
@@ -48,7 +53,7 @@ use harness::Ctx;
 
 type Scenario = (&'static str, fn(&mut Ctx) -> Result<()>);
 
-fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
+fn scenarios(without_python: bool, without_ipvs: bool, without_ipvlan: bool) -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(block::SCENARIOS);
     all.extend(backstop::SCENARIOS);
@@ -78,6 +83,14 @@ fn scenarios(without_python: bool, without_ipvs: bool) -> Vec<Scenario> {
     if !without_ipvs {
         all.extend(hostside_ipvs::SCENARIOS);
         all.extend(conceal_nat::IPVS_SCENARIOS);
+    }
+    all.extend(uplink::SCENARIOS);
+    all.extend(uplink_ops::SCENARIOS);
+    all.extend(uplink_order::SCENARIOS);
+    all.extend(uplink_replies::SCENARIOS);
+    // Likewise ipvlan: missing here, in every guest of the VM matrix.
+    if !without_ipvlan {
+        all.extend(uplink::IPVLAN_SCENARIOS);
     }
     all
 }
@@ -111,6 +124,9 @@ struct Args {
     /// Leave out the scenarios that need the kernel's IPVS (for a kernel built without it).
     #[arg(long)]
     without_ipvs: bool,
+    /// Leave out the scenarios that need the kernel's ipvlan (for a kernel built without it).
+    #[arg(long)]
+    without_ipvlan: bool,
     /// Multiply every timing budget (e.g. 10 under software emulation).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     time_scale: u32,
@@ -138,7 +154,7 @@ fn main() {
 
 fn real_main() -> Result<bool> {
     let args = Args::parse();
-    let selected: Vec<Scenario> = scenarios(args.without_python, args.without_ipvs)
+    let selected: Vec<Scenario> = scenarios(args.without_python, args.without_ipvs, args.without_ipvlan)
         .into_iter()
         .filter(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f)))
         .collect();
