@@ -36,7 +36,7 @@ use metadata_guard_common::Hook;
 
 use crate::{
     packet,
-    verdict::{is_blocked, may_be_blocked, settings, settle, Origin},
+    verdict::{is_blocked, prefiltered, settings, settle, Origin},
 };
 
 /// cgroup_skb and sock_create return values.
@@ -136,16 +136,7 @@ fn backstop(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf_sock
     // after a look at its first four bytes in the packet and the prefilters. That is
     // also how a socket a socket hook already judged goes free: its destination is
     // outside the policy, or it is a host socket (the rare traffic that goes on below).
-    let settings = match packet::lead::<0>(&ctx.skb) {
-        Some((family, lead, next)) => match may_be_blocked(family, lead, next) {
-            Some(settings) => settings,
-            None => return PASS,
-        },
-        None => match settings() {
-            Some(settings) => settings,
-            None => return PASS,
-        },
-    };
+    let Some(settings) = prefiltered(packet::lead::<0>(&ctx.skb)) else { return PASS };
     let Some(dest) = packet::destination(&ctx.skb, 0) else { return PASS };
     if !is_blocked(settings, &dest) {
         return PASS;

@@ -39,7 +39,7 @@ use metadata_guard_common::{Hook, Settings, UplinkAllowKey, Verdict, AF_INET, AF
 use crate::{
     backstop::socket_mark,
     packet,
-    verdict::{count, is_blocked_at_node, may_be_blocked, settings, settle, Destination, Origin},
+    verdict::{count, is_blocked_at_node, prefiltered, settle, Destination, Origin},
 };
 
 const PASS: i32 = TC_ACT_UNSPEC;
@@ -143,16 +143,7 @@ fn uplink(ctx: &TcContext, netns_of: impl Fn(&TcContext, *mut bpf_sock) -> u64) 
     // destination outside the policy, leaves after the Ethernet type and the
     // prefilters, before any other lookup or helper.
     let Some((l3, lead)) = ip_header(ctx) else { return PASS };
-    let settings = match lead {
-        Some((family, lead, next)) => match may_be_blocked(family, lead, next) {
-            Some(settings) => settings,
-            None => return PASS,
-        },
-        None => match settings() {
-            Some(settings) => settings,
-            None => return PASS,
-        },
-    };
+    let Some(settings) = prefiltered(lead) else { return PASS };
     let Some(dest) = packet::destination(&ctx.skb, l3) else { return PASS };
     if !is_blocked_at_node(settings, &dest) {
         return PASS;

@@ -180,6 +180,17 @@ pub fn settings() -> Option<&'static Settings> {
     MG_SETTINGS.get(0)
 }
 
+/// The settings to judge a packet by, from the lead of its destination as read from the
+/// packet: `None` when the prefilters pass it. A packet whose lead could not be read
+/// (a short or odd header) is judged in full rather than passed.
+#[inline(always)]
+pub fn prefiltered(lead: Option<(u8, u16, u16)>) -> Option<&'static Settings> {
+    match lead {
+        Some((family, lead, next)) => may_be_blocked(family, lead, next),
+        None => settings(),
+    }
+}
+
 /// Whether the policy blocks the destination (address, protocol and port).
 #[inline(always)]
 pub fn is_blocked(settings: &Settings, dest: &Destination) -> bool {

@@ -57,8 +57,9 @@ pub(super) struct CgroupLink {
     pub cgroup_id: u64,
 }
 
-/// `BPF_OBJ_GET_INFO_BY_FD` on a link; fails with `EINVAL` when it is not a cgroup link.
-pub(super) fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link, which must be of type `kind` (named `what` in the
+/// error otherwise).
+fn link_info(link: BorrowedFd<'_>, kind: bpf_link_type, what: &str) -> io::Result<bpf_link_info> {
     // SAFETY: plain old data, all zeroes is valid.
     let mut info: bpf_link_info = unsafe { mem::zeroed() };
     let mut attr = zeroed_attr();
@@ -66,12 +67,18 @@ pub(super) fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
     attr.info.info_len = size_of::<bpf_link_info>() as u32;
     attr.info.info = &mut info as *mut bpf_link_info as u64;
     sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    if info.type_ != bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
+    if info.type_ != kind as u32 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("link type {} is not a cgroup link", info.type_),
+            format!("link type {} is not a {what} link", info.type_),
         ));
     }
+    Ok(info)
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link; fails with `EINVAL` when it is not a cgroup link.
+pub(super) fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
+    let info = link_info(link, bpf_link_type::BPF_LINK_TYPE_CGROUP, "cgroup")?;
     // SAFETY: the kernel filled the cgroup member, as the link type says.
     let cgroup_id = unsafe { info.__bindgen_anon_1.cgroup.cgroup_id };
     Ok(CgroupLink { id: info.id, prog_id: info.prog_id, cgroup_id })
@@ -115,16 +122,7 @@ pub(super) struct TcxLink {
 
 /// `BPF_OBJ_GET_INFO_BY_FD` on a link; fails with `EINVAL` when it is not a tcx link.
 pub(super) fn tcx_link_info(link: BorrowedFd<'_>) -> io::Result<TcxLink> {
-    // SAFETY: plain old data, all zeroes is valid.
-    let mut info: bpf_link_info = unsafe { mem::zeroed() };
-    let mut attr = zeroed_attr();
-    attr.info.bpf_fd = link.as_raw_fd() as u32;
-    attr.info.info_len = size_of::<bpf_link_info>() as u32;
-    attr.info.info = &mut info as *mut bpf_link_info as u64;
-    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    if info.type_ != bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("link type {} is not a tcx link", info.type_)));
-    }
+    let info = link_info(link, bpf_link_type::BPF_LINK_TYPE_TCX, "tcx")?;
     // SAFETY: the kernel filled the tcx member, as the link type says.
     let ifindex = unsafe { info.__bindgen_anon_1.tcx.ifindex };
     Ok(TcxLink { id: info.id, prog_id: info.prog_id, ifindex })
