@@ -17,8 +17,10 @@
 //!   chain forward { hook forward priority 0 }     the same
 //!   chain output  { hook output  priority 0 }     the same, but packets with a socket are
 //!                                                 accepted before the jump
-//!   chain judge                                   from lo: accept; daddr not in any4/any6:
-//!                                                 return; per shape: match → jump refuse
+//!   chain judge                                   from lo: accept; IPv4 source route
+//!                                                 (LSRR, SSRR): jump refuse; daddr not in
+//!                                                 any4/any6: return; per shape: match →
+//!                                                 jump refuse
 //!   chain conceal_pre, conceal_out                in conceal mode: the proxy's connections
 //!                                                 untracked, so NAT cannot take them (conceal.rs)
 //!   chain refuse                                  allowlisted (by iif, or iif . saddr):
@@ -182,6 +184,7 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
     }
     refuse_rules(b, t, c.audit);
     b.add_rule(t, "judge", &[meta(NFT_META_IIF), cmp_eq(&LOOPBACK_IFINDEX.to_ne_bytes()), Expr::verdict(NF_ACCEPT)]);
+    source_route::refuse_rules(b, t);
     prefilter::not_covered_returns(b, t);
     for (n, shape) in c.shapes.iter().enumerate() {
         shape_rules(b, t, n, shape);
@@ -400,5 +403,6 @@ fn cmp_eq(data: &[u8]) -> Expr {
 
 mod conceal;
 mod prefilter;
+pub(super) mod source_route;
 #[cfg(test)]
 mod tests;
