@@ -109,10 +109,11 @@ pub(super) struct Content {
 /// One transaction that replaces the table (or creates it) with `content`: it is
 /// created first if missing so the delete cannot fail, then deleted and rebuilt.
 /// Packets see the old table or the new one, never neither.
-pub(super) fn replace(content: &Content) -> Batch {
+/// `flags` are the new table's (see `ownership`).
+pub(super) fn replace(content: &Content, flags: u32) -> Batch {
     let mut b = Batch::new(NFPROTO_INET);
     b.add_table(TABLE).del_table(TABLE);
-    build(&mut b, TABLE, content);
+    build(&mut b, TABLE, content, flags);
     b
 }
 
@@ -121,7 +122,7 @@ pub(super) fn replace(content: &Content) -> Batch {
 pub(super) fn probe(content: &Content) -> Batch {
     const PROBE_TABLE: &str = "metadata_guard_probe";
     let mut b = Batch::new(NFPROTO_INET);
-    build(&mut b, PROBE_TABLE, content);
+    build(&mut b, PROBE_TABLE, content, 0);
     b.del_table(PROBE_TABLE);
     b
 }
@@ -133,8 +134,8 @@ pub(super) fn delete() -> Batch {
     b
 }
 
-fn build(b: &mut Batch, t: &str, c: &Content) {
-    b.add_table(t);
+fn build(b: &mut Batch, t: &str, c: &Content, flags: u32) {
+    b.add_table_with_flags(t, flags);
     for (name, (packets, bytes)) in COUNTERS.iter().zip(c.counters) {
         b.add_counter(t, name, packets, bytes);
     }

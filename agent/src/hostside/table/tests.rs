@@ -36,10 +36,10 @@ fn pods_behind_a_bridge_are_keyed_by_bridge_then_source_address() {
         counters: Default::default(),
         conceal: None,
     };
-    assert_eq!(keys_of(replace(&content), "allow_if"), vec![4u32.to_ne_bytes().to_vec()]);
-    let v4 = keys_of(replace(&content), ALLOW_SRC4);
+    assert_eq!(keys_of(replace(&content, 0), "allow_if"), vec![4u32.to_ne_bytes().to_vec()]);
+    let v4 = keys_of(replace(&content, 0), ALLOW_SRC4);
     assert_eq!(v4, vec![[&bridge.to_ne_bytes()[..], &[10, 210, 1, 2]].concat()]);
-    let v6 = keys_of(replace(&content), ALLOW_SRC6);
+    let v6 = keys_of(replace(&content, 0), ALLOW_SRC6);
     assert_eq!(v6.len(), 1);
     assert_eq!(v6[0].len(), 4 + 16, "an ifindex register, then the address");
     assert_eq!(v6[0][..4], bridge.to_ne_bytes());
@@ -65,11 +65,11 @@ fn the_prefilter_compares_each_blocked_lead_once_in_network_order_and_every_rang
         Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
     // Few leads: compared in the rule, no lead set. Then the next 16 bits, where few
     // values are covered: not for IPv4 (the /16), for IPv6 (fd00:ec2::254's 0x0ec2).
-    assert!(keys_of(replace(&content), prefilter::LEAD4).is_empty());
-    let compared = lead_compares(replace(&content), "input");
+    assert!(keys_of(replace(&content, 0), prefilter::LEAD4).is_empty());
+    let compared = lead_compares(replace(&content, 0), "input");
     assert_eq!(compared, vec![vec![vec![169, 254]], vec![vec![0xfd, 0x00]], vec![vec![0x0e, 0xc2]]]);
     // One interval: the /16 holds the /32 (start, and the first address after it).
-    assert_eq!(keys_of(replace(&content), prefilter::ANY4), vec![vec![169, 254, 0, 0], vec![169, 255, 0, 0]]);
+    assert_eq!(keys_of(replace(&content, 0), prefilter::ANY4), vec![vec![169, 254, 0, 0], vec![169, 255, 0, 0]]);
 }
 
 #[test]
@@ -81,9 +81,11 @@ fn more_leads_than_the_rule_compares_go_to_a_set() {
     let content =
         Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
     let leads = keys_of(replace(&content), prefilter::LEAD4);
+    let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
+    let leads = keys_of(replace(&content, 0), prefilter::LEAD4);
     assert_eq!(leads.len(), prefilter::MAX_LEAD_COMPARES + 1);
     assert_eq!(leads[0], vec![10, 0]);
-    let compared = lead_compares(replace(&content), "input");
+    let compared = lead_compares(replace(&content, 0), "input");
     assert_eq!(compared[0], Vec::<Vec<u8>>::new(), "the v4 lead rule looks the lead up in the set");
     assert_eq!(compared[2], vec![vec![0, 1]], "every /32 ends in .0.1: one value of the next 16 bits");
 }
@@ -96,7 +98,7 @@ fn a_destination_sharing_a_blocked_lead_meets_a_second_rule_in_every_base_chain(
     let content =
         Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
     for chain in ["input", "forward", "output"] {
-        let compared = lead_compares(replace(&content), chain);
+        let compared = lead_compares(replace(&content, 0), chain);
         assert_eq!(compared.len(), 4, "{chain}: two lead rules, two next rules");
         assert_eq!(compared[2], vec![vec![42, 42], vec![169, 254]], "{chain}: the v4 next bits, sorted");
         assert_eq!(compared[3], vec![vec![0x0e, 0xc2]], "{chain}");
