@@ -245,7 +245,37 @@ fn decode_source(family: u8, pkt: &[u8]) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Whatever NFLOG hands over (a snap length cuts packets anywhere), decoding
+        /// ends without a panic: an answer, or none.
+        #[test]
+        fn packets_of_any_bytes_decode_or_not_without_a_panic(
+            family in prop::sample::select(vec![NFPROTO_IPV4, 10u8, 0, 7]),
+            pkt in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let _ = decode(family, &pkt);
+            let _ = decode_source(family, &pkt);
+        }
+
+        /// IPv4 headers with any options: the destination is the address field unless
+        /// a source route names another.
+        #[test]
+        fn ipv4_options_of_any_content(options in proptest::collection::vec(any::<u8>(), 0..40), proto in any::<u8>()) {
+            let words = options.len().div_ceil(4);
+            let mut pkt = vec![0x45 + words as u8, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1];
+            pkt.extend_from_slice(&options);
+            pkt.resize(20 + words * 4, 0);
+            pkt.extend_from_slice(&[0x30, 0x39, 0, 80]);
+            let (dest, p, _) = decode(NFPROTO_IPV4, &pkt).unwrap();
+            prop_assert_eq!(p, proto);
+            let routed = source_route_end(&pkt[20..20 + words * 4]);
+            prop_assert_eq!(dest, IpAddr::V4(routed.unwrap_or(Ipv4Addr::new(10, 0, 0, 1))));
+        }
+    }
 
     #[test]
     fn a_tcp_syn_decodes_to_destination_and_port() {

@@ -181,4 +181,40 @@ fn in_conceal_mode_the_proxys_connections_are_untracked_before_any_nat() {
         })
         .count();
     assert_eq!(notracks, 3, "to the proxy (prerouting, output) and from it (output)");
+/// Every message of a whole replacement (every preset's shapes, allowlisted pods of
+/// both kinds, the ownership flags, audit and enforce) is read back by an independent
+/// decoder (`netlink-packet-netfilter`) and written again to the very same bytes.
+#[test]
+fn every_message_of_a_replacement_decodes_with_an_independent_decoder() {
+    use metadata_guard_netfilter::socket::{put_header, NLM_F_REQUEST};
+    use netlink_packet_core::NetlinkMessage;
+    use netlink_packet_netfilter::NetfilterMessage;
+
+    let mut rules: Vec<_> = crate::policy::Preset::ALL.iter().flat_map(|p| p.rules()).collect();
+    rules.extend(crate::policy::Preset::GkeWorkloadIdentity.host_side_rules());
+    let shapes = crate::hostside::ruleset::shapes(&crate::policy::compile(&rules).unwrap());
+    for audit in [false, true] {
+        let content = Content {
+            shapes: shapes.clone(),
+            audit,
+            allowed: Allowed {
+                interfaces: vec![4, 5],
+                v4: vec![(9, Ipv4Addr::new(10, 210, 1, 2))],
+                v6: vec![(9, Ipv6Addr::new(0xfd43, 1, 0, 0, 0, 0, 0, 2))],
+            },
+            counters: [(1, 2), (3, 4), (5, 6)],
+        };
+        let messages = replace(&content, crate::hostside::ownership::PROTECTED).finish();
+        assert!(messages.len() > 30, "a whole table: {} messages", messages.len());
+        for m in messages.iter().filter(|m| wants_ack(m)) {
+            let mut wire = Vec::new();
+            put_header(&mut wire, m.kind, NLM_F_REQUEST | m.flags, 1, m.body.len());
+            wire.extend_from_slice(&m.body);
+            let decoded = NetlinkMessage::<NetfilterMessage>::deserialize(&wire)
+                .unwrap_or_else(|e| panic!("message {:#06x} does not decode: {e:?}", m.kind));
+            let mut again = vec![0; decoded.buffer_len()];
+            decoded.serialize(&mut again);
+            assert_eq!(again, wire, "message {:#06x} re-encodes differently: {decoded:?}", m.kind);
+        }
+    }
 }
