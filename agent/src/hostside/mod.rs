@@ -200,7 +200,9 @@ impl HostTable {
         }
         let flags = match self.nft.request(&ownership::probe().finish(), wants_ack) {
             Ok(()) => ownership::PROTECTED,
-            Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => 0,
+            // 5.12+ answer unknown table flags with EOPNOTSUPP, older kernels with EINVAL
+            // (the probe holds nothing else they could refuse).
+            Err(e) if matches!(errno(&e), Some(libc::EOPNOTSUPP | libc::EINVAL)) => 0,
             Err(e) => return Err(explain(e)).context("could not probe nf_tables for table ownership"),
         };
         self.flags = Some(flags);

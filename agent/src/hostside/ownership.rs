@@ -26,7 +26,8 @@ use metadata_guard_netfilter::nftables::{Batch, NFPROTO_INET, NFT_TABLE_F_OWNER,
 pub(super) const PROTECTED: u32 = NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST;
 
 /// A throwaway table created with [`PROTECTED`] and deleted in one transaction: a
-/// kernel without both flags refuses it (EOPNOTSUPP), and nothing stays either way.
+/// kernel without both flags refuses it (EOPNOTSUPP; EINVAL before 5.12), and nothing
+/// stays either way.
 pub(super) fn probe() -> Batch {
     const PROBE_TABLE: &str = "metadata_guard_owner_probe";
     let mut b = Batch::new(NFPROTO_INET);
