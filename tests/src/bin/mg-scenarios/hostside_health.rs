@@ -91,7 +91,7 @@ fn table_deleted(ctx: &mut Ctx) -> Result<()> {
 /// 6.9+: the running agent owns its table: another process's deletion is refused,
 /// and nothing changes for the agent or for packets.
 fn deletion_refused(ctx: &Ctx, owner: u32) -> Result<()> {
-    match hostside::uninstall(Some(&ctx.node.node_netns())) {
+    match remove_host_table(Some(&ctx.node.node_netns())) {
         Err(e) if format!("{e:#}").contains("a running agent owns it") => {}
         Err(e) => return Err(e.context("deleting the owned table failed, but not as refused by its owner")),
         Ok(_) => anyhow::bail!("another process deleted the table the running agent owns"),
