@@ -29,8 +29,8 @@ pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
         frames_refused,
     ),
     (
-        "backstop: a pod's raw-socket SYN to the node with a loose source route naming the metadata address never \
-         leaves the pod",
+        "hostside: a pod's raw-socket SYN to the node with a loose source route naming the metadata address never \
+         gets past the node",
         raw_refused,
     ),
 ];
@@ -129,13 +129,13 @@ fn raw_refused(ctx: &mut Ctx) -> Result<()> {
         .context("without the guard the source-routed raw SYN never arrived beyond the node")?;
 
     ctx.default_agent()?;
-    let dropped_before = ctx.kernel_count_at(Some("egress"), "blocked")?;
+    let blocked_before = host_status(ctx)?.blocked_packets;
     let (out, mut tap) = send(ctx)?;
     std::thread::sleep(SETTLE);
     ensure!(tap.count() == 0, "a pod's source-routed raw SYN reached {BEYOND_V4} ({out:?})");
-    // The pod's own egress dropped it, not the node's table.
-    let dropped = ctx.kernel_count_at(Some("egress"), "blocked")? - dropped_before;
-    ensure!(dropped >= 1, "the egress backstop counted no drop for the source-routed raw SYN ({out:?})");
+    // Addressed to the node, it passes the pod's backstop; the node's table refuses it.
+    let blocked = host_status(ctx)?.blocked_packets - blocked_before;
+    ensure!(blocked >= 1, "the host side counted no refusal for the source-routed raw SYN ({out:?})");
     drop(cloud);
     ctx.stop_agent()
 }
