@@ -80,8 +80,6 @@ fn more_leads_than_the_rule_compares_go_to_a_set() {
     let shapes = crate::hostside::ruleset::shapes(&crate::policy::compile(&blocked).unwrap());
     let content =
         Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
-    let leads = keys_of(replace(&content), prefilter::LEAD4);
-    let content = Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default() };
     let leads = keys_of(replace(&content, 0), prefilter::LEAD4);
     assert_eq!(leads.len(), prefilter::MAX_LEAD_COMPARES + 1);
     assert_eq!(leads[0], vec![10, 0]);
@@ -151,7 +149,7 @@ fn in_conceal_mode_the_proxys_connections_are_untracked_before_any_nat() {
     };
     let chains = |content: &Content| -> Vec<(String, Option<i32>)> {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN;
-        let batch = replace(content).finish();
+        let batch = replace(content, 0).finish();
         batch
             .iter()
             .filter(|m| m.kind == kind)
@@ -172,7 +170,7 @@ fn in_conceal_mode_the_proxys_connections_are_untracked_before_any_nat() {
         assert!(all.contains(&(name.to_string(), Some(-300))), "{name} at raw priority: {all:?}");
     }
     let rules = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE;
-    let batch = replace(&content).finish();
+    let batch = replace(&content, 0).finish();
     let notracks = batch
         .iter()
         .filter(|m| m.kind == rules && m.body.windows(8).any(|w| w == b"notrack\0"))
@@ -181,6 +179,8 @@ fn in_conceal_mode_the_proxys_connections_are_untracked_before_any_nat() {
         })
         .count();
     assert_eq!(notracks, 3, "to the proxy (prerouting, output) and from it (output)");
+}
+
 /// Every message of a whole replacement (every preset's shapes, allowlisted pods of
 /// both kinds, the ownership flags, audit and enforce) is read back by an independent
 /// decoder (`netlink-packet-netfilter`) and written again to the very same bytes.
@@ -203,6 +203,7 @@ fn every_message_of_a_replacement_decodes_with_an_independent_decoder() {
                 v6: vec![(9, Ipv6Addr::new(0xfd43, 1, 0, 0, 0, 0, 0, 2))],
             },
             counters: [(1, 2), (3, 4), (5, 6)],
+            conceal: Some("10.200.0.1:8775".parse().unwrap()),
         };
         let messages = replace(&content, crate::hostside::ownership::PROTECTED).finish();
         assert!(messages.len() > 30, "a whole table: {} messages", messages.len());
