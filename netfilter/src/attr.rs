@@ -160,7 +160,58 @@ impl<'a> Iterator for Attrs<'a> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Walks every attribute, nested ones too (as far as they parse), to a depth.
+    fn walk(attrs: Attrs<'_>, depth: usize, seen: &mut usize) {
+        for a in attrs {
+            *seen += 1;
+            if depth > 0 {
+                walk(a.nested(), depth - 1, seen);
+            }
+            let _ = (a.str(), a.be16(), a.be32(), a.be64(), a.ne32());
+        }
+    }
+
+    proptest! {
+        /// Any bytes, read as attributes, nested or not: no panic, an end, and no
+        /// more attributes than 4-byte headers fit.
+        #[test]
+        fn attributes_of_any_bytes(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut seen = 0;
+            walk(Attrs::new(&data), 3, &mut seen);
+            let mut top = 0;
+            for a in Attrs::new(&data) {
+                top += 1;
+                prop_assert!(a.value.len() + NLA_HDRLEN <= data.len());
+            }
+            prop_assert!(top <= data.len() / NLA_HDRLEN);
+        }
+
+        /// What the writer writes reads back, value for value; cut short, the reader
+        /// stops at the last whole attribute.
+        #[test]
+        fn written_attributes_read_back(
+            values in proptest::collection::vec((1u16..0x3fff, proptest::collection::vec(any::<u8>(), 0..24)), 0..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut w = AttrWriter::new();
+            w.nest(1, |w| {
+                for (kind, value) in &values {
+                    w.bytes(*kind, value);
+                }
+            });
+            let outer: Vec<_> = Attrs::new(&w.buf).collect();
+            prop_assert_eq!(outer.len(), 1);
+            let inner: Vec<_> = outer[0].nested().map(|a| (a.kind, a.value.to_vec())).collect();
+            prop_assert_eq!(&inner, &values);
+            let cut = cut.index(w.buf.len() + 1);
+            let short: Vec<_> = Attrs::new(&w.buf[NLA_HDRLEN..cut.max(NLA_HDRLEN)]).map(|a| (a.kind, a.value.to_vec())).collect();
+            prop_assert!(short.len() <= values.len() && values.starts_with(&short));
+        }
+    }
 
     #[test]
     fn nested_attributes_round_trip() {

@@ -4,6 +4,17 @@
 
 use crate::{attr::AttrWriter, nftables::*};
 
+const NFTA_EXTHDR_DREG: u16 = 1;
+const NFTA_EXTHDR_TYPE: u16 = 2;
+const NFTA_EXTHDR_OFFSET: u16 = 3;
+const NFTA_EXTHDR_LEN: u16 = 4;
+const NFTA_EXTHDR_FLAGS: u16 = 5;
+const NFTA_EXTHDR_OP: u16 = 6;
+/// The destination register gets whether the header (option) is there, not its bytes.
+const NFT_EXTHDR_F_PRESENT: u32 = 1;
+/// IPv4 options (kernel 5.3+); the default op, 0, is IPv6 extension headers.
+const NFT_EXTHDR_OP_IPV4: u32 = 2;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CmpOp {
     Eq = 0,
@@ -45,6 +56,13 @@ pub enum Expr {
         header: u8,
         offset: u32,
         len: u32,
+        dreg: u32,
+    },
+    /// Whether the IPv4 header carries option `option` (`ip option lsrr exists`): one
+    /// byte into `dreg`, 1 when it does. A header whose options do not parse (as the
+    /// kernel's own `ip_options_compile` reads them) does not match.
+    Ipv4OptionPresent {
+        option: u8,
         dreg: u32,
     },
     Verdict {
@@ -105,7 +123,7 @@ impl Expr {
             Expr::Cmp { .. } => "cmp",
             Expr::Bitwise { .. } => "bitwise",
             Expr::Lookup { .. } => "lookup",
-            Expr::Exthdr { .. } => "exthdr",
+            Expr::Exthdr { .. } | Expr::Ipv4OptionPresent { .. } => "exthdr",
             Expr::Verdict { .. } | Expr::Data { .. } => "immediate",
             Expr::CounterRef { .. } => "objref",
             Expr::Log { .. } => "log",
@@ -146,7 +164,13 @@ impl Expr {
                 }
             }
             Expr::Exthdr { header, offset, len, dreg } => {
-                w.be32(1, *dreg).u8(2, *header).be32(3, *offset).be32(4, *len);
+                w.be32(NFTA_EXTHDR_DREG, *dreg).u8(NFTA_EXTHDR_TYPE, *header);
+                w.be32(NFTA_EXTHDR_OFFSET, *offset).be32(NFTA_EXTHDR_LEN, *len);
+            }
+            Expr::Ipv4OptionPresent { option, dreg } => {
+                w.be32(NFTA_EXTHDR_DREG, *dreg).u8(NFTA_EXTHDR_TYPE, *option);
+                w.be32(NFTA_EXTHDR_OFFSET, 0).be32(NFTA_EXTHDR_LEN, 1);
+                w.be32(NFTA_EXTHDR_FLAGS, NFT_EXTHDR_F_PRESENT).be32(NFTA_EXTHDR_OP, NFT_EXTHDR_OP_IPV4);
             }
             Expr::Verdict { code, chain } => {
                 w.be32(1, NFT_REG_VERDICT).nest(2, |w| {

@@ -85,3 +85,39 @@ pub fn parse(r: &Received) -> Option<LoggedPacket> {
     }
     Some(p)
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::socket::Received;
+
+    proptest! {
+        /// A logged packet's message of any content is read without a panic.
+        #[test]
+        fn packets_of_any_bytes(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let r = Received { kind: (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET, flags: 0, seq: 0, body };
+            let _ = parse(&r);
+        }
+    }
+
+    #[test]
+    fn a_logged_packet_reads_back() {
+        let mut w = AttrWriter::new();
+        w.bytes(NFULA_PACKET_HDR, &[0x08, 0x00, 2, 0]).str(NFULA_PREFIX, "metadata-guard blocked");
+        w.be32(NFULA_IFINDEX_INDEV, 7).be32(NFULA_IFINDEX_PHYSINDEV, 9).bytes(NFULA_PAYLOAD, &[0x45, 0, 0, 20]);
+        let mut body = nfgenmsg(2, 9965);
+        body.extend_from_slice(&w.buf);
+        let r = Received { kind: (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET, flags: 0, seq: 0, body };
+        let p = parse(&r).unwrap();
+        assert_eq!((p.family, p.hook, p.indev, p.physindev, p.outdev), (2, 2, 7, 9, 0));
+        assert_eq!((p.prefix.as_str(), p.payload.as_slice()), ("metadata-guard blocked", &[0x45, 0, 0, 20][..]));
+        // A hook field cut short: no packet rather than a wrong one.
+        let mut w = AttrWriter::new();
+        w.bytes(NFULA_PACKET_HDR, &[0x08]);
+        let mut body = nfgenmsg(2, 9965);
+        body.extend_from_slice(&w.buf);
+        assert_eq!(parse(&Received { body, ..r }), None);
+    }
+}

@@ -41,6 +41,17 @@ pub const NFTA_TABLE_NAME: u16 = 1;
 pub const NFTA_TABLE_FLAGS: u16 = 2;
 /// A dormant table's base chains are unregistered from their hooks: it judges nothing.
 pub const NFT_TABLE_F_DORMANT: u32 = 1;
+/// Only the netlink socket that created the table may change or delete it, and a
+/// `flush ruleset` from any other socket leaves it (kernel 5.12+). Alone, the table
+/// goes with its owner's socket.
+pub const NFT_TABLE_F_OWNER: u32 = 2;
+/// With [`NFT_TABLE_F_OWNER`]: when the owner's socket closes the table stays,
+/// without an owner, until a socket takes it over (kernel 6.9+).
+pub const NFT_TABLE_F_PERSIST: u32 = 4;
+/// The owner's netlink port id, in a table read back (`NFTA_TABLE_OWNER`).
+pub const NFTA_TABLE_OWNER: u16 = 7;
+/// `nfgen_family` of a request for every family (`flush ruleset`).
+pub const NFPROTO_UNSPEC: u8 = 0;
 const NFTA_CHAIN_TABLE: u16 = 1;
 pub const NFTA_CHAIN_NAME: u16 = 3;
 pub const NFTA_CHAIN_HOOK: u16 = 4;
@@ -168,6 +179,22 @@ impl Batch {
         let mut w = AttrWriter::new();
         w.str(NFTA_TABLE_NAME, table);
         self.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, &w);
+        self
+    }
+
+    /// Creates the table with `flags` (e.g. [`NFT_TABLE_F_OWNER`]); an existing one
+    /// with that name must have been deleted earlier in the batch.
+    pub fn add_table_with_flags(&mut self, table: &str, flags: u32) -> &mut Self {
+        let mut w = AttrWriter::new();
+        w.str(NFTA_TABLE_NAME, table).be32(NFTA_TABLE_FLAGS, flags);
+        self.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, &w);
+        self
+    }
+
+    /// Deletes every table of the batch's family ([`NFPROTO_UNSPEC`]: all of them),
+    /// as `nft flush ruleset` does; tables another socket owns stay.
+    pub fn del_all_tables(&mut self) -> &mut Self {
+        self.push(NFT_MSG_DELTABLE, 0, &AttrWriter::new());
         self
     }
 

@@ -58,7 +58,7 @@ impl fmt::Display for NetlinkError {
 impl std::error::Error for NetlinkError {}
 
 /// One message received: type, flags, body after the 16-byte header.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Received {
     pub kind: u16,
     pub flags: u16,
@@ -277,7 +277,7 @@ impl NlSocket {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(split(&buf[..n as usize]))
+        split(&buf[..n as usize]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 }
 
@@ -301,22 +301,54 @@ pub fn put_header(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, body_len: 
     buf.extend_from_slice(&0u32.to_ne_bytes());
 }
 
-pub fn split(mut data: &[u8]) -> Vec<Received> {
+/// A datagram that does not split into whole netlink messages: the kernel never
+/// sends one, so it means a truncated read or a bug, never something to skip quietly
+/// (a lost acknowledgement would leave a request waiting forever).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Malformed {
+    /// Where in the datagram the bad message starts.
+    pub offset: usize,
+    pub datagram_len: usize,
+    pub reason: &'static str,
+}
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed netlink datagram: at byte {} of {}, {}", self.offset, self.datagram_len, self.reason)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+/// Splits a datagram into its messages (each header's length, 4-byte aligned, leads
+/// to the next).
+pub fn split(datagram: &[u8]) -> Result<Vec<Received>, Malformed> {
     let mut out = Vec::new();
-    while data.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
-        if len < NLMSG_HDRLEN || len > data.len() {
-            break;
+    let mut offset = 0;
+    while offset < datagram.len() {
+        let data = &datagram[offset..];
+        let bad = |reason| Malformed { offset, datagram_len: datagram.len(), reason };
+        let Some(header) = data.get(..NLMSG_HDRLEN) else {
+            return Err(bad("fewer bytes left than a message header (16)"));
+        };
+        let field = |at: usize| [header[at], header[at + 1]];
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len < NLMSG_HDRLEN {
+            return Err(bad("a message length shorter than its own header"));
+        }
+        if len > data.len() {
+            return Err(bad("a message length past the end of the datagram (truncated?)"));
         }
         out.push(Received {
-            kind: u16::from_ne_bytes(data[4..6].try_into().unwrap()),
-            flags: u16::from_ne_bytes(data[6..8].try_into().unwrap()),
-            seq: u32::from_ne_bytes(data[8..12].try_into().unwrap()),
+            kind: u16::from_ne_bytes(field(4)),
+            flags: u16::from_ne_bytes(field(6)),
+            seq: u32::from_ne_bytes([header[8], header[9], header[10], header[11]]),
             body: data[NLMSG_HDRLEN..len].to_vec(),
         });
-        data = data.get(crate::attr::align4(len)..).unwrap_or_default();
+        // The last message's padding may be left out.
+        offset = (offset + crate::attr::align4(len)).min(datagram.len());
     }
-    out
+    Ok(out)
 }
 
 /// `struct nlmsgerr`: the errno (negative), the request's header, and with
@@ -339,4 +371,104 @@ fn parse_error(r: &Received) -> (i32, u32, Option<String>) {
         None
     };
     (errno, seq, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        put_header(&mut buf, kind, flags, seq, body.len());
+        buf.extend_from_slice(body);
+        buf.resize(crate::attr::align4(buf.len()), 0);
+        buf
+    }
+
+    proptest! {
+        /// Whatever the bytes, `split` ends without a panic, and what it returns lies
+        /// inside them.
+        #[test]
+        fn split_takes_any_bytes(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(messages) = split(&data) {
+                let total: usize = messages.iter().map(|m| NLMSG_HDRLEN + m.body.len()).sum();
+                prop_assert!(total <= data.len());
+            }
+        }
+
+        /// Whole messages come back as written; a datagram cut anywhere inside one is
+        /// an error that says where, never a shorter list.
+        #[test]
+        fn whole_messages_round_trip_and_a_cut_one_is_an_error(
+            bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..5),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut datagram = Vec::new();
+            for (n, b) in bodies.iter().enumerate() {
+                datagram.extend(message(0x0a00 | n as u16, NLM_F_MULTI, n as u32, b));
+            }
+            let messages = split(&datagram).unwrap();
+            prop_assert_eq!(messages.len(), bodies.len());
+            for (n, (m, b)) in messages.iter().zip(&bodies).enumerate() {
+                prop_assert_eq!((m.kind, m.seq, &m.body), (0x0a00 | n as u16, n as u32, b));
+            }
+            // Cut anywhere: at a message's end (its padding optional) the messages before
+            // come back whole; anywhere else it is an error.
+            let cut = cut.index(datagram.len());
+            let mut ends = Vec::new();
+            let mut at = 0;
+            for b in &bodies {
+                ends.push((at + NLMSG_HDRLEN + b.len(), at + message(0, 0, 0, b).len()));
+                at = ends.last().unwrap().1;
+            }
+            let whole = ends.iter().filter(|(end, _)| *end <= cut).count();
+            let at_boundary = cut == 0 || ends.iter().any(|(end, padded)| (*end..=*padded).contains(&cut));
+            match split(&datagram[..cut]) {
+                Ok(messages) => prop_assert!(at_boundary && messages.len() == whole, "cut at {}: {:?}", cut, messages),
+                Err(e) => prop_assert!(!at_boundary, "cut at {} is a message boundary: {}", cut, e),
+            }
+        }
+
+        /// An error reply of any length is read without a panic; a short one is EPROTO.
+        #[test]
+        fn error_replies_of_any_length(body in proptest::collection::vec(any::<u8>(), 0..64), flags in any::<u16>()) {
+            let (errno, _, _) = parse_error(&Received { kind: NLMSG_ERROR, flags, seq: 1, body: body.clone() });
+            if body.len() < 4 + NLMSG_HDRLEN {
+                prop_assert_eq!(errno, libc::EPROTO);
+            }
+        }
+    }
+
+    #[test]
+    fn a_malformed_datagram_says_where_and_why() {
+        let mut datagram = message(NLMSG_DONE, NLM_F_MULTI, 7, &[0; 4]);
+        datagram.extend_from_slice(&[40, 0, 0, 0, 3, 0]);
+        let err = split(&datagram).unwrap_err();
+        assert_eq!(err.offset, 20);
+        assert_eq!(
+            err.to_string(),
+            "malformed netlink datagram: at byte 20 of 26, fewer bytes left than a message header (16)"
+        );
+        let mut short = message(NLMSG_DONE, 0, 1, &[]);
+        short[0] = 8;
+        assert!(split(&short).unwrap_err().reason.contains("shorter than its own header"));
+        let mut long = message(NLMSG_DONE, 0, 1, &[]);
+        long[0] = 200;
+        assert!(split(&long).unwrap_err().reason.contains("past the end"));
+        assert_eq!(split(&[]).unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn an_extended_ack_carries_the_kernels_words() {
+        // errno -EPERM, the request's header (capped), then NLMSGERR_ATTR_MSG.
+        let mut body = (-libc::EPERM).to_ne_bytes().to_vec();
+        put_header(&mut body, 0x0a00, NLM_F_REQUEST, 42, 0);
+        let mut w = crate::attr::AttrWriter::new();
+        w.str(NLMSGERR_ATTR_MSG, "table is owned");
+        body.extend_from_slice(&w.buf);
+        let r = Received { kind: NLMSG_ERROR, flags: NLM_F_CAPPED | NLM_F_ACK_TLVS, seq: 42, body };
+        assert_eq!(parse_error(&r), (libc::EPERM, 42, Some("table is owned".into())));
+    }
 }

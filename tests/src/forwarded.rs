@@ -18,7 +18,8 @@ use crate::{netlink::Netlink, netns::NetNs, standin::Standin};
 pub const BEYOND_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 42);
 pub const BEYOND_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x42, 0, 0, 0, 0, 0, 0x42);
 const NODE_SIDE_V4: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 1);
-const CLOUD_SIDE_V4: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 2);
+/// The cloud namespace's end of its link to the node: one hop from the node, no gateway.
+pub const CLOUD_SIDE_V4: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 2);
 const NODE_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd41, 0, 0, 0, 0, 0, 0, 1);
 const CLOUD_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd41, 0, 0, 0, 0, 0, 0, 2);
 /// The simulated pods' networks (see `world`), routed back through the node.
@@ -38,6 +39,14 @@ impl Drop for Cloud {
     fn drop(&mut self) {
         if let Ok(node) = NetNs::from_path(&self.node) {
             let _ = set_forwarding(&node, false);
+            // The pair goes with the cloud namespace, but only once the kernel has
+            // cleaned that up (asynchronously): delete it now, so that the next
+            // scenario's cloud can take the name at once.
+            if let Ok(mut at_node) = Netlink::open_in(&node) {
+                if let Ok(index) = at_node.link_index(NODE_LINK) {
+                    let _ = at_node.delete_link(index);
+                }
+            }
         }
     }
 }
@@ -106,4 +115,32 @@ fn wait_reachable(node: &NetNs) -> Result<()> {
 
 pub fn beyond_addresses() -> [IpAddr; 2] {
     [IpAddr::V4(BEYOND_V4), IpAddr::V6(BEYOND_V6)]
+}
+
+/// IPv4 source-routed packets (LSRR, SSRR) accepted in `ns` — forwarded on along
+/// their route, or delivered when it ends there — or, with `on` false, dropped again
+/// (the kernel's default). `conf/all` and every interface's knob must both be on;
+/// written from a thread inside `ns`, never in the caller's namespace.
+pub fn accept_source_routes(ns: &NetNs, on: bool) -> Result<()> {
+    const CONF: &str = "/proc/sys/net/ipv4/conf";
+    let value = if on { "1" } else { "0" };
+    let knob = |dev: &str| format!("{CONF}/{dev}/accept_source_route");
+    let own_before = std::fs::read_to_string(knob("all")).unwrap_or_default();
+    ns.run(|| -> Result<()> {
+        for entry in std::fs::read_dir(CONF).with_context(|| format!("could not list {CONF} in the namespace"))? {
+            let dev = entry?.file_name().to_string_lossy().into_owned();
+            // `default` is the template of interfaces to come: left alone.
+            if dev != "default" {
+                std::fs::write(knob(&dev), value).with_context(|| format!("could not write {}", knob(&dev)))?;
+            }
+        }
+        ensure!(std::fs::read_to_string(knob("all"))?.trim() == value, "accept_source_route did not change");
+        Ok(())
+    })?;
+    let own_after = std::fs::read_to_string(knob("all")).unwrap_or_default();
+    ensure!(
+        own_before == own_after,
+        "accept_source_route changed outside the namespace: {own_before:?} → {own_after:?}"
+    );
+    Ok(())
 }

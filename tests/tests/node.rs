@@ -23,6 +23,8 @@ use serde_norway::Value;
 const UNIT: &str = "metadata-guard-apply.service";
 /// What must wait for the block: every container runtime a node may run, and kubelet.
 const BEFORE: [&str; 4] = ["containerd.service", "crio.service", "docker.service", "kubelet.service"];
+/// Firewall managers whose start flushes the nf_tables ruleset.
+const AFTER_FLUSHERS: [&str; 2] = ["nftables.service", "firewalld.service"];
 /// The subcommand whose `--help` lists the flags the recipes may pass: they run `apply`.
 const CLI_OF_APPLY: &str = "apply";
 
@@ -98,6 +100,10 @@ fn boot_unit_is_ordered_before_the_runtimes_and_kubelet_and_after_bpffs() {
         assert!(before.iter().any(|x| x == b), "the unit must run Before={b}; it has Before={before:?}");
     }
     assert!(values(&u, "After").iter().any(|a| a == "sys-fs-bpf.mount"), "After=sys-fs-bpf.mount missing");
+    // Their start flushes the ruleset, and with it a host-side table written before.
+    for flusher in AFTER_FLUSHERS {
+        assert!(values(&u, "After").iter().any(|a| a == flusher), "the unit must run After={flusher}");
+    }
     assert!(values(&u, "RequiresMountsFor").iter().any(|a| a == "/sys/fs/bpf"), "RequiresMountsFor=/sys/fs/bpf");
     assert_eq!(values(&u, "Type"), ["oneshot"]);
     assert_eq!(values(&u, "RemainAfterExit"), ["yes"]);

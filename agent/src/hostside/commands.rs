@@ -26,6 +26,10 @@ pub struct HostStatus {
     /// The table is there with `flags dormant`: off its hooks, judging nothing.
     #[serde(default)]
     pub dormant: bool,
+    /// The netlink port id of the running agent's socket that owns the
+    /// table: `nft flush ruleset` and every other process leave it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
     /// Why the table could not be read (it may still be there).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unreadable: Option<String>,
@@ -49,6 +53,7 @@ pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
         audited_packets: s.as_ref().map_or(0, |s| s.counters.audited),
         exempt_packets: s.as_ref().map_or(0, |s| s.counters.exempt),
         dormant: s.as_ref().is_some_and(|s| s.dormant),
+        owner: s.as_ref().and_then(|s| s.owner),
         chains: s.as_ref().map(|s| s.chains.clone()).unwrap_or_default(),
         sets: s.map(|s| s.sets).unwrap_or_default(),
     })
@@ -74,6 +79,16 @@ pub fn print_status(s: &HostStatus) {
         s.allowed_addresses
     );
     println!("  packets: {} blocked, {} audited, {} exempt", s.blocked_packets, s.audited_packets, s.exempt_packets);
+    match s.owner {
+        Some(port) => println!(
+            "  owned by the running agent (netlink port {port}): `nft flush ruleset` and other processes cannot \
+             delete or change it"
+        ),
+        None => println!(
+            "  not owned by a running agent: `nft flush ruleset` deletes it (a running agent restores it; kernels \
+             before 6.9 cannot keep an owned table when its owner stops)"
+        ),
+    }
     if s.dormant {
         println!("  DORMANT: {}", dormant_problem());
     }

@@ -10,6 +10,7 @@
 //! every change (policy, mode, allowlist) replaces it in one transaction.
 
 mod commands;
+mod ownership;
 mod pods;
 mod refusals;
 mod ruleset;
@@ -85,6 +86,16 @@ pub struct TableStatus {
     pub audit: bool,
     /// `flags dormant`: the table is there but judges nothing.
     pub dormant: bool,
+    /// The netlink port id of the socket (a running agent's) that owns the table:
+    /// no other process can change or delete it, `nft flush ruleset` included.
+    pub owner: Option<u32>,
+}
+
+/// The table's flags and owner, as GETTABLE answers.
+#[derive(Clone, Copy, Debug)]
+struct Head {
+    flags: u32,
+    owner: Option<u32>,
 }
 
 /// A handle on the host namespace's nf_tables (and rtnetlink, to find pods' interfaces).
@@ -97,6 +108,8 @@ pub struct HostTable {
     allowed: BTreeSet<u64>,
     /// Conceal mode's proxy ([`conceal_target`]), put in force with the next policy.
     conceal: Option<std::net::SocketAddr>,
+    /// The flags the table is written with (`ownership`), once probed.
+    flags: Option<u32>,
 }
 
 impl HostTable {
@@ -117,6 +130,7 @@ impl HostTable {
             wanted: None,
             allowed: BTreeSet::new(),
             conceal: None,
+            flags: None,
         })
     }
 
@@ -170,11 +184,29 @@ impl HostTable {
             }
         }
         content.counters = self.raw_counters()?.map(|(c, _)| c).unwrap_or_default();
-        self.nft.request(&table::replace(&content).finish(), wants_ack).map_err(explain).with_context(|| {
+        let flags = self.protection()?;
+        self.nft.request(&table::replace(&content, flags).finish(), wants_ack).map_err(explain).with_context(|| {
             format!("could not write the host-side table `inet {TABLE}` (is nf_tables available? see `metadata-guard check`)")
         })?;
         self.applied = Some(content);
         Ok(())
+    }
+
+    /// The flags this kernel lets the table keep through a flush while this socket
+    /// lives and after it ([`ownership::PROTECTED`]), or none: probed once.
+    fn protection(&mut self) -> Result<u32> {
+        if let Some(flags) = self.flags {
+            return Ok(flags);
+        }
+        let flags = match self.nft.request(&ownership::probe().finish(), wants_ack) {
+            Ok(()) => ownership::PROTECTED,
+            // 5.12+ answer unknown table flags with EOPNOTSUPP, older kernels with EINVAL
+            // (the probe holds nothing else they could refuse).
+            Err(e) if matches!(errno(&e), Some(libc::EOPNOTSUPP | libc::EINVAL)) => 0,
+            Err(e) => return Err(explain(e)).context("could not probe nf_tables for table ownership"),
+        };
+        self.flags = Some(flags);
+        Ok(flags)
     }
 
     /// Writes the table again when it is gone from the kernel (with the policy, mode
@@ -206,7 +238,7 @@ impl HostTable {
             Err(e) => return Err(explain(e)).context("could not read the host-side table's counters"),
         };
         // The dump of a table's objects is empty, not an error, when there is no table.
-        let Some(flags) = self.flags()? else { return Ok(None) };
+        let Some(Head { flags, .. }) = self.head()? else { return Ok(None) };
         let mut out = [(0, 0); 3];
         for r in replies {
             let attrs = Attrs::new(r.body.get(4..).unwrap_or_default());
@@ -224,18 +256,18 @@ impl HostTable {
     }
 
     pub fn exists(&mut self) -> Result<bool> {
-        Ok(self.flags()?.is_some())
+        Ok(self.head()?.is_some())
     }
 
-    /// The table's flags; `None` without the table.
-    fn flags(&mut self) -> Result<Option<u32>> {
+    /// The table's flags and owner; `None` without the table.
+    fn head(&mut self) -> Result<Option<Head>> {
         match self.nft.query(msg_type(nftables::NFT_MSG_GETTABLE), &table_request(NFPROTO_INET, TABLE)) {
-            Ok(r) => Ok(Some(
-                Attrs::new(r.body.get(4..).unwrap_or_default())
-                    .find(nftables::NFTA_TABLE_FLAGS)
-                    .and_then(|a| a.be32())
-                    .unwrap_or(0),
-            )),
+            Ok(r) => {
+                let attrs = Attrs::new(r.body.get(4..).unwrap_or_default());
+                let flags = attrs.find(nftables::NFTA_TABLE_FLAGS).and_then(|a| a.be32()).unwrap_or(0);
+                let owner = attrs.find(nftables::NFTA_TABLE_OWNER).and_then(|a| a.be32());
+                Ok(Some(Head { flags, owner: owner.filter(|_| ownership::owned(flags)) }))
+            }
             Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(explain(e)).context("could not look for the host-side table"),
         }
@@ -252,6 +284,7 @@ impl HostTable {
 
     fn read_status(&mut self) -> Result<Option<TableStatus>> {
         let Some(Reading { counters, dormant }) = self.read()? else { return Ok(None) };
+        let owner = self.head()?.and_then(|h| h.owner);
         let names = |sock: &mut NlSocket, msg: u16, attr: u16| -> Result<Vec<String>> {
             let replies = sock.dump(msg_type(msg), &table_request(NFPROTO_INET, TABLE)).map_err(explain)?;
             Ok(replies
@@ -273,7 +306,7 @@ impl HostTable {
             }
         }
         let audit = self.refuse_chain_accepts()?;
-        Ok(Some(TableStatus { chains, sets, counters, allowed_interfaces, allowed_addresses, audit, dormant }))
+        Ok(Some(TableStatus { chains, sets, counters, allowed_interfaces, allowed_addresses, audit, dormant, owner }))
     }
 
     /// The number of elements in one of the table's sets.
@@ -310,13 +343,20 @@ impl HostTable {
 
     /// Deletes the table; `false` when there was none.
     pub fn remove(&mut self) -> Result<bool> {
-        if !self.exists()? {
-            return Ok(false);
+        let Some(head) = self.head()? else { return Ok(false) };
+        match self.nft.request(&table::delete().finish(), wants_ack) {
+            Ok(()) => {}
+            // Not a missing capability: reading it took CAP_NET_ADMIN too.
+            Err(e) if errno(&e) == Some(libc::EPERM) && head.owner.is_some() => anyhow::bail!(
+                "could not delete the host-side table `inet {TABLE}`: a running agent owns it (its netlink socket, port {}) \
+                 and the kernel lets no other process change it; stop the agent first \
+                 (delete the DaemonSet, or stop `metadata-guard run`), then run uninstall again",
+                head.owner.unwrap_or_default()
+            ),
+            Err(e) => {
+                return Err(explain(e)).with_context(|| format!("could not delete the host-side table `inet {TABLE}`"))
+            }
         }
-        self.nft
-            .request(&table::delete().finish(), wants_ack)
-            .map_err(explain)
-            .with_context(|| format!("could not delete the host-side table `inet {TABLE}`"))?;
         self.applied = None;
         Ok(true)
     }

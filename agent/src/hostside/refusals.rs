@@ -28,6 +28,14 @@ const IPV6_EXTENSION_HEADERS: [u8; 4] = [0, 43, 60, 51]; // hop-by-hop, routing,
 const IPV6_FRAGMENT: u8 = 44;
 /// Extension headers walked before giving up on finding the ports.
 const IPV6_MAX_EXTENSIONS: usize = 6;
+const IPV4_HEADER_LEN: usize = 20;
+/// IPv4 option kinds (RFC 791): end of list, no-operation, and the two source routes
+/// the host side refuses (see `table/source_route.rs`).
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+const IPOPT_SOURCE_ROUTES: [u8; 2] = [super::table::source_route::IPOPT_LSRR, super::table::source_route::IPOPT_SSRR];
+/// A source route's type, length and pointer bytes before its addresses.
+const SOURCE_ROUTE_HEAD: usize = 3;
 
 /// Reads the NFLOG group of the host-side table.
 pub struct RefusalReader {
@@ -158,11 +166,13 @@ impl RefusalReader {
 }
 
 /// Destination, IP protocol and destination port (0 without one) of a packet from
-/// its network header.
+/// its network header. An IPv4 packet with a source route is going to the route's
+/// last address, not to the node it is addressed to: that is its destination here.
 pub(super) fn decode(family: u8, pkt: &[u8]) -> Option<(IpAddr, u8, u16)> {
     let (dest, mut proto, mut offset) = if family == NFPROTO_IPV4 {
         let ihl = (*pkt.first()? & 0x0f) as usize * 4;
-        let dest = Ipv4Addr::from(<[u8; 4]>::try_from(pkt.get(16..20)?).ok()?);
+        let addressed = Ipv4Addr::from(<[u8; 4]>::try_from(pkt.get(16..20)?).ok()?);
+        let dest = pkt.get(IPV4_HEADER_LEN..ihl).and_then(source_route_end).unwrap_or(addressed);
         let frag = u16::from_be_bytes([*pkt.get(6)?, *pkt.get(7)?]) & 0x1fff;
         let proto = *pkt.get(9)?;
         if frag != 0 {
@@ -200,6 +210,31 @@ pub(super) fn decode(family: u8, pkt: &[u8]) -> Option<(IpAddr, u8, u16)> {
     Some((dest, proto, port))
 }
 
+/// The last address of an LSRR or SSRR option among IPv4 `options`; `None` without
+/// one, or when the options end (or are cut off) before its first address.
+fn source_route_end(options: &[u8]) -> Option<Ipv4Addr> {
+    let mut rest = options;
+    loop {
+        match *rest.first()? {
+            IPOPT_END => return None,
+            IPOPT_NOOP => rest = &rest[1..],
+            kind => {
+                let len = usize::from(*rest.get(1)?);
+                // A length shorter than its own two bytes would loop forever.
+                if len < 2 {
+                    return None;
+                }
+                if IPOPT_SOURCE_ROUTES.contains(&kind) {
+                    let addresses = rest.get(SOURCE_ROUTE_HEAD..len.min(rest.len()))?;
+                    let last = addresses.chunks_exact(4).next_back()?;
+                    return Some(Ipv4Addr::new(last[0], last[1], last[2], last[3]));
+                }
+                rest = rest.get(len..)?;
+            }
+        }
+    }
+}
+
 fn decode_source(family: u8, pkt: &[u8]) -> Option<IpAddr> {
     if family == NFPROTO_IPV4 {
         Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(pkt.get(12..16)?).ok()?)))
@@ -210,7 +245,37 @@ fn decode_source(family: u8, pkt: &[u8]) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Whatever NFLOG hands over (a snap length cuts packets anywhere), decoding
+        /// ends without a panic: an answer, or none.
+        #[test]
+        fn packets_of_any_bytes_decode_or_not_without_a_panic(
+            family in prop::sample::select(vec![NFPROTO_IPV4, 10u8, 0, 7]),
+            pkt in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let _ = decode(family, &pkt);
+            let _ = decode_source(family, &pkt);
+        }
+
+        /// IPv4 headers with any options: the destination is the address field unless
+        /// a source route names another.
+        #[test]
+        fn ipv4_options_of_any_content(options in proptest::collection::vec(any::<u8>(), 0..40), proto in any::<u8>()) {
+            let words = options.len().div_ceil(4);
+            let mut pkt = vec![0x45 + words as u8, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1];
+            pkt.extend_from_slice(&options);
+            pkt.resize(20 + words * 4, 0);
+            pkt.extend_from_slice(&[0x30, 0x39, 0, 80]);
+            let (dest, p, _) = decode(NFPROTO_IPV4, &pkt).unwrap();
+            prop_assert_eq!(p, proto);
+            let routed = source_route_end(&pkt[20..20 + words * 4]);
+            prop_assert_eq!(dest, IpAddr::V4(routed.unwrap_or(Ipv4Addr::new(10, 0, 0, 1))));
+        }
+    }
 
     #[test]
     fn a_tcp_syn_decodes_to_destination_and_port() {
@@ -218,6 +283,24 @@ mod tests {
         v4.extend_from_slice(&[0x30, 0x39, 0, 80]);
         assert_eq!(decode(NFPROTO_IPV4, &v4), Some(("169.254.169.254".parse().unwrap(), 6, 80)));
         assert_eq!(decode_source(NFPROTO_IPV4, &v4), Some("10.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_source_routed_packet_decodes_to_the_last_address_of_its_route() {
+        // To the node 10.0.0.1, loose source route on to 169.254.169.254, TCP to port 80.
+        let mut v4 = vec![0x47, 0, 0, 52, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1];
+        v4.extend_from_slice(&[1, 131, 7, 4, 169, 254, 169, 254]); // NOP, LSRR
+        v4.extend_from_slice(&[0x30, 0x39, 0, 80]);
+        assert_eq!(decode(NFPROTO_IPV4, &v4), Some(("169.254.169.254".parse().unwrap(), 6, 80)));
+        // A strict route of two hops: the last one is where it ends.
+        let mut ssrr = vec![0x48, 0, 0, 56, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1];
+        ssrr.extend_from_slice(&[137, 11, 4, 10, 9, 9, 9, 100, 100, 100, 200, 0]);
+        ssrr.extend_from_slice(&[0x30, 0x39, 0, 53]);
+        assert_eq!(decode(NFPROTO_IPV4, &ssrr), Some(("100.100.100.200".parse().unwrap(), 17, 53)));
+        // Other options leave the destination alone.
+        let mut nops = vec![0x46, 0, 0, 48, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 169, 254, 169, 254];
+        nops.extend_from_slice(&[1, 1, 1, 0, 0x30, 0x39, 0, 80]);
+        assert_eq!(decode(NFPROTO_IPV4, &nops), Some(("169.254.169.254".parse().unwrap(), 6, 80)));
     }
 
     #[test]

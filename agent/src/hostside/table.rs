@@ -17,8 +17,10 @@
 //!   chain forward { hook forward priority 0 }     the same
 //!   chain output  { hook output  priority 0 }     the same, but packets with a socket are
 //!                                                 accepted before the jump
-//!   chain judge                                   from lo: accept; daddr not in any4/any6:
-//!                                                 return; per shape: match → jump refuse
+//!   chain judge                                   from lo: accept; IPv4 source route
+//!                                                 (LSRR, SSRR): jump refuse; daddr not in
+//!                                                 any4/any6: return; per shape: match →
+//!                                                 jump refuse
 //!   chain conceal_pre, conceal_out                in conceal mode: the proxy's connections
 //!                                                 untracked, so NAT cannot take them (conceal.rs)
 //!   chain refuse                                  allowlisted (by iif, or iif . saddr):
@@ -107,10 +109,11 @@ pub(super) struct Content {
 /// One transaction that replaces the table (or creates it) with `content`: it is
 /// created first if missing so the delete cannot fail, then deleted and rebuilt.
 /// Packets see the old table or the new one, never neither.
-pub(super) fn replace(content: &Content) -> Batch {
+/// `flags` are the new table's (see `ownership`).
+pub(super) fn replace(content: &Content, flags: u32) -> Batch {
     let mut b = Batch::new(NFPROTO_INET);
     b.add_table(TABLE).del_table(TABLE);
-    build(&mut b, TABLE, content);
+    build(&mut b, TABLE, content, flags);
     b
 }
 
@@ -119,7 +122,7 @@ pub(super) fn replace(content: &Content) -> Batch {
 pub(super) fn probe(content: &Content) -> Batch {
     const PROBE_TABLE: &str = "metadata_guard_probe";
     let mut b = Batch::new(NFPROTO_INET);
-    build(&mut b, PROBE_TABLE, content);
+    build(&mut b, PROBE_TABLE, content, 0);
     b.del_table(PROBE_TABLE);
     b
 }
@@ -131,8 +134,8 @@ pub(super) fn delete() -> Batch {
     b
 }
 
-fn build(b: &mut Batch, t: &str, c: &Content) {
-    b.add_table(t);
+fn build(b: &mut Batch, t: &str, c: &Content, flags: u32) {
+    b.add_table_with_flags(t, flags);
     for (name, (packets, bytes)) in COUNTERS.iter().zip(c.counters) {
         b.add_counter(t, name, packets, bytes);
     }
@@ -182,6 +185,7 @@ fn build(b: &mut Batch, t: &str, c: &Content) {
     }
     refuse_rules(b, t, c.audit);
     b.add_rule(t, "judge", &[meta(NFT_META_IIF), cmp_eq(&LOOPBACK_IFINDEX.to_ne_bytes()), Expr::verdict(NF_ACCEPT)]);
+    source_route::refuse_rules(b, t);
     prefilter::not_covered_returns(b, t);
     for (n, shape) in c.shapes.iter().enumerate() {
         shape_rules(b, t, n, shape);
@@ -400,5 +404,6 @@ fn cmp_eq(data: &[u8]) -> Expr {
 
 mod conceal;
 mod prefilter;
+pub(super) mod source_route;
 #[cfg(test)]
 mod tests;

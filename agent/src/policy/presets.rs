@@ -4,6 +4,33 @@
 //! Port 53 stays open wherever a metadata address also serves DNS (GCE, OCI, some
 //! OpenStack deployments), and is kept open on the other metadata addresses too, so
 //! that no preset can break name resolution.
+//!
+//! Each cloud's documented metadata addresses, checked again for issue 24 (the test
+//! `every_documented_metadata_address_is_in_default` holds this list):
+//!
+//! | cloud | addresses | source |
+//! | --- | --- | --- |
+//! | AWS EC2 | 169.254.169.254, fd00:ec2::254 | <https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/instancedata-data-retrieval.html> |
+//! | AWS ECS (not in `default`: `aws-ecs`) | 169.254.170.2 | <https://docs.aws.amazon.com/AmazonECS/latest/developerguide/task-metadata-endpoint.html> |
+//! | EKS Pod Identity Agent (open: pods are meant to use it) | 169.254.170.23, fd00:ec2::23 | <https://docs.aws.amazon.com/eks/latest/userguide/pod-id-agent-setup.html> |
+//! | GCE (`metadata.google.internal`) | 169.254.169.254, fd20:ce::254 | <https://cloud.google.com/compute/docs/metadata/overview> |
+//! | Azure | 169.254.169.254; WireServer 168.63.129.16 | <https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service>, <https://learn.microsoft.com/azure/virtual-network/what-is-ip-address-168-63-129-16> |
+//! | OCI | 169.254.169.254, 192.0.0.192, fd00:c1::a9fe:a9fe | <https://docs.oracle.com/iaas/Content/Compute/Tasks/gettingmetadata.htm> |
+//! | Alibaba Cloud | 100.100.100.200 | <https://cloudinit.readthedocs.io/en/latest/reference/datasources/aliyun.html> |
+//! | Tencent Cloud (`metadata.tencentyun.com`) | 169.254.0.23 | <https://www.tencentcloud.com/document/product/213/4934>; the address: DataDog/datadog-agent `pkg/util/cloudproviders/tencent` (`http://169.254.0.23`) |
+//! | Huawei Cloud (OpenStack-compatible) | 169.254.169.254 | <https://support.huaweicloud.com/intl/en-us/usermanual-ecs/ecs_03_2167.html> |
+//! | OpenStack Nova | 169.254.169.254, fe80::a9fe:a9fe | <https://specs.openstack.org/openstack/neutron-specs/specs/ussuri/metadata-add-ipv6-support.html> |
+//! | DigitalOcean | 169.254.169.254 | <https://docs.digitalocean.com/products/droplets/how-to/access-metadata/> |
+//! | Hetzner Cloud | 169.254.169.254 | hetznercloud/hcloud-go `metadata` (`http://169.254.169.254/hetzner/v1/metadata`) |
+//! | Akamai (Linode) | 169.254.169.254, fd00:a9fe:a9fe::1 | <https://cloudinit.readthedocs.io/en/latest/reference/datasources/akamai.html> |
+//! | IBM Cloud VPC | 169.254.169.254 (`api.metadata.cloud.ibm.com`) | <https://cloud.ibm.com/apidocs/vpc-identity> |
+//! | Exoscale | 169.254.169.254 (its password server on port 8080 too) | <https://cloudinit.readthedocs.io/en/latest/reference/datasources/exoscale.html> |
+//! | Scaleway | 169.254.42.42, fd00:42::42 | <https://cloudinit.readthedocs.io/en/latest/reference/datasources/scaleway.html> |
+//!
+//! Not metadata, so in no preset: IBM Cloud classic's 161.26.0.0/16 is its private
+//! service network (DNS resolvers, NTP, storage, provisioning:
+//! <https://cloud.ibm.com/docs/security-groups?topic=security-groups-ibm-cloud-ip-ranges>);
+//! blocking it would break name resolution. IBM classic serves no link-local metadata.
 
 use std::{
     fmt,
@@ -22,6 +49,9 @@ const AZURE_WIRESERVER: Ipv4Addr = Ipv4Addr::new(168, 63, 129, 16);
 /// The WireServer's guest-agent and host-plugin ports; its port 53 is Azure DNS.
 const AZURE_WIRESERVER_PORTS: [u16; 2] = [80, 32526];
 const ALIBABA_METADATA: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
+/// Tencent Cloud CVM metadata (`metadata.tencentyun.com`), where CAM role credentials
+/// are served at `/latest/meta-data/cam/security-credentials/`.
+const TENCENT_METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 23);
 const ORACLE_METADATA_ALT: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 192);
 const OPENSTACK_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xa9fe, 0xa9fe);
 /// GCE's metadata server for IPv6-only instances.
@@ -43,6 +73,7 @@ pub enum Preset {
     Gcp,
     Azure,
     Alibaba,
+    Tencent,
     Oracle,
     Openstack,
     Scaleway,
@@ -51,7 +82,7 @@ pub enum Preset {
 }
 
 impl Preset {
-    pub const ALL: [Preset; 11] = [
+    pub const ALL: [Preset; 12] = [
         Preset::Default,
         Preset::Aws,
         Preset::AwsEcs,
@@ -59,6 +90,7 @@ impl Preset {
         Preset::GkeWorkloadIdentity,
         Preset::Azure,
         Preset::Alibaba,
+        Preset::Tencent,
         Preset::Oracle,
         Preset::Openstack,
         Preset::Scaleway,
@@ -66,11 +98,12 @@ impl Preset {
     ];
 
     /// The clouds whose metadata addresses `default` blocks.
-    const CLOUDS: [Preset; 8] = [
+    const CLOUDS: [Preset; 9] = [
         Preset::Aws,
         Preset::Gcp,
         Preset::Azure,
         Preset::Alibaba,
+        Preset::Tencent,
         Preset::Oracle,
         Preset::Openstack,
         Preset::Scaleway,
@@ -85,6 +118,7 @@ impl Preset {
             Preset::Gcp => "gcp",
             Preset::Azure => "azure",
             Preset::Alibaba => "alibaba",
+            Preset::Tencent => "tencent",
             Preset::Oracle => "oracle",
             Preset::Openstack => "openstack",
             Preset::Scaleway => "scaleway",
@@ -100,7 +134,7 @@ impl Preset {
                 "The metadata addresses of every supported cloud at once, for clusters that run \
                  anywhere: 169.254.169.254, fd00:ec2::254, fd20:ce::254, fd00:c1::a9fe:a9fe, \
                  fe80::a9fe:a9fe and fd00:a9fe:a9fe::1 (all ports but 53), 100.100.100.200, \
-                 192.0.0.192, 169.254.42.42 and fd00:42::42 (all ports) and Azure's WireServer \
+                 169.254.0.23, 192.0.0.192, 169.254.42.42 and fd00:42::42 (all ports) and Azure's WireServer \
                  168.63.129.16 (ports 80 and 32526 only). DNS on port 53 stays open everywhere. Not \
                  included: the ECS task metadata endpoint (use aws-ecs) and the EKS Pod Identity \
                  Agent, which pods are meant to reach."
@@ -137,6 +171,12 @@ impl Preset {
             Preset::Alibaba => {
                 "Alibaba Cloud ECS instance metadata at 100.100.100.200, every protocol and port: \
                  nothing else is served there."
+            }
+            Preset::Tencent => {
+                "Tencent Cloud CVM instance metadata (metadata.tencentyun.com) at 169.254.0.23, \
+                 every protocol and port: it serves CAM role credentials at \
+                 /latest/meta-data/cam/security-credentials/ and nothing else (Tencent's DNS \
+                 resolvers have addresses of their own)."
             }
             Preset::Oracle => {
                 "OCI instance metadata at 169.254.169.254 and fd00:c1::a9fe:a9fe, every port but 53 \
@@ -195,6 +235,7 @@ impl Preset {
                 BlockRule::only(host(AZURE_WIRESERVER), &AZURE_WIRESERVER_PORTS),
             ],
             Preset::Alibaba => vec![BlockRule::all(host(ALIBABA_METADATA))],
+            Preset::Tencent => vec![BlockRule::all(host(TENCENT_METADATA))],
             Preset::Oracle => vec![
                 BlockRule::except(host(IMDS), &DNS),
                 BlockRule::except(host(ORACLE_METADATA_V6), &DNS),
@@ -225,8 +266,8 @@ impl fmt::Display for Preset {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown preset `{0}`; choose one of default, aws, aws-ecs, gcp, gke-workload-identity, azure, alibaba, oracle, \
-     openstack, scaleway, akamai"
+    "unknown preset `{0}`; choose one of default, aws, aws-ecs, gcp, gke-workload-identity, azure, alibaba, tencent, \
+     oracle, openstack, scaleway, akamai"
 )]
 pub struct UnknownPreset(pub String);
 

@@ -36,10 +36,10 @@ fn pods_behind_a_bridge_are_keyed_by_bridge_then_source_address() {
         counters: Default::default(),
         conceal: None,
     };
-    assert_eq!(keys_of(replace(&content), "allow_if"), vec![4u32.to_ne_bytes().to_vec()]);
-    let v4 = keys_of(replace(&content), ALLOW_SRC4);
+    assert_eq!(keys_of(replace(&content, 0), "allow_if"), vec![4u32.to_ne_bytes().to_vec()]);
+    let v4 = keys_of(replace(&content, 0), ALLOW_SRC4);
     assert_eq!(v4, vec![[&bridge.to_ne_bytes()[..], &[10, 210, 1, 2]].concat()]);
-    let v6 = keys_of(replace(&content), ALLOW_SRC6);
+    let v6 = keys_of(replace(&content, 0), ALLOW_SRC6);
     assert_eq!(v6.len(), 1);
     assert_eq!(v6[0].len(), 4 + 16, "an ifindex register, then the address");
     assert_eq!(v6[0][..4], bridge.to_ne_bytes());
@@ -65,11 +65,11 @@ fn the_prefilter_compares_each_blocked_lead_once_in_network_order_and_every_rang
         Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
     // Few leads: compared in the rule, no lead set. Then the next 16 bits, where few
     // values are covered: not for IPv4 (the /16), for IPv6 (fd00:ec2::254's 0x0ec2).
-    assert!(keys_of(replace(&content), prefilter::LEAD4).is_empty());
-    let compared = lead_compares(replace(&content), "input");
+    assert!(keys_of(replace(&content, 0), prefilter::LEAD4).is_empty());
+    let compared = lead_compares(replace(&content, 0), "input");
     assert_eq!(compared, vec![vec![vec![169, 254]], vec![vec![0xfd, 0x00]], vec![vec![0x0e, 0xc2]]]);
     // One interval: the /16 holds the /32 (start, and the first address after it).
-    assert_eq!(keys_of(replace(&content), prefilter::ANY4), vec![vec![169, 254, 0, 0], vec![169, 255, 0, 0]]);
+    assert_eq!(keys_of(replace(&content, 0), prefilter::ANY4), vec![vec![169, 254, 0, 0], vec![169, 255, 0, 0]]);
 }
 
 #[test]
@@ -80,10 +80,10 @@ fn more_leads_than_the_rule_compares_go_to_a_set() {
     let shapes = crate::hostside::ruleset::shapes(&crate::policy::compile(&blocked).unwrap());
     let content =
         Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
-    let leads = keys_of(replace(&content), prefilter::LEAD4);
+    let leads = keys_of(replace(&content, 0), prefilter::LEAD4);
     assert_eq!(leads.len(), prefilter::MAX_LEAD_COMPARES + 1);
     assert_eq!(leads[0], vec![10, 0]);
-    let compared = lead_compares(replace(&content), "input");
+    let compared = lead_compares(replace(&content, 0), "input");
     assert_eq!(compared[0], Vec::<Vec<u8>>::new(), "the v4 lead rule looks the lead up in the set");
     assert_eq!(compared[2], vec![vec![0, 1]], "every /32 ends in .0.1: one value of the next 16 bits");
 }
@@ -96,7 +96,7 @@ fn a_destination_sharing_a_blocked_lead_meets_a_second_rule_in_every_base_chain(
     let content =
         Content { shapes, audit: false, allowed: Allowed::default(), counters: Default::default(), conceal: None };
     for chain in ["input", "forward", "output"] {
-        let compared = lead_compares(replace(&content), chain);
+        let compared = lead_compares(replace(&content, 0), chain);
         assert_eq!(compared.len(), 4, "{chain}: two lead rules, two next rules");
         assert_eq!(compared[2], vec![vec![42, 42], vec![169, 254]], "{chain}: the v4 next bits, sorted");
         assert_eq!(compared[3], vec![vec![0x0e, 0xc2]], "{chain}");
@@ -149,7 +149,7 @@ fn in_conceal_mode_the_proxys_connections_are_untracked_before_any_nat() {
     };
     let chains = |content: &Content| -> Vec<(String, Option<i32>)> {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN;
-        let batch = replace(content).finish();
+        let batch = replace(content, 0).finish();
         batch
             .iter()
             .filter(|m| m.kind == kind)
@@ -170,7 +170,7 @@ fn in_conceal_mode_the_proxys_connections_are_untracked_before_any_nat() {
         assert!(all.contains(&(name.to_string(), Some(-300))), "{name} at raw priority: {all:?}");
     }
     let rules = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE;
-    let batch = replace(&content).finish();
+    let batch = replace(&content, 0).finish();
     let notracks = batch
         .iter()
         .filter(|m| m.kind == rules && m.body.windows(8).any(|w| w == b"notrack\0"))
@@ -179,4 +179,43 @@ fn in_conceal_mode_the_proxys_connections_are_untracked_before_any_nat() {
         })
         .count();
     assert_eq!(notracks, 3, "to the proxy (prerouting, output) and from it (output)");
+}
+
+/// Every message of a whole replacement (every preset's shapes, allowlisted pods of
+/// both kinds, the ownership flags, audit and enforce) is read back by an independent
+/// decoder (`netlink-packet-netfilter`) and written again to the very same bytes.
+#[test]
+fn every_message_of_a_replacement_decodes_with_an_independent_decoder() {
+    use metadata_guard_netfilter::socket::{put_header, NLM_F_REQUEST};
+    use netlink_packet_core::NetlinkMessage;
+    use netlink_packet_netfilter::NetfilterMessage;
+
+    let mut rules: Vec<_> = crate::policy::Preset::ALL.iter().flat_map(|p| p.rules()).collect();
+    rules.extend(crate::policy::Preset::GkeWorkloadIdentity.host_side_rules());
+    let shapes = crate::hostside::ruleset::shapes(&crate::policy::compile(&rules).unwrap());
+    for audit in [false, true] {
+        let content = Content {
+            shapes: shapes.clone(),
+            audit,
+            allowed: Allowed {
+                interfaces: vec![4, 5],
+                v4: vec![(9, Ipv4Addr::new(10, 210, 1, 2))],
+                v6: vec![(9, Ipv6Addr::new(0xfd43, 1, 0, 0, 0, 0, 0, 2))],
+            },
+            counters: [(1, 2), (3, 4), (5, 6)],
+            conceal: Some("10.200.0.1:8775".parse().unwrap()),
+        };
+        let messages = replace(&content, crate::hostside::ownership::PROTECTED).finish();
+        assert!(messages.len() > 30, "a whole table: {} messages", messages.len());
+        for m in messages.iter().filter(|m| wants_ack(m)) {
+            let mut wire = Vec::new();
+            put_header(&mut wire, m.kind, NLM_F_REQUEST | m.flags, 1, m.body.len());
+            wire.extend_from_slice(&m.body);
+            let decoded = NetlinkMessage::<NetfilterMessage>::deserialize(&wire)
+                .unwrap_or_else(|e| panic!("message {:#06x} does not decode: {e:?}", m.kind));
+            let mut again = vec![0; decoded.buffer_len()];
+            decoded.serialize(&mut again);
+            assert_eq!(again, wire, "message {:#06x} re-encodes differently: {decoded:?}", m.kind);
+        }
+    }
 }

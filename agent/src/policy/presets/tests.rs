@@ -32,6 +32,7 @@ fn each_preset_lists_its_clouds_metadata_addresses() {
     assert_eq!(listed(Preset::Akamai), [imds, "fd00:a9fe:a9fe::1/128 except ports 53"]);
     assert_eq!(listed(Preset::Azure), [imds, "168.63.129.16/32 ports 80,32526"]);
     assert_eq!(listed(Preset::Alibaba), ["100.100.100.200/32"]);
+    assert_eq!(listed(Preset::Tencent), ["169.254.0.23/32"]);
     assert_eq!(listed(Preset::Oracle), [imds, "fd00:c1::a9fe:a9fe/128 except ports 53", "192.0.0.192/32"]);
     assert_eq!(listed(Preset::Openstack), [imds, "fe80::a9fe:a9fe/128 except ports 53"]);
 }
@@ -45,6 +46,7 @@ fn default_is_every_cloud_once_without_ecs() {
         [
             "100.100.100.200/32",
             "168.63.129.16/32 ports 80,32526",
+            "169.254.0.23/32",
             "169.254.169.254/32 except ports 53",
             "169.254.42.42/32",
             "192.0.0.192/32",
@@ -103,6 +105,8 @@ fn no_preset_blocks_dns_or_neighbouring_addresses() {
         "fd00:ec2::23",
         "fd00:ec2::253",
         "100.100.100.201",
+        "169.254.0.22",
+        "169.254.0.24",
         "192.0.0.193",
         "168.63.129.17",
         "fe80::a9fe:a9ff",
@@ -161,4 +165,45 @@ fn presets_are_named_in_kebab_case() {
     assert_eq!("aws_ecs".parse::<Preset>(), Err(UnknownPreset("aws_ecs".into())));
     let help = UnknownPreset("x".into()).to_string();
     assert!(Preset::ALL.iter().all(|p| help.contains(p.name())), "{help}");
+}
+
+/// Every cloud's documented metadata addresses (sources in the module doc of
+/// `presets.rs`) are blocked by `default` on the port their credentials are served on,
+/// and the addresses pods are meant to reach stay open.
+#[test]
+fn every_documented_metadata_address_is_in_default() {
+    let default = compiled(Preset::Default);
+    let documented = [
+        ("AWS EC2", "169.254.169.254"),
+        ("AWS EC2 over IPv6", "fd00:ec2::254"),
+        ("GCE", "169.254.169.254"),
+        ("GCE, IPv6-only instances", "fd20:ce::254"),
+        ("Azure IMDS", "169.254.169.254"),
+        ("Azure WireServer", "168.63.129.16"),
+        ("OCI", "169.254.169.254"),
+        ("OCI", "192.0.0.192"),
+        ("OCI over IPv6", "fd00:c1::a9fe:a9fe"),
+        ("Alibaba Cloud", "100.100.100.200"),
+        ("Tencent Cloud", "169.254.0.23"),
+        ("Huawei Cloud", "169.254.169.254"),
+        ("OpenStack over IPv6", "fe80::a9fe:a9fe"),
+        ("DigitalOcean", "169.254.169.254"),
+        ("Hetzner Cloud", "169.254.169.254"),
+        ("Akamai (Linode) over IPv6", "fd00:a9fe:a9fe::1"),
+        ("IBM Cloud VPC", "169.254.169.254"),
+        ("Exoscale", "169.254.169.254"),
+        ("Scaleway", "169.254.42.42"),
+        ("Scaleway over IPv6", "fd00:42::42"),
+    ];
+    for (cloud, addr) in documented {
+        assert!(default.blocks(ip(addr), PROTO_TCP, 80), "default leaves {cloud}'s {addr}:80 open");
+    }
+    // Exoscale's password server shares the metadata address.
+    assert!(default.blocks(ip("169.254.169.254"), PROTO_TCP, 8080));
+    assert!(compiled(Preset::Tencent).blocks(ip("169.254.0.23"), PROTO_TCP, 80));
+    for (what, addr) in [("EKS Pod Identity Agent", "169.254.170.23"), ("EKS Pod Identity Agent", "fd00:ec2::23")] {
+        assert!(!default.blocks(ip(addr), PROTO_TCP, 80), "default blocks the {what} at {addr}, which pods need");
+    }
+    // IBM classic's service network is DNS and NTP, not metadata.
+    assert!(!default.blocks(ip("161.26.0.10"), PROTO_UDP, 53));
 }

@@ -34,6 +34,9 @@ pub(crate) enum Kind {
     RawTcpSyn,
     /// A raw socket sending a hand-made UDP datagram.
     RawUdp,
+    /// A raw socket sending a hand-made TCP SYN to `dest` with a loose source route
+    /// through `via` (`IP_OPTIONS`): addressed to `via`, its route names `dest`.
+    RawTcpSynSourceRouted,
     /// TCP connect at once, create `ready_file`, then wait for `go_file` before
     /// sending the HTTP request on that same connection.
     HeldHttp,
@@ -76,6 +79,9 @@ pub(crate) struct Request {
     /// For [`Kind::HandedHostSocket`]: where the socket is created.
     #[serde(default)]
     pub socket_netns: Option<PathBuf>,
+    /// For [`Kind::RawTcpSynSourceRouted`]: the first hop, the packet's own destination.
+    #[serde(default)]
+    pub via: Option<IpAddr>,
 }
 
 fn one() -> u64 {
@@ -201,6 +207,7 @@ fn once(req: &Request) -> std::io::Result<()> {
         Kind::TcpFastOpen => crate::raw::fast_open(&to),
         Kind::RawIcmp => crate::raw::icmp_echo(&to),
         Kind::RawTcpSyn => crate::raw::tcp_syn(&to),
+        Kind::RawTcpSynSourceRouted => crate::raw::tcp_syn_source_routed(&to, req.via),
         Kind::RawUdp => crate::raw::udp(&to),
     }
 }

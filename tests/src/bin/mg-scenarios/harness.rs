@@ -180,6 +180,7 @@ impl Ctx {
             go_file: None,
             ready_file: None,
             socket_netns: None,
+            via: None,
         })
     }
 

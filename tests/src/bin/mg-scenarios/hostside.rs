@@ -43,6 +43,8 @@ pub(crate) const SCENARIOS: [crate::Scenario; 7] = [
 /// A Service-like virtual address, routed to the node by the pod's default route.
 pub(crate) const VIRTUAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub(crate) const SETTLE: Duration = Duration::from_millis(150);
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
 /// Long enough for the node to resolve the pod's IPv6 neighbour before it answers.
 const SYN_ACK_WAIT: Duration = Duration::from_millis(1500);
 
@@ -70,6 +72,15 @@ impl ArrivalTap {
     }
 
     pub(crate) fn count(&self) -> u64 {
+        self.count_matching(|_| true)
+    }
+
+    /// SYNs only (not the pod kernel's resets), drained from the queue.
+    pub(crate) fn syns(&self) -> u64 {
+        self.count_matching(|flags| flags & TCP_SYN != 0)
+    }
+
+    fn count_matching(&self, flags_match: impl Fn(u8) -> bool) -> u64 {
         let mut n = 0;
         let mut buf = [0u8; 2048];
         loop {
@@ -80,7 +91,10 @@ impl ArrivalTap {
             }
             // IPv4 raw sockets get the IP header, IPv6 ones the transport header only.
             let tcp = if self.v6 { 0 } else { (buf[0] & 0x0f) as usize * 4 };
-            if len as usize >= tcp + 2 && u16::from_be_bytes([buf[tcp], buf[tcp + 1]]) == self.sport {
+            if len as usize > tcp + TCP_FLAGS_OFFSET
+                && u16::from_be_bytes([buf[tcp], buf[tcp + 1]]) == self.sport
+                && flags_match(buf[tcp + TCP_FLAGS_OFFSET])
+            {
                 n += 1;
             }
         }
@@ -108,7 +122,7 @@ pub(crate) fn syn_from_net(ctx: &Ctx, tap_ns: &NetNs, pod: &PodNet, dest: IpAddr
 }
 
 /// The same, with `options` in the SYN's IPv4 header.
-fn syn_with_ip_options(
+pub(crate) fn syn_with_ip_options(
     ctx: &Ctx,
     tap_ns: &NetNs,
     pod: &PodNet,

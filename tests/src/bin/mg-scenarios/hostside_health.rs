@@ -2,7 +2,8 @@
 //! The host-side table under the running agent's health check: deleted by hand
 //! (`nft delete table inet metadata_guard`, a firewall manager flushing the ruleset),
 //! it turns /readyz 503 and `status` says so until the agent has put it back; put to
-//! sleep by hand (`flags dormant`), the same until someone wakes it.
+//! sleep by hand (`flags dormant`), the same until someone wakes it. Where the agent
+//! owns its table (kernel 6.9+) both are refused to every other process instead.
 
 use std::{
     sync::{
@@ -28,12 +29,13 @@ use crate::{
 
 pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
     (
-        "health: the host-side table deleted by hand turns /readyz 503 and status says so until the agent restores it",
+        "health: the host-side table deleted by hand turns /readyz 503 and status says so until the agent restores it \
+         (refused outright where the agent owns it)",
         table_deleted,
     ),
     (
         "health: the host-side table put to sleep by hand (flags dormant) lets frames through, turns /readyz 503 and \
-         status says so until it is woken",
+         status says so until it is woken (refused outright where the agent owns it)",
         table_dormant,
     ),
 ];
@@ -45,6 +47,9 @@ const DELETE_EVERY: Duration = Duration::from_millis(20);
 fn table_deleted(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
     ensure!(host_status(ctx)?.installed, "no table to start with: {:?}", host_status(ctx)?);
+    if let Some(owner) = host_status(ctx)?.owner {
+        return deletion_refused(ctx, owner);
+    }
     let restores_before = metric(ctx.agent()?, "metadata_guard_enforcement_restores_total")?;
 
     let netns = ctx.node.node_netns();
@@ -83,6 +88,22 @@ fn table_deleted(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// 6.9+: the running agent owns its table: another process's deletion is refused,
+/// and nothing changes for the agent or for packets.
+fn deletion_refused(ctx: &Ctx, owner: u32) -> Result<()> {
+    match remove_host_table(Some(&ctx.node.node_netns())) {
+        Err(e) if format!("{e:#}").contains("a running agent owns it") => {}
+        Err(e) => return Err(e.context("deleting the owned table failed, but not as refused by its owner")),
+        Ok(_) => anyhow::bail!("another process deleted the table the running agent owns"),
+    }
+    let host = host_status(ctx)?;
+    ensure!(host.installed && host.owner == Some(owner), "the refused deletion changed the table: {host:?}");
+    wait_readyz(ctx.agent()?, 200, NOTICE)?;
+    let (arrived, answered) = syn_over_af_packet(ctx, IMDS_V4, 44103)?;
+    ensure!(arrived == 0 && !answered, "a SYN got through the owned table: arrived {arrived}");
+    Ok(())
+}
+
 /// While the table keeps being deleted: /readyz names the host side, `status` is not
 /// enforcing and says why.
 fn observe_outage(ctx: &Ctx) -> Result<()> {
@@ -112,6 +133,15 @@ fn observe_outage(ctx: &Ctx) -> Result<()> {
 fn table_dormant(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
     wait_readyz(ctx.agent()?, 200, NOTICE)?;
+    if host_status(ctx)?.owner.is_some() {
+        // 6.9+: no other process may change the agent's own table.
+        let refused = set_dormant(ctx, true);
+        ensure!(refused.is_err(), "another process put the table the running agent owns to sleep");
+        ensure!(!host_status(ctx)?.dormant, "the refused change made the table dormant");
+        let (arrived, _) = syn_over_af_packet(ctx, IMDS_V4, 44104)?;
+        ensure!(arrived == 0, "a SYN got through the owned table: arrived {arrived}");
+        return wait_readyz(ctx.agent()?, 200, NOTICE).map(drop);
+    }
     set_dormant(ctx, true)?;
     // Asleep, the table really judges nothing: what the health check reports is real.
     let (arrived, _) = syn_over_af_packet(ctx, IMDS_V4, 44101)?;

@@ -21,10 +21,12 @@ mod harness;
 mod health;
 mod hostside;
 mod hostside_bridge;
+mod hostside_flush;
 mod hostside_forward;
 mod hostside_health;
 mod hostside_ipvs;
 mod hostside_pods;
+mod hostside_source_route;
 mod identity;
 mod identity_node;
 mod lifecycle;
@@ -78,6 +80,8 @@ fn scenarios(without_python: bool, without_ipvs: bool, without_ipvlan: bool) -> 
     all.extend(hostside_bridge::SCENARIOS);
     all.extend(hostside_forward::SCENARIOS);
     all.extend(hostside_health::SCENARIOS);
+    all.extend(hostside_flush::SCENARIOS);
+    all.extend(hostside_source_route::SCENARIOS);
     // Kernels built without IPVS (this project's own development kernel) cannot run it;
     // Debian's, in the VM matrix, do.
     if !without_ipvs {

@@ -64,6 +64,47 @@ pub(crate) fn tcp_syn(to: &SocketAddr) -> io::Result<()> {
     sendto(&sock, &header, &without_port(to))
 }
 
+/// Option kinds (RFC 791): no-operation, loose source route; the route's length
+/// with one address, and the pointer to its first address.
+const IPOPT_NOOP: u8 = 1;
+const IPOPT_LSRR: u8 = 131;
+const LSRR_ONE_HOP_LEN: u8 = 7;
+const SOURCE_ROUTE_FIRST_POINTER: u8 = 4;
+
+/// The SYN of [`tcp_syn`] to `to`, through `via` by a loose source route set with
+/// `IP_OPTIONS` (what a pod with CAP_NET_RAW can do): the kernel addresses the packet
+/// to `via` and names `to` in the route, so no destination test on `via` sees `to`.
+pub(crate) fn tcp_syn_source_routed(to: &SocketAddr, via: Option<std::net::IpAddr>) -> io::Result<()> {
+    let Some(std::net::IpAddr::V4(via)) = via else {
+        return Err(io::Error::other("a loose source route needs an IPv4 first hop (`via`)"));
+    };
+    let sock = socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP)?;
+    // The first address given is the first hop; the kernel takes it out of the route.
+    let mut options = vec![IPOPT_NOOP, IPOPT_LSRR, LSRR_ONE_HOP_LEN, SOURCE_ROUTE_FIRST_POINTER];
+    options.extend_from_slice(&via.octets());
+    // SAFETY: setsockopt on our own fd with a buffer and its length.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            options.as_ptr().cast(),
+            options.len() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut header = [0u8; 20];
+    header[0..2].copy_from_slice(&40002u16.to_be_bytes());
+    header[2..4].copy_from_slice(&to.port().to_be_bytes());
+    header[4..8].copy_from_slice(&1u32.to_be_bytes());
+    header[12] = 5 << 4;
+    header[13] = 0x02;
+    header[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    sendto(&sock, &header, &without_port(to))
+}
+
 pub(crate) fn udp(to: &SocketAddr) -> io::Result<()> {
     let sock = socket(family(to), libc::SOCK_RAW, libc::IPPROTO_UDP)?;
     let payload = b"metadata?";
