@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Every message kind the crate writes, read back by an independent decoder
 //! (`netlink-packet-netfilter`, the rust-netlink project's): each must decode
 //! without error into the attributes meant (not the decoder's `Other` fallback where

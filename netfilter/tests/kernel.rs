@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! What the crate writes, read back from the kernel: a table holding every kind of
 //! object and expression the agent writes is created in a network namespace of the
 //! test's own, dumped back, and each thing the kernel answers (decoded with

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! Keeping the table through `nft flush ruleset` (what nftables.service runs at start
 //! and reload, CIS hardening scripts, an admin): nf_tables table flags, where the
 //! kernel has them.

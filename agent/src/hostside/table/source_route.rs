@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! IPv4 source routes (LSRR, SSRR): a packet addressed to the node whose options name
 //! further hops is judged by `forward` on the node's own address, and the kernel
 //! rewrites its destination to the next hop only after that hook (`ip_forward_options`

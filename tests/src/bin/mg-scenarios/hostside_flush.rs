@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! `nft flush ruleset` (what nftables.service runs at start and reload, CIS hardening
 //! scripts, an admin) against the host-side table. Where the kernel lets a table keep
 //! an owner through its owner's exit (6.9+) the running agent owns it and the flush

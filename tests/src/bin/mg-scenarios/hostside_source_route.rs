@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 //! IPv4 source routes: a packet addressed to the node whose LSRR (or SSRR) option names
 //! the metadata service one hop beyond. A node with `accept_source_route` judges it
 //! in `forward` by its own address, then rewrites the destination and sends it on.
