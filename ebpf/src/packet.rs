@@ -56,12 +56,15 @@ const IPPROTO_UDPLITE: u8 = 136;
 /// Destination port offset within those headers.
 const L4_DPORT_OFFSET: usize = 2;
 
+/// The prefilters' view of a destination: its family, its first 16 bits and the next 16.
+pub type Lead = (u8, u16, u16);
+
 /// The destination's family, first two bytes and next two (each big-endian), read
 /// straight from the packet whose IP header starts at `L3`; `None` when the linear
 /// data is too short (the caller then reads it all). A constant offset keeps every
 /// packet access a constant one for the verifier.
 #[inline(always)]
-pub fn lead<const L3: usize>(skb: &SkBuff) -> Option<(u8, u16, u16)> {
+pub fn lead<const L3: usize>(skb: &SkBuff) -> Option<Lead> {
     // SAFETY: `data`/`data_end` of the program's own context; every read below is of
     // bytes the bounds check proved inside the packet, as the verifier demands.
     unsafe {

@@ -43,7 +43,7 @@ use crate::{
 };
 
 const PASS: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 
 const ETH_HLEN: usize = 14;
 const ETH_TYPE_OFFSET: usize = 12;
@@ -99,7 +99,7 @@ const REPLY_ONLY: u64 = u64::MAX;
 /// Ethernet frames with up to two VLAN tags in the data (a tag the driver inserts
 /// is in the skb's metadata, not here); `None` for anything but IPv4 and IPv6.
 #[inline(always)]
-fn ip_header(ctx: &TcContext) -> Option<(usize, Option<(u8, u16, u16)>)> {
+fn ip_header(ctx: &TcContext) -> Option<(usize, Option<packet::Lead>)> {
     let mut proto = eth_type(ctx, ETH_TYPE_OFFSET)?;
     let mut l3 = ETH_HLEN;
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
@@ -193,10 +193,10 @@ fn judge(
 #[inline(always)]
 fn entered_allowed(ifindex: u32, family: u8, src: &[u8; 16]) -> bool {
     let whole = UplinkAllowKey { ifindex, ..UplinkAllowKey::default() };
-    if MG_UPLINK_ALLOW.get_ptr(&whole).is_some() {
+    if MG_UPLINK_ALLOW.get_ptr(whole).is_some() {
         return true;
     }
     let family = if family == AF_INET6 { AF_INET6 } else { AF_INET };
     let pair = UplinkAllowKey { ifindex, family, _pad: [0; 3], addr: *src };
-    MG_UPLINK_ALLOW.get_ptr(&pair).is_some()
+    MG_UPLINK_ALLOW.get_ptr(pair).is_some()
 }

@@ -184,7 +184,7 @@ pub fn settings() -> Option<&'static Settings> {
 /// packet: `None` when the prefilters pass it. A packet whose lead could not be read
 /// (a short or odd header) is judged in full rather than passed.
 #[inline(always)]
-pub fn prefiltered(lead: Option<(u8, u16, u16)>) -> Option<&'static Settings> {
+pub fn prefiltered(lead: Option<crate::packet::Lead>) -> Option<&'static Settings> {
     match lead {
         Some((family, lead, next)) => may_be_blocked(family, lead, next),
         None => settings(),
