@@ -81,7 +81,37 @@ pub struct ConcealedRequest {
     pub path: String,
     pub rule: String,
     /// Set when a pod's own identity answered (or its token was refused).
-    pub identity: Option<crate::identity::IdentityNote>,
+    pub identity: Option<IdentityNote>,
+}
+
+/// What happened to one identity request, for the audit trail and metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdentityNote {
+    /// The role (its ARN) the pod was given or asked for; None when none applied.
+    pub role: Option<String>,
+    pub result: IdentityResult,
+    /// Why, when the pod got no credentials.
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IdentityResult {
+    /// Credentials (or the role's name or profile) were served.
+    Served,
+    /// The pod's token was missing, unreadable, expired or named another pod.
+    TokenRefused,
+    /// The cloud refused the exchange or could not be reached.
+    StsError,
+}
+
+impl IdentityResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            IdentityResult::Served => "served",
+            IdentityResult::TokenRefused => "token_refused",
+            IdentityResult::StsError => "sts_error",
+        }
+    }
 }
 
 impl Attempt {

@@ -9,6 +9,7 @@
 
 mod conceal;
 mod file;
+pub mod identity;
 mod values;
 
 use std::{
@@ -26,8 +27,8 @@ use serde::Deserialize;
 #[cfg(test)]
 pub(crate) use self::conceal::known_metadata_tree;
 pub use self::conceal::{is_aws_date, ConcealConfig, ExtraPaths};
+use self::identity::DEFAULT_KUBELET_DIR;
 use crate::audit::{AuditSettings, AuditSettingsError};
-use crate::identity::DEFAULT_KUBELET_DIR;
 use crate::policy::{compile, parse_cidr, AllowRule, BlockRule, CompiledPolicy, PolicyError, Preset};
 
 const DEFAULT_POD_LOGS_DIR: &str = "/var/log/pods";

@@ -18,7 +18,7 @@
 //! counters, NFLOG refusals), `config_watch` (reloads; publishes each new policy,
 //! which every enforcement point puts in force itself), `allowlist` (pod allowlist
 //! sync), `events` (event → audit pipeline), `conceal` (conceal mode's filtering
-//! proxy, with pods' own cloud identities from `identity`), `uplink` (the tc program on
+//! proxy, with pods' own cloud identities from `conceal::identity`), `uplink` (the tc program on
 //! the node's uplinks) and `http` (/metrics, /healthz, /readyz).
 
 #![expect(
@@ -40,7 +40,6 @@ pub(crate) mod enforce;
 pub(crate) mod events;
 pub(crate) mod hostside;
 pub(crate) mod http;
-pub(crate) mod identity;
 pub(crate) mod kubepods_watch;
 pub(crate) mod loader;
 pub(crate) mod logging;

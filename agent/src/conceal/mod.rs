@@ -6,12 +6,14 @@
 //! the proxy here instead (ebpf/src/conceal.rs), and a sockops program records, for
 //! each such connection, the pod's cgroup and the original destination by the pod
 //! end's address and port (`peers`). The proxy judges each request by the rules of
-//! `clouds` (data) through `decide` (logic) on a path in `normalise`d form.
+//! `clouds` (data) through `decide` (logic) on a path in `normalise`d form; on a
+//! credential path, `identity` may answer a pod with its own role's credentials.
 
 pub mod clouds;
 pub mod decide;
 pub mod grammar;
 pub mod host_sockets;
+pub mod identity;
 pub mod ipvs;
 pub mod metrics;
 pub mod normalise;

@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Where the proxy hands a pod its own identity (`crate::identity`): only on the
+//! Where the proxy hands a pod its own identity (`conceal::identity`): only on the
 //! paths the rules conceal as the node's credentials, only for a pod the kernel
 //! named, and only after the IMDSv2 token checks every other path gets.
 
 use super::*;
-use crate::identity::{IdentityNote, IdentitySource, Reply};
+use crate::{
+    attempt::IdentityNote,
+    conceal::identity::{IdentitySource, Reply},
+};
 
 /// The rule that conceals the node's IAM paths, where a pod's own identity may answer.
 const CREDENTIALS_RULE: &str = "aws-iam-credentials";

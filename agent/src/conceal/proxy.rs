@@ -97,7 +97,7 @@ pub struct Outcome {
     pub status: u16,
     pub elapsed: Duration,
     /// Set when a pod's own identity answered (or was refused) on a credential path.
-    pub identity: Option<crate::identity::IdentityNote>,
+    pub identity: Option<crate::attempt::IdentityNote>,
 }
 
 pub type Identify = Arc<dyn Fn(u64) -> Workload + Send + Sync>;
@@ -117,7 +117,7 @@ pub struct Proxy {
     /// The agent's own IMDSv2 token, per metadata endpoint.
     upstream_tokens: tokio::sync::Mutex<HashMap<SocketAddr, UpstreamToken>>,
     /// Pods' own identities on the credential paths; None: those stay concealed.
-    identity: RwLock<Option<Arc<dyn crate::identity::IdentitySource>>>,
+    identity: RwLock<Option<Arc<dyn super::identity::IdentitySource>>>,
 }
 
 impl Proxy {

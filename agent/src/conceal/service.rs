@@ -26,6 +26,7 @@ use anyhow::{Context as _, Result};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, info, warn};
 
+use super::identity::{aws::AwsSource, metrics::IdentityMetrics, IdentitySource as _};
 use super::{
     decide::Decision,
     endpoints,
@@ -34,7 +35,6 @@ use super::{
     peers::KernelPeers,
     proxy::{Outcome, Proxy},
 };
-use crate::identity::{aws::AwsSource, metrics::IdentityMetrics, IdentitySource as _};
 use crate::{
     attempt::{Attempt, ConcealedRequest, Hook, Protocol, Verdict},
     config::{Config, Mode},

@@ -13,8 +13,8 @@ pub struct ConcealConfig {
     /// Where the proxy listens, in the host's network namespace; required in conceal mode.
     pub addr: Option<SocketAddr>,
     pub extra_paths: Vec<ExtraPaths>,
-    /// Pods' own identities on their credential paths (`crate::identity`).
-    pub identity: crate::identity::IdentityConfig,
+    /// Pods' own identities on their credential paths (`crate::conceal::identity`).
+    pub identity: super::identity::IdentityConfig,
 }
 
 /// Extra paths some pods may read, beyond the built-in rules: `namespace` and `pod`

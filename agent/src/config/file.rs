@@ -14,13 +14,12 @@ use metadata_guard_common::{PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
 use super::{
+    identity::{
+        first_duplicate, AwsIdentityConfig, Endpoint, IdentityConfig, RoleArn, RoleMapping, MAX_SESSION_DURATION,
+        MIN_SESSION_DURATION,
+    },
     values::{ByteSize, Cidr, ListenAddr, Parsed, Port},
     ConcealConfig, ConfigError, ExtraPaths, Mode, Origin,
-};
-use crate::identity::{
-    https::Endpoint,
-    roles::{first_duplicate, RoleArn, RoleMapping},
-    AwsIdentityConfig, IdentityConfig, MAX_SESSION_DURATION, MIN_SESSION_DURATION,
 };
 use crate::policy::{AllowRule, BlockRule, PortMatch, Preset};
 

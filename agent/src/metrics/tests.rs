@@ -179,7 +179,7 @@ fn the_metrics_page_lists_every_metric_with_its_type() {
         elapsed: std::time::Duration::ZERO,
         identity: None,
     });
-    let identity = crate::identity::metrics::IdentityMetrics::register(&m);
+    let identity = crate::conceal::identity::metrics::IdentityMetrics::register(&m);
     identity.request("served", "arn:aws:iam::111122223333:role/r", "payments");
     identity.sts_call("ok", std::time::Duration::from_millis(30));
     identity.pods(1);

@@ -70,9 +70,9 @@ fn an_identity_answer_names_the_role_and_the_result() {
         method: "GET".into(),
         path: "/latest/meta-data/iam/security-credentials/payments-api".into(),
         rule: "aws-identity".into(),
-        identity: Some(crate::identity::IdentityNote {
+        identity: Some(crate::attempt::IdentityNote {
             role: Some("arn:aws:iam::111122223333:role/payments-api".into()),
-            result: crate::identity::IdentityResult::Served,
+            result: crate::attempt::IdentityResult::Served,
             reason: None,
         }),
     });
@@ -132,9 +132,9 @@ fn the_documented_schema_lists_every_field_written() {
         method: "GET".into(),
         path: "/latest/meta-data/iam/security-credentials/r".into(),
         rule: "aws-identity".into(),
-        identity: Some(crate::identity::IdentityNote {
+        identity: Some(crate::attempt::IdentityNote {
             role: Some("arn:aws:iam::111122223333:role/r".into()),
-            result: crate::identity::IdentityResult::StsError,
+            result: crate::attempt::IdentityResult::StsError,
             reason: Some("AccessDenied: not authorized".into()),
         }),
     });

@@ -3,7 +3,7 @@
 //! socket, TLS by rustls (graviola's cryptography, no C) with the Mozilla roots built
 //! in (no CA files needed in the image), plain HTTP only where the endpoint says `http://` (a test's emulator).
 
-use std::{fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use bytes::Bytes;
@@ -15,78 +15,12 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::conceal::host_sockets::HostSockets;
+use crate::{conceal::host_sockets::HostSockets, config::identity::Endpoint};
 
 /// STS's answers are a few KiB.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Connect, TLS and answer, together.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An `http://` or `https://` endpoint: host, port and path, nothing else.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-}
-
-impl Endpoint {
-    /// The regional STS endpoint of `region` (`cn-*` regions are in `amazonaws.com.cn`).
-    pub fn regional_sts(region: &str) -> Result<Endpoint, String> {
-        let plain = !region.is_empty()
-            && region.len() <= 32
-            && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !plain {
-            return Err(format!("`{region}` is not an AWS region"));
-        }
-        let domain = if region.starts_with("cn-") { "amazonaws.com.cn" } else { "amazonaws.com" };
-        format!("https://sts.{region}.{domain}").parse()
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tls { "https" } else { "http" };
-        let default = if self.tls { 443 } else { 80 };
-        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
-        if self.port == default {
-            write!(f, "{scheme}://{host}{}", self.path)
-        } else {
-            write!(f, "{scheme}://{host}:{}{}", self.port, self.path)
-        }
-    }
-}
-
-impl FromStr for Endpoint {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Endpoint, String> {
-        let bad = |why: &str| {
-            format!("`{text}` is not an endpoint URL ({why}); write e.g. https://sts.us-east-1.amazonaws.com")
-        };
-        let uri: hyper::Uri = text.trim().parse().map_err(|e| bad(&format!("{e}")))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(bad("the scheme must be https:// (or http:// for a local emulator)")),
-        };
-        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(bad("no user or password may be given"));
-        }
-        if uri.query().is_some() {
-            return Err(bad("no query may be given"));
-        }
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let path = if uri.path().is_empty() { "/".to_owned() } else { uri.path().to_owned() };
-        Ok(Endpoint { tls, host, port, path })
-    }
-}
 
 /// Posts a form to `endpoint` from the host's network namespace; the answer's status
 /// and body.
@@ -215,27 +149,6 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints_are_http_or_https_urls_with_a_host() {
-        let e: Endpoint = "https://sts.us-east-1.amazonaws.com".parse().unwrap();
-        assert_eq!((e.tls, e.host.as_str(), e.port, e.path.as_str()), (true, "sts.us-east-1.amazonaws.com", 443, "/"));
-        assert_eq!(e.to_string(), "https://sts.us-east-1.amazonaws.com/");
-        let local: Endpoint = "http://127.0.0.1:5000".parse().unwrap();
-        assert_eq!((local.tls, local.port), (false, 5000));
-        let v6: Endpoint = "http://[::1]:5000/".parse().unwrap();
-        assert_eq!((v6.host.as_str(), v6.to_string().as_str()), ("::1", "http://[::1]:5000/"));
-        for bad in ["sts.amazonaws.com", "ftp://x", "https://u:p@x", "https://x/?a=b", "https:///"] {
-            assert!(bad.parse::<Endpoint>().unwrap_err().contains("not an endpoint URL"), "{bad}");
-        }
-    }
-
-    #[test]
-    fn the_regional_endpoint_follows_the_partition() {
-        assert_eq!(Endpoint::regional_sts("eu-west-1").unwrap().to_string(), "https://sts.eu-west-1.amazonaws.com/");
-        assert_eq!(Endpoint::regional_sts("cn-north-1").unwrap().host, "sts.cn-north-1.amazonaws.com.cn");
-        assert!(Endpoint::regional_sts("us-east-1/evil").is_err());
-    }
 
     #[test]
     fn the_tls_configuration_builds_from_the_built_in_roots() {

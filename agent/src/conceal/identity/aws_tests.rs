@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use super::*;
-use crate::{identity::roles::RoleMapping, metrics::Metrics, pod_identity::Qos};
+use crate::{config::identity::RoleMapping, metrics::Metrics, pod_identity::Qos};
 
 const UID_A: &str = "0b3c9a4e-5f7d-4c1e-9d2a-1f6e8b7c5a40";
 const UID_B: &str = "1b3c9a4e-5f7d-4c1e-9d2a-1f6e8b7c5a41";

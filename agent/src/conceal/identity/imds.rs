@@ -7,8 +7,11 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::{roles::RoleArn, sts::Issued, Answer};
-use crate::conceal::{clouds::is_aws_date, normalise::NormalPath};
+use super::{sts::Issued, Answer};
+use crate::{
+    conceal::normalise::NormalPath,
+    config::{identity::RoleArn, is_aws_date},
+};
 
 /// Which IAM path a request names.
 #[derive(Clone, Debug, PartialEq, Eq)]

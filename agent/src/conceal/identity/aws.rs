@@ -18,15 +18,17 @@ use tracing::{debug, info, warn};
 
 use super::{
     cache::CredentialCache,
-    https::{self, Endpoint},
+    https,
     imds::{self, IamPath},
     metrics::IdentityMetrics,
-    roles::{self, RoleArn},
+    roles,
     sts::{self, AssumeRequest, Issued, StsFailure},
-    token, AwsIdentityConfig, BoxFuture, IdentityNote, IdentityResult, IdentitySource, Reply,
+    token, BoxFuture, IdentitySource, Reply,
 };
 use crate::{
+    attempt::{IdentityNote, IdentityResult},
     conceal::{host_sockets::HostSockets, normalise::NormalPath},
+    config::identity::{AwsIdentityConfig, Endpoint, RoleArn},
     pod_identity::PodIdentity,
 };
 
