@@ -12,11 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context, Result};
-use metadata_guard_netfilter::{
-    nftables::{self, Batch, NFPROTO_INET, NFT_TABLE_F_DORMANT},
-    NlSocket,
-};
+use anyhow::{ensure, Result};
+use metadata_guard::{remove_host_table, Removal};
 use metadata_guard_tests::{netns::NetNs, world::IMDS_V4};
 
 use crate::harness::{budget, Ctx};
@@ -26,8 +23,6 @@ pub(crate) const SCENARIOS: [crate::Scenario; 1] = [(
     node_reset,
 )];
 
-/// The agent's host-side table (`table inet metadata_guard`).
-const HOST_TABLE: &str = "metadata_guard";
 /// A port nothing listens on in the node namespace.
 const CLOSED_PORT: u16 = 1;
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
@@ -78,30 +73,6 @@ fn reset_comes_back(ns: &NetNs, source: Ipv4Addr, to: SocketAddrV4, wait: Durati
     })
 }
 
-/// The agent's host-side table asleep (`NFT_TABLE_F_DORMANT`) until dropped.
-struct HostTableAsleep(std::path::PathBuf);
-
-impl HostTableAsleep {
-    fn put(node: &NetNs) -> Result<HostTableAsleep> {
-        set_host_table_flags(&node.path(), NFT_TABLE_F_DORMANT)?;
-        Ok(HostTableAsleep(node.path()))
-    }
-}
-
-impl Drop for HostTableAsleep {
-    fn drop(&mut self) {
-        let _ = set_host_table_flags(&self.0, 0);
-    }
-}
-
-fn set_host_table_flags(node: &std::path::Path, flags: u32) -> Result<()> {
-    let mut batch = Batch::new(NFPROTO_INET);
-    batch.set_table_flags(HOST_TABLE, flags);
-    let mut sock = NlSocket::open_in(Some(node), libc::NETLINK_NETFILTER)?;
-    sock.request(&batch.finish(), nftables::wants_ack).context("could not set the host-side table's flags")?;
-    Ok(())
-}
-
 fn node_reset(ctx: &mut Ctx) -> Result<()> {
     let uplinks = crate::uplink_world::uplinks(ctx)?;
     let up = uplinks.current();
@@ -113,10 +84,15 @@ fn node_reset(ctx: &mut Ctx) -> Result<()> {
         "without the guard the node's reset did not come back"
     );
     ctx.default_agent()?;
-    // The host-side table's `output` chain judges the node's socketless packets too:
-    // asleep for this probe, so that the uplink alone judges the reset.
-    let _asleep = HostTableAsleep::put(ctx.node.sim.node())?;
     let helper = ctx.status()?.packet_netns_from.as_deref() == Some("helper");
+    // The host-side table's `output` chain judges the node's socketless packets too.
+    // For this probe the uplink must judge alone: the agent stops (its programs stay
+    // pinned; the table it owned on 6.9+ is left without an owner) and the table goes.
+    ctx.stop_agent()?;
+    ensure!(
+        matches!(remove_host_table(Some(&ctx.node.node_netns()))?, Removal::Removed),
+        "the host-side table was not there to remove"
+    );
     let verdict = if helper { "allowed" } else { "blocked" };
     let before = ctx.kernel_count_at(Some("uplink"), verdict)?;
     let came = reset_comes_back(&up.ns, imds, node, budget(ANSWER_WAIT))?;
@@ -130,5 +106,5 @@ fn node_reset(ctx: &mut Ctx) -> Result<()> {
         );
     }
     ensure!(counted >= 1, "the uplink did not judge the node's reset ({verdict}: +{counted})");
-    ctx.stop_agent()
+    Ok(())
 }
