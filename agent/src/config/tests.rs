@@ -404,6 +404,7 @@ fn a_wrong_identity_setting_is_refused_with_its_path() {
 #[test]
 fn every_yaml_sample_in_the_docs_loads() {
     let pages = [
+        ("README.md", include_str!("../../../README.md")),
         ("docs/conceal.md", include_str!("../../../docs/conceal.md")),
         ("docs/configuration.md", include_str!("../../../docs/configuration.md")),
         ("docs/identity.md", include_str!("../../../docs/identity.md")),
