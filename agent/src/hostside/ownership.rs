@@ -23,6 +23,13 @@
 
 use metadata_guard_netfilter::nftables::{Batch, NFPROTO_INET, NFT_TABLE_F_OWNER, NFT_TABLE_F_PERSIST};
 
+/// Set to `never`, the agent writes the table without [`PROTECTED`] on every kernel:
+/// for a node whose firewall manager must be able to flush or switch off every table,
+/// and for the benchmark, which switches the table off and on to measure it. The
+/// table is then the kernel's plain kind: a flush deletes it until the agent restores
+/// it (within a second).
+pub(crate) const OWNER_ENV: &str = "METADATA_GUARD_HOST_TABLE_OWNER";
+
 /// The flags that keep the table while an agent runs, and after it.
 pub(super) const PROTECTED: u32 = NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST;
 
