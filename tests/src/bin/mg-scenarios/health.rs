@@ -56,6 +56,9 @@ pub(crate) fn metric(agent: &Agent, name: &str) -> Result<f64> {
         .with_context(|| format!("no {name} in /metrics"))
 }
 
+/// How often removing the pins may lose the race with the agent restoring them.
+const RACE_TRIES: u32 = 20;
+
 fn pins_removed(ctx: &mut Ctx) -> Result<()> {
     ctx.default_agent()?;
     let version_dir = metadata_guard::PinLayout::new(&ctx.node.bpffs).dir;
@@ -64,11 +67,19 @@ fn pins_removed(ctx: &mut Ctx) -> Result<()> {
     let blocker = version_dir.join("links/connect4");
     let mut tries = 0;
     loop {
-        fs::remove_dir_all(&version_dir).with_context(|| format!("could not remove {}", version_dir.display()))?;
+        match fs::remove_dir_all(&version_dir) {
+            Ok(()) => {}
+            // The agent pinned again while the tree was being removed: start over.
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty && tries < RACE_TRIES => {
+                tries += 1;
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("could not remove {}", version_dir.display())),
+        }
         match fs::create_dir_all(&blocker) {
             Ok(()) => break,
             // The agent restored everything in between: start over.
-            Err(_) if tries < 5 => tries += 1,
+            Err(_) if tries < RACE_TRIES => tries += 1,
             Err(e) => return Err(e).context("could not block the connect4 pin"),
         }
     }
