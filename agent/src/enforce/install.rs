@@ -130,7 +130,7 @@ pub fn install(req: &Request, command: &str) -> Result<Installed, InstallError> 
         info!(path = %old.display(), "removed the pins of another layout version after attaching ours");
     }
     // The second enforcement point: packets entering the host, by final destination.
-    let mut host = HostTable::open(req.host_netns.as_deref(), &cgroup)?;
+    let mut host = HostTable::open(req.host_netns.as_deref(), &cgroup).map_err(anyhow::Error::from)?;
     host.set_conceal(hostside::conceal_target(&config));
     host.set_policy(&hostside::policy(&config)?, config.mode == config::Mode::Audit)?;
     info!(table = hostside::TABLE, "host side: packets entering the node are judged after DNAT");

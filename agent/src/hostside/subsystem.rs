@@ -132,7 +132,7 @@ fn check(host: &mut HostTable, ctx: &Context, pending: &mut bool) -> Result<Heal
                 return Ok(Health::Restored);
             }
         }
-        Err(e) => warn!("could not read the host-side counters: {e:#}"),
+        Err(e) => warn!("could not read the host-side counters: {}", e.explained()),
     }
     Ok(Health::Whole)
 }
