@@ -32,7 +32,7 @@ use metadata_guard_netfilter::{
 
 pub use commands::{check, dormant_problem, print_status, status, uninstall, HostStatus, Removal};
 pub use error::TableError;
-pub use pods::{Allowed, PodNets};
+pub use pods::{Allowed, EntryPods, PodNets, PODS_RESCAN};
 pub use refusals::RefusalReader;
 pub use ruleset::shapes;
 pub use subsystem::HostSide;

@@ -10,11 +10,12 @@
 //! `cgroup.procs` lists only the PIDs the reader can see.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::Path,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -22,6 +23,8 @@ use metadata_guard_netfilter::{rtnl, NlSocket};
 
 /// Masters above masters (a bridge in a VRF) followed at most this far.
 const MAX_MASTER_DEPTH: usize = 8;
+/// How long a scan of pods' namespaces is trusted when naming a packet's pod.
+pub const PODS_RESCAN: Duration = Duration::from_secs(2);
 
 /// A host interface whose peer is in another network namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,4 +188,84 @@ impl PodNets {
 fn nsid_of(route: &mut NlSocket, ns_path: &str) -> Option<i32> {
     let ns = fs::File::open(ns_path).ok()?;
     rtnl::nsid_of_fd(route, ns.as_raw_fd() as u32).ok().flatten()
+}
+
+/// Names the pod behind a packet that carried no socket by where it entered the
+/// node: the interface when that is a pod's own, else — behind a bridge — its source
+/// address there. Both the host side's refusals and the uplink's use it.
+pub struct EntryPods {
+    route: NlSocket,
+    cgroup_root: PathBuf,
+    /// How soon after a scan an interface no pod had found brings the next one. The
+    /// host side rescans at once (its log is rate-limited in the kernel); the uplink
+    /// waits [`PODS_RESCAN`], as every packet to a metadata address from the wire
+    /// enters through an interface that is no pod's.
+    unknown_rescan: Duration,
+    pods: Option<(Instant, PodNets)>,
+    /// Pods found by (bridge, source address) since the last scan: reading the
+    /// addresses means entering each pod's namespace behind the bridge.
+    by_source: HashMap<(u32, IpAddr), Option<u64>>,
+}
+
+impl EntryPods {
+    /// Reads the host's links through a socket opened in `host_netns`.
+    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path, unknown_rescan: Duration) -> Result<EntryPods> {
+        let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE)
+            .context("could not open an rtnetlink socket in the host network namespace")?;
+        Ok(EntryPods {
+            route,
+            cgroup_root: cgroup_root.to_path_buf(),
+            unknown_rescan,
+            pods: None,
+            by_source: HashMap::new(),
+        })
+    }
+
+    /// A cgroup of the pod whose packet entered through `entry` from `source` (the
+    /// lowest id, so that repeated attempts name the same container).
+    pub fn pod_of(&mut self, entry: u32, source: Option<IpAddr>) -> Option<u64> {
+        let age = self.pods.as_ref().map(|(at, _)| at.elapsed());
+        let known = self.pods.as_ref().is_some_and(|(_, pods)| pods.knows_entry(entry));
+        if rescan_due(age, known, self.unknown_rescan) {
+            match PodNets::scan(&self.cgroup_root, &mut self.route, None) {
+                Ok(p) => {
+                    self.pods = Some((Instant::now(), p));
+                    self.by_source.clear();
+                }
+                Err(e) => tracing::warn!("could not map host interfaces to pods: {e:#}"),
+            }
+        }
+        let pods = &self.pods.as_ref()?.1;
+        if let Some(own) = pods.cgroups_behind(entry) {
+            return own.iter().next().copied();
+        }
+        let source = source?;
+        *self
+            .by_source
+            .entry((entry, source))
+            .or_insert_with(|| pods.cgroups_with_source(entry, source)?.iter().next().copied())
+    }
+}
+
+/// Whether pods are scanned again: never scanned, a scan older than [`PODS_RESCAN`],
+/// or an interface the last scan did not know once `unknown_rescan` has passed.
+fn rescan_due(age: Option<Duration>, known: bool, unknown_rescan: Duration) -> bool {
+    age.is_none_or(|age| age >= PODS_RESCAN || (!known && age >= unknown_rescan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uplink_rescans_at_most_every_few_seconds_the_host_side_for_any_new_interface() {
+        let (soon, late) = (Duration::from_millis(100), PODS_RESCAN);
+        for wait in [Duration::ZERO, PODS_RESCAN] {
+            assert!(rescan_due(None, false, wait), "the first packet scans");
+            assert!(rescan_due(Some(late), true, wait), "an old scan is not trusted");
+            assert!(!rescan_due(Some(soon), true, wait), "a fresh scan that knows the interface is");
+        }
+        assert!(rescan_due(Some(soon), false, Duration::ZERO));
+        assert!(!rescan_due(Some(soon), false, PODS_RESCAN));
+    }
 }
