@@ -63,7 +63,7 @@ fn host_status(read: Result<Option<TableStatus>, TableError>) -> Result<HostStat
     })
 }
 
-pub fn print_status(s: &HostStatus) {
+pub(crate) fn print_status(s: &HostStatus) {
     if let Some(why) = &s.unreadable {
         println!("host side: could not read table `{}` (needs CAP_NET_ADMIN): {why}", s.table);
         return;
@@ -99,7 +99,7 @@ pub fn print_status(s: &HostStatus) {
 }
 
 /// What a dormant table means and how it ends, for `status` and the agent's health.
-pub fn dormant_problem() -> String {
+pub(crate) fn dormant_problem() -> String {
     // Nothing the agent writes is dormant (every write replaces the table), and no
     // firewall manager sets the flag: someone put it to sleep by hand, perhaps on
     // purpose, so the agent reports it rather than overriding them at once.
@@ -135,7 +135,7 @@ fn removal(removed: Result<bool, TableError>) -> Result<Removal> {
 }
 
 /// `check`: can this kernel hold the table? (name, passed, detail, fix)
-pub fn check(host_netns: Option<&Path>) -> (bool, String) {
+pub(crate) fn check(host_netns: Option<&Path>) -> (bool, String) {
     let result = HostTable::open(host_netns, Path::new("/")).map_err(anyhow::Error::from).and_then(|mut h| h.probe());
     match result {
         Ok(()) => (true, format!("nf_tables accepts the host-side table `inet {TABLE}` (probed under another name)")),

@@ -14,7 +14,7 @@ use super::TABLE;
 /// what failed; the kernel's answer is its source. What to do is the caller's to
 /// say, as only it knows what was being attempted.
 #[derive(Debug, thiserror::Error)]
-pub enum TableError {
+pub(crate) enum TableError {
     /// `ENOENT`: the table is not there, or went while it was being read.
     #[error("{doing}")]
     Absent {
@@ -50,7 +50,7 @@ pub enum TableError {
 
 impl TableError {
     /// Sorts a failed netlink exchange by its errno; `doing` says what failed, on what.
-    pub fn netlink(doing: impl Into<String>, source: io::Error) -> TableError {
+    pub(crate) fn netlink(doing: impl Into<String>, source: io::Error) -> TableError {
         let doing = doing.into();
         match NetlinkError::errno_of(&source) {
             Some(libc::ENOENT) => TableError::Absent { doing, source },
@@ -60,7 +60,7 @@ impl TableError {
     }
 
     /// The error with its causes, `doing: kernel's answer`, for a report line.
-    pub fn explained(self) -> String {
+    pub(crate) fn explained(self) -> String {
         format!("{:#}", anyhow::Error::from(self))
     }
 }

@@ -30,13 +30,15 @@ use metadata_guard_netfilter::{
     NetlinkError, NlSocket,
 };
 
-pub use commands::{check, dormant_problem, print_status, status, uninstall, HostStatus, Removal};
-pub use error::TableError;
-pub use pods::{Allowed, EntryPods, PodNets, PODS_RESCAN};
-pub use refusals::RefusalReader;
-pub use ruleset::shapes;
-pub use subsystem::HostSide;
-pub use table::{COUNTERS, TABLE};
+pub(crate) use commands::{check, dormant_problem, print_status};
+pub use commands::{status, uninstall, HostStatus, Removal};
+pub(crate) use error::TableError;
+pub(crate) use pods::{Allowed, EntryPods, PodNets, PODS_RESCAN};
+pub(crate) use refusals::RefusalReader;
+pub(crate) use ruleset::shapes;
+pub(crate) use subsystem::HostSide;
+pub(crate) use table::COUNTERS;
+pub use table::TABLE;
 
 use crate::{
     config::Config,
@@ -45,7 +47,7 @@ use crate::{
 
 /// What the host side blocks: the configured rules, plus those that presets leave to
 /// the host side alone (see [`Preset::host_side_rules`](crate::policy::Preset::host_side_rules)).
-pub fn policy(config: &Config) -> Result<CompiledPolicy> {
+pub(crate) fn policy(config: &Config) -> Result<CompiledPolicy> {
     let mut rules = config.block.clone();
     rules.extend(config.presets.iter().flat_map(|p| p.host_side_rules()));
     compile(&rules).map_err(anyhow::Error::from)
@@ -53,13 +55,13 @@ pub fn policy(config: &Config) -> Result<CompiledPolicy> {
 
 /// Where conceal mode's proxy listens, when pods are redirected to it: the table keeps
 /// its connections out of connection tracking (and so out of NAT).
-pub fn conceal_target(config: &Config) -> Option<std::net::SocketAddr> {
+pub(crate) fn conceal_target(config: &Config) -> Option<std::net::SocketAddr> {
     config.conceal.addr.filter(|_| config.mode == crate::config::Mode::Conceal)
 }
 
 /// Packets the table counted, by verdict.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HostCounters {
+pub(crate) struct HostCounters {
     pub blocked: u64,
     pub audited: u64,
     pub exempt: u64,
@@ -67,7 +69,7 @@ pub struct HostCounters {
 
 /// What the health check reads every round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Reading {
+pub(crate) struct Reading {
     pub counters: HostCounters,
     /// `flags dormant`: nf_tables has taken the table's base chains off their hooks,
     /// so it judges no packet.
@@ -76,7 +78,7 @@ pub struct Reading {
 
 /// The table as read back from the kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TableStatus {
+pub(crate) struct TableStatus {
     pub chains: Vec<String>,
     pub sets: Vec<String>,
     pub counters: HostCounters,
@@ -100,7 +102,7 @@ struct Head {
 }
 
 /// A handle on the host namespace's nf_tables (and rtnetlink, to find pods' interfaces).
-pub struct HostTable {
+pub(crate) struct HostTable {
     nft: NlSocket,
     route: NlSocket,
     cgroup_root: PathBuf,
@@ -115,7 +117,7 @@ pub struct HostTable {
 
 impl HostTable {
     /// Opens netlink sockets in `host_netns` (the agent's own when `None`).
-    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<HostTable, TableError> {
+    pub(crate) fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<HostTable, TableError> {
         let nft = NlSocket::open_in(host_netns, libc::NETLINK_NETFILTER).map_err(|e| {
             let ns = ns_name(host_netns);
             TableError::netlink(
@@ -141,12 +143,12 @@ impl HostTable {
     }
 
     /// The conceal proxy's address the next [`set_policy`](Self::set_policy) writes.
-    pub fn set_conceal(&mut self, proxy: Option<std::net::SocketAddr>) {
+    pub(crate) fn set_conceal(&mut self, proxy: Option<std::net::SocketAddr>) {
         self.conceal = proxy;
     }
 
     /// Puts a new policy and mode in force (with the allowlist last given).
-    pub fn set_policy(&mut self, policy: &CompiledPolicy, audit: bool) -> Result<()> {
+    pub(crate) fn set_policy(&mut self, policy: &CompiledPolicy, audit: bool) -> Result<()> {
         self.wanted = Some((policy.clone(), audit));
         let allowed = self.allowed.clone();
         self.apply(policy, audit, &allowed)
@@ -154,13 +156,13 @@ impl HostTable {
 
     /// The allowlisted pods' entries into the node as the table has them now (the
     /// uplink program lets the same through).
-    pub fn allowed_entries(&self) -> Allowed {
+    pub(crate) fn allowed_entries(&self) -> Allowed {
         self.applied.as_ref().map(|c| c.allowed.clone()).unwrap_or_default()
     }
 
     /// Lets the packets of these allowlisted containers' pods through (by the host
     /// end of their interfaces). Pods come and go: call again on every change.
-    pub fn set_allowed(&mut self, allowed: &BTreeSet<u64>) -> Result<()> {
+    pub(crate) fn set_allowed(&mut self, allowed: &BTreeSet<u64>) -> Result<()> {
         self.allowed = allowed.clone();
         match self.wanted.clone() {
             Some((policy, audit)) => self.apply(&policy, audit, allowed),
@@ -221,7 +223,7 @@ impl HostTable {
 
     /// Writes the table again when it is gone from the kernel (with the policy, mode
     /// and allowlist last given); `false` when it was there.
-    pub fn restore(&mut self) -> Result<bool> {
+    pub(crate) fn restore(&mut self) -> Result<bool> {
         if self.exists()? {
             return Ok(false);
         }
@@ -233,7 +235,7 @@ impl HostTable {
     }
 
     /// The counters, and whether the table is dormant; `None` without the table.
-    pub fn read(&mut self) -> Result<Option<Reading>, TableError> {
+    pub(crate) fn read(&mut self) -> Result<Option<Reading>, TableError> {
         Ok(self.raw_counters()?.map(|(c, flags)| Reading {
             counters: HostCounters { blocked: c[0].0, audited: c[1].0, exempt: c[2].0 },
             dormant: flags & nftables::NFT_TABLE_F_DORMANT != 0,
@@ -269,7 +271,7 @@ impl HostTable {
         Ok(Some((out, flags)))
     }
 
-    pub fn exists(&mut self) -> Result<bool, TableError> {
+    pub(crate) fn exists(&mut self) -> Result<bool, TableError> {
         Ok(self.head()?.is_some())
     }
 
@@ -293,7 +295,7 @@ impl HostTable {
 
     /// The table's chains, sets and counters; `None` when there is no table (also
     /// when it is deleted while being read).
-    pub fn status(&mut self) -> Result<Option<TableStatus>, TableError> {
+    pub(crate) fn status(&mut self) -> Result<Option<TableStatus>, TableError> {
         match self.read_status() {
             Err(TableError::Absent { .. }) => Ok(None),
             read => read,
@@ -364,7 +366,7 @@ impl HostTable {
     }
 
     /// Deletes the table; `false` when there was none.
-    pub fn remove(&mut self) -> Result<bool, TableError> {
+    pub(crate) fn remove(&mut self) -> Result<bool, TableError> {
         let Some(head) = self.head()? else { return Ok(false) };
         let deleted = self
             .nft
@@ -385,7 +387,7 @@ impl HostTable {
     /// Whether this kernel can hold the table: the same layout, created and deleted
     /// again in one transaction under another name (nothing stays, nothing changes
     /// for packets). Loads the modules the table needs on the way.
-    pub fn probe(&mut self) -> Result<()> {
+    pub(crate) fn probe(&mut self) -> Result<()> {
         let policy = compile(&crate::policy::Preset::Default.rules()).map_err(anyhow::Error::from)?;
         let content = table::Content {
             shapes: shapes(&policy),

@@ -24,11 +24,11 @@ use metadata_guard_netfilter::{rtnl, NlSocket};
 /// Masters above masters (a bridge in a VRF) followed at most this far.
 const MAX_MASTER_DEPTH: usize = 8;
 /// How long a scan of pods' namespaces is trusted when naming a packet's pod.
-pub const PODS_RESCAN: Duration = Duration::from_secs(2);
+pub(crate) const PODS_RESCAN: Duration = Duration::from_secs(2);
 
 /// A host interface whose peer is in another network namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Peer {
+pub(crate) struct Peer {
     /// The peer's namespace, by the id the host gives it.
     pub nsid: i32,
     /// The peer's interface index in that namespace.
@@ -41,7 +41,7 @@ pub struct Peer {
 
 /// A network namespace with a link into the host's, and the cgroups with processes in it.
 #[derive(Clone, Debug, Default)]
-pub struct PodNets {
+pub(crate) struct PodNets {
     /// nsid (as the host names it) → cgroup ids of the processes in that namespace.
     pub cgroups_by_nsid: BTreeMap<i32, BTreeSet<u64>>,
     /// Host interface index → its peer.
@@ -53,7 +53,7 @@ pub struct PodNets {
 
 /// What the table lets through for allowlisted pods.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Allowed {
+pub(crate) struct Allowed {
     /// Host interfaces that carry one pod alone (a veth's host end): matched by
     /// interface, which nothing in another pod can forge.
     pub interfaces: Vec<u32>,
@@ -66,7 +66,7 @@ pub struct Allowed {
 impl PodNets {
     /// Walks the cgroup tree under `cgroup_root` and the host's links; with `only`,
     /// reads the processes of those cgroups alone (an allowlist update stays cheap).
-    pub fn scan(cgroup_root: &Path, route: &mut NlSocket, only: Option<&BTreeSet<u64>>) -> Result<PodNets> {
+    pub(crate) fn scan(cgroup_root: &Path, route: &mut NlSocket, only: Option<&BTreeSet<u64>>) -> Result<PodNets> {
         let mut nets = PodNets::default();
         let links = rtnl::links(route).context("could not list the host's network interfaces")?;
         let master_of: BTreeMap<u32, u32> = links.iter().filter_map(|l| Some((l.index, l.master?))).collect();
@@ -118,7 +118,7 @@ impl PodNets {
     /// How the table recognises the pods of `cgroups`: by their own interface, or
     /// by (bridge, source address) behind a bridge. A pod whose addresses cannot be
     /// read (its processes just ended) is left out: it stays refused.
-    pub fn allowed(&self, cgroups: &BTreeSet<u64>) -> Allowed {
+    pub(crate) fn allowed(&self, cgroups: &BTreeSet<u64>) -> Allowed {
         let nsids: BTreeSet<i32> =
             self.cgroups_by_nsid.iter().filter(|(_, ids)| !ids.is_disjoint(cgroups)).map(|(nsid, _)| *nsid).collect();
         let mut out = Allowed::default();
@@ -142,20 +142,20 @@ impl PodNets {
     }
 
     /// The cgroups with processes behind host interface `ifindex` (a pod's own).
-    pub fn cgroups_behind(&self, ifindex: u32) -> Option<&BTreeSet<u64>> {
+    pub(crate) fn cgroups_behind(&self, ifindex: u32) -> Option<&BTreeSet<u64>> {
         self.cgroups_by_nsid.get(&self.peers.get(&ifindex)?.nsid)
     }
 
     /// Whether packets of some pod enter the host through `ifindex` (its own
     /// interface or a bridge over it).
-    pub fn knows_entry(&self, ifindex: u32) -> bool {
+    pub(crate) fn knows_entry(&self, ifindex: u32) -> bool {
         self.peers.contains_key(&ifindex) || self.peers.values().any(|p| p.entry == ifindex)
     }
 
     /// The cgroups of the pod that has `source` on an interface entering the host
     /// through `entry` (a bridge): what names a refusal when the interface does not.
     /// A neighbour on the bridge forging that source is named as its owner.
-    pub fn cgroups_with_source(&self, entry: u32, source: IpAddr) -> Option<&BTreeSet<u64>> {
+    pub(crate) fn cgroups_with_source(&self, entry: u32, source: IpAddr) -> Option<&BTreeSet<u64>> {
         let peer = self
             .peers
             .iter()
@@ -193,7 +193,7 @@ fn nsid_of(route: &mut NlSocket, ns_path: &str) -> Option<i32> {
 /// Names the pod behind a packet that carried no socket by where it entered the
 /// node: the interface when that is a pod's own, else — behind a bridge — its source
 /// address there. Both the host side's refusals and the uplink's use it.
-pub struct EntryPods {
+pub(crate) struct EntryPods {
     route: NlSocket,
     cgroup_root: PathBuf,
     /// How soon after a scan an interface no pod had found brings the next one. The
@@ -209,7 +209,7 @@ pub struct EntryPods {
 
 impl EntryPods {
     /// Reads the host's links through a socket opened in `host_netns`.
-    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path, unknown_rescan: Duration) -> Result<EntryPods> {
+    pub(crate) fn open(host_netns: Option<&Path>, cgroup_root: &Path, unknown_rescan: Duration) -> Result<EntryPods> {
         let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE)
             .context("could not open an rtnetlink socket in the host network namespace")?;
         Ok(EntryPods {
@@ -223,7 +223,7 @@ impl EntryPods {
 
     /// A cgroup of the pod whose packet entered through `entry` from `source` (the
     /// lowest id, so that repeated attempts name the same container).
-    pub fn pod_of(&mut self, entry: u32, source: Option<IpAddr>) -> Option<u64> {
+    pub(crate) fn pod_of(&mut self, entry: u32, source: Option<IpAddr>) -> Option<u64> {
         let age = self.pods.as_ref().map(|(at, _)| at.elapsed());
         let known = self.pods.as_ref().is_some_and(|(_, pods)| pods.knows_entry(entry));
         if rescan_due(age, known, self.unknown_rescan) {

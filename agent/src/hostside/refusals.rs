@@ -35,7 +35,7 @@ const IPOPT_SOURCE_ROUTES: [u8; 2] = [super::table::source_route::IPOPT_LSRR, su
 const SOURCE_ROUTE_HEAD: usize = 3;
 
 /// Reads the NFLOG group of the host-side table.
-pub struct RefusalReader {
+pub(crate) struct RefusalReader {
     /// Bound by `open`; registered with the runtime that first reads (the host-side
     /// subsystem runs on a thread and a runtime of its own).
     bound: Option<NlSocket>,
@@ -45,7 +45,7 @@ pub struct RefusalReader {
 
 impl RefusalReader {
     /// Binds to the table's log group in `host_netns`. One agent per node holds it.
-    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<RefusalReader> {
+    pub(crate) fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<RefusalReader> {
         let mut sock = NlSocket::open_in(host_netns, libc::NETLINK_NETFILTER)
             .context("could not open an NFLOG socket in the host network namespace")?;
         sock.set_recv_buffer(4 << 20);
@@ -61,7 +61,7 @@ impl RefusalReader {
     }
 
     /// Waits for logged packets and appends them to `out` as attempts.
-    pub async fn read(&mut self, out: &mut Vec<Attempt>) -> Result<()> {
+    pub(crate) async fn read(&mut self, out: &mut Vec<Attempt>) -> Result<()> {
         if let Some(bound) = self.bound.take() {
             // SAFETY: the AsyncFd owns the socket, so the fd stays open while registered.
             let registered = unsafe { AsyncFd::register(bound) };

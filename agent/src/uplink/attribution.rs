@@ -14,7 +14,7 @@ use crate::{
     hostside::{EntryPods, PODS_RESCAN},
 };
 
-pub struct UplinkPods {
+pub(crate) struct UplinkPods {
     pods: EntryPods,
 }
 
@@ -22,7 +22,7 @@ impl UplinkPods {
     /// Reads the host's links through a socket opened in `host_netns`. Pods are
     /// rescanned at most every [`PODS_RESCAN`]: most packets here come from the wire,
     /// through interfaces that are no pod's.
-    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<UplinkPods> {
+    pub(crate) fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<UplinkPods> {
         Ok(UplinkPods { pods: EntryPods::open(host_netns, cgroup_root, PODS_RESCAN)? })
     }
 
@@ -33,7 +33,7 @@ impl UplinkPods {
     /// apart once net_cls or net_prio of cgroup v1 is used), while where a packet entered
     /// is the kernel's own record that no pod can forge. A packet the node made (a
     /// macvlan or ipvlan child's) keeps the socket's cgroup.
-    pub fn attribute(&mut self, attempt: &mut Attempt) {
+    pub(crate) fn attribute(&mut self, attempt: &mut Attempt) {
         if attempt.hook != crate::attempt::Hook::Uplink || attempt.ingress_ifindex == 0 {
             return;
         }
