@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use crate::{pod_identity::PodIdentity, policy::AllowRule};
 
-pub fn allowed_cgroups(rules: &[AllowRule], pods: &[(u64, PodIdentity)]) -> BTreeSet<u64> {
+pub(crate) fn allowed_cgroups(rules: &[AllowRule], pods: &[(u64, PodIdentity)]) -> BTreeSet<u64> {
     if rules.is_empty() {
         return BTreeSet::new();
     }
@@ -28,7 +28,7 @@ pub fn allowed_cgroups(rules: &[AllowRule], pods: &[(u64, PodIdentity)]) -> BTre
 /// every new policy and every [`ALLOWLIST_RESYNC`]. Runs on a thread of its own: a
 /// sync walks the cgroup tree and the kubelet's log directories. Its readiness
 /// condition, `allowlist`, holds once a sync has succeeded and while syncs succeed.
-pub struct AllowlistSync {
+pub(crate) struct AllowlistSync {
     /// The host-side table, which the allowlist opens for allowed pods too.
     host: std::sync::Arc<std::sync::Mutex<crate::hostside::HostTable>>,
     condition: crate::supervise::Condition,
@@ -36,18 +36,18 @@ pub struct AllowlistSync {
 
 /// How often the pod allowlist is recomputed even without a cgroup event (names that
 /// the kubelet wrote after the cgroup appeared, missed events).
-pub const ALLOWLIST_RESYNC: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const ALLOWLIST_RESYNC: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl AllowlistSync {
     /// Keeps the kernel guard's allowlist (`ctx.guard`) and the host-side table's (`host`).
-    pub fn new(
+    pub(crate) fn new(
         ctx: &crate::supervise::Context,
         host: std::sync::Arc<std::sync::Mutex<crate::hostside::HostTable>>,
     ) -> AllowlistSync {
         AllowlistSync { host, condition: ctx.readiness.condition("allowlist", "not synced yet") }
     }
 
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         ctx: crate::supervise::Context,
         mut shutdown: crate::supervise::Shutdown,

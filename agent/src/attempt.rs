@@ -7,7 +7,7 @@
 
 use std::{net::IpAddr, time::SystemTime};
 
-pub use metadata_guard_common::{Hook, Verdict};
+pub(crate) use metadata_guard_common::{Hook, Verdict};
 
 /// Transport protocol of an attempt, as reported in audit records and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

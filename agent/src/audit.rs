@@ -18,7 +18,7 @@
 //! [`record::GapRecord`] does.
 
 mod rate;
-pub mod record;
+pub(crate) mod record;
 mod rotate;
 mod sink;
 mod window;
@@ -42,15 +42,15 @@ use writer::{Suppression, Writer};
 
 /// Workload/destination pairs tracked at once; attempts of further pairs are
 /// counted as suppressed until windows close. Bounds memory to a few MiB.
-pub const MAX_OPEN_WINDOWS: usize = 4096;
+pub(crate) const MAX_OPEN_WINDOWS: usize = 4096;
 
 /// The smallest `max_size` accepted: room for the largest possible record (a
 /// `PATH_MAX` cgroup path and maximal Kubernetes names) with margin.
-pub const MIN_MAX_SIZE: u64 = 64 * 1024;
+pub(crate) const MIN_MAX_SIZE: u64 = 64 * 1024;
 
 /// Where audit records go and how many of them the node may write.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AuditSettings {
+pub(crate) struct AuditSettings {
     /// Append records to this file (rotated by size) instead of writing to stdout.
     pub log_file: Option<PathBuf>,
     /// Bytes a log file may reach before it is rotated; no file ever exceeds it.
@@ -76,7 +76,7 @@ impl Default for AuditSettings {
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum AuditSettingsError {
+pub(crate) enum AuditSettingsError {
     #[error(
         "audit rate_limit is 0, so no audit record could ever be written: set it to at least 1 (records per second)"
     )]
@@ -86,7 +86,7 @@ pub enum AuditSettingsError {
 }
 
 impl AuditSettings {
-    pub fn validate(&self) -> Result<(), AuditSettingsError> {
+    pub(crate) fn validate(&self) -> Result<(), AuditSettingsError> {
         if self.rate_limit == 0 {
             return Err(AuditSettingsError::ZeroRateLimit);
         }
@@ -102,7 +102,7 @@ impl AuditSettings {
 /// `attempts_rate_limited + attempts_over_key_limit + attempts_write_failed` are the
 /// attempts no record counts; every other attempt is in exactly one record's `count`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AuditStats {
+pub(crate) struct AuditStats {
     pub records_written: u64,
     /// Attempts folded into a follow-up record instead of getting their own.
     /// Informational: they are counted, not lost.
@@ -122,7 +122,7 @@ pub struct AuditStats {
 /// Turns attempts into audit records. Time is passed in, so the caller decides
 /// what "now" is and tests need no sleeping.
 #[derive(Debug)]
-pub struct Auditor {
+pub(crate) struct Auditor {
     windows: Windows,
     out: Writer,
     dedup_window: Duration,
@@ -131,7 +131,7 @@ pub struct Auditor {
 impl Auditor {
     /// An auditor writing where `settings` say, for `node`, in `mode` ("enforce"
     /// or "audit").
-    pub fn new(settings: &AuditSettings, node: String, mode: impl Into<String>) -> Result<Auditor> {
+    pub(crate) fn new(settings: &AuditSettings, node: String, mode: impl Into<String>) -> Result<Auditor> {
         settings.validate()?;
         Ok(Auditor::with_sink(settings, node, mode.into(), Sink::open(settings)?))
     }
@@ -145,7 +145,7 @@ impl Auditor {
     }
 
     /// Accounts for one attempt by `workload`, seen at `now`.
-    pub fn record(&mut self, attempt: &Attempt, workload: &Workload, now: Instant) {
+    pub(crate) fn record(&mut self, attempt: &Attempt, workload: &Workload, now: Instant) {
         // Close ended windows first: this attempt may start a new one, and their
         // slots may be needed.
         self.close_ended(now);
@@ -169,7 +169,7 @@ impl Auditor {
 
     /// Writes the follow-up records of windows that ended by `now`, and a gap record
     /// for suppressed or lost counts that no record has reported for a whole window.
-    pub fn tick(&mut self, now: Instant) {
+    pub(crate) fn tick(&mut self, now: Instant) {
         self.close_ended(now);
         self.out.write_overdue_gap(now, self.dedup_window);
     }
@@ -186,7 +186,7 @@ impl Auditor {
     /// suppressed or lost counts, at shutdown. The rate cap does not apply: there are
     /// at most [`MAX_OPEN_WINDOWS`] + 1 such records, written once, and they are the
     /// only trace of those attempts.
-    pub fn flush_all(&mut self) {
+    pub(crate) fn flush_all(&mut self) {
         while let Some(window) = self.windows.pop_oldest() {
             if window.unreported > 0 {
                 self.out.write(&window);
@@ -196,21 +196,21 @@ impl Auditor {
     }
 
     /// Events the kernel could not deliver; the next record reports them.
-    pub fn report_lost(&mut self, events: u64) {
+    pub(crate) fn report_lost(&mut self, events: u64) {
         self.out.report_lost(events);
     }
 
     /// The mode named in records from now on ("enforce" or "audit").
-    pub fn set_mode(&mut self, mode: impl Into<String>) {
+    pub(crate) fn set_mode(&mut self, mode: impl Into<String>) {
         self.out.set_mode(mode.into());
     }
 
     /// Why audit records cannot be written right now (`None` while they can).
-    pub fn failing(&self) -> Option<&str> {
+    pub(crate) fn failing(&self) -> Option<&str> {
         self.out.failing()
     }
 
-    pub fn stats(&self) -> AuditStats {
+    pub(crate) fn stats(&self) -> AuditStats {
         AuditStats { open_windows: self.windows.len() as u64, ..self.out.stats }
     }
 }

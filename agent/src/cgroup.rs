@@ -11,15 +11,15 @@ use anyhow::{bail, Context, Result};
 
 /// The two places a cgroup2 hierarchy sits on a node: the unified layout, and the
 /// hybrid one (v1 controllers with cgroup2 at `unified`).
-pub const CANDIDATES: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
+pub(crate) const CANDIDATES: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
 
-pub fn is_cgroup2(path: &Path) -> bool {
+pub(crate) fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
 }
 
 /// The cgroup to attach to: `--cgroup` when given (it must be a cgroup2 directory),
 /// else the first cgroup2 mount of [`CANDIDATES`].
-pub fn resolve(explicit: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn resolve(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(path) = explicit {
         if !is_cgroup2(path) {
             bail!(
@@ -40,6 +40,6 @@ pub fn resolve(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// On cgroup v2 a cgroup's id is its directory's inode number.
-pub fn id(path: &Path) -> Result<u64> {
+pub(crate) fn id(path: &Path) -> Result<u64> {
     Ok(fs::metadata(path).with_context(|| format!("could not stat cgroup {}", path.display()))?.ino())
 }

@@ -15,7 +15,7 @@ use crate::{
     uplink::UplinkSpec,
 };
 
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/metadata-guard";
+pub(crate) const DEFAULT_BPFFS: &str = "/sys/fs/bpf/metadata-guard";
 
 #[derive(Parser)]
 #[command(
@@ -49,7 +49,7 @@ impl Cli {
 }
 
 #[derive(Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Load, attach and keep enforcing; write audit records and serve metrics.
     Run(Box<RunArgs>),
     /// Install (or adopt and update) the pinned enforcement `run` would, verify it and
@@ -92,7 +92,7 @@ pub enum Command {
 }
 
 #[derive(Args, Clone)]
-pub struct PinArgs {
+pub(crate) struct PinArgs {
     /// bpffs directory for the guard's pinned links and maps.
     #[arg(long, env = "METADATA_GUARD_BPFFS", default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -100,7 +100,7 @@ pub struct PinArgs {
 
 /// Where the host-side table lives (`status`, `uninstall`, `check`).
 #[derive(Args)]
-pub struct HostNetnsArgs {
+pub(crate) struct HostNetnsArgs {
     /// The host's network namespace (default: this process's own), e.g. /proc/1/ns/net.
     #[arg(long, env = "METADATA_GUARD_HOST_NETNS")]
     pub host_netns: Option<PathBuf>,
@@ -108,7 +108,7 @@ pub struct HostNetnsArgs {
 
 /// What `run` and `apply` share: the configuration and where enforcement goes.
 #[derive(Args)]
-pub struct EnforceArgs {
+pub(crate) struct EnforceArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
@@ -149,14 +149,14 @@ pub struct EnforceArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum UplinkAttach {
+pub(crate) enum UplinkAttach {
     Auto,
     Tcx,
     Clsact,
 }
 
 #[derive(Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten)]
     pub enforce: EnforceArgs,
     /// Remove enforcement when the agent exits (development only: in production the
@@ -166,14 +166,14 @@ pub struct RunArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CookieSource {
+pub(crate) enum CookieSource {
     Auto,
     Sockopt,
     Probe,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum PacketNetnsSource {
+pub(crate) enum PacketNetnsSource {
     Auto,
     Helper,
     Marks,

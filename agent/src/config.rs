@@ -9,7 +9,7 @@
 
 mod conceal;
 mod file;
-pub mod identity;
+pub(crate) mod identity;
 mod values;
 
 use std::{
@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 #[cfg(test)]
 pub(crate) use self::conceal::known_metadata_tree;
-pub use self::conceal::{is_aws_date, ConcealConfig, ExtraPaths};
+pub(crate) use self::conceal::{is_aws_date, ConcealConfig, ExtraPaths};
 use self::identity::DEFAULT_KUBELET_DIR;
 use crate::audit::{AuditSettings, AuditSettingsError};
 use crate::policy::{compile, parse_cidr, AllowRule, BlockRule, CompiledPolicy, PolicyError, Preset};
@@ -38,7 +38,7 @@ const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Ad
 /// What the kernel does when a pod tries a blocked destination.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Refuse the connection or datagram (EPERM) and record it.
     #[default]
     Enforce,
@@ -50,7 +50,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn as_kernel(self) -> u32 {
+    pub(crate) fn as_kernel(self) -> u32 {
         match self {
             Mode::Enforce => MODE_ENFORCE,
             Mode::Audit => MODE_AUDIT,
@@ -58,7 +58,7 @@ impl Mode {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Enforce => "enforce",
             Mode::Audit => "audit",
@@ -80,7 +80,7 @@ impl ValueEnum for Preset {
 /// Flags and environment variables of `metadata-guard run` that override the file.
 /// Each is optional (or empty) when not given, so the file's value can show through.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct ConfigArgs {
+pub(crate) struct ConfigArgs {
     /// YAML config file, re-read on SIGHUP and whenever it changes. Flags and
     /// environment variables take precedence over its values.
     #[arg(long, env = "METADATA_GUARD_CONFIG", value_name = "PATH")]
@@ -146,7 +146,7 @@ pub struct ConfigArgs {
 
 /// The resolved configuration: every default applied, every value checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Config {
+pub(crate) struct Config {
     pub mode: Mode,
     /// The presets' rules followed by the extra rules.
     pub block: Vec<BlockRule>,
@@ -162,7 +162,7 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn compile_policy(&self) -> Result<CompiledPolicy, PolicyError> {
+    pub(crate) fn compile_policy(&self) -> Result<CompiledPolicy, PolicyError> {
         let mut policy = compile(&self.block)?;
         let node_only: Vec<BlockRule> = self.presets.iter().flat_map(|p| p.host_side_rules()).collect();
         if !node_only.is_empty() {
@@ -174,7 +174,7 @@ impl Config {
 
 /// Where a checked value came from, to tell the operator what to edit.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     File(PathBuf),
     Flags,
     Defaults,
@@ -193,7 +193,7 @@ impl fmt::Display for Origin {
 /// Why no configuration could be loaded. Complete on its own with `{}`: nothing is
 /// left for a source chain, so `{:#}` prints the same.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("could not read config {}: {reason}; check --config or METADATA_GUARD_CONFIG", path.display())]
     Read { path: PathBuf, reason: std::io::Error },
     #[error("config {}: {reason}", path.display())]
@@ -209,7 +209,7 @@ pub enum ConfigError {
 }
 
 /// Reads the file named by `args` (if any) and resolves it with the flags.
-pub fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
+pub(crate) fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
     let file = match &args.config {
         Some(path) => file::read(path)?,
         None => file::FileValues::default(),

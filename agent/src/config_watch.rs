@@ -18,14 +18,14 @@ use crate::{
 
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-pub struct ConfigWatch {
+pub(crate) struct ConfigWatch {
     pub args: ConfigArgs,
     pub hangup: Signal,
     pub publish: watch::Sender<Arc<InForce>>,
 }
 
 impl ConfigWatch {
-    pub async fn run(mut self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
+    pub(crate) async fn run(mut self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         let mut seen = fingerprint(self.args.clone()).await;
         loop {

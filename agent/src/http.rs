@@ -38,33 +38,33 @@ use crate::{
 };
 
 /// How long a client may take to send its request head.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection is closed after this long, whatever it is doing.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections open at once from one client address.
-pub const MAX_PER_CLIENT: usize = 16;
+pub(crate) const MAX_PER_CLIENT: usize = 16;
 /// Connections open at once in total.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 /// Largest request head read (hyper's smallest buffer); longer heads get 431.
 const MAX_HEAD: usize = 8 * 1024;
 /// Pause after a failed accept: failures such as EMFILE repeat at once.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
         format!("could not listen on {addr} for /metrics, /healthz and /readyz; is it in use? choose another with --metrics-addr")
     })
 }
 
 /// The HTTP subsystem: serves until shutdown; fails only when the listener does.
-pub struct Server {
+pub(crate) struct Server {
     pub listener: TcpListener,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
 }
 
 impl Server {
-    pub async fn run(self, mut shutdown: Shutdown) -> Result<()> {
+    pub(crate) async fn run(self, mut shutdown: Shutdown) -> Result<()> {
         let slots = Arc::new(Slots::default());
         loop {
             let (stream, peer) = tokio::select! {

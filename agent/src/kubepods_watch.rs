@@ -26,7 +26,7 @@ impl AsRawFd for InotifyFd {
     }
 }
 
-pub struct KubepodsWatch {
+pub(crate) struct KubepodsWatch {
     fd: AsyncFd<InotifyFd>,
     root: PathBuf,
     watches: HashMap<WatchDescriptor, PathBuf>,
@@ -37,7 +37,7 @@ fn flags() -> AddWatchFlags {
 }
 
 impl KubepodsWatch {
-    pub fn new(cgroup_root: &Path) -> Result<KubepodsWatch> {
+    pub(crate) fn new(cgroup_root: &Path) -> Result<KubepodsWatch> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("inotify_init failed")?;
         // SAFETY: the Inotify owns its fd, which stays open and unchanged while the
         // AsyncFd owns it.
@@ -76,7 +76,7 @@ impl KubepodsWatch {
 
     /// Waits for cgroups to be created or removed under a kubepods tree; new ones
     /// are watched too. Returns once something changed.
-    pub async fn changed(&mut self) -> Result<()> {
+    pub(crate) async fn changed(&mut self) -> Result<()> {
         loop {
             let mut guard = self.fd.readable().await.context("waiting on inotify failed")?;
             let events = match guard.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from)) {

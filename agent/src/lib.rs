@@ -21,12 +21,6 @@
 //! proxy, with pods' own cloud identities from `conceal::identity`), `uplink` (the tc program on
 //! the node's uplinks) and `http` (/metrics, /healthz, /readyz).
 
-#![expect(
-    unreachable_pub,
-    reason = "every module is pub(crate), so the surface is decided in this file alone (and checked against \
-              public-api.txt); an item's `pub` inside a module reads as pub(crate)"
-)]
-
 pub(crate) mod allowlist;
 pub(crate) mod attempt;
 pub(crate) mod audit;

@@ -21,7 +21,7 @@ use crate::{attempt::Attempt, audit::AuditStats, config::Mode, pod_identity::Wor
 /// which is what matters on a node that has run thousands of short-lived pods.
 const MAX_POD_SERIES: usize = 5000;
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     attempts: IntCounterVec,
     attempt_pods_evicted: IntCounter,
@@ -84,7 +84,7 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let r = Registry::new();
         let build =
             IntGaugeVec::new(Opts::new("metadata_guard_build_info", "The agent's version (value 1)"), &["version"])
@@ -188,7 +188,7 @@ impl Metrics {
     /// Counts one reported attempt. Host processes and vanished cgroups have no pod:
     /// they are told apart by `workload="host"|"unknown"` and share the empty
     /// namespace and pod, so they take one slot of the label cap between them.
-    pub fn attempt(&self, attempt: &Attempt, workload: &Workload) {
+    pub(crate) fn attempt(&self, attempt: &Attempt, workload: &Workload) {
         let (kind, namespace, pod) = match workload {
             Workload::Pod(p) => ("pod", p.namespace.clone().unwrap_or_default(), p.pod.clone().unwrap_or_default()),
             Workload::Host { .. } => ("host", String::new(), String::new()),
@@ -248,16 +248,16 @@ impl Metrics {
         counter.inc_by(total.saturating_sub(last));
     }
 
-    pub fn set_kernel_verdicts(&self, hook: Hook, verdict: Verdict, total: u64) {
+    pub(crate) fn set_kernel_verdicts(&self, hook: Hook, verdict: Verdict, total: u64) {
         let c = self.kernel_verdicts.with_label_values(&[hook.name(), verdict.name()]);
         self.advance(format!("kernel/{}/{}", hook.name(), verdict.name()), total, &c);
     }
 
-    pub fn set_events_lost(&self, total: u64) {
+    pub(crate) fn set_events_lost(&self, total: u64) {
         self.advance("events_lost".into(), total, &self.events_lost);
     }
 
-    pub fn set_audit_stats(&self, stats: &AuditStats) {
+    pub(crate) fn set_audit_stats(&self, stats: &AuditStats) {
         self.advance("audit/records".into(), stats.records_written, &self.audit_records);
         self.advance("audit/write_errors".into(), stats.write_errors, &self.audit_write_errors);
         for (reason, total) in [
@@ -270,43 +270,43 @@ impl Metrics {
         }
     }
 
-    pub fn set_identity_cache(&self, entries: usize) {
+    pub(crate) fn set_identity_cache(&self, entries: usize) {
         self.identity_cache.set(entries as i64);
     }
 
-    pub fn set_programs_attached(&self, n: i64) {
+    pub(crate) fn set_programs_attached(&self, n: i64) {
         self.programs_attached.set(n);
     }
 
-    pub fn enforcement_restored(&self) {
+    pub(crate) fn enforcement_restored(&self) {
         self.enforcement_restores.inc();
     }
 
-    pub fn set_policy(&self, policy: &CompiledPolicy, mode: Mode) {
+    pub(crate) fn set_policy(&self, policy: &CompiledPolicy, mode: Mode) {
         self.policy_destinations.set((policy.v4.len() + policy.v6.len()) as i64);
         // Conceal mode enforces too: everything but the filtered HTTP requests is refused.
         self.enforcing.set(i64::from(mode != Mode::Audit));
     }
 
     /// The uplinks running the uplink program, and those without it.
-    pub fn set_uplinks(&self, guarded: usize, missing: usize) {
+    pub(crate) fn set_uplinks(&self, guarded: usize, missing: usize) {
         self.uplinks.with_label_values(&["guarded"]).set(guarded as i64);
         self.uplinks.with_label_values(&["missing"]).set(missing as i64);
     }
 
     /// For subsystems that register metrics of their own (conceal/metrics.rs).
-    pub fn registry(&self) -> &Registry {
+    pub(crate) fn registry(&self) -> &Registry {
         &self.registry
     }
 
-    pub fn config_reloaded(&self, ok: bool) {
+    pub(crate) fn config_reloaded(&self, ok: bool) {
         self.config_reloads.with_label_values(&[if ok { "success" } else { "failure" }]).inc();
         self.config_last_reload_success.set(i64::from(ok));
     }
 
     /// The Prometheus text exposition (format 0.0.4): `promtool check metrics` and
     /// every Prometheus version read it, unlike the OpenMetrics text of other crates.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_else(|e| {
             // Only malformed metric definitions fail, and those are fixed in this file.
             tracing::error!("could not encode the metrics for /metrics: {e}");

@@ -10,7 +10,7 @@
 
 mod cache;
 mod cgroup_tree;
-pub mod kubelet_layout;
+pub(crate) mod kubelet_layout;
 mod kubelet_logs;
 #[cfg(test)]
 mod tests;
@@ -103,7 +103,7 @@ impl Runtime {
 }
 
 /// Resolves cgroup ids to workloads, remembering the answers.
-pub struct PodResolver {
+pub(crate) struct PodResolver {
     cgroup_root: PathBuf,
     logs: KubeletLogs,
     /// Directories of the last walk by cgroup id; a snapshot, so hits are checked
@@ -123,7 +123,7 @@ struct Resolved {
 }
 
 impl PodResolver {
-    pub fn new(cgroup_root: PathBuf, pod_logs_dir: PathBuf, container_logs_dir: PathBuf) -> Self {
+    pub(crate) fn new(cgroup_root: PathBuf, pod_logs_dir: PathBuf, container_logs_dir: PathBuf) -> Self {
         PodResolver {
             cgroup_root,
             logs: KubeletLogs::new(pod_logs_dir, container_logs_dir),
@@ -136,16 +136,16 @@ impl PodResolver {
 
     /// The workload of the cgroup with id `cgroup_id`; [`Workload::Unknown`] when no
     /// cgroup below the root has it (any more).
-    pub fn resolve(&mut self, cgroup_id: u64) -> Workload {
+    pub(crate) fn resolve(&mut self, cgroup_id: u64) -> Workload {
         self.resolve_at(cgroup_id, Instant::now())
     }
 
     /// Drops the answers for cgroups that no longer exist; returns how many.
-    pub fn forget_vanished(&mut self) -> usize {
+    pub(crate) fn forget_vanished(&mut self) -> usize {
         self.cache.retain(|id, resolved| cgroup_tree::has_id(&resolved.dir, id))
     }
 
-    pub fn cache_len(&self) -> usize {
+    pub(crate) fn cache_len(&self) -> usize {
         self.cache.len()
     }
 
@@ -153,7 +153,7 @@ impl PodResolver {
     /// the cgroups containers make below themselves. As of the last walk of the
     /// tree, which is at most a second old.
     #[cfg(test)]
-    pub fn scan_pods(&mut self) -> Vec<(u64, PodIdentity)> {
+    pub(crate) fn scan_pods(&mut self) -> Vec<(u64, PodIdentity)> {
         self.scan_pods_at(Instant::now())
     }
 
@@ -195,7 +195,7 @@ impl PodResolver {
 
     /// Every cgroup that belongs to a pod, by id, walking the tree first whatever the
     /// age of the last walk: for a caller that was just told a cgroup appeared.
-    pub fn rescan_pods(&mut self) -> Vec<(u64, PodIdentity)> {
+    pub(crate) fn rescan_pods(&mut self) -> Vec<(u64, PodIdentity)> {
         let now = Instant::now();
         self.walk(now);
         self.scan_pods_at(now)

@@ -16,14 +16,14 @@ use std::{fmt, net::IpAddr};
 use ipnet::IpNet;
 use metadata_guard_common::{MAX_PORTS, MAX_RULES, POLICY_MAX_ENTRIES, PROTO_ALL, PROTO_OTHER, PROTO_TCP, PROTO_UDP};
 
-pub use allow::{AllowRule, Pattern};
-pub use compile::{compile, CompiledPolicy};
-pub use presets::Preset;
+pub(crate) use allow::{AllowRule, Pattern};
+pub(crate) use compile::{compile, CompiledPolicy};
+pub(crate) use presets::Preset;
 
 /// One way a destination range is blocked: for these protocols (a mask of
 /// `PROTO_*` bits), on these ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockRule {
+pub(crate) struct BlockRule {
     pub cidr: IpNet,
     pub protocols: u8,
     pub ports: PortMatch,
@@ -31,7 +31,7 @@ pub struct BlockRule {
 
 /// Which destination ports a [`BlockRule`] covers.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PortMatch {
+pub(crate) enum PortMatch {
     Any,
     Only(Vec<u16>),
     Except(Vec<u16>),
@@ -39,22 +39,22 @@ pub enum PortMatch {
 
 impl BlockRule {
     /// Blocks every protocol and port of `cidr`.
-    pub fn all(cidr: IpNet) -> BlockRule {
+    pub(crate) fn all(cidr: IpNet) -> BlockRule {
         BlockRule { cidr, protocols: PROTO_ALL, ports: PortMatch::Any }
     }
 
     /// Blocks every protocol on every port of `cidr` but `ports`.
-    pub fn except(cidr: IpNet, ports: &[u16]) -> BlockRule {
+    pub(crate) fn except(cidr: IpNet, ports: &[u16]) -> BlockRule {
         BlockRule { cidr, protocols: PROTO_ALL, ports: PortMatch::Except(ports.to_vec()) }
     }
 
     /// Blocks every protocol on `ports` of `cidr` only.
-    pub fn only(cidr: IpNet, ports: &[u16]) -> BlockRule {
+    pub(crate) fn only(cidr: IpNet, ports: &[u16]) -> BlockRule {
         BlockRule { cidr, protocols: PROTO_ALL, ports: PortMatch::Only(ports.to_vec()) }
     }
 
     /// Checks what the kernel layout can hold and what would silently match nothing.
-    pub fn validate(&self) -> Result<(), PolicyError> {
+    pub(crate) fn validate(&self) -> Result<(), PolicyError> {
         let cidr = self.cidr;
         if cidr != cidr.trunc() {
             return Err(PolicyError::HostBits { cidr });
@@ -111,7 +111,7 @@ pub(crate) fn distinct_ports(ports: &[u16]) -> Vec<u16> {
 }
 
 /// Parses `10.0.0.0/8`, `fd00:ec2::254/128`, or a bare address as a single-host prefix.
-pub fn parse_cidr(text: &str) -> Result<IpNet, PolicyError> {
+pub(crate) fn parse_cidr(text: &str) -> Result<IpNet, PolicyError> {
     let text = text.trim();
     let cidr = match text.parse::<IpNet>() {
         Ok(cidr) => cidr,
@@ -128,7 +128,7 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, PolicyError> {
 /// Why a policy cannot be put into the kernel. Each message names the destination and
 /// how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PolicyError {
+pub(crate) enum PolicyError {
     #[error("`{text}` is not an IP address or CIDR; write e.g. 169.254.169.254, 10.0.0.0/8 or fd00:ec2::254/128")]
     NotACidr { text: String },
     #[error("{cidr} has host bits set; write {}", cidr.trunc())]

@@ -16,12 +16,12 @@ mod tests;
 
 use std::path::Path;
 
-pub use facts::{Facts, Feature, Found, Pins};
+pub(crate) use facts::{Facts, Feature, Found, Pins};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Pass,
     /// Works, with a caveat worth knowing.
     Warn,
@@ -30,7 +30,7 @@ pub enum Outcome {
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     pub name: String,
     pub outcome: Outcome,
     pub detail: String,
@@ -52,7 +52,7 @@ impl Check {
     /// The host-side table's probe (see `hostside::check`).
     /// The uplink program: `detail` says how it would sit on the uplinks and which
     /// devices those are; `ok` false when none could get it.
-    pub fn uplink((ok, detail): (bool, String)) -> Check {
+    pub(crate) fn uplink((ok, detail): (bool, String)) -> Check {
         if ok {
             Check::pass("uplink (tc egress)", detail)
         } else {
@@ -65,7 +65,7 @@ impl Check {
         }
     }
 
-    pub fn host_side((ok, detail): (bool, String)) -> Check {
+    pub(crate) fn host_side((ok, detail): (bool, String)) -> Check {
         if ok {
             Check::pass("host-side nf_tables", detail)
         } else {
@@ -78,7 +78,7 @@ impl Check {
     }
 }
 
-pub struct Inputs<'a> {
+pub(crate) struct Inputs<'a> {
     pub cgroup: Option<&'a Path>,
     pub bpffs: &'a Path,
     /// `run --mount-bpffs`: whether `run` mounts a missing bpffs itself.
@@ -105,13 +105,13 @@ const SECCOMP_FIX: &str = "a seccomp filter refuses bpf(2): runtimes' default pr
      CAP_SYS_ADMIN holders). Upgrade the runtime, or give the pod a Localhost seccomp profile that allows bpf";
 
 /// `check`: every check, the kernel object loaded (and thrown away) among them.
-pub fn run(inputs: &Inputs<'_>) -> Vec<Check> {
+pub(crate) fn run(inputs: &Inputs<'_>) -> Vec<Check> {
     checks(&facts::gather(inputs, true), inputs.bpffs)
 }
 
 /// `run` and `apply`: every check but the kernel object's, which their own load
 /// proves right after; a refusal there is explained by [`object_refused`].
-pub fn before_load(inputs: &Inputs<'_>) -> (Facts, Vec<Check>) {
+pub(crate) fn before_load(inputs: &Inputs<'_>) -> (Facts, Vec<Check>) {
     let facts = facts::gather(inputs, false);
     let checks = checks(&facts, inputs.bpffs);
     (facts, checks)
@@ -119,7 +119,7 @@ pub fn before_load(inputs: &Inputs<'_>) -> (Facts, Vec<Check>) {
 
 /// The checks of [`before_load`] with the kernel object refused as `e` says: a failed
 /// load of `run` or `apply`, in the words (and with the fix) `check` would give.
-pub fn object_refused(mut facts: Facts, bpffs: &Path, e: &anyhow::Error) -> Vec<Check> {
+pub(crate) fn object_refused(mut facts: Facts, bpffs: &Path, e: &anyhow::Error) -> Vec<Check> {
     facts.object = Some(Err(facts::refusal(e)));
     checks(&facts, bpffs)
 }
@@ -131,7 +131,7 @@ fn checks(facts: &Facts, bpffs: &Path) -> Vec<Check> {
 }
 
 /// The checks, from what was found. Pure: no kernel, no files.
-pub fn judge(f: &Facts) -> Vec<Check> {
+pub(crate) fn judge(f: &Facts) -> Vec<Check> {
     let has = |bit: u32| f.caps & (1u64 << bit) != 0;
     let mut checks = vec![kernel_check(f)];
     checks.push(match &f.cgroup {
@@ -327,7 +327,7 @@ fn pins_check(f: &Facts) -> Check {
     }
 }
 
-pub fn has_failure(checks: &[Check]) -> bool {
+pub(crate) fn has_failure(checks: &[Check]) -> bool {
     checks.iter().any(|c| c.outcome == Outcome::Fail)
 }
 
@@ -336,13 +336,13 @@ fn kernel_release() -> String {
 }
 
 /// (major, minor) of the running kernel; (0, 0) when unreadable.
-pub fn kernel_version() -> (u32, u32) {
+pub(crate) fn kernel_version() -> (u32, u32) {
     let release = kernel_release();
     let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
-pub fn print_human(checks: &[Check]) {
+pub(crate) fn print_human(checks: &[Check]) {
     for c in checks {
         let tag = match c.outcome {
             Outcome::Pass => "ok  ",

@@ -6,7 +6,10 @@
 
 use std::{io, net::IpAddr};
 
-use crate::{attr::Attrs, socket::NlSocket};
+use crate::{
+    attr::Attrs,
+    socket::{NetlinkError, NlSocket},
+};
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
@@ -179,7 +182,7 @@ pub fn egress_filters(sock: &mut NlSocket, ifindex: u32) -> io::Result<Vec<TcFil
     let replies = match sock.dump(RTM_GETTFILTER, &body) {
         Ok(r) => r,
         // No clsact (or no such device): no filters.
-        Err(e) if netlink_errno(&e).is_some_and(|n| n == libc::EINVAL || n == libc::ENOENT || n == libc::ENODEV) => {
+        Err(e) if matches!(NetlinkError::errno_of(&e), Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)) => {
             return Ok(Vec::new());
         }
         Err(e) => return Err(e),
@@ -225,13 +228,9 @@ pub fn delete_egress_filter(sock: &mut NlSocket, ifindex: u32, priority: u16, ha
     let message = crate::socket::Message { kind: RTM_DELTFILTER, flags: 0, body };
     match sock.request(&[message], |_| true) {
         Ok(()) => Ok(()),
-        Err(e) if netlink_errno(&e).is_some_and(|n| n == libc::ENOENT) => Ok(()),
+        Err(e) if NetlinkError::errno_of(&e) == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-fn netlink_errno(e: &io::Error) -> Option<i32> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<crate::NetlinkError>()).map(|n| n.errno)
 }
 
 /// Subscribes `sock` to the multicast group `group` (`RTNLGRP_*`).

@@ -57,6 +57,15 @@ impl fmt::Display for NetlinkError {
 
 impl std::error::Error for NetlinkError {}
 
+impl NetlinkError {
+    /// The errno behind a failed exchange of an [`NlSocket`]: the kernel's answer to
+    /// a refused message, or else the system call's own. Callers sort failures by
+    /// it right here, at the edge, so no errno is dug out of an error chain later.
+    pub fn errno_of(e: &io::Error) -> Option<i32> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<NetlinkError>()).map(|n| n.errno).or(e.raw_os_error())
+    }
+}
+
 /// One message received: type, flags, body after the 16-byte header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Received {

@@ -12,7 +12,7 @@ use crate::{attempt::Attempt, pod_identity::Workload};
 
 /// Names the layout below. Fields may be added within `v1`; renaming, removing or
 /// changing the meaning of one needs `v2`.
-pub const SCHEMA: &str = "metadata-guard.audit/v1";
+pub(crate) const SCHEMA: &str = "metadata-guard.audit/v1";
 
 /// One line of the audit trail: attempts by one workload to reach one blocked
 /// destination, counted.
@@ -130,7 +130,7 @@ pub struct Record<S, T> {
 }
 
 /// A record as the agent writes it.
-pub type AuditRecord<'a> = Record<&'a str, SystemTime>;
+pub(crate) type AuditRecord<'a> = Record<&'a str, SystemTime>;
 
 /// One line of the trail as a reader gets it back: an `AuditRecord` (`kind:
 /// "attempts"`) or a `GapRecord` (`kind: "gap"`, whose attempt fields are absent:
@@ -155,7 +155,7 @@ pub type RecordLine = Record<String, String>;
 /// }
 /// ```
 #[derive(Clone, Debug, Serialize)]
-pub struct GapRecord<'a> {
+pub(crate) struct GapRecord<'a> {
     pub schema: &'static str,
     pub kind: &'static str,
     #[serde(serialize_with = "rfc3339_millis")]
@@ -167,7 +167,7 @@ pub struct GapRecord<'a> {
 }
 
 impl<'a> GapRecord<'a> {
-    pub fn new(time: SystemTime, node: &'a str, mode: &'a str, suppressed: u64, lost: u64) -> GapRecord<'a> {
+    pub(crate) fn new(time: SystemTime, node: &'a str, mode: &'a str, suppressed: u64, lost: u64) -> GapRecord<'a> {
         GapRecord {
             schema: SCHEMA,
             kind: "gap",

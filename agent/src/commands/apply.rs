@@ -19,7 +19,7 @@ use crate::{
     uplink,
 };
 
-pub fn apply(req: &enforce::Request) -> Result<()> {
+pub(crate) fn apply(req: &enforce::Request) -> Result<()> {
     let mut installed = enforce::install(req, "apply").map_err(|e| match e {
         InstallError::AlreadyRunning(held) => anyhow::Error::new(held).context(
             "apply changed nothing: an agent already runs on this node and keeps its own configuration in force \

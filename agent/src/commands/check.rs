@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::{hostside, preflight, uplink};
 
 /// Prints the checks; `Ok(false)` when one failed (the command exits 1).
-pub fn check(inputs: &preflight::Inputs<'_>, host_netns: Option<&Path>, json: bool) -> Result<bool> {
+pub(crate) fn check(inputs: &preflight::Inputs<'_>, host_netns: Option<&Path>, json: bool) -> Result<bool> {
     let mut checks = preflight::run(inputs);
     checks.push(preflight::Check::host_side(hostside::check(host_netns)));
     checks.push(preflight::Check::uplink(uplink::check(host_netns)));

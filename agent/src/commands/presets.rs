@@ -4,7 +4,7 @@
 
 use crate::policy;
 
-pub fn presets() {
+pub(crate) fn presets() {
     for preset in policy::Preset::ALL {
         println!("{}\n  {}", preset.name(), preset.describe());
         for rule in preset.rules() {

@@ -34,7 +34,7 @@ use crate::{
 
 /// Runs the agent until SIGTERM or SIGINT (`Ok`) or until a subsystem fails; with
 /// `detach_on_exit`, removes the enforcement on the way out.
-pub fn run(req: enforce::Request, detach_on_exit: bool) -> Result<()> {
+pub(crate) fn run(req: enforce::Request, detach_on_exit: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         // First, so that a signal during start-up is queued, not fatal.

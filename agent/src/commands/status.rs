@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::{enforce, hostside, loader, uplink};
 
-pub fn status(bpffs: &Path, host_netns: Option<&Path>, json: bool) -> Result<()> {
+pub(crate) fn status(bpffs: &Path, host_netns: Option<&Path>, json: bool) -> Result<()> {
     let mut status = loader::status::read(bpffs)?;
     if let Some(conceal) = status.conceal.as_mut() {
         loader::status_conceal::check_listening(conceal, host_netns);

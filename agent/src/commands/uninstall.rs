@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use crate::{hostside, loader, uplink};
 
-pub fn uninstall(bpffs: &Path, host_netns: Option<&Path>) -> Result<()> {
+pub(crate) fn uninstall(bpffs: &Path, host_netns: Option<&Path>) -> Result<()> {
     // Refused (before anything is touched) while an agent runs, as below.
     if loader::pins::AgentLock::is_held(bpffs) {
         loader::uninstall(bpffs)?;

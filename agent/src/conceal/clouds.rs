@@ -14,14 +14,14 @@ use super::grammar::{Param, Value};
 
 /// A cloud whose metadata paths the proxy knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Cloud {
+pub(crate) enum Cloud {
     Aws,
     Gcp,
     Azure,
 }
 
 impl Cloud {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Cloud::Aws => "aws",
             Cloud::Gcp => "gcp",
@@ -32,7 +32,7 @@ impl Cloud {
 
 /// Request methods a rule covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Methods {
+pub(crate) enum Methods {
     /// GET and HEAD.
     Read,
     /// PUT only (the IMDSv2 session token).
@@ -40,7 +40,7 @@ pub enum Methods {
 }
 
 impl Methods {
-    pub fn covers(self, method: &str) -> bool {
+    pub(crate) fn covers(self, method: &str) -> bool {
         match self {
             Methods::Read => method == "GET" || method == "HEAD",
             Methods::Put => method == "PUT",
@@ -50,7 +50,7 @@ impl Methods {
 
 /// One path rule: a name for logs and refusals, a metrics class, methods and pattern.
 #[derive(Clone, Copy, Debug)]
-pub struct Rule {
+pub(crate) struct Rule {
     pub name: &'static str,
     pub class: &'static str,
     pub methods: Methods,
@@ -67,14 +67,14 @@ const fn deny(name: &'static str, pattern: &'static str) -> Rule {
 
 /// A header the cloud's metadata service requires, and how it refuses without it.
 #[derive(Clone, Copy, Debug)]
-pub struct RequiredHeader {
+pub(crate) struct RequiredHeader {
     pub name: &'static str,
     /// Compared case-insensitively, as the services do.
     pub value: &'static str,
 }
 
 #[derive(Debug)]
-pub struct CloudRules {
+pub(crate) struct CloudRules {
     pub cloud: Cloud,
     /// Paths are matched lower-cased (the service itself ignores case).
     pub case_insensitive: bool,
@@ -96,7 +96,7 @@ pub struct CloudRules {
 /// AWS IMDS (also OpenStack's EC2-compatible tree). botocore gives up on a 404 at
 /// once: its credential fetcher makes one attempt (`AWS_METADATA_SERVICE_NUM_ATTEMPTS`
 /// defaults to 1) and a non-200 answer ends the lookup with no credentials.
-pub static AWS: CloudRules = CloudRules {
+pub(crate) static AWS: CloudRules = CloudRules {
     cloud: Cloud::Aws,
     case_insensitive: false,
     required_header: None,
@@ -133,7 +133,7 @@ pub static AWS: CloudRules = CloudRules {
 
 /// GCE metadata server. google-auth treats any non-200 as "no credentials here"
 /// without retrying (it retries only transport errors and 5xx).
-pub static GCP: CloudRules = CloudRules {
+pub(crate) static GCP: CloudRules = CloudRules {
     cloud: Cloud::Gcp,
     case_insensitive: false,
     required_header: Some(RequiredHeader { name: "metadata-flavor", value: "Google" }),
@@ -175,7 +175,7 @@ pub static GCP: CloudRules = CloudRules {
 /// Azure IMDS. azure-identity retries 404 and 5xx with back-off but reads a 400 as
 /// "this identity is not available here" at once, so refusals are 400, as is the
 /// service's own answer without `Metadata: true`.
-pub static AZURE: CloudRules = CloudRules {
+pub(crate) static AZURE: CloudRules = CloudRules {
     cloud: Cloud::Azure,
     case_insensitive: true,
     required_header: Some(RequiredHeader { name: "metadata", value: "true" }),
@@ -211,11 +211,11 @@ pub static AZURE: CloudRules = CloudRules {
     ],
 };
 
-pub static ALL: [&CloudRules; 3] = [&AWS, &GCP, &AZURE];
+pub(crate) static ALL: [&CloudRules; 3] = [&AWS, &GCP, &AZURE];
 
 /// Which cloud's rules judge a path, from its first segment: the three services'
 /// trees do not overlap.
-pub fn route(first_segment: &str) -> Option<&'static CloudRules> {
+pub(crate) fn route(first_segment: &str) -> Option<&'static CloudRules> {
     if first_segment == "latest" || is_aws_date(first_segment) {
         Some(&AWS)
     } else if first_segment == "computeMetadata" {
@@ -227,4 +227,4 @@ pub fn route(first_segment: &str) -> Option<&'static CloudRules> {
     }
 }
 
-pub use crate::config::is_aws_date;
+pub(crate) use crate::config::is_aws_date;

@@ -11,7 +11,7 @@ use super::{
 };
 
 /// What the proxy knows about a request when it decides.
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     pub method: &'a str,
     pub path: &'a NormalPath,
     /// The raw query string, without `?`.
@@ -21,7 +21,7 @@ pub struct Request<'a> {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     Pass {
         cloud: Option<Cloud>,
         /// For metrics: listing, placement, instance, token, extra, ...
@@ -38,7 +38,7 @@ pub enum Decision {
 }
 
 impl Decision {
-    pub fn rule(&self) -> &str {
+    pub(crate) fn rule(&self) -> &str {
         match self {
             Decision::Pass { rule, .. } | Decision::Refuse { rule, .. } => rule,
         }
@@ -46,9 +46,9 @@ impl Decision {
 }
 
 /// Status for requests no cloud's rules cover (an unknown tree, a bad path).
-pub const UNKNOWN_STATUS: u16 = 404;
+pub(crate) const UNKNOWN_STATUS: u16 = 404;
 
-pub fn decide(req: &Request<'_>, extras: &[&ExtraPaths]) -> Decision {
+pub(crate) fn decide(req: &Request<'_>, extras: &[&ExtraPaths]) -> Decision {
     if req.path.segments.is_empty() {
         // `GET /` lists the API trees; google-auth pings it to detect GCE.
         return if Methods::Read.covers(req.method) && req.query.is_none() {

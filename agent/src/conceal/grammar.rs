@@ -28,12 +28,12 @@
 use std::fmt;
 
 /// The bytes a path segment may hold, after percent-decoding.
-pub fn segment_byte_allowed(b: u8) -> bool {
+pub(crate) fn segment_byte_allowed(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"._~:@=+-".contains(&b)
 }
 
 /// Why a segment is refused (after decoding).
-pub fn segment_problem(segment: &str) -> Option<&'static str> {
+pub(crate) fn segment_problem(segment: &str) -> Option<&'static str> {
     if segment == "." || segment == ".." {
         return Some("a `.` or `..` segment (dot segments are refused, not resolved)");
     }
@@ -51,13 +51,13 @@ pub fn segment_problem(segment: &str) -> Option<&'static str> {
 
 /// The raw target's own check, before any decoding: no `;` anywhere (path parameters,
 /// or a query separator to servers that take one).
-pub fn raw_target_problem(target: &str) -> Option<&'static str> {
+pub(crate) fn raw_target_problem(target: &str) -> Option<&'static str> {
     target.contains(';').then_some("a `;` in the request target")
 }
 
 /// What one query parameter's value may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Value {
+pub(crate) enum Value {
     /// Exactly `true` (GCP's `recursive`, `wait_for_change`): anything else is not
     /// read the same way by every server (`True`, `1`, `False`, `no`, empty).
     True,
@@ -89,21 +89,21 @@ impl Value {
 
 /// A query parameter a cloud's service takes, and its value's grammar.
 #[derive(Clone, Copy, Debug)]
-pub struct Param {
+pub(crate) struct Param {
     pub name: &'static str,
     pub value: Value,
 }
 
 /// A query, parsed: known parameters with checked values, in the client's order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Query {
+pub(crate) struct Query {
     pub pairs: Vec<(&'static str, String)>,
 }
 
 impl Query {
     /// Parses `raw` (without `?`) against the parameters `known`. Names are matched
     /// exactly; each may come once; values are percent-decoded once, then checked.
-    pub fn parse(raw: Option<&str>, known: &[Param]) -> Result<Query, String> {
+    pub(crate) fn parse(raw: Option<&str>, known: &[Param]) -> Result<Query, String> {
         let mut pairs: Vec<(&'static str, String)> = Vec::new();
         let Some(raw) = raw else { return Ok(Query::default()) };
         if raw.is_empty() {
@@ -129,16 +129,16 @@ impl Query {
         Ok(Query { pairs })
     }
 
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
     }
 
     /// `recursive=true` was asked for.
-    pub fn recursive(&self) -> bool {
+    pub(crate) fn recursive(&self) -> bool {
         self.get("recursive").is_some()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.pairs.is_empty()
     }
 }

@@ -22,14 +22,14 @@ use tokio::sync::oneshot;
 
 type Job = (AddressFamily, oneshot::Sender<nix::Result<OwnedFd>>);
 
-pub struct HostSockets {
+pub(crate) struct HostSockets {
     /// None: the agent's own namespace is the host's.
     maker: Option<Mutex<mpsc::Sender<Job>>>,
     netns: Option<PathBuf>,
 }
 
 impl HostSockets {
-    pub fn new(netns: Option<&Path>) -> Result<HostSockets> {
+    pub(crate) fn new(netns: Option<&Path>) -> Result<HostSockets> {
         let Some(path) = netns else {
             return Ok(HostSockets { maker: None, netns: None });
         };
@@ -58,7 +58,7 @@ impl HostSockets {
     }
 
     /// A new non-blocking TCP socket of `addr`'s family, in the host namespace.
-    pub async fn tcp(&self, addr: &SocketAddr) -> Result<tokio::net::TcpSocket> {
+    pub(crate) async fn tcp(&self, addr: &SocketAddr) -> Result<tokio::net::TcpSocket> {
         let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
         let fd = match &self.maker {
             None => new_tcp_socket(family)?,
@@ -72,7 +72,7 @@ impl HostSockets {
     }
 
     /// Listens on `addr` in the host namespace.
-    pub async fn listen(&self, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    pub(crate) async fn listen(&self, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
         let where_ = self.netns.as_ref().map_or_else(|| "the agent's own".into(), |p| p.display().to_string());
         let socket = self.tcp(&addr).await?;
         socket.set_reuseaddr(true)?;

@@ -33,7 +33,7 @@ const GENL_HEADER: usize = 4;
 /// Whether an IPVS virtual service (TCP) has `proxy`'s address and port. A kernel
 /// without IPVS (no generic netlink family, no module loaded) has none: the families
 /// are listed rather than asked for by name, which would load the module.
-pub fn claims(sock: &mut NlSocket, proxy: SocketAddr) -> Result<bool> {
+pub(crate) fn claims(sock: &mut NlSocket, proxy: SocketAddr) -> Result<bool> {
     let families = sock
         .dump(GENL_ID_CTRL, &[CTRL_CMD_GETFAMILY, 1, 0, 0])
         .context("could not list the generic netlink families")?;

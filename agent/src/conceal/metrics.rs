@@ -13,14 +13,14 @@ use crate::{metrics::Metrics, pod_identity::Workload};
 /// Pods with series of their own; the rest share `namespace=""`, `pod=""`.
 const MAX_PODS: usize = 5000;
 
-pub struct ConcealMetrics {
+pub(crate) struct ConcealMetrics {
     requests: IntCounterVec,
     kernel: IntGaugeVec,
     pods: Mutex<HashSet<(String, String)>>,
 }
 
 impl ConcealMetrics {
-    pub fn register(metrics: &Metrics) -> ConcealMetrics {
+    pub(crate) fn register(metrics: &Metrics) -> ConcealMetrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "metadata_guard_conceal_requests_total",
@@ -44,7 +44,7 @@ impl ConcealMetrics {
         ConcealMetrics { requests, kernel, pods: Mutex::default() }
     }
 
-    pub fn request(&self, outcome: &Outcome) {
+    pub(crate) fn request(&self, outcome: &Outcome) {
         let (result, cloud, class) = match &outcome.decision {
             Decision::Pass { cloud, class, .. } => ("passed", cloud.map_or("any", super::clouds::Cloud::name), *class),
             Decision::Refuse { .. } => ("refused", "", ""),
@@ -65,7 +65,7 @@ impl ConcealMetrics {
         self.requests.with_label_values(&[result, cloud, class, &namespace, &pod]).inc();
     }
 
-    pub fn kernel_counters(&self, values: &[u64; conceal_counters::SLOTS as usize]) {
+    pub(crate) fn kernel_counters(&self, values: &[u64; conceal_counters::SLOTS as usize]) {
         let names = [
             (conceal_counters::REDIRECTED, "redirected"),
             (conceal_counters::RECORDED, "recorded"),

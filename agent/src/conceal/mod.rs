@@ -9,29 +9,29 @@
 //! `clouds` (data) through `decide` (logic) on a path in `normalise`d form; on a
 //! credential path, `identity` may answer a pod with its own role's credentials.
 
-pub mod clouds;
-pub mod decide;
-pub mod grammar;
-pub mod host_sockets;
-pub mod identity;
-pub mod ipvs;
-pub mod metrics;
-pub mod normalise;
-pub mod peers;
-pub mod proxy;
-pub mod service;
-pub mod tokens;
+pub(crate) mod clouds;
+pub(crate) mod decide;
+pub(crate) mod grammar;
+pub(crate) mod host_sockets;
+pub(crate) mod identity;
+pub(crate) mod ipvs;
+pub(crate) mod metrics;
+pub(crate) mod normalise;
+pub(crate) mod peers;
+pub(crate) mod proxy;
+pub(crate) mod service;
+pub(crate) mod tokens;
 
 use std::net::SocketAddr;
 
 use metadata_guard_common::PROTO_TCP;
 
-pub use crate::config::ExtraPaths;
+pub(crate) use crate::config::ExtraPaths;
 use crate::policy::{BlockRule, PortMatch};
 
 /// The metadata HTTP endpoints to redirect: those of [`peers::METADATA_HTTP`] that the
 /// policy blocks for TCP port 80.
-pub fn endpoints(block: &[BlockRule]) -> Vec<SocketAddr> {
+pub(crate) fn endpoints(block: &[BlockRule]) -> Vec<SocketAddr> {
     let blocks_http = |rule: &BlockRule, ep: &SocketAddr| {
         rule.cidr.contains(&ep.ip())
             && rule.protocols & PROTO_TCP != 0

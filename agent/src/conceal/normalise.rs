@@ -18,7 +18,7 @@ use super::grammar::segment_problem;
 
 /// A path reduced to its segments.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NormalPath {
+pub(crate) struct NormalPath {
     pub segments: Vec<String>,
     /// The client asked with a trailing slash (a directory listing).
     pub trailing_slash: bool,
@@ -26,7 +26,7 @@ pub struct NormalPath {
 
 /// Why a path has no canonical form.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum PathError {
+pub(crate) enum PathError {
     #[error("the request target is not a path starting with `/` (absolute-form and authority-form are refused)")]
     NotOriginForm,
     #[error("a malformed percent-escape")]
@@ -42,11 +42,11 @@ pub enum PathError {
 }
 
 /// Metadata paths are a handful of segments deep; anything far deeper is an attack.
-pub const MAX_SEGMENTS: usize = 32;
+pub(crate) const MAX_SEGMENTS: usize = 32;
 
 impl NormalPath {
     /// `raw` is the path part of an origin-form request target (no query).
-    pub fn parse(raw: &str) -> Result<NormalPath, PathError> {
+    pub(crate) fn parse(raw: &str) -> Result<NormalPath, PathError> {
         let Some(rest) = raw.strip_prefix('/') else {
             return Err(PathError::NotOriginForm);
         };
@@ -74,7 +74,7 @@ impl NormalPath {
 
     /// The path as sent upstream: segments re-joined (escaping what needs it), with
     /// the trailing slash when the client asked for a listing.
-    pub fn to_upstream(&self) -> String {
+    pub(crate) fn to_upstream(&self) -> String {
         let mut out = String::from("/");
         for (i, segment) in self.segments.iter().enumerate() {
             if i > 0 {
@@ -95,7 +95,7 @@ impl NormalPath {
     }
 
     /// The segments lower-cased, for clouds whose paths are case-insensitive.
-    pub fn lowercase(&self) -> NormalPath {
+    pub(crate) fn lowercase(&self) -> NormalPath {
         NormalPath {
             segments: self.segments.iter().map(|s| s.to_ascii_lowercase()).collect(),
             trailing_slash: self.trailing_slash,

@@ -12,10 +12,10 @@ use crate::{
 /// The rule that conceals the node's IAM paths, where a pod's own identity may answer.
 const CREDENTIALS_RULE: &str = "aws-iam-credentials";
 /// How metrics and logs name a request a pod's own identity answered.
-pub const IDENTITY_RULE: &str = "aws-identity";
+pub(super) const IDENTITY_RULE: &str = "aws-identity";
 
 impl Proxy {
-    pub fn set_identity(&self, source: Option<Arc<dyn IdentitySource>>) {
+    pub(crate) fn set_identity(&self, source: Option<Arc<dyn IdentitySource>>) {
         *self.identity.write().unwrap_or_else(std::sync::PoisonError::into_inner) = source;
     }
 }

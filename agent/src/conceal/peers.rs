@@ -7,10 +7,10 @@ use std::{net::SocketAddr, sync::Mutex};
 use super::proxy::{Origin, Peers};
 use crate::loader::{sock_addr, sock_key, ConcealPeers};
 
-pub struct KernelPeers(Mutex<ConcealPeers>);
+pub(crate) struct KernelPeers(Mutex<ConcealPeers>);
 
 impl KernelPeers {
-    pub fn new(map: ConcealPeers) -> KernelPeers {
+    pub(crate) fn new(map: ConcealPeers) -> KernelPeers {
         KernelPeers(Mutex::new(map))
     }
 }
@@ -30,5 +30,5 @@ impl Peers for KernelPeers {
 /// Metadata HTTP endpoints the proxy knows how to judge; of these, the ones the
 /// policy blocks for TCP port 80 are redirected. (Link-local IPv6 such as
 /// OpenStack's fe80::a9fe:a9fe needs an interface to reach and stays blocked.)
-pub const METADATA_HTTP: [&str; 4] =
+pub(crate) const METADATA_HTTP: [&str; 4] =
     ["169.254.169.254:80", "[fd00:ec2::254]:80", "100.100.100.200:80", "192.0.0.192:80"];

@@ -51,26 +51,26 @@ use super::{
 use crate::pod_identity::Workload;
 
 /// Request head limit; hyper's smallest buffer, far above any metadata client's head.
-pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Headers in one request.
-pub const MAX_HEADERS: usize = 32;
+pub(crate) const MAX_HEADERS: usize = 32;
 /// Largest answer relayed (GCP's recursive network listing is a few KiB).
-pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// A client must send its request head within this.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection is closed after this long, whatever it is doing.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connect plus answer from the metadata service.
-pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections one pod holds at once; more are answered 503 at once.
-pub const PER_POD_CONNECTIONS: usize = 16;
+pub(crate) const PER_POD_CONNECTIONS: usize = 16;
 /// Connections served at once by the whole proxy; more wait in the accept queue.
-pub const MAX_CONNECTIONS: usize = 512;
+pub(crate) const MAX_CONNECTIONS: usize = 512;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What the kernel recorded about a redirected connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Origin {
+pub(crate) struct Origin {
     pub cgroup_id: u64,
     /// The pod's network namespace (0 where the kernel could not tell).
     pub netns_cookie: u64,
@@ -79,13 +79,13 @@ pub struct Origin {
 }
 
 /// The kernel's record of redirected connections, by the pod end's address and port.
-pub trait Peers: Send + Sync + 'static {
+pub(crate) trait Peers: Send + Sync + 'static {
     fn origin(&self, peer: SocketAddr) -> Option<Origin>;
 }
 
 /// One judged request, for the audit trail and metrics.
 #[derive(Clone, Debug)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub cgroup_id: u64,
     pub workload: Workload,
     pub destination: SocketAddr,
@@ -100,10 +100,10 @@ pub struct Outcome {
     pub identity: Option<crate::attempt::IdentityNote>,
 }
 
-pub type Identify = Arc<dyn Fn(u64) -> Workload + Send + Sync>;
-pub type Report = Arc<dyn Fn(Outcome) + Send + Sync>;
+pub(crate) type Identify = Arc<dyn Fn(u64) -> Workload + Send + Sync>;
+pub(crate) type Report = Arc<dyn Fn(Outcome) + Send + Sync>;
 
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub peers: Arc<dyn Peers>,
     pub identify: Identify,
     pub report: Report,
@@ -121,7 +121,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(
+    pub(crate) fn new(
         peers: Arc<dyn Peers>,
         identify: Identify,
         report: Report,
@@ -143,16 +143,16 @@ impl Proxy {
         }
     }
 
-    pub fn set_endpoints(&self, endpoints: Vec<SocketAddr>) {
+    pub(crate) fn set_endpoints(&self, endpoints: Vec<SocketAddr>) {
         *self.endpoints.write().unwrap_or_else(std::sync::PoisonError::into_inner) = endpoints;
     }
 
-    pub fn set_extras(&self, extras: Vec<ExtraPaths>) {
+    pub(crate) fn set_extras(&self, extras: Vec<ExtraPaths>) {
         *self.extras.write().unwrap_or_else(std::sync::PoisonError::into_inner) = extras;
     }
 
     /// Accepts and serves connections until `shutdown` turns true.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else { return };

@@ -47,7 +47,7 @@ const TICK: Duration = Duration::from_secs(1);
 /// How often pods' kept credentials are checked against the pods still running.
 const FORGET_INTERVAL: Duration = Duration::from_secs(5);
 
-pub struct Conceal {
+pub(crate) struct Conceal {
     host_netns: Option<PathBuf>,
     condition: Condition,
     /// Asks IPVS whether a virtual service claims the proxy's address (`ipvs`).
@@ -67,14 +67,14 @@ struct Bound {
 
 impl Conceal {
     /// `host_netns`: where the proxy's sockets live (`--host-netns`; None: the agent's own).
-    pub fn new(ctx: &Context, host_netns: Option<PathBuf>) -> Conceal {
+    pub(crate) fn new(ctx: &Context, host_netns: Option<PathBuf>) -> Conceal {
         Conceal { host_netns, condition: ctx.readiness.condition("conceal", "not started"), ipvs: Mutex::default() }
     }
 
     /// Follows the policy in force until shutdown. In conceal mode, a proxy that cannot
     /// be bound is retried every second, with the readiness condition saying why;
     /// meanwhile pods' metadata connections are refused as in enforce mode.
-    pub async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
+    pub(crate) async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
         let metrics = Arc::new(ConcealMetrics::register(&ctx.metrics));
         let identity_metrics = Arc::new(IdentityMetrics::register(&ctx.metrics));
         let mut forgot_at = std::time::Instant::now();

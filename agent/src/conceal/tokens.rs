@@ -24,14 +24,14 @@ use std::{
 };
 
 /// The request header that carries a token, and the one that asks for a TTL.
-pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
-pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+pub(crate) const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+pub(crate) const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 /// IMDS's longest token life (6 hours); 1 second is its shortest.
-pub const MAX_TTL_SECONDS: u64 = 21_600;
+pub(crate) const MAX_TTL_SECONDS: u64 = 21_600;
 /// Live tokens one pod holds; SDKs hold one, refreshed before it expires.
-pub const TOKENS_PER_POD: usize = 32;
+pub(crate) const TOKENS_PER_POD: usize = 32;
 /// Pods holding tokens at once (a node runs a few hundred at most).
-pub const MAX_HOLDERS: usize = 4096;
+pub(crate) const MAX_HOLDERS: usize = 4096;
 /// Random bytes in a token: 256 bits.
 const TOKEN_BYTES: usize = 32;
 /// How often a mint sweeps every pod's expired tokens.
@@ -39,7 +39,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Who a token is bound to: the kernel's record of the connection that asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Holder {
+pub(crate) enum Holder {
     /// The pod's network namespace (its cookie): every container of the pod, only it.
     Netns(u64),
     /// A kernel that recorded no namespace cookie: the container's cgroup.
@@ -47,7 +47,7 @@ pub enum Holder {
 }
 
 impl Holder {
-    pub fn of(netns_cookie: u64, cgroup_id: u64) -> Holder {
+    pub(crate) fn of(netns_cookie: u64, cgroup_id: u64) -> Holder {
         if netns_cookie != 0 {
             Holder::Netns(netns_cookie)
         } else {
@@ -58,7 +58,7 @@ impl Holder {
 
 /// Why a token PUT is refused (each answered 400, as IMDS does).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TtlError {
+pub(crate) enum TtlError {
     #[error("the token PUT has no `X-aws-ec2-metadata-token-ttl-seconds` header")]
     Missing,
     #[error("`X-aws-ec2-metadata-token-ttl-seconds` must be a whole number of seconds from 1 to {MAX_TTL_SECONDS}")]
@@ -66,7 +66,7 @@ pub enum TtlError {
 }
 
 /// The TTL a token PUT asks for, as IMDS reads it.
-pub fn requested_ttl(header: Option<&str>) -> Result<Duration, TtlError> {
+pub(crate) fn requested_ttl(header: Option<&str>) -> Result<Duration, TtlError> {
     let text = header.ok_or(TtlError::Missing)?.trim();
     if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(TtlError::Invalid);
@@ -95,11 +95,11 @@ struct Inner {
 
 /// The tokens the proxy has minted for pods.
 #[derive(Default)]
-pub struct PodTokens(Mutex<Inner>);
+pub(crate) struct PodTokens(Mutex<Inner>);
 
 impl PodTokens {
     /// A new token for `holder`, valid for `ttl` from `now`, as the text a client sends back.
-    pub fn mint(&self, holder: Holder, ttl: Duration, now: Instant) -> std::io::Result<String> {
+    pub(crate) fn mint(&self, holder: Holder, ttl: Duration, now: Instant) -> std::io::Result<String> {
         let mut secret = [0u8; TOKEN_BYTES];
         fill_random(&mut secret)?;
         let mut inner = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -124,7 +124,7 @@ impl PodTokens {
     }
 
     /// Whether `token` is a live token minted for `holder`.
-    pub fn valid(&self, holder: Holder, token: &str, now: Instant) -> bool {
+    pub(crate) fn valid(&self, holder: Holder, token: &str, now: Instant) -> bool {
         let Some(secret) = unhex(token.trim()) else { return false };
         let inner = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         inner.by_token.get(&secret).is_some_and(|m| m.holder == holder && now < m.expires)
@@ -209,7 +209,7 @@ fn unhex(text: &str) -> Option<Secret> {
 /// The agent's own token for one metadata endpoint, fetched from the host's network
 /// namespace and refreshed before it expires.
 #[derive(Clone, Debug, Default)]
-pub struct UpstreamToken {
+pub(crate) struct UpstreamToken {
     pub token: Option<String>,
     pub refresh_at: Option<Instant>,
     /// After a failed fetch: no new attempt before this (requests go without a token).
@@ -217,35 +217,35 @@ pub struct UpstreamToken {
 }
 
 /// The TTL the agent asks for its own tokens, and how long before expiry it renews.
-pub const UPSTREAM_TTL: Duration = Duration::from_secs(MAX_TTL_SECONDS);
-pub const UPSTREAM_RENEW_BEFORE: Duration = Duration::from_secs(600);
+pub(crate) const UPSTREAM_TTL: Duration = Duration::from_secs(MAX_TTL_SECONDS);
+pub(crate) const UPSTREAM_RENEW_BEFORE: Duration = Duration::from_secs(600);
 /// After the service refused or failed a token PUT.
-pub const UPSTREAM_RETRY: Duration = Duration::from_secs(10);
+pub(crate) const UPSTREAM_RETRY: Duration = Duration::from_secs(10);
 
 impl UpstreamToken {
     /// The token to use at `now`, if it is live.
-    pub fn current(&self, now: Instant) -> Option<&str> {
+    pub(crate) fn current(&self, now: Instant) -> Option<&str> {
         self.token.as_deref().filter(|_| self.refresh_at.is_some_and(|t| now < t))
     }
 
     /// Whether a fetch may be tried at `now`.
-    pub fn may_fetch(&self, now: Instant) -> bool {
+    pub(crate) fn may_fetch(&self, now: Instant) -> bool {
         self.retry_at.is_none_or(|t| now >= t)
     }
 
-    pub fn fetched(&mut self, token: String, now: Instant) {
+    pub(crate) fn fetched(&mut self, token: String, now: Instant) {
         self.token = Some(token);
         self.refresh_at = Some(now + UPSTREAM_TTL - UPSTREAM_RENEW_BEFORE);
         self.retry_at = None;
     }
 
-    pub fn failed(&mut self, now: Instant) {
+    pub(crate) fn failed(&mut self, now: Instant) {
         self.token = None;
         self.retry_at = Some(now + UPSTREAM_RETRY);
     }
 
     /// The service said the token is no longer good (401): fetch a new one next time.
-    pub fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         self.token = None;
         self.refresh_at = None;
         self.retry_at = None;

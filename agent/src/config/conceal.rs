@@ -9,7 +9,7 @@ use crate::policy::Pattern;
 
 /// Conceal mode's settings, beside the mode itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ConcealConfig {
+pub(crate) struct ConcealConfig {
     /// Where the proxy listens, in the host's network namespace; required in conceal mode.
     pub addr: Option<SocketAddr>,
     pub extra_paths: Vec<ExtraPaths>,
@@ -23,24 +23,24 @@ pub struct ConcealConfig {
 /// a whole tree), GET and HEAD only.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExtraPaths {
+pub(crate) struct ExtraPaths {
     pub namespace: Pattern,
     pub pod: Pattern,
     pub paths: Vec<String>,
 }
 
 impl ExtraPaths {
-    pub fn applies_to(&self, namespace: &str, pod: &str) -> bool {
+    pub(crate) fn applies_to(&self, namespace: &str, pod: &str) -> bool {
         self.namespace.matches(namespace) && self.pod.matches(pod)
     }
 
     /// How refusals, audit records and metrics name this rule.
-    pub fn rule_name(&self) -> String {
+    pub(crate) fn rule_name(&self) -> String {
         format!("extra:{}/{}", self.namespace, self.pod)
     }
 
     /// Each path must be absolute and hold only segments the proxy can ever match.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         for path in &self.paths {
             if !path.starts_with('/') {
                 return Err(format!("path `{path}` must start with `/`"));
@@ -74,7 +74,7 @@ impl ExtraPaths {
 /// (`latest` or a dated version), GCP (`computeMetadata`) or Azure (`metadata`). The
 /// trees do not overlap; the conceal proxy's `clouds::route` picks the cloud's rules
 /// by the same segment (a test there keeps the two in step).
-pub fn known_metadata_tree(first_segment: &str) -> bool {
+pub(crate) fn known_metadata_tree(first_segment: &str) -> bool {
     first_segment == "latest"
         || is_aws_date(first_segment)
         || first_segment == "computeMetadata"
@@ -82,7 +82,7 @@ pub fn known_metadata_tree(first_segment: &str) -> bool {
 }
 
 /// `2021-07-15`: the dated API versions IMDS serves beside `latest`.
-pub fn is_aws_date(segment: &str) -> bool {
+pub(crate) fn is_aws_date(segment: &str) -> bool {
     let b = segment.as_bytes();
     b.len() == 10 && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
 }

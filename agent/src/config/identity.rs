@@ -6,26 +6,26 @@
 use std::{fmt, str::FromStr, time::Duration};
 
 /// The kubelet's state directory, where each pod's volumes are.
-pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
+pub(crate) const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 /// Credentials asked for, per exchange: STS's default, and its minimum is 15 minutes.
-pub const DEFAULT_SESSION_DURATION: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_SESSION_DURATION: Duration = Duration::from_secs(3600);
 /// STS's bounds for `DurationSeconds` (the role's own maximum may be lower).
-pub const MIN_SESSION_DURATION: Duration = Duration::from_secs(900);
-pub const MAX_SESSION_DURATION: Duration = Duration::from_secs(12 * 3600);
+pub(crate) const MIN_SESSION_DURATION: Duration = Duration::from_secs(900);
+pub(crate) const MAX_SESSION_DURATION: Duration = Duration::from_secs(12 * 3600);
 /// Credentials are renewed this long before they expire, and a pod never gets ones
 /// with less left: botocore and the Java SDK refresh 15 minutes ahead (the Go SDK 5
 /// to 10), so a pod's SDK never finds what it was given already due for refresh.
-pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(15 * 60);
+pub(crate) const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(15 * 60);
 
 /// `conceal.identity`: which clouds' identities pods get.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct IdentityConfig {
+pub(crate) struct IdentityConfig {
     pub aws: Option<AwsIdentityConfig>,
 }
 
 /// `conceal.identity.aws`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AwsIdentityConfig {
+pub(crate) struct AwsIdentityConfig {
     /// None: the regional endpoint of the node's region, learned from IMDS.
     pub sts_endpoint: Option<Endpoint>,
     /// The projected volume holding the token; None: the pod's `kube-api-access-*`.
@@ -49,7 +49,7 @@ impl Default for AwsIdentityConfig {
 
 /// One `conceal.identity.aws.roles` entry: a service account of a namespace, and its role.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RoleMapping {
+pub(crate) struct RoleMapping {
     pub namespace: String,
     pub service_account: String,
     pub role_arn: RoleArn,
@@ -57,18 +57,18 @@ pub struct RoleMapping {
 
 /// An IAM role's ARN, `arn:<partition>:iam::<account>:role/<path/>name`, checked.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct RoleArn {
+pub(crate) struct RoleArn {
     text: String,
     name: String,
 }
 
 impl RoleArn {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.text
     }
 
     /// The role's name: what `iam/security-credentials/` lists.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 }
@@ -111,7 +111,7 @@ impl FromStr for RoleArn {
 
 /// The first entry that repeats an earlier one's namespace and service account: each
 /// service account gets one role, so a second would be ambiguous.
-pub fn first_duplicate(roles: &[RoleMapping]) -> Option<usize> {
+pub(crate) fn first_duplicate(roles: &[RoleMapping]) -> Option<usize> {
     (1..roles.len()).find(|&i| {
         roles[..i].iter().any(|r| r.namespace == roles[i].namespace && r.service_account == roles[i].service_account)
     })
@@ -119,7 +119,7 @@ pub fn first_duplicate(roles: &[RoleMapping]) -> Option<usize> {
 
 /// An `http://` or `https://` endpoint: host, port and path, nothing else.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     pub tls: bool,
     pub host: String,
     pub port: u16,
@@ -128,7 +128,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// The regional STS endpoint of `region` (`cn-*` regions are in `amazonaws.com.cn`).
-    pub fn regional_sts(region: &str) -> Result<Endpoint, String> {
+    pub(crate) fn regional_sts(region: &str) -> Result<Endpoint, String> {
         let plain = !region.is_empty()
             && region.len() <= 32
             && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');

@@ -24,16 +24,16 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// `enforcement`, holds while every hook is attached to the cgroup, every map pinned
 /// and the policy in force written. Runs on a thread of its own (`repair` loads and
 /// attaches).
-pub struct Enforcement {
+pub(crate) struct Enforcement {
     condition: Condition,
 }
 
 impl Enforcement {
-    pub fn new(ctx: &Context) -> Enforcement {
+    pub(crate) fn new(ctx: &Context) -> Enforcement {
         Enforcement { condition: ctx.readiness.condition("enforcement", "not checked yet") }
     }
 
-    pub async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
+    pub(crate) async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         // What was last reported, so that an outage is logged when it changes, not every second.
         let (mut reported, mut last_error): (Vec<Fault>, Option<String>) = (Vec::new(), None);

@@ -30,7 +30,7 @@ const CANNOT_ENFORCE: &str =
     "this node cannot enforce the block (see the failed checks above); refusing to start half-working";
 
 /// What to install and where (`run` and `apply`; the command line builds it).
-pub struct Request {
+pub(crate) struct Request {
     pub config: ConfigArgs,
     /// The bpffs directory for the pinned links and maps.
     pub bpffs: PathBuf,
@@ -52,7 +52,7 @@ pub struct Request {
 
 /// Why [`install`] failed, where its callers tell the cases apart.
 #[derive(Debug, thiserror::Error)]
-pub enum InstallError {
+pub(crate) enum InstallError {
     /// Another agent holds the node lock (and owns the enforcement).
     #[error(transparent)]
     AlreadyRunning(#[from] AlreadyRunning),
@@ -61,7 +61,7 @@ pub enum InstallError {
 }
 
 /// The guard in the kernel, with the node lock held.
-pub struct Installed {
+pub(crate) struct Installed {
     pub config: Config,
     pub policy: CompiledPolicy,
     pub cgroup: PathBuf,
@@ -75,7 +75,7 @@ pub struct Installed {
 
 /// Loads the configuration, checks the node, takes the node lock and installs (or
 /// adopts and updates) the pinned enforcement; records `command` as its origin.
-pub fn install(req: &Request, command: &str) -> Result<Installed, InstallError> {
+pub(crate) fn install(req: &Request, command: &str) -> Result<Installed, InstallError> {
     let config = config::load(&req.config).map_err(anyhow::Error::from)?;
     let policy = config.compile_policy().map_err(anyhow::Error::from)?;
 
@@ -130,7 +130,7 @@ pub fn install(req: &Request, command: &str) -> Result<Installed, InstallError> 
         info!(path = %old.display(), "removed the pins of another layout version after attaching ours");
     }
     // The second enforcement point: packets entering the host, by final destination.
-    let mut host = HostTable::open(req.host_netns.as_deref(), &cgroup)?;
+    let mut host = HostTable::open(req.host_netns.as_deref(), &cgroup).map_err(anyhow::Error::from)?;
     host.set_conceal(hostside::conceal_target(&config));
     host.set_policy(&hostside::policy(&config)?, config.mode == config::Mode::Audit)?;
     info!(table = hostside::TABLE, "host side: packets entering the node are judged after DNAT");

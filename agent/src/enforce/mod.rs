@@ -7,7 +7,7 @@
 mod health;
 mod install;
 
-pub use self::{
+pub(crate) use self::{
     health::Enforcement,
     install::{install, InstallError, Installed, Request},
 };
@@ -15,7 +15,7 @@ use crate::hostside::{self, HostStatus};
 
 /// Whether the guard is enforcing, and what keeps it from enforcing fully.
 #[derive(Debug, Default)]
-pub struct Enforcing {
+pub(crate) struct Enforcing {
     pub enforcing: bool,
     /// Empty when `enforcing` (and when nothing is installed).
     pub problems: Vec<String>,
@@ -27,7 +27,7 @@ pub struct Enforcing {
 /// host network namespace, awake. `host`: the table as read (None where it is judged
 /// elsewhere, e.g. by the `host side` subsystem's own readiness condition; a table
 /// that could not be read is not counted against it).
-pub fn enforcing(kernel_installed: bool, kernel_problems: Vec<String>, host: Option<&HostStatus>) -> Enforcing {
+pub(crate) fn enforcing(kernel_installed: bool, kernel_problems: Vec<String>, host: Option<&HostStatus>) -> Enforcing {
     let mut problems = kernel_problems;
     if kernel_installed {
         if let Some(host) = host.filter(|h| h.unreadable.is_none()) {

@@ -6,5 +6,5 @@
 mod pipeline;
 mod reader;
 
-pub use pipeline::Pipeline;
-pub use reader::EventReader;
+pub(crate) use pipeline::Pipeline;
+pub(crate) use reader::EventReader;

@@ -27,7 +27,7 @@ const IDENTITY_SWEEP: Duration = Duration::from_secs(30);
 /// Events handled per wake-up, so a storm cannot starve the audit ticks.
 const EVENT_BATCH: usize = 4096;
 
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     /// Taken by `run`, to be registered with the runtime of the thread it runs on.
     ring: Option<RingBuf<MapData>>,
     attempts: mpsc::Receiver<Attempt>,
@@ -41,7 +41,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Opens the audit sink now, so that a sink that cannot be opened stops the start.
-    pub fn new(ring: RingBuf<MapData>, attempts: mpsc::Receiver<Attempt>, ctx: &Context) -> Result<Pipeline> {
+    pub(crate) fn new(ring: RingBuf<MapData>, attempts: mpsc::Receiver<Attempt>, ctx: &Context) -> Result<Pipeline> {
         let in_force = ctx.policy.borrow().clone();
         let config = &in_force.config;
         let resolver =
@@ -54,14 +54,14 @@ impl Pipeline {
     }
 
     /// Names the pods of uplink refusals by the interface their packets entered through.
-    pub fn with_uplink_pods(mut self, pods: UplinkPods) -> Pipeline {
+    pub(crate) fn with_uplink_pods(mut self, pods: UplinkPods) -> Pipeline {
         self.uplink_pods = Some(pods);
         self
     }
 
     /// Runs until shutdown; fails when the ring buffer cannot be read. While audit
     /// records cannot be written, the `audit trail` readiness condition says why.
-    pub async fn run(mut self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
+    pub(crate) async fn run(mut self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
         let (reading, trail) = (self.reading.clone(), self.trail.clone());
         let mut reader = EventReader::new(self.ring.take().context("the pipeline already ran")?)?;
         let mut policy = ctx.policy.clone();

@@ -13,12 +13,12 @@ use tokio::io::unix::AsyncFd;
 
 use crate::attempt::{Attempt, Protocol};
 
-pub struct EventReader {
+pub(crate) struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
 }
 
 impl EventReader {
-    pub fn new(ring: RingBuf<MapData>) -> Result<EventReader> {
+    pub(crate) fn new(ring: RingBuf<MapData>) -> Result<EventReader> {
         // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long
         // as the AsyncFd owns the RingBuf.
         let ring = unsafe { AsyncFd::register(ring) }
@@ -27,7 +27,7 @@ impl EventReader {
     }
 
     /// Waits until events are ready, then appends all of them (at most `max`) to `out`.
-    pub async fn read(&mut self, out: &mut Vec<Attempt>, max: usize) -> Result<()> {
+    pub(crate) async fn read(&mut self, out: &mut Vec<Attempt>, max: usize) -> Result<()> {
         let mut guard = self.ring.readable_mut().await.context("waiting on the event ring buffer failed")?;
         let clock = Clock::now();
         let ring = guard.get_inner_mut();
@@ -48,7 +48,7 @@ impl EventReader {
     /// Appends what is queued now (at most `max`), without waiting: at shutdown, so
     /// that attempts made before SIGTERM are audited by this agent, not left in the
     /// pinned ring buffer for the next one.
-    pub fn drain(&mut self, out: &mut Vec<Attempt>, max: usize) {
+    pub(crate) fn drain(&mut self, out: &mut Vec<Attempt>, max: usize) {
         let clock = Clock::now();
         let ring = self.ring.get_mut();
         while out.len() < max {
@@ -61,13 +61,13 @@ impl EventReader {
 }
 
 /// Wall and monotonic time read together, to place kernel timestamps on the wall clock.
-pub struct Clock {
+pub(super) struct Clock {
     wall: SystemTime,
     monotonic_ns: u64,
 }
 
 impl Clock {
-    pub fn now() -> Clock {
+    pub(super) fn now() -> Clock {
         let mono =
             nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(Duration::from).unwrap_or_default();
         Clock { wall: SystemTime::now(), monotonic_ns: mono.as_nanos() as u64 }
@@ -80,7 +80,7 @@ impl Clock {
 
 /// `None` for a record that is not a whole [`Event`] or names an unknown hook/verdict
 /// (an object newer than this agent): skipped rather than misreported.
-pub fn decode(bytes: &[u8], clock: &Clock) -> Option<Attempt> {
+pub(super) fn decode(bytes: &[u8], clock: &Clock) -> Option<Attempt> {
     if bytes.len() < std::mem::size_of::<Event>() {
         return None;
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use super::{HostTable, TABLE};
+use super::{HostTable, TableError, TableStatus, TABLE};
 
 /// The host-side part of `status` (its JSON key `host_side`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -36,11 +36,15 @@ pub struct HostStatus {
 }
 
 pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
-    let read = HostTable::open(host_netns, Path::new("/")).and_then(|mut h| h.status());
+    host_status(HostTable::open(host_netns, Path::new("/")).and_then(|mut h| h.status()))
+}
+
+/// A table this process may not read is reported (it may still be there), not fatal.
+fn host_status(read: Result<Option<TableStatus>, TableError>) -> Result<HostStatus> {
     let (s, unreadable) = match read {
         Ok(s) => (s, None),
-        Err(e) if super::errno_in(&e) == Some(libc::EPERM) => (None, Some(format!("{e:#}"))),
-        Err(e) => return Err(e),
+        Err(e @ TableError::NotPermitted { .. }) => (None, Some(e.explained())),
+        Err(e) => return Err(e.into()),
     };
     Ok(HostStatus {
         unreadable,
@@ -59,7 +63,7 @@ pub fn status(host_netns: Option<&Path>) -> Result<HostStatus> {
     })
 }
 
-pub fn print_status(s: &HostStatus) {
+pub(crate) fn print_status(s: &HostStatus) {
     if let Some(why) = &s.unreadable {
         println!("host side: could not read table `{}` (needs CAP_NET_ADMIN): {why}", s.table);
         return;
@@ -95,7 +99,7 @@ pub fn print_status(s: &HostStatus) {
 }
 
 /// What a dormant table means and how it ends, for `status` and the agent's health.
-pub fn dormant_problem() -> String {
+pub(crate) fn dormant_problem() -> String {
     // Nothing the agent writes is dormant (every write replaces the table), and no
     // firewall manager sets the flag: someone put it to sleep by hand, perhaps on
     // purpose, so the agent reports it rather than overriding them at once.
@@ -116,19 +120,61 @@ pub enum Removal {
 }
 
 pub fn uninstall(host_netns: Option<&Path>) -> Result<Removal> {
-    match HostTable::open(host_netns, Path::new("/")).and_then(|mut h| h.remove()) {
+    removal(HostTable::open(host_netns, Path::new("/")).and_then(|mut h| h.remove()))
+}
+
+/// Without the capability to see the table, uninstall warns and goes on; a table a
+/// running agent owns stops it.
+fn removal(removed: Result<bool, TableError>) -> Result<Removal> {
+    match removed {
         Ok(true) => Ok(Removal::Removed),
         Ok(false) => Ok(Removal::NotThere),
-        Err(e) if super::errno_in(&e) == Some(libc::EPERM) => Ok(Removal::NotPermitted(format!("{e:#}"))),
-        Err(e) => Err(e),
+        Err(e @ TableError::NotPermitted { .. }) => Ok(Removal::NotPermitted(e.explained())),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// `check`: can this kernel hold the table? (name, passed, detail, fix)
-pub fn check(host_netns: Option<&Path>) -> (bool, String) {
-    let result = HostTable::open(host_netns, Path::new("/")).and_then(|mut h| h.probe());
+pub(crate) fn check(host_netns: Option<&Path>) -> (bool, String) {
+    let result = HostTable::open(host_netns, Path::new("/")).map_err(anyhow::Error::from).and_then(|mut h| h.probe());
     match result {
         Ok(()) => (true, format!("nf_tables accepts the host-side table `inet {TABLE}` (probed under another name)")),
         Err(e) => (false, format!("nf_tables refused the host-side table: {e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use metadata_guard_netfilter::NetlinkError;
+
+    use super::*;
+
+    fn refused(errno: i32) -> TableError {
+        TableError::netlink(
+            "could not look for the host-side table",
+            io::Error::other(NetlinkError { index: 0, errno, kernel_message: None }),
+        )
+    }
+
+    #[test]
+    fn status_reports_a_table_it_may_not_read_and_fails_on_anything_else() {
+        let s = host_status(Err(refused(libc::EPERM))).unwrap();
+        assert!(!s.installed);
+        assert!(s.unreadable.unwrap().starts_with("could not look for the host-side table: "));
+        assert!(host_status(Err(refused(libc::EINVAL))).is_err());
+        let none = host_status(Ok(None)).unwrap();
+        assert!(!none.installed && none.unreadable.is_none());
+    }
+
+    #[test]
+    fn uninstall_warns_without_the_capability_and_stops_at_an_owned_table() {
+        assert!(matches!(removal(Err(refused(libc::EPERM))), Ok(Removal::NotPermitted(_))));
+        let owned = removal(Err(TableError::Owned { port: 7 })).err().unwrap();
+        assert!(format!("{owned:#}").contains("a running agent owns it (its netlink socket, port 7)"));
+        assert!(removal(Err(refused(libc::EBUSY))).is_err());
+        assert!(matches!(removal(Ok(false)), Ok(Removal::NotThere)));
+        assert!(matches!(removal(Ok(true)), Ok(Removal::Removed)));
     }
 }

@@ -10,6 +10,7 @@
 //! every change (policy, mode, allowlist) replaces it in one transaction.
 
 mod commands;
+mod error;
 mod ownership;
 mod pods;
 mod refusals;
@@ -19,7 +20,6 @@ mod table;
 
 use std::{
     collections::BTreeSet,
-    io,
     path::{Path, PathBuf},
 };
 
@@ -30,12 +30,15 @@ use metadata_guard_netfilter::{
     NetlinkError, NlSocket,
 };
 
-pub use commands::{check, dormant_problem, print_status, status, uninstall, HostStatus, Removal};
-pub use pods::{Allowed, PodNets};
-pub use refusals::RefusalReader;
-pub use ruleset::shapes;
-pub use subsystem::HostSide;
-pub use table::{COUNTERS, TABLE};
+pub(crate) use commands::{check, dormant_problem, print_status};
+pub use commands::{status, uninstall, HostStatus, Removal};
+pub(crate) use error::TableError;
+pub(crate) use pods::{Allowed, EntryPods, PodNets, PODS_RESCAN};
+pub(crate) use refusals::RefusalReader;
+pub(crate) use ruleset::shapes;
+pub(crate) use subsystem::HostSide;
+pub(crate) use table::COUNTERS;
+pub use table::TABLE;
 
 use crate::{
     config::Config,
@@ -44,7 +47,7 @@ use crate::{
 
 /// What the host side blocks: the configured rules, plus those that presets leave to
 /// the host side alone (see [`Preset::host_side_rules`](crate::policy::Preset::host_side_rules)).
-pub fn policy(config: &Config) -> Result<CompiledPolicy> {
+pub(crate) fn policy(config: &Config) -> Result<CompiledPolicy> {
     let mut rules = config.block.clone();
     rules.extend(config.presets.iter().flat_map(|p| p.host_side_rules()));
     compile(&rules).map_err(anyhow::Error::from)
@@ -52,13 +55,13 @@ pub fn policy(config: &Config) -> Result<CompiledPolicy> {
 
 /// Where conceal mode's proxy listens, when pods are redirected to it: the table keeps
 /// its connections out of connection tracking (and so out of NAT).
-pub fn conceal_target(config: &Config) -> Option<std::net::SocketAddr> {
+pub(crate) fn conceal_target(config: &Config) -> Option<std::net::SocketAddr> {
     config.conceal.addr.filter(|_| config.mode == crate::config::Mode::Conceal)
 }
 
 /// Packets the table counted, by verdict.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HostCounters {
+pub(crate) struct HostCounters {
     pub blocked: u64,
     pub audited: u64,
     pub exempt: u64,
@@ -66,7 +69,7 @@ pub struct HostCounters {
 
 /// What the health check reads every round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Reading {
+pub(crate) struct Reading {
     pub counters: HostCounters,
     /// `flags dormant`: nf_tables has taken the table's base chains off their hooks,
     /// so it judges no packet.
@@ -75,7 +78,7 @@ pub struct Reading {
 
 /// The table as read back from the kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TableStatus {
+pub(crate) struct TableStatus {
     pub chains: Vec<String>,
     pub sets: Vec<String>,
     pub counters: HostCounters,
@@ -99,7 +102,7 @@ struct Head {
 }
 
 /// A handle on the host namespace's nf_tables (and rtnetlink, to find pods' interfaces).
-pub struct HostTable {
+pub(crate) struct HostTable {
     nft: NlSocket,
     route: NlSocket,
     cgroup_root: PathBuf,
@@ -114,13 +117,18 @@ pub struct HostTable {
 
 impl HostTable {
     /// Opens netlink sockets in `host_netns` (the agent's own when `None`).
-    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<HostTable> {
-        let nft = NlSocket::open_in(host_netns, libc::NETLINK_NETFILTER).with_context(|| {
-            format!("could not open an nf_tables netlink socket in the host network namespace {}", ns_name(host_netns))
+    pub(crate) fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<HostTable, TableError> {
+        let nft = NlSocket::open_in(host_netns, libc::NETLINK_NETFILTER).map_err(|e| {
+            let ns = ns_name(host_netns);
+            TableError::netlink(
+                format!("could not open an nf_tables netlink socket in the host network namespace {ns}"),
+                e,
+            )
         })?;
         nft.set_recv_buffer(1 << 20);
-        let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE).with_context(|| {
-            format!("could not open an rtnetlink socket in the host network namespace {}", ns_name(host_netns))
+        let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE).map_err(|e| {
+            let ns = ns_name(host_netns);
+            TableError::netlink(format!("could not open an rtnetlink socket in the host network namespace {ns}"), e)
         })?;
         Ok(HostTable {
             nft,
@@ -135,12 +143,12 @@ impl HostTable {
     }
 
     /// The conceal proxy's address the next [`set_policy`](Self::set_policy) writes.
-    pub fn set_conceal(&mut self, proxy: Option<std::net::SocketAddr>) {
+    pub(crate) fn set_conceal(&mut self, proxy: Option<std::net::SocketAddr>) {
         self.conceal = proxy;
     }
 
     /// Puts a new policy and mode in force (with the allowlist last given).
-    pub fn set_policy(&mut self, policy: &CompiledPolicy, audit: bool) -> Result<()> {
+    pub(crate) fn set_policy(&mut self, policy: &CompiledPolicy, audit: bool) -> Result<()> {
         self.wanted = Some((policy.clone(), audit));
         let allowed = self.allowed.clone();
         self.apply(policy, audit, &allowed)
@@ -148,13 +156,13 @@ impl HostTable {
 
     /// The allowlisted pods' entries into the node as the table has them now (the
     /// uplink program lets the same through).
-    pub fn allowed_entries(&self) -> Allowed {
+    pub(crate) fn allowed_entries(&self) -> Allowed {
         self.applied.as_ref().map(|c| c.allowed.clone()).unwrap_or_default()
     }
 
     /// Lets the packets of these allowlisted containers' pods through (by the host
     /// end of their interfaces). Pods come and go: call again on every change.
-    pub fn set_allowed(&mut self, allowed: &BTreeSet<u64>) -> Result<()> {
+    pub(crate) fn set_allowed(&mut self, allowed: &BTreeSet<u64>) -> Result<()> {
         self.allowed = allowed.clone();
         match self.wanted.clone() {
             Some((policy, audit)) => self.apply(&policy, audit, allowed),
@@ -185,7 +193,7 @@ impl HostTable {
         }
         content.counters = self.raw_counters()?.map(|(c, _)| c).unwrap_or_default();
         let flags = self.protection()?;
-        self.nft.request(&table::replace(&content, flags).finish(), wants_ack).map_err(explain).with_context(|| {
+        self.nft.request(&table::replace(&content, flags).finish(), wants_ack).with_context(|| {
             format!("could not write the host-side table `inet {TABLE}` (is nf_tables available? see `metadata-guard check`)")
         })?;
         self.applied = Some(content);
@@ -206,8 +214,8 @@ impl HostTable {
             Ok(()) => ownership::PROTECTED,
             // 5.12+ answer unknown table flags with EOPNOTSUPP, older kernels with EINVAL
             // (the probe holds nothing else they could refuse).
-            Err(e) if matches!(errno(&e), Some(libc::EOPNOTSUPP | libc::EINVAL)) => 0,
-            Err(e) => return Err(explain(e)).context("could not probe nf_tables for table ownership"),
+            Err(e) if matches!(NetlinkError::errno_of(&e), Some(libc::EOPNOTSUPP | libc::EINVAL)) => 0,
+            Err(e) => return Err(e).context("could not probe nf_tables for table ownership"),
         };
         self.flags = Some(flags);
         Ok(flags)
@@ -215,7 +223,7 @@ impl HostTable {
 
     /// Writes the table again when it is gone from the kernel (with the policy, mode
     /// and allowlist last given); `false` when it was there.
-    pub fn restore(&mut self) -> Result<bool> {
+    pub(crate) fn restore(&mut self) -> Result<bool> {
         if self.exists()? {
             return Ok(false);
         }
@@ -227,7 +235,7 @@ impl HostTable {
     }
 
     /// The counters, and whether the table is dormant; `None` without the table.
-    pub fn read(&mut self) -> Result<Option<Reading>> {
+    pub(crate) fn read(&mut self) -> Result<Option<Reading>, TableError> {
         Ok(self.raw_counters()?.map(|(c, flags)| Reading {
             counters: HostCounters { blocked: c[0].0, audited: c[1].0, exempt: c[2].0 },
             dormant: flags & nftables::NFT_TABLE_F_DORMANT != 0,
@@ -235,11 +243,15 @@ impl HostTable {
     }
 
     /// The counters and the table's flags; `None` without the table.
-    fn raw_counters(&mut self) -> Result<Option<(table::RawCounters, u32)>> {
-        let replies = match self.nft.dump(msg_type(nftables::NFT_MSG_GETOBJ), &table_request(NFPROTO_INET, TABLE)) {
+    fn raw_counters(&mut self) -> Result<Option<(table::RawCounters, u32)>, TableError> {
+        let replies = match self
+            .nft
+            .dump(msg_type(nftables::NFT_MSG_GETOBJ), &table_request(NFPROTO_INET, TABLE))
+            .map_err(|e| TableError::netlink("could not read the host-side table's counters", e))
+        {
             Ok(r) => r,
-            Err(e) if errno(&e) == Some(libc::ENOENT) => return Ok(None),
-            Err(e) => return Err(explain(e)).context("could not read the host-side table's counters"),
+            Err(TableError::Absent { .. }) => return Ok(None),
+            Err(e) => return Err(e),
         };
         // The dump of a table's objects is empty, not an error, when there is no table.
         let Some(Head { flags, .. }) = self.head()? else { return Ok(None) };
@@ -259,38 +271,44 @@ impl HostTable {
         Ok(Some((out, flags)))
     }
 
-    pub fn exists(&mut self) -> Result<bool> {
+    pub(crate) fn exists(&mut self) -> Result<bool, TableError> {
         Ok(self.head()?.is_some())
     }
 
     /// The table's flags and owner; `None` without the table.
-    fn head(&mut self) -> Result<Option<Head>> {
-        match self.nft.query(msg_type(nftables::NFT_MSG_GETTABLE), &table_request(NFPROTO_INET, TABLE)) {
+    fn head(&mut self) -> Result<Option<Head>, TableError> {
+        match self
+            .nft
+            .query(msg_type(nftables::NFT_MSG_GETTABLE), &table_request(NFPROTO_INET, TABLE))
+            .map_err(|e| TableError::netlink("could not look for the host-side table", e))
+        {
             Ok(r) => {
                 let attrs = Attrs::new(r.body.get(4..).unwrap_or_default());
                 let flags = attrs.find(nftables::NFTA_TABLE_FLAGS).and_then(|a| a.be32()).unwrap_or(0);
                 let owner = attrs.find(nftables::NFTA_TABLE_OWNER).and_then(|a| a.be32());
                 Ok(Some(Head { flags, owner: owner.filter(|_| ownership::owned(flags)) }))
             }
-            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(explain(e)).context("could not look for the host-side table"),
+            Err(TableError::Absent { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
     /// The table's chains, sets and counters; `None` when there is no table (also
     /// when it is deleted while being read).
-    pub fn status(&mut self) -> Result<Option<TableStatus>> {
+    pub(crate) fn status(&mut self) -> Result<Option<TableStatus>, TableError> {
         match self.read_status() {
-            Err(e) if errno_in(&e) == Some(libc::ENOENT) => Ok(None),
+            Err(TableError::Absent { .. }) => Ok(None),
             read => read,
         }
     }
 
-    fn read_status(&mut self) -> Result<Option<TableStatus>> {
+    fn read_status(&mut self) -> Result<Option<TableStatus>, TableError> {
         let Some(Reading { counters, dormant }) = self.read()? else { return Ok(None) };
         let owner = self.head()?.and_then(|h| h.owner);
-        let names = |sock: &mut NlSocket, msg: u16, attr: u16| -> Result<Vec<String>> {
-            let replies = sock.dump(msg_type(msg), &table_request(NFPROTO_INET, TABLE)).map_err(explain)?;
+        let names = |sock: &mut NlSocket, msg: u16, attr: u16, what: &str| -> Result<Vec<String>, TableError> {
+            let replies = sock
+                .dump(msg_type(msg), &table_request(NFPROTO_INET, TABLE))
+                .map_err(|e| TableError::netlink(format!("could not list the host-side table's {what}"), e))?;
             Ok(replies
                 .iter()
                 .filter_map(|r| {
@@ -299,8 +317,8 @@ impl HostTable {
                 })
                 .collect())
         };
-        let chains = names(&mut self.nft, nftables::NFT_MSG_GETCHAIN, nftables::NFTA_CHAIN_NAME)?;
-        let sets = names(&mut self.nft, nftables::NFT_MSG_GETSET, nftables::NFTA_SET_NAME)?;
+        let chains = names(&mut self.nft, nftables::NFT_MSG_GETCHAIN, nftables::NFTA_CHAIN_NAME, "chains")?;
+        let sets = names(&mut self.nft, nftables::NFT_MSG_GETSET, nftables::NFTA_SET_NAME, "sets")?;
         let allowed_interfaces = self.set_size("allow_if")?;
         let mut allowed_addresses = 0;
         for set in table::ALLOW_SRC_SETS {
@@ -314,11 +332,11 @@ impl HostTable {
     }
 
     /// The number of elements in one of the table's sets.
-    fn set_size(&mut self, set: &str) -> Result<usize> {
+    fn set_size(&mut self, set: &str) -> Result<usize, TableError> {
         Ok(self
             .nft
             .dump(msg_type(nftables::NFT_MSG_GETSETELEM), &nftables::set_elements_request(NFPROTO_INET, TABLE, set))
-            .map_err(explain)?
+            .map_err(|e| TableError::netlink(format!("could not read the host-side table's set `{set}`"), e))?
             .iter()
             .map(|r| {
                 Attrs::new(r.body.get(4..).unwrap_or_default())
@@ -329,9 +347,11 @@ impl HostTable {
     }
 
     /// Audit mode's refusal chain ends in accept; enforce mode's in reject.
-    fn refuse_chain_accepts(&mut self) -> Result<bool> {
-        let replies =
-            self.nft.dump(msg_type(nftables::NFT_MSG_GETRULE), &table_request(NFPROTO_INET, TABLE)).map_err(explain)?;
+    fn refuse_chain_accepts(&mut self) -> Result<bool, TableError> {
+        let replies = self
+            .nft
+            .dump(msg_type(nftables::NFT_MSG_GETRULE), &table_request(NFPROTO_INET, TABLE))
+            .map_err(|e| TableError::netlink("could not read the host-side table's rules", e))?;
         let mut rejects = false;
         for r in &replies {
             let attrs = Attrs::new(r.body.get(4..).unwrap_or_default());
@@ -346,20 +366,19 @@ impl HostTable {
     }
 
     /// Deletes the table; `false` when there was none.
-    pub fn remove(&mut self) -> Result<bool> {
+    pub(crate) fn remove(&mut self) -> Result<bool, TableError> {
         let Some(head) = self.head()? else { return Ok(false) };
-        match self.nft.request(&table::delete().finish(), wants_ack) {
-            Ok(()) => {}
+        let deleted = self
+            .nft
+            .request(&table::delete().finish(), wants_ack)
+            .map_err(|e| TableError::netlink(format!("could not delete the host-side table `inet {TABLE}`"), e));
+        match (deleted, head.owner) {
+            (Ok(()), _) => {}
+            // Deleted by someone else since it was looked up.
+            (Err(TableError::Absent { .. }), _) => return Ok(false),
             // Not a missing capability: reading it took CAP_NET_ADMIN too.
-            Err(e) if errno(&e) == Some(libc::EPERM) && head.owner.is_some() => anyhow::bail!(
-                "could not delete the host-side table `inet {TABLE}`: a running agent owns it (its netlink socket, port {}) \
-                 and the kernel lets no other process change it; stop the agent first \
-                 (delete the DaemonSet, or stop `metadata-guard run`), then run uninstall again",
-                head.owner.unwrap_or_default()
-            ),
-            Err(e) => {
-                return Err(explain(e)).with_context(|| format!("could not delete the host-side table `inet {TABLE}`"))
-            }
+            (Err(TableError::NotPermitted { .. }), Some(port)) => return Err(TableError::Owned { port }),
+            (Err(e), _) => return Err(e),
         }
         self.applied = None;
         Ok(true)
@@ -368,7 +387,7 @@ impl HostTable {
     /// Whether this kernel can hold the table: the same layout, created and deleted
     /// again in one transaction under another name (nothing stays, nothing changes
     /// for packets). Loads the modules the table needs on the way.
-    pub fn probe(&mut self) -> Result<()> {
+    pub(crate) fn probe(&mut self) -> Result<()> {
         let policy = compile(&crate::policy::Preset::Default.rules()).map_err(anyhow::Error::from)?;
         let content = table::Content {
             shapes: shapes(&policy),
@@ -381,24 +400,11 @@ impl HostTable {
             counters: Default::default(),
             conceal: Some(std::net::SocketAddr::from(([192, 0, 2, 1], 8775))),
         };
-        self.nft.request(&table::probe(&content).finish(), wants_ack).map_err(explain)?;
+        self.nft.request(&table::probe(&content).finish(), wants_ack)?;
         Ok(())
     }
 }
 
 fn ns_name(netns: Option<&Path>) -> String {
     netns.map_or_else(|| "(the agent's own)".into(), |p| p.display().to_string())
-}
-
-fn errno(e: &io::Error) -> Option<i32> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<NetlinkError>()).map(|n| n.errno).or(e.raw_os_error())
-}
-
-/// The errno behind an error of this module, if a netlink request failed.
-pub(crate) fn errno_in(e: &anyhow::Error) -> Option<i32> {
-    e.chain().find_map(|c| c.downcast_ref::<io::Error>()).and_then(errno)
-}
-
-fn explain(e: io::Error) -> anyhow::Error {
-    anyhow::Error::new(e)
 }

@@ -4,10 +4,9 @@
 //! metrics as the socket hooks' events.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -18,11 +17,9 @@ use metadata_guard_netfilter::{
 };
 use tokio::io::unix::AsyncFd;
 
-use super::{pods::PodNets, table};
+use super::{pods::EntryPods, table};
 use crate::attempt::{Attempt, Hook, Protocol, Verdict};
 
-/// How long a scan of pods' namespaces is trusted when naming a refusal.
-const PODS_RESCAN: Duration = Duration::from_secs(2);
 const IPV6_HEADER_LEN: usize = 40;
 const IPV6_EXTENSION_HEADERS: [u8; 4] = [0, 43, 60, 51]; // hop-by-hop, routing, destination options, AH
 const IPV6_FRAGMENT: u8 = 44;
@@ -38,22 +35,17 @@ const IPOPT_SOURCE_ROUTES: [u8; 2] = [super::table::source_route::IPOPT_LSRR, su
 const SOURCE_ROUTE_HEAD: usize = 3;
 
 /// Reads the NFLOG group of the host-side table.
-pub struct RefusalReader {
+pub(crate) struct RefusalReader {
     /// Bound by `open`; registered with the runtime that first reads (the host-side
     /// subsystem runs on a thread and a runtime of its own).
     bound: Option<NlSocket>,
     sock: Option<AsyncFd<NlSocket>>,
-    route: NlSocket,
-    cgroup_root: std::path::PathBuf,
-    pods: Option<(Instant, PodNets)>,
-    /// Pods found by (bridge, source address) since the last scan: reading the
-    /// addresses means entering each pod's namespace behind the bridge.
-    by_source: HashMap<(u32, IpAddr), Option<u64>>,
+    pods: EntryPods,
 }
 
 impl RefusalReader {
     /// Binds to the table's log group in `host_netns`. One agent per node holds it.
-    pub fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<RefusalReader> {
+    pub(crate) fn open(host_netns: Option<&Path>, cgroup_root: &Path) -> Result<RefusalReader> {
         let mut sock = NlSocket::open_in(host_netns, libc::NETLINK_NETFILTER)
             .context("could not open an NFLOG socket in the host network namespace")?;
         sock.set_recv_buffer(4 << 20);
@@ -64,20 +56,12 @@ impl RefusalReader {
             )
         })?;
         sock.set_nonblocking()?;
-        let route = NlSocket::open_in(host_netns, libc::NETLINK_ROUTE)
-            .context("could not open an rtnetlink socket in the host network namespace")?;
-        Ok(RefusalReader {
-            bound: Some(sock),
-            sock: None,
-            route,
-            cgroup_root: cgroup_root.to_path_buf(),
-            pods: None,
-            by_source: HashMap::new(),
-        })
+        let pods = EntryPods::open(host_netns, cgroup_root, Duration::ZERO)?;
+        Ok(RefusalReader { bound: Some(sock), sock: None, pods })
     }
 
     /// Waits for logged packets and appends them to `out` as attempts.
-    pub async fn read(&mut self, out: &mut Vec<Attempt>) -> Result<()> {
+    pub(crate) async fn read(&mut self, out: &mut Vec<Attempt>) -> Result<()> {
         if let Some(bound) = self.bound.take() {
             // SAFETY: the AsyncFd owns the socket, so the fd stays open while registered.
             let registered = unsafe { AsyncFd::register(bound) };
@@ -135,33 +119,13 @@ impl RefusalReader {
     /// A cgroup of the pod that sent the packet (the lowest id, so that repeated
     /// attempts name the same container): by the interface it entered through when
     /// that is a pod's own — the bridge port, when `br_netfilter` reports one — and
-    /// behind a bridge without it by its source address. Pods are rescanned at most
-    /// every few seconds.
+    /// behind a bridge without it by its source address.
     fn pod_of(&mut self, p: &LoggedPacket, source: Option<IpAddr>) -> Option<u64> {
         let ifindex = if p.physindev != 0 { p.physindev } else { p.indev };
         if ifindex == 0 {
             return None;
         }
-        let fresh =
-            self.pods.as_ref().is_some_and(|(at, pods)| at.elapsed() < PODS_RESCAN && pods.knows_entry(ifindex));
-        if !fresh {
-            match PodNets::scan(&self.cgroup_root, &mut self.route, None) {
-                Ok(p) => {
-                    self.pods = Some((Instant::now(), p));
-                    self.by_source.clear();
-                }
-                Err(e) => tracing::warn!("could not map host interfaces to pods: {e:#}"),
-            }
-        }
-        let pods = &self.pods.as_ref()?.1;
-        if let Some(own) = pods.cgroups_behind(ifindex) {
-            return own.iter().next().copied();
-        }
-        let source = source?;
-        *self
-            .by_source
-            .entry((ifindex, source))
-            .or_insert_with(|| pods.cgroups_with_source(ifindex, source)?.iter().next().copied())
+        self.pods.pod_of(ifindex, source)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::policy::CompiledPolicy;
 
 /// One rule shape and the destinations it applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Shape {
+pub(crate) struct Shape {
     pub protocols: u8,
     pub ports: Ports,
     /// Disjoint, sorted, inclusive ranges of destination addresses.
@@ -26,7 +26,7 @@ pub struct Shape {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Ports {
+pub(crate) enum Ports {
     Any,
     Only(Vec<u16>),
     Except(Vec<u16>),
@@ -43,7 +43,7 @@ impl Ports {
     }
 
     /// Whether the shape blocks `port` (host byte order).
-    pub fn blocks(&self, port: u16) -> bool {
+    pub(crate) fn blocks(&self, port: u16) -> bool {
         match self {
             Ports::Any => true,
             Ports::Only(p) => p.contains(&port),
@@ -55,11 +55,11 @@ impl Ports {
 impl Shape {
     /// Protocols other than TCP and UDP have no port here (as in the packet
     /// backstop): they are blocked when the shape blocks port 0.
-    pub fn blocks_other(&self) -> bool {
+    pub(crate) fn blocks_other(&self) -> bool {
         self.protocols & PROTO_OTHER != 0 && self.ports.blocks(0)
     }
 
-    pub fn port_protocols(&self) -> Vec<u8> {
+    pub(crate) fn port_protocols(&self) -> Vec<u8> {
         let mut out = Vec::new();
         if self.protocols & PROTO_TCP != 0 {
             out.push(libc::IPPROTO_TCP as u8);
@@ -72,7 +72,7 @@ impl Shape {
 }
 
 /// The shapes of a compiled policy, in a stable order.
-pub fn shapes(policy: &CompiledPolicy) -> Vec<Shape> {
+pub(crate) fn shapes(policy: &CompiledPolicy) -> Vec<Shape> {
     let mut out: Vec<Shape> = Vec::new();
     let mut shape_of = |rule: &PortRule| -> usize {
         let ports = Ports::of(rule);

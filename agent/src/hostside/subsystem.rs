@@ -28,7 +28,7 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The `host side` subsystem. Its readiness condition holds while the table is in the
 /// kernel, awake, with the policy in force.
-pub struct HostSide {
+pub(crate) struct HostSide {
     /// The table, shared with the `allowlist` subsystem.
     host: Arc<Mutex<HostTable>>,
     condition: Condition,
@@ -37,12 +37,12 @@ pub struct HostSide {
 
 impl HostSide {
     /// Binds the table's NFLOG group in `host_netns` (one agent per node holds it).
-    pub fn new(ctx: &Context, host: Arc<Mutex<HostTable>>, host_netns: Option<&Path>) -> Result<HostSide> {
+    pub(crate) fn new(ctx: &Context, host: Arc<Mutex<HostTable>>, host_netns: Option<&Path>) -> Result<HostSide> {
         let refusals = RefusalReader::open(host_netns, &ctx.cgroup)?;
         Ok(HostSide { host, condition: ctx.readiness.condition("host side", "not checked yet"), refusals })
     }
 
-    pub async fn run(mut self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
+    pub(crate) async fn run(mut self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
         let mut policy = ctx.policy.clone();
         policy.mark_changed();
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
@@ -132,7 +132,7 @@ fn check(host: &mut HostTable, ctx: &Context, pending: &mut bool) -> Result<Heal
                 return Ok(Health::Restored);
             }
         }
-        Err(e) => warn!("could not read the host-side counters: {e:#}"),
+        Err(e) => warn!("could not read the host-side counters: {}", e.explained()),
     }
     Ok(Health::Whole)
 }

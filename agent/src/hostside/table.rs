@@ -59,7 +59,7 @@ pub(super) const LOG_SNAPLEN: u32 = 96;
 /// and counted, only not copied to the agent.
 pub(super) const LOG_RATE: u64 = 200;
 pub(super) const LOG_BURST: u32 = 400;
-pub const COUNTERS: [&str; 3] = ["blocked", "audited", "exempt"];
+pub(crate) const COUNTERS: [&str; 3] = ["blocked", "audited", "exempt"];
 /// The filter priority (0) everywhere but `input`.
 const FILTER_PRIORITY: i32 = 0;
 /// After IPVS's `LOCAL_IN` hooks (`NF_IP_PRI_NAT_SRC - 2` and `- 1`) and source NAT (100).

@@ -10,7 +10,7 @@ use metadata_guard_common::program_names;
 
 /// The packet backstop's way of knowing a packet's socket's network namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backstop {
+pub(crate) enum Backstop {
     /// `mg_egress_netns` asks the kernel (`bpf_get_netns_cookie` in cgroup_skb
     /// programs, kernels from 2025): no program runs at socket creation.
     NetnsHelper,
@@ -25,7 +25,7 @@ impl Backstop {
     /// then says what is missing. The uplink (tc) reads the socket's namespace the
     /// same way as the backstop, so the helper is used only where both program types
     /// have it: otherwise the marks must be written, and `sock_create` runs anyway.
-    pub fn detect() -> Backstop {
+    pub(crate) fn detect() -> Backstop {
         let has = |kind| matches!(is_helper_supported(kind, BpfHelper::BPF_FUNC_get_netns_cookie), Ok(true));
         if has(ProgramType::CgroupSkb) && has(ProgramType::SchedClassifier) {
             Backstop::NetnsHelper
@@ -35,7 +35,7 @@ impl Backstop {
     }
 
     /// The egress program this backstop runs.
-    pub fn egress_program(self) -> &'static str {
+    pub(crate) fn egress_program(self) -> &'static str {
         match self {
             Backstop::NetnsHelper => program_names::EGRESS_NETNS,
             Backstop::SocketMarks => program_names::EGRESS,
@@ -44,7 +44,7 @@ impl Backstop {
 
     /// Which backstop a pinned egress program belongs to, by its name (the kernel
     /// keeps 15 bytes of a name: both fit).
-    pub fn of_egress_program(name: &str) -> Backstop {
+    pub(crate) fn of_egress_program(name: &str) -> Backstop {
         if name == program_names::EGRESS_NETNS {
             Backstop::NetnsHelper
         } else {
@@ -53,7 +53,7 @@ impl Backstop {
     }
 
     /// For logs, `status` and `check`.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Backstop::NetnsHelper => {
                 "the kernel's netns cookie of each packet's socket (bpf_get_netns_cookie in cgroup_skb)"
@@ -63,7 +63,7 @@ impl Backstop {
     }
 
     /// The short name `status --json` shows and `--packet-netns-from` takes.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Backstop::NetnsHelper => "helper",
             Backstop::SocketMarks => "marks",

@@ -11,14 +11,14 @@ use metadata_guard_common::{conceal_counters, map_names, ConcealOrigin, ConcealS
 use super::Guard;
 
 /// A read-only handle on the kernel's record of redirected connections.
-pub type ConcealPeers = HashMap<MapData, SockKey, ConcealOrigin>;
+pub(crate) type ConcealPeers = HashMap<MapData, SockKey, ConcealOrigin>;
 
 impl Guard {
     /// Points the kernel's redirect at `proxy` for `endpoints`, or turns it off (None).
     /// Independent of the mode (`apply`): the kernel redirects only while the mode is
     /// conceal and this is on; otherwise metadata connections are refused as in
     /// enforce mode, so either may be written first.
-    pub fn set_conceal(&mut self, proxy: Option<SocketAddr>, endpoints: &[SocketAddr]) -> Result<()> {
+    pub(crate) fn set_conceal(&mut self, proxy: Option<SocketAddr>, endpoints: &[SocketAddr]) -> Result<()> {
         let map = self.ebpf.map_mut(map_names::CONCEAL_ENDPOINTS).context("no conceal endpoint map")?;
         let mut eps: HashMap<&mut MapData, SockKey, u8> = HashMap::try_from(map)?;
         let present: Vec<SockKey> = eps.keys().collect::<Result<_, _>>()?;
@@ -56,14 +56,14 @@ impl Guard {
     }
 
     /// An independent handle on the peer records, for the proxy's tasks.
-    pub fn conceal_peers(&self) -> Result<ConcealPeers> {
+    pub(crate) fn conceal_peers(&self) -> Result<ConcealPeers> {
         let path = self.pins.map(map_names::CONCEAL_PEERS);
         let data = MapData::from_pin(&path).with_context(|| format!("could not open {}", path.display()))?;
         Ok(HashMap::try_from(Map::LruHashMap(data))?)
     }
 
     /// The conceal counters (redirected, recorded, record failures), summed over CPUs.
-    pub fn conceal_counters(&self) -> Result<[u64; conceal_counters::SLOTS as usize]> {
+    pub(crate) fn conceal_counters(&self) -> Result<[u64; conceal_counters::SLOTS as usize]> {
         let map = self.ebpf.map(map_names::CONCEAL_COUNTERS).context("no conceal counters map")?;
         let array: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
         let mut out = [0; conceal_counters::SLOTS as usize];
@@ -75,7 +75,7 @@ impl Guard {
 }
 
 /// The kernel's form of an address and port (IPv4-mapped addresses as IPv4).
-pub fn sock_key(addr: &SocketAddr) -> SockKey {
+pub(crate) fn sock_key(addr: &SocketAddr) -> SockKey {
     let mut key = SockKey { port: addr.port(), ..Default::default() };
     match addr.ip().to_canonical() {
         IpAddr::V4(ip) => {
@@ -91,7 +91,7 @@ pub fn sock_key(addr: &SocketAddr) -> SockKey {
 }
 
 /// The address and port a kernel key stands for.
-pub fn sock_addr(key: &SockKey) -> SocketAddr {
+pub(crate) fn sock_addr(key: &SockKey) -> SocketAddr {
     let ip = if key.family == AF_INET {
         IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
     } else {

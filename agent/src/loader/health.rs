@@ -11,7 +11,7 @@ use super::{bpf_sys, Guard, PINNED_MAPS};
 
 /// One thing missing from the enforcement in the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// The cgroup directory enforcement attaches to does not exist (any more).
     CgroupGone(String),
     /// A map's pin was removed: the next agent would start with empty maps.
@@ -36,7 +36,7 @@ impl std::fmt::Display for Fault {
 
 impl Guard {
     /// What is missing from the enforcement on `cgroup`, for the plan in force; empty when whole.
-    pub fn faults(&self, cgroup: &Path) -> Vec<Fault> {
+    pub(crate) fn faults(&self, cgroup: &Path) -> Vec<Fault> {
         let mut faults = Vec::new();
         let cgroup_id = crate::cgroup::id(cgroup).ok();
         if cgroup_id.is_none() {
@@ -65,7 +65,7 @@ impl Guard {
     /// hook that is not enforcing on `cgroup`: as much as it can, so that one pin
     /// that cannot be made does not keep the other hooks detached. Fails (naming
     /// what is left) while anything could not be restored, e.g. the cgroup is gone.
-    pub fn repair(&mut self, cgroup: &Path) -> Result<()> {
+    pub(crate) fn repair(&mut self, cgroup: &Path) -> Result<()> {
         for dir in [self.pins.maps_dir(), self.pins.links_dir(), self.pins.programs_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("could not create pin directory {}", dir.display()))?;
         }

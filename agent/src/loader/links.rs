@@ -142,7 +142,7 @@ fn pinned_program(pin: &Path) -> Result<Option<PinnedProgram>> {
 
 /// One hook's link as pinned: what `status` and `check` show.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PinnedHook {
+pub(crate) struct PinnedHook {
     pub link_id: u32,
     pub program_id: u32,
     pub cgroup_id: u64,
@@ -153,7 +153,7 @@ pub struct PinnedHook {
 }
 
 /// Reads the pins of `hook` without touching them; None when no link is pinned.
-pub fn pinned_hook(layout: &PinLayout, hook: &str) -> Result<Option<PinnedHook>> {
+pub(crate) fn pinned_hook(layout: &PinLayout, hook: &str) -> Result<Option<PinnedHook>> {
     let pin = layout.link(hook);
     let Some(link) = open_link(&pin)? else { return Ok(None) };
     let info =

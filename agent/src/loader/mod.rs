@@ -21,18 +21,18 @@
 mod backstop;
 mod bpf_sys;
 mod conceal_maps;
-pub mod health;
+pub(crate) mod health;
 mod links;
-pub mod netns_cookie;
+pub(crate) mod netns_cookie;
 mod object;
-pub mod origin;
-pub mod pins;
+pub(crate) mod origin;
+pub(crate) mod pins;
 mod policy_maps;
 mod programs;
-pub mod status;
-pub mod status_conceal;
-pub mod uplink;
-pub mod uplink_state;
+pub(crate) mod status;
+pub(crate) mod status_conceal;
+pub(crate) mod uplink;
+pub(crate) mod uplink_state;
 
 use std::{
     collections::BTreeSet,
@@ -46,20 +46,20 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     Ebpf,
 };
-pub use backstop::Backstop;
-pub use conceal_maps::{sock_addr, sock_key, ConcealPeers};
-pub use links::pinned_hook;
+pub(crate) use backstop::Backstop;
+pub(crate) use conceal_maps::{sock_addr, sock_key, ConcealPeers};
+pub(crate) use links::pinned_hook;
 use metadata_guard_common::{counters, map_names, ALLOWED_CGROUPS_MAX_ENTRIES, MODE_CONCEAL};
-pub use netns_cookie::Mechanism;
+pub(crate) use netns_cookie::Mechanism;
 use pins::PinLayout;
 
 use crate::policy::CompiledPolicy;
 
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded by build.rs.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/metadata-guard.bpf.o"));
 
 /// Maps that are pinned: all but the start-up probe's scratch map.
-pub const PINNED_MAPS: [&str; 21] = [
+pub(crate) const PINNED_MAPS: [&str; 21] = [
     map_names::SETTINGS,
     map_names::PREFILTER,
     map_names::PREFILTER2,
@@ -88,10 +88,11 @@ pub const PINNED_MAPS: [&str; 21] = [
     map_names::UPLINK6_B,
 ];
 
-pub use object::{load, verify_object, Loaded};
-pub use programs::{Plan, ATTACHMENTS};
+pub(crate) use object::{load, verify_object, Loaded};
+pub(crate) use programs::Plan;
+pub use programs::ATTACHMENTS;
 
-pub struct InstallOptions<'a> {
+pub(crate) struct InstallOptions<'a> {
     pub cgroup: &'a Path,
     pub host_netns: Option<&'a Path>,
     pub pins: &'a PinLayout,
@@ -101,7 +102,7 @@ pub struct InstallOptions<'a> {
 
 /// What happened to each hook's link at start-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LinkAction {
+pub(crate) enum LinkAction {
     /// No link was pinned: attached a new one.
     Attached,
     /// A pinned link already ran identical code: kept as is.
@@ -112,7 +113,7 @@ pub enum LinkAction {
     Moved,
 }
 
-pub struct InstallReport {
+pub(crate) struct InstallReport {
     pub cgroup_id: u64,
     pub host_netns_cookie: u64,
     pub cookie_mechanism: Mechanism,
@@ -125,7 +126,7 @@ pub struct InstallReport {
 }
 
 /// The guard as loaded in the kernel.
-pub struct Guard {
+pub(crate) struct Guard {
     ebpf: Ebpf,
     pins: PinLayout,
     host_netns_cookie: u64,
@@ -138,7 +139,7 @@ pub struct Guard {
 impl Guard {
     /// Fills and attaches (or adopts) the loaded guard. `policy` and `mode` are in
     /// force before any program is attached.
-    pub fn install(
+    pub(crate) fn install(
         loaded: Loaded,
         opts: &InstallOptions<'_>,
         policy: &CompiledPolicy,
@@ -205,7 +206,7 @@ impl Guard {
     /// the attachments on `cgroup` those of the mode. `conceal_ops` records every
     /// redirected connection for the proxy, so it is attached before a mode that can
     /// redirect is written, and detached only after the mode no longer redirects.
-    pub fn apply(&mut self, policy: &CompiledPolicy, mode: u32, cgroup: &Path) -> Result<()> {
+    pub(crate) fn apply(&mut self, policy: &CompiledPolicy, mode: u32, cgroup: &Path) -> Result<()> {
         if mode == MODE_CONCEAL {
             self.link_mode(mode, cgroup)?;
         }
@@ -244,17 +245,17 @@ impl Guard {
     }
 
     /// Where this guard's pins live.
-    pub fn pins(&self) -> &PinLayout {
+    pub(crate) fn pins(&self) -> &PinLayout {
         &self.pins
     }
 
     /// The mode in force and the backstop: what is attached.
-    pub fn plan(&self) -> Plan {
+    pub(crate) fn plan(&self) -> Plan {
         self.plan
     }
 
     /// Makes the kernel's allowlist exactly `wanted`; returns (added, removed).
-    pub fn sync_allowed(&mut self, wanted: &BTreeSet<u64>) -> Result<(usize, usize)> {
+    pub(crate) fn sync_allowed(&mut self, wanted: &BTreeSet<u64>) -> Result<(usize, usize)> {
         let map = self.ebpf.map_mut(map_names::ALLOWED_CGROUPS).context("no allowlist map")?;
         let mut allowed: HashMap<&mut MapData, u64, u8> = HashMap::try_from(map)?;
         let present: BTreeSet<u64> = allowed.keys().collect::<Result<_, _>>()?;
@@ -276,19 +277,19 @@ impl Guard {
     }
 
     /// The kernel's verdict counters, summed over CPUs, indexed by counter slot.
-    pub fn counters(&self) -> Result<Vec<u64>> {
+    pub(crate) fn counters(&self) -> Result<Vec<u64>> {
         read_counters(self.ebpf.map(map_names::COUNTERS).context("no counters map")?)
     }
 
     /// The event ring buffer, for the event reader (can be taken once).
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+    pub(crate) fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(map_names::EVENTS).context("the event ring buffer was already taken")?;
         self.events = Some(health::second_handle(&map)?);
         Ok(RingBuf::try_from(map)?)
     }
 }
 
-pub fn read_counters(map: &aya::maps::Map) -> Result<Vec<u64>> {
+pub(crate) fn read_counters(map: &aya::maps::Map) -> Result<Vec<u64>> {
     let array: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
     (0..counters::SLOTS)
         .map(|slot| Ok(array.get(&slot, 0).with_context(|| format!("could not read counter {slot}"))?.iter().sum()))
@@ -296,7 +297,7 @@ pub fn read_counters(map: &aya::maps::Map) -> Result<Vec<u64>> {
 }
 
 /// Removes one version directory's link pins (detaching them), then its map pins.
-pub fn remove_pins(dir: &Path) -> Result<()> {
+pub(crate) fn remove_pins(dir: &Path) -> Result<()> {
     // Links first: removing their pins detaches them.
     for sub in ["links", "programs", "maps"] {
         let sub = dir.join(sub);
@@ -329,7 +330,7 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
 }
 
 /// `metadata-guard uninstall`: every version's pins under `root`. Idempotent.
-pub fn uninstall(root: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn uninstall(root: &Path) -> Result<Vec<PathBuf>> {
     if pins::AgentLock::is_held(root) {
         bail!(
             "an agent is running on {} and would keep enforcing with nothing pinned; stop it first \

@@ -26,13 +26,13 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Mechanism {
+pub(crate) enum Mechanism {
     SoNetnsCookie,
     ProbeProgram,
 }
 
 impl Mechanism {
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Mechanism::SoNetnsCookie => "getsockopt(SO_NETNS_COOKIE) (kernel 5.14+)",
             Mechanism::ProbeProgram => "probe program on connect4 (kernels before 5.14)",
@@ -59,7 +59,7 @@ pub(super) fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> Result
 }
 
 /// `Ok(None)` when this kernel has no `SO_NETNS_COOKIE`.
-pub fn via_sockopt(netns: Option<&Path>) -> Result<Option<u64>> {
+pub(crate) fn via_sockopt(netns: Option<&Path>) -> Result<Option<u64>> {
     in_netns(netns, || {
         let sock = UdpSocket::bind("127.0.0.1:0").or_else(|_| UdpSocket::bind("[::1]:0"));
         let sock = sock.context("could not open a UDP socket in the host network namespace")?;
@@ -90,7 +90,7 @@ pub fn via_sockopt(netns: Option<&Path>) -> Result<Option<u64>> {
 /// namespace. The connecting thread is this process's, so the probe must sit on a
 /// cgroup the agent is inside: `cgroup` itself (a DaemonSet pod is inside the root),
 /// else the agent's own cgroup (an agent beside the cgroup it guards).
-pub fn via_probe(ebpf: &mut Ebpf, cgroup: &Path, netns: Option<&Path>) -> Result<u64> {
+pub(crate) fn via_probe(ebpf: &mut Ebpf, cgroup: &Path, netns: Option<&Path>) -> Result<u64> {
     let program: &mut CgroupSockAddr = ebpf
         .program_mut(program_names::NETNS_PROBE)
         .context("the kernel object has no netns probe program")?

@@ -12,7 +12,7 @@ use super::{pins::PinLayout, programs, remove_pins, Backstop, Plan, OBJECT, PINN
 
 /// The kernel object in the kernel: its maps created (or reused from their pins) and
 /// every program the backstop's plans attach verified; nothing attached yet.
-pub struct Loaded {
+pub(crate) struct Loaded {
     pub(super) ebpf: Ebpf,
     pub(super) backstop: Backstop,
 }
@@ -22,7 +22,7 @@ pub struct Loaded {
 /// verified by the kernel. An error
 /// here is the kernel refusing the object or its maps: `check` and a starting agent
 /// explain it alike (`preflight`). A failed first load leaves nothing pinned.
-pub fn load(pins: Option<&PinLayout>, backstop: Backstop) -> Result<Loaded> {
+pub(crate) fn load(pins: Option<&PinLayout>, backstop: Backstop) -> Result<Loaded> {
     let Some(pins) = pins else { return load_programs(EbpfLoader::new().load(OBJECT), backstop) };
     let first = !pins.dir.exists();
     let maps = pins.maps_dir();
@@ -61,7 +61,7 @@ fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>, backstop: Backstop) -> Resu
 /// Loads the embedded object as `run` does (maps created, every program verified, the
 /// netns probe's too) without pinning or attaching anything; all of it is freed on
 /// return. `check` uses it to prove this process's privileges are enough.
-pub fn verify_object() -> Result<()> {
+pub(crate) fn verify_object() -> Result<()> {
     let Loaded { mut ebpf, .. } = load(None, Backstop::detect())?;
     let probe: &mut aya::programs::CgroupSockAddr = ebpf
         .program_mut(metadata_guard_common::program_names::NETNS_PROBE)

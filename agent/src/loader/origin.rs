@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::pins::PinLayout;
 
-pub const INSTALLED_BY: &str = "installed-by";
-pub const UPDATED_BY: &str = "updated-by";
+pub(crate) const INSTALLED_BY: &str = "installed-by";
+pub(crate) const UPDATED_BY: &str = "updated-by";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
@@ -41,14 +41,14 @@ impl Origin {
 /// The installer recorded in any version directory under `layout.root`, ours first:
 /// read before an install, so that an agent of a new layout keeps the record of the
 /// enforcement it took over.
-pub fn installer(layout: &PinLayout) -> Option<Origin> {
+pub(crate) fn installer(layout: &PinLayout) -> Option<Origin> {
     std::iter::once(layout.dir.clone()).chain(layout.other_versions()).find_map(|dir| read_dir(&dir, INSTALLED_BY))
 }
 
 /// Records `origin` as the latest updater; as the installer, `previous` (the
 /// installer of the enforcement this install took over, see [`installer`]) or, when
 /// there was none and this install attached every link itself (`started`), `origin`.
-pub fn record(layout: &PinLayout, origin: &Origin, previous: Option<Origin>, started: bool) -> Result<()> {
+pub(crate) fn record(layout: &PinLayout, origin: &Origin, previous: Option<Origin>, started: bool) -> Result<()> {
     match previous {
         Some(previous) => write(layout, INSTALLED_BY, &previous)?,
         None if started || read(layout, INSTALLED_BY).is_none() => write(layout, INSTALLED_BY, origin)?,
@@ -57,7 +57,7 @@ pub fn record(layout: &PinLayout, origin: &Origin, previous: Option<Origin>, sta
     write(layout, UPDATED_BY, origin)
 }
 
-pub fn read(layout: &PinLayout, which: &str) -> Option<Origin> {
+pub(crate) fn read(layout: &PinLayout, which: &str) -> Option<Origin> {
     read_dir(&layout.dir, which)
 }
 
@@ -76,7 +76,7 @@ fn write(layout: &PinLayout, which: &str, origin: &Origin) -> Result<()> {
 }
 
 /// Removes the record directory `dir` and what is in it (directories only).
-pub fn clear(dir: &Path) -> io::Result<()> {
+pub(crate) fn clear(dir: &Path) -> io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

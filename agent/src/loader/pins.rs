@@ -70,13 +70,13 @@ fn is_version_dir(name: &str) -> bool {
     name.strip_prefix('v').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-pub fn is_bpffs(path: &Path) -> bool {
+pub(crate) fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// Makes sure `root` exists on a bpffs, mounting bpffs on its parent when the parent
 /// is an empty, unmounted `/sys/fs/bpf`-like directory (as on hosts without systemd).
-pub fn ensure_on_bpffs(root: &Path, may_mount: bool) -> Result<()> {
+pub(crate) fn ensure_on_bpffs(root: &Path, may_mount: bool) -> Result<()> {
     let parent = root.parent().unwrap_or(Path::new("/"));
     if !is_bpffs(parent) && !is_bpffs(root) {
         if !may_mount {
@@ -108,7 +108,7 @@ pub fn ensure_on_bpffs(root: &Path, may_mount: bool) -> Result<()> {
 /// an empty directory left in `/sys/fs/bpf` after `uninstall` reads as something
 /// still installed. A root that still holds anything (another version's pins, files
 /// of someone else's), or is a mount point, stays.
-pub fn remove_root_if_empty(root: &Path) -> Result<()> {
+pub(crate) fn remove_root_if_empty(root: &Path) -> Result<()> {
     match fs::remove_dir(root) {
         Ok(()) => Ok(()),
         Err(e)
@@ -125,7 +125,7 @@ pub fn remove_root_if_empty(root: &Path) -> Result<()> {
 
 /// The one-agent-per-node lock: an exclusive flock on the pin root directory. Held
 /// for the agent's life; the kernel drops it when the process dies, however it dies.
-pub struct AgentLock {
+pub(crate) struct AgentLock {
     _dir: File,
 }
 
@@ -134,11 +134,11 @@ pub struct AgentLock {
     "another metadata-guard agent already manages {0} (it holds the lock on that directory); \
      stop it first, or give this one another --bpffs directory"
 )]
-pub struct AlreadyRunning(pub PathBuf);
+pub(crate) struct AlreadyRunning(pub PathBuf);
 
 impl AgentLock {
     /// The lock, or (inner `Err`) the agent that holds it.
-    pub fn acquire(root: &Path) -> Result<Result<AgentLock, AlreadyRunning>> {
+    pub(crate) fn acquire(root: &Path) -> Result<Result<AgentLock, AlreadyRunning>> {
         let dir = File::open(root).with_context(|| format!("could not open {}", root.display()))?;
         match flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
             Ok(()) => Ok(Ok(AgentLock { _dir: dir })),
@@ -148,7 +148,7 @@ impl AgentLock {
     }
 
     /// Whether some agent holds the lock right now (for `status`).
-    pub fn is_held(root: &Path) -> bool {
+    pub(crate) fn is_held(root: &Path) -> bool {
         let Ok(dir) = File::open(root) else { return false };
         match flock(&dir, libc::LOCK_SH | libc::LOCK_NB) {
             Ok(()) => false,

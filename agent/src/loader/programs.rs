@@ -42,7 +42,7 @@ pub struct Attachment {
 
 /// What a guard attaches: its mode and its packet backstop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// `MODE_*`.
     pub mode: u32,
     pub backstop: Backstop,
@@ -50,7 +50,7 @@ pub struct Plan {
 
 impl Plan {
     /// The program `a` runs under this plan.
-    pub fn program(self, a: &Attachment) -> &'static str {
+    pub(crate) fn program(self, a: &Attachment) -> &'static str {
         match a.kind {
             Kind::Egress => self.backstop.egress_program(),
             _ => a.program,
@@ -62,7 +62,7 @@ impl Plan {
     /// TCP connection, whatever the program does, and only conceal mode needs it);
     /// `sock_create` only where the backstop reads marks (it runs on every socket
     /// any process creates).
-    pub fn needs(self, a: &Attachment) -> bool {
+    pub(crate) fn needs(self, a: &Attachment) -> bool {
         match a.kind {
             Kind::SockOps => self.mode == MODE_CONCEAL,
             Kind::SockCreate => self.backstop == Backstop::SocketMarks,
@@ -71,12 +71,12 @@ impl Plan {
     }
 
     /// The attachments this plan keeps attached, in attach order.
-    pub fn attachments(self) -> impl Iterator<Item = &'static Attachment> {
+    pub(crate) fn attachments(self) -> impl Iterator<Item = &'static Attachment> {
         ATTACHMENTS.iter().filter(move |a| self.needs(a))
     }
 
     /// The attachments this plan does not use, whose pins are detached.
-    pub fn unused(self) -> impl Iterator<Item = &'static Attachment> {
+    pub(crate) fn unused(self) -> impl Iterator<Item = &'static Attachment> {
         ATTACHMENTS.iter().filter(move |a| !self.needs(a))
     }
 

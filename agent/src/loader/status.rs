@@ -89,7 +89,7 @@ pub struct CounterStatus {
     pub count: u64,
 }
 
-pub fn read(root: &Path) -> Result<Status> {
+pub(crate) fn read(root: &Path) -> Result<Status> {
     let layout = PinLayout::new(root);
     let mut status = Status {
         bpffs: root.display().to_string(),
@@ -208,7 +208,7 @@ pub fn read(root: &Path) -> Result<Status> {
 
 /// The policy in force as the pinned tries hold it (its node-only part too): what
 /// decides which devices are uplinks, for `status`.
-pub fn pinned_policy(layout: &PinLayout) -> Result<crate::policy::CompiledPolicy> {
+pub(crate) fn pinned_policy(layout: &PinLayout) -> Result<crate::policy::CompiledPolicy> {
     use ipnet::{Ipv4Net, Ipv6Net};
     let open = |name: &str| -> Result<Map> {
         let data = MapData::from_pin(layout.map(name)).with_context(|| format!("could not open pinned map {name}"))?;
@@ -267,7 +267,7 @@ fn describe(addr: IpAddr, prefix_len: u32, rules: &DestRules) -> String {
         .join("; ")
 }
 
-pub fn print_human(s: &Status) {
+pub(crate) fn print_human(s: &Status) {
     println!("bpffs:          {} (layout v{})", s.bpffs, s.abi_version);
     let installed = match (s.installed, s.enforcing) {
         (false, _) => "no".to_string(),

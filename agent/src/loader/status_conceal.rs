@@ -33,7 +33,7 @@ pub struct ConcealStatus {
 }
 
 /// Reads the conceal maps through `open` (a pinned map by name).
-pub fn read(open: impl Fn(&str) -> Result<Map>) -> Result<ConcealStatus> {
+pub(crate) fn read(open: impl Fn(&str) -> Result<Map>) -> Result<ConcealStatus> {
     let settings_map = open(map_names::CONCEAL)?;
     let settings: ConcealSettings = Array::<_, ConcealSettings>::try_from(&settings_map)?.get(&0, 0)?;
     let endpoints_map = open(map_names::CONCEAL_ENDPOINTS)?;
@@ -56,7 +56,7 @@ pub fn read(open: impl Fn(&str) -> Result<Map>) -> Result<ConcealStatus> {
 
 /// Fills `listening` from the host namespace's socket tables (/proc's `net/tcp`,
 /// `net/tcp6`: read-only, nothing is sent to the proxy).
-pub fn check_listening(status: &mut ConcealStatus, host_netns: Option<&Path>) {
+pub(crate) fn check_listening(status: &mut ConcealStatus, host_netns: Option<&Path>) {
     let Some(proxy) = status.proxy.as_deref().and_then(|p| p.parse::<SocketAddr>().ok()) else { return };
     status.listening = netns_cookie::in_netns(host_netns, || {
         let mut listeners = Vec::new();
@@ -119,7 +119,7 @@ fn serves(local: SocketAddr, proxy: SocketAddr) -> bool {
         && (local.ip().is_unspecified() || local.ip().to_canonical() == proxy.ip().to_canonical())
 }
 
-pub fn print_human(c: &ConcealStatus) {
+pub(crate) fn print_human(c: &ConcealStatus) {
     match &c.proxy {
         Some(proxy) => {
             let listening = match c.listening {

@@ -39,18 +39,18 @@ use super::{
 };
 
 /// The program pin of the uplinks (`programs/uplink`).
-pub const PROGRAM_PIN: &str = "uplink";
+pub(crate) const PROGRAM_PIN: &str = "uplink";
 /// Prefix of the tcx link pins (`links/uplink_<ifindex>`).
 pub(super) const LINK_PIN_PREFIX: &str = "uplink_";
 /// cls_bpf priority: the first a filter can take (0 asks the kernel to choose).
-pub const FILTER_PRIORITY: u16 = 1;
+pub(crate) const FILTER_PRIORITY: u16 = 1;
 /// cls_bpf handle of our filter ("MG").
-pub const FILTER_HANDLE: u32 = 0x4d47;
+pub(crate) const FILTER_HANDLE: u32 = 0x4d47;
 
 /// How the uplink program sits on a device's egress hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum TcAttach {
+pub(crate) enum TcAttach {
     /// A pinned bpf_link (kernels 6.6+).
     Tcx,
     /// A clsact qdisc with a direct-action cls_bpf filter (every kernel).
@@ -59,7 +59,7 @@ pub enum TcAttach {
 
 impl TcAttach {
     /// The best this kernel has.
-    pub fn detect() -> TcAttach {
+    pub(crate) fn detect() -> TcAttach {
         if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
             TcAttach::Tcx
         } else {
@@ -67,7 +67,7 @@ impl TcAttach {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             TcAttach::Tcx => "tcx",
             TcAttach::Clsact => "clsact",
@@ -77,14 +77,14 @@ impl TcAttach {
 
 /// A device the program goes on.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UplinkDevice {
+pub(crate) struct UplinkDevice {
     pub index: u32,
     pub name: String,
 }
 
 /// What happened on one uplink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UplinkAction {
+pub(crate) enum UplinkAction {
     Attached,
     Kept,
     Replaced,
@@ -92,14 +92,14 @@ pub enum UplinkAction {
 
 /// The program the uplinks run under this backstop (the same way of knowing a host
 /// socket: the kernel's netns cookie, or the marks `sock_create` writes).
-pub fn program_name(backstop: Backstop) -> &'static str {
+pub(crate) fn program_name(backstop: Backstop) -> &'static str {
     match backstop {
         Backstop::NetnsHelper => metadata_guard_common::program_names::UPLINK,
         Backstop::SocketMarks => metadata_guard_common::program_names::UPLINK_MARKS,
     }
 }
 
-pub fn link_pin(layout: &PinLayout, ifindex: u32) -> std::path::PathBuf {
+pub(crate) fn link_pin(layout: &PinLayout, ifindex: u32) -> std::path::PathBuf {
     layout.link(&format!("{LINK_PIN_PREFIX}{ifindex}"))
 }
 
@@ -117,7 +117,7 @@ impl Guard {
     }
 
     /// Makes `dev`'s egress hook run our uplink program, by `how`.
-    pub fn guard_uplink(&mut self, dev: &UplinkDevice, how: TcAttach) -> Result<UplinkAction> {
+    pub(crate) fn guard_uplink(&mut self, dev: &UplinkDevice, how: TcAttach) -> Result<UplinkAction> {
         fs::create_dir_all(self.pins.links_dir()).context("could not create the link pin directory")?;
         fs::create_dir_all(self.pins.programs_dir()).context("could not create the program pin directory")?;
         let pins = self.pins.clone();
@@ -242,7 +242,7 @@ impl Guard {
 
     /// Removes the tcx link pins of devices that no longer exist (`live`: the
     /// indexes that do); their links detached with the device.
-    pub fn forget_vanished_uplinks(&self, live: &[u32]) -> Result<()> {
+    pub(crate) fn forget_vanished_uplinks(&self, live: &[u32]) -> Result<()> {
         for (index, how) in pinned_links(&self.pins) {
             if how == TcAttach::Tcx && !live.contains(&index) {
                 remove_link_pin(&link_pin(&self.pins, index))?;
@@ -255,7 +255,7 @@ impl Guard {
 impl Guard {
     /// Makes the uplink's allowlist exactly `wanted` (see `uplink::allow_keys`);
     /// returns (added, removed).
-    pub fn sync_uplink_allowed(&mut self, wanted: &BTreeSet<UplinkAllowKey>) -> Result<(usize, usize)> {
+    pub(crate) fn sync_uplink_allowed(&mut self, wanted: &BTreeSet<UplinkAllowKey>) -> Result<(usize, usize)> {
         let map = self.ebpf.map_mut(map_names::UPLINK_ALLOW).context("no uplink allowlist map")?;
         let mut map: aya::maps::HashMap<&mut aya::maps::MapData, UplinkAllowKey, u8> =
             aya::maps::HashMap::try_from(map)?;

@@ -39,7 +39,7 @@ pub(super) fn remove_link_pin(pin: &Path) -> Result<()> {
 
 /// Removes our program from device `ifindex`: its tcx link pin and our cls_bpf filter
 /// (only ours: priority, handle and a program named `mg_uplink*`).
-pub fn remove_uplink(layout: &PinLayout, ifindex: u32) -> Result<bool> {
+pub(crate) fn remove_uplink(layout: &PinLayout, ifindex: u32) -> Result<bool> {
     let pin = link_pin(layout, ifindex);
     let had_link = pin.exists();
     remove_link_pin(&pin)?;
@@ -79,7 +79,7 @@ pub(super) fn pinned_links(layout: &PinLayout) -> Vec<(u32, TcAttach)> {
 }
 
 /// Every device with our program (by either way), as (ifindex, how).
-pub fn guarded(layout: &PinLayout) -> Result<Vec<(u32, TcAttach)>> {
+pub(crate) fn guarded(layout: &PinLayout) -> Result<Vec<(u32, TcAttach)>> {
     let mut out = pinned_links(layout);
     let mut sock = NlSocket::open(libc::NETLINK_ROUTE).context("could not open a netlink socket")?;
     for dev in devices::devices(&mut sock).context("could not list the network devices")? {
@@ -92,7 +92,7 @@ pub fn guarded(layout: &PinLayout) -> Result<Vec<(u32, TcAttach)>> {
 
 /// One uplink as the kernel has it: what `status` shows.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UplinkHook {
+pub(crate) struct UplinkHook {
     /// "tcx" or "clsact"; None: our program is not on the device.
     pub attach: Option<String>,
     /// The id of the program on the hook (ours), 0 when none.
@@ -105,7 +105,7 @@ pub struct UplinkHook {
 }
 
 /// Reads whether device `ifindex` runs our program, without touching anything.
-pub fn uplink_hook(layout: &PinLayout, ifindex: u32) -> Result<UplinkHook> {
+pub(crate) fn uplink_hook(layout: &PinLayout, ifindex: u32) -> Result<UplinkHook> {
     let pinned = super::links::pinned_program_info(&layout.program(PROGRAM_PIN))?;
     let name_of = |id: u32| pinned.as_ref().filter(|(pid, _)| *pid == id).map(|(_, name)| name.clone());
     if let Some(link) = open_link(&link_pin(layout, ifindex))? {
@@ -167,7 +167,7 @@ impl UplinkStatus {
 /// directory name, `<version dir>/uplinks/<choice>`, dots as `~`.
 const SPEC_DIR: &str = "uplinks";
 
-pub fn record_spec(layout: &PinLayout, spec: &str) -> Result<()> {
+pub(crate) fn record_spec(layout: &PinLayout, spec: &str) -> Result<()> {
     let dir = layout.dir.join(SPEC_DIR);
     clear_spec(&layout.dir).with_context(|| format!("could not clear {}", dir.display()))?;
     let path = dir.join(spec.replace('.', "~"));
@@ -175,13 +175,13 @@ pub fn record_spec(layout: &PinLayout, spec: &str) -> Result<()> {
 }
 
 /// The recorded choice, if any.
-pub fn recorded_spec(layout: &PinLayout) -> Option<String> {
+pub(crate) fn recorded_spec(layout: &PinLayout) -> Option<String> {
     let mut entries = fs::read_dir(layout.dir.join(SPEC_DIR)).ok()?;
     entries.find_map(|e| e.ok()?.file_name().to_str().map(|n| n.replace('~', ".")))
 }
 
 /// Removes the record under version directory `dir` (`remove_pins`).
-pub fn clear_spec(dir: &Path) -> io::Result<()> {
+pub(crate) fn clear_spec(dir: &Path) -> io::Result<()> {
     let dir = dir.join(SPEC_DIR);
     let Ok(entries) = fs::read_dir(&dir) else { return Ok(()) };
     for entry in entries {

@@ -6,7 +6,7 @@ use super::{Qos, Runtime};
 
 /// What a cgroup's path in the kubelet's tree says about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KubeletCgroup {
+pub(crate) struct KubeletCgroup {
     pub pod_uid: String,
     pub qos: Qos,
     /// None for the pod-level cgroup and for cgroups in it that are no container
@@ -31,7 +31,7 @@ const RUNTIME_PREFIXES: [(&str, Runtime); 3] =
 /// cgroupfs: /kubepods/besteffort/pod<uid>/<id>
 ///           /kubepods/pod<uid>/<id>                                                   (Guaranteed)
 /// ```
-pub fn parse_kubelet_path(rel_path: &str) -> Option<KubeletCgroup> {
+pub(crate) fn parse_kubelet_path(rel_path: &str) -> Option<KubeletCgroup> {
     let components: Vec<&str> = rel_path.split('/').filter(|c| !c.is_empty()).collect();
     components.iter().enumerate().find_map(|(i, &component)| {
         let below = &components[i + 1..];

@@ -9,13 +9,13 @@ use serde::{de, Deserialize, Deserializer};
 /// Pods whose namespace and name both match may reach blocked destinations.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AllowRule {
+pub(crate) struct AllowRule {
     pub namespace: Pattern,
     pub pod: Pattern,
 }
 
 impl AllowRule {
-    pub fn matches(&self, namespace: &str, pod: &str) -> bool {
+    pub(crate) fn matches(&self, namespace: &str, pod: &str) -> bool {
         self.namespace.matches(namespace) && self.pod.matches(pod)
     }
 }
@@ -23,11 +23,11 @@ impl AllowRule {
 /// A glob over a whole name: `*` matches any run of characters (also none), `?`
 /// exactly one; every other character matches itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pattern(String);
+pub(crate) struct Pattern(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("an empty pattern matches no pod or namespace; write \"*\" to match any")]
-pub struct PatternError;
+pub(crate) struct PatternError;
 
 impl FromStr for Pattern {
     type Err = PatternError;
@@ -69,7 +69,7 @@ impl de::Visitor<'_> for PatternVisitor {
 }
 
 impl Pattern {
-    pub fn matches(&self, name: &str) -> bool {
+    pub(crate) fn matches(&self, name: &str) -> bool {
         let pattern: Vec<char> = self.0.chars().collect();
         let name: Vec<char> = name.chars().collect();
         let (mut p, mut n) = (0, 0);

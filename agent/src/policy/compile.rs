@@ -15,7 +15,7 @@ use super::{distinct_ports, BlockRule, PolicyError, PortMatch};
 /// A policy in the kernel's layout: one entry per distinct prefix, sorted by address
 /// and then prefix length, so that equal policies compile to equal values.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CompiledPolicy {
+pub(crate) struct CompiledPolicy {
     pub v4: Vec<(Ipv4Net, DestRules)>,
     pub v6: Vec<(Ipv6Net, DestRules)>,
     /// Rules only the node's own checks apply on top of these (the uplink program and
@@ -24,7 +24,7 @@ pub struct CompiledPolicy {
     pub node_only: Option<Box<CompiledPolicy>>,
 }
 
-pub fn compile(rules: &[BlockRule]) -> Result<CompiledPolicy, PolicyError> {
+pub(crate) fn compile(rules: &[BlockRule]) -> Result<CompiledPolicy, PolicyError> {
     let mut own: BTreeMap<IpNet, Vec<PortRule>> = BTreeMap::new();
     for rule in rules {
         rule.validate()?;

@@ -66,7 +66,7 @@ const DNS: [u16; 1] = [53];
 const DNS_AND_GKE_METADATA: [u16; 2] = [53, 80];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Preset {
+pub(crate) enum Preset {
     Default,
     Aws,
     AwsEcs,
@@ -82,7 +82,7 @@ pub enum Preset {
 }
 
 impl Preset {
-    pub const ALL: [Preset; 12] = [
+    pub(crate) const ALL: [Preset; 12] = [
         Preset::Default,
         Preset::Aws,
         Preset::AwsEcs,
@@ -110,7 +110,7 @@ impl Preset {
         Preset::Akamai,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Preset::Default => "default",
             Preset::Aws => "aws",
@@ -128,7 +128,7 @@ impl Preset {
     }
 
     /// What the preset blocks, what it leaves open and why, for operators.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Preset::Default => {
                 "The metadata addresses of every supported cloud at once, for clusters that run \
@@ -201,14 +201,14 @@ impl Preset {
     /// Rules only the host side applies, on top of [`Preset::rules`]: destinations the
     /// socket hooks leave to the node because the node rewrites them (DNAT) to an
     /// allowed place, and the host side judges after the rewrite.
-    pub fn host_side_rules(self) -> Vec<BlockRule> {
+    pub(crate) fn host_side_rules(self) -> Vec<BlockRule> {
         match self {
             Preset::GkeWorkloadIdentity => vec![BlockRule::only(host(IMDS), &[80])],
             _ => Vec::new(),
         }
     }
 
-    pub fn rules(self) -> Vec<BlockRule> {
+    pub(crate) fn rules(self) -> Vec<BlockRule> {
         match self {
             Preset::Default => {
                 let mut union: Vec<BlockRule> = Vec::new();
@@ -269,7 +269,7 @@ impl fmt::Display for Preset {
     "unknown preset `{0}`; choose one of default, aws, aws-ecs, gcp, gke-workload-identity, azure, alibaba, tencent, \
      oracle, openstack, scaleway, akamai"
 )]
-pub struct UnknownPreset(pub String);
+pub(crate) struct UnknownPreset(pub String);
 
 impl FromStr for Preset {
     type Err = UnknownPreset;

@@ -24,7 +24,7 @@ use crate::{cgroup, loader};
 
 /// What a probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Found {
+pub(crate) enum Found {
     Yes,
     /// The kernel does not know it.
     No,
@@ -36,7 +36,7 @@ pub enum Found {
 
 /// One probed feature of the kernel object.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Feature {
+pub(crate) enum Feature {
     Program(ProgramKind),
     Map(String),
     /// A helper, for one program kind.
@@ -47,7 +47,7 @@ pub enum Feature {
 
 /// The program types the guard uses, named as `check` prints them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ProgramKind {
+pub(crate) enum ProgramKind {
     SockAddr,
     Sock,
     Skb,
@@ -58,7 +58,7 @@ pub enum ProgramKind {
 }
 
 impl ProgramKind {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             ProgramKind::SockAddr => "cgroup sock_addr",
             ProgramKind::Sock => "cgroup sock (sock_create)",
@@ -81,7 +81,7 @@ impl ProgramKind {
 
 /// The pins a starting agent adopts, as `run` opens them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Pins {
+pub(crate) enum Pins {
     /// No link pinned: `run` attaches fresh ones.
     None,
     /// Hooks with links: (hook, cgroup id, whether the program beside the link is the one it runs).
@@ -90,7 +90,7 @@ pub enum Pins {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Facts {
+pub(crate) struct Facts {
     pub kernel_release: String,
     pub kernel: (u32, u32),
     /// Effective capability bits.

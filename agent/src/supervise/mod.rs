@@ -68,7 +68,7 @@ use tokio::{
 };
 use tracing::{error, info};
 
-pub use self::readiness::{Condition, Readiness};
+pub(crate) use self::readiness::{Condition, Readiness};
 use crate::{attempt::Attempt, config::Config, loader::Guard, metrics::Metrics, policy::CompiledPolicy};
 
 mod readiness;
@@ -76,17 +76,17 @@ mod readiness;
 /// How long subsystems get to finish (flush the audit trail) after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Attempts queued for the audit pipeline; beyond it senders wait.
-pub const ATTEMPT_QUEUE: usize = 4096;
+pub(crate) const ATTEMPT_QUEUE: usize = 4096;
 
 /// The configuration in force and the policy compiled from it.
-pub struct InForce {
+pub(crate) struct InForce {
     pub config: Config,
     pub policy: CompiledPolicy,
 }
 
 /// What subsystems share; cheap to clone.
 #[derive(Clone)]
-pub struct Context {
+pub(crate) struct Context {
     pub policy: watch::Receiver<Arc<InForce>>,
     pub attempts: mpsc::Sender<Attempt>,
     pub readiness: Arc<Readiness>,
@@ -98,18 +98,18 @@ pub struct Context {
 
 /// Fires once, when the agent is asked to stop.
 #[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub(crate) struct Shutdown(watch::Receiver<bool>);
 
 impl Shutdown {
     /// Completes when shutdown has begun.
-    pub async fn wait(&mut self) {
+    pub(crate) async fn wait(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
 }
 
 /// The signals the agent reacts to, registered before anything is loaded so that a
 /// signal during start-up is queued rather than killing the process.
-pub struct Signals {
+pub(crate) struct Signals {
     /// Taken by the configuration subsystem.
     pub hangup: Option<Signal>,
     terminate: Signal,
@@ -118,7 +118,7 @@ pub struct Signals {
 
 impl Signals {
     /// Completes on SIGTERM or SIGINT.
-    pub async fn stop_requested(&mut self) {
+    pub(crate) async fn stop_requested(&mut self) {
         let name = tokio::select! {
             _ = self.terminate.recv() => "SIGTERM",
             _ = self.interrupt.recv() => "SIGINT",
@@ -126,7 +126,7 @@ impl Signals {
         info!(signal = name, "shutting down");
     }
 
-    pub fn install() -> Result<Signals> {
+    pub(crate) fn install() -> Result<Signals> {
         let watch = |kind: SignalKind, name: &str| signal(kind).map_err(|e| anyhow!("could not watch {name}: {e}"));
         Ok(Signals {
             hangup: Some(watch(SignalKind::hangup(), "SIGHUP")?),
@@ -136,7 +136,7 @@ impl Signals {
     }
 }
 
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     tasks: JoinSet<Result<()>>,
     /// The subsystems still running, by task.
     names: HashMap<tokio::task::Id, &'static str>,
@@ -152,7 +152,7 @@ impl Default for Supervisor {
 }
 
 impl Supervisor {
-    pub fn new() -> Supervisor {
+    pub(crate) fn new() -> Supervisor {
         Supervisor {
             tasks: JoinSet::new(),
             names: HashMap::new(),
@@ -161,12 +161,12 @@ impl Supervisor {
         }
     }
 
-    pub fn shutdown(&self) -> Shutdown {
+    pub(crate) fn shutdown(&self) -> Shutdown {
         Shutdown(self.stop.subscribe())
     }
 
     /// Runs a subsystem on the shared async workers.
-    pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = Result<()>> + Send + 'static) {
+    pub(crate) fn spawn(&mut self, name: &'static str, task: impl Future<Output = Result<()>> + Send + 'static) {
         let id = self.tasks.spawn(task).id();
         self.names.insert(id, name);
     }
@@ -174,7 +174,7 @@ impl Supervisor {
     /// Runs a subsystem on a thread of its own, so its blocking file-system work never
     /// holds up the async workers (HTTP probes, signals). `make` builds the task on
     /// that thread, so what it registers with the runtime (fds, timers) lives there.
-    pub fn spawn_on_thread<F, Fut>(&mut self, name: &'static str, make: F)
+    pub(crate) fn spawn_on_thread<F, Fut>(&mut self, name: &'static str, make: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<()>> + 'static,
@@ -203,7 +203,7 @@ impl Supervisor {
     /// subsystem to end on its own (then stops the others and returns why, so the
     /// agent exits non-zero). A subsystem that does not stop within the grace period
     /// is an error too, naming it.
-    pub async fn supervise(mut self, stop: impl Future<Output = ()>) -> Result<()> {
+    pub(crate) async fn supervise(mut self, stop: impl Future<Output = ()>) -> Result<()> {
         let ended = tokio::select! {
             () = stop => None,
             Some(joined) = self.tasks.join_next_with_id() => Some(self.describe(joined)),

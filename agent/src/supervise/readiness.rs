@@ -11,41 +11,41 @@ use std::{
 /// What `/readyz` reports: named conditions registered by the subsystems, each
 /// either met or missing with a reason.
 #[derive(Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     conditions: Mutex<BTreeMap<&'static str, Option<String>>>,
 }
 
 /// One subsystem's readiness condition; starts missing.
 #[derive(Clone)]
-pub struct Condition {
+pub(crate) struct Condition {
     readiness: Arc<Readiness>,
     name: &'static str,
 }
 
 impl Readiness {
     /// Registers `name`, missing (with `why`) until [`Condition::ready`] is called.
-    pub fn condition(self: &Arc<Self>, name: &'static str, why: &str) -> Condition {
+    pub(crate) fn condition(self: &Arc<Self>, name: &'static str, why: &str) -> Condition {
         self.conditions.lock().unwrap().insert(name, Some(why.to_string()));
         Condition { readiness: self.clone(), name }
     }
 
     /// Empty when ready; else `name: reason` for each missing condition.
-    pub fn missing(&self) -> Vec<String> {
+    pub(crate) fn missing(&self) -> Vec<String> {
         let conditions = self.conditions.lock().unwrap();
         conditions.iter().filter_map(|(name, why)| why.as_ref().map(|w| format!("{name}: {w}"))).collect()
     }
 }
 
 impl Condition {
-    pub fn ready(&self) {
+    pub(crate) fn ready(&self) {
         self.readiness.conditions.lock().unwrap().insert(self.name, None);
     }
 
-    pub fn missing(&self, why: impl Into<String>) {
+    pub(crate) fn missing(&self, why: impl Into<String>) {
         self.readiness.conditions.lock().unwrap().insert(self.name, Some(why.into()));
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.readiness.conditions.lock().unwrap().get(self.name).is_some_and(Option::is_none)
     }
 }

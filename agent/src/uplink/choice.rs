@@ -19,15 +19,15 @@ use ipnet::IpNet;
 use metadata_guard_netfilter::devices::{Device, Route};
 
 /// `ARPHRD_ETHER`: the program parses Ethernet headers.
-pub const ARPHRD_ETHER: u16 = 1;
+pub(crate) const ARPHRD_ETHER: u16 = 1;
 /// `IFF_LOOPBACK`.
 const IFF_LOOPBACK: u32 = 0x8;
 /// `RTN_UNICAST`: a route that sends packets out (not local, broadcast, blackhole…).
-pub const RTN_UNICAST: u8 = 1;
+pub(crate) const RTN_UNICAST: u8 = 1;
 
 /// `--uplinks`: how the devices are chosen.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum UplinkSpec {
+pub(crate) enum UplinkSpec {
     /// By the rules above, following the devices as they come and go.
     Auto,
     /// No uplink program at all.
@@ -37,7 +37,7 @@ pub enum UplinkSpec {
 }
 
 impl UplinkSpec {
-    pub fn parse(text: &str) -> Result<UplinkSpec, String> {
+    pub(crate) fn parse(text: &str) -> Result<UplinkSpec, String> {
         match text.trim() {
             "auto" => Ok(UplinkSpec::Auto),
             "none" => Ok(UplinkSpec::None),
@@ -68,7 +68,7 @@ impl fmt::Display for UplinkSpec {
 
 /// Why a device is an uplink (status shows it).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reason {
+pub(crate) enum Reason {
     /// A physical NIC.
     Nic,
     /// A bond, team or VLAN device.
@@ -94,7 +94,7 @@ impl fmt::Display for Reason {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Uplink {
+pub(crate) struct Uplink {
     pub index: u32,
     pub name: String,
     pub reason: Reason,
@@ -105,7 +105,7 @@ const CHILDREN: [&str; 4] = ["macvlan", "macvtap", "ipvlan", "ipvtap"];
 
 /// The uplinks among `devices`, by `spec`, sorted by index. `blocked` is every prefix
 /// the node's policy blocks (both families).
-pub fn choose(devices: &[Device], routes: &[Route], blocked: &[IpNet], spec: &UplinkSpec) -> Vec<Uplink> {
+pub(crate) fn choose(devices: &[Device], routes: &[Route], blocked: &[IpNet], spec: &UplinkSpec) -> Vec<Uplink> {
     match spec {
         UplinkSpec::None => return Vec::new(),
         UplinkSpec::Named(names) => {

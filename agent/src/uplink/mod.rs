@@ -6,10 +6,10 @@
 //! devices, `loader::uplink` for how the program sits on them, and `subsystem` for
 //! how the running agent follows devices as they come and go.
 
-pub mod attribution;
-pub mod choice;
+pub(crate) mod attribution;
+pub(crate) mod choice;
 mod scan;
-pub mod subsystem;
+pub(crate) mod subsystem;
 
 use std::{collections::BTreeSet, path::Path};
 
@@ -18,9 +18,9 @@ use metadata_guard_common::{UplinkAllowKey, AF_INET, AF_INET6};
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 
-pub use choice::{Uplink, UplinkSpec};
-pub use scan::{current, Scan};
-pub use subsystem::Uplinks;
+pub(crate) use choice::{Uplink, UplinkSpec};
+pub(crate) use scan::{current, Scan};
+pub(crate) use subsystem::Uplinks;
 
 use crate::{
     loader::{
@@ -34,7 +34,7 @@ use crate::{
 
 /// Every prefix the node's policy blocks (the node-only rules' too): what a route
 /// must reach for its device to be an uplink.
-pub fn blocked_prefixes(policy: &CompiledPolicy) -> Vec<IpNet> {
+pub(crate) fn blocked_prefixes(policy: &CompiledPolicy) -> Vec<IpNet> {
     let mut out = Vec::new();
     for part in std::iter::once(policy).chain(policy.node_only.as_deref()) {
         out.extend(part.v4.iter().map(|(net, _)| IpNet::V4(*net)));
@@ -46,7 +46,7 @@ pub fn blocked_prefixes(policy: &CompiledPolicy) -> Vec<IpNet> {
 /// Runs `f` on a thread that entered the network namespace at `netns` (the host's,
 /// from `--host-netns`): device names, ifindexes, netlink sockets and tcx links are
 /// all of the calling thread's namespace. `None` runs it here.
-pub fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub(crate) fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let Some(netns) = netns else { return f() };
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -59,7 +59,7 @@ pub fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> Result<T> + S
 }
 
 /// Moves the calling thread into the network namespace at `netns`.
-pub fn enter_netns(netns: &Path) -> Result<()> {
+pub(crate) fn enter_netns(netns: &Path) -> Result<()> {
     let file = std::fs::File::open(netns)
         .with_context(|| format!("could not open the host network namespace {}", netns.display()))?;
     nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -68,14 +68,14 @@ pub fn enter_netns(netns: &Path) -> Result<()> {
 
 /// One uplink's outcome at install.
 #[derive(Clone, Debug)]
-pub struct Guarded {
+pub(crate) struct Guarded {
     pub uplink: Uplink,
     pub action: std::result::Result<UplinkAction, String>,
 }
 
 /// Puts the program on every uplink `spec` names now (in the calling thread's
 /// namespace); one that fails does not keep the others unguarded.
-pub fn guard_all(guard: &mut Guard, uplinks: &[Uplink], how: TcAttach) -> Vec<Guarded> {
+pub(crate) fn guard_all(guard: &mut Guard, uplinks: &[Uplink], how: TcAttach) -> Vec<Guarded> {
     uplinks
         .iter()
         .map(|u| {
@@ -89,7 +89,7 @@ pub fn guard_all(guard: &mut Guard, uplinks: &[Uplink], how: TcAttach) -> Vec<Gu
 /// The uplinks and their programs as the kernel has them, read in the calling
 /// thread's namespace: the devices `spec` chooses for `policy`, and every other device
 /// that runs our program.
-pub fn status(layout: &PinLayout, spec: &UplinkSpec, policy: &CompiledPolicy) -> Result<Vec<UplinkStatus>> {
+pub(crate) fn status(layout: &PinLayout, spec: &UplinkSpec, policy: &CompiledPolicy) -> Result<Vec<UplinkStatus>> {
     let Scan { devices, uplinks } = current(spec, policy)?;
     let mut out = Vec::new();
     for u in &uplinks {
@@ -125,7 +125,7 @@ pub fn status(layout: &PinLayout, spec: &UplinkSpec, policy: &CompiledPolicy) ->
 
 /// What keeps the uplinks from enforcing, for `status` and `/readyz`: an uplink
 /// without our program.
-pub fn problems(uplinks: &[UplinkStatus]) -> Vec<String> {
+pub(crate) fn problems(uplinks: &[UplinkStatus]) -> Vec<String> {
     uplinks
         .iter()
         .filter(|u| u.reason.is_some() && !u.guarded())
@@ -137,7 +137,7 @@ pub fn problems(uplinks: &[UplinkStatus]) -> Vec<String> {
 /// the choice for `status`: what `run` and `apply` do at start. An uplink that cannot
 /// get it is logged and reported, not fatal: the other enforcement points stand, and
 /// the running agent's `uplinks` subsystem retries (its readiness says what is missing).
-pub fn install(
+pub(crate) fn install(
     guard: &mut Guard,
     host_netns: Option<&Path>,
     spec: &UplinkSpec,
@@ -171,7 +171,7 @@ pub fn install(
 
 /// Removes our program from every device of the calling thread's namespace (tcx
 /// pins under `layout` and our cls_bpf filters); the names of the devices it was on.
-pub fn remove_all(layout: &PinLayout) -> Result<Vec<String>> {
+pub(crate) fn remove_all(layout: &PinLayout) -> Result<Vec<String>> {
     let mut sock =
         metadata_guard_netfilter::NlSocket::open(libc::NETLINK_ROUTE).context("could not open a netlink socket")?;
     let devices =
@@ -187,7 +187,7 @@ pub fn remove_all(layout: &PinLayout) -> Result<Vec<String>> {
 
 /// The keys of `MG_UPLINK_ALLOW` for the allowlisted pods' entries into the node (the
 /// host side's view of them: their own interfaces, and source addresses behind a bridge).
-pub fn allow_keys(allowed: &crate::hostside::Allowed) -> BTreeSet<UplinkAllowKey> {
+pub(crate) fn allow_keys(allowed: &crate::hostside::Allowed) -> BTreeSet<UplinkAllowKey> {
     let mut keys = BTreeSet::new();
     for ifindex in &allowed.interfaces {
         keys.insert(UplinkAllowKey { ifindex: *ifindex, ..UplinkAllowKey::default() });
@@ -205,7 +205,7 @@ pub fn allow_keys(allowed: &crate::hostside::Allowed) -> BTreeSet<UplinkAllowKey
 
 /// The uplinks as `status` shows them, read in `host_netns` under the pins at `bpffs`
 /// with the recorded `--uplinks` choice (`auto` when none was recorded).
-pub fn read(bpffs: &Path, host_netns: Option<&Path>, choice: Option<&str>) -> Result<Vec<UplinkStatus>> {
+pub(crate) fn read(bpffs: &Path, host_netns: Option<&Path>, choice: Option<&str>) -> Result<Vec<UplinkStatus>> {
     let spec = choice.and_then(|c| UplinkSpec::parse(c).ok()).unwrap_or(UplinkSpec::Auto);
     let layout = PinLayout::new(bpffs);
     let policy = crate::loader::status::pinned_policy(&layout)?;
@@ -213,7 +213,7 @@ pub fn read(bpffs: &Path, host_netns: Option<&Path>, choice: Option<&str>) -> Re
 }
 
 /// The uplinks, for humans.
-pub fn print_status(uplinks: &[UplinkStatus], choice: Option<&str>) {
+pub(crate) fn print_status(uplinks: &[UplinkStatus], choice: Option<&str>) {
     println!("uplinks (--uplinks {}):", choice.unwrap_or("auto"));
     if uplinks.is_empty() {
         println!("  none");
@@ -233,7 +233,7 @@ pub fn print_status(uplinks: &[UplinkStatus], choice: Option<&str>) {
 /// socket (the kernel's netns cookie or the marks), and which devices are uplinks
 /// now (under the default policy). `ok` false when tc programs cannot be loaded or
 /// the devices cannot be read.
-pub fn check(host_netns: Option<&Path>) -> (bool, String) {
+pub(crate) fn check(host_netns: Option<&Path>) -> (bool, String) {
     use aya::{programs::ProgramType, sys::is_program_supported};
     match is_program_supported(ProgramType::SchedClassifier) {
         Ok(true) => {}

@@ -13,13 +13,13 @@ use crate::policy::CompiledPolicy;
 
 /// The namespace's devices and the uplinks among them.
 #[derive(Clone, Debug, Default)]
-pub struct Scan {
+pub(crate) struct Scan {
     pub devices: Vec<Device>,
     pub uplinks: Vec<Uplink>,
 }
 
 /// The uplinks `spec` chooses now for `policy`.
-pub fn current(spec: &UplinkSpec, policy: &CompiledPolicy) -> Result<Scan> {
+pub(crate) fn current(spec: &UplinkSpec, policy: &CompiledPolicy) -> Result<Scan> {
     let mut sock = NlSocket::open(libc::NETLINK_ROUTE).context("could not open a netlink socket")?;
     scan_with(&mut sock, spec, policy)
 }

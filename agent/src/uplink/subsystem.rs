@@ -37,7 +37,7 @@ const RTNLGRP_TC: u32 = 4;
 
 /// The `uplinks` subsystem. Its readiness condition holds while every uplink runs
 /// the program.
-pub struct Uplinks {
+pub(crate) struct Uplinks {
     condition: Condition,
     spec: UplinkSpec,
     how: TcAttach,
@@ -45,13 +45,13 @@ pub struct Uplinks {
 }
 
 impl Uplinks {
-    pub fn new(ctx: &Context, spec: UplinkSpec, how: TcAttach, host_netns: Option<PathBuf>) -> Uplinks {
+    pub(crate) fn new(ctx: &Context, spec: UplinkSpec, how: TcAttach, host_netns: Option<PathBuf>) -> Uplinks {
         Uplinks { condition: ctx.readiness.condition("uplinks", "not checked yet"), spec, how, host_netns }
     }
 
     /// Runs on a thread of its own (`spawn_on_thread`), which it moves into the host's
     /// network namespace first: device names, netlink and tcx links are all of it.
-    pub async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
+    pub(crate) async fn run(self, ctx: Context, mut shutdown: Shutdown) -> Result<()> {
         if let Some(netns) = &self.host_netns {
             enter_netns(netns)?;
         }

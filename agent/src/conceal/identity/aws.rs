@@ -33,13 +33,13 @@ use crate::{
 };
 
 /// Where the agent asks IMDS for the node's region.
-pub const IMDS_ADDR: &str = "169.254.169.254:80";
+pub(crate) const IMDS_ADDR: &str = "169.254.169.254:80";
 /// TTL of the agent's own IMDSv2 session for that one question.
 const REGION_TOKEN_TTL: &str = "60";
 
-pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+pub(crate) type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
-pub struct AwsSource {
+pub(crate) struct AwsSource {
     settings: RwLock<(PathBuf, AwsIdentityConfig)>,
     cache: CredentialCache,
     sockets: HostSockets,
@@ -52,7 +52,7 @@ pub struct AwsSource {
 }
 
 impl AwsSource {
-    pub fn new(
+    pub(crate) fn new(
         kubelet_dir: PathBuf,
         config: AwsIdentityConfig,
         sockets: HostSockets,
@@ -72,12 +72,12 @@ impl AwsSource {
 
     /// A reload: new roles apply to the next request; a pod whose role changed or
     /// went starts afresh (its kept credentials are for the old role).
-    pub fn set(&self, kubelet_dir: PathBuf, config: AwsIdentityConfig) {
+    pub(crate) fn set(&self, kubelet_dir: PathBuf, config: AwsIdentityConfig) {
         *self.settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = (kubelet_dir, config);
     }
 
     /// Whether any pod's credentials are kept (else nothing needs forgetting).
-    pub fn keeps_any(&self) -> bool {
+    pub(crate) fn keeps_any(&self) -> bool {
         !self.cache.is_empty()
     }
 

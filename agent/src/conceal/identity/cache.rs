@@ -18,10 +18,10 @@ use std::{
 use super::sts::{Issued, StsFailure};
 
 /// How long a failed exchange answers for the pod before STS is asked again.
-pub const FAILURE_HOLD: Duration = Duration::from_secs(5);
+pub(crate) const FAILURE_HOLD: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
-pub struct CredentialCache {
+pub(crate) struct CredentialCache {
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
 }
 
@@ -37,7 +37,7 @@ impl CredentialCache {
     /// `pod_uid`'s credentials for `role`: the kept ones while more than
     /// `refresh_before` is left on them, else `fetch`'s. When a refresh fails, the
     /// kept ones are served while they are still valid.
-    pub async fn get<F, Fut>(
+    pub(crate) async fn get<F, Fut>(
         &self,
         pod_uid: &str,
         role: &str,
@@ -82,19 +82,19 @@ impl CredentialCache {
 
     /// The kept credentials of `pod_uid` for `role`, if any and still valid at `now`.
     #[cfg(test)]
-    pub fn peek(&self, pod_uid: &str, role: &str, now: SystemTime) -> Option<Issued> {
+    pub(crate) fn peek(&self, pod_uid: &str, role: &str, now: SystemTime) -> Option<Issued> {
         let slot = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(pod_uid)?.clone();
         let slot = slot.try_lock().ok()?;
         slot.issued.clone().filter(|i| slot.role == role && now < i.expiration)
     }
 
     /// Drops `pod_uid`'s entry (it has no role any more).
-    pub fn remove(&self, pod_uid: &str) {
+    pub(crate) fn remove(&self, pod_uid: &str) {
         self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(pod_uid);
     }
 
     /// Keeps the entries of pods `alive` says are still there.
-    pub fn retain(&self, alive: &dyn Fn(&str) -> bool) -> usize {
+    pub(crate) fn retain(&self, alive: &dyn Fn(&str) -> bool) -> usize {
         let mut slots = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = slots.len();
         slots.retain(|uid, _| alive(uid));
@@ -102,11 +102,11 @@ impl CredentialCache {
     }
 
     /// Pods with an entry.
-    pub fn pods(&self) -> usize {
+    pub(crate) fn pods(&self) -> usize {
         self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty()
     }
 }

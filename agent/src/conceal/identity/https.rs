@@ -18,13 +18,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::{conceal::host_sockets::HostSockets, config::identity::Endpoint};
 
 /// STS's answers are a few KiB.
-pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Connect, TLS and answer, together.
-pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Posts a form to `endpoint` from the host's network namespace; the answer's status
 /// and body.
-pub async fn post_form(sockets: &HostSockets, endpoint: &Endpoint, form: String) -> Result<(u16, Bytes)> {
+pub(crate) async fn post_form(sockets: &HostSockets, endpoint: &Endpoint, form: String) -> Result<(u16, Bytes)> {
     tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(sockets, endpoint, form))
         .await
         .map_err(|_| anyhow!("{endpoint} did not answer within {EXCHANGE_TIMEOUT:?}"))?
@@ -71,7 +71,7 @@ where
 
 /// One plain-HTTP request without a body to `addr` from the host's network namespace
 /// (the agent's own metadata requests); the answer's status and body.
-pub async fn plain_request(
+pub(crate) async fn plain_request(
     sockets: &HostSockets,
     addr: SocketAddr,
     method: hyper::Method,

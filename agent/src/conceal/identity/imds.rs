@@ -15,7 +15,7 @@ use crate::{
 
 /// Which IAM path a request names.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IamPath {
+pub(crate) enum IamPath {
     /// `meta-data/iam/`: `info` and `security-credentials/`.
     Directory,
     /// `meta-data/iam/info`: the instance profile.
@@ -27,7 +27,7 @@ pub enum IamPath {
 }
 
 /// The IAM path `path` names, if any (`latest` or a dated API version).
-pub fn iam_path(path: &NormalPath) -> Option<IamPath> {
+pub(crate) fn iam_path(path: &NormalPath) -> Option<IamPath> {
     let s: Vec<&str> = path.segments.iter().map(String::as_str).collect();
     let (version, rest) = s.split_first()?;
     if *version != "latest" && !is_aws_date(version) {
@@ -53,7 +53,7 @@ fn json(value: &impl Serialize) -> Answer {
     Answer { status: 200, content_type: TEXT, body: Bytes::from(body) }
 }
 
-pub fn text(body: &str) -> Answer {
+pub(crate) fn text(body: &str) -> Answer {
     Answer { status: 200, content_type: TEXT, body: Bytes::from(body.to_owned()) }
 }
 
@@ -71,7 +71,7 @@ struct Credentials<'a> {
 }
 
 /// `security-credentials/<role>`, as IMDS writes it.
-pub fn credentials(issued: &Issued) -> Answer {
+pub(crate) fn credentials(issued: &Issued) -> Answer {
     json(&Credentials {
         code: "Success",
         last_updated: rfc3339(issued.issued_at),
@@ -93,7 +93,7 @@ struct Failure<'a> {
 
 /// How IMDS reports that the role's credentials could not be had: status 200, a
 /// `Code` other than `Success`, no keys. Every SDK reads it as "no credentials".
-pub fn failure(code: &str, message: &str, now: SystemTime) -> Answer {
+pub(crate) fn failure(code: &str, message: &str, now: SystemTime) -> Answer {
     json(&Failure { code, message, last_updated: rfc3339(now) })
 }
 
@@ -109,7 +109,7 @@ struct Info<'a> {
 /// `iam/info`. A pod has no instance profile: the profile named is the role itself
 /// (its ARN, so the account parses as from a real profile's ARN), and the id is the
 /// role's unique id (`AROA…`) as STS reported it.
-pub fn info(role: &RoleArn, issued: &Issued) -> Answer {
+pub(crate) fn info(role: &RoleArn, issued: &Issued) -> Answer {
     json(&Info {
         code: "Success",
         last_updated: rfc3339(issued.issued_at),

@@ -7,14 +7,14 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
 
 use crate::metrics::Metrics;
 
-pub struct IdentityMetrics {
+pub(crate) struct IdentityMetrics {
     requests: IntCounterVec,
     sts: HistogramVec,
     pods: IntGauge,
 }
 
 impl IdentityMetrics {
-    pub fn register(metrics: &Metrics) -> IdentityMetrics {
+    pub(crate) fn register(metrics: &Metrics) -> IdentityMetrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "metadata_guard_identity_requests_total",
@@ -46,15 +46,15 @@ impl IdentityMetrics {
         IdentityMetrics { requests, sts, pods }
     }
 
-    pub fn request(&self, result: &str, role: &str, namespace: &str) {
+    pub(crate) fn request(&self, result: &str, role: &str, namespace: &str) {
         self.requests.with_label_values(&[result, role, namespace]).inc();
     }
 
-    pub fn pods(&self, kept: usize) {
+    pub(crate) fn pods(&self, kept: usize) {
         self.pods.set(i64::try_from(kept).unwrap_or(i64::MAX));
     }
 
-    pub fn sts_call(&self, result: &str, took: Duration) {
+    pub(crate) fn sts_call(&self, result: &str, took: Duration) {
         self.sts.with_label_values(&[result]).observe(took.as_secs_f64());
     }
 }

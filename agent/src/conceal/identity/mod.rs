@@ -20,14 +20,14 @@
 //! plain data in `config::identity`; what the audit trail notes of a request
 //! (`IdentityNote`) is `attempt`'s.
 
-pub mod aws;
-pub mod cache;
-pub mod https;
-pub mod imds;
-pub mod metrics;
-pub mod roles;
-pub mod sts;
-pub mod token;
+pub(crate) mod aws;
+pub(crate) mod cache;
+pub(crate) mod https;
+pub(crate) mod imds;
+pub(crate) mod metrics;
+pub(crate) mod roles;
+pub(crate) mod sts;
+pub(crate) mod token;
 
 use std::{future::Future, pin::Pin};
 
@@ -38,7 +38,7 @@ use crate::{attempt::IdentityNote, pod_identity::PodIdentity};
 
 /// An answer in the metadata service's own format.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Bytes,
@@ -46,7 +46,7 @@ pub struct Answer {
 
 /// The reply of an [`IdentitySource`] for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reply {
+pub(crate) enum Reply {
     /// Answer the pod with this; `note` goes to the audit trail.
     Answer { answer: Answer, note: IdentityNote },
     /// Not this pod's to have: conceal the path as without identities; `note`, when
@@ -54,11 +54,11 @@ pub enum Reply {
     Conceal { note: Option<IdentityNote> },
 }
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A cloud's source of pod identities, asked by the conceal proxy for each request it
 /// would otherwise conceal as a credential path.
-pub trait IdentitySource: Send + Sync {
+pub(crate) trait IdentitySource: Send + Sync {
     /// Whether `path` (normalised) is among the identity paths this source answers.
     fn answers(&self, path: &NormalPath) -> bool;
     /// The reply for `pod` (as the kernel named it) asking `path` with a read method.

@@ -5,17 +5,17 @@
 use crate::config::identity::{RoleArn, RoleMapping};
 
 /// The role for `service_account` of `namespace`, if any.
-pub fn role_for<'a>(roles: &'a [RoleMapping], namespace: &str, service_account: &str) -> Option<&'a RoleArn> {
+pub(crate) fn role_for<'a>(roles: &'a [RoleMapping], namespace: &str, service_account: &str) -> Option<&'a RoleArn> {
     roles.iter().find(|r| r.namespace == namespace && r.service_account == service_account).map(|r| &r.role_arn)
 }
 
 /// STS's limit on `RoleSessionName`.
-pub const MAX_SESSION_NAME: usize = 64;
+pub(crate) const MAX_SESSION_NAME: usize = 64;
 
 /// The session name, `<namespace>.<pod>`: CloudTrail then names the pod. STS allows
 /// 2-64 of `[\w+=,.@-]`; a longer name keeps its start and ends with the UID's first
 /// eight characters, so two long pod names stay apart.
-pub fn session_name(namespace: &str, pod: &str, pod_uid: &str) -> String {
+pub(crate) fn session_name(namespace: &str, pod: &str, pod_uid: &str) -> String {
     let clean = |s: &str| -> String {
         s.chars().map(|c| if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) { c } else { '-' }).collect()
     };

@@ -5,10 +5,10 @@
 use std::time::{Duration, SystemTime};
 
 /// STS's API version of the query API.
-pub const API_VERSION: &str = "2011-06-15";
+pub(crate) const API_VERSION: &str = "2011-06-15";
 
 /// One exchange of a pod's token for its role's credentials.
-pub struct AssumeRequest<'a> {
+pub(crate) struct AssumeRequest<'a> {
     pub role_arn: &'a str,
     pub session_name: &'a str,
     pub token: &'a str,
@@ -17,7 +17,7 @@ pub struct AssumeRequest<'a> {
 
 impl AssumeRequest<'_> {
     /// The `application/x-www-form-urlencoded` body of the POST.
-    pub fn form(&self) -> String {
+    pub(crate) fn form(&self) -> String {
         let pairs = [
             ("Action", "AssumeRoleWithWebIdentity"),
             ("Version", API_VERSION),
@@ -32,7 +32,7 @@ impl AssumeRequest<'_> {
 }
 
 /// Percent-encodes all but the unreserved characters.
-pub fn form_escape(text: &str) -> String {
+pub(crate) fn form_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -46,7 +46,7 @@ pub fn form_escape(text: &str) -> String {
 
 /// Credentials STS issued for a pod.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Issued {
+pub(crate) struct Issued {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub session_token: String,
@@ -72,7 +72,7 @@ impl std::fmt::Debug for Issued {
 /// Why no credentials came: STS's own error, or none at all.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
-pub struct StsFailure {
+pub(crate) struct StsFailure {
     /// STS's error code (`InvalidIdentityToken`, `AccessDenied`, …), or ours:
     /// `STSUnreachable`, `STSInvalidResponse`, `RegionUnknown`.
     pub code: String,
@@ -80,13 +80,13 @@ pub struct StsFailure {
 }
 
 impl StsFailure {
-    pub fn new(code: &str, message: impl Into<String>) -> StsFailure {
+    pub(crate) fn new(code: &str, message: impl Into<String>) -> StsFailure {
         StsFailure { code: code.to_owned(), message: message.into() }
     }
 }
 
 /// Reads STS's answer (`status`, XML `body`) to an `AssumeRoleWithWebIdentity`.
-pub fn parse_response(status: u16, body: &str, now: SystemTime) -> Result<Issued, StsFailure> {
+pub(crate) fn parse_response(status: u16, body: &str, now: SystemTime) -> Result<Issued, StsFailure> {
     if let Some(error) = element(body, "Error") {
         let code = element(error, "Code").map_or_else(|| format!("HTTP{status}"), unescape);
         let message = element(error, "Message").map(unescape).unwrap_or_default();

@@ -16,15 +16,15 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 /// Where the kubelet mounts projected volumes in a pod's directory.
-pub const PROJECTED_DIR: &str = "volumes/kubernetes.io~projected";
+pub(crate) const PROJECTED_DIR: &str = "volumes/kubernetes.io~projected";
 /// The default service-account volume's name prefix (`kube-api-access-<random>`).
-pub const DEFAULT_VOLUME_PREFIX: &str = "kube-api-access-";
+pub(crate) const DEFAULT_VOLUME_PREFIX: &str = "kube-api-access-";
 /// A Kubernetes token is about 1 KiB; anything past this is not one.
-pub const MAX_TOKEN_BYTES: u64 = 64 * 1024;
+pub(crate) const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 
 /// Why a pod's token cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     #[error("the pod UID `{0}` is not a UID")]
     BadUid(String),
     #[error("the pod has no `{DEFAULT_VOLUME_PREFIX}*` projected volume (found: {0}); set token_volume")]
@@ -42,7 +42,7 @@ pub enum TokenError {
 }
 
 /// The pod's projected-volume directory: `<kubelet_dir>/pods/<uid>/volumes/kubernetes.io~projected`.
-pub fn projected_dir(kubelet_dir: &Path, pod_uid: &str) -> Result<PathBuf, TokenError> {
+pub(crate) fn projected_dir(kubelet_dir: &Path, pod_uid: &str) -> Result<PathBuf, TokenError> {
     // The UID comes from a cgroup name, not from the pod; still, it becomes a path.
     let plain =
         !pod_uid.is_empty() && pod_uid.len() <= 64 && pod_uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
@@ -54,7 +54,7 @@ pub fn projected_dir(kubelet_dir: &Path, pod_uid: &str) -> Result<PathBuf, Token
 
 /// Which projected volume holds the token: the configured one, or the only
 /// `kube-api-access-*` among `entries` (the names in the pod's projected directory).
-pub fn pick_volume(configured: Option<&str>, entries: &[String]) -> Result<String, TokenError> {
+pub(crate) fn pick_volume(configured: Option<&str>, entries: &[String]) -> Result<String, TokenError> {
     if let Some(name) = configured {
         return Ok(name.to_owned());
     }
@@ -68,7 +68,7 @@ pub fn pick_volume(configured: Option<&str>, entries: &[String]) -> Result<Strin
 }
 
 /// Reads the token of pod `pod_uid` from its volume (`configured`, or the default).
-pub fn read(kubelet_dir: &Path, pod_uid: &str, configured: Option<&str>) -> Result<String, TokenError> {
+pub(crate) fn read(kubelet_dir: &Path, pod_uid: &str, configured: Option<&str>) -> Result<String, TokenError> {
     use std::io::Read as _;
     let dir = projected_dir(kubelet_dir, pod_uid)?;
     let unreadable = |path: &Path, e: std::io::Error| TokenError::Unreadable {
@@ -93,7 +93,7 @@ pub fn read(kubelet_dir: &Path, pod_uid: &str, configured: Option<&str>) -> Resu
 
 /// The claims of a Kubernetes service-account token this needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct Claims {
+pub(crate) struct Claims {
     pub exp: Option<u64>,
     pub sub: Option<String>,
     #[serde(rename = "kubernetes.io")]
@@ -101,20 +101,20 @@ pub struct Claims {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct KubernetesClaims {
+pub(crate) struct KubernetesClaims {
     pub namespace: Option<String>,
     pub pod: Option<NamedRef>,
     pub serviceaccount: Option<NamedRef>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct NamedRef {
+pub(crate) struct NamedRef {
     pub name: Option<String>,
     pub uid: Option<String>,
 }
 
 /// The payload of a JWT (`header.payload.signature`), unverified.
-pub fn decode_claims(token: &str) -> Result<Claims, TokenError> {
+pub(crate) fn decode_claims(token: &str) -> Result<Claims, TokenError> {
     let mut parts = token.split('.');
     let (Some(_), Some(payload), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(TokenError::Malformed("not three dot-separated parts".into()));
@@ -127,14 +127,14 @@ pub fn decode_claims(token: &str) -> Result<Claims, TokenError> {
 
 /// The pod a token must name: as the kernel and the kubelet name it.
 #[derive(Clone, Copy, Debug)]
-pub struct ExpectedPod<'a> {
+pub(crate) struct ExpectedPod<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
     pub uid: &'a str,
 }
 
 /// The token's service account, once its claims name `pod` and it has not expired.
-pub fn check(claims: &Claims, pod: ExpectedPod<'_>, now: SystemTime) -> Result<String, TokenError> {
+pub(crate) fn check(claims: &Claims, pod: ExpectedPod<'_>, now: SystemTime) -> Result<String, TokenError> {
     let k8s = claims.kubernetes.clone().unwrap_or_default();
     let pod_ref = k8s.pod.unwrap_or_default();
     let same = |claim: &'static str, found: Option<String>, expected: &str| {
