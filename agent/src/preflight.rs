@@ -119,7 +119,7 @@ pub(crate) fn before_load(inputs: &Inputs<'_>) -> (Facts, Vec<Check>) {
 
 /// The checks of [`before_load`] with the kernel object refused as `e` says: a failed
 /// load of `run` or `apply`, in the words (and with the fix) `check` would give.
-pub(crate) fn object_refused(mut facts: Facts, bpffs: &Path, e: &anyhow::Error) -> Vec<Check> {
+pub(crate) fn object_refused(mut facts: Facts, bpffs: &Path, e: &crate::loader::ObjectRefused) -> Vec<Check> {
     facts.object = Some(Err(facts::refusal(e)));
     checks(&facts, bpffs)
 }

@@ -29,6 +29,7 @@ pub(crate) mod origin;
 pub(crate) mod pins;
 mod policy_maps;
 mod programs;
+mod refused;
 pub(crate) mod status;
 pub(crate) mod status_conceal;
 pub(crate) mod uplink;
@@ -91,6 +92,7 @@ pub(crate) const PINNED_MAPS: [&str; 21] = [
 pub(crate) use object::{load, verify_object, Loaded};
 pub(crate) use programs::Plan;
 pub use programs::ATTACHMENTS;
+pub(crate) use refused::ObjectRefused;
 
 pub(crate) struct InstallOptions<'a> {
     pub cgroup: &'a Path,

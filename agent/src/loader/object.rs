@@ -8,7 +8,7 @@ use std::{fs, path::PathBuf};
 use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
 
-use super::{pins::PinLayout, programs, remove_pins, Backstop, Plan, OBJECT, PINNED_MAPS};
+use super::{pins::PinLayout, programs, remove_pins, Backstop, ObjectRefused, Plan, OBJECT, PINNED_MAPS};
 
 /// The kernel object in the kernel: its maps created (or reused from their pins) and
 /// every program the backstop's plans attach verified; nothing attached yet.
@@ -22,11 +22,13 @@ pub(crate) struct Loaded {
 /// verified by the kernel. An error
 /// here is the kernel refusing the object or its maps: `check` and a starting agent
 /// explain it alike (`preflight`). A failed first load leaves nothing pinned.
-pub(crate) fn load(pins: Option<&PinLayout>, backstop: Backstop) -> Result<Loaded> {
+pub(crate) fn load(pins: Option<&PinLayout>, backstop: Backstop) -> Result<Loaded, ObjectRefused> {
     let Some(pins) = pins else { return load_programs(EbpfLoader::new().load(OBJECT), backstop) };
     let first = !pins.dir.exists();
     let maps = pins.maps_dir();
-    fs::create_dir_all(&maps).with_context(|| format!("could not create pin directory {}", maps.display()))?;
+    fs::create_dir_all(&maps)
+        .with_context(|| format!("could not create pin directory {}", maps.display()))
+        .map_err(ObjectRefused::other)?;
     let mut loader = EbpfLoader::new();
     let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|&name| (name, pins.map(name))).collect();
     for (name, path) in &map_paths {
@@ -42,8 +44,8 @@ pub(crate) fn load(pins: Option<&PinLayout>, backstop: Backstop) -> Result<Loade
     loaded
 }
 
-fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>, backstop: Backstop) -> Result<Loaded> {
-    let mut ebpf = ebpf.context("could not create the guard's maps")?;
+fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>, backstop: Backstop) -> Result<Loaded, ObjectRefused> {
+    let mut ebpf = ebpf.map_err(|e| ObjectRefused::kernel("could not create the guard's maps", e))?;
     // The mode does not matter here: every mode's programs are loaded.
     let plan = Plan { mode: metadata_guard_common::MODE_ENFORCE, backstop };
     for attachment in plan.loaded() {
@@ -52,21 +54,25 @@ fn load_programs(ebpf: Result<Ebpf, aya::EbpfError>, backstop: Backstop) -> Resu
     // The uplink's tc program, of the same backstop: verified with the rest, so that
     // `check` proves it too.
     let name = super::uplink::program_name(backstop);
-    let uplink: &mut aya::programs::SchedClassifier =
-        ebpf.program_mut(name).with_context(|| format!("the kernel object has no program {name}"))?.try_into()?;
-    uplink.load().with_context(|| format!("the kernel's verifier refused program {name}"))?;
+    let uplink: &mut aya::programs::SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| ObjectRefused::missing(name))?
+        .try_into()
+        .map_err(|e| ObjectRefused::program(name, e))?;
+    uplink.load().map_err(|e| ObjectRefused::program(name, e))?;
     Ok(Loaded { ebpf, backstop })
 }
 
 /// Loads the embedded object as `run` does (maps created, every program verified, the
 /// netns probe's too) without pinning or attaching anything; all of it is freed on
 /// return. `check` uses it to prove this process's privileges are enough.
-pub(crate) fn verify_object() -> Result<()> {
+pub(crate) fn verify_object() -> Result<(), ObjectRefused> {
     let Loaded { mut ebpf, .. } = load(None, Backstop::detect())?;
+    let name = metadata_guard_common::program_names::NETNS_PROBE;
     let probe: &mut aya::programs::CgroupSockAddr = ebpf
-        .program_mut(metadata_guard_common::program_names::NETNS_PROBE)
-        .context("the kernel object has no netns probe program")?
-        .try_into()?;
-    probe.load().context("the kernel's verifier refused the netns probe program")?;
-    Ok(())
+        .program_mut(name)
+        .ok_or_else(|| ObjectRefused::missing(name))?
+        .try_into()
+        .map_err(|e| ObjectRefused::program(name, e))?;
+    probe.load().map_err(|e| ObjectRefused::program(name, e))
 }

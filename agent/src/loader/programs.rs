@@ -18,7 +18,7 @@ use aya::{
 };
 use metadata_guard_common::{program_names, MODE_CONCEAL};
 
-use super::Backstop;
+use super::{Backstop, ObjectRefused};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -133,20 +133,21 @@ fn load_order() -> impl Iterator<Item = &'static Attachment> {
 }
 
 /// Loads (verifies) the program and returns an fd to it.
-pub(super) fn load(ebpf: &mut Ebpf, a: &Attachment, plan: Plan) -> Result<OwnedFd> {
+pub(super) fn load(ebpf: &mut Ebpf, a: &Attachment, plan: Plan) -> Result<OwnedFd, ObjectRefused> {
     let name = plan.program(a);
-    let program = ebpf.program_mut(name).with_context(|| format!("the kernel object has no program {name}"))?;
+    let program = ebpf.program_mut(name).ok_or_else(|| ObjectRefused::missing(name))?;
+    let refused = |e| ObjectRefused::program(name, e);
+    let dup = |e| ObjectRefused::kernel(format_args!("could not duplicate program {name}'s fd"), e);
     // Loaded already (the agent re-attaching after its links were removed): reuse it.
     if let Ok(fd) = program.fd() {
-        return Ok(fd.as_fd().try_clone_to_owned()?);
+        return fd.as_fd().try_clone_to_owned().map_err(dup);
     }
-    let refused = || format!("the kernel's verifier refused program {name}");
     // aya's program types share no trait for `load`: the same three steps for each.
     macro_rules! load_as {
         ($program_type:ty) => {{
-            let p: &mut $program_type = program.try_into()?;
-            p.load().with_context(refused)?;
-            p.fd()?.as_fd().try_clone_to_owned()?
+            let p: &mut $program_type = program.try_into().map_err(refused)?;
+            p.load().map_err(refused)?;
+            p.fd().map_err(refused)?.as_fd().try_clone_to_owned().map_err(dup)?
         }};
     }
     let fd = match a.kind {

@@ -159,13 +159,8 @@ fn memlock() -> Option<u64> {
 }
 
 /// Why loading the object failed: errno (when the kernel said) and the whole error.
-pub(super) fn refusal(e: &anyhow::Error) -> (Option<i32>, String) {
-    (errno_of(e), format!("{e:#}"))
-}
-
-/// The first OS error in an error chain.
-fn errno_of(e: &anyhow::Error) -> Option<i32> {
-    e.chain().find_map(|c| c.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error))
+pub(super) fn refusal(e: &loader::ObjectRefused) -> (Option<i32>, String) {
+    (e.errno, e.to_string())
 }
 
 fn pins(root: &Path) -> Pins {
