@@ -52,10 +52,10 @@ fn route(kind: u8, hop: Ipv4Addr) -> Vec<u8> {
 }
 
 /// Source routes accepted in the node and cloud namespaces while it lives.
-struct SourceRoutes(Vec<std::path::PathBuf>);
+pub(crate) struct SourceRoutes(Vec<std::path::PathBuf>);
 
 impl SourceRoutes {
-    fn accept(namespaces: &[&NetNs]) -> Result<SourceRoutes> {
+    pub(crate) fn accept(namespaces: &[&NetNs]) -> Result<SourceRoutes> {
         let mut accepting = SourceRoutes(Vec::new());
         for ns in namespaces {
             accept_source_routes(ns, true)?;
