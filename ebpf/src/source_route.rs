@@ -10,7 +10,7 @@
 //!
 //! Every pod IPv4 packet with an LSRR or SSRR option is refused, not only those whose
 //! route names a blocked address or the node: source routing has no legitimate use
-//! (RFC 7126 §4.3-4.4 advises dropping it; Linux does not honour it by default), what
+//! (RFC 7126 advises dropping it, hardening guides switch `accept_source_route` off), what
 //! the node does with a route (which of its addresses, Services, DNAT rules lead where)
 //! is more than a packet program can know, and the simple rule is also the one the
 //! verifier can afford. Malformed options are refused too: the node's stack would drop
@@ -18,9 +18,9 @@
 //!
 //! Walking the options is kept out of `mg_egress`: beside the rest of it the walk does
 //! not fit the 5.10 verifier's budget. A tail call from `mg_egress` was the first
-//! plan, but arm64 kernels before 6.x's subprogram tail calls (5.10 and 6.1 among them)
-//! refuse a program that both tail-calls and makes BPF-to-BPF calls, and the egress
-//! programs make some (LLVM emits `memset` calls for them). So this is a program of its
+//! plan, but the arm64 kernels the guard supports (5.10, 6.1) refuse a program that
+//! both tail-calls and makes BPF-to-BPF calls (5.10 allows the mix on x86-64 only), and
+//! the egress programs make some (LLVM emits `memset` calls there). So this is a program of its
 //! own, attached beside the egress program on the same cgroup (the agent's `options`
 //! link): the kernel drops a packet any of them refuses. Every other packet leaves it
 //! after one byte is read (IPv4 without options, IPv6). Like every link, it is pinned,
