@@ -14,7 +14,8 @@
 //! the node does with a route (which of its addresses, Services, DNAT rules lead where)
 //! is more than a packet program can know, and the simple rule is also the one the
 //! verifier can afford. Malformed options are refused too: the node's stack would drop
-//! them anyway (`ip_options_compile`), and a walk that gives up must not pass.
+//! them anyway (`ip_options_compile`), and so are more options than the walk reads
+//! ([`MAX_OPTIONS_WALKED`]): a walk that gives up must not pass.
 //!
 //! Walking the options is kept out of `mg_egress`: beside the rest of it the walk does
 //! not fit the 5.10 verifier's budget. A tail call from `mg_egress` was the first
@@ -50,9 +51,13 @@ const IPV4_ADDR_LEN: usize = 4;
 const IPV4_HEADER_LEN: usize = 20;
 const IHL_MASK: u8 = 0x0f;
 const IHL_UNIT: usize = 4;
-/// The most option bytes a header holds (`ihl` 15): each step of the walk takes at
-/// least one, so this many steps always reach the end.
-const MAX_OPTION_BYTES: usize = 40;
+/// How many options the walk reads. Each one it reads doubles the paths the 5.10
+/// verifier follows (a one-byte no-operation or a longer option lead on to different
+/// offsets), so a walk over all 40 bytes (40 one-byte options) exceeds its budget. A
+/// pod's packet with more options than this is refused like a source route (the
+/// kernel itself, and the options a program sets, use one or two, padded with
+/// no-operations to a word, and the walk stops at the end-of-list option).
+const MAX_OPTIONS_WALKED: usize = 6;
 
 /// Beside `mg_egress` (the sockets' marks).
 #[cgroup_skb(egress)]
@@ -73,50 +78,66 @@ fn judge_options(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf
         return PASS;
     }
     match find_source_route(ctx) {
-        Some(route) => refuse_source_route(ctx, netns_of, route),
+        Some(found) => refuse_source_route(ctx, netns_of, found),
         None => PASS,
     }
 }
 
-/// A source route (or malformed options) found in the header.
-struct Route {
-    /// Offset of the option in the packet.
-    at: usize,
-    /// Its length; 0 for malformed options (no route to read).
-    len: usize,
+/// What the walk found that refuses the packet: a source route, with its last
+/// address where it names one, or options it could not read through.
+struct Found {
+    /// The address's bytes as in the packet (`to_ne_bytes` gives them back); 0 where
+    /// none was read. A plain integer, not an `Option`: LLVM reads an `Option`'s
+    /// payload on paths that never wrote it, and 5.10 refuses reading unset stack.
+    last: u32,
 }
 
-const MALFORMED: Route = Route { at: 0, len: 0 };
+const UNREAD: Found = Found { last: NO_ADDRESS };
+const NO_ADDRESS: u32 = 0;
 
-/// Walks the options as the kernel's `ip_options_compile` does.
+/// Walks the options as the kernel's `ip_options_compile` does, for at most
+/// [`MAX_OPTIONS_WALKED`] options; what it cannot read through is refused.
 #[inline(always)]
-fn find_source_route(ctx: &SkBuffContext) -> Option<Route> {
-    let Ok(first) = ctx.load::<u8>(0) else { return Some(MALFORMED) };
+fn find_source_route(ctx: &SkBuffContext) -> Option<Found> {
+    let Ok(first) = ctx.load::<u8>(0) else { return Some(UNREAD) };
     let header_len = (first & IHL_MASK) as usize * IHL_UNIT;
     let mut at = IPV4_HEADER_LEN;
-    for _ in 0..MAX_OPTION_BYTES {
+    for _ in 0..MAX_OPTIONS_WALKED {
         if at >= header_len {
             return None;
         }
-        let Ok(kind) = ctx.load::<u8>(at) else { return Some(MALFORMED) };
+        let Ok(kind) = ctx.load::<u8>(at) else { return Some(UNREAD) };
         match kind {
             IPOPT_END => return None,
             IPOPT_NOOP => at += 1,
             _ => {
-                let Ok(len) = ctx.load::<u8>(at + 1) else { return Some(MALFORMED) };
+                let Ok(len) = ctx.load::<u8>(at + 1) else { return Some(UNREAD) };
                 let len = len as usize;
                 if len < OPTION_MIN_LEN || at + len > header_len {
-                    return Some(MALFORMED);
+                    return Some(UNREAD);
                 }
                 if kind == IPOPT_LSRR || kind == IPOPT_SSRR {
-                    return Some(Route { at, len });
+                    return Some(Found { last: last_address(ctx, at, len) });
                 }
                 at += len;
             }
         }
     }
-    // Unreachable (see MAX_OPTION_BYTES); fail-closed all the same.
-    Some(MALFORMED)
+    if at >= header_len {
+        None
+    } else {
+        Some(UNREAD)
+    }
+}
+
+/// The last address of the route at `at`, `len` bytes long: where the sender means
+/// the packet to go ([`Found::last`]).
+#[inline(always)]
+fn last_address(ctx: &SkBuffContext, at: usize, len: usize) -> u32 {
+    if len < ROUTE_FIRST_ADDR + IPV4_ADDR_LEN {
+        return NO_ADDRESS;
+    }
+    ctx.load::<u32>(at + len - IPV4_ADDR_LEN).unwrap_or(NO_ADDRESS)
 }
 
 /// Refuses the packet unless its socket is the host's (or an allowlisted pod's, or
@@ -125,22 +146,13 @@ fn find_source_route(ctx: &SkBuffContext) -> Option<Route> {
 fn refuse_source_route(
     ctx: &SkBuffContext,
     netns_of: impl Fn(&SkBuffContext, *mut bpf_sock) -> u64,
-    route: Route,
+    found: Found,
 ) -> i32 {
     let Some(settings) = settings() else { return DROP };
     let Some(netns_cookie) = backstop::pod_netns(ctx, settings, netns_of) else { return PASS };
     let Some(mut dest) = packet::destination(&ctx.skb, 0) else { return DROP };
-    if let Some(last) = last_address(ctx, &route) {
-        dest.addr[..IPV4_ADDR_LEN].copy_from_slice(&last);
+    if found.last != NO_ADDRESS {
+        dest.addr[..IPV4_ADDR_LEN].copy_from_slice(&found.last.to_ne_bytes());
     }
     backstop::refuse(ctx, settings, &dest, netns_cookie)
-}
-
-/// The route's last address: where the sender means the packet to go.
-#[inline(always)]
-fn last_address(ctx: &SkBuffContext, route: &Route) -> Option<[u8; IPV4_ADDR_LEN]> {
-    if route.len < ROUTE_FIRST_ADDR + IPV4_ADDR_LEN {
-        return None;
-    }
-    ctx.load::<[u8; IPV4_ADDR_LEN]>(route.at + route.len - IPV4_ADDR_LEN).ok()
 }
