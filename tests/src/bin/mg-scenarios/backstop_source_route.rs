@@ -23,9 +23,9 @@ use crate::{
 
 pub(crate) const SCENARIOS: [crate::Scenario; 2] = [
     (
-        "backstop: with no host-side table, a pod's source-routed packets (raw IP_OPTIONS and IP_HDRINCL SYNs, a UDP \
-         datagram with IP_OPTIONS; LSRR via the node naming the metadata address) never get past the node, with \
-         either backstop; a host-network process's source route still does",
+        "backstop: with no host-side table, a pod's source-routed packets (raw IP_OPTIONS and IP_HDRINCL SYNs, one \
+         behind padding, a UDP datagram with IP_OPTIONS; LSRR via the node naming the metadata address) never get \
+         past the node, with either backstop; a host-network process's source route and a pod's record route still do",
         backstop_refuses_source_routes,
     ),
     (
@@ -84,6 +84,15 @@ fn udp(ctx: &Ctx, cloud: &Cloud) -> Result<(bool, Outcome)> {
     })
 }
 
+/// A pod's datagram to the cloud's end of the node's link that records its route:
+/// IPv4 options, but no source route.
+fn udp_recording_route(ctx: &Ctx, cloud: &Cloud) -> Result<(bool, Outcome)> {
+    arrives(cloud, libc::IPPROTO_UDP, CLOUD_SIDE_V4, || {
+        let req = ctx.request(Who::Pod(0), Kind::UdpRecordRoute, &CLOUD_SIDE_V4.to_string(), METADATA_PORT, false)?;
+        attempt::run(&req)
+    })
+}
+
 /// `nft flush ruleset` in the node namespace with no agent running: the host-side
 /// table goes and stays gone.
 fn delete_host_table(ctx: &Ctx) -> Result<()> {
@@ -96,8 +105,10 @@ fn delete_host_table(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-/// A pod's source-routed raw SYNs (`IP_OPTIONS`, then `IP_HDRINCL`).
-const POD_RAW: [Kind; 2] = [Kind::RawTcpSynSourceRouted, Kind::RawHdrinclSourceRouted];
+/// A pod's source-routed raw SYNs (`IP_OPTIONS`, then `IP_HDRINCL`, then that with
+/// the route behind eight no-operations, beyond the backstop's walk).
+const POD_RAW: [Kind; 3] =
+    [Kind::RawTcpSynSourceRouted, Kind::RawHdrinclSourceRouted, Kind::RawHdrinclPaddedSourceRouted];
 
 fn backstop_refuses_source_routes(ctx: &mut Ctx) -> Result<()> {
     let cloud = Cloud::beyond(ctx.node.sim.node())?;
@@ -131,10 +142,12 @@ fn backstop_refuses_source_routes(ctx: &mut Ctx) -> Result<()> {
         let (arrived, out) = udp(ctx, &cloud)?;
         ensure!(!arrived, "{backstop}: a pod's source-routed UDP datagram got past the node: {out:?}");
         let blocked = ctx.kernel_count_at(Some("egress"), "blocked")? - before;
-        ensure!(blocked >= 3, "{backstop}: the backstop counted {blocked} refusals for three source-routed packets");
+        ensure!(blocked >= 4, "{backstop}: the backstop counted {blocked} refusals for four source-routed packets");
 
         let (arrived, out) = raw_syn(ctx, &cloud, host, Kind::RawTcpSynSourceRouted, host_via)?;
         ensure!(out.ok == 1 && arrived, "{backstop}: a host-network process's source-routed SYN was stopped: {out:?}");
+        let (arrived, out) = udp_recording_route(ctx, &cloud)?;
+        ensure!(out.ok == 1 && arrived, "{backstop}: a pod's datagram recording its route was stopped: {out:?}");
         ctx.uninstall()?;
     }
     drop(cloud);
