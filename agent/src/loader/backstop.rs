@@ -43,7 +43,7 @@ impl Backstop {
     }
 
     /// The program beside the egress one that refuses pods' IPv4 source routes.
-    pub fn options_program(self) -> &'static str {
+    pub(crate) fn options_program(self) -> &'static str {
         match self {
             Backstop::NetnsHelper => program_names::OPTIONS_NETNS,
             Backstop::SocketMarks => program_names::OPTIONS,
