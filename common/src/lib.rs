@@ -86,6 +86,11 @@ pub mod program_names {
     /// The packet backstop on kernels whose cgroup_skb programs can ask a socket's
     /// netns cookie (`bpf_get_netns_cookie`, from 2025): no `sock_create` needed.
     pub const EGRESS_NETNS: &str = "mg_egress_netns";
+    /// The packet backstop's second egress program: refuses a pod's IPv4 packets
+    /// with a source route (LSRR/SSRR); reads the host sockets' marks as `mg_egress`.
+    pub const OPTIONS: &str = "mg_opts";
+    /// The same, asking the kernel for the netns cookie as `mg_egress_netns`.
+    pub const OPTIONS_NETNS: &str = "mg_opts_netns";
     /// Only loaded for a moment, on kernels without `SO_NETNS_COOKIE`, to learn the
     /// host network namespace's cookie.
     pub const NETNS_PROBE: &str = "mg_netns_probe";

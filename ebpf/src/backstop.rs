@@ -32,16 +32,16 @@ use aya_ebpf::{
     macros::{btf_map, cgroup_skb, cgroup_sock},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
-use metadata_guard_common::Hook;
+use metadata_guard_common::{Hook, Settings};
 
 use crate::{
     packet,
-    verdict::{is_blocked, prefiltered, settings, settle, Origin},
+    verdict::{is_blocked, prefiltered, settings, settle, Destination, Origin},
 };
 
 /// cgroup_skb and sock_create return values.
-const PASS: i32 = 1;
-const DROP: i32 = 0;
+pub const PASS: i32 = 1;
+pub const DROP: i32 = 0;
 
 /// Netns cookie of each host socket (see the module doc for when it is recorded).
 #[btf_map]
@@ -103,7 +103,7 @@ pub fn mg_egress_netns(ctx: SkBuffContext) -> i32 {
 }
 
 #[inline(always)]
-fn marked_netns(_ctx: &SkBuffContext, full: *mut bpf_sock) -> u64 {
+pub fn marked_netns(_ctx: &SkBuffContext, full: *mut bpf_sock) -> u64 {
     socket_mark(full)
 }
 
@@ -123,7 +123,7 @@ pub fn socket_mark(full: *mut bpf_sock) -> u64 {
 
 /// The namespace cookie of the packet's socket, from the kernel.
 #[inline(always)]
-fn helper_netns(ctx: &SkBuffContext, _full: *mut bpf_sock) -> u64 {
+pub fn helper_netns(ctx: &SkBuffContext, _full: *mut bpf_sock) -> u64 {
     // SAFETY: the program's own context (the helper reads `skb->sk`'s namespace).
     unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast()) }
 }
@@ -141,25 +141,45 @@ fn backstop(ctx: &SkBuffContext, netns_of: impl Fn(&SkBuffContext, *mut bpf_sock
     if !is_blocked(settings, &dest) {
         return PASS;
     }
+    let Some(netns_cookie) = pod_netns(ctx, settings, netns_of) else { return PASS };
+    refuse(ctx, settings, &dest, netns_cookie)
+}
+
+/// The namespace cookie of the packet's socket (0: unknown, not the host's), or `None`
+/// where the backstop lets the packet go whatever it is: a host socket's, or one
+/// without a full socket (request and time-wait sockets only answer connections
+/// others opened).
+#[inline(always)]
+pub fn pod_netns(
+    ctx: &SkBuffContext,
+    settings: &Settings,
+    netns_of: impl Fn(&SkBuffContext, *mut bpf_sock) -> u64,
+) -> Option<u64> {
     // SAFETY: reading the context's socket pointer, null-checked before use.
     let sk: *mut bpf_sock = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return PASS;
+        return None;
     }
     // SAFETY: non-null socket from the context; results are null-checked.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
-        // Request and time-wait sockets only answer connections others opened.
-        return PASS;
+        return None;
     }
     let netns_cookie = netns_of(ctx, full);
     if netns_cookie != 0 && netns_cookie == settings.host_netns_cookie {
-        return PASS;
+        return None;
     }
+    Some(netns_cookie)
+}
+
+/// A pod's packet the backstop refuses: exempt (allowlisted), audited or dropped;
+/// counted and reported as an egress verdict (`settle`).
+#[inline(always)]
+pub fn refuse(ctx: &SkBuffContext, settings: &Settings, dest: &Destination, netns_cookie: u64) -> i32 {
     // SAFETY: the program's own context.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let origin = Origin { netns_cookie, cgroup_id, ..Origin::NONE };
-    if settle(settings, Hook::Egress, &dest, &origin) {
+    if settle(settings, Hook::Egress, dest, &origin) {
         PASS
     } else {
         DROP

@@ -10,6 +10,7 @@
 mod backstop;
 mod conceal;
 mod packet;
+mod source_route;
 mod uplink;
 mod verdict;
 

@@ -97,6 +97,7 @@ pub fn enforcement_hooks() -> Vec<&'static str> {
         hooks.push("sock_create");
     }
     hooks.push("egress");
+    hooks.push("options");
     hooks
 }
 

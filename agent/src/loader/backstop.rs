@@ -42,6 +42,14 @@ impl Backstop {
         }
     }
 
+    /// The program beside the egress one that refuses pods' IPv4 source routes.
+    pub(crate) fn options_program(self) -> &'static str {
+        match self {
+            Backstop::NetnsHelper => program_names::OPTIONS_NETNS,
+            Backstop::SocketMarks => program_names::OPTIONS,
+        }
+    }
+
     /// Which backstop a pinned egress program belongs to, by its name (the kernel
     /// keeps 15 bytes of a name: both fit).
     pub(crate) fn of_egress_program(name: &str) -> Backstop {

@@ -28,6 +28,10 @@ pub enum Kind {
     SockCreate,
     /// cgroup_skb egress: the packet backstop.
     Egress,
+    /// cgroup_skb egress beside it: refuses pods' IPv4 source routes (LSRR/SSRR), a
+    /// walk over the options that does not fit beside the rest of `mg_egress` in the
+    /// 5.10 verifier's budget (ebpf/src/source_route.rs).
+    Options,
     /// sock_ops: records conceal-mode redirects for the proxy (conceal/).
     SockOps,
 }
@@ -35,7 +39,8 @@ pub enum Kind {
 /// One attachment: its pin name (also how status names it), program and kind.
 pub struct Attachment {
     pub pin: &'static str,
-    /// The program; egress runs the one of the backstop in use ([`Plan::program`]).
+    /// The program; egress and options run the ones of the backstop in use
+    /// ([`Plan::program`]).
     program: &'static str,
     pub kind: Kind,
 }
@@ -53,6 +58,7 @@ impl Plan {
     pub(crate) fn program(self, a: &Attachment) -> &'static str {
         match a.kind {
             Kind::Egress => self.backstop.egress_program(),
+            Kind::Options => self.backstop.options_program(),
             _ => a.program,
         }
     }
@@ -66,7 +72,7 @@ impl Plan {
         match a.kind {
             Kind::SockOps => self.mode == MODE_CONCEAL,
             Kind::SockCreate => self.backstop == Backstop::SocketMarks,
-            Kind::SockAddr | Kind::Egress => true,
+            Kind::SockAddr | Kind::Egress | Kind::Options => true,
         }
     }
 
@@ -94,7 +100,7 @@ impl Attachment {
     /// builds, so an upgrade to the variant keeps them.
     pub fn reports_verdicts(&self) -> bool {
         match self.kind {
-            Kind::SockAddr | Kind::Egress => true,
+            Kind::SockAddr | Kind::Egress | Kind::Options => true,
             Kind::SockCreate | Kind::SockOps => false,
         }
     }
@@ -111,13 +117,15 @@ impl Attachment {
 /// sockets that an older `sock_create` marked at creation, so replacing them first
 /// leaves no moment in which neither marks a host socket (and going back to such a
 /// version, its `sock_create` marks again before the hooks stop).
-pub const ATTACHMENTS: [Attachment; 7] = [
+pub const ATTACHMENTS: [Attachment; 8] = [
     Attachment { pin: "connect4", program: program_names::CONNECT4, kind: Kind::SockAddr },
     Attachment { pin: "connect6", program: program_names::CONNECT6, kind: Kind::SockAddr },
     Attachment { pin: "sendmsg4", program: program_names::SENDMSG4, kind: Kind::SockAddr },
     Attachment { pin: "sendmsg6", program: program_names::SENDMSG6, kind: Kind::SockAddr },
     Attachment { pin: "sock_create", program: program_names::SOCK_CREATE, kind: Kind::SockCreate },
     Attachment { pin: "egress", program: program_names::EGRESS, kind: Kind::Egress },
+    // Reads marks as egress does, so after sock_create too.
+    Attachment { pin: "options", program: program_names::OPTIONS, kind: Kind::Options },
     // Attached only in conceal mode (attachments_for): sock_ops runs on every TCP event.
     Attachment { pin: "conceal_ops", program: program_names::CONCEAL_SOCKOPS, kind: Kind::SockOps },
 ];
@@ -153,7 +161,7 @@ pub(super) fn load(ebpf: &mut Ebpf, a: &Attachment, plan: Plan) -> Result<OwnedF
     let fd = match a.kind {
         Kind::SockAddr => load_as!(CgroupSockAddr),
         Kind::SockCreate => load_as!(CgroupSock),
-        Kind::Egress => load_as!(CgroupSkb),
+        Kind::Egress | Kind::Options => load_as!(CgroupSkb),
         Kind::SockOps => load_as!(SockOps),
     };
     Ok(fd)
@@ -192,7 +200,7 @@ pub(super) fn attach(ebpf: &mut Ebpf, a: &Attachment, plan: Plan, cgroup: &File)
             let id = p.attach(cgroup, mode).with_context(failed)?;
             FdLink::try_from(p.take_link(id)?).with_context(no_link)
         }
-        Kind::Egress => {
+        Kind::Egress | Kind::Options => {
             let p: &mut CgroupSkb = program.try_into()?;
             let id = p.attach(cgroup, CgroupSkbAttachType::Egress, mode).with_context(failed)?;
             FdLink::try_from(p.take_link(id)?).with_context(no_link)
@@ -219,16 +227,16 @@ mod tests {
     fn conceal_ops_is_attached_in_conceal_mode_only() {
         for mode in [MODE_ENFORCE, MODE_AUDIT] {
             let marks = pins(mode, Backstop::SocketMarks);
-            assert_eq!(marks, ["connect4", "connect6", "sendmsg4", "sendmsg6", "sock_create", "egress"]);
+            assert_eq!(marks, ["connect4", "connect6", "sendmsg4", "sendmsg6", "sock_create", "egress", "options"]);
         }
         assert_eq!(pins(MODE_CONCEAL, Backstop::SocketMarks).last(), Some(&"conceal_ops"));
-        assert_eq!(pins(MODE_CONCEAL, Backstop::SocketMarks).len(), 7);
+        assert_eq!(pins(MODE_CONCEAL, Backstop::SocketMarks).len(), 8);
     }
 
     #[test]
     fn sock_create_runs_only_where_the_backstop_reads_marks() {
         let helper = pins(MODE_ENFORCE, Backstop::NetnsHelper);
-        assert_eq!(helper, ["connect4", "connect6", "sendmsg4", "sendmsg6", "egress"]);
+        assert_eq!(helper, ["connect4", "connect6", "sendmsg4", "sendmsg6", "egress", "options"]);
         let plan = Plan { mode: MODE_ENFORCE, backstop: Backstop::NetnsHelper };
         assert_eq!(plan.unused().map(|a| a.pin).collect::<Vec<_>>(), ["sock_create", "conceal_ops"]);
         assert!(plan.loaded().all(|a| a.pin != "sock_create"));
@@ -236,6 +244,9 @@ mod tests {
         assert_eq!(plan.program(egress), program_names::EGRESS_NETNS);
         let marks = Plan { backstop: Backstop::SocketMarks, ..plan };
         assert_eq!(marks.program(egress), program_names::EGRESS);
+        let options = ATTACHMENTS.iter().find(|a| a.pin == "options").unwrap();
+        assert_eq!(plan.program(options), program_names::OPTIONS_NETNS);
+        assert_eq!(marks.program(options), program_names::OPTIONS);
         assert_eq!(marks.loaded().next().map(|a| a.pin), Some("sock_create"));
     }
 }

@@ -201,8 +201,11 @@ fn probes() -> Vec<(Feature, Found)> {
     let backstop = loader::Backstop::detect();
     for (name, program) in &object.programs {
         // The other backstop's egress program is neither loaded nor needed here.
-        let helper_only =
-            [metadata_guard_common::program_names::EGRESS_NETNS, metadata_guard_common::program_names::UPLINK];
+        let helper_only = [
+            metadata_guard_common::program_names::EGRESS_NETNS,
+            metadata_guard_common::program_names::OPTIONS_NETNS,
+            metadata_guard_common::program_names::UPLINK,
+        ];
         if helper_only.contains(&name.as_str()) && backstop == loader::Backstop::SocketMarks {
             continue;
         }

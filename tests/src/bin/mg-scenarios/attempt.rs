@@ -37,6 +37,18 @@ pub(crate) enum Kind {
     /// A raw socket sending a hand-made TCP SYN to `dest` with a loose source route
     /// through `via` (`IP_OPTIONS`): addressed to `via`, its route names `dest`.
     RawTcpSynSourceRouted,
+    /// [`Kind::RawTcpSynSourceRouted`]'s SYN with the whole IPv4 header written by the
+    /// pod (`IP_HDRINCL`), the route in its options.
+    RawHdrinclSourceRouted,
+    /// The same with two words of no-operations before the route: more options than
+    /// the backstop's walk reads, which it refuses whatever follows.
+    RawHdrinclPaddedSourceRouted,
+    /// An ordinary UDP socket whose `IP_OPTIONS` record the route (no source route).
+    UdpRecordRoute,
+    /// An ordinary UDP socket whose `IP_OPTIONS` set a loose source route through
+    /// `via` and then `dest`, sending to `final_hop`: addressed to `via`, and no
+    /// socket hook sees `dest` (they see `final_hop`).
+    UdpSourceRouted,
     /// TCP connect at once, create `ready_file`, then wait for `go_file` before
     /// sending the HTTP request on that same connection.
     HeldHttp,
@@ -82,6 +94,9 @@ pub(crate) struct Request {
     /// For [`Kind::RawTcpSynSourceRouted`]: the first hop, the packet's own destination.
     #[serde(default)]
     pub via: Option<IpAddr>,
+    /// For [`Kind::UdpSourceRouted`]: where the datagram ends, after `dest`.
+    #[serde(default)]
+    pub final_hop: Option<IpAddr>,
 }
 
 fn one() -> u64 {
@@ -208,6 +223,10 @@ fn once(req: &Request) -> std::io::Result<()> {
         Kind::RawIcmp => crate::raw::icmp_echo(&to),
         Kind::RawTcpSyn => crate::raw::tcp_syn(&to),
         Kind::RawTcpSynSourceRouted => crate::raw::tcp_syn_source_routed(&to, req.via),
+        Kind::RawHdrinclSourceRouted => crate::raw::tcp_syn_hdrincl_source_routed(&to, req.via, 0),
+        Kind::RawHdrinclPaddedSourceRouted => crate::raw::tcp_syn_hdrincl_source_routed(&to, req.via, 2),
+        Kind::UdpRecordRoute => crate::raw::udp_record_route(&to),
+        Kind::UdpSourceRouted => crate::raw::udp_source_routed(&to, req.via, req.final_hop),
         Kind::RawUdp => crate::raw::udp(&to),
     }
 }

@@ -181,6 +181,7 @@ impl Ctx {
             ready_file: None,
             socket_netns: None,
             via: None,
+            final_hop: None,
         })
     }
 

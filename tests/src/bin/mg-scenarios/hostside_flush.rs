@@ -52,7 +52,7 @@ const FLUSH_AT: Duration = Duration::from_millis(500);
 const SETTLE: Duration = Duration::from_millis(150);
 
 /// What `nft flush ruleset` sends: one table deletion naming no table and no family.
-fn flush_ruleset(nft: &mut NlSocket) -> Result<()> {
+pub(crate) fn flush_ruleset(nft: &mut NlSocket) -> Result<()> {
     let mut batch = Batch::new(NFPROTO_UNSPEC);
     batch.del_all_tables();
     nft.request(&batch.finish(), wants_ack).context("`flush ruleset` in the node namespace failed")

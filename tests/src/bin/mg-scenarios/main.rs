@@ -8,6 +8,7 @@
 
 mod attempt;
 mod backstop;
+mod backstop_source_route;
 mod block;
 mod boot;
 mod conceal;
@@ -59,6 +60,7 @@ fn scenarios(without_python: bool, without_ipvs: bool, without_ipvlan: bool) -> 
     let mut all = Vec::new();
     all.extend(block::SCENARIOS);
     all.extend(backstop::SCENARIOS);
+    all.extend(backstop_source_route::SCENARIOS);
     all.extend(protocols::SCENARIOS);
     all.extend(policy::SCENARIOS);
     all.extend(trail::SCENARIOS);

@@ -69,6 +69,16 @@ pub(crate) fn tcp_syn(to: &SocketAddr) -> io::Result<()> {
 const IPOPT_NOOP: u8 = 1;
 const IPOPT_LSRR: u8 = 131;
 const LSRR_ONE_HOP_LEN: u8 = 7;
+const LSRR_TWO_HOPS_LEN: u8 = 11;
+/// Record route with room for one address, and the end of the option list.
+const IPOPT_RR: u8 = 7;
+const RR_ONE_SLOT_LEN: u8 = 7;
+const IPOPT_END: u8 = 0;
+/// An IPv4 header with one word of no-operation and a one-hop route: 28 bytes.
+const HDRINCL_HEADER_LEN: usize = 28;
+const IPV4_FIXED_HEADER_LEN: usize = 20;
+const IPV4_WORD: usize = 4;
+const IP_DEFAULT_TTL: u8 = 64;
 const SOURCE_ROUTE_FIRST_POINTER: u8 = 4;
 
 /// The SYN of [`tcp_syn`] to `to`, through `via` by a loose source route set with
@@ -103,6 +113,87 @@ pub(crate) fn tcp_syn_source_routed(to: &SocketAddr, via: Option<std::net::IpAdd
     header[13] = 0x02;
     header[14..16].copy_from_slice(&1024u16.to_be_bytes());
     sendto(&sock, &header, &without_port(to))
+}
+
+/// The SYN of [`tcp_syn`] to `via` in a whole IPv4 header the pod writes itself
+/// (`IPPROTO_RAW`, which implies `IP_HDRINCL`), whose loose source route names `to`:
+/// the kernel checks nothing of the options it is handed.
+/// `padding` more no-operation words come before the route.
+pub(crate) fn tcp_syn_hdrincl_source_routed(
+    to: &SocketAddr,
+    via: Option<std::net::IpAddr>,
+    padding: usize,
+) -> io::Result<()> {
+    let (Some(std::net::IpAddr::V4(via)), std::net::IpAddr::V4(hop)) = (via, to.ip()) else {
+        return Err(io::Error::other("a loose source route needs IPv4 addresses (`via`, `dest`)"));
+    };
+    let sock = socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
+    let header_len = HDRINCL_HEADER_LEN + padding * IPV4_WORD;
+    let mut packet = vec![0u8; IPV4_FIXED_HEADER_LEN];
+    packet[0] = (4 << 4) | (header_len / IPV4_WORD) as u8; // version 4, ihl in words
+    packet[8] = IP_DEFAULT_TTL;
+    packet[9] = libc::IPPROTO_TCP as u8;
+    // Total length, id, checksum and a zero source are filled in by the kernel.
+    packet[16..20].copy_from_slice(&via.octets());
+    packet.extend(std::iter::repeat_n(IPOPT_NOOP, padding * IPV4_WORD));
+    packet.extend_from_slice(&[IPOPT_NOOP, IPOPT_LSRR, LSRR_ONE_HOP_LEN, SOURCE_ROUTE_FIRST_POINTER]);
+    packet.extend_from_slice(&hop.octets());
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40003u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&to.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    packet.extend_from_slice(&tcp);
+    sendto(&sock, &packet, &SocketAddr::new(std::net::IpAddr::V4(via), 0))
+}
+
+/// A datagram from an ordinary (unprivileged) UDP socket whose `IP_OPTIONS` route it
+/// through `via`, then `to`, to `final_hop`: the socket hooks see only `final_hop`,
+/// the packet is addressed to `via`.
+pub(crate) fn udp_source_routed(
+    to: &SocketAddr,
+    via: Option<std::net::IpAddr>,
+    final_hop: Option<std::net::IpAddr>,
+) -> io::Result<()> {
+    let (Some(std::net::IpAddr::V4(via)), Some(final_hop), std::net::IpAddr::V4(hop)) = (via, final_hop, to.ip())
+    else {
+        return Err(io::Error::other("a loose source route needs IPv4 addresses (`via`, `dest`, `final_hop`)"));
+    };
+    let sock = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
+    let mut options = vec![IPOPT_NOOP, IPOPT_LSRR, LSRR_TWO_HOPS_LEN, SOURCE_ROUTE_FIRST_POINTER];
+    options.extend_from_slice(&via.octets());
+    options.extend_from_slice(&hop.octets());
+    set_ip_options(&sock, &options)?;
+    sendto(&sock, b"metadata?", &SocketAddr::new(final_hop, to.port()))
+}
+
+/// A datagram from an ordinary UDP socket recording its route (`IP_OPTIONS` record
+/// route, one slot): options that are no source route.
+pub(crate) fn udp_record_route(to: &SocketAddr) -> io::Result<()> {
+    let sock = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
+    let options = [IPOPT_RR, RR_ONE_SLOT_LEN, SOURCE_ROUTE_FIRST_POINTER, 0, 0, 0, 0, IPOPT_END];
+    set_ip_options(&sock, &options)?;
+    sendto(&sock, b"metadata?", to)
+}
+
+fn set_ip_options(sock: &OwnedFd, options: &[u8]) -> io::Result<()> {
+    // SAFETY: setsockopt on our own fd with a buffer and its length.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(sock),
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            options.as_ptr().cast(),
+            options.len() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 pub(crate) fn udp(to: &SocketAddr) -> io::Result<()> {
