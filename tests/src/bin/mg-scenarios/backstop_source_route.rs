@@ -111,12 +111,15 @@ const POD_RAW: [Kind; 3] =
     [Kind::RawTcpSynSourceRouted, Kind::RawHdrinclSourceRouted, Kind::RawHdrinclPaddedSourceRouted];
 
 fn backstop_refuses_source_routes(ctx: &mut Ctx) -> Result<()> {
+    // No guard first: a running agent would put its uplink program on the cloud's new
+    // link, and on kernels where it reads socket marks this harness's own probe of the
+    // cloud (from outside the test cgroup, so unmarked) would not get through.
+    ctx.uninstall()?;
     let cloud = Cloud::beyond(ctx.node.sim.node())?;
     let _accepting = SourceRoutes::accept(&[ctx.node.sim.node(), &cloud.ns])?;
     let node = IpAddr::V4(ctx.node.pods[0].net.node_side_ipv4);
     let host_via = IpAddr::V4(CLOUD_SIDE_V4);
 
-    ctx.uninstall()?;
     for kind in POD_RAW {
         let (arrived, out) = raw_syn(ctx, &cloud, Who::Pod(0), kind, node)?;
         ensure!(out.ok == 1 && arrived, "without the guard the pod's {kind:?} should arrive: {out:?}");
@@ -155,10 +158,11 @@ fn backstop_refuses_source_routes(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn backstop_audits_source_routes(ctx: &mut Ctx) -> Result<()> {
+    // No guard while the cloud is joined (see above).
+    ctx.uninstall()?;
     let cloud = Cloud::beyond(ctx.node.sim.node())?;
     let _accepting = SourceRoutes::accept(&[ctx.node.sim.node(), &cloud.ns])?;
     let node = IpAddr::V4(ctx.node.pods[0].net.node_side_ipv4);
-    ctx.uninstall()?;
     ctx.ensure_agent(&["--mode", "audit", "--uplinks", "none"])?;
     let before = ctx.kernel_count_at(Some("egress"), "audited")?;
     let (arrived, out) = raw_syn(ctx, &cloud, Who::Pod(0), Kind::RawTcpSynSourceRouted, node)?;
