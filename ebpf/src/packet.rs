@@ -20,9 +20,10 @@ const IPV4_SADDR_OFFSET: usize = 12;
 const IPV4_DADDR_OFFSET: usize = 16;
 const IPV4_FRAG_OFFSET: usize = 6;
 /// The fixed part of the IPv4 header (options follow; `ihl` says how many).
-const IPV4_HEADER_LEN: usize = 20;
-/// The header length field (32-bit words) of the first byte, and its value without options.
+pub const IPV4_HEADER_LEN: usize = 20;
+/// The header length field of the first byte, in 32-bit words, and its value without options.
 const IPV4_IHL_MASK: u8 = 0x0f;
+const IPV4_IHL_UNIT: usize = 4;
 const IPV4_MIN_IHL: u8 = 5;
 /// Fragment offset bits of the IPv4 flags/fragment field (host order).
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
@@ -107,6 +108,12 @@ pub fn has_ipv4_options<const L3: usize>(skb: &SkBuff) -> bool {
     first >> 4 == IPV4_VERSION && first & IPV4_IHL_MASK > IPV4_MIN_IHL
 }
 
+/// The length of an IPv4 header, options included, from its first byte.
+#[inline(always)]
+pub fn ipv4_header_len(first: u8) -> usize {
+    (first & IPV4_IHL_MASK) as usize * IPV4_IHL_UNIT
+}
+
 /// The packet's destination, protocol and port, from its IP header (at `l3`) and the
 /// headers behind it.
 #[inline(always)]
@@ -115,7 +122,7 @@ pub fn destination(ctx: &SkBuff, l3: usize) -> Option<Destination> {
     let mut addr = [0u8; 16];
     if first >> 4 == IPV4_VERSION {
         let header = ctx.load::<[u8; IPV4_HEADER_LEN]>(l3).ok()?;
-        let ihl = ((first & IPV4_IHL_MASK) as usize) * 4;
+        let ihl = ipv4_header_len(first);
         let protocol = header[IPV4_PROTOCOL_OFFSET];
         addr[..4].copy_from_slice(&header[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4]);
         let frag = u16::from_be_bytes([header[IPV4_FRAG_OFFSET], header[IPV4_FRAG_OFFSET + 1]]) & IPV4_FRAG_OFFSET_MASK;

@@ -47,10 +47,6 @@ const OPTION_MIN_LEN: usize = 2;
 /// where the sender means the packet to end up.
 const ROUTE_FIRST_ADDR: usize = 3;
 const IPV4_ADDR_LEN: usize = 4;
-/// The fixed part of the IPv4 header; options follow up to `ihl` 32-bit words.
-const IPV4_HEADER_LEN: usize = 20;
-const IHL_MASK: u8 = 0x0f;
-const IHL_UNIT: usize = 4;
 /// How many options the walk reads. Each one it reads doubles the paths the 5.10
 /// verifier follows (a one-byte no-operation or a longer option lead on to different
 /// offsets), so a walk over all 40 bytes (40 one-byte options) exceeds its budget. A
@@ -100,8 +96,8 @@ const NO_ADDRESS: u32 = 0;
 #[inline(always)]
 fn find_source_route(ctx: &SkBuffContext) -> Option<Found> {
     let Ok(first) = ctx.load::<u8>(0) else { return Some(UNREAD) };
-    let header_len = (first & IHL_MASK) as usize * IHL_UNIT;
-    let mut at = IPV4_HEADER_LEN;
+    let header_len = packet::ipv4_header_len(first);
+    let mut at = packet::IPV4_HEADER_LEN;
     for _ in 0..MAX_OPTIONS_WALKED {
         if at >= header_len {
             return None;
